@@ -2,7 +2,8 @@
 
 Part A reproduces the user's toy table with random Gaussian queries and keys (entropy vs d_k, with
 and without 1/sqrt(d_k)). Part B measures the same thing on the real Qwen2.5-Coder-0.5B: each head's
-queries and keys after RoPE (``hook_rot_q``/``hook_rot_k``) on the packaged natural-text corpus,
+queries and keys after RoPE (``hook_rot_q``/``hook_rot_k``) on 8 windows of 128 tokens of the packaged
+natural-text corpus (``headlens.probes.natural_text``, seed 0),
 softmaxed with the model's own scale (T=1), without scaling, and at temperatures 0.5 and 2.
 
 Run: ``flock /tmp/headlens-qwen.lock python analyses/seed003_scaling.py`` (about a minute).
@@ -31,6 +32,7 @@ SEQ_LEN = 20
 TRIALS = 200
 SEED_TABLE = {8: (1.50, 2.65), 32: (0.51, 2.55), 64: (0.42, 2.54), 128: (0.25, 2.51), 256: (0.13, 2.54), 512: (0.07, 2.56)}
 QWEN_SEQ = 128
+QWEN_BATCH = 8
 
 
 def toy_entropy(d_k: int, *, seq_len: int = SEQ_LEN, trials: int = TRIALS, seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -83,22 +85,14 @@ def part_a() -> pd.DataFrame:
     return table
 
 
-def corpus_tokens(model) -> torch.Tensor:
-    """The corpus as non-overlapping rows of QWEN_SEQ tokens (the tail that does not fill a row is dropped)."""
-    from headlens.probes import corpus_text
-
-    ids = model.to_tokens(corpus_text(), prepend_bos=False)[0]
-    n = ids.shape[0] // QWEN_SEQ
-    return ids[: n * QWEN_SEQ].reshape(n, QWEN_SEQ)
-
-
 def part_b() -> tuple[pd.DataFrame, dict]:
     from headlens import load_model
+    from headlens.probes import natural_text
 
     t0 = time.time()
     torch.manual_seed(SEED)
     model = load_model()
-    tokens = corpus_tokens(model)
+    tokens = natural_text(model, seq_len=QWEN_SEQ, batch=QWEN_BATCH, seed=SEED).tokens
     t1 = time.time()
     table = scale_entropy_table(model, tokens, temperatures=(0.5, 1.0, 2.0), unscaled=True, batch_size=8)
     t2 = time.time()
@@ -118,7 +112,7 @@ def part_b() -> tuple[pd.DataFrame, dict]:
         axes[0].plot(by_layer.index, by_layer[name], "o-", ms=3, color=color, label=label)
     axes[0].axhline(uniform, color="gray", ls=":", lw=0.8, label="uniform causal")
     axes[0].set(xlabel="layer", ylabel="mean entropy over heads (nats)",
-                title=f"Qwen2.5-Coder-0.5B, {tokens.shape[0]}x{QWEN_SEQ} corpus tokens")
+                title=f"Qwen2.5-Coder-0.5B, {tokens.shape[0]} x {QWEN_SEQ} tokens of natural text")
     axes[0].legend(fontsize=7)
     for ax, name in zip(axes[1:], ("T=1", "unscaled")):
         grid = table[table.setting == name].pivot(index="layer", columns="head", values="entropy")

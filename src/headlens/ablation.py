@@ -4,7 +4,7 @@ and gradient head importance (Michel et al. 2019).
 What "ablating head (l, h)" means: its ``blocks.{l}.attn.hook_z`` slice (the head's attention-weighted
 values, before ``W_O``) is replaced by
 
-- ``"zero"``: 0 — the head writes nothing but its share of the output bias;
+- ``"zero"``: 0 — the head writes nothing (the layer's shared output bias ``b_O`` stays);
 - ``"mean"``: that head's z averaged over every sequence and position of the ``reference`` tokens
   (one ``d_head`` vector, position-independent);
 - ``"resample"``: the head's z on a *different* reference sequence at the same position. Rows are
@@ -42,12 +42,16 @@ random heads"::
     from headlens.ablation import compare_to_random, repeat_loss_metric
     table = compare_to_random(model, repeat_loss_metric(model), induction_heads, n_random=20, seed=0)
     # table.attrs["z"], table.attrs["p_random_ge"]: z-score of the targeted effect vs the random draws
+
+(``repeat_loss_metric(model, probe=probes.repeated)`` scores the census's own repeated-token probe;
+``match_layers=True`` draws the random heads from the same layers, a depth-matched control.)
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 import einops
@@ -113,32 +117,29 @@ def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64,
     return Metric("loss", tokens, lambda logits, toks: lm_cross_entropy_loss(logits, toks))
 
 
-def repeated_random_tokens(model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0) -> Int[Tensor, "batch two_half"]:
-    """``n_seqs`` sequences [A₁…Aₙ A₁…Aₙ] of seeded uniform random ordinary (non-special) tokens."""
-    tok = model.tokenizer
-    high = tok.vocab_size if tok is not None else model.cfg.d_vocab
-    special = torch.tensor(sorted(set(tok.all_special_ids)) if tok is not None else [], dtype=torch.long)
-    pool = torch.arange(high)
-    pool = pool[~torch.isin(pool, special)]
-    g = torch.Generator().manual_seed(seed)
-    half = pool[torch.randint(len(pool), (n_seqs, half_len), generator=g)]
-    return torch.cat([half, half], dim=1)
-
-
-def _repeat_half_loss(half_len: int) -> MetricFn:
+def _repeat_half_loss(start: int) -> MetricFn:
     def fn(logits, tokens):
         per_token = lm_cross_entropy_loss(logits, tokens, per_token=True)
-        return per_token[:, half_len:].mean()
+        return per_token[:, start:].mean()
 
     return fn
 
 
-def repeat_loss_metric(model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0) -> Metric:
-    """Mean loss on predicting tokens A₂…Aₙ of the second half of repeated random tokens (in-context copying)."""
-    if n_seqs < 1 or half_len < 2:
-        raise HeadlensError(f"repeat metric needs n_seqs >= 1 and half_len >= 2 (got {n_seqs}, {half_len})")
-    tokens = repeated_random_tokens(model, n_seqs=n_seqs, half_len=half_len, seed=seed)
-    return Metric("repeat_loss", tokens, _repeat_half_loss(half_len))
+def repeat_loss_metric(model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0, probe=None) -> Metric:
+    """Mean loss on predicting A₂…Aₙ in the second half of repeated random tokens [P, A₁…Aₙ, A₁…Aₙ] (in-context copying).
+
+    Tokens come from :func:`headlens.probes.repeated_tokens` (the census's induction probe; distinct ordinary
+    word tokens, one prefix token), or pass that ``probe`` itself to score exactly the census's sequences.
+    """
+    from headlens.probes import repeated_tokens
+
+    if probe is None:
+        if n_seqs < 1 or half_len < 2:
+            raise HeadlensError(f"repeat metric needs n_seqs >= 1 and half_len >= 2 (got {n_seqs}, {half_len})")
+        probe = repeated_tokens(model, n=half_len, batch=n_seqs, seed=seed)
+    if getattr(probe, "kind", None) != "repeated":
+        raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.probes.repeated_tokens)")
+    return Metric("repeat_loss", probe.tokens, _repeat_half_loss(probe.prefix + probe.n))
 
 
 def logit_diff_metric(model: HookedTransformer, prompts: str | Sequence[str], answers: tuple[str, str] | Sequence[tuple[str, str]]) -> Metric:
@@ -423,14 +424,14 @@ def _fmt(heads: Iterable[Head]) -> str:
 # ---------------------------------------------------------------- sweeps
 
 
-def _units(model: HookedTransformer, unit: str) -> list[tuple[int, int, list[int]]]:
-    """(layer, unit index, q heads) for every head or every kv group."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+def _units(model: HookedTransformer, unit: str, layers: Sequence[int]) -> list[tuple[int, int, list[int]]]:
+    """(layer, unit index, q heads) for every head or every kv group of ``layers``."""
+    H = model.cfg.n_heads
     if unit == "head":
-        return [(l, h, [h]) for l in range(L) for h in range(H)]
+        return [(l, h, [h]) for l in layers for h in range(H)]
     if unit == "kv_group":
         n_kv = model.cfg.n_key_value_heads or H
-        return [(l, g, [h for _, h in kv_group_heads(model, l, g)]) for l in range(L) for g in range(n_kv)]
+        return [(l, g, [h for _, h in kv_group_heads(model, l, g)]) for l in layers for g in range(n_kv)]
     raise HeadlensError(f"unknown ablation unit {unit!r}: use 'head' or 'kv_group'")
 
 
@@ -464,13 +465,14 @@ def ablation_sweep(
     tokens: Tensor | None = None,
     method: Method = "zero",
     unit: Literal["head", "kv_group"] = "head",
+    layers: Iterable[int] | None = None,
     reference: Tensor | None = None,
     seed: int = 0,
     strategy: Literal["fast", "naive"] = "fast",
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """The metric with each head (or each kv group) ablated alone, for all of them.
+    """The metric with each head (or each kv group) ablated alone, for all of them (or those of ``layers``).
 
     ``strategy="fast"``: one clean forward caches ``resid_pre`` of every layer; each layer's ablations
     restart there (``start_at_layer``), ``batch_size // batch`` of them stacked along the batch in one
@@ -483,10 +485,16 @@ def ablation_sweep(
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
     if batch_size < 1:
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
-    units = _units(model, unit)
+    if layers is None:
+        layers = range(model.cfg.n_layers)
+    layers = sorted({int(l) for l in layers})
+    if not layers:
+        raise HeadlensError("no layers to sweep: pass layers=None for all, or a non-empty list")
+    for layer in layers:
+        check_head(model, layer, 0)
+    units = _units(model, unit, layers)
     toks = metric.tokens.to(model.cfg.device)
     B = toks.shape[0]
-    layers = list(range(model.cfg.n_layers))
     replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
     values: dict[tuple[int, int], float] = {}
     bar = tqdm(total=len(units), desc=f"ablation sweep ({strategy})", disable=not progress, leave=False)
@@ -550,7 +558,8 @@ def head_importance(
     metric = _as_metric(metric, tokens)
     toks = metric.tokens.to(model.cfg.device)
     B, L, H = toks.shape[0], model.cfg.n_layers, model.cfg.n_heads
-    ablated = check_heads(model, ablated) if list(ablated) else []
+    ablated = list(ablated)
+    ablated = check_heads(model, ablated) if ablated else []
     replacement = Replacement(model, method, metric.tokens if reference is None else reference, range(L), seed=seed)
     keep = torch.ones(L, H, dtype=model.cfg.dtype, device=model.cfg.device)
     for layer, head in ablated:
@@ -577,3 +586,58 @@ def head_importance(
     )
     table.attrs.update(metric=metric.name, method=method, value=_value(value))
     return table
+
+
+# ---------------------------------------------------------------- helpers for the CLI and reports
+
+METRICS = ("loss", "repeat", "logit-diff")
+
+
+def build_metric(
+    model: HookedTransformer,
+    name: str = "loss",
+    *,
+    n_seqs: int = 4,
+    seq_len: int = 64,
+    seed: int = 0,
+    prompt: str | None = None,
+    correct: str | None = None,
+    wrong: str | None = None,
+) -> Metric:
+    """A built-in metric by name: "loss" (corpus text), "repeat" (seq_len = full repeated length), "logit-diff"."""
+    if name == "loss":
+        return loss_metric(model, n_seqs=n_seqs, seq_len=seq_len)
+    if name == "repeat":
+        return repeat_loss_metric(model, n_seqs=n_seqs, half_len=seq_len // 2, seed=seed)
+    if name == "logit-diff":
+        if not (prompt and correct and wrong):
+            raise HeadlensError("the logit-diff metric needs --prompt, --correct and --wrong (single-token answers)")
+        return logit_diff_metric(model, prompt, (correct, wrong))
+    raise HeadlensError(f"unknown metric {name!r}: use one of {', '.join(METRICS)}")
+
+
+def plot_sweep(table: pd.DataFrame, path: str | Path | None = None, *, title: str | None = None):
+    """Layer × head (or kv group) heatmap of the relative worsening from :func:`ablation_sweep`; PNG if ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = "head" if "head" in table.columns else "kv_head"
+    grid = table.pivot(index="layer", columns=col, values="worsening") * 100
+    lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * grid.shape[1], 1.2 + 0.25 * grid.shape[0]))
+    im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xlabel(col.replace("_", " "))
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    ax.tick_params(labelsize=7)
+    attrs = table.attrs
+    ax.set_title(title or f"{attrs.get('method', '')} ablation: {attrs.get('metric', '')} change (%)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="relative worsening (%)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig

@@ -24,7 +24,7 @@ from transformer_lens import HookedTransformer, utils
 from headlens.errors import HeadlensError
 
 MaskKind = Literal["full", "causal", "local", "local_causal"]
-Metric = Literal["cosine", "pearson"]
+Metric = Literal["cosine", "pearson", "centered"]
 
 
 # ---------------------------------------------------------------- masks and patterns
@@ -85,7 +85,7 @@ def softmax_pattern(
 def query_entropy(pattern: Float[Tensor, "... q k"]) -> Float[Tensor, "... q"]:
     """Entropy in nats of each query's attention distribution (0 log 0 = 0)."""
     p = pattern.float()
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    return -torch.special.xlogy(p, p).sum(-1)
 
 
 def mean_entropy(
@@ -97,9 +97,16 @@ def mean_entropy(
     """Per-head entropy averaged over batch and over queries that see at least two keys.
 
     ``normalize`` divides each query's entropy by log(#visible keys) first (1 = uniform attention), so
-    early and late positions compare. ``mask=None`` means causal.
+    early and late positions compare (with the causal mask this is ``headlens.scores.entropy``).
+    ``mask=None`` means causal.
     """
+    if pattern.ndim != 4:
+        raise HeadlensError(f"pattern must be [batch, head, q, k], got shape {tuple(pattern.shape)}")
     n_q, n_k = pattern.shape[-2:]
+    if mask is None and normalize and n_q == n_k:
+        from headlens.scores import entropy
+
+        return entropy(pattern)
     if mask is None:
         mask = attention_mask(n_k, "causal")[n_k - n_q :]
     visible = mask.sum(-1).to(pattern.device)
@@ -204,6 +211,28 @@ def scale_entropy_table(
     return pd.DataFrame(rows)
 
 
+def token_match(pattern: Float[Tensor, "batch head q k"], tokens: Int[Tensor, "batch k"]) -> Float[Tensor, "head"]:
+    """Identical-word attention on natural text: excess mass on earlier copies of the query's own token.
+
+    For each query i with at least one earlier j < i holding the same token: mass on those j minus
+    their share of keys 0..i (what uniform causal attention would give), averaged over such queries.
+    The duplicate-token score measured where repeats occur naturally instead of on [A A] probes.
+    """
+    if pattern.ndim != 4 or tuple(tokens.shape) != (pattern.shape[0], pattern.shape[-1]) or pattern.shape[-1] != pattern.shape[-2]:
+        raise HeadlensError(f"token_match needs pattern [batch, head, pos, pos] and tokens [batch, pos]; got {tuple(pattern.shape)} and {tuple(tokens.shape)}")
+    n = tokens.shape[-1]
+    tokens = tokens.to(pattern.device)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=pattern.device).tril(-1)
+    same = (tokens[:, :, None] == tokens[:, None, :]) & earlier
+    has = same.any(-1)
+    if not has.any():
+        raise HeadlensError("token_match: no token repeats in these sequences; use longer natural text")
+    mass = einops.einsum(pattern.float(), same.float(), "batch head q k, batch q k -> batch head q")
+    share = same.sum(-1) / torch.arange(1, n + 1, device=pattern.device)
+    excess = (mass - share[:, None, :]) * has[:, None, :]
+    return einops.reduce(excess, "batch head q -> head", "sum") / has.sum()
+
+
 # ---------------------------------------------------------------- head similarity
 
 
@@ -217,26 +246,39 @@ def pattern_similarity(
     """Similarity between heads' patterns, each flattened over (batch, visible query-key pairs).
 
     ``cosine``: cosine of the flattened patterns (>= 0 since patterns are non-negative; two heads that
-    both sink on token 0 score high). ``pearson``: cosine after centering each head's vector (0 for
-    unrelated heads). ``drop_keys=k`` leaves out the first k key columns (e.g. 1 to ignore the sink)
-    and queries that would then see nothing. ``mask=None`` means causal.
+    both sink on token 0 score high). ``pearson``: cosine after subtracting each head's mean weight.
+    ``centered``: cosine of the deviations from uniform attention (weight minus 1/#visible keys of its
+    query), so two unrelated heads score about 0 even under a causal mask, whose uniform rows all heads
+    share. ``drop_keys=k`` leaves out the first k key columns (e.g. 1 to ignore the sink).
+    ``mask=None`` means causal.
     """
+    flat = _flat_patterns(patterns, metric=metric, mask=mask, drop_keys=drop_keys)
+    if metric == "pearson":
+        flat = flat - flat.mean(-1, keepdim=True)
+    flat = torch.nn.functional.normalize(flat, dim=-1)
+    return flat @ flat.T
+
+
+def _flat_patterns(patterns: Tensor, *, metric: str, mask: Tensor | None, drop_keys: int) -> Tensor:
+    """Visible weights of each head as one row (uniform subtracted for ``centered``): [head, batch * pairs]."""
     if patterns.ndim != 4:
         raise HeadlensError(f"patterns must be [batch, head, q, k], got shape {tuple(patterns.shape)}")
+    if metric not in ("cosine", "pearson", "centered"):
+        raise HeadlensError(f"unknown similarity metric {metric!r}: choose 'cosine', 'pearson' or 'centered'")
+    if drop_keys < 0:
+        raise HeadlensError(f"drop_keys must be >= 0, got {drop_keys}")
     n_q, n_k = patterns.shape[-2:]
     if mask is None:
         mask = attention_mask(n_k, "causal")[n_k - n_q :]
-    mask = mask.clone().to(patterns.device)
-    mask[:, :drop_keys] = False
-    if not mask.any():
+    mask = mask.to(patterns.device)
+    values = patterns.float()
+    if metric == "centered":
+        values = values - mask / mask.sum(-1, keepdim=True).clamp_min(1)
+    keep = mask.clone()
+    keep[:, :drop_keys] = False
+    if not keep.any():
         raise HeadlensError("no query-key pair left to compare after masking")
-    flat = einops.rearrange(patterns.float()[..., mask], "batch head pairs -> head (batch pairs)")
-    if metric == "pearson":
-        flat = flat - flat.mean(-1, keepdim=True)
-    elif metric != "cosine":
-        raise HeadlensError(f"unknown similarity metric {metric!r}: choose 'cosine' or 'pearson'")
-    flat = torch.nn.functional.normalize(flat, dim=-1)
-    return flat @ flat.T
+    return einops.rearrange(values[..., keep], "batch head pairs -> head (batch pairs)")
 
 
 def mean_offdiagonal(sim: Float[Tensor, "head head"]) -> float:
@@ -261,6 +303,8 @@ def group_contrast(
     (one-sided, within > across) comes from relabelling heads with group sizes kept: exactly, over
     all distinct labellings, when ``n_permutations`` is None and there are at most 20,000 of them;
     otherwise from ``n_permutations`` (default 10,000) random relabellings (seeded), counting the observed one.
+    Returns ``within, across, difference, p_value, n_permutations, exact`` and ``null`` (the statistic
+    under every relabelling, to combine layers).
     """
     groups = np.asarray(groups)
     n = sim.shape[0]
@@ -287,52 +331,58 @@ def group_contrast(
         exact = False
     p = float((null >= observed - 1e-12).mean())
     return {"within": float(within), "across": float(across), "difference": float(observed),
-            "p_value": p, "n_permutations": len(null), "exact": exact}
+            "p_value": p, "n_permutations": len(null), "exact": exact, "null": null}
 
 
 def head_similarity(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     *,
-    metric: Metric = "cosine",
+    metrics: Sequence[Metric] = ("cosine", "pearson", "centered"),
     drop_keys: int = 0,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: bool = True,
-) -> Float[Tensor, "layer head head"]:
-    """Head-by-head pattern similarity for each layer, streamed: sums of products per layer, never a cache.
+) -> dict[str, Float[Tensor, "layer head head"]]:
+    """Head-by-head pattern similarity of each layer for each metric, from one streamed pass.
 
-    Equals :func:`pattern_similarity` on the concatenated patterns of all batches.
+    Each hook adds the layer's Gram matrices (and sums) to running totals and drops the pattern, so
+    memory is one layer's pattern, never a cache. Equals :func:`pattern_similarity` on the
+    concatenated patterns of all batches.
     """
     from headlens.capture import stream_patterns
 
+    for metric in metrics:
+        _flat_patterns(torch.zeros(1, 1, 2, 2), metric=metric, mask=None, drop_keys=0)
     layers = sorted(set(range(model.cfg.n_layers) if layers is None else layers))
     H = model.cfg.n_heads
-    gram = {layer: torch.zeros(H, H, dtype=torch.float64) for layer in layers}
+    raw_gram = {layer: torch.zeros(H, H, dtype=torch.float64) for layer in layers}
+    centered_gram = {layer: torch.zeros(H, H, dtype=torch.float64) for layer in layers}
     total = {layer: torch.zeros(H, dtype=torch.float64) for layer in layers}
     count = {layer: 0 for layer in layers}
 
     def reducer(layer, pattern, rows):
-        n_q, n_k = pattern.shape[-2:]
-        mask = attention_mask(n_k, "causal")[n_k - n_q :].clone()
-        mask[:, :drop_keys] = False
-        flat = einops.rearrange(pattern.double()[..., mask.to(pattern.device)], "batch head pairs -> head (batch pairs)").cpu()
-        gram[layer] += flat @ flat.T
+        flat = _flat_patterns(pattern.double(), metric="cosine", mask=None, drop_keys=drop_keys).cpu().double()
+        raw_gram[layer] += flat @ flat.T
         total[layer] += flat.sum(-1)
         count[layer] += flat.shape[1]
+        if "centered" in metrics:
+            dev = _flat_patterns(pattern.double(), metric="centered", mask=None, drop_keys=drop_keys).cpu().double()
+            centered_gram[layer] += dev @ dev.T
 
     stream_patterns(model, tokens, reducer, layers=layers, batch_size=batch_size, progress=progress, desc="similarity")
-    out = []
-    for layer in layers:
-        g = gram[layer]
-        if metric == "pearson":
-            m = total[layer] / count[layer]
-            g = g - count[layer] * torch.outer(m, m)
-        elif metric != "cosine":
-            raise HeadlensError(f"unknown similarity metric {metric!r}: choose 'cosine' or 'pearson'")
-        d = g.diagonal().clamp_min(1e-30).sqrt()
-        out.append((g / torch.outer(d, d)).float())
-    return torch.stack(out)
+    out = {}
+    for metric in metrics:
+        mats = []
+        for layer in layers:
+            g = centered_gram[layer] if metric == "centered" else raw_gram[layer]
+            if metric == "pearson":
+                m = total[layer] / count[layer]
+                g = g - count[layer] * torch.outer(m, m)
+            d = g.diagonal().clamp_min(1e-30).sqrt()
+            mats.append((g / torch.outer(d, d)).float())
+        out[metric] = torch.stack(mats)
+    return out
 
 
 def _kv_groups(model: HookedTransformer) -> list[int]:

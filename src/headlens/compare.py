@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -108,36 +108,39 @@ def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
     shapes = _module_shapes(base.cfg)
     targets = config.get("target_modules") or []
     if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(shapes))
+        unknown = sorted(set(targets) - set(shapes) - {"lm_head", "embed_tokens"})
         if unknown:
             raise HeadlensError(
                 f"adapter {path} targets modules {unknown} that the base model does not have "
                 f"(its blocks have {', '.join(shapes)}): it was trained for another architecture"
             )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes_of = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a damaged file is the user's; say so in one line
+        raise HeadlensError(f"could not read {weights}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
     modules, layers, rank = set(), set(), None
-    with safe_open(str(weights), framework="pt") as f:
-        keys = list(f.keys())
-        for key in keys:
-            m = pattern.search(key)
-            if m is None:
-                continue
-            layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-            shape = tuple(f.get_slice(key).get_shape())
-            if layer >= base.cfg.n_layers:
-                raise HeadlensError(f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model")
-            if module not in shapes:
-                raise HeadlensError(f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})")
-            fan_in, fan_out = shapes[module]
-            expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
-            if shape != expected:
-                raise HeadlensError(
-                    f"adapter {path} does not match the base model: {key} has shape {list(shape)}, "
-                    f"the base's {module} (in {fan_in}, out {fan_out}) needs {list(expected)}; it was trained on another model"
-                )
-            rank = shape[0] if ab == "A" else shape[1]
-            modules.add(module)
-            layers.add(layer)
+    keys = list(shapes_of)
+    for key, shape in shapes_of.items():
+        m = pattern.search(key)
+        if m is None:
+            continue
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= base.cfg.n_layers:
+            raise HeadlensError(f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model")
+        if module not in shapes:
+            raise HeadlensError(f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})")
+        fan_in, fan_out = shapes[module]
+        expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
+        if shape != expected:
+            raise HeadlensError(
+                f"adapter {path} does not match the base model: {key} has shape {list(shape)}, "
+                f"the base's {module} (in {fan_in}, out {fan_out}) needs {list(expected)}; it was trained on another model"
+            )
+        rank = shape[0] if ab == "A" else shape[1]
+        modules.add(module)
+        layers.add(layer)
     if not modules:
         raise HeadlensError(f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})")
     return {"modules": sorted(modules), "layers": sorted(layers), "rank": rank}
@@ -167,39 +170,32 @@ def load_tuned(base: HookedTransformer | str, tuned: str | os.PathLike, *, base_
 # ---------------------------------------------------------------- probes
 
 
-def default_probes(model: HookedTransformer, *, seq_len: int = 128, n_natural: int = 4, n_repeated: int = 4, seed: int = 0) -> Int[Tensor, "batch pos"]:
-    """Natural-text windows and repeated random sequences [A A] of ``seq_len`` tokens (seeded)."""
-    from headlens.rope import natural_tokens, repeated_tokens
+def _as_batches(model: HookedTransformer, probes, seed: int = 0) -> list[Tensor]:
+    """Token batches of ``probes``: a ProbeSet (None = the census default probes), a token tensor, or text(s)."""
+    from headlens.probes import ProbeSet, check_probes, default_probes
 
-    parts = []
-    if n_natural:
-        parts.append(natural_tokens(model, n_seqs=n_natural, seq_len=seq_len, seed=seed))
-    if n_repeated:
-        parts.append(repeated_tokens(model, n_seqs=n_repeated, seq_len=seq_len, seed=seed))
-    return torch.cat(parts)
-
-
-def _as_batches(model: HookedTransformer, probes) -> list[Tensor]:
     if probes is None:
-        return [default_probes(model)]
-    if isinstance(probes, str):
-        probes = [probes]
-    if isinstance(probes, Tensor):
-        if probes.ndim == 1:
-            probes = probes[None]
-        if probes.ndim != 2 or probes.shape[1] < 2:
+        probes = default_probes(model, seed=seed)
+    if isinstance(probes, ProbeSet):
+        check_probes(model, probes)
+        batches = [p.tokens for p in probes]
+    elif isinstance(probes, Tensor):
+        tokens = probes[None] if probes.ndim == 1 else probes
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise HeadlensError(f"probes must be a [batch, pos] token tensor with at least 2 positions, got shape {tuple(probes.shape)}")
-        batches = [probes.long()]
-    else:
+        batches = [tokens.long()]
+    elif isinstance(probes, str) or (isinstance(probes, (list, tuple)) and probes and all(isinstance(t, str) for t in probes)):
         if model.tokenizer is None:
             raise HeadlensError("text probes need a model with a tokenizer; pass token ids instead")
-        batches = [model.to_tokens(text, prepend_bos=False) for text in probes]
+        batches = [model.to_tokens(text, prepend_bos=False) for text in ([probes] if isinstance(probes, str) else probes)]
         if any(b.shape[1] < 2 for b in batches):
             raise HeadlensError("every text probe must be at least 2 tokens long")
+    else:
+        raise HeadlensError(f"probes must be a ProbeSet, a [batch, pos] token tensor, or text(s); got {type(probes).__name__}")
     for b in batches:
         if b.shape[1] > MAX_PROBE_TOKENS:
             raise HeadlensError(f"probes are limited to {MAX_PROBE_TOKENS} tokens (got {b.shape[1]}): both models' patterns of a batch are held at once")
-        if b.min() < 0 or b.max() >= model.cfg.d_vocab:
+        if int(b.min()) < 0 or int(b.max()) >= model.cfg.d_vocab:
             raise HeadlensError(f"probe token ids must lie in 0..{model.cfg.d_vocab - 1}")
     return batches
 
@@ -213,22 +209,25 @@ def attention_divergence(
     probes=None,
     *,
     batch_size: int = 2,
+    seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Per head: mean Jensen-Shannon divergence (bits) between base and tuned attention over queries 1.. of ``probes``.
 
-    Query 0 sees one key only, so it is left out. ``probes``: token tensor [batch, pos], text(s), or None
-    (natural text + repeated random tokens, 128 tokens each). Columns: layer, head, kv_head, jsd, jsd_max
+    Query 0 sees one key only, so it is left out. ``probes``: a :class:`headlens.probes.ProbeSet`
+    (None = the census default probes for ``seed``), a token tensor [batch, pos], or text(s); at most 256 tokens. Columns: layer, head, kv_head, jsd, jsd_max
     (the largest per-query divergence seen).
     """
     check_compatible(base, tuned)
+    if int(batch_size) < 1:
+        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     L, H = base.cfg.n_layers, base.cfg.n_heads
     sums = torch.zeros(L, H, dtype=torch.float64)
     peak = torch.zeros(L, H, dtype=torch.float64)
     n_queries = 0
     from tqdm.auto import tqdm
 
-    chunks = [b[i : i + batch_size] for b in _as_batches(base, probes) for i in range(0, b.shape[0], batch_size)]
+    chunks = [b[i : i + batch_size] for b in _as_batches(base, probes, seed) for i in range(0, b.shape[0], batch_size)]
     for chunk in tqdm(chunks, desc="compare", disable=not progress, leave=False):
         stored: dict[int, Tensor] = {}
 
@@ -300,17 +299,25 @@ def compare_models(
 
     Columns: layer, head, kv_head, jsd, jsd_max (attention change in bits, see :func:`attention_divergence`),
     dW_Q, dW_K, dW_V, dW_O (relative weight change, see :func:`weight_changes`), and with ``census=True``
-    ``d_<score>`` for every census score plus label_base, label_tuned, label_changed.
+    ``d_<score>`` for every census score plus label_base, label_tuned, label_changed. ``probes`` defaults
+    to the census probes (:func:`headlens.probes.default_probes` with ``seed``); the census runs on the
+    same ProbeSet when one is given, else on its defaults.
     """
     check_compatible(base, tuned)
-    df = attention_divergence(base, tuned, probes, batch_size=batch_size, progress=progress)
+    from headlens.probes import ProbeSet, default_probes
+
+    if probes is None:
+        probes = default_probes(base, seed=seed)
+    df = attention_divergence(base, tuned, probes, batch_size=batch_size, seed=seed, progress=progress)
     df = df.merge(weight_changes(base, tuned), on=["layer", "head", "kv_head"])
     if census:
-        try:
-            from headlens.census import census as run_census
-        except ImportError:
-            raise HeadlensError("the census is not available in this installation; pass census=False") from None
-        deltas = census_deltas(run_census(base, seed=seed), run_census(tuned, seed=seed))
+        from headlens.census import census as run_census
+
+        census_probes = probes if isinstance(probes, ProbeSet) else None
+        deltas = census_deltas(
+            run_census(base, census_probes, seed=seed, progress=progress),
+            run_census(tuned, census_probes, seed=seed, progress=progress),
+        )
         df = df.merge(deltas, on=["layer", "head"])
     return df
 

@@ -54,6 +54,8 @@ from headlens.models import kv_heads
 
 Activation = Literal["z", "pattern", "q", "k", "v"]
 ACTIVATIONS: tuple[str, ...] = ("z", "pattern", "q", "k", "v")
+LOGITS_BUDGET = 2**26
+"""Most logits (floats) one batch of patched runs may hold; bounds ``batch_size``."""
 Metric = Callable[[Float[Tensor, "batch n_pos d_vocab"]], Float[Tensor, ""]]
 
 
@@ -109,43 +111,41 @@ class PromptPair:
         return self.metric(logits[:, self.positions])
 
 
-def _ordinary_token_ids(model: HookedTransformer) -> Int[Tensor, "n"]:
-    n = model.cfg.d_vocab
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        return torch.arange(n)
-    special = set(tokenizer.all_special_ids)
-    return torch.tensor([i for i in range(min(n, len(tokenizer))) if i not in special])
+def _token_pool(model: HookedTransformer) -> Int[Tensor, "n"]:
+    """Ordinary word tokens (as the census' repeated probe uses) or, without a tokenizer, the whole vocabulary."""
+    if model.tokenizer is None:
+        return torch.arange(model.cfg.d_vocab)
+    from headlens.probes import word_tokens
+
+    return torch.tensor([i for i in word_tokens(model.tokenizer) if i < model.cfg.d_vocab])
 
 
-def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, seed: int = 0) -> PromptPair:
-    """Repeated random tokens ``[A A]`` (clean) vs ``[B A]`` with the first half resampled (corrupted).
+def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, prefix: int = 1, seed: int = 0) -> PromptPair:
+    """Repeated random tokens ``[P A A]`` (clean) vs ``[P B A]``, the first half resampled (corrupted).
 
-    The metric is the mean log-prob of the correct next token over the second half: on the clean run an
-    induction circuit predicts ``A[i+1]`` after the second ``A[i]``; on the corrupted run nothing can.
+    ``P`` is ``prefix`` shared tokens (Qwen has no BOS, so position 0 is a sink); ``P``, ``A`` and ``B`` are
+    distinct ordinary word tokens. The metric is the mean log-prob of the correct next token over the second
+    half: on the clean run an induction circuit predicts ``A[i+1]`` after the second ``A[i]``; on the corrupted
+    run nothing can.
     """
-    if n_tokens < 3 or batch < 1:
-        raise HeadlensError(f"induction_pair needs n_tokens >= 3 and batch >= 1, got n_tokens={n_tokens}, batch={batch}")
-    ids = _ordinary_token_ids(model)
-    if len(ids) < n_tokens:
-        raise HeadlensError(f"the vocabulary has only {len(ids)} ordinary tokens; use n_tokens <= {len(ids)}")
+    if n_tokens < 3 or batch < 1 or prefix < 0:
+        raise HeadlensError(f"induction_pair needs n_tokens >= 3, batch >= 1 and prefix >= 0, got n_tokens={n_tokens}, batch={batch}, prefix={prefix}")
+    pool = _token_pool(model)
+    if len(pool) < prefix + 2 * n_tokens:
+        raise HeadlensError(f"the vocabulary has only {len(pool)} ordinary tokens; an induction pair needs prefix + 2 * n_tokens = {prefix + 2 * n_tokens}")
     generator = torch.Generator().manual_seed(seed)
-
-    def half() -> Int[Tensor, "batch n"]:
-        return torch.stack([ids[torch.randperm(len(ids), generator=generator)[:n_tokens]] for _ in range(batch)])
-
-    first = half()
-    clean = torch.cat([first, first], dim=1)
-    corrupted = torch.cat([half(), first], dim=1)
-    positions = torch.arange(n_tokens, 2 * n_tokens - 1)
-    targets = clean[:, positions + 1]
+    draws = torch.stack([pool[torch.randperm(len(pool), generator=generator)[: prefix + 2 * n_tokens]] for _ in range(batch)])
+    p, a, b = draws[:, :prefix], draws[:, prefix : prefix + n_tokens], draws[:, prefix + n_tokens :]
+    clean = torch.cat([p, a, a], dim=1)
+    corrupted = torch.cat([p, b, a], dim=1)
+    positions = torch.arange(prefix + n_tokens, prefix + 2 * n_tokens - 1)
     return PromptPair(
         clean=clean.to(model.cfg.device),
         corrupted=corrupted.to(model.cfg.device),
         positions=positions,
-        metric=partial(logprob, targets=targets),
+        metric=partial(logprob, targets=clean[:, positions + 1]),
         name="induction",
-        info={"n_tokens": n_tokens, "batch": batch, "seed": seed, "metric": "mean log-prob of the next token, second half"},
+        info={"n_tokens": n_tokens, "batch": batch, "prefix": prefix, "seed": seed, "metric": "mean log-prob of the next token, second half"},
     )
 
 
@@ -218,15 +218,24 @@ def text_pair(
 # ---------------------------------------------------------------- running pieces of the model
 
 
-def _final_logits(model: HookedTransformer, tokens_or_resid: Tensor, positions: Int[Tensor, "n_pos"], *, start_at_layer: int | None = None, fwd_hooks=()) -> Float[Tensor, "batch n_pos d_vocab"]:
-    """Logits at ``positions`` only: the blocks, then the final norm and unembedding of those positions."""
-    resid = model.run_with_hooks(tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks))
+def _unembed_at(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, "n_pos"]) -> Float[Tensor, "batch n_pos d_vocab"]:
+    """Final norm and unembedding of the residual stream at ``positions`` only.
+
+    Multiplies by ``W_U`` directly: TransformerLens' ``Unembed.forward`` copies ``W_U.T`` to contiguous memory on
+    every call (545 MB for Qwen's vocabulary, most of a short forward's time on CPU).
+    """
     resid = resid[:, positions.to(resid.device)]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    logits = model.unembed(resid)
+    logits = resid @ model.unembed.W_U + model.unembed.b_U
     cap = model.cfg.output_logits_soft_cap
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
+
+
+def _final_logits(model: HookedTransformer, tokens_or_resid: Tensor, positions: Int[Tensor, "n_pos"], *, start_at_layer: int | None = None, fwd_hooks=()) -> Float[Tensor, "batch n_pos d_vocab"]:
+    """Logits at ``positions`` only: the blocks (from ``start_at_layer``), then :func:`_unembed_at`."""
+    resid = model.run_with_hooks(tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks))
+    return _unembed_at(model, resid, positions)
 
 
 @contextlib.contextmanager
@@ -263,16 +272,11 @@ def _unit_mask(activation: str, units: Sequence[tuple[int, int | None]], n_units
     return einops.rearrange(mask, "k pos head -> k 1 pos head 1")
 
 
-def _head_columns(model: HookedTransformer, activation: str, unit: int) -> tuple:
-    """(head, kv_head) of a patched unit: k/v units of a grouped model are kv heads (head = <NA>)."""
-    if _n_units(model, activation) != model.cfg.n_heads:
-        return pd.NA, unit
-    return unit, kv_heads(model)[unit]
-
-
 def _table(model, activation, rows, clean: float, corrupted: float, method: str, by_position: bool) -> pd.DataFrame:
+    """Long table of patched units; k/v units of a grouped model are kv heads (``head`` = <NA>)."""
     df = pd.DataFrame(rows, columns=["layer", "unit", "pos", "metric"])
-    heads = [_head_columns(model, activation, u) for u in df["unit"]]
+    per_q_head = _n_units(model, activation) == model.cfg.n_heads
+    heads = [(u, kv_heads(model)[u]) if per_q_head else (pd.NA, u) for u in df["unit"]]
     df.insert(0, "activation", activation)
     df.insert(2, "head", pd.array([h for h, _ in heads], dtype="Int64"))
     df.insert(3, "kv_head", [g for _, g in heads])
@@ -284,16 +288,18 @@ def _table(model, activation, rows, clean: float, corrupted: float, method: str,
     return df
 
 
-def _baseline(model: HookedTransformer, pair: PromptPair, metric: Metric) -> tuple[float, float]:
-    with torch.inference_mode():
-        clean = float(metric(_final_logits(model, pair.clean, pair.positions)))
-        corrupted = float(metric(_final_logits(model, pair.corrupted, pair.positions)))
+def _cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], positions, metric: Metric):
+    """One forward: the metric and a cache of just the hooks in ``names``."""
+    resid, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers)
+    return float(metric(_unembed_at(model, resid, positions))), cache
+
+
+def _check_recoverable(clean: float, corrupted: float) -> None:
     if abs(clean - corrupted) < 1e-6 * max(1.0, abs(clean)):
         raise HeadlensError(
             f"the clean and corrupted runs give the same metric ({clean:.6g}): there is nothing to recover; "
             "make the corrupted prompt change the answer"
         )
-    return clean, corrupted
 
 
 # ---------------------------------------------------------------- exact activation patching
@@ -319,6 +325,8 @@ def activation_patching(
     through one forward; each starts at the patched layer from the corrupted run's cached residual.
     """
     _check_activation(activation)
+    if int(batch_size) < 1:
+        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     metric = metric or pair.metric
     n_layers = model.cfg.n_layers
     layers = range(n_layers) if layers is None else sorted(set(layers))
@@ -326,16 +334,17 @@ def activation_patching(
         if not 0 <= layer < n_layers:
             raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
     with _kv_mode(model, ungroup_kv), torch.inference_mode():
-        clean, corrupted = _baseline(model, pair, metric)
         names = {utils.get_act_name(activation, layer) for layer in layers}
-        _, clean_cache = model.run_with_cache(pair.clean, names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1)
+        clean, clean_cache = _cached_run(model, pair.clean, names, pair.positions, metric)
         resid_names = {utils.get_act_name("resid_pre", layer) for layer in layers}
-        _, corrupted_cache = model.run_with_cache(pair.corrupted, names_filter=lambda n: n in resid_names, stop_at_layer=max(layers) + 1)
+        corrupted, corrupted_cache = _cached_run(model, pair.corrupted, resid_names, pair.positions, metric)
+        _check_recoverable(clean, corrupted)
 
         n_units, n_pos = _n_units(model, activation), pair.clean.shape[1]
         positions = range(n_pos) if by_position else [None]
         units = [(u, p) for p in positions for u in range(n_units)]
         batch = pair.clean.shape[0]
+        batch_size = max(1, min(int(batch_size), LOGITS_BUDGET // (batch * len(pair.positions) * model.cfg.d_vocab_out)))
         rows = []
         jobs = [(layer, units[i : i + batch_size]) for layer in layers for i in range(0, len(units), batch_size)]
         for layer, chunk in tqdm(jobs, desc=f"patching {activation}", disable=not progress, leave=False):
@@ -351,7 +360,7 @@ def activation_patching(
             logits = _final_logits(model, resid, pair.positions, start_at_layer=layer, fwd_hooks=[(name, patch)])
             logits = logits.view(len(chunk), batch, *logits.shape[1:])
             rows += [(layer, unit, pos, float(metric(logits[i]))) for i, (unit, pos) in enumerate(chunk)]
-    return _table(model, activation, rows, clean, corrupted, "exact", by_position)
+        return _table(model, activation, rows, clean, corrupted, "exact", by_position)
 
 
 # ---------------------------------------------------------------- attribution patching
@@ -378,26 +387,24 @@ def attribution_patching(
     names = {utils.get_act_name(a, layer): (a, layer) for a in activations for layer in range(model.cfg.n_layers)}
     with _kv_mode(model, ungroup_kv):
         with torch.inference_mode():
-            clean_logits = _final_logits(model, pair.clean, pair.positions)
-            _, clean_cache = model.run_with_cache(pair.clean, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers)
-            clean = float(metric(clean_logits))
+            clean, clean_cache = _cached_run(model, pair.clean, set(names), pair.positions, metric)
         saved: dict[str, Tensor] = {}
 
         def keep(act, hook):
             saved[hook.name] = act
             return act
 
-        with torch.enable_grad():
-            value = metric(_final_logits(model, pair.corrupted, pair.positions, fwd_hooks=[(n, keep) for n in names]))
+        def track(act, hook):
+            return act if act.requires_grad else act.detach().requires_grad_(True)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            hooks = [("hook_embed", track), *((n, keep) for n in names)]
+            value = metric(_final_logits(model, pair.corrupted.clone(), pair.positions, fwd_hooks=hooks))
             order = list(saved)
             grads = torch.autograd.grad(value, [saved[n] for n in order], allow_unused=True)
             grads = [torch.zeros_like(saved[n]) if g is None else g for n, g in zip(order, grads)]
         corrupted = float(value.detach())
-        if abs(clean - corrupted) < 1e-6 * max(1.0, abs(clean)):
-            raise HeadlensError(
-                f"the clean and corrupted runs give the same metric ({clean:.6g}): there is nothing to recover; "
-                "make the corrupted prompt change the answer"
-            )
+        _check_recoverable(clean, corrupted)
         tables = []
         for activation in activations:
             rows = []

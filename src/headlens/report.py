@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from transformer_lens import HookedTransformer
 
@@ -35,7 +34,7 @@ nav a { margin-right: 14px; }
 h2 { margin-top: 36px; border-bottom: 1px solid #eee; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th:first-child, td:first-child, th.text, td.text { text-align: left; }
 table.sortable th { cursor: pointer; user-select: none; background: #f6f6f6; position: sticky; top: 0; }
 table.sortable th[aria-sort=ascending]::after { content: " \\25B2"; }
 table.sortable th[aria-sort=descending]::after { content: " \\25BC"; }
@@ -87,6 +86,8 @@ def _e(value) -> str:
 
 def _cell(value) -> tuple[str, str, bool]:
     """(display text, sort key, is text) of one table value."""
+    if value is None or value is pd.NA:
+        return "", "", True
     if isinstance(value, (bool, np.bool_)):
         return str(value), str(value), True
     if isinstance(value, (int, np.integer)):
@@ -102,7 +103,8 @@ def table_html(df: pd.DataFrame, *, table_id: str = "", sortable: bool = False, 
     """An HTML table of ``df`` (every string escaped); ``sortable`` tables sort by column on click."""
     shown = df if max_rows is None else df.head(max_rows)
     attrs = (f' id="{_e(table_id)}"' if table_id else "") + (' class="sortable"' if sortable else "")
-    head = "".join(f"<th>{_e(c)}</th>" for c in shown.columns)
+    head = "".join(f"<th>{_e(c)}</th>" if pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c])
+                   else f'<th class="text">{_e(c)}</th>' for c in shown.columns)
     rows = []
     for values in shown.itertuples(index=False):
         cells = []
@@ -129,7 +131,6 @@ class _Page:
         self.sections: list[tuple[str, str, str]] = []
         self.calls: list[str] = []
         self.figures_dir, self.dpi = figures_dir, dpi
-        self.written: list[Path] = []
 
     def section(self, key: str, title: str, body: str) -> None:
         self.sections.append((key, title, body))
@@ -143,9 +144,7 @@ class _Page:
     def figure(self, fig: Figure, name: str, alt: str) -> str:
         png = viz.figure_png(fig, dpi=self.dpi)
         if self.figures_dir is not None:
-            path = self.figures_dir / f"{name}.png"
-            path.write_bytes(png)
-            self.written.append(path)
+            (self.figures_dir / f"{name}.png").write_bytes(png)
         return viz.figure_img(fig, alt=alt, png=png)
 
     def html(self, title: str, subtitle: str) -> str:
@@ -188,60 +187,37 @@ def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["label", "heads", "share", "top heads"])
 
 
-def _value_columns(df: pd.DataFrame, skip: Sequence[str] = ()) -> list[str]:
-    if "value" in df.columns:
-        return ["value"]
-    return [c for c in df.columns if c not in (*INDEX_COLUMNS, *skip) and pd.api.types.is_numeric_dtype(df[c])
-            and not pd.api.types.is_bool_dtype(df[c])][:8]
-
-
-def _results_section(page: _Page, key: str, title: str, df, *, n_layers: int, n_heads: int) -> None:
-    """Heatmaps of a per-head result table (one per value column, diverging around 0) and its top rows."""
-    if not isinstance(df, pd.DataFrame):
-        raise HeadlensError(f"{key} must be a pandas DataFrame (with layer, head and value columns), got {type(df).__name__}")
-    if df.empty:
+def _frames(key: str, results) -> list[pd.DataFrame]:
+    frames = [results] if isinstance(results, pd.DataFrame) else list(results) if isinstance(results, (list, tuple)) else None
+    if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
+        raise HeadlensError(f"{key} must be a pandas DataFrame (e.g. with layer, head and value columns) or a list of them, "
+                            f"got {type(results).__name__}")
+    if any(f.empty for f in frames):
         raise HeadlensError(f"the {key} table is empty")
+    return frames
+
+
+def _results_section(page: _Page, key: str, title: str, frames: list[pd.DataFrame], *, n_layers: int, n_heads: int) -> None:
+    """Figures and a sortable table for each result frame: distance curves when it has a distance column,
+    layer x head heatmaps when it has one row per head (per probe / activation), else the table alone."""
     parts = []
-    per_head = {"layer", "head"} <= set(df.columns) and not df.duplicated(["layer", "head"]).any()
-    if "distance" in df.columns:
-        parts.append(_distance_plot(page, key, df))
-    elif per_head:
-        values = _value_columns(df)
-        if not values:
-            raise HeadlensError(f"the {key} table has no numeric value column to plot: add a 'value' column")
-        for value in values:
-            fig = viz.head_heatmap(df, value, title=f"{key}: {value}", n_layers=n_layers, n_heads=n_heads)
-            parts.append(page.figure(fig, f"{key}_{value}", alt=f"{key} {value} by layer and head"))
-        df = df.reindex(df[values[0]].abs().sort_values(ascending=False).index)
-        parts.append(f"<p>Heads by |{_e(values[0])}|, largest first.</p>")
-    parts.append(table_html(df, sortable=True, max_rows=MAX_TABLE_ROWS))
+    for i, df in enumerate(frames):
+        name = key if i == 0 else f"{key}_{i}"
+        if "distance" in df.columns:
+            value = "attention" if "attention" in df.columns else (viz.value_columns(df) or [None])[0]
+            if value is None:
+                raise HeadlensError(f"the {key} table has no numeric value column next to 'distance': add a 'value' column")
+            parts.append(page.figure(viz.distance_plot(df, value), f"{name}_{value}_by_distance", f"{key} {value} by distance"))
+            parts.append(f'<p class="muted">{len(df)} rows (layer, head, distance); the figure shows the mean over each layer\'s heads.</p>')
+            continue
+        if viz.is_per_head(df) and viz.value_columns(df):
+            values = viz.value_columns(df)
+            fig = viz.head_heatmaps(df, values, n_layers=n_layers, n_heads=n_heads)
+            parts.append(page.figure(fig, name, f"{key} by layer and head"))
+            df = df.reindex(df[values[0]].abs().sort_values(ascending=False, na_position="last").index)
+            parts.append(f"<p>Largest |{_e(values[0])}| first; click a column to sort.</p>")
+        parts.append(table_html(df, sortable=True, max_rows=MAX_TABLE_ROWS))
     page.section(key, title, "\n".join(parts))
-
-
-def _distance_plot(page: _Page, key: str, df: pd.DataFrame) -> str:
-    """Value against relative distance, mean over heads, one line per layer (RoPE sections)."""
-    values = _value_columns(df, skip=("distance",))
-    if not values:
-        raise HeadlensError(f"the {key} table has no numeric value column next to 'distance': add a 'value' column")
-    value = values[0]
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    if "layer" in df.columns:
-        means = df.groupby(["layer", "distance"])[value].mean().unstack("layer")
-        cmap = colormaps["viridis"]
-        for i, layer in enumerate(means.columns):
-            ax.plot(means.index, means[layer], color=cmap(i / max(1, len(means.columns) - 1)), lw=1, label=f"L{layer}")
-        if len(means.columns) <= 12:
-            ax.legend(fontsize=7, ncols=2)
-    else:
-        means = df.groupby("distance")[value].mean()
-        ax.plot(means.index, means.to_numpy(), lw=1.5)
-    if (df["distance"] > 0).all() and df["distance"].max() > 50:
-        ax.set_xscale("log")
-    ax.set_xlabel("relative distance (query - key)")
-    ax.set_ylabel(value)
-    ax.set_title(f"{key}: {value} by distance", fontsize=10)
-    return page.figure(fig, f"{key}_{value}_by_distance", alt=f"{key} {value} by distance")
 
 
 def write_report(
@@ -251,10 +227,10 @@ def write_report(
     census: pd.DataFrame,
     prompt: str = viz.DEFAULT_PROMPT,
     heads: Sequence[tuple[int, int]] | None = None,
-    ablation: pd.DataFrame | None = None,
-    patching: pd.DataFrame | None = None,
-    compare: pd.DataFrame | None = None,
-    rope: pd.DataFrame | None = None,
+    ablation: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
+    patching: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
+    compare: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
+    rope: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
     top_k: int = 3,
     max_tokens: int = 128,
     title: str | None = None,
@@ -265,10 +241,15 @@ def write_report(
 
     Sections: model summary, label counts and label map, census score heatmaps, sortable census table,
     a CircuitsVis gallery of the ``top_k`` heads of each label on ``prompt``, the chosen ``heads``, and
-    ablation / patching / compare (per-head tables with layer, head and value columns) and rope (with a
-    distance column) when given. Also writes ``census.csv`` and, with ``figures``, ``figures/*.png``.
+    ablation / patching / compare / rope when given: DataFrames (or lists of them, e.g. ``rope_profile``'s
+    pair) as headlens returns them. Per-head tables become layer x head heatmaps of their numeric columns
+    (``value`` alone when present), tables with a ``distance`` column become distance curves. Also writes
+    ``census.csv`` and, with ``figures``, ``figures/*.png``.
     """
     viz.check_census(census, model)
+    sections = [(key, heading, _frames(key, results)) for key, heading, results in (
+        ("ablation", "Ablation", ablation), ("patching", "Activation patching", patching),
+        ("compare", "Fine-tune comparison", compare), ("rope", "Position (RoPE)", rope)) if results is not None]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the report")
@@ -298,10 +279,8 @@ def write_report(
         view = viz.attention_view(model, prompt, heads, component="patterns", max_tokens=max_tokens)
         page.section("heads", "Chosen heads", f"<p>{_e(view.title)} on the prompt above.</p>\n" + page.view(view))
 
-    for key, title, df in (("ablation", "Ablation", ablation), ("patching", "Activation patching", patching),
-                           ("compare", "Fine-tune comparison", compare), ("rope", "Position (RoPE)", rope)):
-        if df is not None:
-            _results_section(page, key, title, df, n_layers=n_layers, n_heads=n_heads)
+    for key, heading, frames in sections:
+        _results_section(page, key, heading, frames, n_layers=n_layers, n_heads=n_heads)
 
     census.to_csv(out / "census.csv", index=False)
     path = out / "report.html"

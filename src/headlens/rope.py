@@ -50,19 +50,10 @@ def _usable_ids(model: HookedTransformer) -> Tensor:
 
 
 def natural_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
-    """``n_seqs`` windows of ``seq_len`` tokens of the packaged corpus (repeated end to end if short), seeded offsets."""
-    from headlens.probes import corpus_text
+    """``n_seqs`` windows of the packaged prose corpus (:func:`headlens.probes.natural_text`, seeded)."""
+    from headlens.probes import natural_text
 
-    if model.tokenizer is None:
-        raise HeadlensError("natural-text probes need a model with a tokenizer; pass token ids instead")
-    ids = torch.tensor(model.tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
-    if len(ids) < 2:
-        raise HeadlensError("the corpus tokenizes to fewer than 2 tokens")
-    reps = -(-(2 * seq_len) // len(ids)) + 1
-    ids = ids.repeat(reps)
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (n_seqs,), generator=gen)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return natural_text(model, seq_len=seq_len, batch=n_seqs, seed=seed).tokens
 
 
 def random_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
@@ -70,12 +61,6 @@ def random_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 1
     ids = _usable_ids(model)
     gen = torch.Generator().manual_seed(seed)
     return ids[torch.randint(0, len(ids), (n_seqs, seq_len), generator=gen)]
-
-
-def repeated_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
-    """Sequences [A A] of a random half-length segment A repeated once (the induction probe)."""
-    half = random_tokens(model, n_seqs=n_seqs, seq_len=seq_len // 2, seed=seed)
-    return torch.cat([half, half], dim=1)
 
 
 def constant_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
@@ -156,6 +141,11 @@ def distance_profile(
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise HeadlensError(f"tokens must be a [batch, pos] batch of at least 2 positions, got shape {tuple(tokens.shape)}")
     L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
+    hooked = sorted(range(L) if layers is None else {int(l) for l in layers})
+    if not hooked or hooked[0] < 0 or hooked[-1] >= L:
+        raise HeadlensError(f"layers must be a non-empty selection of 0..{L - 1} (got {layers})")
+    if int(batch_size) < 1:
+        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     sums = torch.zeros(L, H, n, dtype=torch.float64)
     sq = torch.zeros_like(sums)
     counts = torch.zeros(n, dtype=torch.float64)
@@ -167,7 +157,6 @@ def distance_profile(
         if layer == hooked[0]:
             counts.add_(c.cpu())
 
-    hooked = sorted(range(L) if layers is None else set(layers))
     stream_patterns(model, tokens, reduce, layers=hooked, batch_size=batch_size, progress=progress, desc=f"rope {probe}")
     mean = sums / counts
     lift = mean / uniform_profile(n)

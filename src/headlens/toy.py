@@ -1,10 +1,14 @@
 """A toy attention-only transformer trained on CPU until induction heads form.
 
 Ground truth for the head census and for the seed-004 claim that "induction heads form abruptly
-during training" (Olsson et al. 2022): a 2-layer attention-only TransformerLens model is trained with
-next-token loss on random tokens that contain a repeated segment of random length at a random
-offset, so only a previous-token head + induction head circuit (not a fixed positional offset) can
-predict the repeat. Training is seeded and deterministic; a trained checkpoint ships with the package.
+during training" (Olsson et al. 2022): a 2-layer attention-only TransformerLens model (learned
+positions, LayerNorm, no tokenizer) is trained with next-token loss on uniform random tokens in
+which a few spans are pasted again later at random offsets, so that the repeats are predictable only
+in context. Every ``record_every`` steps the history records the loss on both halves of a fixed
+[A1..An A1..An] batch and every head's prefix-matching (``headlens.scores.induction``) and
+previous-token score. Training runs on one thread with seeded generators: same arguments -> same
+history. The checkpoint trained with :data:`TRAIN_DEFAULTS` ships in ``headlens/data``
+(:func:`load_induction_model`, :func:`load_induction_history`, :func:`circuit_heads`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
-import einops
+import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -25,11 +28,16 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 from headlens.errors import HeadlensError
 
 CHECKPOINT = "toy_induction.safetensors"
-CONFIG = "toy_induction.json"
-DEFAULTS = dict(n_layers=2, n_heads=4, d_model=64, d_vocab=64, seq_len=64)
+TRAIN_DEFAULTS = dict(
+    steps=6000, seed=0, n_layers=2, n_heads=4, d_model=64, d_vocab=64, seq_len=64, positional="standard",
+    normalization="LN", batch_size=32, lr=1e-3, weight_decay=0.0, record_every=50, eval_batch=64,
+)
+"""The arguments the packaged checkpoint was trained with (``analyses/induction_phase_change.py``)."""
 
 
-def toy_config(*, seed: int = 0, n_layers: int = 2, n_heads: int = 4, d_model: int = 64, d_vocab: int = 64, seq_len: int = 64) -> HookedTransformerConfig:
+def toy_config(
+    *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, d_model: int = 64, d_vocab: int = 64, seq_len: int = 64, positional: str = "standard", normalization: str | None = "LN"
+) -> HookedTransformerConfig:
     """The attention-only ``HookedTransformerConfig`` of the toy model (learned positions, LayerNorm, no tokenizer)."""
     if d_model % n_heads:
         raise HeadlensError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads}); pick e.g. d_model={n_heads * 16}.")
@@ -45,8 +53,9 @@ def toy_config(*, seed: int = 0, n_layers: int = 2, n_heads: int = 4, d_model: i
         d_vocab=d_vocab,
         n_ctx=seq_len,
         attn_only=True,
-        normalization_type="LN",
-        positional_embedding_type="standard",
+        normalization_type=normalization,
+        positional_embedding_type=positional,
+        rotary_dim=d_model // n_heads if positional == "rotary" else None,
         default_prepend_bos=False,
         model_name="toy-induction",
         seed=seed,
@@ -55,22 +64,31 @@ def toy_config(*, seed: int = 0, n_layers: int = 2, n_heads: int = 4, d_model: i
 
 
 def repeated_tokens(n: int, *, batch: int, d_vocab: int, generator: torch.Generator) -> Int[Tensor, "batch two_n"]:
-    """Sequences [A1..An A1..An] of uniform random tokens: the probe the prefix-matching score is defined on."""
-    half = torch.randint(0, d_vocab, (batch, n), generator=generator)
+    """Sequences [A1..An A1..An] of n distinct random tokens: the probe the prefix-matching score is defined on."""
+    if not 2 <= n <= d_vocab:
+        raise HeadlensError(f"a repeated probe needs 2 <= n <= d_vocab ({d_vocab}) distinct tokens, got n={n}.")
+    half = torch.stack([torch.randperm(d_vocab, generator=generator)[:n] for _ in range(batch)])
     return torch.cat([half, half], dim=1)
 
 
-def training_batch(*, batch: int, seq_len: int, d_vocab: int, generator: torch.Generator, min_len: int = 4) -> Int[Tensor, "batch pos"]:
-    """Random tokens ending in a segment and its repeat, [R.. A1..An A1..An], with n drawn per sequence.
+def training_batch(
+    *, batch: int, seq_len: int, d_vocab: int, generator: torch.Generator, copies: int = 3, min_len: int = 3
+) -> Int[Tensor, "batch pos"]:
+    """Uniform random tokens with ``copies`` spans pasted again later in the same sequence.
 
-    The repeat offset n varies, so a head attending to a fixed relative position cannot solve the
-    task; copying the token that followed the earlier occurrence (induction) can.
+    Span lengths (``min_len`` to ``seq_len // (2 * copies)``) and offsets are drawn per span, so a
+    head attending to a fixed relative position cannot predict the repeats; copying the token that
+    followed the earlier occurrence of the current token (induction) can.
     """
     tokens = torch.randint(0, d_vocab, (batch, seq_len), generator=generator)
-    lengths = torch.randint(min_len, seq_len // 2 + 1, (batch,), generator=generator)
-    pos = torch.arange(seq_len)
-    src = torch.where(pos >= (seq_len - lengths)[:, None], pos - lengths[:, None], pos)
-    return tokens.gather(1, src)
+    max_len = max(min_len, seq_len // (2 * copies))
+    for b in range(batch):
+        for _ in range(copies):
+            length = int(torch.randint(min_len, max_len + 1, (), generator=generator))
+            dest = int(torch.randint(length, seq_len - length + 1, (), generator=generator))
+            src = int(torch.randint(0, dest - length + 1, (), generator=generator))
+            tokens[b, dest : dest + length] = tokens[b, src : src + length].clone()
+    return tokens
 
 
 def _loss_per_position(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
@@ -113,17 +131,19 @@ def _column_order(name: str) -> tuple:
 
 def train_induction_model(
     *,
-    steps: int = 1500,
+    steps: int = 6000,
     seed: int = 0,
     n_layers: int = 2,
     n_heads: int = 4,
     d_model: int = 64,
     d_vocab: int = 64,
     seq_len: int = 64,
+    positional: str = "standard",
+    normalization: str | None = "LN",
     batch_size: int = 32,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    record_every: int = 25,
+    record_every: int = 50,
     eval_batch: int = 64,
     progress: bool = True,
 ) -> tuple[HookedTransformer, pd.DataFrame]:
@@ -136,7 +156,7 @@ def train_induction_model(
     """
     if steps < 1 or record_every < 1 or batch_size < 1 or eval_batch < 1:
         raise HeadlensError("steps, record_every, batch_size and eval_batch must be positive integers.")
-    cfg = toy_config(seed=seed, n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_vocab=d_vocab, seq_len=seq_len)
+    cfg = toy_config(seed=seed, n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_vocab=d_vocab, seq_len=seq_len, positional=positional, normalization=normalization)
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg)
     train_gen = torch.Generator().manual_seed(seed)
@@ -144,48 +164,178 @@ def train_induction_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rows = []
     loss = float("nan")
-    for step in tqdm(range(steps + 1), desc="training toy model", disable=not progress):
-        if step % record_every == 0 or step == steps:
-            model.eval()
-            rows.append({"step": step, "loss": loss, **evaluate(model, eval_tokens)})
-            model.train()
-        if step == steps:
-            break
-        tokens = training_batch(batch=batch_size, seq_len=seq_len, d_vocab=d_vocab, generator=train_gen)
-        batch_loss = _loss_per_position(model(tokens), tokens).mean()
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        optimizer.step()
-        loss = batch_loss.item()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in tqdm(range(steps + 1), desc="training toy model", disable=not progress):
+            if step % record_every == 0 or step == steps:
+                model.eval()
+                rows.append({"step": step, "loss": loss, **evaluate(model, eval_tokens)})
+                model.train()
+            if step == steps:
+                break
+            tokens = training_batch(batch=batch_size, seq_len=seq_len, d_vocab=d_vocab, generator=train_gen)
+            batch_loss = _loss_per_position(model(tokens), tokens).mean()
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            loss = batch_loss.item()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return model, pd.DataFrame(rows)
 
 
-def save_induction_model(model: HookedTransformer, path: str | Path, *, train_args: dict | None = None) -> Path:
-    """Write the weights as safetensors and the config (+ training arguments) as JSON next to it."""
+def checkpoint_path() -> Path:
+    """Where the packaged toy checkpoint lives (``headlens/data/toy_induction.safetensors``; config + history beside it)."""
+    return Path(str(files("headlens") / "data" / CHECKPOINT))
+
+
+def save_induction_model(model: HookedTransformer, path: str | Path, *, train_args: dict | None = None, history: pd.DataFrame | None = None) -> Path:
+    """Write the weights as safetensors, the config + training arguments as JSON and the history as CSV beside it."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))}, str(path))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
     cfg = {k: getattr(model.cfg, k) for k in ("n_layers", "n_heads", "d_model", "d_vocab")}
-    cfg["seq_len"] = model.cfg.n_ctx
-    cfg["seed"] = model.cfg.seed
-    path.with_suffix(".json").write_text(json.dumps({"config": cfg, "train_args": train_args or {}}, indent=2) + "\n")
+    cfg.update(seq_len=model.cfg.n_ctx, seed=model.cfg.seed, positional=model.cfg.positional_embedding_type, normalization=model.cfg.normalization_type)
+    meta = {"config": cfg, "train_args": train_args or {}}
+    if history is not None:
+        final = history.iloc[-1]
+        last = model.cfg.n_layers - 1
+        meta["circuit"] = {
+            "induction": max(head_columns(history, layer=last), key=lambda c: final[c]),
+            "previous_token": max(head_columns(history, kind="previous_token", layer=0), key=lambda c: final[c]).removeprefix("prev_"),
+        }
+        history.to_csv(_history_path(path), index=False)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
 def load_induction_model(path: str | Path | None = None) -> HookedTransformer:
-    """The trained toy induction model: from ``path`` or the checkpoint shipped with headlens (loads in < 1 s)."""
+    """The trained toy induction model: from ``path`` or the checkpoint packaged with headlens (loads in < 1 s)."""
     from safetensors.torch import load_file
 
-    weights = Path(path) if path is not None else Path(str(files("headlens") / "data" / CHECKPOINT))
+    weights = checkpoint_path() if path is None else Path(path)
     meta_path = weights.with_suffix(".json")
-    if not weights.exists() or not meta_path.exists():
-        raise HeadlensError(f"no toy checkpoint at {weights} (+ {meta_path.name}); train one with headlens.toy.train_induction_model and save_induction_model.")
+    if not weights.is_file() or not meta_path.is_file():
+        raise HeadlensError(
+            f"no toy checkpoint at {weights} (+ {meta_path.name}); train one with "
+            "`python analyses/induction_phase_change.py --save-checkpoint` or headlens.toy.save_induction_model."
+        )
     cfg = toy_config(**json.loads(meta_path.read_text())["config"])
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg)
-    model.load_state_dict(load_file(str(weights)), strict=False)
+    model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
     return model
+
+
+def circuit_heads(path: str | Path | None = None) -> dict[str, tuple[int, int]]:
+    """(layer, head) of the induction head and of its layer-0 previous-token partner in the packaged (or ``path``) checkpoint.
+
+    Recorded at save time from the last history row (highest scores); tests re-measure them on fresh probes.
+    """
+    meta_path = (checkpoint_path() if path is None else Path(path)).with_suffix(".json")
+    circuit = json.loads(meta_path.read_text()).get("circuit") if meta_path.is_file() else None
+    if not circuit:
+        raise HeadlensError(f"{meta_path} records no circuit; re-save the checkpoint with save_induction_model(..., history=...).")
+    return {kind: tuple(int(x) for x in name[1:].split("H")) for kind, name in circuit.items()}
+
+
+def load_induction_history(path: str | Path | None = None) -> pd.DataFrame:
+    """The training history recorded when the packaged (or ``path``) checkpoint was trained."""
+    csv = _history_path(checkpoint_path() if path is None else Path(path))
+    if not csv.is_file():
+        raise HeadlensError(f"no toy training history at {csv}; it is written by save_induction_model(..., history=...).")
+    return pd.read_csv(csv)
+
+
+def _history_path(weights: Path) -> Path:
+    return weights.with_name(weights.stem + "_history.csv")
+
+
+def head_columns(history: pd.DataFrame, *, kind: str = "induction", layer: int | None = None) -> list[str]:
+    """History columns holding per-head ``induction`` (``L1H3``) or ``previous_token`` (``prev_L1H3``) scores."""
+    prefix = {"induction": "L", "previous_token": "prev_L"}[kind]
+    cols = [c for c in history.columns if c.startswith(prefix) and c[len(prefix) :].replace("H", "", 1).isdigit()]
+    return [c for c in cols if layer is None or c[len(prefix) :].split("H")[0] == str(layer)]
+
+
+def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, fraction: float = 0.5) -> dict:
+    """Locate the induction phase change in a training history and check the two signatures coincide.
+
+    - loss window: the shortest span of recorded steps over which the repeated-half loss falls by at
+      least ``fraction`` of its total fall (plateau maximum after step 0 -> minimum);
+    - induction step: the first recorded step at which some head's prefix-matching score reaches
+      ``threshold`` (Olsson et al. use the same score);
+    - ``coincide``: the induction step lies inside the loss window widened by one record interval on
+      each side (scores are only seen at recorded steps).
+    """
+    if len(history) < 3 or "loss_repeated_half" not in history:
+        raise HeadlensError("phase_change needs a training history with >= 3 recorded steps (from train_induction_model).")
+    steps = history["step"].to_numpy()
+    loss = history["loss_repeated_half"].to_numpy()
+    ind_cols = head_columns(history)
+    ind = history[ind_cols].to_numpy()
+    hi, lo = float(loss[1:].max()), float(loss.min())
+    need = fraction * (hi - lo)
+    best = None
+    for a in range(1, len(steps)):
+        later = (loss[a] - loss[a + 1 :] >= need).nonzero()[0]
+        if len(later):
+            b = a + 1 + int(later[0])
+            if best is None or steps[b] - steps[a] < steps[best[1]] - steps[best[0]]:
+                best = (a, b)
+    interval = int(np.diff(steps).max())
+    crossed = (ind.max(axis=1) >= threshold).nonzero()[0]
+    out = {
+        "loss_plateau": hi,
+        "loss_final": float(loss[-1]),
+        "loss_min": lo,
+        "fraction": fraction,
+        "threshold": threshold,
+        "record_interval": interval,
+        "total_steps": int(steps[-1]),
+        "window_start": None,
+        "window_end": None,
+        "window_steps": None,
+        "window_loss_drop": None,
+        "steepest_step": None,
+        "induction_step": None,
+        "induction_head": None,
+        "coincide": False,
+    }
+    drops = loss[1:-1] - loss[2:]
+    out["steepest_step"] = int(steps[2 + int(drops.argmax())])
+    if best is not None:
+        a, b = best
+        out.update(window_start=int(steps[a]), window_end=int(steps[b]), window_steps=int(steps[b] - steps[a]), window_loss_drop=float(loss[a] - loss[b]))
+    if len(crossed):
+        i = int(crossed[0])
+        out["induction_step"] = int(steps[i])
+        out["induction_head"] = ind_cols[int(ind[i].argmax())]
+    if best is not None and len(crossed):
+        out["coincide"] = bool(out["window_start"] - interval <= out["induction_step"] <= out["window_end"] + interval)
+    return out
+
+
+def toy_probes(model: HookedTransformer, *, seed: int = 0, batch: int = 8, n: int | None = None):
+    """A census ``ProbeSet`` for a tokenizer-less toy model, built from token ids alone.
+
+    ``repeated``: [A1..An A1..An] of distinct random ids (n = n_ctx // 2 by default); ``natural``: the
+    model's own training "text" (:func:`training_batch`). No delimiter probe: ids have no text.
+    """
+    from headlens.probes import Probe, ProbeSet
+
+    cfg = model.cfg
+    n = cfg.n_ctx // 2 if n is None else int(n)
+    gen = torch.Generator().manual_seed(int(seed) * 1000 + 7)
+    repeated = repeated_tokens(n, batch=batch, d_vocab=cfg.d_vocab, generator=gen)
+    text = training_batch(batch=batch, seq_len=cfg.n_ctx, d_vocab=cfg.d_vocab, generator=gen)
+    return ProbeSet(
+        repeated=Probe("repeated", repeated, torch.zeros_like(repeated, dtype=torch.bool), n=n, prefix=0),
+        natural=Probe("natural", text, torch.zeros_like(text, dtype=torch.bool)),
+        seed=seed,
+    )

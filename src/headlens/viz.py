@@ -3,8 +3,9 @@
 CircuitsVis' own ``str()`` pulls its JavaScript from a CDN and its ``_repr_html_`` probes the network
 first (DESIGN.md §6). Here every view carries its component name and props and renders against the
 bundle ``circuitsvis/dist/cdn/iife.js`` inlined in the page, so a notebook cell or a report opens
-anywhere with no network. CircuitsVis writes token strings into the page as HTML, so tokens are
-``html.escape``d before they go into props, and props JSON is made safe to sit inside ``<script>``.
+anywhere with no network. CircuitsVis' ``AttentionPatterns`` writes token strings into the page as HTML,
+so its tokens are ``html.escape``d before they go into props, and all props JSON is made safe to sit
+inside ``<script>`` (``<``, ``>``, ``&`` as ``\u003c`` ...).
 Heatmaps are plain matplotlib ``Figure`` objects (no pyplot state), exported as PNG, data URI or SVG.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -32,12 +34,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.capture import stream_patterns
+from headlens.census import COLUMNS, LABELS, SCORES
 from headlens.errors import HeadlensError
 from headlens.models import check_head
 
-SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
-LABELS = ("previous_token", "induction", "duplicate_token", "delimiter", "first_token", "local", "broad", "other")
-CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")
+CENSUS_COLUMNS = COLUMNS
 LABEL_SCORE = {label: label for label in LABELS[:6]} | {"broad": "entropy"}
 LABEL_COLORS = {
     "previous_token": "#1f77b4", "induction": "#d62728", "duplicate_token": "#ff7f0e", "delimiter": "#2ca02c",
@@ -49,8 +50,12 @@ DEFAULT_PROMPT = (
     "The cat sat on the mat, and the dog sat on the log. The cat sat on the mat, and the dog sat on the log.\n"
     "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n"
 )
+SPLIT_COLUMNS = ("probe", "activation", "method")
+NON_VALUES = ("layer", "head", "kv_head", "pos", "n", "distance")
+HEADLINE = ("effect", "exact", "attribution", "jsd", "gradient")
 Component = Literal["heads", "patterns"]
 _COMPONENTS = {"heads": "AttentionHeads", "patterns": "AttentionPatterns"}
+_HTML_TOKENS = {"patterns"}  # components that insert token strings as HTML
 
 
 # ---------------------------------------------------------------- script-safe HTML pieces
@@ -71,6 +76,8 @@ def script_json(value) -> str:
 
 def render_call(div_id: str, name: str, props: dict) -> str:
     """One JS statement rendering CircuitsVis component ``name`` into ``#div_id``; errors are shown in the div."""
+    if not name.isidentifier():
+        raise HeadlensError(f"{name!r} is not a CircuitsVis component name (e.g. 'AttentionHeads')")
     target = script_json(div_id)
     return (
         f"try {{ CircuitsVis.render({target}, CircuitsVis.{name}, {script_json(props)}); }} "
@@ -92,9 +99,9 @@ class CircuitsVisView:
     def div(self, div_id: str) -> str:
         return f'<div id="{html.escape(div_id)}" class="circuitsvis"></div>'
 
-    def to_html(self, div_id: str | None = None) -> str:
+    def to_html(self, prefix: str | None = None) -> str:
         """A self-contained HTML fragment: the component's div, the bundle, and the render call."""
-        return ViewSet([self]).to_html(prefix=div_id)
+        return ViewSet([self]).to_html(prefix=prefix)
 
     def _repr_html_(self) -> str:
         return self.to_html()
@@ -113,6 +120,7 @@ class ViewSet:
         return iter(self.views)
 
     def to_html(self, prefix: str | None = None) -> str:
+        """Titles and divs (ids ``{prefix}-{i}``, random prefix by default), then the bundle once, then the render calls."""
         prefix = prefix or f"headlens-cv-{uuid.uuid4().hex[:12]}"
         parts, calls = [], []
         for i, view in enumerate(self.views):
@@ -170,15 +178,21 @@ def head_patterns(
 
 def view_props(tokens: Sequence[str], patterns: Float[Tensor, "head q k"], *, component: Component = "heads",
                names: Sequence[str] | None = None, decimals: int = 4) -> dict:
-    """CircuitsVis props for ``patterns``: tokens HTML-escaped (CircuitsVis inserts them as HTML), values rounded."""
+    """CircuitsVis props for ``patterns``, values rounded to ``decimals``.
+
+    ``attention_patterns`` writes each token into the page as HTML (``dangerouslySetInnerHTML``), so its tokens
+    are ``html.escape``d; ``attention_heads`` only draws tokens as canvas text (chart.js labels and tooltips),
+    so it gets them verbatim, or ``a < b`` would read ``a &lt; b`` on its axes.
+    """
     if component not in _COMPONENTS:
         raise HeadlensError(f"unknown component {component!r}: choose 'heads' (attention_heads) or 'patterns' (attention_patterns)")
     attention = np.round(patterns.float().numpy().astype(np.float64), decimals).tolist()
-    props = {"tokens": [html.escape(t) for t in tokens], "attention": attention}
+    tokens = [html.escape(t) for t in tokens] if component in _HTML_TOKENS else [str(t) for t in tokens]
+    props = {"tokens": tokens, "attention": attention}
     if component == "heads":
         props["maskUpperTri"] = True
         if names is not None:
-            props["attentionHeadNames"] = [html.escape(n) for n in names]
+            props["attentionHeadNames"] = [str(n) for n in names]
     return props
 
 
@@ -290,20 +304,51 @@ def head_grid(df: pd.DataFrame, value: str = "value", *, n_layers: int | None = 
         raise HeadlensError("layer and head indices must be >= 0")
     L = int(n_layers if n_layers is not None else (layers.max() + 1 if len(df) else 0))
     H = int(n_heads if n_heads is not None else (heads.max() + 1 if len(df) else 0))
+    if len(df) and (layers.max() >= L or heads.max() >= H):
+        raise HeadlensError(f"the table has heads outside {L} layers x {H} heads: was it computed on another model?")
     grid = np.full((L, H), np.nan)
     grid[layers, heads] = df[value].to_numpy(float)
     return grid
 
 
-def _heatmap_axes(ax, grid: np.ndarray, *, title: str, center: float | None, kv_group: int | None, cmap: str | None = None):
+def value_columns(df: pd.DataFrame) -> list[str]:
+    """Columns worth a heatmap: ``value`` if present, else every non-constant numeric column that is not an index,
+    the usual headline columns (effect, exact, attribution, jsd, gradient) first."""
+    if "value" in df.columns:
+        return ["value"]
+    numeric = [c for c in df.columns if c not in NON_VALUES and pd.api.types.is_numeric_dtype(df[c])
+               and not pd.api.types.is_bool_dtype(df[c]) and df[c].nunique(dropna=True) > 1]
+    return sorted(numeric, key=lambda c: HEADLINE.index(c) if c in HEADLINE else len(HEADLINE))
+
+
+def _groups(df: pd.DataFrame, by: Sequence[str] | None) -> list[tuple[str, pd.DataFrame]]:
+    """Split ``df`` by ``by`` (default: whichever of probe / activation / method it has); per-kv-head groups use kv_head as head."""
+    by = [c for c in SPLIT_COLUMNS if c in df.columns] if by is None else list(by)
+    groups = [((), df)] if not by else [((k,) if not isinstance(k, tuple) else k, g) for k, g in df.groupby(by, sort=False)]
+    out = []
+    for key, group in groups:
+        name = " ".join(str(k) for k in key)
+        if group["head"].isna().all() and "kv_head" in group.columns:
+            group, name = group.assign(head=group["kv_head"]), f"{name} (kv heads)".strip()
+        out.append((name, group.dropna(subset=["layer", "head"])))
+    return out
+
+
+def is_per_head(df: pd.DataFrame, by: Sequence[str] | None = None) -> bool:
+    """Whether ``df`` has layer and head columns and one row per head within each group (so it can be a heatmap)."""
+    if not isinstance(df, pd.DataFrame) or not {"layer", "head"} <= set(df.columns) or df.empty:
+        return False
+    return not any(g.duplicated(["layer", "head"]).any() for _, g in _groups(df, by))
+
+
+def _heatmap_axes(ax, grid: np.ndarray, *, title: str, center: float | None, kv_group: int | None):
     finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if center is not None:
-        span = float(np.abs(finite - center).max()) if finite.size else 1.0
-        span = span or 1.0
-        kwargs = dict(cmap=cmap or "RdBu_r", vmin=center - span, vmax=center + span)
+        span = max(abs(lo - center), abs(hi - center)) or 1.0
+        kwargs = dict(cmap="RdBu_r", vmin=center - span, vmax=center + span)
     else:
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        kwargs = dict(cmap=cmap or "viridis", vmin=min(lo, 0.0), vmax=1.0 if hi <= 1.0 else hi)
+        kwargs = dict(cmap="viridis", vmin=min(lo, 0.0), vmax=1.0 if hi <= 1.0 else hi)
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", **kwargs)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("head")
@@ -329,17 +374,51 @@ def _panel_size(L: int, H: int) -> tuple[float, float]:
     return 1.6 + 0.2 * max(H, 4), 1.2 + 0.16 * max(L, 4)
 
 
-def head_heatmap(df: pd.DataFrame, value: str = "value", *, title: str | None = None, center: float | None = 0.0,
-                 n_layers: int | None = None, n_heads: int | None = None) -> Figure:
-    """Layer x head heatmap of one value per head (ablation / patching / fine-tune deltas: diverging around ``center``).
-
-    ``center=None`` uses a sequential colour map instead. Dashed lines separate GQA kv groups when ``kv_head`` is given.
-    """
-    grid = head_grid(df, value, n_layers=n_layers, n_heads=n_heads)
-    width, height = _panel_size(*grid.shape)
-    fig = Figure(figsize=(width, height), layout="constrained")
-    _heatmap_axes(fig.add_subplot(), grid, title=title or value, center=center, kv_group=_kv_group(df))
+def _panels_figure(panels: list[tuple[str, np.ndarray, float | None, int | None]], ncols: int) -> Figure:
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    L = max(grid.shape[0] for _, grid, _, _ in panels)
+    H = max(grid.shape[1] for _, grid, _, _ in panels)
+    width, height = _panel_size(L, H)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    for i, (title, grid, center, kv_group) in enumerate(panels):
+        _heatmap_axes(fig.add_subplot(nrows, ncols, i + 1), grid, title=title, center=center, kv_group=kv_group)
     return fig
+
+
+def head_heatmaps(
+    df: pd.DataFrame,
+    values: str | Sequence[str] | None = None,
+    *,
+    by: Sequence[str] | None = None,
+    center: float | Literal["auto"] | None = "auto",
+    ncols: int = 4,
+    max_panels: int = 16,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+) -> Figure:
+    """Layer x head heatmaps of per-head results (ablation / patching / fine-tune deltas), one panel per value column.
+
+    ``df`` needs layer, head and the ``values`` columns (default :func:`value_columns`); rows are split into
+    panels by ``by`` (default: probe / activation / method when present). ``center="auto"`` draws columns
+    with both signs diverging around 0 and the others sequential; dashed lines separate GQA kv groups.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise HeadlensError(f"expected a pandas DataFrame with layer, head and value columns, got {type(df).__name__}")
+    if not {"layer", "head"} <= set(df.columns):
+        raise HeadlensError("the table lacks layer/head columns: heatmaps need one row per head with layer, head and a value column")
+    values = [values] if isinstance(values, str) else (value_columns(df) if values is None else list(values))
+    if not values:
+        raise HeadlensError("the table has no numeric value column to plot: add a 'value' column or pass values=")
+    panels = []
+    for name, group in _groups(df, by):
+        kv_heads_only = name.endswith("(kv heads)")
+        for value in values:
+            grid = head_grid(group, value, n_layers=n_layers, n_heads=None if kv_heads_only else n_heads)
+            finite = grid[np.isfinite(grid)]
+            mid = (0.0 if finite.size and finite.min() < 0 < finite.max() else None) if center == "auto" else center
+            panels.append((f"{name}: {value}" if name else value, grid, mid, None if kv_heads_only else _kv_group(group)))
+    return _panels_figure(panels[:max_panels], ncols)
 
 
 def score_heatmaps(census: pd.DataFrame, *, scores: Sequence[str] | None = None, ncols: int = 4) -> Figure:
@@ -350,14 +429,36 @@ def score_heatmaps(census: pd.DataFrame, *, scores: Sequence[str] | None = None,
     if unknown:
         raise HeadlensError(f"the census has no score columns {unknown}: choose from {list(SCORES)}")
     n_layers, n_heads = int(census["layer"].max()) + 1, int(census["head"].max()) + 1
-    ncols = max(1, min(ncols, len(scores)))
-    nrows = -(-len(scores) // ncols)
-    width, height = _panel_size(n_layers, n_heads)
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     kv_group = _kv_group(census)
-    for i, score in enumerate(scores):
-        grid = head_grid(census, score, n_layers=n_layers, n_heads=n_heads)
-        _heatmap_axes(fig.add_subplot(nrows, ncols, i + 1), grid, title=score, center=None, kv_group=kv_group)
+    panels = [(s, head_grid(census, s, n_layers=n_layers, n_heads=n_heads), None, kv_group) for s in scores]
+    return _panels_figure(panels, ncols)
+
+
+def distance_plot(df: pd.DataFrame, value: str = "attention", *, by: str | None = "probe", max_distance: int | None = None) -> Figure:
+    """Mean ``value`` against relative distance, one line per layer (mean over its heads), one panel per ``by`` group."""
+    missing = [c for c in ("distance", value) if c not in df.columns]
+    if missing:
+        raise HeadlensError(f"the table lacks columns {missing}: a distance plot needs distance and {value!r} columns")
+    if max_distance is not None:
+        df = df[df["distance"] <= max_distance]
+    groups = list(df.groupby(by, sort=False)) if by in df.columns else [("", df)]
+    fig = Figure(figsize=(4.2 * len(groups), 3.6), layout="constrained")
+    for i, (name, group) in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        if "layer" in group.columns:
+            means = group.groupby(["layer", "distance"])[value].mean().unstack("layer")
+            for j, layer in enumerate(means.columns):
+                ax.plot(means.index, means[layer], color=colormaps["viridis"](j / max(1, len(means.columns) - 1)), lw=1, label=f"L{layer}")
+            if len(means.columns) <= 8:
+                ax.legend(fontsize=7)
+        else:
+            means = group.groupby("distance")[value].mean()
+            ax.plot(means.index, means.to_numpy(), lw=1.5)
+        if (group["distance"] > 0).all() and group["distance"].max() > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel("distance (query - key)")
+        ax.set_ylabel(value)
+        ax.set_title(f"{name}: {value}" if name != "" else value, fontsize=10)
     return fig
 
 

@@ -1,0 +1,256 @@
+"""Head census: hand-planted heads are labelled exactly, TransformerLens parity, determinism, bad input, real Qwen."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import utils
+from transformer_lens.head_detector import detect_head
+
+from headlens import HeadlensError, census, tiny_model
+from headlens import scores
+from headlens.census import COLUMNS, LABELS, THRESHOLDS, label_heads, summary
+from headlens.probes import ProbeSet, default_probes, delimiter_mask, natural_text, repeated_tokens
+
+EXPECTED = {
+    (0, 0): "previous_token",  # real weights: constant q/k biases, RoPE phase peaked at distance 1
+    (0, 1): "broad",  # real weights: zero query, so exactly uniform causal attention
+    (0, 2): "delimiter",  # real weights: keys read a delimiter flag planted in the embeddings
+    (0, 3): "local",  # real weights: RoPE phase peaked at distance 0 (attends to itself)
+    (1, 0): "first_token",  # planted scores (hook): all attention on position 0
+    (1, 1): "duplicate_token",  # planted scores (hook): earlier copies of the same token
+    (1, 2): "induction",  # planted scores (hook): the token after an earlier copy of the current token
+    (1, 3): "other",  # real weights: RoPE phase peaked at distance 6 (no named behaviour)
+}
+
+
+def _positional(n_pairs: int, distance: int, amplitude: float, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) biases whose RoPE score a * sum_i cos(theta_i (d - distance)) peaks at relative distance ``distance``."""
+    d_head = 2 * len(theta)
+    q, k = torch.zeros(d_head), torch.zeros(d_head)
+    root = math.sqrt(amplitude)
+    for i in range(n_pairs):
+        q[i], q[i + d_head // 2] = root * math.cos(theta[i] * distance), -root * math.sin(theta[i] * distance)
+        k[i] = root
+    return q, k
+
+
+def planted_model():
+    """tiny Qwen2 (2 layers x 4 heads, 2 kv heads, d_head 16) with the heads of ``EXPECTED`` set by hand."""
+    model = tiny_model("qwen2", seed=0)
+    cfg = model.cfg
+    half = cfg.d_head // 2
+    theta = cfg.rotary_base ** (-torch.arange(half, dtype=torch.float64) / half)
+    delim_vocab = delimiter_mask(model.tokenizer, torch.arange(cfg.d_vocab)[None])[0]
+    with torch.no_grad():
+        model.W_E[:, 0] = 0.0
+        model.W_E[delim_vocab, 0] = 5.0 * model.W_E[delim_vocab].norm(dim=-1)
+        a0, a1 = model.blocks[0].attn, model.blocks[1].attn
+        for attn in (a0, a1):
+            attn.W_Q.zero_()
+            attn.b_Q.zero_()
+            attn._W_K.zero_()
+            attn._b_K.zero_()
+        # layer 0, kv 0 (heads 0, 1): positional keys; head 0 peaks at distance 1, head 1 has no query
+        a0.b_Q[0], a0._b_K[0] = _positional(half, 1, 120.0, theta)
+        # layer 0, kv 1 (heads 2, 3): key dim 7 (slowest rotation) = delimiter flag, dims 0-6 (+8) positional
+        a0._W_K[1, 0, half - 1] = 1.0
+        a0.b_Q[2, half - 1] = 25.0
+        a0.b_Q[3], a0._b_K[1] = _positional(half - 1, 0, 120.0, theta)
+        # layer 1, kv 1: head 3 peaks at distance 6 (head 2 is overwritten by a hook)
+        a1.b_Q[3], a1._b_K[1] = _positional(half, 6, 120.0, theta)
+
+    store = {}
+
+    def keep_embed(embed, hook):
+        store["embed"] = embed
+
+    def plant(scores_, hook):
+        emb = store["embed"]
+        pos = emb.shape[1]
+        causal = torch.ones(pos, pos, dtype=torch.bool, device=emb.device).tril()
+        same = (emb[:, :, None, :] == emb[:, None, :, :]).all(-1) & causal.tril(-1)
+        after = torch.zeros_like(same)
+        after[:, :, 1:] = same[:, :, :-1]
+        first = torch.zeros_like(same)
+        first[:, :, 0] = True
+        out = scores_.clone()
+        for head, target in ((0, first), (1, same), (2, after)):
+            out[:, head] = torch.where(causal, 30.0 * (target & causal).float(), -torch.inf)
+        return out
+
+    model.add_hook("hook_embed", keep_embed, is_permanent=True)
+    model.add_hook(utils.get_act_name("attn_scores", 1), plant, is_permanent=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_model()
+
+
+@pytest.fixture(scope="module")
+def planted_table(planted):
+    return census(planted, progress=False)
+
+
+def test_planted_heads_are_labelled_exactly(planted_table):
+    got = {(r.layer, r.head): r.label for r in planted_table.itertuples()}
+    assert got == EXPECTED
+
+
+def test_planted_scores_are_near_their_ideal(planted, planted_table):
+    t = planted_table.set_index(["layer", "head"])
+    assert t.loc[(0, 0), "previous_token"] > 0.99
+    assert t.loc[(0, 1), "entropy"] == pytest.approx(1.0, abs=1e-5)
+    assert t.loc[(0, 3), "local"] > 0.99
+    assert t.loc[(1, 0), "first_token"] > 0.999
+    assert t.loc[(1, 1), "duplicate_token"] > 0.999
+    assert t.loc[(1, 2), "induction"] > 0.999
+    # the delimiter head reads only delimiters: its excess is close to the largest possible, 1 - share
+    probe = default_probes(planted, seed=0).delimiter
+    d = probe.is_delim.float()
+    share = (d.cumsum(-1) / torch.arange(1, d.shape[-1] + 1))[:, 1:]
+    reads_any = d.cumsum(-1)[:, 1:] > 0
+    best = ((1 - share) * reads_any - share * ~reads_any).mean().item()
+    assert t.loc[(0, 2), "delimiter"] == pytest.approx(best, abs=0.02)
+    assert best > THRESHOLDS["delimiter"]
+    # the distance-6 head does none of the named things
+    row = t.loc[(1, 3)]
+    assert max(row["previous_token"], row["first_token"], row["local"], row["induction"]) < 0.1
+
+
+def test_census_columns_kv_heads_and_labels(planted_table):
+    assert tuple(planted_table.columns) == COLUMNS
+    assert planted_table["kv_head"].tolist() == [0, 0, 1, 1] * 2
+    assert set(planted_table["label"]) <= set(LABELS)
+    assert planted_table[["layer", "head"]].values.tolist() == [[l, h] for l in range(2) for h in range(4)]
+
+
+def test_thresholds_override_and_tie_rules(planted_table):
+    relaxed = label_heads(planted_table, {"previous_token": 1.5})
+    assert relaxed[0] == "local"  # the previous-token head fails its threshold and is local (tier 2)
+    frame = pd.DataFrame(
+        [{"previous_token": 0.8, "induction": 0.6, "duplicate_token": 0.9, "delimiter": 0.0, "first_token": 0.99,
+          "local": 0.99, "entropy": 0.9}]
+    )
+    # tier 1 wins over tier 2; inside tier 1 the largest score/threshold ratio wins (0.9/0.3 > 0.8/0.4)
+    assert label_heads(frame) == ["duplicate_token"]
+    frame["duplicate_token"] = 0.6  # exact tie with induction (both 0.6 / 0.3): the label listed first wins
+    assert label_heads(frame) == ["induction"]
+    frame.loc[:, ["previous_token", "induction", "duplicate_token"]] = 0.0
+    assert label_heads(frame) == ["first_token"]
+    frame.loc[:, ["first_token", "local"]] = 0.0
+    assert label_heads(frame) == ["broad"]
+    frame["entropy"] = 0.2
+    assert label_heads(frame) == ["other"]
+    with pytest.raises(HeadlensError, match="unknown threshold"):
+        label_heads(frame, {"inductoin": 0.5})
+
+
+def test_summary_lists_every_label(planted_table):
+    s = summary(planted_table)
+    assert s.set_index("label")["n_heads"].to_dict() == {label: 1 for label in EXPECTED.values()}
+    assert s.set_index("label").loc["induction", "heads"] == "L1H2"
+
+
+@pytest.mark.parametrize("model_name", ["planted", "random"])
+def test_agrees_with_transformer_lens_detect_head(model_name, planted):
+    """Same query/key pairs as TL detect_head; TL divides by all attention (pos), we by the scored queries."""
+    model = planted if model_name == "planted" else tiny_model("qwen2", seed=1)
+    probe = repeated_tokens(model, n=20, batch=3, prefix=1, seed=3)
+    texts = probe.text(model.tokenizer)
+    assert [model.to_tokens(t, prepend_bos=False)[0].tolist() for t in texts] == probe.tokens.tolist()
+    pos, n = probe.seq_len, probe.n
+    ours = {name: torch.zeros(model.cfg.n_layers, model.cfg.n_heads) for name in ("previous_token", "duplicate_token", "induction")}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(probe.tokens)
+    for layer in range(model.cfg.n_layers):
+        pattern = cache["pattern", layer]
+        ours["previous_token"][layer] = scores.previous_token(pattern) * (pos - 1) / pos
+        ours["duplicate_token"][layer] = scores.duplicate_token(pattern, n) * n / pos
+        ours["induction"][layer] = scores.induction(pattern, n) * n / pos
+    for name, tl_name in [("previous_token", "previous_token_head"), ("duplicate_token", "duplicate_token_head"), ("induction", "induction_head")]:
+        theirs = detect_head(model, texts, tl_name)
+        assert (ours[name] - theirs).abs().max().item() <= 0.01, name
+        assert (ours[name] - theirs).abs().max().item() <= 1e-5, name
+    if model_name == "planted":
+        assert detect_head(model, texts, "induction_head")[1, 2] > 0.99 * n / pos
+
+
+def test_same_seed_same_csv_bytes(tmp_path):
+    model = tiny_model("qwen2", seed=2)
+    first = census(model, seed=7, progress=False)
+    second = census(tiny_model("qwen2", seed=2), seed=7, progress=False)
+    first.to_csv(tmp_path / "a.csv", index=False)
+    second.to_csv(tmp_path / "b.csv", index=False)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert not torch.equal(default_probes(model, seed=8).repeated.tokens, default_probes(model, seed=7).repeated.tokens)
+
+
+def test_batch_size_does_not_change_the_scores(planted):
+    probes = default_probes(planted, seed=0, batch=3, n=16, seq_len=40)
+    a = census(planted, probes, batch_size=1, progress=False)
+    b = census(planted, probes, batch_size=8, progress=False)
+    pd.testing.assert_frame_equal(a, b, atol=2e-6, check_exact=False)
+
+
+def test_missing_probe_kinds_leave_nan(planted):
+    only = ProbeSet(repeated=repeated_tokens(planted, n=16, batch=2))
+    table = census(planted, only, progress=False)
+    assert table["previous_token"].isna().all() and table["delimiter"].isna().all()
+    assert table.set_index(["layer", "head"]).loc[(1, 2), "label"] == "induction"
+
+
+def test_bad_input_is_a_clear_error(planted):
+    with pytest.raises(HeadlensError, match="longer than the model's context"):
+        natural_text(planted, seq_len=planted.cfg.n_ctx + 1)
+    with pytest.raises(HeadlensError, match="longer than the model's context"):
+        repeated_tokens(planted, n=planted.cfg.n_ctx // 2 + 1)
+    with pytest.raises(HeadlensError, match="empty"):
+        natural_text(planted, text="")
+    with pytest.raises(HeadlensError, match="n >= 2"):
+        repeated_tokens(planted, n=1)
+    with pytest.raises(HeadlensError, match="ProbeSet"):
+        census(planted, probes=torch.zeros(2, 5, dtype=torch.long), progress=False)
+    fits = ProbeSet(natural=natural_text(planted, seq_len=64, batch=1))
+    n_ctx = planted.cfg.n_ctx
+    too_long = ProbeSet(natural=type(fits.natural)("natural", torch.zeros(1, n_ctx + 1, dtype=torch.long), torch.zeros(1, n_ctx + 1, dtype=torch.bool)))
+    with pytest.raises(HeadlensError, match="n_ctx"):
+        census(planted, too_long, progress=False)
+    with pytest.raises(HeadlensError, match="batch_size"):
+        census(planted, fits, batch_size=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def qwen_table(qwen):
+    return census(qwen, progress=False)
+
+
+@pytest.mark.slow
+def test_real_qwen_has_induction_and_previous_token_heads(qwen_table):
+    table = qwen_table
+    assert len(table) == 24 * 14
+    assert table["kv_head"].tolist() == [h // 7 for h in range(14)] * 24
+    labels = table["label"].value_counts().to_dict()
+    assert labels.get("induction", 0) >= 1
+    assert labels.get("previous_token", 0) >= 1
+    best = table.sort_values("induction", ascending=False).iloc[0]
+    assert best["induction"] > 0.5 and best["layer"] > 0
+
+
+@pytest.mark.slow
+def test_ablating_census_induction_heads_hurts_repeats_more_than_random_heads(qwen, qwen_table):
+    from headlens.ablation import compare_to_random, repeat_loss_metric
+
+    induction_heads = [(int(r.layer), int(r.head)) for r in qwen_table.itertuples() if r.label == "induction"]
+    assert induction_heads
+    metric = repeat_loss_metric(qwen, n_seqs=4, half_len=32, seed=1)
+    result = compare_to_random(qwen, metric, induction_heads, n_random=5, method="mean", seed=0, progress=False)
+    target = result.attrs["target_effect"]
+    ratio = target / max(abs(result.loc[result.kind == "random", "effect"].mean()), 1e-6)
+    print(f"\n{len(induction_heads)} induction heads: repeated-half loss +{target:.3f} vs random heads "
+          f"{result.loc[result.kind == 'random', 'effect'].round(3).tolist()} (ratio {ratio:.1f}x)")
+    assert result.attrs["p_random_ge"] == 0.0  # every random draw of as many heads hurts less
+    assert target > 0 and ratio > 2

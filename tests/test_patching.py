@@ -1,0 +1,327 @@
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from headlens import HeadlensError, tiny_model
+from headlens.probes import word_tokens
+from headlens.patching import (
+    PromptPair,
+    activation_patching,
+    attribution_patching,
+    compare_patching,
+    induction_pair,
+    logit_diff,
+    rank_correlation,
+    text_pair,
+)
+
+ALL_POS = {
+    "z": tlp.get_act_patch_attn_head_out_all_pos,
+    "q": tlp.get_act_patch_attn_head_q_all_pos,
+    "k": tlp.get_act_patch_attn_head_k_all_pos,
+    "v": tlp.get_act_patch_attn_head_v_all_pos,
+    "pattern": tlp.get_act_patch_attn_head_pattern_all_pos,
+}
+BY_POS = {
+    "z": tlp.get_act_patch_attn_head_out_by_pos,
+    "q": tlp.get_act_patch_attn_head_q_by_pos,
+    "k": tlp.get_act_patch_attn_head_k_by_pos,
+    "v": tlp.get_act_patch_attn_head_v_by_pos,
+    "pattern": tlp.get_act_patch_attn_head_pattern_by_pos,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread on this shared 2-core machine (no spinning worker threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mha_qwen():
+    return tiny_model("qwen2", seed=1, n_kv_heads=4)
+
+
+def _tl_reference(model, pair, fn):
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(pair.clean)
+        return fn(model, pair.corrupted, clean_cache, pair.metric_logits)
+
+
+def _as_tl_layout(df: pd.DataFrame, activation: str, by_position: bool) -> torch.Tensor:
+    """Our long table reshaped to TransformerLens' output layout."""
+    unit = "kv_head" if df["head"].isna().all() else "head"
+    if not by_position:
+        index, columns = ["layer"], [unit]
+    elif activation == "pattern":
+        index, columns = ["layer", unit], ["pos"]
+    else:
+        index, columns = ["layer", "pos"], [unit]
+    table = df.pivot_table(index=index, columns=columns, values="metric", aggfunc="first")
+    array = torch.tensor(table.to_numpy())
+    sizes = [df[c].nunique() for c in index + columns]
+    return array.reshape(sizes)
+
+
+@pytest.mark.parametrize("activation", ["z", "q", "k", "v", "pattern"])
+def test_exact_matches_transformerlens_all_pos_gqa(tiny_qwen, activation):
+    pair = induction_pair(tiny_qwen, n_tokens=6, batch=2, seed=0)
+    ref = _tl_reference(tiny_qwen, pair, ALL_POS[activation])
+    df = activation_patching(tiny_qwen, pair, activation=activation, batch_size=3, progress=False)
+    ours = _as_tl_layout(df, activation, by_position=False)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-5, rtol=0)
+    assert (ref - df.attrs["corrupted_metric"]).abs().max() > 1e-3  # the patches do something
+
+
+@pytest.mark.parametrize("activation", ["z", "pattern"])
+def test_exact_matches_transformerlens_by_pos_gqa(tiny_qwen, activation):
+    pair = induction_pair(tiny_qwen, n_tokens=4, batch=1, seed=1)
+    ref = _tl_reference(tiny_qwen, pair, BY_POS[activation])
+    df = activation_patching(tiny_qwen, pair, activation=activation, by_position=True, progress=False)
+    ours = _as_tl_layout(df, activation, by_position=True)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-5, rtol=0)
+
+
+def test_exact_matches_transformerlens_mha(mha_qwen):
+    pair = induction_pair(mha_qwen, n_tokens=3, batch=1, seed=2)
+    for by_position in (False, True):
+        ref = _tl_reference(mha_qwen, pair, (BY_POS if by_position else ALL_POS)["z"])
+        df = activation_patching(mha_qwen, pair, activation="z", by_position=by_position, progress=False)
+        torch.testing.assert_close(_as_tl_layout(df, "z", by_position).float(), ref.float(), atol=1e-5, rtol=0)
+    ref_v = _tl_reference(mha_qwen, pair, ALL_POS["v"])
+    df_v = activation_patching(mha_qwen, pair, activation="v", progress=False)
+    assert df_v["head"].notna().all() and len(df_v) == 2 * 4
+    torch.testing.assert_close(_as_tl_layout(df_v, "v", False).float(), ref_v.float(), atol=1e-5, rtol=0)
+
+
+def test_table_columns_and_normalisation(tiny_qwen):
+    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=0)
+    df = activation_patching(tiny_qwen, pair, activation="z", progress=False)
+    assert list(df.columns) == ["activation", "layer", "head", "kv_head", "metric", "effect"]
+    assert len(df) == tiny_qwen.cfg.n_layers * tiny_qwen.cfg.n_heads
+    assert df["kv_head"].tolist() == [0, 0, 1, 1] * 2
+    clean, corrupted = df.attrs["clean_metric"], df.attrs["corrupted_metric"]
+    with torch.no_grad():
+        assert clean == pytest.approx(float(pair.metric_logits(tiny_qwen(pair.clean))), abs=1e-5)
+        assert corrupted == pytest.approx(float(pair.metric_logits(tiny_qwen(pair.corrupted))), abs=1e-5)
+    np.testing.assert_allclose(df["effect"], (df["metric"] - corrupted) / (clean - corrupted))
+    flipped = activation_patching(tiny_qwen, pair, activation="z", metric=lambda logits: -pair.metric(logits), batch_size=1, progress=False)
+    np.testing.assert_allclose(flipped["metric"], -df["metric"], atol=1e-5)
+    np.testing.assert_allclose(flipped["effect"], df["effect"], atol=1e-4)
+    k = activation_patching(tiny_qwen, pair, activation="k", progress=False)
+    assert k["head"].isna().all() and k["kv_head"].tolist() == [0, 1, 0, 1]
+
+
+def test_ungrouped_kv_is_per_q_head_and_matches_transformerlens(tiny_qwen):
+    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=3)
+    with torch.no_grad():
+        grouped = tiny_qwen(pair.clean)
+        tiny_qwen.cfg.ungroup_grouped_query_attention = True
+        try:
+            ungrouped = tiny_qwen(pair.clean)
+            _, cache = tiny_qwen.run_with_cache(pair.clean)
+            index = pd.DataFrame([(layer, head) for layer in range(2) for head in range(4)], columns=["layer", "head"])
+            ref = tlp.generic_activation_patch(
+                tiny_qwen, pair.corrupted, cache, pair.metric_logits, tlp.layer_head_vector_patch_setter, "k", index_df=index
+            )
+        finally:
+            tiny_qwen.cfg.ungroup_grouped_query_attention = False
+    torch.testing.assert_close(ungrouped, grouped, atol=1e-5, rtol=0)
+    df = activation_patching(tiny_qwen, pair, activation="k", ungroup_kv=True, progress=False)
+    assert tiny_qwen.cfg.ungroup_grouped_query_attention is False
+    assert df["head"].tolist() == [0, 1, 2, 3] * 2 and df["kv_head"].tolist() == [0, 0, 1, 1] * 2
+    np.testing.assert_allclose(df["metric"].to_numpy(), ref.cpu().numpy(), atol=1e-5)
+    grouped_k = activation_patching(tiny_qwen, pair, activation="k", progress=False)
+    assert not np.allclose(grouped_k["metric"].to_numpy(), df["metric"].to_numpy()[::2])
+
+
+def test_qkv_patching_equals_split_input_patching(tiny_qwen):
+    """Patching hook_q/k/v of a head equals patching its split q/k/v input (use_split_qkv_input)."""
+    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=4)
+    ours = {a: activation_patching(tiny_qwen, pair, activation=a, progress=False)["metric"].to_numpy() for a in "qkv"}
+    tiny_qwen.set_use_split_qkv_input(True)
+    try:
+        _, cache = tiny_qwen.run_with_cache(pair.clean)
+        assert cache["blocks.0.hook_k_input"].shape[2] == tiny_qwen.cfg.n_key_value_heads
+        assert cache["blocks.0.hook_q_input"].shape[2] == tiny_qwen.cfg.n_heads
+        for a in "qkv":
+            n = tiny_qwen.cfg.n_heads if a == "q" else tiny_qwen.cfg.n_key_value_heads
+            index = pd.DataFrame([(layer, h) for layer in range(2) for h in range(n)], columns=["layer", "head"])
+            with torch.no_grad():
+                ref = tlp.generic_activation_patch(
+                    tiny_qwen, pair.corrupted, cache, pair.metric_logits, tlp.layer_head_vector_patch_setter, f"{a}_input", index_df=index
+                )
+            np.testing.assert_allclose(ours[a], ref.cpu().numpy(), atol=1e-5)
+    finally:
+        tiny_qwen.set_use_split_qkv_input(False)
+
+
+def attn_only_model(*, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=32, d_head=8, n_heads=n_heads, n_key_value_heads=n_kv_heads, n_ctx=32, d_vocab=40,
+        attn_only=True, normalization_type=None, positional_embedding_type="rotary", rotary_dim=8,
+        act_fn="relu", seed=0, default_prepend_bos=False, initializer_range=0.3,
+    )
+    return HookedTransformer(cfg).eval()
+
+
+def test_one_means_full_recovery():
+    """One layer, one head, prompts differing at position 0 only: the head's output at the last position carries
+    all of the difference, so patching it recovers exactly (effect 1) and patching other positions does nothing."""
+    model = attn_only_model(n_layers=1, n_heads=1, n_kv_heads=1)
+    clean = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    corrupted = clean.clone()
+    corrupted[0, 0] = 20
+    pair = PromptPair(clean, corrupted, torch.tensor([5]), partial(logit_diff, correct=torch.tensor([[1]]), wrong=torch.tensor([[2]])))
+    df = activation_patching(model, pair, progress=False)
+    assert df["effect"].tolist() == pytest.approx([1.0], abs=1e-5)
+    by_pos = activation_patching(model, pair, by_position=True, progress=False)
+    assert by_pos["effect"].tolist() == pytest.approx([0, 0, 0, 0, 0, 1], abs=1e-5)
+    pattern = activation_patching(model, pair, activation="pattern", by_position=True, progress=False)
+    assert pattern["effect"].iloc[:5].abs().max() < 1e-6 and abs(pattern["effect"].iloc[5]) > 1e-3
+
+
+def linear_model() -> HookedTransformer:
+    """Attention-only, no norms, layer 1 with W_Q = 0 (uniform attention): logits are linear in every z, v and pattern."""
+    model = attn_only_model()
+    with torch.no_grad():
+        model.blocks[1].attn.W_Q.zero_()
+        model.blocks[1].attn.b_Q.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+def test_attribution_equals_exact_when_metric_is_linear(by_position):
+    model = linear_model()
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randint(0, 40, (2, 3, 8), generator=gen)
+    correct, wrong = torch.randint(0, 40, (2, 3, 1), generator=gen)
+    pair = PromptPair(clean, corrupted, torch.tensor([7]), partial(logit_diff, correct=correct, wrong=wrong))
+    activations = ["z", "v", "pattern"]
+    attr = attribution_patching(model, pair, activations=activations, by_position=by_position)
+    for activation in activations:
+        exact = activation_patching(model, pair, activation=activation, by_position=by_position, progress=False)
+        estimate = attr[attr["activation"] == activation].reset_index(drop=True)
+        assert exact["layer"].equals(estimate["layer"]) and exact["kv_head"].equals(estimate["kv_head"])
+        np.testing.assert_allclose(estimate["metric"], exact["metric"], atol=1e-5)
+        np.testing.assert_allclose(estimate["effect"], exact["effect"], atol=1e-5)
+        assert exact["effect"].abs().max() > 0.05
+    model.requires_grad_(False)
+    with torch.inference_mode():
+        frozen = attribution_patching(model, pair, activations=activations, by_position=by_position)
+    np.testing.assert_allclose(frozen["effect"], attr["effect"], atol=1e-6)
+    # q/k act through the softmax: there the first-order estimate is not exact
+    exact_q = activation_patching(model, pair, activation="q", progress=False)
+    attr_q = attribution_patching(model, pair, activations=["q"])
+    assert np.abs(exact_q["effect"] - attr_q["effect"]).max() > 1e-3
+
+
+def test_compare_patching_reports_spearman(tiny_qwen):
+    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=0)
+    df = compare_patching(tiny_qwen, pair, top=5, progress=False)
+    assert {"exact", "attribution"} <= set(df.columns)
+    assert df["exact"].abs().is_monotonic_decreasing
+    assert df.attrs["spearman"] == pytest.approx(rank_correlation(df["exact"], df["attribution"]))
+    assert -1 <= df.attrs["spearman_top"] <= 1
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, -5, 3, 4], [9, 3, 2, 1], top=3) == pytest.approx(-1.0)
+
+
+def test_induction_pair_is_deterministic_and_well_formed(tiny_qwen):
+    a = induction_pair(tiny_qwen, n_tokens=6, batch=3, seed=7)
+    b = induction_pair(tiny_qwen, n_tokens=6, batch=3, seed=7)
+    assert torch.equal(a.clean, b.clean) and torch.equal(a.corrupted, b.corrupted)
+    assert a.clean.shape == (3, 13)
+    assert torch.equal(a.clean[:, 1:7], a.clean[:, 7:]) and torch.equal(a.corrupted[:, 7:], a.clean[:, 7:])
+    assert torch.equal(a.corrupted[:, 0], a.clean[:, 0])
+    for clean, corrupted in zip(a.clean, a.corrupted):
+        assert len(set(clean[:7].tolist()) | set(corrupted[1:7].tolist())) == 13  # P, A and B all distinct
+    assert a.positions.tolist() == list(range(7, 12))
+    assert set(a.clean.flatten().tolist()) <= set(word_tokens(tiny_qwen.tokenizer))
+    assert not torch.equal(a.clean, induction_pair(tiny_qwen, n_tokens=6, batch=3, seed=8).clean)
+
+
+def test_mismatched_lengths_raise(tiny_qwen):
+    clean, corrupted = "The cat sat on the mat and", "A dog"
+    n_clean, n_corrupted = (tiny_qwen.to_tokens(t).shape[-1] for t in (clean, corrupted))
+    with pytest.raises(HeadlensError, match=f"clean .* has {n_clean} tokens, corrupted .* has {n_corrupted}"):
+        text_pair(tiny_qwen, clean, corrupted)
+    with pytest.raises(HeadlensError, match="clean has 5 tokens .* corrupted has 4"):
+        PromptPair(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), torch.tensor([3]), lambda x: x.mean())
+
+
+def test_bad_inputs_raise(tiny_qwen):
+    pair = induction_pair(tiny_qwen, n_tokens=5, batch=1)
+    with pytest.raises(HeadlensError, match="unknown activation 'resid'"):
+        activation_patching(tiny_qwen, pair, activation="resid", progress=False)
+    with pytest.raises(HeadlensError, match="batch_size must be >= 1"):
+        activation_patching(tiny_qwen, pair, batch_size=0, progress=False)
+    with pytest.raises(HeadlensError, match="layer 9 is out of range"):
+        activation_patching(tiny_qwen, pair, layers=[9], progress=False)
+    same = PromptPair(pair.clean, pair.clean, pair.positions, pair.metric)
+    with pytest.raises(HeadlensError, match="nothing to recover"):
+        activation_patching(tiny_qwen, same, progress=False)
+    with pytest.raises(HeadlensError, match="nothing to recover"):
+        attribution_patching(tiny_qwen, same)
+    with pytest.raises(HeadlensError, match="single token"):
+        text_pair(tiny_qwen, "The cat sat on the", "The dog ran to the", answer=" on the mat")
+
+
+def test_text_pair_metric(tiny_qwen):
+    pair = text_pair(tiny_qwen, "The cat sat on the", "The dog ran to the")
+    assert pair.clean.shape == pair.corrupted.shape and pair.positions.tolist() == [pair.clean.shape[1] - 1]
+    with torch.no_grad():
+        clean_logits = tiny_qwen(pair.clean)[:, -1]
+        corrupted_logits = tiny_qwen(pair.corrupted)[:, -1]
+    top, other = clean_logits.argmax(-1), corrupted_logits.argmax(-1)
+    expected = (clean_logits[0, top] - clean_logits[0, other]).item() if top != other else clean_logits.log_softmax(-1)[0, top].item()
+    answer = text_pair(tiny_qwen, "The cat sat on the", "The dog ran to the", answer=" cat", wrong=" the")
+    cat, the = tiny_qwen.to_single_token(" cat"), tiny_qwen.to_single_token(" the")
+    with torch.no_grad():
+        assert float(pair.metric_logits(tiny_qwen(pair.clean))) == pytest.approx(expected, abs=1e-5)
+        assert float(answer.metric_logits(tiny_qwen(answer.clean))) == pytest.approx((clean_logits[0, cat] - clean_logits[0, the]).item(), abs=1e-5)
+
+
+def test_cli_patch_writes_csvs(tmp_path):
+    from typer.testing import CliRunner
+
+    from headlens.cli import app
+
+    result = CliRunner().invoke(app, ["patch", "--model", "tiny-qwen2", "--out", str(tmp_path), "--n-tokens", "5", "--activations", "z,k", "--top", "3"])
+    assert result.exit_code == 0, result.output
+    exact = pd.read_csv(tmp_path / "patch_z.csv")
+    assert len(exact) == 8 and {"layer", "head", "kv_head", "effect"} <= set(exact.columns)
+    assert len(pd.read_csv(tmp_path / "patch_k.csv")) == 4
+    attr = pd.read_csv(tmp_path / "attribution.csv")
+    assert set(attr["activation"]) == {"z", "k"}
+    assert "spearman" in result.output and "L" in result.output
+    bad = CliRunner().invoke(app, ["patch", "--model", "tiny-qwen2", "--out", str(tmp_path), "--clean", "The cat sat on the mat", "--corrupted", "A dog"])
+    assert bad.exit_code != 0 and isinstance(bad.exception, HeadlensError)
+
+
+@pytest.mark.slow
+def test_qwen_induction_pair_top_heads_are_census_induction_heads(qwen):
+    """On Qwen with the induction pair, the heads whose output patching recovers most are induction heads."""
+    from headlens import census
+
+    table = census(qwen, progress=False)
+    induction_heads = {(r.layer, r.head) for r in table.itertuples() if r.label == "induction"}
+    assert induction_heads
+    pair = induction_pair(qwen, n_tokens=8, batch=2, seed=0)
+    df = activation_patching(qwen, pair, progress=False)
+    assert df.attrs["clean_metric"] > df.attrs["corrupted_metric"] + 2  # the clean run does induction
+    top = df.nlargest(10, "effect").merge(table[["layer", "head", "induction", "label"]], on=["layer", "head"])
+    print(f"\nclean {df.attrs['clean_metric']:.3f}, corrupted {df.attrs['corrupted_metric']:.3f}\n{top.to_string()}")
+    top_heads = {(r.layer, r.head) for r in top.itertuples()}
+    assert len(top_heads & induction_heads) >= 3, (sorted(top_heads), sorted(induction_heads))
+    assert top["induction"].mean() > 3 * table["induction"].mean()

@@ -1,0 +1,139 @@
+"""Probes: seeded, equal-length, ordinary tokens only, correct metadata, clear errors."""
+
+import re
+
+import pytest
+import torch
+
+from headlens import HeadlensError
+from headlens.probes import (
+    ProbeSet,
+    check_probes,
+    corpus_sections,
+    corpus_text,
+    default_probes,
+    delimiter_mask,
+    delimiter_text,
+    is_delimiter,
+    natural_text,
+    repeated_tokens,
+    word_tokens,
+)
+
+
+def test_corpus_is_small_and_has_prose_and_code():
+    text = corpus_text()
+    assert 100 <= len(text.splitlines()) <= 400
+    sections = corpus_sections()
+    assert "def " in sections["code"] and "def " not in sections["prose"]
+    assert sections["prose"].startswith("The river") and "{" not in sections["prose"]
+
+
+def test_same_seed_same_probes(tiny_qwen):
+    a, b = default_probes(tiny_qwen, seed=3), default_probes(tiny_qwen, seed=3)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.is_delim, pb.is_delim)
+    c = default_probes(tiny_qwen, seed=4)
+    assert all(not torch.equal(pa.tokens, pc.tokens) for pa, pc in zip(a, c))
+    assert [p.kind for p in a] == ["repeated", "natural", "delimiter"]
+
+
+def check_repeated(model, probe, n, prefix, batch):
+    tok = model.tokenizer
+    assert probe.tokens.shape == (batch, prefix + 2 * n) and probe.n == n and probe.prefix == prefix
+    first, second = probe.tokens[:, prefix : prefix + n], probe.tokens[:, prefix + n :]
+    assert torch.equal(first, second)
+    special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
+    for row, text in zip(probe.tokens.tolist(), probe.text(tok)):
+        assert len(set(row[: prefix + n])) == prefix + n  # prefix and A's all distinct
+        assert not special & set(row) and max(row) < min(len(tok), model.cfg.d_vocab)
+        assert re.fullmatch(r"( [A-Za-z]{3,})+", text)
+        assert model.to_tokens(text, prepend_bos=False)[0].tolist() == row  # decodes and re-encodes to itself
+    assert not probe.is_delim.any()
+
+
+@pytest.mark.parametrize("n, prefix, batch", [(2, 0, 1), (30, 1, 3), (40, 5, 2)])
+def test_repeated_tokens(tiny_qwen, n, prefix, batch):
+    check_repeated(tiny_qwen, repeated_tokens(tiny_qwen, n=n, prefix=prefix, batch=batch, seed=1), n, prefix, batch)
+
+
+def test_text_windows_start_at_lines_and_carry_the_delimiter_mask(tiny_qwen):
+    tok = tiny_qwen.tokenizer
+    for make, section in ((natural_text, "prose"), (delimiter_text, "code")):
+        probe = make(tiny_qwen, seq_len=50, batch=5, seed=2)
+        assert probe.tokens.shape == (5, 50) and probe.n is None
+        stream = tok(corpus_sections()[section], add_special_tokens=False)["input_ids"]
+        for row, mask in zip(probe.tokens.tolist(), probe.is_delim.tolist()):
+            starts = [s for s in range(len(stream) - 49) if stream[s : s + 50] == row]
+            assert starts, "window is not a slice of the corpus section"
+            pieces = tok.batch_decode([[t] for t in row])
+            assert mask == [is_delimiter(p) for p in pieces]
+            assert not mask[0] and pieces[0].strip()
+            assert starts[0] == 0 or tok.decode(stream[: starts[0]]).endswith("\n")
+    natural = natural_text(tiny_qwen, seed=0).is_delim.float().mean()
+    code = delimiter_text(tiny_qwen, seed=0).is_delim.float().mean()
+    assert code > 2 * natural > 0
+
+
+def test_text_probe_on_user_text(tiny_qwen):
+    text = "alpha beta, gamma; delta.\n" * 20
+    probe = natural_text(tiny_qwen, text=text, seq_len=30, batch=2)
+    assert probe.tokens.shape == (2, 30) and probe.is_delim.any()
+
+
+@pytest.mark.parametrize(
+    "piece, expected",
+    [(",", True), (".\n", True), ("\n\n", True), (" (", True), ("{}", True), ("->", True), ("<|endoftext|>", False),
+     ("    ", False), (" the", False), ("3", False), ("\ufffd", False), ("", False), ("x,", False)],
+)
+def test_is_delimiter(piece, expected):
+    assert is_delimiter(piece) is expected
+
+
+def test_special_tokens_are_delimiters(tiny_qwen):
+    tok = tiny_qwen.tokenizer
+    comma, word = tok(",", add_special_tokens=False)["input_ids"], tok(" the", add_special_tokens=False)["input_ids"]
+    assert len(comma) == len(word) == 1
+    ids = torch.tensor([[tok.eos_token_id, comma[0], word[0]]])
+    assert delimiter_mask(tok, ids).tolist() == [[True, True, False]]
+
+
+def test_word_tokens_are_ordinary(tiny_qwen):
+    tok = tiny_qwen.tokenizer
+    words = word_tokens(tok)
+    assert len(words) > 100
+    assert all(re.fullmatch(r" [A-Za-z]{3,}", tok.decode([i])) for i in words)
+
+
+def test_bad_input(tiny_qwen):
+    n_ctx = tiny_qwen.cfg.n_ctx
+    with pytest.raises(HeadlensError, match="n >= 2"):
+        repeated_tokens(tiny_qwen, n=1)
+    with pytest.raises(HeadlensError, match=f"n_ctx={n_ctx}"):
+        repeated_tokens(tiny_qwen, n=n_ctx // 2, prefix=1)
+    with pytest.raises(HeadlensError, match="ordinary word tokens"):
+        repeated_tokens(tiny_qwen, n=200, prefix=len(word_tokens(tiny_qwen.tokenizer)) - 199)
+    with pytest.raises(HeadlensError, match="empty"):
+        natural_text(tiny_qwen, text="")
+    with pytest.raises(HeadlensError, match="empty"):
+        delimiter_text(tiny_qwen, text=" \n \n")
+    with pytest.raises(HeadlensError, match="fewer than seq_len"):
+        natural_text(tiny_qwen, text="a short line.\n", seq_len=64)
+    with pytest.raises(HeadlensError, match=f"n_ctx={n_ctx}"):
+        delimiter_text(tiny_qwen, seq_len=n_ctx + 1)
+    with pytest.raises(HeadlensError, match="empty"):
+        check_probes(tiny_qwen, ProbeSet())
+    good = repeated_tokens(tiny_qwen, n=4, batch=1)
+    bad = type(good)("repeated", good.tokens, good.is_delim, n=5, prefix=1)
+    with pytest.raises(HeadlensError, match="prefix"):
+        check_probes(tiny_qwen, ProbeSet(repeated=bad))
+    wrong_ids = type(good)("natural", good.tokens + tiny_qwen.cfg.d_vocab, good.is_delim)
+    with pytest.raises(HeadlensError, match="token ids"):
+        check_probes(tiny_qwen, ProbeSet(natural=wrong_ids))
+
+
+@pytest.mark.slow
+def test_repeated_tokens_on_qwen_are_ordinary(qwen):
+    probe = repeated_tokens(qwen, n=64, batch=4, seed=0)
+    check_repeated(qwen, probe, 64, 1, 4)
+    assert int(probe.tokens.max()) < 151643  # below Qwen's special/added tokens and its padding ids
