@@ -8,6 +8,7 @@ the first head crossing a prefix-matching score of 0.5 fall in the same window. 
 
     python analyses/induction_phase_change.py                    # ~minutes on 1 CPU core
     python analyses/induction_phase_change.py --save-checkpoint  # also refresh the packaged model
+    python analyses/induction_phase_change.py --reuse            # no training: re-analyse the packaged model + history
 
 Deterministic: same seed -> same history (training runs on one thread).
 """
@@ -52,7 +53,7 @@ def plot(history: pd.DataFrame, found: dict, path: Path) -> None:
         right.axvline(found["induction_step"], color="tab:blue", ls="--", lw=1)
     lines = ax.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center left", fontsize=8)
     ax.set_title("Toy 2-layer attention-only model: the induction phase change")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -65,11 +66,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=toy.TRAIN_DEFAULTS["steps"])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--save-checkpoint", action="store_true", help="write the trained model and history into src/headlens/data/")
+    parser.add_argument("--reuse", action="store_true", help="skip training; analyse the packaged checkpoint and its recorded history")
     args = parser.parse_args()
 
     train_args = {**toy.TRAIN_DEFAULTS, "steps": args.steps, "seed": args.seed}
     start = time.perf_counter()
-    model, history = toy.train_induction_model(**train_args, progress=True)
+    if args.reuse:
+        model, history = toy.load_induction_model(), toy.load_induction_history()
+        train_args = json.loads(toy.checkpoint_path().with_suffix(".json").read_text())["train_args"]
+    else:
+        model, history = toy.train_induction_model(**train_args, progress=True)
     seconds = time.perf_counter() - start
     found = toy.phase_change(history)
 
@@ -88,7 +94,7 @@ def main() -> None:
     prev0 = toy.head_columns(history, kind="previous_token", layer=0)
     report = {
         "train_args": train_args,
-        "train_seconds": round(seconds, 1),
+        "train_seconds": _previous_seconds(args.out) if args.reuse else round(seconds, 1),
         "torch": torch.__version__,
         "phase_change": found,
         "phase_change_at_census_threshold": toy.phase_change(history, threshold=CENSUS_INDUCTION),
@@ -102,7 +108,7 @@ def main() -> None:
         },
         "census_labels": {f"L{r.layer}H{r.head}": r.label for r in table.itertuples()},
     }
-    if train_args == toy.TRAIN_DEFAULTS:
+    if train_args == toy.TRAIN_DEFAULTS and not args.reuse:
         packaged = toy.load_induction_history() if toy.checkpoint_path().exists() and not args.save_checkpoint else None
         if packaged is not None:
             same = packaged.shape == history.shape and bool((packaged - history).abs().max().max() < 1e-4)
@@ -113,6 +119,12 @@ def main() -> None:
     print(json.dumps(report["phase_change"], indent=2))
     print(json.dumps(report["final"], indent=2))
     print(census_summary(table))
+
+
+def _previous_seconds(out: Path) -> float | None:
+    """Keep the training time measured by the run that produced the packaged model when re-analysing it."""
+    old = out / "phase_change.json"
+    return json.loads(old.read_text()).get("train_seconds") if old.is_file() else None
 
 
 def census_summary(table: pd.DataFrame) -> str:

@@ -14,7 +14,7 @@ census probes (seed 0) where the census covers the type, and two extra natural-t
 - delimiters: census ``delimiter`` (excess mass on punctuation/newline tokens over their share of keys);
 - commas/periods: ``scores.delimiter`` with only ',' and '.' tokens as the delimiter set, natural text;
 - broad / bag of words: census ``entropy`` (normalised; 1 = uniform over the prefix);
-- sink: census ``first_token`` (no BERT analogue, [CLS]-like; most Qwen heads do this).
+- sink: census ``first_token`` (the role [CLS]/[SEP] play in BERT; Qwen has no BOS token, yet many heads do it).
 
 Writes ``top_heads.csv`` (top 5 per type), ``scores.csv`` (every head), ``gallery.png`` (pattern
 of the top head of each type on one prompt), ``gallery_circuitsvis.html`` (offline, bundle inlined

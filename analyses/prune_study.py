@@ -68,7 +68,7 @@ def main() -> None:
     result = prune_curve(model, fit, tolerance=TOLERANCE, steps=STEPS, order="gradient", reestimate=True, seed=SEED)
     result.curve.to_csv(OUT / "prune_curve.csv", index=False)
     result.order.to_csv(OUT / "prune_order.csv", index=False)
-    result.plot(OUT / "prune_curve.png", title=f"Qwen2.5-Coder-0.5B: greedy head pruning (gradient order, zero ablation)")
+    result.plot(OUT / "prune_curve.png", title="Qwen2.5-Coder-0.5B: greedy pruning (gradient order, zero abl.)")
     removal_rank_figure(result.order, model.cfg.n_layers, model.cfg.n_heads, OUT / "removal_rank.png")
 
     pruned = [(int(r.layer), int(r["head"])) for _, r in result.order.head(result.max_removed).iterrows()]

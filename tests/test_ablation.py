@@ -316,7 +316,10 @@ def test_qwen_sweep_parity_and_induction_heads_matter(qwen):
     with torch.inference_mode():
         qwen.run_with_hooks(metric.tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), induction)])
     top = [(int(i) // qwen.cfg.n_heads, int(i) % qwen.cfg.n_heads) for i in scores.flatten().topk(6).indices]
-    table = compare_to_random(qwen, metric, top, n_random=5, progress=False)
+    # depth-matched control: random heads from the same layers (an unmatched draw can hit a layer-0 head whose
+    # removal breaks everything, which says nothing about copying)
+    table = compare_to_random(qwen, metric, top, n_random=5, match_layers=True, progress=False)
+    print(top, table.attrs, table.to_string(), sep="\n")
     assert table.attrs["clean"] < 2.0  # Qwen copies the repeated half
     assert table.attrs["p_random_ge"] == 0.0
-    assert table.attrs["target_effect"] > 3 * max(table.attrs["random_mean"] * table.attrs["clean"], 0.05)
+    assert table.attrs["target_worsening"] > 2 * max(table.attrs["random_mean"], 0.05)

@@ -291,10 +291,10 @@ def test_cli_stats_writes_tables(tmp_path):
 
 
 def test_cli_stats_bad_temperatures(tmp_path):
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
 
-    run = subprocess.run([sys.executable, "-c", "from headlens.cli import main; main()", "stats", "--out", str(tmp_path), "--temperatures", "0,1"],
-                         capture_output=True, text=True)
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == "error: temperatures must be positive, got [0.0, 1.0]"
+    from headlens.cli import app
+
+    for bad, message in (("0,1", "temperatures must be positive, got [0.0, 1.0]"), ("a,b", "--temperatures must be a comma list")):
+        result = CliRunner().invoke(app, ["stats", "--out", str(tmp_path), "--temperatures", bad], standalone_mode=False)
+        assert isinstance(result.exception, HeadlensError) and message in str(result.exception)

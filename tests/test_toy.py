@@ -70,7 +70,6 @@ def test_induction_head_reads_its_previous_token_partner(model, circuit):
     """K-composition: zero-ablating the layer-0 previous-token head breaks the induction head; another layer-0 head does not."""
     layer, head = circuit["induction"]
     partner = circuit["previous_token"][1]
-    other = next(h for h in range(model.cfg.n_heads) if h != partner)
 
     def ablate(h):
         def hook(z, hook):
@@ -80,23 +79,28 @@ def test_induction_head_reads_its_previous_token_partner(model, circuit):
         return [(utils.get_act_name("z", 0), hook)]
 
     base = float(head_scores(model)["induction"][layer, head])
-    without_partner = float(head_scores(model, hooks=ablate(partner))["induction"][layer, head])
-    without_other = float(head_scores(model, hooks=ablate(other))["induction"][layer, head])
-    assert without_partner < 0.5 * base
-    assert without_other > 0.8 * base
+    after = [float(head_scores(model, hooks=ablate(h))["induction"][layer, head]) for h in range(model.cfg.n_heads)]
+    assert base > 0.5
+    assert after[partner] < 0.05  # 0.000: the induction head is gone
+    assert all(a > 0.9 * base for h, a in enumerate(after) if h != partner)  # 0.539, 0.561, 0.549 vs 0.532
 
 
 def test_phase_change_is_abrupt_and_coincides_with_induction(history, circuit):
     found = toy.phase_change(history)
-    total = found["total_steps"]
-    assert found["window_steps"] <= 0.15 * total  # half the total loss fall happens within 15% of training
-    assert found["window_loss_drop"] >= 1.0  # nats
+    # packaged run (6000 steps): plateau 4.16 nats (= log 64, chance) until ~1650, then 80% of the
+    # fall to 1.78 within 1650..2600; best prefix-matching score 0.04 -> 0.48 in that same window,
+    # first >= 0.5 at step 2650 (L1H2).
     assert found["loss_plateau"] - found["loss_final"] >= 2.0
+    assert found["window_steps"] <= 0.2 * found["total_steps"]
+    assert found["window_start"] >= 0.2 * found["total_steps"]  # a real plateau comes first
+    assert found["score_at_window_start"] < 0.1
+    assert found["score_rise_in_window"] >= 0.7
     assert found["induction_head"] == "L{}H{}".format(*circuit["induction"])
-    assert found["window_start"] - found["record_interval"] <= found["induction_step"] <= found["window_end"] + found["record_interval"]
+    assert found["window_start"] <= found["induction_step"] <= found["window_end"] + found["tolerance"]
     assert found["coincide"] is True
     before = history[history["step"] < found["window_start"]]
-    assert before[toy.head_columns(history)].to_numpy().max() < 0.5  # no induction head before the drop
+    assert before[toy.head_columns(history)].to_numpy().max() < 0.1  # no induction head before the drop
+    assert history[toy.head_columns(history, kind="previous_token", layer=0)].iloc[-1].max() > 0.5
 
 
 def test_short_rerun_reproduces_packaged_history(history):
@@ -140,13 +144,14 @@ def test_census_labels_the_toy_circuit(model, circuit):
 
     table = census(model, toy.toy_probes(model, seed=0), progress=False)
     layer, head = circuit["induction"]
-    row = table[(table.layer == layer) & (table.head == head)].iloc[0]
-    assert row.label == "induction"
-    assert row.induction > 0.5
-    layer0 = table[table.layer == 0]
-    partner = layer0.loc[layer0.previous_token.idxmax()]
+    row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
+    assert row["label"] == "induction"
+    assert row["induction"] > 0.5  # 0.535 on the seed-0 probes
+    layer0 = table[table["layer"] == 0]
+    partner = layer0.loc[layer0["previous_token"].idxmax()]
     assert int(partner["head"]) == circuit["previous_token"][1]
-    assert partner.label == "previous_token"
+    assert partner["label"] == "previous_token"
+    assert partner["previous_token"] > 0.5  # 0.520
 
 
 def test_bad_input_raises_headlens_error(tmp_path, history):

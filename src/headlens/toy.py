@@ -263,61 +263,55 @@ def head_columns(history: pd.DataFrame, *, kind: str = "induction", layer: int |
     return [c for c in cols if layer is None or c[len(prefix) :].split("H")[0] == str(layer)]
 
 
-def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, fraction: float = 0.5) -> dict:
-    """Locate the induction phase change in a training history and check the two signatures coincide.
+def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, band: tuple[float, float] = (0.1, 0.9)) -> dict:
+    """Locate the induction phase change in a training history and check that its two signatures coincide.
 
-    - loss window: the shortest span of recorded steps over which the repeated-half loss falls by at
-      least ``fraction`` of its total fall (plateau maximum after step 0 -> minimum);
+    - loss window: from the first recorded step where the repeated-half loss has fallen by ``band[0]``
+      of its total fall (plateau = maximum after step 0, down to the minimum) to the first where it
+      has fallen by ``band[1]``;
     - induction step: the first recorded step at which some head's prefix-matching score reaches
-      ``threshold`` (Olsson et al. use the same score);
-    - ``coincide``: the induction step lies inside the loss window widened by one record interval on
-      each side (scores are only seen at recorded steps).
+      ``threshold``; ``score_rise_in_window``: the share of the best head's total score rise (step 0
+      to the end) that happens inside the loss window;
+    - ``coincide``: the induction step lies inside the loss window, give or take
+      ``tolerance`` = max(one record interval, 10% of the window).
     """
     if len(history) < 3 or "loss_repeated_half" not in history:
         raise HeadlensError("phase_change needs a training history with >= 3 recorded steps (from train_induction_model).")
+    if not 0 < band[0] < band[1] < 1:
+        raise HeadlensError(f"band must be two fractions 0 < low < high < 1, got {band}.")
     steps = history["step"].to_numpy()
     loss = history["loss_repeated_half"].to_numpy()
     ind_cols = head_columns(history)
-    ind = history[ind_cols].to_numpy()
+    best = history[ind_cols].max(axis=1).to_numpy()
     hi, lo = float(loss[1:].max()), float(loss.min())
-    need = fraction * (hi - lo)
-    best = None
-    for a in range(1, len(steps)):
-        later = (loss[a] - loss[a + 1 :] >= need).nonzero()[0]
-        if len(later):
-            b = a + 1 + int(later[0])
-            if best is None or steps[b] - steps[a] < steps[best[1]] - steps[best[0]]:
-                best = (a, b)
+    fallen = (hi - loss) / (hi - lo) if hi > lo else np.zeros_like(loss)
+    start = int(np.argmax(fallen >= band[0]))
+    end = int(np.argmax(fallen >= band[1]))
     interval = int(np.diff(steps).max())
-    crossed = (ind.max(axis=1) >= threshold).nonzero()[0]
+    tolerance = max(interval, int(0.1 * (steps[end] - steps[start])))
+    crossed = (best >= threshold).nonzero()[0]
+    rise = best[-1] - best[0]
     out = {
         "loss_plateau": hi,
         "loss_final": float(loss[-1]),
-        "loss_min": lo,
-        "fraction": fraction,
+        "band": list(band),
+        "window_start": int(steps[start]),
+        "window_end": int(steps[end]),
+        "window_steps": int(steps[end] - steps[start]),
+        "window_loss_drop": float(loss[start] - loss[end]),
+        "steepest_step": int(steps[2 + int(np.argmax(loss[1:-1] - loss[2:]))]),
         "threshold": threshold,
+        "induction_step": int(steps[crossed[0]]) if len(crossed) else None,
+        "induction_head": ind_cols[int(history[ind_cols].iloc[int(crossed[0])].to_numpy().argmax())] if len(crossed) else None,
+        "score_at_window_start": float(best[start]),
+        "score_at_window_end": float(best[end]),
+        "score_final": float(best[-1]),
+        "score_rise_in_window": float((best[end] - best[start]) / rise) if rise > 0 else 0.0,
         "record_interval": interval,
+        "tolerance": tolerance,
         "total_steps": int(steps[-1]),
-        "window_start": None,
-        "window_end": None,
-        "window_steps": None,
-        "window_loss_drop": None,
-        "steepest_step": None,
-        "induction_step": None,
-        "induction_head": None,
-        "coincide": False,
     }
-    drops = loss[1:-1] - loss[2:]
-    out["steepest_step"] = int(steps[2 + int(drops.argmax())])
-    if best is not None:
-        a, b = best
-        out.update(window_start=int(steps[a]), window_end=int(steps[b]), window_steps=int(steps[b] - steps[a]), window_loss_drop=float(loss[a] - loss[b]))
-    if len(crossed):
-        i = int(crossed[0])
-        out["induction_step"] = int(steps[i])
-        out["induction_head"] = ind_cols[int(ind[i].argmax())]
-    if best is not None and len(crossed):
-        out["coincide"] = bool(out["window_start"] - interval <= out["induction_step"] <= out["window_end"] + interval)
+    out["coincide"] = bool(len(crossed)) and bool(steps[start] - tolerance <= out["induction_step"] <= steps[end] + tolerance)
     return out
 
 
