@@ -21,3 +21,12 @@ def tiny_qwen():
     from headlens import tiny_model
 
     return tiny_model("qwen2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards are latency-bound: one torch thread avoids contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -258,5 +258,5 @@ def _check_len(model: HookedTransformer, seq_len: int, what: str) -> None:
 
 def _tokenizer(model: HookedTransformer):
     if getattr(model, "tokenizer", None) is None:
-        raise HeadlensError("this probe needs a model with a tokenizer; build a ProbeSet from your own token ids instead")
+        raise HeadlensError("this probe needs a model with a tokenizer; for a tokenizer-less model pass probes= a ProbeSet built from token ids (e.g. headlens.toy.toy_probes(model))")
     return model.tokenizer
