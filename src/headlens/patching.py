@@ -115,9 +115,9 @@ def _token_pool(model: HookedTransformer) -> Int[Tensor, "n"]:
     """Ordinary word tokens (as the census' repeated probe uses) or, without a tokenizer, the whole vocabulary."""
     if model.tokenizer is None:
         return torch.arange(model.cfg.d_vocab)
-    from headlens.probes import word_tokens
+    from headlens.probes import word_token_ids
 
-    return torch.tensor([i for i in word_tokens(model.tokenizer) if i < model.cfg.d_vocab])
+    return word_token_ids(model)
 
 
 def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, prefix: int = 1, seed: int = 0) -> PromptPair:

@@ -123,13 +123,12 @@ def repeated_tokens(model: HookedTransformer, *, n: int = 64, batch: int = 4, pr
         raise HeadlensError(f"repeated-token probes need prefix >= 0 and batch >= 1 (got prefix={prefix}, batch={batch})")
     tokenizer = _tokenizer(model)
     _check_len(model, prefix + 2 * n, "repeated-token probe")
-    pool = [i for i in word_tokens(tokenizer) if i < model.cfg.d_vocab]
-    if len(pool) < prefix + n:
+    pool_t = word_token_ids(model)
+    if len(pool_t) < prefix + n:
         raise HeadlensError(
-            f"the tokenizer has only {len(pool)} ordinary word tokens; a repeated probe with n={n} and prefix={prefix} "
+            f"the tokenizer has only {len(pool_t)} ordinary word tokens; a repeated probe with n={n} and prefix={prefix} "
             f"needs {prefix + n} distinct ones. Lower n."
         )
-    pool_t = torch.tensor(pool)
     gen = torch.Generator().manual_seed(int(seed) * 1000 + SEED_OFFSET["repeated"])
     rows = []
     for _ in range(batch):
@@ -137,6 +136,11 @@ def repeated_tokens(model: HookedTransformer, *, n: int = 64, batch: int = 4, pr
         rows.append(torch.cat([ids[:prefix], ids[prefix:], ids[prefix:]]))
     tokens = torch.stack(rows)
     return Probe("repeated", tokens, delimiter_mask(tokenizer, tokens), n=int(n), prefix=int(prefix))
+
+
+def word_token_ids(model: HookedTransformer) -> Int[Tensor, "n"]:
+    """The model's ordinary word tokens (:func:`word_tokens`) that lie inside its embedding."""
+    return torch.tensor([i for i in word_tokens(_tokenizer(model)) if i < model.cfg.d_vocab])
 
 
 @lru_cache(maxsize=8)
