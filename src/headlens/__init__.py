@@ -1,25 +1,55 @@
-"""headlens: find out what the attention heads of Qwen models do."""
+"""headlens: find out what the attention heads of Qwen models do.
+
+The public names below load on first use (PEP 562), so ``import headlens`` and the ``headlens`` command's
+``--help`` do not pay for torch, TransformerLens and transformers until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 from headlens.errors import HeadlensError
-from headlens.models import load_model, model_info, tiny_model
-from headlens.census import census
-from headlens.ablation import (ablated_metric, ablation_hooks, ablation_sweep, compare_to_random, head_importance,
-                               logit_diff_metric, loss_metric, repeat_loss_metric)
-from headlens.prune import prune_curve
-from headlens.patching import activation_patching, attribution_patching, compare_patching, induction_pair, text_pair
-from headlens.compare import compare_models
-from headlens.rope import distance_profile, distance_profiles, rope_summary
-from headlens.attention_stats import head_similarity, scale_entropy_table
-from headlens.viz import attention_view, gallery, head_heatmaps, score_heatmaps
-from headlens.report import write_report
 
-__all__ = [
-    "HeadlensError", "load_model", "model_info", "tiny_model",
-    "census",
-    "ablated_metric", "ablation_hooks", "ablation_sweep", "compare_to_random", "head_importance",
-    "logit_diff_metric", "loss_metric", "repeat_loss_metric", "prune_curve",
-    "activation_patching", "attribution_patching", "compare_patching", "induction_pair", "text_pair",
-    "compare_models", "distance_profile", "distance_profiles", "rope_summary",
-    "head_similarity", "scale_entropy_table",
-    "attention_view", "gallery", "head_heatmaps", "score_heatmaps", "write_report",
-]
+_EXPORTS = {
+    "load_model": "models", "model_info": "models", "tiny_model": "models",
+    "census": "census",
+    "ablated_metric": "ablation", "ablation_hooks": "ablation", "ablation_sweep": "ablation",
+    "compare_to_random": "ablation", "head_importance": "ablation", "logit_diff_metric": "ablation",
+    "loss_metric": "ablation", "repeat_loss_metric": "ablation",
+    "prune_curve": "prune",
+    "activation_patching": "patching", "attribution_patching": "patching", "compare_patching": "patching",
+    "induction_pair": "patching", "text_pair": "patching",
+    "compare_models": "compare",
+    "distance_profile": "rope", "distance_profiles": "rope", "rope_summary": "rope",
+    "head_similarity": "attention_stats", "scale_entropy_table": "attention_stats",
+    "attention_view": "viz", "gallery": "viz", "head_heatmaps": "viz", "score_heatmaps": "viz",
+    "write_report": "report",
+}
+
+__all__ = ["HeadlensError", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'headlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"headlens.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``headlens.census`` the function when the submodule of the same name gets imported."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and value.__name__ == f"headlens.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError

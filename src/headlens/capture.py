@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, utils
 
 Reducer = Callable[[int, Float[Tensor, "batch head q k"], slice], None]
@@ -35,12 +35,15 @@ def stream_patterns(
     layers = sorted(range(model.cfg.n_layers) if layers is None else set(layers))
     tokens = tokens.to(model.cfg.device)
     starts = range(0, tokens.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        rows = slice(start, min(start + batch_size, tokens.shape[0]))
+    # the bar moves once per (batch, layer): a probe that is a single batch still shows progress
+    with tqdm(total=len(starts) * len(layers), desc=desc, unit="layer", disable=not progress, leave=False) as bar:
+        for start in starts:
+            rows = slice(start, min(start + batch_size, tokens.shape[0]))
 
-        def hook(pattern, hook, rows=rows):
-            reducer(hook.layer(), pattern, rows)
+            def hook(pattern, hook, rows=rows):
+                reducer(hook.layer(), pattern, rows)
+                bar.update(1)
 
-        hooks = [(utils.get_act_name("pattern", layer), hook) for layer in layers]
-        with torch.inference_mode():
-            model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
+            hooks = [(utils.get_act_name("pattern", layer), hook) for layer in layers]
+            with torch.inference_mode():
+                model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)

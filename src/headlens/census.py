@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from headlens.progress import tqdm
 from transformer_lens import HookedTransformer
 
 from headlens import scores

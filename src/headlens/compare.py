@@ -225,7 +225,7 @@ def attention_divergence(
     sums = torch.zeros(L, H, dtype=torch.float64)
     peak = torch.zeros(L, H, dtype=torch.float64)
     n_queries = 0
-    from tqdm.auto import tqdm
+    from headlens.progress import tqdm
 
     chunks = [b[i : i + batch_size] for b in _as_batches(base, probes, seed) for i in range(0, b.shape[0], batch_size)]
     for chunk in tqdm(chunks, desc="compare", disable=not progress, leave=False):

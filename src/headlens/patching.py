@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from scipy.stats import spearmanr
 from torch import Tensor
-from tqdm.auto import tqdm
+from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from torch import Tensor
-from tqdm.auto import tqdm
+from headlens.progress import tqdm
 from transformer_lens import HookedTransformer
 
 from headlens.ablation import (

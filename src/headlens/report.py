@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer
 from headlens import viz
 from headlens.errors import HeadlensError
 from headlens.models import model_info
+from headlens.progress import tqdm
 
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
 INDEX_COLUMNS = ("layer", "head", "kv_head")
@@ -236,6 +237,8 @@ def write_report(
     title: str | None = None,
     dpi: int = 150,
     figures: bool = True,
+    seed: int | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained, offline) and return its path.
 
@@ -259,10 +262,12 @@ def write_report(
     info = model_info(model)
     n_layers, n_heads = info["n_layers"], info["n_heads"]
     page = _Page(figures_dir, dpi)
+    bar = tqdm(total=5 + len(sections), desc="report", unit="part", disable=not progress, leave=False)
 
     _model_section(page, info)
     counts = label_counts(census, k=top_k)
     page.section("labels", "Head labels", table_html(counts) + "\n" + page.figure(viz.label_map(census), "head_labels", "head labels by layer and head"))
+    bar.update(1)
     page.section("scores", "Census scores", "<p>One panel per score; dashed lines separate heads that share a kv head (GQA).</p>\n"
                  + page.figure(viz.score_heatmaps(census), "census_scores", "census scores by layer and head"))
     options = "".join(f'<option value="{_e(lb)}">{_e(lb)}</option>' for lb in counts["label"])
@@ -271,19 +276,24 @@ def write_report(
                  f'<p>Click a column to sort. Label: <select data-filter="census-table" data-col="{label_col}"><option value="">all</option>{options}</select></p>\n'
                  f'<div class="scroll">{table_html(census, table_id="census-table", sortable=True)}</div>')
 
+    bar.update(1)
     shown_prompt = f'<p>Prompt:</p><pre class="prompt">{_e(prompt)}</pre>'
     views = viz.gallery(model, census, prompt, k=top_k, max_tokens=max_tokens)
     gallery_body = "\n".join(page.view(v) for v in views) or '<p class="muted">No labelled heads to show.</p>'
     page.section("gallery", "Gallery: top heads of each label", shown_prompt + "\n" + gallery_body)
+    bar.update(1)
     if heads:
         view = viz.attention_view(model, prompt, heads, component="patterns", max_tokens=max_tokens)
         page.section("heads", "Chosen heads", f"<p>{_e(view.title)} on the prompt above.</p>\n" + page.view(view))
 
     for key, heading, frames in sections:
         _results_section(page, key, heading, frames, n_layers=n_layers, n_heads=n_heads)
+        bar.update(1)
 
     census.to_csv(out / "census.csv", index=False)
     path = out / "report.html"
     subtitle = f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {_version()}"
     path.write_text(page.html(title or f"headlens report: {info['model']}", subtitle), encoding="utf-8")
+    bar.update(bar.total - bar.n)
+    bar.close()
     return path

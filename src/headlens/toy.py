@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
 from headlens.errors import HeadlensError

@@ -1,0 +1,130 @@
+"""The command line itself: instant --help, progress that is clean in a pipe and silenced by one flag, pasteable tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from headlens import cli
+
+COMMANDS = ["info", "census", "report", "patch", "ablate", "prune", "compare", "stats"]
+HEAVY = ("torch", "transformer_lens", "transformers", "pandas", "numpy", "matplotlib", "circuitsvis")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="120", **extra)
+    env.pop("TQDM_DISABLE", None)
+    return env
+
+
+def _run(*args, timeout=300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "headlens.cli", *args], capture_output=True, text=True, timeout=timeout, env=_env(**env))
+
+
+def test_every_command_is_listed_here():
+    assert sorted(c.name or c.callback.__name__ for c in cli.app.registered_commands) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_answers_in_under_a_second_in_a_fresh_process(command):
+    """Wall time of `headlens [cmd] --help` in a new interpreter (best of 3 on this shared 2-core machine)."""
+    args = [command, "--help"] if command else ["--help"]
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = _run(*args)
+        times.append(time.perf_counter() - start)
+        assert result.returncode == 0, result.stderr
+        assert "Usage" in result.stdout
+    assert min(times) < 1.0, f"headlens {' '.join(args)} took {min(times):.2f} s (runs: {times})"
+
+
+def test_cli_startup_imports_nothing_heavy():
+    code = "import sys, headlens.cli; print(' '.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_help_texts_say_what_the_issue_asked():
+    census_help = _run("census", "--help").stdout
+    assert "report.html" in census_help
+    ablate_help = _run("ablate", "--help").stdout
+    for choices in ("loss|repeat|logit-diff", "zero|mean|resample", "head|kv-group", "fast|naive"):
+        assert choices in ablate_help
+    assert "gradient|ablation" in _run("prune", "--help").stdout
+    from headlens.models import ALIASES, DEFAULT_MODEL, TINY
+
+    for name in {DEFAULT_MODEL, *ALIASES.values(), *TINY}:
+        assert name in " ".join(census_help.split()), name
+    patch = _run("patch", "-m", "tiny-qwen2")
+    assert patch.returncode == 2 and "--out" in patch.stderr  # --out is required, as for every other command
+
+
+def test_every_command_has_a_progress_switch():
+    for command in COMMANDS:
+        text = _run(command, "--help").stdout
+        assert "--progress" in text and "--no-progress" in text, command
+
+
+def test_choices_are_checked_before_loading_a_model(tmp_path):
+    result = _run("ablate", "-m", "tiny-qwen2", "--out", str(tmp_path / "a"), "--method", "average")
+    assert result.returncode == 2 and "'average' is not one of" in result.stderr and "loading" not in result.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_progress_in_a_pipe_is_plain_lines_and_no_progress_silences_it(tmp_path):
+    result = _run("census", "-m", "tiny-qwen2", "--out", str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("census repeated: 2/2") for line in lines), result.stderr  # per (batch, layer) of tiny's 2 layers
+    assert any(line.startswith("report: 5/5") for line in lines), result.stderr
+    quiet = _run("census", "-m", "tiny-qwen2", "--out", str(tmp_path / "q"), "--no-progress")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.splitlines() == ["loading tiny-qwen2 ..."]
+    # the printed table: a header with units, one row per label present, top heads with their scores
+    out = result.stdout.splitlines()
+    assert out[1].split()[:4] == ["label", "heads", "share", "score"]
+
+
+def test_no_progress_silences_third_party_bars_imported_later():
+    code = ("from headlens import progress; progress.set_enabled(False)\n"
+            "import transformers, huggingface_hub.utils as hub\n"
+            "from transformers.utils import logging\n"
+            "print(logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+
+def test_plain_bar_writes_whole_lines_only(capsys):
+    from headlens.progress import tqdm
+
+    for _ in tqdm(range(3), desc="outer", leave=False):
+        for _ in tqdm(range(2), desc="inner", mininterval=0, leave=False):
+            pass
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    assert err.splitlines()[-1].startswith("outer: 3/3")
+
+
+def test_heads_option_takes_both_spellings():
+    assert cli._parse_heads("L5H3, 12.0,l1h2") == [(5, 3), (12, 0), (1, 2)]
+    with pytest.raises(cli.HeadlensError, match="bad head '1:2'"):
+        cli._parse_heads("1:2")
+
+
+def test_choices_match_the_library():
+    from headlens.ablation import METHODS, METRICS
+    from headlens.patching import ACTIVATIONS
+
+    assert tuple(m.value for m in cli.MetricName) == METRICS
+    assert tuple(m.value for m in cli.MethodName) == METHODS
+    assert cli.ACTIVATION_NAMES == ACTIVATIONS
