@@ -364,14 +364,23 @@ def test_cli_report_reuses_census_csv(tmp_path, monkeypatch):
         raise AssertionError("the census ran although census.csv exists")
 
     monkeypatch.setattr(importlib.import_module("headlens.census"), "census", no_census)
+    from headlens import io, load_model
+    from headlens.cli import _census_settings
+
     census = fake_census()
-    census.to_csv(tmp_path / "census.csv", index=False)
+    io.write_csv(census, tmp_path / "census.csv", provenance=io.provenance(load_model("tiny-qwen2"), **_census_settings(0)))
     result = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path), "--heads", "1.2,0.3"])
     assert result.exit_code == 0, result.output
     assert f"wrote {tmp_path / 'report.html'}" in result.output
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "L1H2, L0H3 on the prompt above." in text
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "census.csv"), census)
+    # another seed, or a census.csv without provenance (e.g. made for another model): never reused
+    for args in (["--seed", "1"], []):
+        if not args:
+            io.sidecar(tmp_path / "census.csv").unlink()
+        result = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path), *args])
+        assert "the census ran" in str(result.exception) and "recomputing the census" in result.output
 
 
 def test_cli_report_runs_the_census_when_missing(tmp_path):

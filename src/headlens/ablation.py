@@ -638,6 +638,8 @@ def plot_sweep(table: pd.DataFrame, path: str | Path | None = None, *, title: st
     fig.colorbar(im, ax=ax, label="relative worsening (%)")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        from headlens.io import save_figure
+
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
     return fig

@@ -16,6 +16,7 @@ import typer
 
 from headlens import progress as _progress
 from headlens.errors import HeadlensError
+from headlens.io import mismatch, provenance, save_figure, write_csv, write_parquet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find out what the attention heads of Qwen models do.")
@@ -165,12 +166,19 @@ def census_cmd(
     hooked = _load(model, adapter)
     table = census(hooked, seed=seed, batch_size=batch_size, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "census.csv", index=False)
-    table.to_parquet(out / "census.parquet", index=False)
+    prov = provenance(hooked, **_census_settings(seed))
+    table.attrs["provenance"] = prov
+    write_csv(table, out / "census.csv", provenance=prov)
+    write_parquet(table, out / "census.parquet", provenance=prov)
     report = write_report(out, model=hooked, census=table, seed=seed, progress=progress)
     typer.echo(f"{len(table)} heads: {hooked.cfg.n_layers} layers x {hooked.cfg.n_heads} heads; seed {seed}")
     _print_table(label_summary(table, k=top), {"share": ".1%"})
     typer.echo(f"wrote {out / 'census.csv'}, {out / 'census.parquet'} and {report}")
+
+
+def _census_settings(seed: int) -> dict:
+    """What a CLI census depends on besides the model: the seed and the (default) probes and thresholds."""
+    return {"seed": int(seed), "probes": "default", "thresholds": "default"}
 
 
 def label_summary(table, *, k: int = 5):
@@ -225,13 +233,18 @@ def report(
 
     hooked = _load(model, adapter)
     csv = out / "census.csv"
-    if csv.is_file():
-        typer.echo(f"reusing {csv}", err=True)
+    prov = provenance(hooked, **_census_settings(seed))
+    why = mismatch(csv, prov) if csv.exists() else None
+    if csv.exists() and why is None:
+        typer.echo(f"reusing {csv} (same model, seed and probes)", err=True)
         table = read_census(csv)
     else:
         from headlens.census import census
 
+        if why is not None:
+            typer.echo(f"recomputing the census: {why}", err=True)
         table = census(hooked, seed=seed, batch_size=batch_size, progress=progress)
+    table.attrs["provenance"] = prov
     extra = {}
     if "ablation" in sections:
         from headlens.ablation import ablation_sweep, build_metric
@@ -304,13 +317,13 @@ def patch(
     if attribution:
         typer.echo("attribution patching (one clean, one corrupted forward and one backward pass) ...", err=True)
         attr = attribution_patching(hooked, pair, activations=names, by_position=by_position, ungroup_kv=ungroup_kv)
-        attr.to_csv(out / "attribution.csv", index=False)
+        write_csv(attr, out / "attribution.csv")
     tokens = hooked.to_str_tokens(pair.clean[0])
     typer.echo(f"pair: {pair.name}, tokens {tuple(pair.clean.shape)} (batch x positions), metric: {pair.info.get('metric', 'user metric')}")
     for name in names:
         exact = activation_patching(hooked, pair, activation=name, by_position=by_position, ungroup_kv=ungroup_kv,
                                     batch_size=batch_size, progress=progress)
-        exact.to_csv(out / f"patch_{name}.csv", index=False)
+        write_csv(exact, out / f"patch_{name}.csv")
         if name == names[0]:
             typer.echo(f"metric: clean {exact.attrs['clean_metric']:.4f}, corrupted {exact.attrs['corrupted_metric']:.4f}")
         shown = exact.copy()
@@ -385,7 +398,7 @@ def ablate(
     if chosen:
         table = compare_to_random(hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "ablation_vs_random.csv", index=False)
+        write_csv(table, out / "ablation_vs_random.csv")
         a = table.attrs
         typer.echo(f"{m.name} ({units}): clean {a['clean']:.4f}; {method.value} ablation of {len(chosen)} heads together")
         _print_table(pd.DataFrame([
@@ -400,7 +413,7 @@ def ablate(
     table = ablation_sweep(hooked, m, method=method.value, unit=unit.value.replace("-", "_"), strategy=strategy.value,
                            batch_size=batch_size, seed=seed, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "ablation.csv", index=False)
+    write_csv(table, out / "ablation.csv")
     plot_sweep(table, out / "ablation.png")
     typer.echo(f"{m.name} ({units}): clean {table.attrs['clean']:.4f}, tokens {tuple(m.tokens.shape)} (batch x positions), "
                f"{method.value} ablation of each {unit.value}")
@@ -447,8 +460,8 @@ def prune(
     result = prune_curve(hooked, m, tolerance=tolerance, steps=steps, order=order.value, reestimate=reestimate, method=method.value,
                          seed=seed, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    result.curve.to_csv(out / "prune_curve.csv", index=False)
-    result.order.to_csv(out / "prune_order.csv", index=False)
+    write_csv(result.curve, out / "prune_curve.csv")
+    write_csv(result.order, out / "prune_order.csv")
     result.plot(out / "prune_curve.png")
     typer.echo(result.summary())
     units = _metric_unit(m.name)
@@ -482,8 +495,8 @@ def compare_cmd(
     tuned_model = load_tuned(base_model, tuned, base_source=base)
     df = compare_models(base_model, tuned_model, seed=seed, census=census, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "compare.csv", index=False)
-    plot_comparison(df).savefig(out / "compare.png", dpi=110)
+    write_csv(df, out / "compare.csv")
+    save_figure(plot_comparison(df), out / "compare.png", dpi=110)
     shown = top_changed(df, top).copy()
     shown.insert(0, "head name", [f"L{r.layer}H{r.head}" for r in shown.itertuples()])
     cols = [c for c in ("head name", "kv_head", "jsd", "dW_Q", "dW_K", "dW_V", "dW_O", "label_base", "label_tuned") if c in shown.columns]
@@ -532,8 +545,8 @@ def stats(
             rows.append({"layer": layer, "metric": metric, "mean_similarity": mean_offdiagonal(sim), **test})
     similarity = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
-    entropy.to_csv(out / "entropy.csv", index=False)
-    similarity.to_csv(out / "similarity.csv", index=False)
+    write_csv(entropy, out / "entropy.csv")
+    write_csv(similarity, out / "similarity.csv")
     by_layer = entropy.pivot_table(index="layer", columns="setting", values="entropy")[list(dict.fromkeys(entropy.setting))]
     typer.echo(f"mean attention entropy (nats) per layer, {batch} x {seq_len} tokens of natural text:")
     typer.echo(by_layer.round(3).to_string())

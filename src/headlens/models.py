@@ -63,11 +63,21 @@ def load_model(
     else:
         directory = _cached_directory(name)
         if directory is not None and adapter is None:
-            return _load_hooked_cache(directory, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+            model = _load_hooked_cache(directory, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+            return _mark(model, name, None)
         hf_model, tokenizer = _load_hf(name, dtype, directory)
     if adapter is not None:
         hf_model = merge_adapter(hf_model, adapter)
-    return hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+    model = hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+    return _mark(model, name, adapter)
+
+
+def _mark(model: HookedTransformer, name: str, adapter) -> HookedTransformer:
+    """Remember where a model came from (for provenance sidecars, see :mod:`headlens.io`)."""
+    path = Path(name).expanduser()
+    source = str(path.resolve()) if path.exists() else name
+    model.headlens_source = {"source": source, "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None}
+    return model
 
 
 def tiny_model(

@@ -93,7 +93,9 @@ class PruneResult:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=110)
+            from headlens.io import save_figure
+
+            save_figure(fig, path, dpi=110)
             plt.close(fig)
         return fig
 

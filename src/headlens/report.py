@@ -21,6 +21,7 @@ from transformer_lens import HookedTransformer
 
 from headlens import viz
 from headlens.errors import HeadlensError
+from headlens.io import write_bytes, write_csv, write_text
 from headlens.models import model_info
 from headlens.progress import tqdm
 
@@ -145,7 +146,7 @@ class _Page:
     def figure(self, fig: Figure, name: str, alt: str) -> str:
         png = viz.figure_png(fig, dpi=self.dpi)
         if self.figures_dir is not None:
-            (self.figures_dir / f"{name}.png").write_bytes(png)
+            write_bytes(self.figures_dir / f"{name}.png", png)
         return viz.figure_img(fig, alt=alt, png=png)
 
     def html(self, title: str, subtitle: str) -> str:
@@ -290,10 +291,10 @@ def write_report(
         _results_section(page, key, heading, frames, n_layers=n_layers, n_heads=n_heads)
         bar.update(1)
 
-    census.to_csv(out / "census.csv", index=False)
+    write_csv(census, out / "census.csv", provenance=census.attrs.get("provenance"))
     path = out / "report.html"
     subtitle = f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {_version()}"
-    path.write_text(page.html(title or f"headlens report: {info['model']}", subtitle), encoding="utf-8")
+    write_text(path, page.html(title or f"headlens report: {info['model']}", subtitle))
     bar.update(bar.total - bar.n)
     bar.close()
     return path

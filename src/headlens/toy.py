@@ -195,9 +195,12 @@ def save_induction_model(model: HookedTransformer, path: str | Path, *, train_ar
     """Write the weights as safetensors, the config + training arguments as JSON and the history as CSV beside it."""
     from safetensors.torch import save_file
 
+    from headlens.io import atomic_path, write_csv, write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     cfg = {k: getattr(model.cfg, k) for k in ("n_layers", "n_heads", "d_model", "d_vocab")}
     cfg.update(seq_len=model.cfg.n_ctx, seed=model.cfg.seed, positional=model.cfg.positional_embedding_type, normalization=model.cfg.normalization_type)
     meta = {"config": cfg, "train_args": train_args or {}}
@@ -208,8 +211,8 @@ def save_induction_model(model: HookedTransformer, path: str | Path, *, train_ar
             "induction": max(head_columns(history, layer=last), key=lambda c: final[c]),
             "previous_token": max(head_columns(history, kind="previous_token", layer=0), key=lambda c: final[c]).removeprefix("prev_"),
         }
-        history.to_csv(_history_path(path), index=False)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_csv(history, _history_path(path))
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return path
 
 

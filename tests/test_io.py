@@ -1,0 +1,80 @@
+"""Atomic writers and provenance sidecars (headlens.io)."""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from headlens import io
+from headlens.errors import HeadlensError
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.csv"
+    io.write_text(target, "old\n")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+
+
+def test_writers_produce_whole_files(tmp_path):
+    df = pd.DataFrame({"layer": [0, 1], "head": [1, 0], "score": [0.5, 0.25]})
+    io.write_csv(df, tmp_path / "t.csv")
+    io.write_parquet(df, tmp_path / "t.parquet")
+    io.write_json(tmp_path / "t.json", {"a": 1})
+    fig = plt.figure()
+    io.save_figure(fig, tmp_path / "t.png", dpi=20)
+    plt.close(fig)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv"), df)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), df)
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+    assert oct((tmp_path / "t.csv").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    target = tmp_path / "report.html"
+    dead = tmp_path / ".report.html.tmp-999999999-abc.html"
+    dead.write_text("<html>half")
+    alive = tmp_path / f".report.html.tmp-{os.getppid()}-abc.html"
+    alive.write_text("<html>in progress")
+    io.write_text(target, "<html></html>")
+    assert not dead.exists() and alive.exists()
+
+
+def test_provenance_matches_only_the_same_model_and_settings(tmp_path):
+    from headlens import tiny_model
+
+    a, b = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
+    path = tmp_path / "census.csv"
+    io.write_csv(pd.DataFrame({"x": [1]}), path, provenance=io.provenance(a, seed=0))
+    assert io.sidecar(path).name == "census.provenance.json"
+    assert io.matches(path, io.provenance(a, seed=0))
+    assert "weights" in io.mismatch(path, io.provenance(b, seed=0))
+    assert "settings" in io.mismatch(path, io.provenance(a, seed=1))
+    path.write_text("x\n1\n2\n")  # edited by hand after it was written
+    assert "changed" in io.mismatch(path, io.provenance(a, seed=0))
+    io.sidecar(path).unlink()
+    assert "no provenance" in io.mismatch(path, io.provenance(a, seed=0))
+
+
+def test_check_output_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HeadlensError, match="is a file"):
+        io.check_output_dir(tmp_path / "file")
+    with pytest.raises(HeadlensError, match="is a file"):
+        io.check_output_dir(tmp_path / "file" / "sub")
+    assert io.check_output_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
