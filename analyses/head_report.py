@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from headlens import activation_patching, ablation_sweep, census, distance_profiles, induction_pair, load_model, repeat_loss_metric, rope_summary, write_report
+from headlens import (
+    ablation_sweep,
+    activation_patching,
+    census,
+    distance_profiles,
+    induction_pair,
+    load_model,
+    repeat_loss_metric,
+    rope_summary,
+    write_report,
+)
 from headlens.viz import top_heads
 
 OUT = Path(__file__).resolve().parent / "results" / "head_report"
@@ -35,7 +45,9 @@ def main() -> None:
     summary = rope_summary(profile[profile.probe == "constant"])
 
     evidence = (
-        table.merge(sweep[["layer", "head", "effect"]].rename(columns={"effect": "ablation_repeat_loss"}), on=["layer", "head"])
+        table.merge(
+            sweep[["layer", "head", "effect"]].rename(columns={"effect": "ablation_repeat_loss"}), on=["layer", "head"]
+        )
         .merge(patch[["layer", "head", "effect"]].rename(columns={"effect": "patching_recovery"}), on=["layer", "head"])
         .merge(summary[["layer", "head", "peak_distance", "positional_score"]], on=["layer", "head"])
     )
@@ -47,7 +59,9 @@ def main() -> None:
     per_layer.to_csv(OUT / "labels_per_layer.csv")
     named.to_csv(OUT / "named_heads.csv", index=False)
     write_report(
-        OUT, model=model, census=table,
+        OUT,
+        model=model,
+        census=table,
         ablation=sweep[["layer", "head", "effect"]].rename(columns={"effect": "repeat_loss_increase"}),
         patching=patch[["layer", "head", "effect"]].rename(columns={"effect": "induction_pair_recovery"}),
         rope=profile,
@@ -60,7 +74,10 @@ def main() -> None:
         "mean_ablation_effect_other_heads": round(float(others.ablation_repeat_loss.mean()), 4),
         "mean_patching_recovery_induction_heads": round(float(induction.patching_recovery.mean()), 4),
         "mean_patching_recovery_other_heads": round(float(others.patching_recovery.mean()), 4),
-        "top_ablation_heads": [f"L{r.layer}H{r.head} {r.label} {r.ablation_repeat_loss:+.3f}" for r in evidence.nlargest(5, "ablation_repeat_loss").itertuples()],
+        "top_ablation_heads": [
+            f"L{r.layer}H{r.head} {r.label} {r.ablation_repeat_loss:+.3f}"
+            for r in evidence.nlargest(5, "ablation_repeat_loss").itertuples()
+        ],
         "seconds": round(time.perf_counter() - start, 1),
     }
     (OUT / "summary.json").write_text(json.dumps(result, indent=2) + "\n")

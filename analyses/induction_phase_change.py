@@ -65,8 +65,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=toy.TRAIN_DEFAULTS["steps"])
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--save-checkpoint", action="store_true", help="write the trained model and history into src/headlens/data/")
-    parser.add_argument("--reuse", action="store_true", help="skip training; analyse the packaged checkpoint and its recorded history")
+    parser.add_argument(
+        "--save-checkpoint", action="store_true", help="write the trained model and history into src/headlens/data/"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip training; analyse the packaged checkpoint and its recorded history"
+    )
     args = parser.parse_args()
 
     train_args = {**toy.TRAIN_DEFAULTS, "steps": args.steps, "seed": args.seed}

@@ -54,7 +54,9 @@ def task_batch(pool: torch.Tensor, generator: torch.Generator, batch: int = BATC
     return pool[idx], idx[:, :-LAG]
 
 
-def task_loss(model, unembed_rows: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+def task_loss(
+    model, unembed_rows: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """Cross-entropy (over the pool) of predicting x[i-LAG] at positions i >= LAG, and the accuracy."""
     hidden = model.get_base_model().model(input_ids=tokens).last_hidden_state[:, LAG:]
     logits = hidden @ unembed_rows.T
@@ -80,7 +82,13 @@ def train(adapter_dir: Path, directory: Path | None = None) -> dict:
     gen = torch.Generator().manual_seed(SEED)
     words = torch.tensor(word_tokens(tokenizer))
     pool = words[torch.randperm(len(words), generator=gen)[:POOL]].sort().values
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_to_transform=LAYERS)
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=2 * RANK,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        layers_to_transform=LAYERS,
+    )
     model = get_peft_model(hf, config)
     unembed = hf.lm_head.weight[pool].detach()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
@@ -99,7 +107,14 @@ def train(adapter_dir: Path, directory: Path | None = None) -> dict:
         loss.backward()
         optim.step()
         optim.zero_grad()
-        log.append({"step": step, "loss": round(loss.item(), 4), "acc": round(acc, 4), "seconds": round(time.time() - start, 1)})
+        log.append(
+            {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "acc": round(acc, 4),
+                "seconds": round(time.time() - start, 1),
+            }
+        )
         print(log[-1], flush=True)
     seconds = time.time() - start
     after = evaluate()
@@ -109,8 +124,17 @@ def train(adapter_dir: Path, directory: Path | None = None) -> dict:
     (adapter_dir / "README.md").unlink(missing_ok=True)
     return {
         "task": f"skip-one copy: output the token {LAG} positions back; random sequences of {SEQ_LEN} tokens from a pool of {POOL} word tokens",
-        "lora": {"r": RANK, "alpha": 2 * RANK, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": LAYERS},
-        "steps": STEPS, "batch": BATCH, "lr": LR, "seed": SEED, "train_seconds": round(seconds, 1),
+        "lora": {
+            "r": RANK,
+            "alpha": 2 * RANK,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "layers": LAYERS,
+        },
+        "steps": STEPS,
+        "batch": BATCH,
+        "lr": LR,
+        "seed": SEED,
+        "train_seconds": round(seconds, 1),
         "eval_before": {"loss": round(before[0], 4), "acc": round(before[1], 4)},
         "eval_after": {"loss": round(after[0], 4), "acc": round(after[1], 4)},
         "chance_loss": round(float(np.log(POOL)), 4),
@@ -173,7 +197,11 @@ def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
         f"moved attention to the key 2 back (attention at distance 2 on random tokens "
         f"{min(d.loc[k, ('base', 2)] for k in top8):.2f}-{max(d.loc[k, ('base', 2)] for k in top8):.2f} -> "
         f"{min(d.loc[k, ('tuned', 2)] for k in top8):.2f}-{max(d.loc[k, ('tuned', 2)] for k in top8):.2f})"
-        + (", as predicted." if sum(g2[k] > 0 for k in top8) > len(top8) / 2 else ", which is not what was predicted for most of them.")
+        + (
+            ", as predicted."
+            if sum(g2[k] > 0 for k in top8) > len(top8) / 2
+            else ", which is not what was predicted for most of them."
+        )
     )
     if has_census:
         tl = df[df["layer"] >= LAYERS[0]]
@@ -183,8 +211,16 @@ def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
             f"Across the tuned layers {int(tl['label_changed'].sum())} of {len(tl)} heads changed label, and "
             f"{int((tl['label_base'] == 'induction').sum())} induction heads became "
             f"{int((tl['label_tuned'] == 'induction').sum())}"
-            + (": the narrow task overwrote induction behaviour (not predicted). " if (tl["label_tuned"] == "induction").sum() < (tl["label_base"] == "induction").sum() else ". ")
-            + (f"Layers 0-{LAYERS[0] - 1} are bit-identical (JSD and weight change exactly 0)." if frozen[["jsd", "dW_Q", "dW_K", "dW_V", "dW_O"]].to_numpy().max() == 0 else "")
+            + (
+                ": the narrow task overwrote induction behaviour (not predicted). "
+                if (tl["label_tuned"] == "induction").sum() < (tl["label_base"] == "induction").sum()
+                else ". "
+            )
+            + (
+                f"Layers 0-{LAYERS[0] - 1} are bit-identical (JSD and weight change exactly 0)."
+                if frozen[["jsd", "dW_Q", "dW_K", "dW_V", "dW_O"]].to_numpy().max() == 0
+                else ""
+            )
         )
     lines[6:6] = [answer, ""]
     lines += [
@@ -203,14 +239,18 @@ def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
     per_layer = df.groupby("layer")["jsd"].mean()
     lines += [
         "",
-        "Mean JSD per layer (bits): " + ", ".join(f"L{l} {v:.2f}" for l, v in per_layer.items() if l >= LAYERS[0]) + ".",
+        "Mean JSD per layer (bits): "
+        + ", ".join(f"L{l} {v:.2f}" for l, v in per_layer.items() if l >= LAYERS[0])
+        + ".",
     ]
     if has_census:
         changed = df[df["label_changed"]]
         tuned_layers = df[df["layer"] >= LAYERS[0]]
         labels = sorted(set(tuned_layers["label_base"]) | set(tuned_layers["label_tuned"]))
-        moves = pd.crosstab(tuned_layers["label_base"], tuned_layers["label_tuned"]).reindex(index=labels, columns=labels, fill_value=0)
-        n_ind = lambda col: int((tuned_layers[col] == "induction").sum())
+        moves = pd.crosstab(tuned_layers["label_base"], tuned_layers["label_tuned"]).reindex(
+            index=labels, columns=labels, fill_value=0
+        )
+        n_ind = lambda col: int((tuned_layers[col] == "induction").sum())  # noqa: E731
         kept = int(((tuned_layers["label_base"] == "induction") & (tuned_layers["label_tuned"] == "induction")).sum())
         lines += [
             "",
@@ -231,10 +271,16 @@ def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
             *[f"| {a} | " + " | ".join(str(int(moves.loc[a, b])) for b in labels) + " |" for a in labels],
             "",
             "All label changes: "
-            + (", ".join(f"L{r['layer']}H{r['head']} {r['label_base']} -> {r['label_tuned']}" for _, r in changed.iterrows()) if len(changed) else "none")
+            + (
+                ", ".join(
+                    f"L{r['layer']}H{r['head']} {r['label_base']} -> {r['label_tuned']}" for _, r in changed.iterrows()
+                )
+                if len(changed)
+                else "none"
+            )
             + ".",
             "",
-            f"- Largest census score changes: "
+            "- Largest census score changes: "
             + ", ".join(
                 f"{c[2:]} {df.loc[df[c].abs().idxmax(), c]:+.3f} (L{df.loc[df[c].abs().idxmax(), 'layer']}H{df.loc[df[c].abs().idxmax(), 'head']})"
                 for c in df.columns

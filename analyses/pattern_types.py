@@ -105,15 +105,32 @@ def main() -> None:
     table.update(natural_extras(model, probes.natural))
     L, H = model.cfg.n_layers, model.cfg.n_heads
     groups = kv_heads(model)
-    df = pd.DataFrame([{"layer": layer, "head": h, "kv_head": groups[h], **{k: float(v[layer, h]) for k, v in table.items()}}
-                       for layer in range(L) for h in range(H)])
+    df = pd.DataFrame(
+        [
+            {"layer": layer, "head": h, "kv_head": groups[h], **{k: float(v[layer, h]) for k, v in table.items()}}
+            for layer in range(L)
+            for h in range(H)
+        ]
+    )
     df.to_csv(OUT / "scores.csv", index=False, float_format="%.5f")
 
     tops = []
     for kind, (score, meaning) in TYPES.items():
-        for rank, row in enumerate(df.sort_values([score, "layer", "head"], ascending=[False, True, True]).head(5).itertuples()):
-            tops.append({"type": kind, "rank": rank + 1, "score_name": score, "layer": row.layer, "head": row.head,
-                         "kv_head": row.kv_head, "score": getattr(row, score), "meaning": meaning})
+        for rank, row in enumerate(
+            df.sort_values([score, "layer", "head"], ascending=[False, True, True]).head(5).itertuples()
+        ):
+            tops.append(
+                {
+                    "type": kind,
+                    "rank": rank + 1,
+                    "score_name": score,
+                    "layer": row.layer,
+                    "head": row.head,
+                    "kv_head": row.kv_head,
+                    "score": getattr(row, score),
+                    "meaning": meaning,
+                }
+            )
     top = pd.DataFrame(tops)
     top.to_csv(OUT / "top_heads.csv", index=False, float_format="%.4f")
     best = top[top["rank"] == 1].reset_index(drop=True)
@@ -124,11 +141,13 @@ def main() -> None:
     ncols = 4
     nrows = -(-len(best) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 5.4 * nrows))
-    for ax in axes.flat[len(best):]:
+    for ax in axes.flat[len(best) :]:
         ax.axis("off")
     for ax, row, pattern in zip(axes.flat, best.itertuples(), patterns):
         ax.imshow(pattern, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1))
-        ax.set_title(f"{row.type}: L{row.layer}H{row.head} (kv {row.kv_head})\n{row.score_name} = {row.score:.3f}", fontsize=9)
+        ax.set_title(
+            f"{row.type}: L{row.layer}H{row.head} (kv {row.kv_head})\n{row.score_name} = {row.score:.3f}", fontsize=9
+        )
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=4)
         ax.set_yticks(range(len(labels)), labels, fontsize=4)
     fig.suptitle("Top Qwen2.5-Coder-0.5B head per pattern type (colour: sqrt of attention weight)")
@@ -137,20 +156,30 @@ def main() -> None:
     plt.close(fig)
 
     names = [f"{r.type} L{r.layer}H{r.head}" for r in best.itertuples()]
-    view = CircuitsVisView("AttentionHeads", view_props(tokens, patterns, component="heads", names=names),
-                           title="Top head per BertViz pattern type")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>headlens pattern types</title></head><body>"
-            "<p>Qwen2.5-Coder-0.5B: the top head of each pattern type (see top_heads.csv). "
-            "Causal attention has no 'next word' head: its analogues are previous-token and induction heads.</p>"
-            f"{ViewSet([view]).to_html(prefix='types')}</body></html>")
+    view = CircuitsVisView(
+        "AttentionHeads",
+        view_props(tokens, patterns, component="heads", names=names),
+        title="Top head per BertViz pattern type",
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>headlens pattern types</title></head><body>"
+        "<p>Qwen2.5-Coder-0.5B: the top head of each pattern type (see top_heads.csv). "
+        "Causal attention has no 'next word' head: its analogues are previous-token and induction heads.</p>"
+        f"{ViewSet([view]).to_html(prefix='types')}</body></html>"
+    )
     (OUT / "gallery_circuitsvis.html").write_text(page, encoding="utf-8")
 
     corr = df[["duplicate_token", "token_match"]].corr(method="spearman").iloc[0, 1]
     summary = {
         "probes": {p.kind: list(p.tokens.shape) for p in probes},
-        "top": {r.type: {"head": f"L{r.layer}H{r.head}", "kv_head": int(r.kv_head), r.score_name: round(float(r.score), 4)}
-                for r in best.itertuples()},
-        "top_by_token_match": df.sort_values("token_match", ascending=False).head(3)[["layer", "head", "token_match", "duplicate_token"]].round(4).to_dict(orient="records"),
+        "top": {
+            r.type: {"head": f"L{r.layer}H{r.head}", "kv_head": int(r.kv_head), r.score_name: round(float(r.score), 4)}
+            for r in best.itertuples()
+        },
+        "top_by_token_match": df.sort_values("token_match", ascending=False)
+        .head(3)[["layer", "head", "token_match", "duplicate_token"]]
+        .round(4)
+        .to_dict(orient="records"),
         "spearman_duplicate_token_vs_token_match": round(float(corr), 3),
         "heads_first_token_above_0.5": int((df.first_token > 0.5).sum()),
         "heads_previous_token_above_0.4": int((df.previous_token > 0.4).sum()),

@@ -40,7 +40,9 @@ def removal_rank_figure(order, n_layers: int, n_heads: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.2, 7))
     im = ax.imshow(rank, cmap="viridis", aspect="auto")
     last = order.tail(10)
-    ax.scatter(last["head"], last["layer"], marker="o", facecolors="none", edgecolors="red", s=60, label="last 10 to go")
+    ax.scatter(
+        last["head"], last["layer"], marker="o", facecolors="none", edgecolors="red", s=60, label="last 10 to go"
+    )
     ax.set_xlabel("head (kv group = head // 7)")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_heads))
@@ -78,14 +80,19 @@ def main() -> None:
         value = ablated_metric(model, metric, pruned) if pruned else clean
         checks[metric.name] = {"clean": clean, "pruned": value, "worsening": metric.worsening(value, clean)}
     last = result.last_heads(10)
-    per_layer = result.order.head(result.max_removed).groupby("layer").size().reindex(range(model.cfg.n_layers), fill_value=0)
+    per_layer = (
+        result.order.head(result.max_removed).groupby("layer").size().reindex(range(model.cfg.n_layers), fill_value=0)
+    )
     summary = {
         "question": "fraction of heads removable at <= 1% loss increase; which heads are last to go",
-        "model": "qwen2.5-coder-0.5b", "n_heads": result.n_heads,
+        "model": "qwen2.5-coder-0.5b",
+        "n_heads": result.n_heads,
         "metric": f"next-token loss, {N_SEQS}x{SEQ_LEN} corpus tokens (fit); held-out: next {N_SEQS}x{SEQ_LEN}",
         "procedure": f"greedy, zero ablation, gradient importance re-estimated every {result.n_heads // STEPS} heads, bisection refine",
-        "tolerance": TOLERANCE, "clean_loss": result.clean,
-        "max_removed": result.max_removed, "max_fraction": round(result.max_fraction, 4),
+        "tolerance": TOLERANCE,
+        "clean_loss": result.clean,
+        "max_removed": result.max_removed,
+        "max_fraction": round(result.max_fraction, 4),
         "checks_on_pruned_set": checks,
         "pruned_per_layer": per_layer.to_dict(),
         "last_to_go": [f"L{r.layer}H{r.head}" for r in last.itertuples()],

@@ -28,7 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlens.attention_stats import attention_mask, group_contrast, head_similarity, mean_offdiagonal, pattern_similarity, softmax_pattern
+from headlens.attention_stats import (
+    attention_mask,
+    group_contrast,
+    head_similarity,
+    mean_offdiagonal,
+    pattern_similarity,
+    softmax_pattern,
+)
 
 OUT = Path(__file__).parent / "results" / "seed003_head_diversity"
 SEED = 0
@@ -49,8 +56,17 @@ def toy_similarity(n_heads: int, *, causal: bool, seed: int = SEED) -> dict[str,
     k = torch.einsum("bpd,hde->bhpe", x, w_k)
     mask = attention_mask(TOY_SEQ, "causal" if causal else "full")
     pattern = softmax_pattern(q @ k.transpose(-1, -2) / math.sqrt(d_head), mask=mask)
-    return {metric: float(np.mean([mean_offdiagonal(pattern_similarity(pattern[t : t + 1], metric=metric, mask=mask))
-                                   for t in range(TOY_TRIALS)])) for metric in METRICS}
+    return {
+        metric: float(
+            np.mean(
+                [
+                    mean_offdiagonal(pattern_similarity(pattern[t : t + 1], metric=metric, mask=mask))
+                    for t in range(TOY_TRIALS)
+                ]
+            )
+        )
+        for metric in METRICS
+    }
 
 
 def part_a() -> pd.DataFrame:
@@ -93,17 +109,29 @@ def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
         g = gqa[gqa.metric == name]
         observed = g.difference.mean()
         draws = np.mean([null[rng.integers(0, len(null), COMBINED_DRAWS)] for null in layer_nulls], axis=0)
-        combined[name] = {"mean_within": float(g.within.mean()), "mean_across": float(g.across.mean()),
-                          "mean_difference": float(observed),
-                          "p_value": float(((draws >= observed - 1e-12).sum() + 1) / (COMBINED_DRAWS + 1)),
-                          "layers_p_below_0.05": int((g.p_value < 0.05).sum()),
-                          "layers_within_gt_across": int((g.difference > 0).sum())}
+        combined[name] = {
+            "mean_within": float(g.within.mean()),
+            "mean_across": float(g.across.mean()),
+            "mean_difference": float(observed),
+            "p_value": float(((draws >= observed - 1e-12).sum() + 1) / (COMBINED_DRAWS + 1)),
+            "layers_p_below_0.05": int((g.p_value < 0.05).sum()),
+            "layers_within_gt_across": int((g.difference > 0).sum()),
+        }
     by_layer.to_csv(OUT / "qwen_similarity_by_layer.csv", float_format="%.4f")
     gqa.to_csv(OUT / "qwen_gqa_within_across.csv", index=False, float_format="%.5f")
-    pairs = [{"metric": metric + ("_nosink" if drop else ""), "layer": layer, "head_a": a, "head_b": b,
-              "similarity": float(sims[(metric, drop)][layer, a, b])}
-             for metric, drop in (("cosine", 0), ("centered", 1))
-             for layer in range(len(sims[(metric, drop)])) for a in range(len(groups)) for b in range(len(groups))]
+    pairs = [
+        {
+            "metric": metric + ("_nosink" if drop else ""),
+            "layer": layer,
+            "head_a": a,
+            "head_b": b,
+            "similarity": float(sims[(metric, drop)][layer, a, b]),
+        }
+        for metric, drop in (("cosine", 0), ("centered", 1))
+        for layer in range(len(sims[(metric, drop)]))
+        for a in range(len(groups))
+        for b in range(len(groups))
+    ]
     pd.DataFrame(pairs).to_csv(OUT / "qwen_similarity_matrices.csv", index=False, float_format="%.4f")
     return by_layer, gqa, combined, sims, groups
 
@@ -112,7 +140,9 @@ def plot(by_layer: pd.DataFrame, gqa: pd.DataFrame, sims: dict, groups: list[int
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.2, 1.2, 1]})
     for name in by_layer.columns:
         axes[0].plot(by_layer.index, by_layer[name], "o-" if "nosink" not in name else "x--", ms=3, label=name)
-    axes[0].set(xlabel="layer", ylabel="mean pairwise similarity", title=f"head diversity per layer ({len(groups)} heads)")
+    axes[0].set(
+        xlabel="layer", ylabel="mean pairwise similarity", title=f"head diversity per layer ({len(groups)} heads)"
+    )
     axes[0].axhline(0, color="gray", lw=0.6)
     axes[0].legend(fontsize=7)
     g = gqa[gqa.metric == "centered_nosink"]
@@ -120,7 +150,9 @@ def plot(by_layer: pd.DataFrame, gqa: pd.DataFrame, sims: dict, groups: list[int
     axes[1].plot(g.layer, g.across, "o-", ms=3, color="tab:blue", label="across groups")
     sig = g[g.p_value < 0.05]
     axes[1].scatter(sig.layer, sig.within, s=70, facecolors="none", edgecolors="k", label="exact permutation p < 0.05")
-    axes[1].set(xlabel="layer", ylabel="mean similarity (centered, no sink)", title="Do q heads sharing a kv head attend alike?")
+    axes[1].set(
+        xlabel="layer", ylabel="mean similarity (centered, no sink)", title="Do q heads sharing a kv head attend alike?"
+    )
     axes[1].legend(fontsize=7)
     layer = int(g.sort_values("difference").iloc[-1].layer)
     mat = sims[("centered", 1)][layer].clone()
@@ -130,7 +162,11 @@ def plot(by_layer: pd.DataFrame, gqa: pd.DataFrame, sims: dict, groups: list[int
     for boundary in np.flatnonzero(np.diff(groups)) + 0.5:
         axes[2].axhline(boundary, color="k", lw=0.8)
         axes[2].axvline(boundary, color="k", lw=0.8)
-    axes[2].set(xlabel="q head", ylabel="q head", title=f"layer {layer}: largest within - across gap\n(centered, no sink; lines = GQA groups)")
+    axes[2].set(
+        xlabel="q head",
+        ylabel="q head",
+        title=f"layer {layer}: largest within - across gap\n(centered, no sink; lines = GQA groups)",
+    )
     fig.colorbar(im, ax=axes[2])
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(OUT / "qwen_head_diversity.png", dpi=120)

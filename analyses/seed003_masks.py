@@ -12,7 +12,6 @@ Run: ``flock /tmp/headlens-qwen.lock python analyses/seed003_masks.py`` (under a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -42,8 +41,15 @@ def mask_table(n: int) -> pd.DataFrame:
     rows = []
     for kind in KINDS:
         mask = attention_mask(n, kind, window=WINDOW)
-        rows.append({"mask": kind, "n": n, "pairs": int(mask.sum()), "share_of_full": float(mask.sum()) / n**2,
-                     "uniform_entropy_nats": float(query_entropy(mask_pattern(n, kind, window=WINDOW)).mean())})
+        rows.append(
+            {
+                "mask": kind,
+                "n": n,
+                "pairs": int(mask.sum()),
+                "share_of_full": float(mask.sum()) / n**2,
+                "uniform_entropy_nats": float(query_entropy(mask_pattern(n, kind, window=WINDOW)).mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -63,14 +69,21 @@ def render(n: int) -> None:
     patterns = torch.stack([mask_pattern(n, kind, window=WINDOW) for kind in KINDS])
     heads = view_props(WORDS, patterns, component="heads", names=list(KINDS))
     heads["maskUpperTri"] = False
-    views = ViewSet([
-        CircuitsVisView("AttentionPatterns", view_props(WORDS, patterns, component="patterns"),
-                        title="attention_patterns: heads 0-3 = " + ", ".join(KINDS)),
-        CircuitsVisView("AttentionHeads", heads, title="attention_heads: one named pattern per mask"),
-    ])
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>seed 003 masks</title></head><body>"
-            "<p>Each mask drawn as the pattern it allows when all scores are equal. Hover a token to see what it attends to.</p>"
-            f"{views.to_html(prefix='masks')}</body></html>")
+    views = ViewSet(
+        [
+            CircuitsVisView(
+                "AttentionPatterns",
+                view_props(WORDS, patterns, component="patterns"),
+                title="attention_patterns: heads 0-3 = " + ", ".join(KINDS),
+            ),
+            CircuitsVisView("AttentionHeads", heads, title="attention_heads: one named pattern per mask"),
+        ]
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>seed 003 masks</title></head><body>"
+        "<p>Each mask drawn as the pattern it allows when all scores are equal. Hover a token to see what it attends to.</p>"
+        f"{views.to_html(prefix='masks')}</body></html>"
+    )
     (OUT / "masks_circuitsvis.html").write_text(page, encoding="utf-8")
 
 
@@ -93,10 +106,17 @@ def qwen_locality() -> tuple[pd.DataFrame, dict]:
 
     stream_patterns(model, tokens, reducer, batch_size=8)
     groups = kv_heads(model)
-    rows = [{"layer": layer, "head": h, "kv_head": groups[h],
-             "local3": float(sums[(layer, "local3")][h] / tokens.shape[0]),
-             "first_token": float(sums[(layer, "first_token")][h] / tokens.shape[0])}
-            for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    rows = [
+        {
+            "layer": layer,
+            "head": h,
+            "kv_head": groups[h],
+            "local3": float(sums[(layer, "local3")][h] / tokens.shape[0]),
+            "first_token": float(sums[(layer, "first_token")][h] / tokens.shape[0]),
+        }
+        for layer in range(model.cfg.n_layers)
+        for h in range(model.cfg.n_heads)
+    ]
     df = pd.DataFrame(rows)
     df.to_csv(OUT / "qwen_local3_per_head.csv", index=False, float_format="%.5f")
     uniform = sum(min(WINDOW + 1, i + 1) / (i + 1) for i in range(WINDOW + 1, 128)) / (128 - WINDOW - 1)

@@ -30,7 +30,14 @@ SEED = 0
 D_KS = [8, 32, 64, 128, 256, 512]
 SEQ_LEN = 20
 TRIALS = 200
-SEED_TABLE = {8: (1.50, 2.65), 32: (0.51, 2.55), 64: (0.42, 2.54), 128: (0.25, 2.51), 256: (0.13, 2.54), 512: (0.07, 2.56)}
+SEED_TABLE = {
+    8: (1.50, 2.65),
+    32: (0.51, 2.55),
+    64: (0.42, 2.54),
+    128: (0.25, 2.51),
+    256: (0.13, 2.54),
+    512: (0.07, 2.56),
+}
 QWEN_SEQ = 128
 QWEN_BATCH = 8
 
@@ -57,8 +64,18 @@ def part_a() -> pd.DataFrame:
             per_trial = r[kind]
             seed_value = SEED_TABLE[d][0 if kind == "unscaled" else 1]
             lo, hi = per_trial.quantile(0.05).item(), per_trial.quantile(0.95).item()
-            rows.append({"d_k": d, "setting": kind, "mean": per_trial.mean().item(), "std": per_trial.std().item(),
-                         "q05": lo, "q95": hi, "seed003": seed_value, "seed003_within_q05_q95": lo <= seed_value <= hi})
+            rows.append(
+                {
+                    "d_k": d,
+                    "setting": kind,
+                    "mean": per_trial.mean().item(),
+                    "std": per_trial.std().item(),
+                    "q05": lo,
+                    "q95": hi,
+                    "seed003": seed_value,
+                    "seed003_within_q05_q95": lo <= seed_value <= hi,
+                }
+            )
         examples[d] = (r["example_unscaled"], r["example_scaled"])
     table = pd.DataFrame(rows)
     table.to_csv(OUT / "toy_entropy.csv", index=False, float_format="%.4f")
@@ -70,7 +87,9 @@ def part_a() -> pd.DataFrame:
         ax1.fill_between(t.d_k, t.q05, t.q95, color=color, alpha=0.2)
         ax1.plot(t.d_k, t.seed003, "x--", color=color, alpha=0.7, label=f"{kind}, seed 003 table")
     ax1.axhline(math.log(SEQ_LEN), color="gray", lw=0.8, ls=":", label=f"uniform: log {SEQ_LEN}")
-    ax1.set(xscale="log", xlabel="d_k", ylabel="entropy (nats)", title=f"q, k ~ N(0, I), {SEQ_LEN}x{SEQ_LEN} full attention")
+    ax1.set(
+        xscale="log", xlabel="d_k", ylabel="entropy (nats)", title=f"q, k ~ N(0, I), {SEQ_LEN}x{SEQ_LEN} full attention"
+    )
     ax1.set_xticks(D_KS, [str(d) for d in D_KS])
     ax1.legend(fontsize=7)
     un, sc = examples[256]
@@ -111,8 +130,11 @@ def part_b() -> tuple[pd.DataFrame, dict]:
         label = "T=1 (model's 1/sqrt(64))" if name == "T=1" else name
         axes[0].plot(by_layer.index, by_layer[name], "o-", ms=3, color=color, label=label)
     axes[0].axhline(uniform, color="gray", ls=":", lw=0.8, label="uniform causal")
-    axes[0].set(xlabel="layer", ylabel="mean entropy over heads (nats)",
-                title=f"Qwen2.5-Coder-0.5B, {tokens.shape[0]} x {QWEN_SEQ} tokens of natural text")
+    axes[0].set(
+        xlabel="layer",
+        ylabel="mean entropy over heads (nats)",
+        title=f"Qwen2.5-Coder-0.5B, {tokens.shape[0]} x {QWEN_SEQ} tokens of natural text",
+    )
     axes[0].legend(fontsize=7)
     for ax, name in zip(axes[1:], ("T=1", "unscaled")):
         grid = table[table.setting == name].pivot(index="layer", columns="head", values="entropy")
@@ -144,8 +166,12 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     toy = part_a()
     by_layer, facts = part_b()
-    facts["toy"] = {"seq_len": SEQ_LEN, "trials": TRIALS, "seed": SEED,
-                    "table": toy.pivot(index="d_k", columns="setting", values="mean").round(3).to_dict()}
+    facts["toy"] = {
+        "seq_len": SEQ_LEN,
+        "trials": TRIALS,
+        "seed": SEED,
+        "table": toy.pivot(index="d_k", columns="setting", values="mean").round(3).to_dict(),
+    }
     (OUT / "summary.json").write_text(json.dumps(facts, indent=2))
     print(toy.round(3).to_string(index=False))
     print(by_layer.round(3).to_string())

@@ -69,8 +69,10 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads (shared 2-core box)",
     }
-    print(f"naive {naive_s:.1f} s   fast {fast_s:.1f} s   speedup x{naive_s / fast_s:.2f}   max|Δ| {delta:.2e}   "
-          f"({len(fast)} heads, tokens {args.n_seqs}x{args.seq_len}, {args.method} ablation)")
+    print(
+        f"naive {naive_s:.1f} s   fast {fast_s:.1f} s   speedup x{naive_s / fast_s:.2f}   max|Δ| {delta:.2e}   "
+        f"({len(fast)} heads, tokens {args.n_seqs}x{args.seq_len}, {args.method} ablation)"
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT}")

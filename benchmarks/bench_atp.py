@@ -41,9 +41,20 @@ def exact_table(model, pair, path: Path, recompute: bool) -> tuple[pd.DataFrame,
     exact = activation_patching(model, pair, activation="z", batch_size=32, progress=False)
     seconds = time.perf_counter() - start
     exact.to_csv(path, index=False)
-    meta.write_text(json.dumps({"model": model.cfg.model_name, "pair_hash": token_hash(pair), "seconds": seconds,
-                                "threads": torch.get_num_threads(), "clean_metric": exact.attrs["clean_metric"],
-                                "corrupted_metric": exact.attrs["corrupted_metric"]}, indent=2) + "\n")
+    meta.write_text(
+        json.dumps(
+            {
+                "model": model.cfg.model_name,
+                "pair_hash": token_hash(pair),
+                "seconds": seconds,
+                "threads": torch.get_num_threads(),
+                "clean_metric": exact.attrs["clean_metric"],
+                "corrupted_metric": exact.attrs["corrupted_metric"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return exact, seconds
 
 

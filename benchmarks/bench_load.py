@@ -24,7 +24,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="headlens-bench-") as cache:
         first = timed_load(cache)
         cached = [timed_load(cache) for _ in range(3)]
-    result = {"first_load_s": round(first, 1), "cached_load_s": round(min(cached), 1), "cached_runs_s": [round(c, 1) for c in cached]}
+    result = {
+        "first_load_s": round(first, 1),
+        "cached_load_s": round(min(cached), 1),
+        "cached_runs_s": [round(c, 1) for c in cached],
+    }
     print(json.dumps(result, indent=2))
     out = Path(__file__).parent / "results" / "load.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--n-tokens", type=int, default=8, help="length of the repeated half")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="patched runs per forward (headlens)")
-    parser.add_argument("--tl-layers", default="0,8,16,23", help="layers whose heads TransformerLens patches ('all' for every layer)")
+    parser.add_argument(
+        "--tl-layers", default="0,8,16,23", help="layers whose heads TransformerLens patches ('all' for every layer)"
+    )
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "patching.json")
@@ -49,14 +51,22 @@ def main() -> None:
     pair = induction_pair(model, n_tokens=args.n_tokens, batch=args.batch, seed=0)
 
     start = time.perf_counter()
-    ours_subset = activation_patching(model, pair, activation="z", layers=layers, batch_size=args.batch_size, progress=False)
+    ours_subset = activation_patching(
+        model, pair, activation="z", layers=layers, batch_size=args.batch_size, progress=False
+    )
     t_ours_subset = time.perf_counter() - start
 
     start = time.perf_counter()
     _, clean_cache = model.run_with_cache(pair.clean, names_filter=lambda n: n.endswith("hook_z"))
     index = pd.DataFrame([(layer, head) for layer in layers for head in range(H)], columns=["layer", "head"])
     theirs = tl_patching.generic_activation_patch(
-        model, pair.corrupted, clean_cache, pair.metric_logits, tl_patching.layer_head_vector_patch_setter, "z", index_df=index
+        model,
+        pair.corrupted,
+        clean_cache,
+        pair.metric_logits,
+        tl_patching.layer_head_vector_patch_setter,
+        "z",
+        index_df=index,
     )
     t_tl = time.perf_counter() - start
     max_diff = float((torch.tensor(ours_subset["metric"].to_numpy()) - theirs.cpu()).abs().max())
@@ -68,7 +78,9 @@ def main() -> None:
     attr = attribution_patching(model, pair, activations=["z"])
     t_attr = time.perf_counter() - start
 
-    ranked = exact.assign(attribution=attr["effect"].to_numpy()).reindex(exact["effect"].abs().sort_values(ascending=False).index)
+    ranked = exact.assign(attribution=attr["effect"].to_numpy()).reindex(
+        exact["effect"].abs().sort_values(ascending=False).index
+    )
     results = {
         "model": model.cfg.model_name,
         "device": str(model.cfg.device),
@@ -89,20 +101,31 @@ def main() -> None:
         "spearman_all": rank_correlation(exact["effect"], attr["effect"]),
         f"spearman_top{args.top}": rank_correlation(exact["effect"], attr["effect"], top=args.top),
         "top_heads": [
-            {"layer": int(r.layer), "head": int(r.head), "exact": round(float(r.effect), 4), "attribution": round(float(r.attribution), 4)}
+            {
+                "layer": int(r.layer),
+                "head": int(r.head),
+                "exact": round(float(r.effect), 4),
+                "attribution": round(float(r.attribution), 4),
+            }
             for r in ranked.head(args.top).itertuples()
         ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{model.cfg.model_name}, induction pair tokens {tuple(pair.clean.shape)}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"{model.cfg.model_name}, induction pair tokens {tuple(pair.clean.shape)}, {torch.get_num_threads()} thread(s)"
+    )
     print(f"exact patching of hook_z, {len(index)} heads (layers {layers}):")
     print(f"  TransformerLens generic_activation_patch (= get_act_patch_attn_head_out_all_pos)  {t_tl:8.2f} s")
-    print(f"  headlens activation_patching   {t_ours_subset:8.2f} s   {t_tl / t_ours_subset:5.1f}x faster, max |diff| {max_diff:.1e}")
+    print(
+        f"  headlens activation_patching   {t_ours_subset:8.2f} s   {t_tl / t_ours_subset:5.1f}x faster, max |diff| {max_diff:.1e}"
+    )
     print(f"all {L * H} heads:")
     print(f"  headlens exact patching        {t_exact:8.2f} s")
     print(f"  headlens attribution patching  {t_attr:8.2f} s   {t_exact / t_attr:5.1f}x faster than exact")
-    print(f"  Spearman(exact, attribution): all heads {results['spearman_all']:.3f}, top-{args.top} {results[f'spearman_top{args.top}']:.3f}")
+    print(
+        f"  Spearman(exact, attribution): all heads {results['spearman_all']:.3f}, top-{args.top} {results[f'spearman_top{args.top}']:.3f}"
+    )
     print(f"wrote {args.out}")
 
 

@@ -21,7 +21,6 @@ from headlens.ablation import (
 )
 from headlens.prune import prune_curve
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -49,8 +48,15 @@ def test_fast_sweep_equals_naive_loop(tiny, loss, method, unit):
     assert len(fast) == len(naive) == n_units
     assert (fast.metric - naive.metric).abs().max() <= 1e-4
     assert fast.effect.abs().max() > 1e-3  # the ablations do something
-    by_hand = [ablated_metric(tiny, loss, [(r.layer, h) for h in ([r.head] if unit == "head" else map(int, r.heads.split()))],
-                              method=method) for r in fast.itertuples()]
+    by_hand = [
+        ablated_metric(
+            tiny,
+            loss,
+            [(r.layer, h) for h in ([r.head] if unit == "head" else map(int, r.heads.split()))],
+            method=method,
+        )
+        for r in fast.itertuples()
+    ]
     assert max(abs(a - b) for a, b in zip(by_hand, fast.metric)) <= 1e-4
 
 
@@ -103,11 +109,16 @@ def test_zero_ablation_zeroes_only_that_head(tiny, loss):
 
 def test_mean_and_resample_values(tiny, loss):
     z = {}
-    tiny.run_with_hooks(loss.tokens, fwd_hooks=[(get_act_name("z", 0), lambda t, hook: z.__setitem__("clean", t.clone()))])
+    tiny.run_with_hooks(
+        loss.tokens, fwd_hooks=[(get_act_name("z", 0), lambda t, hook: z.__setitem__("clean", t.clone()))]
+    )
     ref = z["clean"]
     for method in ("mean", "resample"):
         hooks = ablation_hooks(tiny, [(0, 1)], method=method, reference=loss.tokens, seed=7)
-        tiny.run_with_hooks(loss.tokens, fwd_hooks=hooks + [(get_act_name("z", 0), lambda t, hook: z.__setitem__(method, t.clone()))])
+        tiny.run_with_hooks(
+            loss.tokens,
+            fwd_hooks=hooks + [(get_act_name("z", 0), lambda t, hook: z.__setitem__(method, t.clone()))],  # noqa: B023
+        )
     mean = ref[:, :, 1].mean(dim=(0, 1))
     assert torch.allclose(z["mean"][:, :, 1], mean.expand_as(z["mean"][:, :, 1]))
     # resample: every sequence gets another sequence's z for that head (a cyclic permutation, no fixed point)
@@ -130,7 +141,9 @@ def test_ablating_nothing_changes_nothing(tiny, loss):
     assert result.curve.metric.iloc[0] == clean
     # restarting from the cached residual without an ablation reproduces the logits
     cache = {}
-    logits = tiny.run_with_hooks(loss.tokens, fwd_hooks=[(get_act_name("resid_pre", 1), lambda r, hook: cache.setdefault(1, r.clone()))])
+    logits = tiny.run_with_hooks(
+        loss.tokens, fwd_hooks=[(get_act_name("resid_pre", 1), lambda r, hook: cache.setdefault(1, r.clone()))]
+    )
     assert torch.equal(tiny(cache[1], start_at_layer=1), logits)
 
 
@@ -150,6 +163,7 @@ def _gated_metric(model, metric, layer, head, xi, method, rows=slice(None)):
     tokens = metric.tokens[rows]
     repl = {}
     if method == "mean":
+
         def keep(z, hook):
             repl["m"] = z[:, :, head].mean((0, 1))
 
@@ -171,10 +185,19 @@ def test_gradient_importance_matches_finite_differences(tiny64, method):
     table = head_importance(tiny64, metric, method=method).set_index(["layer", "head"])
     eps = 1e-4
     for layer, head in [(0, 0), (0, 3), (1, 1), (1, 2)]:
-        fd = (_gated_metric(tiny64, metric, layer, head, 1 + eps, method) - _gated_metric(tiny64, metric, layer, head, 1 - eps, method)) / (2 * eps)
+        fd = (
+            _gated_metric(tiny64, metric, layer, head, 1 + eps, method)
+            - _gated_metric(tiny64, metric, layer, head, 1 - eps, method)
+        ) / (2 * eps)
         assert table.loc[(layer, head), "gradient"] == pytest.approx(fd, rel=1e-5, abs=1e-8)
-        per_seq = [(_gated_metric(tiny64, metric, layer, head, 1 + eps, method, slice(b, b + 1))
-                    - _gated_metric(tiny64, metric, layer, head, 1 - eps, method, slice(b, b + 1))) / (2 * eps) for b in range(3)]
+        per_seq = [
+            (
+                _gated_metric(tiny64, metric, layer, head, 1 + eps, method, slice(b, b + 1))
+                - _gated_metric(tiny64, metric, layer, head, 1 - eps, method, slice(b, b + 1))
+            )
+            / (2 * eps)
+            for b in range(3)
+        ]
         assert table.loc[(layer, head), "importance"] == pytest.approx(sum(map(abs, per_seq)) / 3, rel=1e-5, abs=1e-8)
 
 
@@ -263,7 +286,6 @@ def test_bad_input_raises_clear_error(tiny, loss, call, message):
         call(tiny, loss.tokens)
 
 
-
 def test_cli_ablate_and_prune_write_files(tmp_path, capsys, monkeypatch):
     import sys
 
@@ -272,19 +294,51 @@ def test_cli_ablate_and_prune_write_files(tmp_path, capsys, monkeypatch):
 
     from headlens.cli import app, main
 
-    run = CliRunner().invoke(app, ["ablate", "-m", "tiny-qwen2", "--out", str(tmp_path / "a"), "--seq-len", "20", "--n-seqs", "3",
-                                   "--no-progress", "--top", "3"])
+    run = CliRunner().invoke(
+        app,
+        [
+            "ablate",
+            "-m",
+            "tiny-qwen2",
+            "--out",
+            str(tmp_path / "a"),
+            "--seq-len",
+            "20",
+            "--n-seqs",
+            "3",
+            "--no-progress",
+            "--top",
+            "3",
+        ],
+    )
     assert run.exit_code == 0, run.output
     table = pd.read_csv(tmp_path / "a" / "ablation.csv")
     assert len(table) == 8 and {"layer", "head", "kv_head", "metric", "effect", "worsening"} <= set(table.columns)
     assert (tmp_path / "a" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "top 3 by worsening" in run.output
-    run = CliRunner().invoke(app, ["prune", "-m", "tiny-qwen2", "--out", str(tmp_path / "p"), "--steps", "2", "--seq-len", "20",
-                                   "--n-seqs", "3", "--no-progress"])
+    run = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "-m",
+            "tiny-qwen2",
+            "--out",
+            str(tmp_path / "p"),
+            "--steps",
+            "2",
+            "--seq-len",
+            "20",
+            "--n-seqs",
+            "3",
+            "--no-progress",
+        ],
+    )
     assert run.exit_code == 0, run.output
     assert len(pd.read_csv(tmp_path / "p" / "prune_order.csv")) == 8
     assert (tmp_path / "p" / "prune_curve.png").is_file() and "removable within 1.0%" in run.output
-    monkeypatch.setattr(sys, "argv", ["headlens", "ablate", "-m", "tiny-qwen2", "--out", str(tmp_path / "b"), "--method", "average"])
+    monkeypatch.setattr(
+        sys, "argv", ["headlens", "ablate", "-m", "tiny-qwen2", "--out", str(tmp_path / "b"), "--method", "average"]
+    )
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2  # a click choice: checked before anything loads
@@ -298,7 +352,9 @@ def test_qwen_sweep_parity_and_induction_heads_matter(qwen):
     """Real Qwen: fast == naive on kv groups of two layers; top induction-score heads vs random heads."""
     metric = repeat_loss_metric(qwen, n_seqs=2, half_len=16, seed=0)
     fast = ablation_sweep(qwen, metric, unit="kv_group", method="mean", layers=[0, 23], progress=False)
-    naive = ablation_sweep(qwen, metric, unit="kv_group", method="mean", layers=[0, 23], strategy="naive", progress=False)
+    naive = ablation_sweep(
+        qwen, metric, unit="kv_group", method="mean", layers=[0, 23], strategy="naive", progress=False
+    )
     assert (fast.metric - naive.metric).abs().max() <= 1e-4
 
     half = 16

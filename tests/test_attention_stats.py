@@ -90,7 +90,9 @@ def test_mean_entropy_raw_and_normalised():
 def test_mean_entropy_normalised_is_the_census_entropy(tiny_run):
     _, cache = tiny_run
     for layer in range(2):
-        torch.testing.assert_close(mean_entropy(cache["pattern", layer], normalize=True), scores.entropy(cache["pattern", layer]))
+        torch.testing.assert_close(
+            mean_entropy(cache["pattern", layer], normalize=True), scores.entropy(cache["pattern", layer])
+        )
 
 
 def test_recomputed_pattern_matches_transformer_lens(tiny_qwen, tiny_run):
@@ -120,12 +122,20 @@ def test_scale_entropy_table_model_scale_matches_real_pattern(tiny_qwen, tiny_ru
     assert len(df) == 2 * 4 * tiny_qwen.cfg.n_heads
     for layer in range(2):
         rows = df[(df.layer == layer) & (df.setting == "T=1")].sort_values("head")
-        torch.testing.assert_close(torch.tensor(rows.entropy.values, dtype=torch.float32), mean_entropy(cache["pattern", layer]))
-        torch.testing.assert_close(torch.tensor(rows.norm_entropy.values, dtype=torch.float32), scores.entropy(cache["pattern", layer]))
+        torch.testing.assert_close(
+            torch.tensor(rows.entropy.values, dtype=torch.float32), mean_entropy(cache["pattern", layer])
+        )
+        torch.testing.assert_close(
+            torch.tensor(rows.norm_entropy.values, dtype=torch.float32), scores.entropy(cache["pattern", layer])
+        )
     assert df[df.setting == "T=1"].kv_head.tolist() == [0, 0, 1, 1] * 2
     # entropy of softmax(beta * s) falls as beta grows, row by row: unscaled (beta=1) < T=0.5 < T=1 < T=2
     wide = df.pivot_table(index=["layer", "head"], columns="setting", values="entropy")
-    assert (wide["unscaled"] <= wide["T=0.5"]).all() and (wide["T=0.5"] < wide["T=1"]).all() and (wide["T=1"] < wide["T=2"]).all()
+    assert (
+        (wide["unscaled"] <= wide["T=0.5"]).all()
+        and (wide["T=0.5"] < wide["T=1"]).all()
+        and (wide["T=1"] < wide["T=2"]).all()
+    )
 
 
 def test_scale_entropy_table_errors(tiny_qwen):
@@ -136,7 +146,9 @@ def test_scale_entropy_table_errors(tiny_qwen):
         scale_entropy_table(tiny_qwen, tokens[:, :1], progress=False)
     with pytest.raises(HeadlensError, match="positive"):
         scale_settings(8.0, temperatures=(0.0,))
-    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, attn_only=True, act_fn="relu")
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, attn_only=True, act_fn="relu"
+    )
     with pytest.raises(HeadlensError, match="rotary"):
         scale_entropy_table(HookedTransformer(cfg), tokens, progress=False)
 
@@ -182,7 +194,9 @@ def test_head_similarity_streams_the_same_numbers(tiny_qwen, tiny_run):
     for drop in (0, 1):
         sims = head_similarity(tiny_qwen, tokens, drop_keys=drop, batch_size=2, progress=False)
         for metric, mats in sims.items():
-            expected = torch.stack([pattern_similarity(cache["pattern", layer], metric=metric, drop_keys=drop) for layer in range(2)])
+            expected = torch.stack(
+                [pattern_similarity(cache["pattern", layer], metric=metric, drop_keys=drop) for layer in range(2)]
+            )
             torch.testing.assert_close(mats, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -260,7 +274,10 @@ def test_token_match_hand_pattern():
 def test_qwen_entropy_and_similarity_parity(qwen):
     from transformer_lens import utils
 
-    tokens = qwen.to_tokens("The river ran low that summer, and the children walked along its stony bed looking for shells.", prepend_bos=False)
+    tokens = qwen.to_tokens(
+        "The river ran low that summer, and the children walked along its stony bed looking for shells.",
+        prepend_bos=False,
+    )
     df = scale_entropy_table(qwen, tokens, layers=[1], progress=False)
     _, cache = qwen.run_with_cache(tokens, names_filter=utils.get_act_name("pattern", 1), stop_at_layer=2)
     pattern = cache["pattern", 1]
@@ -281,7 +298,9 @@ def test_cli_stats_writes_tables(tmp_path):
 
     from headlens.cli import app
 
-    result = CliRunner().invoke(app, ["stats", "-m", "tiny-qwen2", "--out", str(tmp_path), "--seq-len", "32", "--batch", "2", "--no-progress"])
+    result = CliRunner().invoke(
+        app, ["stats", "-m", "tiny-qwen2", "--out", str(tmp_path), "--seq-len", "32", "--batch", "2", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     entropy = pd.read_csv(tmp_path / "entropy.csv")
     assert len(entropy) == 2 * 4 * 4 and set(entropy.setting) == {"unscaled", "T=0.5", "T=1", "T=2"}
@@ -295,6 +314,11 @@ def test_cli_stats_bad_temperatures(tmp_path):
 
     from headlens.cli import app
 
-    for bad, message in (("0,1", "temperatures must be positive, got [0.0, 1.0]"), ("a,b", "--temperatures must be a comma list")):
-        result = CliRunner().invoke(app, ["stats", "--out", str(tmp_path), "--temperatures", bad], standalone_mode=False)
+    for bad, message in (
+        ("0,1", "temperatures must be positive, got [0.0, 1.0]"),
+        ("a,b", "--temperatures must be a comma list"),
+    ):
+        result = CliRunner().invoke(
+            app, ["stats", "--out", str(tmp_path), "--temperatures", bad], standalone_mode=False
+        )
         assert isinstance(result.exception, HeadlensError) and message in str(result.exception)

@@ -8,8 +8,7 @@ import torch
 from transformer_lens import utils
 from transformer_lens.head_detector import detect_head
 
-from headlens import HeadlensError, census, tiny_model
-from headlens import scores
+from headlens import HeadlensError, census, scores, tiny_model
 from headlens.census import COLUMNS, LABELS, THRESHOLDS, label_heads, summary
 from headlens.probes import ProbeSet, default_probes, delimiter_mask, natural_text, repeated_tokens
 
@@ -25,7 +24,9 @@ EXPECTED = {
 }
 
 
-def _positional(n_pairs: int, distance: int, amplitude: float, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _positional(
+    n_pairs: int, distance: int, amplitude: float, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(query, key) biases whose RoPE score a * sum_i cos(theta_i (d - distance)) peaks at relative distance ``distance``."""
     d_head = 2 * len(theta)
     q, k = torch.zeros(d_head), torch.zeros(d_head)
@@ -132,8 +133,17 @@ def test_thresholds_override_and_tie_rules(planted_table):
     relaxed = label_heads(planted_table, {"previous_token": 1.5})
     assert relaxed[0] == "local"  # the previous-token head fails its threshold and is local (tier 2)
     frame = pd.DataFrame(
-        [{"previous_token": 0.8, "induction": 0.6, "duplicate_token": 0.9, "delimiter": 0.0, "first_token": 0.99,
-          "local": 0.99, "entropy": 0.9}]
+        [
+            {
+                "previous_token": 0.8,
+                "induction": 0.6,
+                "duplicate_token": 0.9,
+                "delimiter": 0.0,
+                "first_token": 0.99,
+                "local": 0.99,
+                "entropy": 0.9,
+            }
+        ]
     )
     # tier 1 wins over tier 2; inside tier 1 the largest score/threshold ratio wins (0.9/0.3 > 0.8/0.4)
     assert label_heads(frame) == ["duplicate_token"]
@@ -163,7 +173,10 @@ def test_agrees_with_transformer_lens_detect_head(model_name, planted):
     texts = probe.text(model.tokenizer)
     assert [model.to_tokens(t, prepend_bos=False)[0].tolist() for t in texts] == probe.tokens.tolist()
     pos, n = probe.seq_len, probe.n
-    ours = {name: torch.zeros(model.cfg.n_layers, model.cfg.n_heads) for name in ("previous_token", "duplicate_token", "induction")}
+    ours = {
+        name: torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+        for name in ("previous_token", "duplicate_token", "induction")
+    }
     with torch.no_grad():
         _, cache = model.run_with_cache(probe.tokens)
     for layer in range(model.cfg.n_layers):
@@ -171,7 +184,11 @@ def test_agrees_with_transformer_lens_detect_head(model_name, planted):
         ours["previous_token"][layer] = scores.previous_token(pattern) * (pos - 1) / pos
         ours["duplicate_token"][layer] = scores.duplicate_token(pattern, n) * n / pos
         ours["induction"][layer] = scores.induction(pattern, n) * n / pos
-    for name, tl_name in [("previous_token", "previous_token_head"), ("duplicate_token", "duplicate_token_head"), ("induction", "induction_head")]:
+    for name, tl_name in [
+        ("previous_token", "previous_token_head"),
+        ("duplicate_token", "duplicate_token_head"),
+        ("induction", "induction_head"),
+    ]:
         theirs = detect_head(model, texts, tl_name)
         assert (ours[name] - theirs).abs().max().item() <= 0.01, name
         assert (ours[name] - theirs).abs().max().item() <= 1e-5, name
@@ -216,7 +233,11 @@ def test_bad_input_is_a_clear_error(planted):
         census(planted, probes=torch.zeros(2, 5, dtype=torch.long), progress=False)
     fits = ProbeSet(natural=natural_text(planted, seq_len=64, batch=1))
     n_ctx = planted.cfg.n_ctx
-    too_long = ProbeSet(natural=type(fits.natural)("natural", torch.zeros(1, n_ctx + 1, dtype=torch.long), torch.zeros(1, n_ctx + 1, dtype=torch.bool)))
+    too_long = ProbeSet(
+        natural=type(fits.natural)(
+            "natural", torch.zeros(1, n_ctx + 1, dtype=torch.long), torch.zeros(1, n_ctx + 1, dtype=torch.bool)
+        )
+    )
     with pytest.raises(HeadlensError, match="n_ctx"):
         census(planted, too_long, progress=False)
     with pytest.raises(HeadlensError, match="batch_size"):
@@ -250,7 +271,9 @@ def test_ablating_census_induction_heads_hurts_repeats_more_than_random_heads(qw
     result = compare_to_random(qwen, metric, induction_heads, n_random=5, method="mean", seed=0, progress=False)
     target = result.attrs["target_effect"]
     ratio = target / max(abs(result.loc[result.kind == "random", "effect"].mean()), 1e-6)
-    print(f"\n{len(induction_heads)} induction heads: repeated-half loss +{target:.3f} vs random heads "
-          f"{result.loc[result.kind == 'random', 'effect'].round(3).tolist()} (ratio {ratio:.1f}x)")
+    print(
+        f"\n{len(induction_heads)} induction heads: repeated-half loss +{target:.3f} vs random heads "
+        f"{result.loc[result.kind == 'random', 'effect'].round(3).tolist()} (ratio {ratio:.1f}x)"
+    )
     assert result.attrs["p_random_ge"] == 0.0  # every random draw of as many heads hurts less
     assert target > 0 and ratio > 2

@@ -24,7 +24,9 @@ def _env(**extra) -> dict:
 
 
 def _run(*args, timeout=300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "headlens.cli", *args], capture_output=True, text=True, timeout=timeout, env=_env(**env))
+    return subprocess.run(
+        [sys.executable, "-m", "headlens.cli", *args], capture_output=True, text=True, timeout=timeout, env=_env(**env)
+    )
 
 
 def test_every_command_is_listed_here():
@@ -84,7 +86,9 @@ def test_progress_in_a_pipe_is_plain_lines_and_no_progress_silences_it(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stderr and "\r" not in result.stderr
     lines = result.stderr.splitlines()
-    assert any(line.startswith("census repeated: 2/2") for line in lines), result.stderr  # per (batch, layer) of tiny's 2 layers
+    assert any(line.startswith("census repeated: 2/2") for line in lines), (
+        result.stderr
+    )  # per (batch, layer) of tiny's 2 layers
     assert any(line.startswith("report: 5/5") for line in lines), result.stderr
     quiet = _run("census", "-m", "tiny-qwen2", "--out", str(tmp_path / "q"), "--no-progress")
     assert quiet.returncode == 0, quiet.stderr
@@ -95,10 +99,12 @@ def test_progress_in_a_pipe_is_plain_lines_and_no_progress_silences_it(tmp_path)
 
 
 def test_no_progress_silences_third_party_bars_imported_later():
-    code = ("from headlens import progress; progress.set_enabled(False)\n"
-            "import transformers, huggingface_hub.utils as hub\n"
-            "from transformers.utils import logging\n"
-            "print(logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled())")
+    code = (
+        "from headlens import progress; progress.set_enabled(False)\n"
+        "import transformers, huggingface_hub.utils as hub\n"
+        "from transformers.utils import logging\n"
+        "print(logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled())"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True"]

@@ -22,12 +22,16 @@ from headlens.models import hooked_from_hf, merge_adapter, tiny_hf_model, tiny_m
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def make_adapter(directory: Path, *, layers, n_layers: int = 3, d_model: int = 64, seed: int = 1, targets=TARGETS) -> Path:
+def make_adapter(
+    directory: Path, *, layers, n_layers: int = 3, d_model: int = 64, seed: int = 1, targets=TARGETS
+) -> Path:
     """A LoRA adapter on the tiny Qwen with random (non-zero) B matrices, saved as safetensors."""
     from peft import LoraConfig, get_peft_model
 
     hf, _ = tiny_hf_model(n_layers=n_layers, d_model=d_model)
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=list(layers)))
+    peft_model = get_peft_model(
+        hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=list(layers))
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -81,7 +85,9 @@ def test_self_comparison_is_all_zero(base3, small_probes):
     df = compare_models(base3, base3, small_probes, progress=False)
     assert len(df) == 3 * 4
     numeric = [c for c in df.columns if c in ("jsd", "jsd_max") or c.startswith(("dW_", "d_"))]
-    assert {"jsd", "dW_Q", "dW_K", "dW_V", "dW_O", "d_induction", "d_previous_token", "label_changed"} <= set(df.columns)
+    assert {"jsd", "dW_Q", "dW_K", "dW_V", "dW_O", "d_induction", "d_previous_token", "label_changed"} <= set(
+        df.columns
+    )
     assert (df[numeric].fillna(0).to_numpy() == 0).all()
     assert not df["label_changed"].any()
     assert (df["label_base"] == df["label_tuned"]).all()
@@ -147,7 +153,7 @@ def test_streaming_matches_full_cache(base3, tuned3):
     for layer in range(3):
         p, q = ca["pattern", layer].double(), cb["pattern", layer].double()
         m = (p + q) / 2
-        kl = lambda a: (a * (a.clamp_min(1e-300) / m.clamp_min(1e-300)).log()).where(a > 0, torch.zeros(())).sum(-1)
+        kl = lambda a: (a * (a.clamp_min(1e-300) / m.clamp_min(1e-300)).log()).where(a > 0, torch.zeros(())).sum(-1)  # noqa: B023, E731
         expected = ((kl(p) + kl(q)) / (2 * np.log(2)))[:, :, 1:].mean((0, 2))
         got = torch.tensor(df[df["layer"] == layer].sort_values("head")["jsd"].to_numpy())
         torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-6)
@@ -204,7 +210,9 @@ def _cli(monkeypatch, capsys, *args):
 
 def test_cli_mismatched_adapter_one_line_error(tmp_path, monkeypatch, capsys):
     bad = make_adapter(tmp_path / "bad", layers=[0], n_layers=2, d_model=32)
-    code, out = _cli(monkeypatch, capsys, "compare", "--base", "tiny-qwen2", "--tuned", str(bad), "--out", str(tmp_path / "o"))
+    code, out = _cli(
+        monkeypatch, capsys, "compare", "--base", "tiny-qwen2", "--tuned", str(bad), "--out", str(tmp_path / "o")
+    )
     assert code == 1
     errors = [l for l in out.err.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "does not match the base model" in errors[0]
@@ -214,7 +222,18 @@ def test_cli_mismatched_adapter_one_line_error(tmp_path, monkeypatch, capsys):
 
 def test_cli_compare_writes_table(tmp_path, monkeypatch, capsys):
     adapter = make_adapter(tmp_path / "ad", layers=[1], n_layers=2)
-    code, out = _cli(monkeypatch, capsys, "compare", "--base", "tiny-qwen2", "--tuned", str(adapter), "--out", str(tmp_path / "o"), "--no-census")
+    code, out = _cli(
+        monkeypatch,
+        capsys,
+        "compare",
+        "--base",
+        "tiny-qwen2",
+        "--tuned",
+        str(adapter),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-census",
+    )
     assert code == 0, out.err
     df = pd.read_csv(tmp_path / "o" / "compare.csv")
     assert len(df) == 8 and (df[df["layer"] == 0]["jsd"] == 0).all() and (df[df["layer"] == 1]["dW_Q"] > 0).all()

@@ -185,7 +185,13 @@ def test_real_qwen_shapes_and_parity(qwen):
     from transformers import AutoModelForCausalLM
 
     info = model_info(qwen)
-    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["d_head"], info["d_vocab"]) == (24, 14, 2, 64, 151936)
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["d_head"], info["d_vocab"]) == (
+        24,
+        14,
+        2,
+        64,
+        151936,
+    )
     assert kv_heads(qwen) == [0] * 7 + [1] * 7
     assert info["rope_base"] == 1000000.0
     hf_model = AutoModelForCausalLM.from_pretrained(cache_dir() / "qwen2.5-coder-0.5b", dtype=torch.float32)
@@ -200,6 +206,11 @@ def test_smollm2_loads_as_llama():
     model = load_model("smollm2")
     info = model_info(model)
     assert (info["architecture"], info["n_layers"], info["n_heads"], info["n_kv_heads"], info["d_model"]) == (
-        "LlamaForCausalLM", 30, 9, 3, 576)
+        "LlamaForCausalLM",
+        30,
+        9,
+        3,
+        576,
+    )
     hf_model = AutoModelForCausalLM.from_pretrained(cache_dir() / "smollm2-135m-instruct", dtype=torch.float32)
     assert max_logprob_gap(model, hf_model) <= 1e-3

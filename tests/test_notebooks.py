@@ -24,17 +24,31 @@ def execute(name: str) -> tuple[dict, float, object]:
     """Run ``notebooks/<name>.ipynb`` in a fresh kernel; return the ``RESULT {...}`` it prints, the runtime and the notebook."""
     book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     start = time.perf_counter()
-    nbclient.NotebookClient(book, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    nbclient.NotebookClient(
+        book, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     elapsed = time.perf_counter() - start
-    lines = [line for cell in book.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-             if out.get("name") == "stdout" for line in out["text"].splitlines() if line.startswith("RESULT ")]
+    lines = [
+        line
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("name") == "stdout"
+        for line in out["text"].splitlines()
+        if line.startswith("RESULT ")
+    ]
     assert len(lines) == 1, f"{name} must print exactly one RESULT line"
     return json.loads(lines[0].removeprefix("RESULT ")), elapsed, book
 
 
 def html_outputs(book) -> list[str]:
-    return [out["data"]["text/html"] for cell in book.cells if cell.cell_type == "code"
-            for out in cell.get("outputs", []) if "text/html" in out.get("data", {})]
+    return [
+        out["data"]["text/html"]
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if "text/html" in out.get("data", {})
+    ]
 
 
 def test_quickstart_runs_census_and_renders_offline():

@@ -8,7 +8,6 @@ import transformer_lens.patching as tlp
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from headlens import HeadlensError, tiny_model
-from headlens.probes import word_tokens
 from headlens.patching import (
     PromptPair,
     activation_patching,
@@ -19,6 +18,7 @@ from headlens.patching import (
     rank_correlation,
     text_pair,
 )
+from headlens.probes import word_tokens
 
 ALL_POS = {
     "z": tlp.get_act_patch_attn_head_out_all_pos,
@@ -109,7 +109,9 @@ def test_table_columns_and_normalisation(tiny_qwen):
         assert clean == pytest.approx(float(pair.metric_logits(tiny_qwen(pair.clean))), abs=1e-5)
         assert corrupted == pytest.approx(float(pair.metric_logits(tiny_qwen(pair.corrupted))), abs=1e-5)
     np.testing.assert_allclose(df["effect"], (df["metric"] - corrupted) / (clean - corrupted))
-    flipped = activation_patching(tiny_qwen, pair, activation="z", metric=lambda logits: -pair.metric(logits), batch_size=1, progress=False)
+    flipped = activation_patching(
+        tiny_qwen, pair, activation="z", metric=lambda logits: -pair.metric(logits), batch_size=1, progress=False
+    )
     np.testing.assert_allclose(flipped["metric"], -df["metric"], atol=1e-5)
     np.testing.assert_allclose(flipped["effect"], df["effect"], atol=1e-4)
     k = activation_patching(tiny_qwen, pair, activation="k", progress=False)
@@ -126,7 +128,13 @@ def test_ungrouped_kv_is_per_q_head_and_matches_transformerlens(tiny_qwen):
             _, cache = tiny_qwen.run_with_cache(pair.clean)
             index = pd.DataFrame([(layer, head) for layer in range(2) for head in range(4)], columns=["layer", "head"])
             ref = tlp.generic_activation_patch(
-                tiny_qwen, pair.corrupted, cache, pair.metric_logits, tlp.layer_head_vector_patch_setter, "k", index_df=index
+                tiny_qwen,
+                pair.corrupted,
+                cache,
+                pair.metric_logits,
+                tlp.layer_head_vector_patch_setter,
+                "k",
+                index_df=index,
             )
         finally:
             tiny_qwen.cfg.ungroup_grouped_query_attention = False
@@ -153,7 +161,13 @@ def test_qkv_patching_equals_split_input_patching(tiny_qwen):
             index = pd.DataFrame([(layer, h) for layer in range(2) for h in range(n)], columns=["layer", "head"])
             with torch.no_grad():
                 ref = tlp.generic_activation_patch(
-                    tiny_qwen, pair.corrupted, cache, pair.metric_logits, tlp.layer_head_vector_patch_setter, f"{a}_input", index_df=index
+                    tiny_qwen,
+                    pair.corrupted,
+                    cache,
+                    pair.metric_logits,
+                    tlp.layer_head_vector_patch_setter,
+                    f"{a}_input",
+                    index_df=index,
                 )
             np.testing.assert_allclose(ours[a], ref.cpu().numpy(), atol=1e-5)
     finally:
@@ -162,9 +176,21 @@ def test_qkv_patching_equals_split_input_patching(tiny_qwen):
 
 def attn_only_model(*, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2) -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=32, d_head=8, n_heads=n_heads, n_key_value_heads=n_kv_heads, n_ctx=32, d_vocab=40,
-        attn_only=True, normalization_type=None, positional_embedding_type="rotary", rotary_dim=8,
-        act_fn="relu", seed=0, default_prepend_bos=False, initializer_range=0.3,
+        n_layers=n_layers,
+        d_model=32,
+        d_head=8,
+        n_heads=n_heads,
+        n_key_value_heads=n_kv_heads,
+        n_ctx=32,
+        d_vocab=40,
+        attn_only=True,
+        normalization_type=None,
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        act_fn="relu",
+        seed=0,
+        default_prepend_bos=False,
+        initializer_range=0.3,
     )
     return HookedTransformer(cfg).eval()
 
@@ -176,7 +202,9 @@ def test_one_means_full_recovery():
     clean = torch.tensor([[3, 5, 7, 9, 11, 13]])
     corrupted = clean.clone()
     corrupted[0, 0] = 20
-    pair = PromptPair(clean, corrupted, torch.tensor([5]), partial(logit_diff, correct=torch.tensor([[1]]), wrong=torch.tensor([[2]])))
+    pair = PromptPair(
+        clean, corrupted, torch.tensor([5]), partial(logit_diff, correct=torch.tensor([[1]]), wrong=torch.tensor([[2]]))
+    )
     df = activation_patching(model, pair, progress=False)
     assert df["effect"].tolist() == pytest.approx([1.0], abs=1e-5)
     by_pos = activation_patching(model, pair, by_position=True, progress=False)
@@ -251,7 +279,12 @@ def test_mismatched_lengths_raise(tiny_qwen):
     with pytest.raises(HeadlensError, match=f"clean .* has {n_clean} tokens, corrupted .* has {n_corrupted}"):
         text_pair(tiny_qwen, clean, corrupted)
     with pytest.raises(HeadlensError, match="clean has 5 tokens .* corrupted has 4"):
-        PromptPair(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), torch.tensor([3]), lambda x: x.mean())
+        PromptPair(
+            torch.zeros(1, 5, dtype=torch.long),
+            torch.zeros(1, 4, dtype=torch.long),
+            torch.tensor([3]),
+            lambda x: x.mean(),
+        )
 
 
 def test_bad_inputs_raise(tiny_qwen):
@@ -278,12 +311,18 @@ def test_text_pair_metric(tiny_qwen):
         clean_logits = tiny_qwen(pair.clean)[:, -1]
         corrupted_logits = tiny_qwen(pair.corrupted)[:, -1]
     top, other = clean_logits.argmax(-1), corrupted_logits.argmax(-1)
-    expected = (clean_logits[0, top] - clean_logits[0, other]).item() if top != other else clean_logits.log_softmax(-1)[0, top].item()
+    expected = (
+        (clean_logits[0, top] - clean_logits[0, other]).item()
+        if top != other
+        else clean_logits.log_softmax(-1)[0, top].item()
+    )
     answer = text_pair(tiny_qwen, "The cat sat on the", "The dog ran to the", answer=" cat", wrong=" the")
     cat, the = tiny_qwen.to_single_token(" cat"), tiny_qwen.to_single_token(" the")
     with torch.no_grad():
         assert float(pair.metric_logits(tiny_qwen(pair.clean))) == pytest.approx(expected, abs=1e-5)
-        assert float(answer.metric_logits(tiny_qwen(answer.clean))) == pytest.approx((clean_logits[0, cat] - clean_logits[0, the]).item(), abs=1e-5)
+        assert float(answer.metric_logits(tiny_qwen(answer.clean))) == pytest.approx(
+            (clean_logits[0, cat] - clean_logits[0, the]).item(), abs=1e-5
+        )
 
 
 def test_cli_patch_writes_csvs(tmp_path):
@@ -291,7 +330,22 @@ def test_cli_patch_writes_csvs(tmp_path):
 
     from headlens.cli import app
 
-    result = CliRunner().invoke(app, ["patch", "--model", "tiny-qwen2", "--out", str(tmp_path), "--n-tokens", "5", "--activations", "z,k", "--top", "3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "patch",
+            "--model",
+            "tiny-qwen2",
+            "--out",
+            str(tmp_path),
+            "--n-tokens",
+            "5",
+            "--activations",
+            "z,k",
+            "--top",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     exact = pd.read_csv(tmp_path / "patch_z.csv")
     assert len(exact) == 8 and {"layer", "head", "kv_head", "effect"} <= set(exact.columns)
@@ -299,7 +353,20 @@ def test_cli_patch_writes_csvs(tmp_path):
     attr = pd.read_csv(tmp_path / "attribution.csv")
     assert set(attr["activation"]) == {"z", "k"}
     assert "spearman" in result.output and "L" in result.output
-    bad = CliRunner().invoke(app, ["patch", "--model", "tiny-qwen2", "--out", str(tmp_path), "--clean", "The cat sat on the mat", "--corrupted", "A dog"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "patch",
+            "--model",
+            "tiny-qwen2",
+            "--out",
+            str(tmp_path),
+            "--clean",
+            "The cat sat on the mat",
+            "--corrupted",
+            "A dog",
+        ],
+    )
     assert bad.exit_code != 0 and isinstance(bad.exception, HeadlensError)
 
 

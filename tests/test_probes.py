@@ -83,8 +83,21 @@ def test_text_probe_on_user_text(tiny_qwen):
 
 @pytest.mark.parametrize(
     "piece, expected",
-    [(",", True), (".\n", True), ("\n\n", True), (" (", True), ("{}", True), ("->", True), ("<|endoftext|>", False),
-     ("    ", False), (" the", False), ("3", False), ("\ufffd", False), ("", False), ("x,", False)],
+    [
+        (",", True),
+        (".\n", True),
+        ("\n\n", True),
+        (" (", True),
+        ("{}", True),
+        ("->", True),
+        ("<|endoftext|>", False),
+        ("    ", False),
+        (" the", False),
+        ("3", False),
+        ("\ufffd", False),
+        ("", False),
+        ("x,", False),
+    ],
 )
 def test_is_delimiter(piece, expected):
     assert is_delimiter(piece) is expected

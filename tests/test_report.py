@@ -21,15 +21,26 @@ from headlens.report import label_counts, read_census, write_report
 
 CHROMIUM = "/usr/bin/chromium"
 XSS_PROMPT = 'Hi <script>alert(1)</script> and <img src=x onerror="alert(2)"> & </script> done.'
-needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs a headless Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="needs a headless Chromium at /usr/bin/chromium (apt-get install -y chromium)"
+)
 
 
 def fake_census(n_layers=2, n_heads=4, n_kv_heads=2, *, seed=0):
     """A census-shaped table with random scores and labels cycling through every label."""
     rng = np.random.default_rng(seed)
     group = n_heads // n_kv_heads
-    rows = [{"layer": l, "head": h, "kv_head": h // group, **{s: float(rng.random()) for s in viz.SCORES},
-             "label": viz.LABELS[(l * n_heads + h) % len(viz.LABELS)]} for l in range(n_layers) for h in range(n_heads)]
+    rows = [
+        {
+            "layer": l,
+            "head": h,
+            "kv_head": h // group,
+            **{s: float(rng.random()) for s in viz.SCORES},
+            "label": viz.LABELS[(l * n_heads + h) % len(viz.LABELS)],
+        }
+        for l in range(n_layers)
+        for h in range(n_heads)
+    ]
     return pd.DataFrame(rows, columns=list(viz.CENSUS_COLUMNS))
 
 
@@ -39,19 +50,41 @@ def results(census):
     n = len(heads)
     ablation = heads.assign(metric=np.linspace(2, 3, n), clean=2.5, effect=np.linspace(-0.5, 0.5, n))
     z = heads.assign(activation="z", metric=np.linspace(0, 1, n), effect=np.linspace(1, -1, n))
-    k = pd.DataFrame({"activation": "k", "layer": [0, 0, 1, 1], "head": pd.array([pd.NA] * 4, dtype="Int64"),
-                      "kv_head": [0, 1, 0, 1], "metric": [0.1, 0.2, 0.3, 0.4], "effect": [0.5, 0.1, -0.2, 0.0]})
+    k = pd.DataFrame(
+        {
+            "activation": "k",
+            "layer": [0, 0, 1, 1],
+            "head": pd.array([pd.NA] * 4, dtype="Int64"),
+            "kv_head": [0, 1, 0, 1],
+            "metric": [0.1, 0.2, 0.3, 0.4],
+            "effect": [0.5, 0.1, -0.2, 0.0],
+        }
+    )
     compare = heads.assign(jsd=np.linspace(0, 0.2, n), d_induction=np.linspace(-0.1, 0.1, n), label_changed=False)
-    rope = pd.DataFrame([{"probe": p, "layer": l, "head": h, "kv_head": h // 2, "distance": d, "attention": 1 / (d + l + 1)}
-                         for p in ("natural", "constant") for l in range(2) for h in range(4) for d in range(1, 9)])
+    rope = pd.DataFrame(
+        [
+            {"probe": p, "layer": l, "head": h, "kv_head": h // 2, "distance": d, "attention": 1 / (d + l + 1)}
+            for p in ("natural", "constant")
+            for l in range(2)
+            for h in range(4)
+            for d in range(1, 9)
+        ]
+    )
     return dict(ablation=ablation, patching=pd.concat([z, k], ignore_index=True)[z.columns], compare=compare, rope=rope)
 
 
 @pytest.fixture(scope="module")
 def report(tiny_qwen, tmp_path_factory):
     census = fake_census()
-    path = write_report(tmp_path_factory.mktemp("report"), model=tiny_qwen, census=census, prompt=XSS_PROMPT,
-                        heads=[(1, 2), (0, 1)], top_k=2, **results(census))
+    path = write_report(
+        tmp_path_factory.mktemp("report"),
+        model=tiny_qwen,
+        census=census,
+        prompt=XSS_PROMPT,
+        heads=[(1, 2), (0, 1)],
+        top_k=2,
+        **results(census),
+    )
     return path, census
 
 
@@ -65,9 +98,20 @@ class Chromium:
     console/CSP log entries and uncaught exceptions.
     """
 
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--remote-debugging-pipe", "--window-size=1280,900",
-             "--use-gl=swiftshader", "--enable-unsafe-swiftshader"]  # software WebGL: renders CircuitsVis ~5x faster here
+    FLAGS = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--remote-debugging-pipe",
+        "--window-size=1280,900",
+        "--use-gl=swiftshader",
+        "--enable-unsafe-swiftshader",
+    ]  # software WebGL: renders CircuitsVis ~5x faster here
 
     def __init__(self, attempts: int = 3):
         for attempt in range(attempts):
@@ -91,8 +135,13 @@ class Chromium:
             os.dup2(b, 4)
 
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([CHROMIUM, *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"], close_fds=False,
-                                     preexec_fn=fds_3_and_4, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            close_fds=False,
+            preexec_fn=fds_3_and_4,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+        )
         os.close(to_chrome)
         os.close(from_chrome)
         self.buffer, self.next_id, self.session = b"", 0, None
@@ -119,8 +168,18 @@ class Chromium:
         self.events.append(message)
         if message["method"] == "Page.javascriptDialogOpening":
             self.next_id += 1
-            os.write(self.write_fd, json.dumps({"id": self.next_id, "sessionId": self.session, "method": "Page.handleJavaScriptDialog",
-                                                "params": {"accept": True}}).encode() + b"\0")
+            os.write(
+                self.write_fd,
+                json.dumps(
+                    {
+                        "id": self.next_id,
+                        "sessionId": self.session,
+                        "method": "Page.handleJavaScriptDialog",
+                        "params": {"accept": True},
+                    }
+                ).encode()
+                + b"\0",
+            )
 
     def _read(self, deadline):
         while b"\0" not in self.buffer:
@@ -159,14 +218,21 @@ class Chromium:
         raise TimeoutError(f"never true in the page: {expression}")
 
     def requests(self) -> list[str]:
-        return [e["params"]["request"]["url"] if "request" in e["params"] else e["params"].get("url", "")
-                for e in self.events if e["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated")]
+        return [
+            e["params"]["request"]["url"] if "request" in e["params"] else e["params"].get("url", "")
+            for e in self.events
+            if e["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated")
+        ]
 
     def dialogs(self) -> list[str]:
         return [e["params"]["message"] for e in self.events if e["method"] == "Page.javascriptDialogOpening"]
 
     def problems(self) -> list[str]:
-        logs = [e["params"]["entry"]["text"] for e in self.events if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
+        logs = [
+            e["params"]["entry"]["text"]
+            for e in self.events
+            if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+        ]
         thrown = [json.dumps(e["params"])[:300] for e in self.events if e["method"] == "Runtime.exceptionThrown"]
         return logs + thrown
 
@@ -192,12 +258,12 @@ def offline(urls):
     return [u for u in urls if not u.startswith(("file:", "data:"))]
 
 
-
-
 def rendered(n: int) -> str:
     """JS: true once the page has loaded and each of its ``n`` CircuitsVis divs holds the component's canvases."""
-    return ("(() => { const divs = Array.from(document.querySelectorAll('div.circuitsvis')); return document.readyState === 'complete' "
-            f"&& divs.length === {n} && divs.every(d => d.querySelector('canvas')); }})()")
+    return (
+        "(() => { const divs = Array.from(document.querySelectorAll('div.circuitsvis')); return document.readyState === 'complete' "
+        f"&& divs.length === {n} && divs.every(d => d.querySelector('canvas')); }})()"
+    )
 
 
 COMPONENTS = """Array.from(document.querySelectorAll('div.circuitsvis')).map(d => ({
@@ -208,8 +274,10 @@ COMPONENTS = """Array.from(document.querySelectorAll('div.circuitsvis')).map(d =
 @needs_chromium
 def test_harness_sees_requests_and_dialogs(chromium, tmp_path):
     page = tmp_path / "leaky.html"
-    page.write_text('<p id="p">hi</p><img src="http://127.0.0.1:9/pixel.png"><script>fetch("https://127.0.0.1:9/x").catch(() => 0);'
-                    'alert("boom"); document.getElementById("p").textContent = "after";</script>')
+    page.write_text(
+        '<p id="p">hi</p><img src="http://127.0.0.1:9/pixel.png"><script>fetch("https://127.0.0.1:9/x").catch(() => 0);'
+        'alert("boom"); document.getElementById("p").textContent = "after";</script>'
+    )
     chromium.open(page)
     chromium.wait_for("document.getElementById('p') && document.getElementById('p').textContent === 'after'")
     assert chromium.dialogs() == ["boom"]
@@ -246,19 +314,31 @@ def test_report_renders_in_chromium_with_no_network_and_no_script_injection(chro
     assert chromium.eval(read) == sorted(census["induction"])
     chromium.eval(f"document.querySelectorAll('#census-table th')[{column}].click()")
     assert chromium.eval(read) == sorted(census["induction"], reverse=True)
-    chromium.eval("const s = document.querySelector('select[data-filter]'); s.value = 'induction'; s.dispatchEvent(new Event('change'))")
-    assert chromium.eval("Array.from(document.querySelectorAll('#census-table tbody tr')).filter(r => !r.hidden).length") == (census["label"] == "induction").sum()
+    chromium.eval(
+        "const s = document.querySelector('select[data-filter]'); s.value = 'induction'; s.dispatchEvent(new Event('change'))"
+    )
+    assert (
+        chromium.eval("Array.from(document.querySelectorAll('#census-table tbody tr')).filter(r => !r.hidden).length")
+        == (census["label"] == "induction").sum()
+    )
 
 
-EVIL_TOKENS = ['<img src=x onerror="alert(1)">', "<script>alert(2)</script>", " a & b", "</script><script>alert(3)</script>"]
+EVIL_TOKENS = [
+    '<img src=x onerror="alert(1)">',
+    "<script>alert(2)</script>",
+    " a & b",
+    "</script><script>alert(3)</script>",
+]
 
 
 def hover_every_chart(chromium, n):
     """Move the mouse over the last canvas (the zoomed chart) of each component, below its diagonal, to raise tooltips."""
     for i in range(n):
-        x, y = chromium.eval(f"""(() => {{ const cs = document.querySelectorAll('div.circuitsvis')[{i}].querySelectorAll('canvas');
+        x, y = (
+            chromium.eval(f"""(() => {{ const cs = document.querySelectorAll('div.circuitsvis')[{i}].querySelectorAll('canvas');
             const c = cs[cs.length - 1]; c.scrollIntoView(); const r = c.getBoundingClientRect();
             return [r.x + r.width * 0.3, r.y + r.height * 0.7]; }})()""")
+        )
         chromium.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
     time.sleep(0.5)
 
@@ -267,9 +347,13 @@ def hover_every_chart(chromium, n):
 def test_notebook_html_renders_offline_and_tokens_stay_text(chromium, tiny_qwen, tmp_path):
     pattern = torch.tril(torch.ones(4, 4))
     pattern = (pattern / pattern.sum(-1, keepdim=True)).unsqueeze(0)
-    views = viz.ViewSet([viz.attention_view(tiny_qwen, "<b>bold</b> a b a b", [(0, 0), (1, 3)]),
-                         viz.CircuitsVisView("AttentionHeads", viz.view_props(EVIL_TOKENS, pattern, names=["<i>x</i>"])),
-                         viz.CircuitsVisView("AttentionPatterns", viz.view_props(EVIL_TOKENS, pattern, component="patterns"))])
+    views = viz.ViewSet(
+        [
+            viz.attention_view(tiny_qwen, "<b>bold</b> a b a b", [(0, 0), (1, 3)]),
+            viz.CircuitsVisView("AttentionHeads", viz.view_props(EVIL_TOKENS, pattern, names=["<i>x</i>"])),
+            viz.CircuitsVisView("AttentionPatterns", viz.view_props(EVIL_TOKENS, pattern, component="patterns")),
+        ]
+    )
     page = tmp_path / "cell.html"
     page.write_text(f'<!DOCTYPE html><meta charset="utf-8"><body>{views._repr_html_()}</body>', encoding="utf-8")
     chromium.open(page)
@@ -291,7 +375,14 @@ def test_report_files(report):
     assert path.name == "report.html"
     pd.testing.assert_frame_equal(read_census(path.parent / "census.csv"), census)
     figures = sorted(p.name for p in (path.parent / "figures").iterdir())
-    assert figures == ["ablation.png", "census_scores.png", "compare.png", "head_labels.png", "patching.png", "rope_attention_by_distance.png"]
+    assert figures == [
+        "ablation.png",
+        "census_scores.png",
+        "compare.png",
+        "head_labels.png",
+        "patching.png",
+        "rope_attention_by_distance.png",
+    ]
     assert all((path.parent / "figures" / f).read_bytes()[:4] == b"\x89PNG" for f in figures)
 
 
@@ -320,7 +411,10 @@ def test_no_external_url_of_any_kind(report):
 def test_prompt_is_escaped_in_the_html(report):
     text = report[0].read_text(encoding="utf-8")
     assert XSS_PROMPT not in text and "<img src=x" not in text
-    assert "Hi &lt;script&gt;alert(1)&lt;/script&gt; and &lt;img src=x onerror=&quot;alert(2)&quot;&gt; &amp; &lt;/script&gt; done." in text
+    assert (
+        "Hi &lt;script&gt;alert(1)&lt;/script&gt; and &lt;img src=x onerror=&quot;alert(2)&quot;&gt; &amp; &lt;/script&gt; done."
+        in text
+    )
 
 
 def test_label_counts():
@@ -335,7 +429,9 @@ def test_label_counts():
 
 def test_report_is_deterministic(report, tiny_qwen, tmp_path):
     path, census = report
-    again = write_report(tmp_path, model=tiny_qwen, census=census, prompt=XSS_PROMPT, heads=[(1, 2), (0, 1)], top_k=2, **results(census))
+    again = write_report(
+        tmp_path, model=tiny_qwen, census=census, prompt=XSS_PROMPT, heads=[(1, 2), (0, 1)], top_k=2, **results(census)
+    )
     assert again.read_bytes() == path.read_bytes()
 
 
@@ -368,7 +464,9 @@ def test_cli_report_reuses_census_csv(tmp_path, monkeypatch):
     from headlens.cli import _census_settings
 
     census = fake_census()
-    io.write_csv(census, tmp_path / "census.csv", provenance=io.provenance(load_model("tiny-qwen2"), **_census_settings(0)))
+    io.write_csv(
+        census, tmp_path / "census.csv", provenance=io.provenance(load_model("tiny-qwen2"), **_census_settings(0))
+    )
     result = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path), "--heads", "1.2,0.3"])
     assert result.exit_code == 0, result.output
     assert f"wrote {tmp_path / 'report.html'}" in result.output
@@ -384,14 +482,15 @@ def test_cli_report_reuses_census_csv(tmp_path, monkeypatch):
 
 
 def test_cli_report_runs_the_census_when_missing(tmp_path):
-    from headlens.census import census
-
     from headlens import tiny_model
+    from headlens.census import census
 
     result = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path / "new")])
     assert result.exit_code == 0, result.output
     written = read_census(tmp_path / "new" / "census.csv")
-    pd.testing.assert_frame_equal(written, census(tiny_model("qwen2"), progress=False), check_exact=False, rtol=0, atol=1e-12)
+    pd.testing.assert_frame_equal(
+        written, census(tiny_model("qwen2"), progress=False), check_exact=False, rtol=0, atol=1e-12
+    )
     bad = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path), "--heads", "1:2"])
     assert isinstance(bad.exception, HeadlensError) and "bad head '1:2'" in str(bad.exception)
 

@@ -81,7 +81,9 @@ def test_planted_heads_peak_at_their_distance(planted, probe):
     # attention rows sum to 1: sum_d n_d * attention_d equals the number of queries
     g = prof[(prof.layer == 1) & (prof["head"] == 1)]
     assert (g["n"] * g["attention"]).sum() == pytest.approx(4 * 48)
-    assert summary.loc[(1, 1), "mean_distance"] == pytest.approx((g["distance"] * g["n"] * g["attention"]).sum() / (4 * 48))
+    assert summary.loc[(1, 1), "mean_distance"] == pytest.approx(
+        (g["distance"] * g["n"] * g["attention"]).sum() / (4 * 48)
+    )
 
 
 def test_constant_probe_removes_content():
@@ -97,7 +99,9 @@ def test_constant_probe_removes_content():
 
 
 def test_content_head_is_less_positional_than_planted(planted):
-    summary = rope_summary(distance_profile(planted, "natural", n_seqs=4, seq_len=48, progress=False)).set_index(["layer", "head"])
+    summary = rope_summary(distance_profile(planted, "natural", n_seqs=4, seq_len=48, progress=False)).set_index(
+        ["layer", "head"]
+    )
     assert summary.loc[(0, 0), "positional_score"] > summary.loc[(0, 2), "positional_score"]
 
 

@@ -7,8 +7,7 @@ import scipy.stats
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from headlens import HeadlensError, tiny_model
-from headlens import scores
+from headlens import HeadlensError, scores, tiny_model
 
 
 def causal_uniform(batch: int, heads: int, pos: int) -> torch.Tensor:
@@ -87,7 +86,9 @@ def test_local_window():
     pattern = heads(SELF, PREV, far, UNIFORM)
     uniform = sum(4 / (q + 1) for q in range(4, pos)) / (pos - 4)
     assert scores.local(pattern, window=3).tolist() == pytest.approx([1.0, 1.0, 0.0, uniform])
-    assert scores.local(pattern, window=0).tolist() == pytest.approx([1.0, 0.0, 0.0, sum(1 / (q + 1) for q in range(1, pos)) / (pos - 1)])
+    assert scores.local(pattern, window=0).tolist() == pytest.approx(
+        [1.0, 0.0, 0.0, sum(1 / (q + 1) for q in range(1, pos)) / (pos - 1)]
+    )
     with pytest.raises(HeadlensError, match="window"):
         scores.local(pattern, window=pos)
 
@@ -98,7 +99,11 @@ def test_entropy_matches_scipy_and_its_extremes():
     pattern = logits.softmax(-1)
     expected = torch.zeros(3)
     for h in range(3):
-        vals = [scipy.stats.entropy(pattern[b, h, q, : q + 1].numpy()) / math.log(q + 1) for b in range(2) for q in range(1, POS)]
+        vals = [
+            scipy.stats.entropy(pattern[b, h, q, : q + 1].numpy()) / math.log(q + 1)
+            for b in range(2)
+            for q in range(1, POS)
+        ]
         expected[h] = float(sum(vals) / len(vals))
     assert scores.entropy(pattern).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
     assert scores.entropy(heads(UNIFORM, SINK, PREV)).tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)
@@ -122,8 +127,19 @@ def explicit_copying(model, layer: int, head: int) -> float:
 def small_vocab_gqa_model(seed: int = 0) -> HookedTransformer:
     """Random 2-layer GQA model (4 q heads, 2 kv heads, d_head 8) with a 96-token vocab, so the explicit circuit is cheap."""
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_vocab=96, n_ctx=32,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, d_mlp=64, seed=seed,
+        n_layers=2,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_vocab=96,
+        n_ctx=32,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        d_mlp=64,
+        seed=seed,
     )
     model = HookedTransformer(cfg)
     with torch.no_grad():

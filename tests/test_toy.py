@@ -33,7 +33,10 @@ def head_scores(model, *, seed=123, hooks=()):
     """Induction and previous-token score of every head, [layer, head], on fresh [A A] probes."""
     probes = toy.toy_probes(model, seed=seed)
     tokens, n = probes.repeated.tokens, probes.repeated.n
-    out = {"induction": torch.zeros(model.cfg.n_layers, model.cfg.n_heads), "previous_token": torch.zeros(model.cfg.n_layers, model.cfg.n_heads)}
+    out = {
+        "induction": torch.zeros(model.cfg.n_layers, model.cfg.n_heads),
+        "previous_token": torch.zeros(model.cfg.n_layers, model.cfg.n_heads),
+    }
 
     def record(pattern, hook):
         out["induction"][hook.layer()] = scores.induction(pattern, n)
@@ -49,7 +52,12 @@ def test_packaged_checkpoint_matches_train_defaults(model):
     cfg = model.cfg
     d = toy.TRAIN_DEFAULTS
     assert cfg.attn_only and cfg.n_layers == d["n_layers"] == 2
-    assert (cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx) == (d["n_heads"], d["d_model"], d["d_vocab"], d["seq_len"])
+    assert (cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx) == (
+        d["n_heads"],
+        d["d_model"],
+        d["d_vocab"],
+        d["seq_len"],
+    )
     assert model.tokenizer is None
     assert toy.checkpoint_path().stat().st_size < 2_000_000
 
@@ -111,7 +119,17 @@ def test_short_rerun_reproduces_packaged_history(history):
 
 
 def test_same_seed_same_history_other_seed_differs():
-    args = dict(steps=20, record_every=10, d_model=32, n_heads=2, seq_len=16, d_vocab=16, batch_size=8, eval_batch=8, progress=False)
+    args = dict(
+        steps=20,
+        record_every=10,
+        d_model=32,
+        n_heads=2,
+        seq_len=16,
+        d_vocab=16,
+        batch_size=8,
+        eval_batch=8,
+        progress=False,
+    )
     _, a = toy.train_induction_model(seed=3, **args)
     _, b = toy.train_induction_model(seed=3, **args)
     _, c = toy.train_induction_model(seed=4, **args)

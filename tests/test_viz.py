@@ -17,15 +17,32 @@ def fake_census(n_layers=2, n_heads=4, n_kv_heads=2, *, seed=0, labels=None):
     """A census-shaped table with random scores; ``labels`` maps (layer, head) -> label (others: 'other')."""
     rng = np.random.default_rng(seed)
     group = n_heads // n_kv_heads
-    rows = [{"layer": l, "head": h, "kv_head": h // group, **{s: float(rng.random()) for s in viz.SCORES},
-             "label": (labels or {}).get((l, h), "other")} for l in range(n_layers) for h in range(n_heads)]
+    rows = [
+        {
+            "layer": l,
+            "head": h,
+            "kv_head": h // group,
+            **{s: float(rng.random()) for s in viz.SCORES},
+            "label": (labels or {}).get((l, h), "other"),
+        }
+        for l in range(n_layers)
+        for h in range(n_heads)
+    ]
     return pd.DataFrame(rows, columns=list(viz.CENSUS_COLUMNS))
 
 
 def planted_census():
     """Tiny-model census with known winners: induction L1H2 (0.9) > L1H3 (0.7) > L0H1 (0.5); broad by entropy."""
-    census = fake_census(labels={(1, 2): "induction", (1, 3): "induction", (0, 1): "induction",
-                                 (0, 0): "previous_token", (0, 2): "broad", (0, 3): "broad"})
+    census = fake_census(
+        labels={
+            (1, 2): "induction",
+            (1, 3): "induction",
+            (0, 1): "induction",
+            (0, 0): "previous_token",
+            (0, 2): "broad",
+            (0, 3): "broad",
+        }
+    )
     census = census.set_index(["layer", "head"])
     census.loc[(1, 2), "induction"], census.loc[(1, 3), "induction"], census.loc[(0, 1), "induction"] = 0.9, 0.7, 0.5
     census.loc[(0, 2), "entropy"], census.loc[(0, 3), "entropy"] = 0.6, 0.8
@@ -84,8 +101,12 @@ def test_view_props_escape_tokens_only_where_circuitsvis_writes_html():
     props = viz.view_props(["<b>", "a&b"], patterns, component="patterns")
     assert props == {"tokens": ["&lt;b&gt;", "a&amp;b"], "attention": [[[1.0, 0.0], [0.1235, 0.8765]]]}
     heads = viz.view_props(["<b>", "a&b"], patterns, names=["L0H0"])  # drawn on canvas: verbatim
-    assert heads == {"tokens": ["<b>", "a&b"], "attention": [[[1.0, 0.0], [0.1235, 0.8765]]], "maskUpperTri": True,
-                     "attentionHeadNames": ["L0H0"]}
+    assert heads == {
+        "tokens": ["<b>", "a&b"],
+        "attention": [[[1.0, 0.0], [0.1235, 0.8765]]],
+        "maskUpperTri": True,
+        "attentionHeadNames": ["L0H0"],
+    }
     with pytest.raises(HeadlensError, match="unknown component 'pie'"):
         viz.view_props(["a", "b"], patterns, component="pie")
 
@@ -111,8 +132,14 @@ def test_notebook_html_is_offline_and_inlines_bundle_once(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     patterns = torch.eye(3).unsqueeze(0)
-    views = viz.ViewSet([viz.CircuitsVisView("AttentionHeads", viz.view_props(["a", "b", "c"], patterns, names=[f"n{i}"]), title=f"t{i}")
-                         for i in range(3)])
+    views = viz.ViewSet(
+        [
+            viz.CircuitsVisView(
+                "AttentionHeads", viz.view_props(["a", "b", "c"], patterns, names=[f"n{i}"]), title=f"t{i}"
+            )
+            for i in range(3)
+        ]
+    )
     page = views._repr_html_()
     marker = viz.bundle_js()[:300]
     assert page.count(marker) == 1
@@ -152,7 +179,11 @@ def test_top_heads_ranks_by_the_label_score():
         {"label": "broad", "layer": 0, "head": 3, "score": 0.8},
         {"label": "broad", "layer": 0, "head": 2, "score": 0.6},
     ]
-    assert viz.top_heads(planted_census(), k=5, labels=["induction"])[["layer", "head"]].values.tolist() == [[1, 2], [1, 3], [0, 1]]
+    assert viz.top_heads(planted_census(), k=5, labels=["induction"])[["layer", "head"]].values.tolist() == [
+        [1, 2],
+        [1, 3],
+        [0, 1],
+    ]
     with pytest.raises(HeadlensError, match="k must be at least 1"):
         viz.top_heads(planted_census(), k=0)
     with pytest.raises(HeadlensError, match=r"unknown labels \['inductoin'\]"):
@@ -203,9 +234,26 @@ def test_score_heatmaps_panels_hold_the_scores():
 
 
 def test_head_heatmaps_split_by_activation_and_center_mixed_signs():
-    z = pd.DataFrame({"activation": "z", "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "kv_head": 0, "effect": [0.5, -0.25, 0.1, 0.0], "jsd": [0.1, 0.2, 0.3, 0.4]})
-    k = pd.DataFrame({"activation": "k", "layer": [0, 1], "head": pd.array([pd.NA, pd.NA], dtype="Int64"), "kv_head": [0, 0],
-                      "effect": [0.2, 0.3], "jsd": [0.0, 0.1]})
+    z = pd.DataFrame(
+        {
+            "activation": "z",
+            "layer": [0, 0, 1, 1],
+            "head": [0, 1, 0, 1],
+            "kv_head": 0,
+            "effect": [0.5, -0.25, 0.1, 0.0],
+            "jsd": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    k = pd.DataFrame(
+        {
+            "activation": "k",
+            "layer": [0, 1],
+            "head": pd.array([pd.NA, pd.NA], dtype="Int64"),
+            "kv_head": [0, 0],
+            "effect": [0.2, 0.3],
+            "jsd": [0.0, 0.1],
+        }
+    )
     fig = viz.head_heatmaps(pd.concat([z, k], ignore_index=True))
     panels = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in panels] == ["z: effect", "z: jsd", "k (kv heads): effect", "k (kv heads): jsd"]
@@ -220,8 +268,18 @@ def test_head_heatmaps_split_by_activation_and_center_mixed_signs():
 
 
 def test_value_columns_prefers_headline_columns():
-    df = pd.DataFrame({"layer": [0, 1], "head": [0, 0], "kv_head": [0, 0], "metric": [1.0, 2.0], "clean": [3.0, 3.0],
-                       "effect": [0.1, 0.2], "flag": [True, False], "name": ["a", "b"]})
+    df = pd.DataFrame(
+        {
+            "layer": [0, 1],
+            "head": [0, 0],
+            "kv_head": [0, 0],
+            "metric": [1.0, 2.0],
+            "clean": [3.0, 3.0],
+            "effect": [0.1, 0.2],
+            "flag": [True, False],
+            "name": ["a", "b"],
+        }
+    )
     assert viz.value_columns(df) == ["effect", "metric"]
     assert viz.value_columns(df.assign(value=1.0)) == ["value"]
 
@@ -240,8 +298,15 @@ def test_label_map_colours_each_head_by_label():
 
 
 def test_distance_plot_lines_are_layer_means():
-    df = pd.DataFrame([{"probe": p, "layer": l, "head": h, "distance": d, "attention": (l + 1) * (h + 1) / (d + 1) + (p == "b")}
-                       for p in ("a", "b") for l in range(2) for h in range(2) for d in range(1, 6)])
+    df = pd.DataFrame(
+        [
+            {"probe": p, "layer": l, "head": h, "distance": d, "attention": (l + 1) * (h + 1) / (d + 1) + (p == "b")}
+            for p in ("a", "b")
+            for l in range(2)
+            for h in range(2)
+            for d in range(1, 6)
+        ]
+    )
     fig = viz.distance_plot(df)
     assert [ax.get_title() for ax in fig.axes] == ["a: attention", "b: attention"]
     line = fig.axes[1].lines[1]  # probe b, layer 1: mean over heads of 2 (h + 1) / (d + 1) + 1
@@ -256,4 +321,6 @@ def test_figure_exports():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert png == viz.figure_png(viz.score_heatmaps(fake_census(), scores=["induction"]))  # same table, same bytes
     assert "<svg" in viz.figure_svg(fig)
-    assert viz.figure_img(fig, alt='a "b"', png=png).startswith('<img alt="a &quot;b&quot;" src="data:image/png;base64,iVBORw0KGgo')
+    assert viz.figure_img(fig, alt='a "b"', png=png).startswith(
+        '<img alt="a &quot;b&quot;" src="data:image/png;base64,iVBORw0KGgo'
+    )

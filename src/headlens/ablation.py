@@ -50,9 +50,10 @@ random heads"::
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import einops
 import numpy as np
@@ -60,12 +61,12 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
 from headlens.errors import HeadlensError
 from headlens.models import check_head, kv_heads
+from headlens.progress import tqdm
 
 Method = Literal["zero", "mean", "resample"]
 METHODS = ("zero", "mean", "resample")
@@ -94,7 +95,9 @@ class Metric:
         return change / max(abs(clean), 1e-12)
 
 
-def custom_metric(tokens: Int[Tensor, "batch pos"], fn: MetricFn, *, name: str = "custom", higher_is_better: bool = False) -> Metric:
+def custom_metric(
+    tokens: Int[Tensor, "batch pos"], fn: MetricFn, *, name: str = "custom", higher_is_better: bool = False
+) -> Metric:
     """Wrap your own ``fn(logits, tokens) -> scalar`` (must be a mean over sequences for :func:`head_importance`)."""
     tokens = _check_tokens(tokens, "tokens")
     if not callable(fn):
@@ -125,7 +128,9 @@ def _repeat_half_loss(start: int) -> MetricFn:
     return fn
 
 
-def repeat_loss_metric(model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0, probe=None) -> Metric:
+def repeat_loss_metric(
+    model: HookedTransformer, *, n_seqs: int = 4, half_len: int = 32, seed: int = 0, probe=None
+) -> Metric:
     """Mean loss on predicting A₂…Aₙ in the second half of repeated random tokens [P, A₁…Aₙ, A₁…Aₙ] (in-context copying).
 
     Tokens come from :func:`headlens.probes.repeated_tokens` (the census's induction probe; distinct ordinary
@@ -142,25 +147,33 @@ def repeat_loss_metric(model: HookedTransformer, *, n_seqs: int = 4, half_len: i
     return Metric("repeat_loss", probe.tokens, _repeat_half_loss(probe.prefix + probe.n))
 
 
-def logit_diff_metric(model: HookedTransformer, prompts: str | Sequence[str], answers: tuple[str, str] | Sequence[tuple[str, str]]) -> Metric:
+def logit_diff_metric(
+    model: HookedTransformer, prompts: str | Sequence[str], answers: tuple[str, str] | Sequence[tuple[str, str]]
+) -> Metric:
     """Mean over prompts of logit(correct) − logit(wrong) at each prompt's last token; answers are single tokens."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if answers and isinstance(answers[0], str):
         answers = [tuple(answers)] * len(prompts)
     answers = list(answers)
     if not prompts or len(answers) != len(prompts):
-        raise HeadlensError(f"logit diff needs one (correct, wrong) answer pair per prompt: got {len(prompts)} prompts, {len(answers)} pairs")
+        raise HeadlensError(
+            f"logit diff needs one (correct, wrong) answer pair per prompt: got {len(prompts)} prompts, {len(answers)} pairs"
+        )
 
     def one_token(text: str) -> int:
         toks = model.to_tokens(text, prepend_bos=False)[0]
         if toks.numel() != 1:
-            raise HeadlensError(f"answer {text!r} is {toks.numel()} tokens; logit diff needs single-token answers (try a leading space)")
+            raise HeadlensError(
+                f"answer {text!r} is {toks.numel()} tokens; logit diff needs single-token answers (try a leading space)"
+            )
         return int(toks[0])
 
     seqs = [model.to_tokens(p, prepend_bos=False)[0] for p in prompts]
     if any(s.numel() == 0 for s in seqs):
         raise HeadlensError("a logit-diff prompt is empty")
-    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    pad = (
+        model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    )
     tokens = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad)
     last = torch.tensor([s.numel() - 1 for s in seqs])
     correct = torch.tensor([one_token(c) for c, _ in answers])
@@ -175,19 +188,32 @@ def logit_diff_metric(model: HookedTransformer, prompts: str | Sequence[str], an
 
 
 def _check_tokens(tokens, what: str) -> Tensor:
-    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int32, torch.int64) or tokens.ndim != 2 or tokens.numel() == 0:
-        raise HeadlensError(f"{what} must be a non-empty integer token tensor of shape [batch, pos] (use model.to_tokens)")
+    if (
+        not isinstance(tokens, Tensor)
+        or tokens.dtype not in (torch.int32, torch.int64)
+        or tokens.ndim != 2
+        or tokens.numel() == 0
+    ):
+        raise HeadlensError(
+            f"{what} must be a non-empty integer token tensor of shape [batch, pos] (use model.to_tokens)"
+        )
     return tokens.long()
 
 
 def _as_metric(metric: Metric | MetricFn, tokens: Tensor | None) -> Metric:
     if isinstance(metric, Metric):
-        return metric if tokens is None else Metric(metric.name, _check_tokens(tokens, "tokens"), metric.fn, metric.higher_is_better)
+        return (
+            metric
+            if tokens is None
+            else Metric(metric.name, _check_tokens(tokens, "tokens"), metric.fn, metric.higher_is_better)
+        )
     if callable(metric):
         if tokens is None:
             raise HeadlensError("a plain metric function needs tokens=...; or build one with custom_metric(tokens, fn)")
         return custom_metric(tokens, metric)
-    raise HeadlensError("metric must be a headlens Metric (loss_metric, repeat_loss_metric, ...) or a function fn(logits, tokens)")
+    raise HeadlensError(
+        "metric must be a headlens Metric (loss_metric, repeat_loss_metric, ...) or a function fn(logits, tokens)"
+    )
 
 
 def _value(x: Tensor) -> float:
@@ -221,7 +247,9 @@ def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[H
     return [(int(layer), h) for h, g in enumerate(kv_heads(model)) if g == int(kv_head)]
 
 
-def random_heads(model: HookedTransformer, n: int, *, seed: int = 0, exclude: Iterable[Head] = (), like: Iterable[Head] | None = None) -> list[Head]:
+def random_heads(
+    model: HookedTransformer, n: int, *, seed: int = 0, exclude: Iterable[Head] = (), like: Iterable[Head] | None = None
+) -> list[Head]:
     """``n`` distinct random heads not in ``exclude``; with ``like``, as many per layer as ``like`` has (depth-matched)."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     banned = set(map(tuple, exclude))
@@ -243,7 +271,9 @@ def random_heads(model: HookedTransformer, n: int, *, seed: int = 0, exclude: It
     return sorted(free[i] for i in g.choice(len(free), n, replace=False))
 
 
-def _clean_z(model: HookedTransformer, tokens: Tensor, layers: Sequence[int]) -> dict[int, Float[Tensor, "batch pos head d_head"]]:
+def _clean_z(
+    model: HookedTransformer, tokens: Tensor, layers: Sequence[int]
+) -> dict[int, Float[Tensor, "batch pos head d_head"]]:
     """hook_z of ``layers`` on a clean forward over ``tokens`` (only those layers kept, forward stopped after the last)."""
     out: dict[int, Tensor] = {}
 
@@ -251,8 +281,11 @@ def _clean_z(model: HookedTransformer, tokens: Tensor, layers: Sequence[int]) ->
         out[hook.layer()] = z.detach().clone()
 
     with torch.inference_mode():
-        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(get_act_name("z", l), keep) for l in layers],
-                             stop_at_layer=max(layers) + 1)
+        model.run_with_hooks(
+            tokens.to(model.cfg.device),
+            fwd_hooks=[(get_act_name("z", l), keep) for l in layers],
+            stop_at_layer=max(layers) + 1,
+        )
     return out
 
 
@@ -267,7 +300,9 @@ def _cycle(n: int, seed: int) -> Tensor:
 class Replacement:
     """What an ablated head's z becomes, for a given method and reference (computed once, reused by every hook)."""
 
-    def __init__(self, model: HookedTransformer, method: str, reference: Tensor | None, layers: Iterable[int], *, seed: int = 0):
+    def __init__(
+        self, model: HookedTransformer, method: str, reference: Tensor | None, layers: Iterable[int], *, seed: int = 0
+    ):
         if method not in METHODS:
             raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
         self.method, self.seed = method, seed
@@ -402,15 +437,25 @@ def compare_to_random(
     rows = []
     for kind, hs in tqdm(sets, desc="ablate sets", disable=not progress, leave=False):
         value = ablated_metric(model, metric, hs, method=method, reference=reference, seed=seed)
-        rows.append({"kind": kind, "heads": _fmt(hs), "metric": value, "effect": value - clean,
-                     "worsening": metric.worsening(value, clean)})
+        rows.append(
+            {
+                "kind": kind,
+                "heads": _fmt(hs),
+                "metric": value,
+                "effect": value - clean,
+                "worsening": metric.worsening(value, clean),
+            }
+        )
     table = pd.DataFrame(rows)
     rand = table.loc[table.kind == "random", "worsening"].to_numpy()
     target = float(table.worsening.iloc[0])
     std = float(rand.std(ddof=1)) if len(rand) > 1 else float("nan")
     table.attrs.update(
-        clean=clean, target_effect=float(table.effect.iloc[0]), target_worsening=target,
-        random_mean=float(rand.mean()) if len(rand) else float("nan"), random_std=std,
+        clean=clean,
+        target_effect=float(table.effect.iloc[0]),
+        target_worsening=target,
+        random_mean=float(rand.mean()) if len(rand) else float("nan"),
+        random_std=std,
         z=(target - float(rand.mean())) / std if len(rand) > 1 and std > 0 else float("nan"),
         p_random_ge=float((rand >= target).mean()) if len(rand) else float("nan"),
     )
@@ -452,7 +497,7 @@ def _stacked_hook(units: list[list[int]], batch: int, replacement: Replacement):
     def hook(z: Float[Tensor, "copies_batch pos head d_head"], hook):
         for i, heads in enumerate(units):
             idx = torch.tensor(heads, dtype=torch.long)
-            z[i * batch:(i + 1) * batch, :, idx] = replacement(hook.layer(), idx, batch, z.shape[1]).to(z.dtype)
+            z[i * batch : (i + 1) * batch, :, idx] = replacement(hook.layer(), idx, batch, z.shape[1]).to(z.dtype)
         return z
 
     return hook
@@ -513,12 +558,12 @@ def ablation_sweep(
             for layer in layers:
                 mine = [u for u in units if u[0] == layer]
                 for start in range(0, len(mine), per_pass):
-                    chunk = mine[start:start + per_pass]
+                    chunk = mine[start : start + per_pass]
                     x = einops.repeat(resid[layer], "b p d -> (k b) p d", k=len(chunk))
                     hook = _stacked_hook([heads for _, _, heads in chunk], B, replacement)
                     logits = model.run_with_hooks(x, start_at_layer=layer, fwd_hooks=[(get_act_name("z", layer), hook)])
                     for i, (_, key, _) in enumerate(chunk):
-                        values[layer, key] = _value(metric(logits[i * B:(i + 1) * B]))
+                        values[layer, key] = _value(metric(logits[i * B : (i + 1) * B]))
                     del logits
                     bar.update(len(chunk))
                 del resid[layer]
@@ -527,8 +572,15 @@ def ablation_sweep(
     rows = []
     for layer, key, heads in units:
         value = values[layer, key]
-        row = {"layer": layer, "head": key, "kv_head": kv[key]} if unit == "head" else {"layer": layer, "kv_head": key, "heads": " ".join(map(str, heads))}
-        rows.append(row | {"metric": value, "clean": clean, "effect": value - clean, "worsening": metric.worsening(value, clean)})
+        row = (
+            {"layer": layer, "head": key, "kv_head": kv[key]}
+            if unit == "head"
+            else {"layer": layer, "kv_head": key, "heads": " ".join(map(str, heads))}
+        )
+        rows.append(
+            row
+            | {"metric": value, "clean": clean, "effect": value - clean, "worsening": metric.worsening(value, clean)}
+        )
     table = pd.DataFrame(rows)
     table.attrs.update(metric=metric.name, method=method, unit=unit, clean=clean)
     return table
@@ -580,9 +632,18 @@ def head_importance(
     grad = grad.detach()
     kv = kv_heads(model)
     table = pd.DataFrame(
-        [{"layer": l, "head": h, "kv_head": kv[h], "gradient": float(grad[:, l, h].sum()),
-          "importance": float((B * grad[:, l, h]).abs().mean()), "ablated": (l, h) in set(ablated)}
-         for l in range(L) for h in range(H)]
+        [
+            {
+                "layer": l,
+                "head": h,
+                "kv_head": kv[h],
+                "gradient": float(grad[:, l, h].sum()),
+                "importance": float((B * grad[:, l, h]).abs().mean()),
+                "ablated": (l, h) in set(ablated),
+            }
+            for l in range(L)
+            for h in range(H)
+        ]
     )
     table.attrs.update(metric=metric.name, method=method, value=_value(value))
     return table

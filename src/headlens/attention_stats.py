@@ -9,8 +9,9 @@ whether q heads that share a GQA kv head attend alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from itertools import combinations
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import einops
 import numpy as np
@@ -18,10 +19,10 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError
+from headlens.progress import tqdm
 
 MaskKind = Literal["full", "causal", "local", "local_causal"]
 Metric = Literal["cosine", "pearson", "centered"]
@@ -93,7 +94,7 @@ def mean_entropy(
     *,
     mask: Bool[Tensor, "q k"] | None = None,
     normalize: bool = False,
-) -> Float[Tensor, "head"]:
+) -> Float[Tensor, " head"]:
     """Per-head entropy averaged over batch and over queries that see at least two keys.
 
     ``normalize`` divides each query's entropy by log(#visible keys) first (1 = uniform attention), so
@@ -126,7 +127,7 @@ def entropy_by_scale(
     *,
     mask: Bool[Tensor, "q k"] | None = None,
     normalize: bool = False,
-) -> dict[str, Float[Tensor, "head"]]:
+) -> dict[str, Float[Tensor, " head"]]:
     """Mean entropy of ``softmax(scale * q k^T)`` per head for each named scale (one score matrix, reused)."""
     raw = attention_scores(q.float(), k.float(), scale=1.0)
     return {
@@ -135,7 +136,9 @@ def entropy_by_scale(
     }
 
 
-def scale_settings(attn_scale: float, *, temperatures: Sequence[float] = (0.5, 1.0, 2.0), unscaled: bool = True) -> dict[str, float]:
+def scale_settings(
+    attn_scale: float, *, temperatures: Sequence[float] = (0.5, 1.0, 2.0), unscaled: bool = True
+) -> dict[str, float]:
     """Named softmax scales: ``unscaled`` (1) and ``T=t`` (1 / (t * attn_scale)).
 
     ``attn_scale`` is the model's divisor (``model.cfg.attn_scale``, sqrt(d_head) for Qwen), so ``T=1``
@@ -175,8 +178,12 @@ def scale_entropy_table(
         if not 0 <= layer < model.cfg.n_layers:
             raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{model.cfg.n_layers - 1}")
     settings = scale_settings(model.cfg.attn_scale, temperatures=temperatures, unscaled=unscaled)
-    sums = {(layer, name, norm): torch.zeros(model.cfg.n_heads, dtype=torch.float64)
-            for layer in layers for name in settings for norm in (False, True)}
+    sums = {
+        (layer, name, norm): torch.zeros(model.cfg.n_heads, dtype=torch.float64)
+        for layer in layers
+        for name in settings
+        for norm in (False, True)
+    }
     counts = {"n": 0}
     queries: dict[int, Tensor] = {}
 
@@ -203,23 +210,37 @@ def scale_entropy_table(
         counts["n"] += batch.shape[0]
     groups = _kv_groups(model)
     rows = [
-        {"layer": layer, "head": h, "kv_head": groups[h], "setting": name, "scale": settings[name],
-         "entropy": float(sums[(layer, name, False)][h] / counts["n"]),
-         "norm_entropy": float(sums[(layer, name, True)][h] / counts["n"])}
-        for layer in layers for name in settings for h in range(model.cfg.n_heads)
+        {
+            "layer": layer,
+            "head": h,
+            "kv_head": groups[h],
+            "setting": name,
+            "scale": settings[name],
+            "entropy": float(sums[(layer, name, False)][h] / counts["n"]),
+            "norm_entropy": float(sums[(layer, name, True)][h] / counts["n"]),
+        }
+        for layer in layers
+        for name in settings
+        for h in range(model.cfg.n_heads)
     ]
     return pd.DataFrame(rows)
 
 
-def token_match(pattern: Float[Tensor, "batch head q k"], tokens: Int[Tensor, "batch k"]) -> Float[Tensor, "head"]:
+def token_match(pattern: Float[Tensor, "batch head q k"], tokens: Int[Tensor, "batch k"]) -> Float[Tensor, " head"]:
     """Identical-word attention on natural text: excess mass on earlier copies of the query's own token.
 
     For each query i with at least one earlier j < i holding the same token: mass on those j minus
     their share of keys 0..i (what uniform causal attention would give), averaged over such queries.
     The duplicate-token score measured where repeats occur naturally instead of on [A A] probes.
     """
-    if pattern.ndim != 4 or tuple(tokens.shape) != (pattern.shape[0], pattern.shape[-1]) or pattern.shape[-1] != pattern.shape[-2]:
-        raise HeadlensError(f"token_match needs pattern [batch, head, pos, pos] and tokens [batch, pos]; got {tuple(pattern.shape)} and {tuple(tokens.shape)}")
+    if (
+        pattern.ndim != 4
+        or tuple(tokens.shape) != (pattern.shape[0], pattern.shape[-1])
+        or pattern.shape[-1] != pattern.shape[-2]
+    ):
+        raise HeadlensError(
+            f"token_match needs pattern [batch, head, pos, pos] and tokens [batch, pos]; got {tuple(pattern.shape)} and {tuple(tokens.shape)}"
+        )
     n = tokens.shape[-1]
     tokens = tokens.to(pattern.device)
     earlier = torch.ones(n, n, dtype=torch.bool, device=pattern.device).tril(-1)
@@ -330,8 +351,15 @@ def group_contrast(
         null = np.array([stat(rng.permutation(groups))[0] for _ in range(n_permutations or 10_000)] + [observed])
         exact = False
     p = float((null >= observed - 1e-12).mean())
-    return {"within": float(within), "across": float(across), "difference": float(observed),
-            "p_value": p, "n_permutations": len(null), "exact": exact, "null": null}
+    return {
+        "within": float(within),
+        "across": float(across),
+        "difference": float(observed),
+        "p_value": p,
+        "n_permutations": len(null),
+        "exact": exact,
+        "null": null,
+    }
 
 
 def head_similarity(

@@ -7,13 +7,14 @@ is one layer's attention, never a full cache. The forward stops after the last h
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, utils
+
+from headlens.progress import tqdm
 
 Reducer = Callable[[int, Float[Tensor, "batch head q k"], slice], None]
 

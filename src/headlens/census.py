@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer
 
 from headlens import scores
@@ -34,6 +33,7 @@ from headlens.capture import stream_patterns
 from headlens.errors import HeadlensError
 from headlens.models import kv_heads
 from headlens.probes import Probe, ProbeSet, check_probes, default_probes
+from headlens.progress import tqdm
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
 COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")
@@ -100,7 +100,9 @@ def census(
     return frame[list(COLUMNS)]
 
 
-def probe_scores(model: HookedTransformer, probe: Probe, *, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+def probe_scores(
+    model: HookedTransformer, probe: Probe, *, batch_size: int = 8, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """The scores ``SCORE_PROBES`` assigns to ``probe.kind``, each ``[layer, head]``, streamed batch by batch."""
     fns = _score_fns(probe)
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -122,7 +124,9 @@ def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None)
     for row in frame.itertuples(index=False):
         label = "other"
         for tier in TIERS:
-            ratios = [(getattr(row, LABEL_SCORE.get(name, name)) / limits[name], -i, name) for i, name in enumerate(tier)]
+            ratios = [
+                (getattr(row, LABEL_SCORE.get(name, name)) / limits[name], -i, name) for i, name in enumerate(tier)
+            ]
             passed = [r for r in ratios if np.isfinite(r[0]) and r[0] >= 1.0]
             if passed:
                 label = max(passed)[2]

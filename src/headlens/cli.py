@@ -18,8 +18,12 @@ from headlens import progress as _progress
 from headlens.errors import HeadlensError
 from headlens.io import mismatch, provenance, save_figure, write_csv, write_parquet
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find out what the attention heads of Qwen models do.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find out what the attention heads of Qwen models do.",
+)
 
 MODEL_NAMES = "qwen2.5-coder-0.5b (default, alias qwen), smollm2, tiny-qwen2, tiny-llama"
 
@@ -56,15 +60,26 @@ ACTIVATION_NAMES = ("z", "pattern", "q", "k", "v")
 
 # ---------------------------------------------------------------- shared options
 
-MODEL = typer.Option("qwen2.5-coder-0.5b", "--model", "-m",
-                     help=f"model: {MODEL_NAMES}; or a local HF directory, a .gguf file or a hub id already in the local cache")
+MODEL = typer.Option(
+    "qwen2.5-coder-0.5b",
+    "--model",
+    "-m",
+    help=f"model: {MODEL_NAMES}; or a local HF directory, a .gguf file or a hub id already in the local cache",
+)
 ADAPTER = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory merged into the model")
 SEED = typer.Option(0, "--seed", help="random seed (same seed, same table)")
-PROGRESS = typer.Option(True, "--progress/--no-progress",
-                        help="progress bars on stderr (plain lines when stderr is not a terminal); --no-progress also silences transformers' bars")
-METRIC = typer.Option(MetricName.loss, "--metric", help="loss (corpus text), repeat (repeated random tokens) or logit-diff")
+PROGRESS = typer.Option(
+    True,
+    "--progress/--no-progress",
+    help="progress bars on stderr (plain lines when stderr is not a terminal); --no-progress also silences transformers' bars",
+)
+METRIC = typer.Option(
+    MetricName.loss, "--metric", help="loss (corpus text), repeat (repeated random tokens) or logit-diff"
+)
 TOP = typer.Option(10, "--top", help="how many heads to print")
-CENSUS_CSV = typer.Option(None, "--census", help="census.csv whose labels to print beside heads (default: run the census on the model)")
+CENSUS_CSV = typer.Option(
+    None, "--census", help="census.csv whose labels to print beside heads (default: run the census on the model)"
+)
 
 
 def _out(help: str):
@@ -91,7 +106,9 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
         try:
             layer, head = (int(x) for x in item.upper().removeprefix("L").replace("H", ".").split("."))
         except ValueError:
-            raise HeadlensError(f"bad head {item!r} in --heads: write heads as L5H3 or 5.3, separated by commas, e.g. 'L5H3,12.0'") from None
+            raise HeadlensError(
+                f"bad head {item!r} in --heads: write heads as L5H3 or 5.3, separated by commas, e.g. 'L5H3,12.0'"
+            ) from None
         heads.append((layer, head))
     return heads
 
@@ -129,8 +146,12 @@ def _root() -> None:
 
 
 @app.command()
-def info(model: str = MODEL, adapter: Path = ADAPTER, as_json: bool = typer.Option(False, "--json", help="print JSON"),
-         progress: bool = PROGRESS):
+def info(
+    model: str = MODEL,
+    adapter: Path = ADAPTER,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    progress: bool = PROGRESS,
+):
     """Print layers, q/kv heads, d_head, kv groups, rope base and vocab of a model."""
     _start(progress)
     from headlens.models import model_info
@@ -193,8 +214,15 @@ def label_summary(table, *, k: int = 5):
         score = LABEL_SCORE.get(label, label)
         top = part.sort_values(score, ascending=False).head(k) if score in part.columns else part.head(0)
         names = " ".join(f"L{r.layer}H{r.head} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
-        rows.append({"label": label, "heads": len(part), "share": len(part) / len(table),
-                     "score": score if score in part.columns else "", "top heads (score)": names})
+        rows.append(
+            {
+                "label": label,
+                "heads": len(part),
+                "share": len(part) / len(table),
+                "score": score if score in part.columns else "",
+                "top heads (score)": names,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -203,10 +231,16 @@ def report(
     model: str = MODEL,
     adapter: Path = ADAPTER,
     out: Path = _out("report directory (reuses DIR/census.csv when present)"),
-    prompt: str = typer.Option(None, "--prompt", help="prompt for the attention patterns (default: a built-in repeated prompt)"),
+    prompt: str = typer.Option(
+        None, "--prompt", help="prompt for the attention patterns (default: a built-in repeated prompt)"
+    ),
     heads: str = typer.Option("", "--heads", help="extra heads to view, e.g. 'L5H3,12.0'"),
-    with_: str = typer.Option("", "--with", help=f"extra sections, comma list of {', '.join(SECTIONS)} (compare needs --tuned)"),
-    tuned: str = typer.Option(None, "--tuned", help="with compare: PEFT LoRA adapter directory or fine-tuned model to compare with --model"),
+    with_: str = typer.Option(
+        "", "--with", help=f"extra sections, comma list of {', '.join(SECTIONS)} (compare needs --tuned)"
+    ),
+    tuned: str = typer.Option(
+        None, "--tuned", help="with compare: PEFT LoRA adapter directory or fine-tuned model to compare with --model"
+    ),
     top_k: int = typer.Option(3, "--top-k", help="heads per label in the gallery"),
     seed: int = SEED,
     batch_size: int = typer.Option(8, "--batch-size", help="census batch size"),
@@ -249,11 +283,15 @@ def report(
     if "ablation" in sections:
         from headlens.ablation import ablation_sweep, build_metric
 
-        extra["ablation"] = ablation_sweep(hooked, build_metric(hooked, "repeat", seed=seed), method="zero", seed=seed, progress=progress)
+        extra["ablation"] = ablation_sweep(
+            hooked, build_metric(hooked, "repeat", seed=seed), method="zero", seed=seed, progress=progress
+        )
     if "patching" in sections:
         from headlens.patching import activation_patching, induction_pair
 
-        extra["patching"] = activation_patching(hooked, induction_pair(hooked, seed=seed), activation="z", progress=progress)
+        extra["patching"] = activation_patching(
+            hooked, induction_pair(hooked, seed=seed), activation="z", progress=progress
+        )
     if "rope" in sections:
         from headlens.rope import rope_profile
 
@@ -262,9 +300,20 @@ def report(
         from headlens.compare import compare_models, load_tuned
 
         typer.echo(f"loading tuned {tuned} ...", err=True)
-        extra["compare"] = compare_models(hooked, load_tuned(hooked, tuned, base_source=model), seed=seed, progress=progress)
-    path = write_report(out, model=hooked, census=table, prompt=prompt or DEFAULT_PROMPT, heads=chosen or None, top_k=top_k,
-                        seed=seed, progress=progress, **extra)
+        extra["compare"] = compare_models(
+            hooked, load_tuned(hooked, tuned, base_source=model), seed=seed, progress=progress
+        )
+    path = write_report(
+        out,
+        model=hooked,
+        census=table,
+        prompt=prompt or DEFAULT_PROMPT,
+        heads=chosen or None,
+        top_k=top_k,
+        seed=seed,
+        progress=progress,
+        **extra,
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -297,7 +346,9 @@ def patch(
     names = [a.strip() for a in activations.split(",") if a.strip()]
     unknown = [a for a in names if a not in ACTIVATION_NAMES]
     if unknown or not names:
-        raise HeadlensError(f"unknown activation(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(ACTIVATION_NAMES)}")
+        raise HeadlensError(
+            f"unknown activation(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(ACTIVATION_NAMES)}"
+        )
     if (clean is None) != (corrupted is None):
         raise HeadlensError("give both --clean and --corrupted, or neither for the built-in induction pair")
     if out.exists() and not out.is_dir():
@@ -319,21 +370,35 @@ def patch(
         attr = attribution_patching(hooked, pair, activations=names, by_position=by_position, ungroup_kv=ungroup_kv)
         write_csv(attr, out / "attribution.csv")
     tokens = hooked.to_str_tokens(pair.clean[0])
-    typer.echo(f"pair: {pair.name}, tokens {tuple(pair.clean.shape)} (batch x positions), metric: {pair.info.get('metric', 'user metric')}")
+    typer.echo(
+        f"pair: {pair.name}, tokens {tuple(pair.clean.shape)} (batch x positions), metric: {pair.info.get('metric', 'user metric')}"
+    )
     for name in names:
-        exact = activation_patching(hooked, pair, activation=name, by_position=by_position, ungroup_kv=ungroup_kv,
-                                    batch_size=batch_size, progress=progress)
+        exact = activation_patching(
+            hooked,
+            pair,
+            activation=name,
+            by_position=by_position,
+            ungroup_kv=ungroup_kv,
+            batch_size=batch_size,
+            progress=progress,
+        )
         write_csv(exact, out / f"patch_{name}.csv")
         if name == names[0]:
-            typer.echo(f"metric: clean {exact.attrs['clean_metric']:.4f}, corrupted {exact.attrs['corrupted_metric']:.4f}")
+            typer.echo(
+                f"metric: clean {exact.attrs['clean_metric']:.4f}, corrupted {exact.attrs['corrupted_metric']:.4f}"
+            )
         shown = exact.copy()
         if attr is not None:
             shown["attribution"] = attr.loc[attr["activation"] == name, "effect"].to_numpy()
         ranked = shown.reindex(shown["effect"].abs().sort_values(ascending=False).index).head(top)
         rows = []
         for r in ranked.itertuples():
-            row = {"head": f"L{r.layer}KV{r.kv_head}" if pd.isna(r.head) else f"L{r.layer}H{r.head}", "kv": r.kv_head,
-                   "label": "" if pd.isna(r.head) else labels.get((r.layer, int(r.head)), "")}
+            row = {
+                "head": f"L{r.layer}KV{r.kv_head}" if pd.isna(r.head) else f"L{r.layer}H{r.head}",
+                "kv": r.kv_head,
+                "label": "" if pd.isna(r.head) else labels.get((r.layer, int(r.head)), ""),
+            }
             if by_position:
                 row["pos"] = r.pos
                 row["token (seq 0)"] = repr(tokens[r.pos])
@@ -344,14 +409,18 @@ def patch(
         typer.echo(f"\ntop {len(rows)} by |exact effect| of patching {name} (1 = full recovery of the clean metric)")
         _print_table(pd.DataFrame(rows), {"exact effect": "+.3f", "attribution": "+.3f"})
         if attr is not None and len(exact) > 1:
-            typer.echo(f"spearman(exact, attribution) over all {len(exact)} units = {rank_correlation(shown['effect'], shown['attribution']):.3f}")
+            typer.echo(
+                f"spearman(exact, attribution) over all {len(exact)} units = {rank_correlation(shown['effect'], shown['attribution']):.3f}"
+            )
     typer.echo(f"\nwrote CSVs to {out}")
 
 
 def _ablation_metric(hooked, metric: MetricName, n_seqs: int, seq_len: int, seed: int, prompt, correct, wrong):
     from headlens.ablation import build_metric
 
-    return build_metric(hooked, metric.value, n_seqs=n_seqs, seq_len=seq_len, seed=seed, prompt=prompt, correct=correct, wrong=wrong)
+    return build_metric(
+        hooked, metric.value, n_seqs=n_seqs, seq_len=seq_len, seed=seed, prompt=prompt, correct=correct, wrong=wrong
+    )
 
 
 def _metric_unit(name: str) -> str:
@@ -364,16 +433,22 @@ def ablate(
     adapter: Path = ADAPTER,
     metric: MetricName = METRIC,
     out: Path = _out("directory for ablation.csv and ablation.png"),
-    method: MethodName = typer.Option(MethodName.zero, "--method", help="zero, mean or resample (reference = the metric's tokens)"),
+    method: MethodName = typer.Option(
+        MethodName.zero, "--method", help="zero, mean or resample (reference = the metric's tokens)"
+    ),
     unit: UnitName = typer.Option(UnitName.head, "--unit", help="head, or kv-group (all q heads reading one kv head)"),
-    heads: str = typer.Option("", "--heads", help="instead of a sweep: ablate these heads together, e.g. 'L5H3,12.0', vs random heads"),
+    heads: str = typer.Option(
+        "", "--heads", help="instead of a sweep: ablate these heads together, e.g. 'L5H3,12.0', vs random heads"
+    ),
     n_random: int = typer.Option(20, "--n-random", help="with --heads: random head sets to compare against"),
     n_seqs: int = typer.Option(4, "--n-seqs", help="sequences in the metric batch"),
     seq_len: int = typer.Option(64, "--seq-len", help="tokens per sequence (repeat: full repeated length)"),
     prompt: str = typer.Option(None, "--prompt", help="logit-diff: the prompt"),
     correct: str = typer.Option(None, "--correct", help="logit-diff: the correct next token"),
     wrong: str = typer.Option(None, "--wrong", help="logit-diff: the wrong next token"),
-    strategy: StrategyName = typer.Option(StrategyName.fast, "--strategy", help="fast (cached residuals, batched) or naive (one forward per head)"),
+    strategy: StrategyName = typer.Option(
+        StrategyName.fast, "--strategy", help="fast (cached residuals, batched) or naive (one forward per head)"
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="max sequences per stacked forward pass"),
     seed: int = SEED,
     census_csv: Path = CENSUS_CSV,
@@ -396,31 +471,53 @@ def ablate(
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
-        table = compare_to_random(hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, progress=progress)
+        table = compare_to_random(
+            hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, progress=progress
+        )
         out.mkdir(parents=True, exist_ok=True)
         write_csv(table, out / "ablation_vs_random.csv")
         a = table.attrs
-        typer.echo(f"{m.name} ({units}): clean {a['clean']:.4f}; {method.value} ablation of {len(chosen)} heads together")
-        _print_table(pd.DataFrame([
-            {"heads": "target", "effect": a["target_effect"], "worsening": a["target_worsening"]},
-            {"heads": f"{n_random} random sets (mean)", "effect": float("nan"), "worsening": a["random_mean"]},
-            {"heads": f"{n_random} random sets (std)", "effect": float("nan"), "worsening": a["random_std"]},
-        ]).rename(columns={"effect": f"effect ({units})"}), {f"effect ({units})": "+.4f", "worsening": "+.2%"})
+        typer.echo(
+            f"{m.name} ({units}): clean {a['clean']:.4f}; {method.value} ablation of {len(chosen)} heads together"
+        )
+        _print_table(
+            pd.DataFrame(
+                [
+                    {"heads": "target", "effect": a["target_effect"], "worsening": a["target_worsening"]},
+                    {"heads": f"{n_random} random sets (mean)", "effect": float("nan"), "worsening": a["random_mean"]},
+                    {"heads": f"{n_random} random sets (std)", "effect": float("nan"), "worsening": a["random_std"]},
+                ]
+            ).rename(columns={"effect": f"effect ({units})"}),
+            {f"effect ({units})": "+.4f", "worsening": "+.2%"},
+        )
         typer.echo(f"z = {a['z']:.2f}; share of random sets at least as bad: {a['p_random_ge']:.2f}")
         typer.echo(f"wrote {out / 'ablation_vs_random.csv'}")
         return
     labels = _labels(hooked, census_csv, seed, progress) if unit is UnitName.head else {}
-    table = ablation_sweep(hooked, m, method=method.value, unit=unit.value.replace("-", "_"), strategy=strategy.value,
-                           batch_size=batch_size, seed=seed, progress=progress)
+    table = ablation_sweep(
+        hooked,
+        m,
+        method=method.value,
+        unit=unit.value.replace("-", "_"),
+        strategy=strategy.value,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_csv(table, out / "ablation.csv")
     plot_sweep(table, out / "ablation.png")
-    typer.echo(f"{m.name} ({units}): clean {table.attrs['clean']:.4f}, tokens {tuple(m.tokens.shape)} (batch x positions), "
-               f"{method.value} ablation of each {unit.value}")
+    typer.echo(
+        f"{m.name} ({units}): clean {table.attrs['clean']:.4f}, tokens {tuple(m.tokens.shape)} (batch x positions), "
+        f"{method.value} ablation of each {unit.value}"
+    )
     rows = []
     for r in table.sort_values("worsening", ascending=False).head(top).itertuples():
-        row = ({"head": f"L{r.layer}H{r.head}", "kv": r.kv_head, "label": labels.get((r.layer, r.head), "")} if unit is UnitName.head
-               else {"kv group": f"L{r.layer}KV{r.kv_head}", "q heads": r.heads})
+        row = (
+            {"head": f"L{r.layer}H{r.head}", "kv": r.kv_head, "label": labels.get((r.layer, r.head), "")}
+            if unit is UnitName.head
+            else {"kv group": f"L{r.layer}KV{r.kv_head}", "q heads": r.heads}
+        )
         row.update({f"ablated ({units})": r.metric, f"effect ({units})": r.effect, "worsening": r.worsening})
         rows.append(row)
     typer.echo(f"top {len(rows)} by worsening:")
@@ -434,11 +531,19 @@ def prune(
     adapter: Path = ADAPTER,
     metric: MetricName = METRIC,
     out: Path = _out("directory for prune_curve.csv, prune_order.csv and prune_curve.png"),
-    tolerance: float = typer.Option(0.01, "--tolerance", help="largest allowed relative worsening, e.g. 0.01 = 1% more loss"),
+    tolerance: float = typer.Option(
+        0.01, "--tolerance", help="largest allowed relative worsening, e.g. 0.01 = 1% more loss"
+    ),
     steps: int = typer.Option(24, "--steps", help="grid steps from 0 to all heads"),
-    order: OrderName = typer.Option(OrderName.gradient, "--order", help="gradient (Michel et al. importance) or ablation (single-head effects)"),
-    reestimate: bool = typer.Option(True, "--reestimate/--no-reestimate", help="gradient order: re-rank after every step"),
-    method: MethodName = typer.Option(MethodName.zero, "--method", help="how a removed head is ablated: zero, mean or resample"),
+    order: OrderName = typer.Option(
+        OrderName.gradient, "--order", help="gradient (Michel et al. importance) or ablation (single-head effects)"
+    ),
+    reestimate: bool = typer.Option(
+        True, "--reestimate/--no-reestimate", help="gradient order: re-rank after every step"
+    ),
+    method: MethodName = typer.Option(
+        MethodName.zero, "--method", help="how a removed head is ablated: zero, mean or resample"
+    ),
     n_seqs: int = typer.Option(4, "--n-seqs", help="sequences in the metric batch"),
     seq_len: int = typer.Option(64, "--seq-len", help="tokens per sequence (repeat: full repeated length)"),
     prompt: str = typer.Option(None, "--prompt", help="logit-diff: the prompt"),
@@ -457,8 +562,17 @@ def prune(
 
     hooked = _load(model, adapter)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
-    result = prune_curve(hooked, m, tolerance=tolerance, steps=steps, order=order.value, reestimate=reestimate, method=method.value,
-                         seed=seed, progress=progress)
+    result = prune_curve(
+        hooked,
+        m,
+        tolerance=tolerance,
+        steps=steps,
+        order=order.value,
+        reestimate=reestimate,
+        method=method.value,
+        seed=seed,
+        progress=progress,
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result.curve, out / "prune_curve.csv")
     write_csv(result.order, out / "prune_order.csv")
@@ -466,18 +580,28 @@ def prune(
     typer.echo(result.summary())
     units = _metric_unit(m.name)
     grid = result.curve.sort_values("n_removed")
-    shown = pd.DataFrame({"heads removed": grid.n_removed, "fraction": grid.fraction_removed,
-                          f"{m.name} ({units})": grid.metric, "worsening": grid.worsening,
-                          "within tolerance": ["yes" if w else "no" for w in grid.within_tolerance],
-                          "point": ["bisection" if r else "grid" for r in grid.refined]})
+    shown = pd.DataFrame(
+        {
+            "heads removed": grid.n_removed,
+            "fraction": grid.fraction_removed,
+            f"{m.name} ({units})": grid.metric,
+            "worsening": grid.worsening,
+            "within tolerance": ["yes" if w else "no" for w in grid.within_tolerance],
+            "point": ["bisection" if r else "grid" for r in grid.refined],
+        }
+    )
     _print_table(shown, {"fraction": ".1%", f"{m.name} ({units})": ".4f", "worsening": "+.2%"})
     typer.echo(f"wrote {out / 'prune_curve.csv'}, {out / 'prune_order.csv'} and {out / 'prune_curve.png'}")
 
 
 @app.command("compare")
 def compare_cmd(
-    base: str = typer.Option(..., "--base", help=f"base model: {MODEL_NAMES}; or a local HF directory, .gguf file or cached hub id"),
-    tuned: str = typer.Option(..., "--tuned", help="PEFT LoRA adapter directory (merged into --base) or a full fine-tuned model"),
+    base: str = typer.Option(
+        ..., "--base", help=f"base model: {MODEL_NAMES}; or a local HF directory, .gguf file or cached hub id"
+    ),
+    tuned: str = typer.Option(
+        ..., "--tuned", help="PEFT LoRA adapter directory (merged into --base) or a full fine-tuned model"
+    ),
     out: Path = _out("directory for compare.csv and compare.png"),
     census: bool = typer.Option(True, "--census/--no-census", help="also compare census scores and labels"),
     seed: int = SEED,
@@ -499,10 +623,18 @@ def compare_cmd(
     save_figure(plot_comparison(df), out / "compare.png", dpi=110)
     shown = top_changed(df, top).copy()
     shown.insert(0, "head name", [f"L{r.layer}H{r.head}" for r in shown.itertuples()])
-    cols = [c for c in ("head name", "kv_head", "jsd", "dW_Q", "dW_K", "dW_V", "dW_O", "label_base", "label_tuned") if c in shown.columns]
-    typer.echo(f"top {len(shown)} heads by attention change (jsd: mean Jensen-Shannon divergence, bits; dW: relative weight change)")
-    _print_table(shown[cols].rename(columns={"head name": "head", "kv_head": "kv", "jsd": "jsd (bits)"}),
-                 {"jsd (bits)": ".4f", "dW_Q": ".4f", "dW_K": ".4f", "dW_V": ".4f", "dW_O": ".4f"})
+    cols = [
+        c
+        for c in ("head name", "kv_head", "jsd", "dW_Q", "dW_K", "dW_V", "dW_O", "label_base", "label_tuned")
+        if c in shown.columns
+    ]
+    typer.echo(
+        f"top {len(shown)} heads by attention change (jsd: mean Jensen-Shannon divergence, bits; dW: relative weight change)"
+    )
+    _print_table(
+        shown[cols].rename(columns={"head name": "head", "kv_head": "kv", "jsd": "jsd (bits)"}),
+        {"jsd (bits)": ".4f", "dW_Q": ".4f", "dW_K": ".4f", "dW_V": ".4f", "dW_O": ".4f"},
+    )
     typer.echo(f"wrote {out / 'compare.csv'} and {out / 'compare.png'}")
 
 
@@ -511,7 +643,9 @@ def stats(
     model: str = MODEL,
     adapter: Path = ADAPTER,
     out: Path = _out("directory for entropy.csv and similarity.csv"),
-    temperatures: str = typer.Option("0.5,1,2", "--temperatures", help="comma list; T=1 is the model's own 1/sqrt(d_head) scaling"),
+    temperatures: str = typer.Option(
+        "0.5,1,2", "--temperatures", help="comma list; T=1 is the model's own 1/sqrt(d_head) scaling"
+    ),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per natural-text window"),
     batch: int = typer.Option(8, "--batch", help="natural-text windows"),
     seed: int = SEED,
@@ -522,12 +656,20 @@ def stats(
     try:
         temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
     except ValueError:
-        raise HeadlensError(f"--temperatures must be a comma list of numbers, e.g. 0.5,1,2 (got {temperatures!r})") from None
+        raise HeadlensError(
+            f"--temperatures must be a comma list of numbers, e.g. 0.5,1,2 (got {temperatures!r})"
+        ) from None
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the tables")
     import pandas as pd
 
-    from headlens.attention_stats import group_contrast, head_similarity, mean_offdiagonal, scale_entropy_table, scale_settings
+    from headlens.attention_stats import (
+        group_contrast,
+        head_similarity,
+        mean_offdiagonal,
+        scale_entropy_table,
+        scale_settings,
+    )
     from headlens.models import kv_heads
     from headlens.probes import natural_text
 
@@ -547,7 +689,9 @@ def stats(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(entropy, out / "entropy.csv")
     write_csv(similarity, out / "similarity.csv")
-    by_layer = entropy.pivot_table(index="layer", columns="setting", values="entropy")[list(dict.fromkeys(entropy.setting))]
+    by_layer = entropy.pivot_table(index="layer", columns="setting", values="entropy")[
+        list(dict.fromkeys(entropy.setting))
+    ]
     typer.echo(f"mean attention entropy (nats) per layer, {batch} x {seq_len} tokens of natural text:")
     typer.echo(by_layer.round(3).to_string())
     typer.echo(f"wrote {out / 'entropy.csv'} and {out / 'similarity.csv'}")

@@ -49,7 +49,7 @@ def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float
     return ((kl_pm + kl_qm) / (2 * np.log(2))).clamp_min(0)
 
 
-def relative_change(w_base: Float[Tensor, "head ..."], w_tuned: Float[Tensor, "head ..."]) -> Float[Tensor, "head"]:
+def relative_change(w_base: Float[Tensor, "head ..."], w_tuned: Float[Tensor, "head ..."]) -> Float[Tensor, " head"]:
     """||W_tuned - W_base||_F / ||W_base||_F per leading (head) index."""
     diff = (w_tuned.double() - w_base.double()).flatten(1).norm(dim=1)
     return diff / w_base.double().flatten(1).norm(dim=1).clamp_min(1e-30)
@@ -61,9 +61,15 @@ def relative_change(w_base: Float[Tensor, "head ..."], w_tuned: Float[Tensor, "h
 def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
     """Raise HeadlensError unless both models have the same layers, heads, widths and vocabulary."""
     fields = ("n_layers", "n_heads", "n_key_value_heads", "d_head", "d_model", "d_vocab")
-    diffs = [f"{f} {getattr(base.cfg, f)} vs {getattr(tuned.cfg, f)}" for f in fields if getattr(base.cfg, f) != getattr(tuned.cfg, f)]
+    diffs = [
+        f"{f} {getattr(base.cfg, f)} vs {getattr(tuned.cfg, f)}"
+        for f in fields
+        if getattr(base.cfg, f) != getattr(tuned.cfg, f)
+    ]
     if diffs:
-        raise HeadlensError(f"the tuned model does not have the base model's shape ({'; '.join(diffs)}): compare a fine-tune of the same model")
+        raise HeadlensError(
+            f"the tuned model does not have the base model's shape ({'; '.join(diffs)}): compare a fine-tune of the same model"
+        )
 
 
 def _module_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -104,7 +110,9 @@ def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
     except json.JSONDecodeError as err:
         raise HeadlensError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise HeadlensError(f"adapter {path} is a {config.get('peft_type')} adapter; headlens merges LoRA adapters only")
+        raise HeadlensError(
+            f"adapter {path} is a {config.get('peft_type')} adapter; headlens merges LoRA adapters only"
+        )
     shapes = _module_shapes(base.cfg)
     targets = config.get("target_modules") or []
     if isinstance(targets, list):
@@ -118,7 +126,9 @@ def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
         with safe_open(str(weights), framework="pt") as f:
             shapes_of = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as err:  # noqa: BLE001 - a damaged file is the user's; say so in one line
-        raise HeadlensError(f"could not read {weights}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+        raise HeadlensError(
+            f"could not read {weights}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from None
     pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
     modules, layers, rank = set(), set(), None
     keys = list(shapes_of)
@@ -128,9 +138,13 @@ def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
             continue
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         if layer >= base.cfg.n_layers:
-            raise HeadlensError(f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model")
+            raise HeadlensError(
+                f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model"
+            )
         if module not in shapes:
-            raise HeadlensError(f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})")
+            raise HeadlensError(
+                f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})"
+            )
         fan_in, fan_out = shapes[module]
         expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
         if shape != expected:
@@ -142,11 +156,15 @@ def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
         modules.add(module)
         layers.add(layer)
     if not modules:
-        raise HeadlensError(f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})")
+        raise HeadlensError(
+            f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})"
+        )
     return {"modules": sorted(modules), "layers": sorted(layers), "rank": rank}
 
 
-def load_tuned(base: HookedTransformer | str, tuned: str | os.PathLike, *, base_source: str | None = None, **load_kwargs) -> HookedTransformer:
+def load_tuned(
+    base: HookedTransformer | str, tuned: str | os.PathLike, *, base_source: str | None = None, **load_kwargs
+) -> HookedTransformer:
     """Load the tuned model: an adapter directory is merged into the base source; anything else is a full model.
 
     ``base`` is the loaded base model (used to check the adapter first) or its source; ``base_source``
@@ -182,19 +200,29 @@ def _as_batches(model: HookedTransformer, probes, seed: int = 0) -> list[Tensor]
     elif isinstance(probes, Tensor):
         tokens = probes[None] if probes.ndim == 1 else probes
         if tokens.ndim != 2 or tokens.shape[1] < 2:
-            raise HeadlensError(f"probes must be a [batch, pos] token tensor with at least 2 positions, got shape {tuple(probes.shape)}")
+            raise HeadlensError(
+                f"probes must be a [batch, pos] token tensor with at least 2 positions, got shape {tuple(probes.shape)}"
+            )
         batches = [tokens.long()]
-    elif isinstance(probes, str) or (isinstance(probes, (list, tuple)) and probes and all(isinstance(t, str) for t in probes)):
+    elif isinstance(probes, str) or (
+        isinstance(probes, (list, tuple)) and probes and all(isinstance(t, str) for t in probes)
+    ):
         if model.tokenizer is None:
             raise HeadlensError("text probes need a model with a tokenizer; pass token ids instead")
-        batches = [model.to_tokens(text, prepend_bos=False) for text in ([probes] if isinstance(probes, str) else probes)]
+        batches = [
+            model.to_tokens(text, prepend_bos=False) for text in ([probes] if isinstance(probes, str) else probes)
+        ]
         if any(b.shape[1] < 2 for b in batches):
             raise HeadlensError("every text probe must be at least 2 tokens long")
     else:
-        raise HeadlensError(f"probes must be a ProbeSet, a [batch, pos] token tensor, or text(s); got {type(probes).__name__}")
+        raise HeadlensError(
+            f"probes must be a ProbeSet, a [batch, pos] token tensor, or text(s); got {type(probes).__name__}"
+        )
     for b in batches:
         if b.shape[1] > MAX_PROBE_TOKENS:
-            raise HeadlensError(f"probes are limited to {MAX_PROBE_TOKENS} tokens (got {b.shape[1]}): both models' patterns of a batch are held at once")
+            raise HeadlensError(
+                f"probes are limited to {MAX_PROBE_TOKENS} tokens (got {b.shape[1]}): both models' patterns of a batch are held at once"
+            )
         if int(b.min()) < 0 or int(b.max()) >= model.cfg.d_vocab:
             raise HeadlensError(f"probe token ids must lie in 0..{model.cfg.d_vocab - 1}")
     return batches
@@ -232,10 +260,10 @@ def attention_divergence(
         stored: dict[int, Tensor] = {}
 
         def keep(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
-            stored[layer] = pattern.detach().clone()
+            stored[layer] = pattern.detach().clone()  # noqa: B023
 
         def compare(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
-            jsd = js_divergence(stored.pop(layer), pattern)[:, :, 1:]
+            jsd = js_divergence(stored.pop(layer), pattern)[:, :, 1:]  # noqa: B023
             sums[layer] += jsd.sum((0, 2)).cpu()
             peak[layer] = torch.maximum(peak[layer], jsd.amax((0, 2)).cpu())
 
@@ -245,7 +273,11 @@ def attention_divergence(
     mean = (sums / n_queries).numpy()
     kv = kv_heads(base)
     return pd.DataFrame(
-        [{"layer": l, "head": h, "kv_head": kv[h], "jsd": mean[l, h], "jsd_max": peak[l, h].item()} for l in range(L) for h in range(H)]
+        [
+            {"layer": l, "head": h, "kv_head": kv[h], "jsd": mean[l, h], "jsd_max": peak[l, h].item()}
+            for l in range(L)
+            for h in range(H)
+        ]
     )
 
 
@@ -266,14 +298,28 @@ def weight_changes(base: HookedTransformer, tuned: HookedTransformer) -> pd.Data
         grouped = dk.shape[0] != dq.shape[0]
         for h in range(base.cfg.n_heads):
             g = kv[h] if grouped else h
-            rows.append({"layer": layer, "head": h, "kv_head": kv[h], "dW_Q": dq[h].item(), "dW_K": dk[g].item(), "dW_V": dv[g].item(), "dW_O": do[h].item()})
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "kv_head": kv[h],
+                    "dW_Q": dq[h].item(),
+                    "dW_K": dk[g].item(),
+                    "dW_V": dv[g].item(),
+                    "dW_O": do[h].item(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def census_deltas(census_base: pd.DataFrame, census_tuned: pd.DataFrame) -> pd.DataFrame:
     """Per head: tuned minus base for every census score (``d_<score>``), both labels and whether the label changed."""
     keys = ["layer", "head"]
-    scores = [c for c in census_base.columns if c in SCORES or (c not in keys + ["kv_head", "label"] and pd.api.types.is_numeric_dtype(census_base[c]))]
+    scores = [
+        c
+        for c in census_base.columns
+        if c in SCORES or (c not in keys + ["kv_head", "label"] and pd.api.types.is_numeric_dtype(census_base[c]))
+    ]
     merged = census_base.merge(census_tuned, on=keys, suffixes=("_base", "_tuned"))
     out = merged[keys].copy()
     for s in scores:
@@ -334,7 +380,9 @@ def plot_comparison(df: pd.DataFrame, *, columns=("jsd", "dW_Q", "dW_K", "dW_V",
     import matplotlib.pyplot as plt
 
     columns = [c for c in columns if c in df.columns]
-    fig, axes = plt.subplots(1, len(columns), figsize=(2.2 + 2.6 * len(columns), 0.25 * df["layer"].nunique() + 2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(2.2 + 2.6 * len(columns), 0.25 * df["layer"].nunique() + 2), squeeze=False
+    )
     for ax, col in zip(axes[0], columns):
         table = df.pivot(index="layer", columns="head", values=col)
         im = ax.imshow(table.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")

@@ -126,7 +126,9 @@ def write_csv(df, path: str | os.PathLike, *, provenance: dict | None = None, in
     return Path(path)
 
 
-def write_parquet(df, path: str | os.PathLike, *, provenance: dict | None = None, index: bool = False, **kwargs) -> Path:
+def write_parquet(
+    df, path: str | os.PathLike, *, provenance: dict | None = None, index: bool = False, **kwargs
+) -> Path:
     """``df.to_parquet`` atomically; with ``provenance``, also write its sidecar."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=index, **kwargs)
@@ -218,7 +220,9 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def mismatch(path: str | os.PathLike, expected: dict, keys=("model", "source", "adapter", "weights", "settings")) -> str | None:
+def mismatch(
+    path: str | os.PathLike, expected: dict, keys=("model", "source", "adapter", "weights", "settings")
+) -> str | None:
     """Why the file at ``path`` is not what ``expected`` provenance describes (None when it matches)."""
     path = Path(path)
     saved = read_provenance(path)

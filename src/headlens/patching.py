@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import einops
 import pandas as pd
@@ -46,11 +47,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from scipy.stats import spearmanr
 from torch import Tensor
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError
 from headlens.models import kv_heads
+from headlens.progress import tqdm
 
 Activation = Literal["z", "pattern", "q", "k", "v"]
 ACTIVATIONS: tuple[str, ...] = ("z", "pattern", "q", "k", "v")
@@ -90,7 +91,7 @@ class PromptPair:
 
     clean: Int[Tensor, "batch pos"]
     corrupted: Int[Tensor, "batch pos"]
-    positions: Int[Tensor, "n_pos"]
+    positions: Int[Tensor, " n_pos"]
     metric: Metric
     name: str = "pair"
     info: dict = field(default_factory=dict)
@@ -111,7 +112,7 @@ class PromptPair:
         return self.metric(logits[:, self.positions])
 
 
-def _token_pool(model: HookedTransformer) -> Int[Tensor, "n"]:
+def _token_pool(model: HookedTransformer) -> Int[Tensor, " n"]:
     """Ordinary word tokens (as the census' repeated probe uses) or, without a tokenizer, the whole vocabulary."""
     if model.tokenizer is None:
         return torch.arange(model.cfg.d_vocab)
@@ -120,7 +121,9 @@ def _token_pool(model: HookedTransformer) -> Int[Tensor, "n"]:
     return word_token_ids(model)
 
 
-def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, prefix: int = 1, seed: int = 0) -> PromptPair:
+def induction_pair(
+    model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, prefix: int = 1, seed: int = 0
+) -> PromptPair:
     """Repeated random tokens ``[P A A]`` (clean) vs ``[P B A]``, the first half resampled (corrupted).
 
     ``P`` is ``prefix`` shared tokens (Qwen has no BOS, so position 0 is a sink); ``P``, ``A`` and ``B`` are
@@ -129,12 +132,18 @@ def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int =
     run nothing can.
     """
     if n_tokens < 3 or batch < 1 or prefix < 0:
-        raise HeadlensError(f"induction_pair needs n_tokens >= 3, batch >= 1 and prefix >= 0, got n_tokens={n_tokens}, batch={batch}, prefix={prefix}")
+        raise HeadlensError(
+            f"induction_pair needs n_tokens >= 3, batch >= 1 and prefix >= 0, got n_tokens={n_tokens}, batch={batch}, prefix={prefix}"
+        )
     pool = _token_pool(model)
     if len(pool) < prefix + 2 * n_tokens:
-        raise HeadlensError(f"the vocabulary has only {len(pool)} ordinary tokens; an induction pair needs prefix + 2 * n_tokens = {prefix + 2 * n_tokens}")
+        raise HeadlensError(
+            f"the vocabulary has only {len(pool)} ordinary tokens; an induction pair needs prefix + 2 * n_tokens = {prefix + 2 * n_tokens}"
+        )
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.stack([pool[torch.randperm(len(pool), generator=generator)[: prefix + 2 * n_tokens]] for _ in range(batch)])
+    draws = torch.stack(
+        [pool[torch.randperm(len(pool), generator=generator)[: prefix + 2 * n_tokens]] for _ in range(batch)]
+    )
     p, a, b = draws[:, :prefix], draws[:, prefix : prefix + n_tokens], draws[:, prefix + n_tokens :]
     clean = torch.cat([p, a, a], dim=1)
     corrupted = torch.cat([p, b, a], dim=1)
@@ -145,7 +154,13 @@ def induction_pair(model: HookedTransformer, *, n_tokens: int = 10, batch: int =
         positions=positions,
         metric=partial(logprob, targets=clean[:, positions + 1]),
         name="induction",
-        info={"n_tokens": n_tokens, "batch": batch, "prefix": prefix, "seed": seed, "metric": "mean log-prob of the next token, second half"},
+        info={
+            "n_tokens": n_tokens,
+            "batch": batch,
+            "prefix": prefix,
+            "seed": seed,
+            "metric": "mean log-prob of the next token, second half",
+        },
     )
 
 
@@ -153,14 +168,18 @@ def _tokens(model: HookedTransformer, texts: Sequence[str], what: str) -> Int[Te
     rows = [model.to_tokens(t, prepend_bos=model.cfg.default_prepend_bos)[0] for t in texts]
     lengths = {len(r) for r in rows}
     if len(lengths) > 1:
-        raise HeadlensError(f"the {what} prompts tokenize to different lengths {sorted(lengths)}; give prompts of equal token length")
+        raise HeadlensError(
+            f"the {what} prompts tokenize to different lengths {sorted(lengths)}; give prompts of equal token length"
+        )
     return torch.stack(rows)
 
 
 def _single_token(model: HookedTransformer, text: str) -> int:
     ids = model.to_tokens(text, prepend_bos=False)[0]
     if len(ids) != 1:
-        raise HeadlensError(f"answer {text!r} is {len(ids)} tokens; give a single token (mind the leading space, e.g. ' Paris')")
+        raise HeadlensError(
+            f"answer {text!r} is {len(ids)} tokens; give a single token (mind the leading space, e.g. ' Paris')"
+        )
     return int(ids[0])
 
 
@@ -181,7 +200,9 @@ def text_pair(
     clean_texts = [clean] if isinstance(clean, str) else list(clean)
     corrupted_texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
     if len(clean_texts) != len(corrupted_texts) or not clean_texts:
-        raise HeadlensError(f"give as many corrupted prompts as clean ones (got {len(clean_texts)} clean, {len(corrupted_texts)} corrupted)")
+        raise HeadlensError(
+            f"give as many corrupted prompts as clean ones (got {len(clean_texts)} clean, {len(corrupted_texts)} corrupted)"
+        )
     for c, k in zip(clean_texts, corrupted_texts):
         n_c = model.to_tokens(c, prepend_bos=model.cfg.default_prepend_bos).shape[-1]
         n_k = model.to_tokens(k, prepend_bos=model.cfg.default_prepend_bos).shape[-1]
@@ -202,7 +223,10 @@ def text_pair(
         top = last.argmax(-1).cpu()
         correct, other = top[:batch], top[batch:]
         if bool((correct != other).all()):
-            metric, text = partial(logit_diff, correct=correct[:, None], wrong=other[:, None]), "logit diff clean top − corrupted top"
+            metric, text = (
+                partial(logit_diff, correct=correct[:, None], wrong=other[:, None]),
+                "logit diff clean top − corrupted top",
+            )
         else:
             metric, text = partial(logprob, targets=correct[:, None]), "log-prob of the clean run's top next token"
     else:
@@ -218,7 +242,9 @@ def text_pair(
 # ---------------------------------------------------------------- running pieces of the model
 
 
-def _unembed_at(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, "n_pos"]) -> Float[Tensor, "batch n_pos d_vocab"]:
+def _unembed_at(
+    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, " n_pos"]
+) -> Float[Tensor, "batch n_pos d_vocab"]:
     """Final norm and unembedding of the residual stream at ``positions`` only.
 
     Multiplies by ``W_U`` directly: TransformerLens' ``Unembed.forward`` copies ``W_U.T`` to contiguous memory on
@@ -232,9 +258,18 @@ def _unembed_at(model: HookedTransformer, resid: Float[Tensor, "batch pos d_mode
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
 
 
-def _final_logits(model: HookedTransformer, tokens_or_resid: Tensor, positions: Int[Tensor, "n_pos"], *, start_at_layer: int | None = None, fwd_hooks=()) -> Float[Tensor, "batch n_pos d_vocab"]:
+def _final_logits(
+    model: HookedTransformer,
+    tokens_or_resid: Tensor,
+    positions: Int[Tensor, " n_pos"],
+    *,
+    start_at_layer: int | None = None,
+    fwd_hooks=(),
+) -> Float[Tensor, "batch n_pos d_vocab"]:
     """Logits at ``positions`` only: the blocks (from ``start_at_layer``), then :func:`_unembed_at`."""
-    resid = model.run_with_hooks(tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks))
+    resid = model.run_with_hooks(
+        tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks)
+    )
     return _unembed_at(model, resid, positions)
 
 
@@ -259,7 +294,9 @@ def _check_activation(activation: str) -> None:
         raise HeadlensError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _unit_mask(activation: str, units: Sequence[tuple[int, int | None]], n_units: int, n_pos: int) -> Bool[Tensor, "k 1 ..."]:
+def _unit_mask(
+    activation: str, units: Sequence[tuple[int, int | None]], n_units: int, n_pos: int
+) -> Bool[Tensor, "k 1 ..."]:
     """One boolean mask per patched run, broadcastable against ``(k, batch, *activation dims)``.
 
     z/q/k/v are ``batch pos head d_head``; pattern is ``batch head dest_pos src_pos``.
@@ -344,7 +381,9 @@ def activation_patching(
         positions = range(n_pos) if by_position else [None]
         units = [(u, p) for p in positions for u in range(n_units)]
         batch = pair.clean.shape[0]
-        batch_size = max(1, min(int(batch_size), LOGITS_BUDGET // (batch * len(pair.positions) * model.cfg.d_vocab_out)))
+        batch_size = max(
+            1, min(int(batch_size), LOGITS_BUDGET // (batch * len(pair.positions) * model.cfg.d_vocab_out))
+        )
         rows = []
         jobs = [(layer, units[i : i + batch_size]) for layer in layers for i in range(0, len(units), batch_size)]
         for layer, chunk in tqdm(jobs, desc=f"patching {activation}", disable=not progress, leave=False):
@@ -356,7 +395,9 @@ def activation_patching(
                 act = act.view(k, batch, *act.shape[1:])
                 return torch.where(mask, source[None], act).flatten(0, 1)
 
-            resid = einops.repeat(corrupted_cache[utils.get_act_name("resid_pre", layer)], "b p d -> (k b) p d", k=len(chunk))
+            resid = einops.repeat(
+                corrupted_cache[utils.get_act_name("resid_pre", layer)], "b p d -> (k b) p d", k=len(chunk)
+            )
             logits = _final_logits(model, resid, pair.positions, start_at_layer=layer, fwd_hooks=[(name, patch)])
             logits = logits.view(len(chunk), batch, *logits.shape[1:])
             rows += [(layer, unit, pos, float(metric(logits[i]))) for i, (unit, pos) in enumerate(chunk)]
@@ -414,7 +455,11 @@ def attribution_patching(
                 layer = names[name][1]
                 attr = _attribution(activation, clean_cache[name], saved[name].detach(), grad)
                 if by_position:
-                    rows += [(layer, u, p, corrupted + float(attr[p, u])) for p in range(attr.shape[0]) for u in range(attr.shape[1])]
+                    rows += [
+                        (layer, u, p, corrupted + float(attr[p, u]))
+                        for p in range(attr.shape[0])
+                        for u in range(attr.shape[1])
+                    ]
                 else:
                     rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(attr.sum(0))]
             tables.append(_table(model, activation, rows, clean, corrupted, "attribution", by_position))
@@ -434,7 +479,9 @@ def _attribution(activation: str, clean: Tensor, corrupted: Tensor, grad: Tensor
 # ---------------------------------------------------------------- comparison
 
 
-def rank_correlation(exact: pd.Series | Sequence[float], estimate: pd.Series | Sequence[float], *, top: int | None = None) -> float:
+def rank_correlation(
+    exact: pd.Series | Sequence[float], estimate: pd.Series | Sequence[float], *, top: int | None = None
+) -> float:
     """Spearman rank correlation of two effect lists; with ``top``, over the ``top`` largest |exact| only."""
     exact = pd.Series(list(exact), dtype=float)
     estimate = pd.Series(list(estimate), dtype=float)
@@ -464,9 +511,20 @@ def compare_patching(
     (``spearman_top``), and both methods' wall times in seconds.
     """
     start = time.perf_counter()
-    exact = activation_patching(model, pair, activation=activation, by_position=by_position, ungroup_kv=ungroup_kv, metric=metric, batch_size=batch_size, progress=progress)
+    exact = activation_patching(
+        model,
+        pair,
+        activation=activation,
+        by_position=by_position,
+        ungroup_kv=ungroup_kv,
+        metric=metric,
+        batch_size=batch_size,
+        progress=progress,
+    )
     middle = time.perf_counter()
-    attr = attribution_patching(model, pair, activations=[activation], by_position=by_position, ungroup_kv=ungroup_kv, metric=metric)
+    attr = attribution_patching(
+        model, pair, activations=[activation], by_position=by_position, ungroup_kv=ungroup_kv, metric=metric
+    )
     end = time.perf_counter()
     keys = [c for c in ("layer", "kv_head", "pos") if c in exact]
     assert exact[keys].equals(attr[keys]) and exact["head"].equals(attr["head"])

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Int
@@ -120,7 +121,9 @@ def repeated_tokens(model: HookedTransformer, *, n: int = 64, batch: int = 4, pr
     if int(n) < 2:
         raise HeadlensError(f"repeated-token probes need n >= 2 tokens per half (got n={n})")
     if int(prefix) < 0 or int(batch) < 1:
-        raise HeadlensError(f"repeated-token probes need prefix >= 0 and batch >= 1 (got prefix={prefix}, batch={batch})")
+        raise HeadlensError(
+            f"repeated-token probes need prefix >= 0 and batch >= 1 (got prefix={prefix}, batch={batch})"
+        )
     tokenizer = _tokenizer(model)
     _check_len(model, prefix + 2 * n, "repeated-token probe")
     pool_t = word_token_ids(model)
@@ -138,7 +141,7 @@ def repeated_tokens(model: HookedTransformer, *, n: int = 64, batch: int = 4, pr
     return Probe("repeated", tokens, delimiter_mask(tokenizer, tokens), n=int(n), prefix=int(prefix))
 
 
-def word_token_ids(model: HookedTransformer) -> Int[Tensor, "n"]:
+def word_token_ids(model: HookedTransformer) -> Int[Tensor, " n"]:
     """The model's ordinary word tokens (:func:`word_tokens`) that lie inside its embedding."""
     return torch.tensor([i for i in word_tokens(_tokenizer(model)) if i < model.cfg.d_vocab])
 
@@ -165,19 +168,25 @@ def word_tokens(tokenizer) -> tuple[int, ...]:
 # ---------------------------------------------------------------- text windows
 
 
-def natural_text(model: HookedTransformer, *, seq_len: int = 128, batch: int = 4, seed: int = 0, text: str | None = None) -> Probe:
+def natural_text(
+    model: HookedTransformer, *, seq_len: int = 128, batch: int = 4, seed: int = 0, text: str | None = None
+) -> Probe:
     """``batch`` windows of ``seq_len`` tokens of ``text`` (default: the corpus prose), starting at line starts (seeded)."""
     return _text_probe(model, "natural", corpus_sections()["prose"] if text is None else text, seq_len, batch, seed)
 
 
-def delimiter_text(model: HookedTransformer, *, seq_len: int = 128, batch: int = 4, seed: int = 0, text: str | None = None) -> Probe:
+def delimiter_text(
+    model: HookedTransformer, *, seq_len: int = 128, batch: int = 4, seed: int = 0, text: str | None = None
+) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text (default: the corpus's code and data lines)."""
     return _text_probe(model, "delimiter", corpus_sections()["code"] if text is None else text, seq_len, batch, seed)
 
 
 def _text_probe(model: HookedTransformer, kind: Kind, text: str, seq_len: int, batch: int, seed: int) -> Probe:
     if not isinstance(text, str) or not text.strip():
-        raise HeadlensError(f"{kind} probe: the text is empty; pass some text (several lines, at least {seq_len} tokens)")
+        raise HeadlensError(
+            f"{kind} probe: the text is empty; pass some text (several lines, at least {seq_len} tokens)"
+        )
     if int(seq_len) < 2 or int(batch) < 1:
         raise HeadlensError(f"{kind} probe: seq_len must be >= 2 and batch >= 1 (got seq_len={seq_len}, batch={batch})")
     _check_len(model, seq_len, f"{kind} probe")
@@ -185,16 +194,15 @@ def _text_probe(model: HookedTransformer, kind: Kind, text: str, seq_len: int, b
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     if len(ids) < seq_len:
-        raise HeadlensError(f"{kind} probe: the text has {len(ids)} tokens, fewer than seq_len={seq_len}; give more text or lower seq_len")
+        raise HeadlensError(
+            f"{kind} probe: the text has {len(ids)} tokens, fewer than seq_len={seq_len}; give more text or lower seq_len"
+        )
     delim = delimiter_mask(tokenizer, ids[None])[0]
     pieces = tokenizer.batch_decode([[i] for i in ids.tolist()])
     starts = [
         t
         for t, (begin, _) in enumerate(enc["offset_mapping"])
-        if t + seq_len <= len(ids)
-        and (begin == 0 or text[begin - 1] == "\n")
-        and not delim[t]
-        and pieces[t].strip()
+        if t + seq_len <= len(ids) and (begin == 0 or text[begin - 1] == "\n") and not delim[t] and pieces[t].strip()
     ]
     if not starts:
         starts = [t for t in range(len(ids) - seq_len + 1) if not delim[t] and pieces[t].strip()] or [0]
@@ -234,18 +242,24 @@ def delimiter_mask(tokenizer, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, 
 def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
     """Raise a HeadlensError when a probe cannot run on ``model`` or its metadata does not fit its tokens."""
     if not isinstance(probes, ProbeSet):
-        raise HeadlensError(f"probes must be a headlens.probes.ProbeSet (got {type(probes).__name__}); build one with default_probes()")
+        raise HeadlensError(
+            f"probes must be a headlens.probes.ProbeSet (got {type(probes).__name__}); build one with default_probes()"
+        )
     if not any(True for _ in probes):
         raise HeadlensError("the probe set is empty: give at least one of repeated, natural or delimiter probes")
     for probe in probes:
         tokens = probe.tokens
         if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
-            raise HeadlensError(f"{probe.kind} probe: tokens must be [batch, pos] with batch >= 1 and pos >= 2 (got {tuple(tokens.shape)})")
+            raise HeadlensError(
+                f"{probe.kind} probe: tokens must be [batch, pos] with batch >= 1 and pos >= 2 (got {tuple(tokens.shape)})"
+            )
         _check_len(model, probe.seq_len, f"{probe.kind} probe")
         if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
             raise HeadlensError(f"{probe.kind} probe: token ids must lie in [0, {model.cfg.d_vocab}) for this model")
         if tuple(probe.is_delim.shape) != tuple(tokens.shape):
-            raise HeadlensError(f"{probe.kind} probe: is_delim has shape {tuple(probe.is_delim.shape)}, tokens {tuple(tokens.shape)}")
+            raise HeadlensError(
+                f"{probe.kind} probe: is_delim has shape {tuple(probe.is_delim.shape)}, tokens {tuple(tokens.shape)}"
+            )
         if probe.kind == "repeated":
             if probe.n is None or probe.n < 2:
                 raise HeadlensError(f"repeated probe: n must be >= 2 (got {probe.n})")
@@ -257,10 +271,14 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
 
 def _check_len(model: HookedTransformer, seq_len: int, what: str) -> None:
     if seq_len > model.cfg.n_ctx:
-        raise HeadlensError(f"{what} of {seq_len} tokens is longer than the model's context (n_ctx={model.cfg.n_ctx}); use shorter probes")
+        raise HeadlensError(
+            f"{what} of {seq_len} tokens is longer than the model's context (n_ctx={model.cfg.n_ctx}); use shorter probes"
+        )
 
 
 def _tokenizer(model: HookedTransformer):
     if getattr(model, "tokenizer", None) is None:
-        raise HeadlensError("this probe needs a model with a tokenizer; for a tokenizer-less model pass probes= a ProbeSet built from token ids (e.g. headlens.toy.toy_probes(model))")
+        raise HeadlensError(
+            "this probe needs a model with a tokenizer; for a tokenizer-less model pass probes= a ProbeSet built from token ids (e.g. headlens.toy.toy_probes(model))"
+        )
     return model.tokenizer

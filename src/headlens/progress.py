@@ -77,7 +77,9 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
             kwargs["ascii"] = True
             kwargs["dynamic_ncols"] = False
             kwargs.setdefault("ncols", 100)
-            kwargs["bar_format"] = kwargs.get("bar_format") or "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+            kwargs["bar_format"] = (
+                kwargs.get("bar_format") or "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+            )
         self._last_line = None
         super().__init__(*args, **kwargs)
 
@@ -107,6 +109,8 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
         super().close()
 
 
-def bar(iterable=None, *, desc: str, total: int | None = None, disable: bool = False, leave: bool = False, unit: str = "it"):
+def bar(
+    iterable=None, *, desc: str, total: int | None = None, disable: bool = False, leave: bool = False, unit: str = "it"
+):
     """A headlens progress bar (``disable`` for a caller's ``progress=False``)."""
     return tqdm(iterable, desc=desc, total=total, disable=disable, leave=leave, unit=unit)

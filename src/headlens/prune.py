@@ -23,7 +23,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from torch import Tensor
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer
 
 from headlens.ablation import (
@@ -40,6 +39,7 @@ from headlens.ablation import (
 )
 from headlens.errors import HeadlensError
 from headlens.models import kv_heads
+from headlens.progress import tqdm
 
 
 @dataclass
@@ -66,8 +66,10 @@ class PruneResult:
 
     def summary(self) -> str:
         last = ", ".join(f"L{r.layer}H{r.head}" for r in self.last_heads(5).itertuples())
-        return (f"{self.metric}: clean {self.clean:.4f}; {self.max_removed}/{self.n_heads} heads "
-                f"({self.max_fraction:.1%}) removable within {self.tolerance:.1%}; last to go: {last}")
+        return (
+            f"{self.metric}: clean {self.clean:.4f}; {self.max_removed}/{self.n_heads} heads "
+            f"({self.max_fraction:.1%}) removable within {self.tolerance:.1%}; last to go: {last}"
+        )
 
     def plot(self, path: str | Path | None = None, *, title: str | None = None):
         """Relative worsening vs fraction removed, tolerance line and the largest removable fraction; PNG if ``path``."""
@@ -88,7 +90,10 @@ class PruneResult:
         ax.set_yscale("symlog", linthresh=max(100 * self.tolerance, 1e-3))
         ax.set_xlabel("fraction of attention heads removed")
         ax.set_ylabel("relative worsening of metric (%)")
-        ax.set_title(title or f"greedy head pruning ({self.settings.get('order', '')}, {self.settings.get('method', '')} ablation)")
+        ax.set_title(
+            title
+            or f"greedy head pruning ({self.settings.get('order', '')}, {self.settings.get('method', '')} ablation)"
+        )
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -100,7 +105,9 @@ class PruneResult:
         return fig
 
 
-def _ranking(model: HookedTransformer, metric: Metric, removed: list[Head], *, order: str, method: str, reference, seed: int) -> list[tuple[Head, float]]:
+def _ranking(
+    model: HookedTransformer, metric: Metric, removed: list[Head], *, order: str, method: str, reference, seed: int
+) -> list[tuple[Head, float]]:
     gone = set(removed)
     if order == "gradient":
         table = head_importance(model, metric, method=method, reference=reference, ablated=removed, seed=seed)
@@ -160,10 +167,19 @@ def prune_curve(
     for step, count in enumerate(tqdm(counts[1:], desc="pruning", disable=not progress, leave=False), start=1):
         if not ranked or reestimate:
             ranked = _ranking(model, metric, removed, order=order, method=method, reference=reference, seed=seed)
-        take, ranked = ranked[: count - len(removed)], ranked[count - len(removed):]
+        take, ranked = ranked[: count - len(removed)], ranked[count - len(removed) :]
         pending[count] = take
         for head, score in take:
-            order_rows.append({"rank": len(order_rows), "layer": head[0], "head": head[1], "kv_head": kv[head[1]], "score": score, "step": step})
+            order_rows.append(
+                {
+                    "rank": len(order_rows),
+                    "layer": head[0],
+                    "head": head[1],
+                    "kv_head": kv[head[1]],
+                    "score": score,
+                    "step": step,
+                }
+            )
         removed += [h for h, _ in take]
         value = measure(removed)
         rows.append(_row(count, N, value, clean, metric, tolerance, False, [h for h, _ in take]))
@@ -185,17 +201,39 @@ def prune_curve(
             lo, hi = (mid, hi) if row["within_tolerance"] else (lo, mid)
         best += lo
         if refined_rows:
-            curve = pd.concat([curve, pd.DataFrame(refined_rows)]).sort_values(["n_removed", "refined"]).reset_index(drop=True)
+            curve = (
+                pd.concat([curve, pd.DataFrame(refined_rows)])
+                .sort_values(["n_removed", "refined"])
+                .reset_index(drop=True)
+            )
     settings = dict(order=order, reestimate=reestimate, method=method, steps=steps, seed=seed)
-    return PruneResult(curve=curve, order=pd.DataFrame(order_rows), clean=clean, tolerance=tolerance,
-                       max_removed=best, n_heads=N, metric=metric.name, settings=settings)
+    return PruneResult(
+        curve=curve,
+        order=pd.DataFrame(order_rows),
+        clean=clean,
+        tolerance=tolerance,
+        max_removed=best,
+        n_heads=N,
+        metric=metric.name,
+        settings=settings,
+    )
 
 
 def _order_list(order_rows: list[dict]) -> list[tuple[Head, float]]:
     return [((r["layer"], r["head"]), r["score"]) for r in order_rows]
 
 
-def _row(count: int, n: int, value: float, clean: float, metric: Metric, tolerance: float, refined: bool, heads: list[Head]) -> dict:
+def _row(
+    count: int, n: int, value: float, clean: float, metric: Metric, tolerance: float, refined: bool, heads: list[Head]
+) -> dict:
     worse = metric.worsening(value, clean)
-    return {"n_removed": count, "fraction_removed": count / n, "metric": value, "change": value - clean,
-            "worsening": worse, "within_tolerance": bool(worse <= tolerance), "refined": refined, "removed": _fmt(heads)}
+    return {
+        "n_removed": count,
+        "fraction_removed": count / n,
+        "metric": value,
+        "change": value - clean,
+        "worsening": worse,
+        "within_tolerance": bool(worse <= tolerance),
+        "refined": refined,
+        "removed": _fmt(heads),
+    }

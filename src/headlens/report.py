@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -105,8 +105,12 @@ def table_html(df: pd.DataFrame, *, table_id: str = "", sortable: bool = False, 
     """An HTML table of ``df`` (every string escaped); ``sortable`` tables sort by column on click."""
     shown = df if max_rows is None else df.head(max_rows)
     attrs = (f' id="{_e(table_id)}"' if table_id else "") + (' class="sortable"' if sortable else "")
-    head = "".join(f"<th>{_e(c)}</th>" if pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c])
-                   else f'<th class="text">{_e(c)}</th>' for c in shown.columns)
+    head = "".join(
+        f"<th>{_e(c)}</th>"
+        if pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c])
+        else f'<th class="text">{_e(c)}</th>'
+        for c in shown.columns
+    )
     rows = []
     for values in shown.itertuples(index=False):
         cells = []
@@ -151,16 +155,19 @@ class _Page:
 
     def html(self, title: str, subtitle: str) -> str:
         nav = "".join(f'<a href="#{_e(key)}">{_e(name)}</a>' for key, name, _ in self.sections)
-        body = "\n".join(f'<section id="{_e(key)}"><h2>{_e(name)}</h2>\n{content}\n</section>' for key, name, content in self.sections)
+        body = "\n".join(
+            f'<section id="{_e(key)}"><h2>{_e(name)}</h2>\n{content}\n</section>'
+            for key, name, content in self.sections
+        )
         scripts = ""
         if self.calls:
             scripts = f"<script>{viz.bundle_js()}</script>\n<script>\n" + "\n".join(self.calls) + "\n</script>\n"
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            f"<header><h1>{_e(title)}</h1><p class=\"muted\">{_e(subtitle)}</p><nav>{nav}</nav></header>\n"
+            f'<header><h1>{_e(title)}</h1><p class="muted">{_e(subtitle)}</p><nav>{nav}</nav></header>\n'
             f"{body}\n{scripts}<script>{SORT_JS}</script>\n</body>\n</html>\n"
         )
 
@@ -184,22 +191,38 @@ def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     rows = []
     for label in order:
         names = top.loc[top["label"] == label]
-        rows.append({"label": label, "heads": int(counts[label]), "share": float(counts[label] / len(census)),
-                     "top heads": " ".join(f"{viz.head_name(r.layer, r.head)} ({r.score:.2f})" for r in names.itertuples())})
+        rows.append(
+            {
+                "label": label,
+                "heads": int(counts[label]),
+                "share": float(counts[label] / len(census)),
+                "top heads": " ".join(f"{viz.head_name(r.layer, r.head)} ({r.score:.2f})" for r in names.itertuples()),
+            }
+        )
     return pd.DataFrame(rows, columns=["label", "heads", "share", "top heads"])
 
 
 def _frames(key: str, results) -> list[pd.DataFrame]:
-    frames = [results] if isinstance(results, pd.DataFrame) else list(results) if isinstance(results, (list, tuple)) else None
+    frames = (
+        [results]
+        if isinstance(results, pd.DataFrame)
+        else list(results)
+        if isinstance(results, (list, tuple))
+        else None
+    )
     if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
-        raise HeadlensError(f"{key} must be a pandas DataFrame (e.g. with layer, head and value columns) or a list of them, "
-                            f"got {type(results).__name__}")
+        raise HeadlensError(
+            f"{key} must be a pandas DataFrame (e.g. with layer, head and value columns) or a list of them, "
+            f"got {type(results).__name__}"
+        )
     if any(f.empty for f in frames):
         raise HeadlensError(f"the {key} table is empty")
     return frames
 
 
-def _results_section(page: _Page, key: str, title: str, frames: list[pd.DataFrame], *, n_layers: int, n_heads: int) -> None:
+def _results_section(
+    page: _Page, key: str, title: str, frames: list[pd.DataFrame], *, n_layers: int, n_heads: int
+) -> None:
     """Figures and a sortable table for each result frame: distance curves when it has a distance column,
     layer x head heatmaps when it has one row per head (per probe / activation), else the table alone."""
     parts = []
@@ -208,9 +231,15 @@ def _results_section(page: _Page, key: str, title: str, frames: list[pd.DataFram
         if "distance" in df.columns:
             value = "attention" if "attention" in df.columns else (viz.value_columns(df) or [None])[0]
             if value is None:
-                raise HeadlensError(f"the {key} table has no numeric value column next to 'distance': add a 'value' column")
-            parts.append(page.figure(viz.distance_plot(df, value), f"{name}_{value}_by_distance", f"{key} {value} by distance"))
-            parts.append(f'<p class="muted">{len(df)} rows (layer, head, distance); the figure shows the mean over each layer\'s heads.</p>')
+                raise HeadlensError(
+                    f"the {key} table has no numeric value column next to 'distance': add a 'value' column"
+                )
+            parts.append(
+                page.figure(viz.distance_plot(df, value), f"{name}_{value}_by_distance", f"{key} {value} by distance")
+            )
+            parts.append(
+                f'<p class="muted">{len(df)} rows (layer, head, distance); the figure shows the mean over each layer\'s heads.</p>'
+            )
             continue
         if viz.is_per_head(df) and viz.value_columns(df):
             values = viz.value_columns(df)
@@ -251,9 +280,16 @@ def write_report(
     ``census.csv`` and, with ``figures``, ``figures/*.png``.
     """
     viz.check_census(census, model)
-    sections = [(key, heading, _frames(key, results)) for key, heading, results in (
-        ("ablation", "Ablation", ablation), ("patching", "Activation patching", patching),
-        ("compare", "Fine-tune comparison", compare), ("rope", "Position (RoPE)", rope)) if results is not None]
+    sections = [
+        (key, heading, _frames(key, results))
+        for key, heading, results in (
+            ("ablation", "Ablation", ablation),
+            ("patching", "Activation patching", patching),
+            ("compare", "Fine-tune comparison", compare),
+            ("rope", "Position (RoPE)", rope),
+        )
+        if results is not None
+    ]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the report")
@@ -267,15 +303,26 @@ def write_report(
 
     _model_section(page, info)
     counts = label_counts(census, k=top_k)
-    page.section("labels", "Head labels", table_html(counts) + "\n" + page.figure(viz.label_map(census), "head_labels", "head labels by layer and head"))
+    page.section(
+        "labels",
+        "Head labels",
+        table_html(counts) + "\n" + page.figure(viz.label_map(census), "head_labels", "head labels by layer and head"),
+    )
     bar.update(1)
-    page.section("scores", "Census scores", "<p>One panel per score; dashed lines separate heads that share a kv head (GQA).</p>\n"
-                 + page.figure(viz.score_heatmaps(census), "census_scores", "census scores by layer and head"))
+    page.section(
+        "scores",
+        "Census scores",
+        "<p>One panel per score; dashed lines separate heads that share a kv head (GQA).</p>\n"
+        + page.figure(viz.score_heatmaps(census), "census_scores", "census scores by layer and head"),
+    )
     options = "".join(f'<option value="{_e(lb)}">{_e(lb)}</option>' for lb in counts["label"])
     label_col = list(census.columns).index("label")
-    page.section("census", "Census table",
-                 f'<p>Click a column to sort. Label: <select data-filter="census-table" data-col="{label_col}"><option value="">all</option>{options}</select></p>\n'
-                 f'<div class="scroll">{table_html(census, table_id="census-table", sortable=True)}</div>')
+    page.section(
+        "census",
+        "Census table",
+        f'<p>Click a column to sort. Label: <select data-filter="census-table" data-col="{label_col}"><option value="">all</option>{options}</select></p>\n'
+        f'<div class="scroll">{table_html(census, table_id="census-table", sortable=True)}</div>',
+    )
 
     bar.update(1)
     shown_prompt = f'<p>Prompt:</p><pre class="prompt">{_e(prompt)}</pre>'
@@ -293,7 +340,9 @@ def write_report(
 
     write_csv(census, out / "census.csv", provenance=census.attrs.get("provenance"))
     path = out / "report.html"
-    subtitle = f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {_version()}"
+    subtitle = (
+        f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {_version()}"
+    )
     write_text(path, page.html(title or f"headlens report: {info['model']}", subtitle))
     bar.update(bar.total - bar.n)
     bar.close()

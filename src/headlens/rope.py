@@ -49,21 +49,27 @@ def _usable_ids(model: HookedTransformer) -> Tensor:
     return ids
 
 
-def natural_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+def natural_tokens(
+    model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
+) -> Int[Tensor, "batch pos"]:
     """``n_seqs`` windows of the packaged prose corpus (:func:`headlens.probes.natural_text`, seeded)."""
     from headlens.probes import natural_text
 
     return natural_text(model, seq_len=seq_len, batch=n_seqs, seed=seed).tokens
 
 
-def random_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+def random_tokens(
+    model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
+) -> Int[Tensor, "batch pos"]:
     """Uniform random ordinary tokens (seeded)."""
     ids = _usable_ids(model)
     gen = torch.Generator().manual_seed(seed)
     return ids[torch.randint(0, len(ids), (n_seqs, seq_len), generator=gen)]
 
 
-def constant_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+def constant_tokens(
+    model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
+) -> Int[Tensor, "batch pos"]:
     """Each sequence one random ordinary token repeated ``seq_len`` times: content removed, RoPE alone varies."""
     ids = _usable_ids(model)
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +77,9 @@ def constant_tokens(model: HookedTransformer, *, n_seqs: int = 8, seq_len: int =
     return pick[:, None].expand(-1, seq_len).clone()
 
 
-def probe_tokens(model: HookedTransformer, probe: str, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0) -> Int[Tensor, "batch pos"]:
+def probe_tokens(
+    model: HookedTransformer, probe: str, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
+) -> Int[Tensor, "batch pos"]:
     """Token batch of one of the probes ``natural``, ``random``, ``constant``."""
     makers = {"natural": natural_tokens, "random": random_tokens, "constant": constant_tokens}
     if probe not in makers:
@@ -92,7 +100,9 @@ def distance_index(n_q: int, n_k: int, device=None) -> Int[Tensor, "q k"]:
     return d.masked_fill(d < 0, -1)
 
 
-def distance_sums(pattern: Float[Tensor, "batch head q k"]) -> tuple[Float[Tensor, "head dist"], Float[Tensor, "head dist"], Float[Tensor, "dist"]]:
+def distance_sums(
+    pattern: Float[Tensor, "batch head q k"],
+) -> tuple[Float[Tensor, "head dist"], Float[Tensor, "head dist"], Float[Tensor, " dist"]]:
     """Per head and distance d = q - k: sum and sum of squares of attention weights, and the pair count."""
     b, h, n_q, n_k = pattern.shape
     dist = distance_index(n_q, n_k, pattern.device).flatten()
@@ -108,7 +118,7 @@ def distance_sums(pattern: Float[Tensor, "batch head q k"]) -> tuple[Float[Tenso
     return sums, sq, counts
 
 
-def uniform_profile(seq_len: int) -> Float[Tensor, "dist"]:
+def uniform_profile(seq_len: int) -> Float[Tensor, " dist"]:
     """The distance profile of a head that attends uniformly to all visible keys (1/(q+1) averaged over q >= d)."""
     inv = 1.0 / torch.arange(1, seq_len + 1, dtype=torch.float64)
     tail = inv.flip(0).cumsum(0).flip(0)
@@ -139,7 +149,9 @@ def distance_profile(
     if isinstance(tokens, str):
         tokens = probe_tokens(model, tokens, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise HeadlensError(f"tokens must be a [batch, pos] batch of at least 2 positions, got shape {tuple(tokens.shape)}")
+        raise HeadlensError(
+            f"tokens must be a [batch, pos] batch of at least 2 positions, got shape {tuple(tokens.shape)}"
+        )
     L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
     hooked = sorted(range(L) if layers is None else {int(l) for l in layers})
     if not hooked or hooked[0] < 0 or hooked[-1] >= L:
@@ -157,7 +169,9 @@ def distance_profile(
         if layer == hooked[0]:
             counts.add_(c.cpu())
 
-    stream_patterns(model, tokens, reduce, layers=hooked, batch_size=batch_size, progress=progress, desc=f"rope {probe}")
+    stream_patterns(
+        model, tokens, reduce, layers=hooked, batch_size=batch_size, progress=progress, desc=f"rope {probe}"
+    )
     mean = sums / counts
     lift = mean / uniform_profile(n)
     kv = kv_heads(model)
@@ -237,7 +251,14 @@ def rope_profile(model: HookedTransformer, probes=PROBES, **kwargs) -> tuple[pd.
 # ---------------------------------------------------------------- figures
 
 
-def plot_distance_heatmap(profile: pd.DataFrame, *, probe: str | None = None, value: str = "attention", max_distance: int = 32, log: bool = True):
+def plot_distance_heatmap(
+    profile: pd.DataFrame,
+    *,
+    probe: str | None = None,
+    value: str = "attention",
+    max_distance: int = 32,
+    log: bool = True,
+):
     """Heatmap of ``value`` (attention or lift) with one row per head (layer.head) and one column per distance."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
@@ -248,7 +269,11 @@ def plot_distance_heatmap(profile: pd.DataFrame, *, probe: str | None = None, va
     n_rows = len(table)
     fig, ax = plt.subplots(figsize=(min(3 + 0.25 * table.shape[1], 14), min(2 + 0.12 * n_rows, 40)))
     data = table.to_numpy()
-    norm = LogNorm(vmin=max(np.nanmin(data[data > 0]) if (data > 0).any() else 1e-6, 1e-6), vmax=np.nanmax(data)) if log else None
+    norm = (
+        LogNorm(vmin=max(np.nanmin(data[data > 0]) if (data > 0).any() else 1e-6, 1e-6), vmax=np.nanmax(data))
+        if log
+        else None
+    )
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
     ax.set_xlabel("relative distance q - k")
     ax.set_ylabel("layer.head")
@@ -261,7 +286,9 @@ def plot_distance_heatmap(profile: pd.DataFrame, *, probe: str | None = None, va
     return fig
 
 
-def plot_distance_curves(profile: pd.DataFrame, heads, *, value: str = "attention", max_distance: int = 32, log: bool = True):
+def plot_distance_curves(
+    profile: pd.DataFrame, heads, *, value: str = "attention", max_distance: int = 32, log: bool = True
+):
     """One panel per head in ``heads`` ([(layer, head), ...]): ``value`` against distance, one line per probe."""
     import matplotlib.pyplot as plt
 
@@ -284,7 +311,7 @@ def plot_distance_curves(profile: pd.DataFrame, heads, *, value: str = "attentio
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("distance")
-    for ax in list(axes.flat)[len(heads):]:
+    for ax in list(axes.flat)[len(heads) :]:
         ax.axis("off")
     axes[0][0].set_ylabel(value)
     axes[0][0].legend(fontsize=7)

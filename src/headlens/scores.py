@@ -1,7 +1,7 @@
 """Per-head scores: pure functions of an attention pattern (+ probe metadata), no model and no I/O.
 
 Every pattern score takes ``pattern: Float[Tensor, "batch head q k"]`` (rows sum to 1, causal) and
-returns ``Float[Tensor, "head"]``: a mean over the batch and over the queries the score is defined
+returns ``Float[Tensor, " head"]``: a mean over the batch and over the queries the score is defined
 on. Each sequence contributes the same number of queries, so averaging batch means weighted by batch
 size gives exactly the score of the whole probe (what ``headlens.census`` does while streaming).
 
@@ -40,51 +40,55 @@ from headlens.errors import HeadlensError
 LOCAL_WINDOW = 3
 
 
-def previous_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "head"]:
+def previous_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
     """Mean attention from each position i >= 1 to position i - 1."""
     _check(pattern, min_pos=2)
     return pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, 2))
 
 
-def duplicate_token(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, "head"]:
+def duplicate_token(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, " head"]:
     """Mean attention from the second copy of A_i to the first copy, on ``[P, A1..An, A1..An]`` (prefix = pos - 2n)."""
     p = _prefix(pattern, n)
     return pattern[..., p + n :, p : p + n].diagonal(dim1=-2, dim2=-1).mean(dim=(0, 2))
 
 
-def induction(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, "head"]:
+def induction(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, " head"]:
     """Prefix-matching score: attention from the second A_i to the token after the first A_i (prefix = pos - 2n)."""
     p = _prefix(pattern, n)
     return pattern[..., p + n :, p + 1 : p + n + 1].diagonal(dim1=-2, dim2=-1).mean(dim=(0, 2))
 
 
-def first_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "head"]:
+def first_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
     """Mean attention to position 0 (the sink) from queries i >= 1."""
     _check(pattern, min_pos=2)
     return pattern[..., 1:, 0].mean(dim=(0, 2))
 
 
-def delimiter(pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "batch k"]) -> Float[Tensor, "head"]:
+def delimiter(pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "batch k"]) -> Float[Tensor, " head"]:
     """Excess attention on delimiter keys over a uniform causal head: mean over queries i >= 1 of mass_i - share_i."""
     _check(pattern, min_pos=2)
     if tuple(is_delim.shape) != (pattern.shape[0], pattern.shape[-1]):
-        raise HeadlensError(f"is_delim must be [batch, pos] = {(pattern.shape[0], pattern.shape[-1])}, got {tuple(is_delim.shape)}")
+        raise HeadlensError(
+            f"is_delim must be [batch, pos] = {(pattern.shape[0], pattern.shape[-1])}, got {tuple(is_delim.shape)}"
+        )
     d = is_delim.to(device=pattern.device, dtype=pattern.dtype)
     mass = torch.einsum("bhqk,bk->bhq", pattern, d)[..., 1:]
     share = (d.cumsum(-1) / torch.arange(1, d.shape[-1] + 1, device=d.device, dtype=d.dtype))[:, None, 1:]
     return (mass - share).mean(dim=(0, 2))
 
 
-def local(pattern: Float[Tensor, "batch head q k"], window: int = LOCAL_WINDOW) -> Float[Tensor, "head"]:
+def local(pattern: Float[Tensor, "batch head q k"], window: int = LOCAL_WINDOW) -> Float[Tensor, " head"]:
     """Mean attention on keys i - window .. i, over queries i > window."""
     pos = pattern.shape[-1]
     if window < 0 or pos <= window + 1:
-        raise HeadlensError(f"local(window={window}) needs window >= 0 and sequences longer than window + 1 (pos={pos})")
+        raise HeadlensError(
+            f"local(window={window}) needs window >= 0 and sequences longer than window + 1 (pos={pos})"
+        )
     near = sum(pattern.diagonal(offset=-d, dim1=-2, dim2=-1)[..., window + 1 - d :] for d in range(window + 1))
     return near.mean(dim=(0, 2))
 
 
-def entropy(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "head"]:
+def entropy(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
     """Attention entropy of each query divided by log(#keys), averaged over queries with >= 2 keys."""
     _check(pattern, min_pos=2)
     pos = pattern.shape[-1]

@@ -22,25 +22,47 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from headlens.progress import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
 from headlens.errors import HeadlensError
+from headlens.progress import tqdm
 
 CHECKPOINT = "toy_induction.safetensors"
 TRAIN_DEFAULTS = dict(
-    steps=6000, seed=0, n_layers=2, n_heads=4, d_model=64, d_vocab=64, seq_len=64, positional="standard",
-    normalization="LN", batch_size=32, lr=1e-3, weight_decay=0.0, record_every=50, eval_batch=64,
+    steps=6000,
+    seed=0,
+    n_layers=2,
+    n_heads=4,
+    d_model=64,
+    d_vocab=64,
+    seq_len=64,
+    positional="standard",
+    normalization="LN",
+    batch_size=32,
+    lr=1e-3,
+    weight_decay=0.0,
+    record_every=50,
+    eval_batch=64,
 )
 """The arguments the packaged checkpoint was trained with (``analyses/induction_phase_change.py``)."""
 
 
 def toy_config(
-    *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, d_model: int = 64, d_vocab: int = 64, seq_len: int = 64, positional: str = "standard", normalization: str | None = "LN"
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    d_model: int = 64,
+    d_vocab: int = 64,
+    seq_len: int = 64,
+    positional: str = "standard",
+    normalization: str | None = "LN",
 ) -> HookedTransformerConfig:
     """The attention-only ``HookedTransformerConfig`` of the toy model (learned positions, LayerNorm, no tokenizer)."""
     if d_model % n_heads:
-        raise HeadlensError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads}); pick e.g. d_model={n_heads * 16}.")
+        raise HeadlensError(
+            f"d_model ({d_model}) must be a multiple of n_heads ({n_heads}); pick e.g. d_model={n_heads * 16}."
+        )
     if seq_len < 8 or seq_len % 2:
         raise HeadlensError(f"seq_len must be an even number >= 8 (two copies of a segment), got {seq_len}.")
     if d_vocab < 8:
@@ -91,7 +113,9 @@ def training_batch(
     return tokens
 
 
-def _loss_per_position(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
+def _loss_per_position(
+    logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos_minus_1"]:
     logprobs = logits[:, :-1].log_softmax(-1)
     return -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
 
@@ -108,7 +132,9 @@ def evaluate(model: HookedTransformer, tokens: Int[Tensor, "batch two_n"]) -> di
 
     def hook(pattern: Float[Tensor, "batch head q k"], hook):
         layer = hook.layer()
-        for h, (ind, prev) in enumerate(zip(scores.induction(pattern, n).tolist(), scores.previous_token(pattern).tolist())):
+        for h, (ind, prev) in enumerate(
+            zip(scores.induction(pattern, n).tolist(), scores.previous_token(pattern).tolist())
+        ):
             row[f"L{layer}H{h}"] = ind
             row[f"prev_L{layer}H{h}"] = prev
 
@@ -156,11 +182,22 @@ def train_induction_model(
     """
     if steps < 1 or record_every < 1 or batch_size < 1 or eval_batch < 1:
         raise HeadlensError("steps, record_every, batch_size and eval_batch must be positive integers.")
-    cfg = toy_config(seed=seed, n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_vocab=d_vocab, seq_len=seq_len, positional=positional, normalization=normalization)
+    cfg = toy_config(
+        seed=seed,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_vocab=d_vocab,
+        seq_len=seq_len,
+        positional=positional,
+        normalization=normalization,
+    )
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg)
     train_gen = torch.Generator().manual_seed(seed)
-    eval_tokens = repeated_tokens(seq_len // 2, batch=eval_batch, d_vocab=d_vocab, generator=torch.Generator().manual_seed(seed + 1))
+    eval_tokens = repeated_tokens(
+        seq_len // 2, batch=eval_batch, d_vocab=d_vocab, generator=torch.Generator().manual_seed(seed + 1)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rows = []
     loss = float("nan")
@@ -191,7 +228,9 @@ def checkpoint_path() -> Path:
     return Path(str(files("headlens") / "data" / CHECKPOINT))
 
 
-def save_induction_model(model: HookedTransformer, path: str | Path, *, train_args: dict | None = None, history: pd.DataFrame | None = None) -> Path:
+def save_induction_model(
+    model: HookedTransformer, path: str | Path, *, train_args: dict | None = None, history: pd.DataFrame | None = None
+) -> Path:
     """Write the weights as safetensors, the config + training arguments as JSON and the history as CSV beside it."""
     from safetensors.torch import save_file
 
@@ -202,14 +241,21 @@ def save_induction_model(model: HookedTransformer, path: str | Path, *, train_ar
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     cfg = {k: getattr(model.cfg, k) for k in ("n_layers", "n_heads", "d_model", "d_vocab")}
-    cfg.update(seq_len=model.cfg.n_ctx, seed=model.cfg.seed, positional=model.cfg.positional_embedding_type, normalization=model.cfg.normalization_type)
+    cfg.update(
+        seq_len=model.cfg.n_ctx,
+        seed=model.cfg.seed,
+        positional=model.cfg.positional_embedding_type,
+        normalization=model.cfg.normalization_type,
+    )
     meta = {"config": cfg, "train_args": train_args or {}}
     if history is not None:
         final = history.iloc[-1]
         last = model.cfg.n_layers - 1
         meta["circuit"] = {
             "induction": max(head_columns(history, layer=last), key=lambda c: final[c]),
-            "previous_token": max(head_columns(history, kind="previous_token", layer=0), key=lambda c: final[c]).removeprefix("prev_"),
+            "previous_token": max(
+                head_columns(history, kind="previous_token", layer=0), key=lambda c: final[c]
+            ).removeprefix("prev_"),
         }
         write_csv(history, _history_path(path))
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
@@ -243,7 +289,9 @@ def circuit_heads(path: str | Path | None = None) -> dict[str, tuple[int, int]]:
     meta_path = (checkpoint_path() if path is None else Path(path)).with_suffix(".json")
     circuit = json.loads(meta_path.read_text()).get("circuit") if meta_path.is_file() else None
     if not circuit:
-        raise HeadlensError(f"{meta_path} records no circuit; re-save the checkpoint with save_induction_model(..., history=...).")
+        raise HeadlensError(
+            f"{meta_path} records no circuit; re-save the checkpoint with save_induction_model(..., history=...)."
+        )
     return {kind: tuple(int(x) for x in name[1:].split("H")) for kind, name in circuit.items()}
 
 
@@ -251,7 +299,9 @@ def load_induction_history(path: str | Path | None = None) -> pd.DataFrame:
     """The training history recorded when the packaged (or ``path``) checkpoint was trained."""
     csv = _history_path(checkpoint_path() if path is None else Path(path))
     if not csv.is_file():
-        raise HeadlensError(f"no toy training history at {csv}; it is written by save_induction_model(..., history=...).")
+        raise HeadlensError(
+            f"no toy training history at {csv}; it is written by save_induction_model(..., history=...)."
+        )
     return pd.read_csv(csv)
 
 
@@ -279,7 +329,9 @@ def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, band: tuple[f
       ``tolerance`` = max(one record interval, 10% of the window).
     """
     if len(history) < 3 or "loss_repeated_half" not in history:
-        raise HeadlensError("phase_change needs a training history with >= 3 recorded steps (from train_induction_model).")
+        raise HeadlensError(
+            "phase_change needs a training history with >= 3 recorded steps (from train_induction_model)."
+        )
     if not 0 < band[0] < band[1] < 1:
         raise HeadlensError(f"band must be two fractions 0 < low < high < 1, got {band}.")
     steps = history["step"].to_numpy()
@@ -305,7 +357,9 @@ def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, band: tuple[f
         "steepest_step": int(steps[2 + int(np.argmax(loss[1:-1] - loss[2:]))]),
         "threshold": threshold,
         "induction_step": int(steps[crossed[0]]) if len(crossed) else None,
-        "induction_head": ind_cols[int(history[ind_cols].iloc[int(crossed[0])].to_numpy().argmax())] if len(crossed) else None,
+        "induction_head": ind_cols[int(history[ind_cols].iloc[int(crossed[0])].to_numpy().argmax())]
+        if len(crossed)
+        else None,
         "score_at_window_start": float(best[start]),
         "score_at_window_end": float(best[end]),
         "score_final": float(best[-1]),
@@ -314,7 +368,9 @@ def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, band: tuple[f
         "tolerance": tolerance,
         "total_steps": int(steps[-1]),
     }
-    out["coincide"] = bool(len(crossed)) and bool(steps[start] - tolerance <= out["induction_step"] <= steps[end] + tolerance)
+    out["coincide"] = bool(len(crossed)) and bool(
+        steps[start] - tolerance <= out["induction_step"] <= steps[end] + tolerance
+    )
     return out
 
 

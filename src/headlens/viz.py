@@ -17,10 +17,11 @@ import io
 import json
 import re
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -41,11 +42,25 @@ from headlens.models import check_head
 CENSUS_COLUMNS = COLUMNS
 LABEL_SCORE = {label: label for label in LABELS[:6]} | {"broad": "entropy"}
 LABEL_COLORS = {
-    "previous_token": "#1f77b4", "induction": "#d62728", "duplicate_token": "#ff7f0e", "delimiter": "#2ca02c",
-    "first_token": "#7f7f7f", "local": "#9467bd", "broad": "#17becf", "other": "#f0f0f0",
+    "previous_token": "#1f77b4",
+    "induction": "#d62728",
+    "duplicate_token": "#ff7f0e",
+    "delimiter": "#2ca02c",
+    "first_token": "#7f7f7f",
+    "local": "#9467bd",
+    "broad": "#17becf",
+    "other": "#f0f0f0",
 }
-LABEL_CODES = {"previous_token": "P", "induction": "I", "duplicate_token": "D", "delimiter": "Dl",
-               "first_token": "F", "local": "L", "broad": "B", "other": ""}
+LABEL_CODES = {
+    "previous_token": "P",
+    "induction": "I",
+    "duplicate_token": "D",
+    "delimiter": "Dl",
+    "first_token": "F",
+    "local": "L",
+    "broad": "B",
+    "other": "",
+}
 DEFAULT_PROMPT = (
     "The cat sat on the mat, and the dog sat on the log. The cat sat on the mat, and the dog sat on the log.\n"
     "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n"
@@ -162,8 +177,10 @@ def head_patterns(
         raise HeadlensError("the prompt is empty: pass a non-empty string")
     tokens = model.to_tokens(prompt, prepend_bos=False)
     if tokens.shape[1] > max_tokens:
-        raise HeadlensError(f"the prompt is {tokens.shape[1]} tokens; attention views take at most max_tokens={max_tokens} "
-                            "(pass a shorter prompt or a larger max_tokens)")
+        raise HeadlensError(
+            f"the prompt is {tokens.shape[1]} tokens; attention views take at most max_tokens={max_tokens} "
+            "(pass a shorter prompt or a larger max_tokens)"
+        )
     kept: dict[int, Float[Tensor, "head q k"]] = {}
     wanted = sorted({layer for layer, _ in heads})
 
@@ -176,8 +193,14 @@ def head_patterns(
     return str_tokens, patterns
 
 
-def view_props(tokens: Sequence[str], patterns: Float[Tensor, "head q k"], *, component: Component = "heads",
-               names: Sequence[str] | None = None, decimals: int = 4) -> dict:
+def view_props(
+    tokens: Sequence[str],
+    patterns: Float[Tensor, "head q k"],
+    *,
+    component: Component = "heads",
+    names: Sequence[str] | None = None,
+    decimals: int = 4,
+) -> dict:
     """CircuitsVis props for ``patterns``, values rounded to ``decimals``.
 
     ``attention_patterns`` writes each token into the page as HTML (``dangerouslySetInnerHTML``), so its tokens
@@ -185,7 +208,9 @@ def view_props(tokens: Sequence[str], patterns: Float[Tensor, "head q k"], *, co
     so it gets them verbatim, or ``a < b`` would read ``a &lt; b`` on its axes.
     """
     if component not in _COMPONENTS:
-        raise HeadlensError(f"unknown component {component!r}: choose 'heads' (attention_heads) or 'patterns' (attention_patterns)")
+        raise HeadlensError(
+            f"unknown component {component!r}: choose 'heads' (attention_heads) or 'patterns' (attention_patterns)"
+        )
     attention = np.round(patterns.float().numpy().astype(np.float64), decimals).tolist()
     tokens = [html.escape(t) for t in tokens] if component in _HTML_TOKENS else [str(t) for t in tokens]
     props = {"tokens": tokens, "attention": attention}
@@ -223,8 +248,10 @@ def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -
         raise HeadlensError(f"census must be a pandas DataFrame (from headlens.census), got {type(census).__name__}")
     missing = [c for c in CENSUS_COLUMNS if c not in census.columns]
     if missing:
-        raise HeadlensError(f"the census table lacks columns {missing}: pass the DataFrame returned by headlens.census "
-                            "(or its CSV read back with pandas)")
+        raise HeadlensError(
+            f"the census table lacks columns {missing}: pass the DataFrame returned by headlens.census "
+            "(or its CSV read back with pandas)"
+        )
     if census.empty:
         raise HeadlensError("the census table is empty: run headlens.census on the model first")
     if census.duplicated(["layer", "head"]).any():
@@ -232,8 +259,10 @@ def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -
     if model is not None:
         L, H = model.cfg.n_layers, model.cfg.n_heads
         if census["layer"].max() >= L or census["head"].max() >= H or len(census) != L * H:
-            raise HeadlensError(f"the census table does not match this model ({L} layers x {H} heads): "
-                                "it was computed on another model; rerun the census")
+            raise HeadlensError(
+                f"the census table does not match this model ({L} layers x {H} heads): "
+                "it was computed on another model; rerun the census"
+            )
     return census
 
 
@@ -256,7 +285,9 @@ def top_heads(census: pd.DataFrame, *, k: int = 3, labels: Iterable[str] | None 
         score = LABEL_SCORE[label]
         group = census[census["label"] == label].sort_values([score, "layer", "head"], ascending=[False, True, True])
         for row in group.head(k).itertuples(index=False):
-            rows.append({"label": label, "layer": int(row.layer), "head": int(row.head), "score": float(getattr(row, score))})
+            rows.append(
+                {"label": label, "layer": int(row.layer), "head": int(row.head), "score": float(getattr(row, score))}
+            )
     return pd.DataFrame(rows, columns=["label", "layer", "head", "score"])
 
 
@@ -281,20 +312,32 @@ def gallery(
         index = rows.index.tolist()
         names = [f"{head_name(r.layer, r.head)} {r.score:.2f}" for r in rows.itertuples()]
         props = view_props(tokens, patterns[index], component="heads", names=names)
-        views.append(CircuitsVisView("AttentionHeads", props, title=f"{label}: " + ", ".join(head_name(r.layer, r.head) for r in rows.itertuples())))
+        views.append(
+            CircuitsVisView(
+                "AttentionHeads",
+                props,
+                title=f"{label}: " + ", ".join(head_name(r.layer, r.head) for r in rows.itertuples()),
+            )
+        )
     return ViewSet(views)
 
 
 # ---------------------------------------------------------------- layer x head heatmaps
 
 
-def head_grid(df: pd.DataFrame, value: str = "value", *, n_layers: int | None = None, n_heads: int | None = None) -> np.ndarray:
+def head_grid(
+    df: pd.DataFrame, value: str = "value", *, n_layers: int | None = None, n_heads: int | None = None
+) -> np.ndarray:
     """``df[value]`` laid out as a (layer, head) array; NaN where a head has no row."""
     if not isinstance(df, pd.DataFrame):
-        raise HeadlensError(f"expected a pandas DataFrame with layer, head and {value!r} columns, got {type(df).__name__}")
+        raise HeadlensError(
+            f"expected a pandas DataFrame with layer, head and {value!r} columns, got {type(df).__name__}"
+        )
     missing = [c for c in ("layer", "head", value) if c not in df.columns]
     if missing:
-        raise HeadlensError(f"the table lacks columns {missing}: heatmaps need one row per head with layer, head and {value!r}")
+        raise HeadlensError(
+            f"the table lacks columns {missing}: heatmaps need one row per head with layer, head and {value!r}"
+        )
     if df.duplicated(["layer", "head"]).any():
         raise HeadlensError(f"the table lists some (layer, head) more than once: heatmaps need one {value!r} per head")
     if not pd.api.types.is_numeric_dtype(df[value]):
@@ -316,15 +359,23 @@ def value_columns(df: pd.DataFrame) -> list[str]:
     the usual headline columns (effect, exact, attribution, jsd, gradient) first."""
     if "value" in df.columns:
         return ["value"]
-    numeric = [c for c in df.columns if c not in NON_VALUES and pd.api.types.is_numeric_dtype(df[c])
-               and not pd.api.types.is_bool_dtype(df[c]) and df[c].nunique(dropna=True) > 1]
+    numeric = [
+        c
+        for c in df.columns
+        if c not in NON_VALUES
+        and pd.api.types.is_numeric_dtype(df[c])
+        and not pd.api.types.is_bool_dtype(df[c])
+        and df[c].nunique(dropna=True) > 1
+    ]
     return sorted(numeric, key=lambda c: HEADLINE.index(c) if c in HEADLINE else len(HEADLINE))
 
 
 def _groups(df: pd.DataFrame, by: Sequence[str] | None) -> list[tuple[str, pd.DataFrame]]:
     """Split ``df`` by ``by`` (default: whichever of probe / activation / method it has); per-kv-head groups use kv_head as head."""
     by = [c for c in SPLIT_COLUMNS if c in df.columns] if by is None else list(by)
-    groups = [((), df)] if not by else [((k,) if not isinstance(k, tuple) else k, g) for k, g in df.groupby(by, sort=False)]
+    groups = (
+        [((), df)] if not by else [((k,) if not isinstance(k, tuple) else k, g) for k, g in df.groupby(by, sort=False)]
+    )
     out = []
     for key, group in groups:
         name = " ".join(str(k) for k in key)
@@ -406,7 +457,9 @@ def head_heatmaps(
     if not isinstance(df, pd.DataFrame):
         raise HeadlensError(f"expected a pandas DataFrame with layer, head and value columns, got {type(df).__name__}")
     if not {"layer", "head"} <= set(df.columns):
-        raise HeadlensError("the table lacks layer/head columns: heatmaps need one row per head with layer, head and a value column")
+        raise HeadlensError(
+            "the table lacks layer/head columns: heatmaps need one row per head with layer, head and a value column"
+        )
     values = [values] if isinstance(values, str) else (value_columns(df) if values is None else list(values))
     if not values:
         raise HeadlensError("the table has no numeric value column to plot: add a 'value' column or pass values=")
@@ -417,7 +470,9 @@ def head_heatmaps(
             grid = head_grid(group, value, n_layers=n_layers, n_heads=None if kv_heads_only else n_heads)
             finite = grid[np.isfinite(grid)]
             mid = (0.0 if finite.size and finite.min() < 0 < finite.max() else None) if center == "auto" else center
-            panels.append((f"{name}: {value}" if name else value, grid, mid, None if kv_heads_only else _kv_group(group)))
+            panels.append(
+                (f"{name}: {value}" if name else value, grid, mid, None if kv_heads_only else _kv_group(group))
+            )
     return _panels_figure(panels[:max_panels], ncols)
 
 
@@ -434,7 +489,9 @@ def score_heatmaps(census: pd.DataFrame, *, scores: Sequence[str] | None = None,
     return _panels_figure(panels, ncols)
 
 
-def distance_plot(df: pd.DataFrame, value: str = "attention", *, by: str | None = "probe", max_distance: int | None = None) -> Figure:
+def distance_plot(
+    df: pd.DataFrame, value: str = "attention", *, by: str | None = "probe", max_distance: int | None = None
+) -> Figure:
     """Mean ``value`` against relative distance, one line per layer (mean over its heads), one panel per ``by`` group."""
     missing = [c for c in ("distance", value) if c not in df.columns]
     if missing:
@@ -448,7 +505,13 @@ def distance_plot(df: pd.DataFrame, value: str = "attention", *, by: str | None 
         if "layer" in group.columns:
             means = group.groupby(["layer", "distance"])[value].mean().unstack("layer")
             for j, layer in enumerate(means.columns):
-                ax.plot(means.index, means[layer], color=colormaps["viridis"](j / max(1, len(means.columns) - 1)), lw=1, label=f"L{layer}")
+                ax.plot(
+                    means.index,
+                    means[layer],
+                    color=colormaps["viridis"](j / max(1, len(means.columns) - 1)),
+                    lw=1,
+                    label=f"L{layer}",
+                )
             if len(means.columns) <= 8:
                 ax.legend(fontsize=7)
         else:
@@ -474,19 +537,34 @@ def label_map(census: pd.DataFrame) -> Figure:
     width, height = _panel_size(n_layers, n_heads)
     fig = Figure(figsize=(width + 1.6, height), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(colors), vmin=-0.5, vmax=len(known) - 0.5)
+    ax.imshow(
+        grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(colors), vmin=-0.5, vmax=len(known) - 0.5
+    )
     for row in census.itertuples(index=False):
         code = LABEL_CODES.get(row.label, "?")
         if code:
-            ax.text(row.head, row.layer, code, ha="center", va="center", fontsize=7, color="white" if row.label != "other" else "black")
+            ax.text(
+                row.head,
+                row.layer,
+                code,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if row.label != "other" else "black",
+            )
     ax.set_title("head labels", fontsize=10)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 12)))
     counts = census["label"].value_counts()
-    handles = [Patch(color=LABEL_COLORS.get(lb, "#bcbd22"), label=f"{LABEL_CODES.get(lb, '?') or '·'} {lb} ({counts.get(lb, 0)})")
-               for lb in known if counts.get(lb, 0)]
+    handles = [
+        Patch(
+            color=LABEL_COLORS.get(lb, "#bcbd22"), label=f"{LABEL_CODES.get(lb, '?') or '·'} {lb} ({counts.get(lb, 0)})"
+        )
+        for lb in known
+        if counts.get(lb, 0)
+    ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     return fig
 
