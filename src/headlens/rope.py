@@ -12,11 +12,21 @@ Three probes:
   repeated token's content vector (averaged over several tokens).
 
 The profile is reduced inside the attention hook (``headlens.capture.stream_patterns``): per head and
-distance d = q - k we keep the count, the sum and the sum of squares of the attention weights, so the
-table carries everything the summary needs and no pattern is kept.
+distance d = q - k we keep the count, the sum and the sum of squares of the attention weights, and the
+*excess* over a uniform causal head (below), so the table carries everything the summary needs and no
+pattern is kept.
+
+Baseline. A head that attends uniformly puts 1/(q+1) on each key, and most Qwen heads park a large,
+query-dependent share on position 0 (the sink). Both would look "positional" against a flat baseline.
+So the summary is measured on the non-sink part against the uniform causal baseline: for query q >= 1
+with non-sink mass m_q = 1 - a[q, 0], a uniform head puts m_q / q on each key 1..q. The excess at
+distance d is E(d) = sum over queries q > d of (a[q, q - d] - m_q / q): exactly 0 for a uniform head and
+for a pure sink, and the whole non-sink mass for a head that always reads the key d back.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -35,15 +45,23 @@ PROBES = ("natural", "random", "constant")
 # ---------------------------------------------------------------- probe tokens
 
 
+_PLACEHOLDER = re.compile(r"\[PAD\d+\]|<\|.*\|>|<.*>")
+
+
 def _usable_ids(model: HookedTransformer) -> Tensor:
-    """Token ids a random probe may use: inside the embedding and the tokenizer, no special tokens."""
+    """Token ids a random probe may use: inside the embedding and the tokenizer; no special, added (control) or
+    placeholder tokens. Qwen's tokenizer lists 151,936 ids, but 151,643-151,664 are control tokens and
+    151,665 onward are ``[PAD…]`` placeholders that were never trained."""
     n = model.cfg.d_vocab
-    if model.tokenizer is not None:
-        n = min(n, len(model.tokenizer))
-        special = set(model.tokenizer.all_special_ids)
-    else:
-        special = set()
-    ids = torch.tensor([i for i in range(n) if i not in special])
+    tok = model.tokenizer
+    if tok is None:
+        return torch.arange(n)
+    n = min(n, len(tok))
+    banned = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    pieces = tok.convert_ids_to_tokens(list(range(n)))
+    ids = torch.tensor(
+        [i for i, p in enumerate(pieces) if i not in banned and p is not None and not _PLACEHOLDER.fullmatch(p)]
+    )
     if len(ids) < 2:
         raise HeadlensError("the model's vocabulary has too few ordinary tokens for random probes")
     return ids
@@ -118,6 +136,22 @@ def distance_sums(
     return sums, sq, counts
 
 
+def excess_sums(pattern: Float[Tensor, "batch head q k"]) -> tuple[Float[Tensor, "head dist"], Float[Tensor, " dist"]]:
+    """Per head and distance d: sum over queries q > d of a[q, q - d] - m_q / q (excess over a uniform causal head
+    on the non-sink keys 1..q, see the module doc), and the number of such (query, key) pairs."""
+    b, h, n, _ = pattern.shape
+    p = pattern.double()
+    nonsink = 1 - p[..., 1:, 0]  # [b, h, q-1] for q = 1..n-1
+    base = nonsink / torch.arange(1, n, dtype=torch.float64, device=p.device)
+    out = torch.zeros(h, n, dtype=torch.float64, device=p.device)
+    counts = torch.zeros(n, dtype=torch.float64, device=p.device)
+    for d in range(n - 1):
+        diag = p.diagonal(offset=-d, dim1=-2, dim2=-1)[..., 1:]  # a[q, q-d] for q = d+1..n-1 (key >= 1)
+        out[:, d] = (diag - base[..., d:]).sum((0, 2))
+        counts[d] = b * (n - 1 - d)
+    return out, counts
+
+
 def uniform_profile(seq_len: int) -> Float[Tensor, " dist"]:
     """The distance profile of a head that attends uniformly to all visible keys (1/(q+1) averaged over q >= d)."""
     inv = 1.0 / torch.arange(1, seq_len + 1, dtype=torch.float64)
@@ -143,7 +177,9 @@ def distance_profile(
 
     ``tokens`` is a token batch or a probe name (``natural``, ``random``, ``constant``; see module doc).
     Columns: layer, head, kv_head, distance, attention (mean weight), attention_sq (mean squared weight),
-    n (pairs averaged), lift (attention over that of a uniform head at the same distance; 1 = no preference).
+    n (pairs averaged), lift (attention over that of a uniform head at the same distance; 1 = no preference),
+    excess (mean excess over a uniform causal head on the non-sink keys, see the module doc; 0 = no preference)
+    and n_excess (the (query, key >= 1) pairs it averages).
     """
     probe = tokens if isinstance(tokens, str) else "tokens"
     if isinstance(tokens, str):
@@ -161,13 +197,18 @@ def distance_profile(
     sums = torch.zeros(L, H, n, dtype=torch.float64)
     sq = torch.zeros_like(sums)
     counts = torch.zeros(n, dtype=torch.float64)
+    excess = torch.zeros_like(sums)
+    n_excess = torch.zeros(n, dtype=torch.float64)
 
     def reduce(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
         s, s2, c = distance_sums(pattern)
+        e, ce = excess_sums(pattern)
         sums[layer] += s.cpu()
         sq[layer] += s2.cpu()
+        excess[layer] += e.cpu()
         if layer == hooked[0]:
             counts.add_(c.cpu())
+            n_excess.add_(ce.cpu())
 
     stream_patterns(
         model, tokens, reduce, layers=hooked, batch_size=batch_size, progress=progress, desc=f"rope {probe}"
@@ -187,6 +228,8 @@ def distance_profile(
             "attention_sq": (sq / counts).numpy()[idx],
             "n": counts.numpy()[grid[:, 2]].astype(int),
             "lift": lift.numpy()[idx],
+            "excess": (excess / n_excess.clamp_min(1)).numpy()[idx],
+            "n_excess": n_excess.numpy()[grid[:, 2]].astype(int),
         }
     )
 
@@ -206,19 +249,22 @@ def _head_summary(g: pd.DataFrame) -> pd.Series:
     d = g["distance"].to_numpy()
     a = g["attention"].to_numpy()
     n = g["n"].to_numpy().astype(float)
-    peak = int(np.argmax(a))
-    below = np.nonzero(a[peak:] <= a[peak] / 2)[0]
-    half_life = float(below[0]) if len(below) else np.nan
-    n_queries = n[0]
-    mean_distance = float((d * n * a).sum() / n_queries)
-    total = (n * a).sum()
-    ss_total = (n * g["attention_sq"].to_numpy()).sum() - total**2 / n.sum()
-    ss_within = (n * (g["attention_sq"].to_numpy() - a**2)).sum()
-    positional = float(1 - ss_within / ss_total) if ss_total > 0 else 1.0
+    mean_distance = float((d * n * a).sum() / n[0])
+    e = g["excess"].to_numpy()
+    ne = g["n_excess"].to_numpy().astype(float)
+    mass = e * ne  # excess summed over pairs at each distance
+    positional = float(np.clip(mass, 0, None).sum() / ne[0]) if ne[0] > 0 else 0.0
+    if ne[0] > 0 and mass.max() > 1e-6 * ne[0]:
+        peak = int(np.argmax(np.where(ne > 0, e, -np.inf)))
+        below = np.nonzero(e[peak:] <= e[peak] / 2)[0]
+        peak_distance, peak_excess = float(d[peak]), float(e[peak])
+        half_life = float(below[0]) if len(below) else np.nan
+    else:  # no distance is preferred over the uniform baseline: a uniform head, a pure sink
+        peak_distance = peak_excess = half_life = np.nan
     return pd.Series(
         {
-            "peak_distance": int(d[peak]),
-            "peak_attention": float(a[peak]),
+            "peak_distance": peak_distance,
+            "peak_excess": peak_excess,
             "half_life": half_life,
             "mean_distance": mean_distance,
             "positional_score": positional,
@@ -229,16 +275,25 @@ def _head_summary(g: pd.DataFrame) -> pd.Series:
 def rope_summary(profile: pd.DataFrame) -> pd.DataFrame:
     """Per head (and probe): peak distance, decay half-life, mean attended distance, positional score.
 
-    - ``peak_distance``: the distance with the highest mean attention;
-    - ``half_life``: distances from the peak until the profile first falls to half the peak (NaN if never);
-    - ``mean_distance``: mean over queries of the attention-weighted distance sum_k a_qk (q - k);
-    - ``positional_score``: share of the variance of all attention weights explained by distance alone
-      (correlation ratio eta^2: 1 when the weight is a function of q - k only, near 0 when content decides).
+    All but ``mean_distance`` are measured against the uniform causal baseline on the non-sink keys (the
+    ``excess`` column, see the module doc), so a uniform head and a pure first-token sink score 0:
+
+    - ``peak_distance``: the distance with the largest mean excess (NaN when no distance has any);
+    - ``peak_excess``: that excess (mean attention above a uniform head's, per (query, key) pair);
+    - ``half_life``: distances from the peak until the excess first falls to half the peak's (NaN if never);
+    - ``mean_distance``: mean over queries of the attention-weighted distance sum_k a_qk (q - k), sink included;
+    - ``positional_score``: the share of each query's attention that sits above the uniform baseline at
+      distances the head prefers on average, sum_d max(0, E(d)) / #queries, in [0, 1]: 1 for a head that
+      always reads the key d back, 0 for uniform and sink heads, near 0 for a content head whose attended
+      distances vary.
     """
     keys = [k for k in ("probe", "layer", "head", "kv_head") if k in profile.columns]
     if profile.empty:
         raise HeadlensError("empty distance profile")
-    out = profile.groupby(keys, sort=True)[["distance", "attention", "attention_sq", "n"]].apply(_head_summary)
+    if "excess" not in profile.columns:
+        raise HeadlensError("the profile has no 'excess' column: rebuild it with headlens.rope.distance_profile")
+    cols = ["distance", "attention", "n", "excess", "n_excess"]
+    out = profile.groupby(keys, sort=True)[cols].apply(_head_summary)
     return out.reset_index()
 
 
