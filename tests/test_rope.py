@@ -76,9 +76,17 @@ def _profile_of(pattern):
     n = pattern.shape[-1]
     import pandas as pd
 
-    return pd.DataFrame({"layer": 0, "head": 0, "distance": range(n), "attention": (sums[0] / counts).numpy(),
-                         "n": counts.numpy().astype(int), "excess": (exc[0] / n_exc.clamp_min(1)).numpy(),
-                         "n_excess": n_exc.numpy().astype(int)})
+    return pd.DataFrame(
+        {
+            "layer": 0,
+            "head": 0,
+            "distance": range(n),
+            "attention": (sums[0] / counts).numpy(),
+            "n": counts.numpy().astype(int),
+            "excess": (exc[0] / n_exc.clamp_min(1)).numpy(),
+            "n_excess": n_exc.numpy().astype(int),
+        }
+    )
 
 
 def test_uniform_and_sink_heads_are_not_positional():
@@ -103,7 +111,9 @@ def test_excess_sums_match_naive_loop():
     exc, counts = excess_sums(pattern)
     for h in range(3):
         for d in range(6):
-            want = sum(pattern[b, h, q, q - d] - (1 - pattern[b, h, q, 0]) / q for b in range(2) for q in range(d + 1, 7))
+            want = sum(
+                pattern[b, h, q, q - d] - (1 - pattern[b, h, q, 0]) / q for b in range(2) for q in range(d + 1, 7)
+            )
             assert exc[h, d].item() == pytest.approx(float(want), abs=1e-12)
             assert counts[d] == 2 * (6 - d)
 
@@ -115,7 +125,9 @@ def test_random_and_constant_pools_exclude_control_and_placeholder_ids(qwen):
     ids = set(_usable_ids(qwen).tolist())
     tok = qwen.tokenizer
     assert not ids & set(tok.added_tokens_decoder) and not ids & set(tok.all_special_ids)
-    assert len(tok) == 151936 and max(ids) < 151643  # Qwen: control tokens from 151643, [PAD...] placeholders from 151665
+    assert (
+        len(tok) == 151936 and max(ids) < 151643
+    )  # Qwen: control tokens from 151643, [PAD...] placeholders from 151665
     assert len(ids) > 150_000
 
 

@@ -1,0 +1,255 @@
+"""New head types on the default Qwen: scores, labelled heads and a causal check for each type.
+
+Types (definitions in docs/head_types.md): copy_suppression, successor, positional, bracket_matching,
+identifier, retrieval (opt-in long probe). For each: every head's score, the heads at or above the
+threshold (when none: the 5 highest, reported as "absent"), and mean-ablating those heads together vs
+``--n-random`` sets of as many heads drawn from the same layers (``headlens.ablation.compare_to_random``,
+``match_layers=True``) on the type's task:
+
+- copy_suppression: probability mass on tokens that already occurred earlier in the text but are not the
+  next token (natural text; ablating copy-suppression heads should RAISE it);
+- successor: log-probability of the next ordinal after three ("Monday Tuesday Wednesday" -> " Thursday");
+- positional: next-token loss on natural text;
+- bracket_matching: log-probability of the correct closing bracket on held-out stdlib code windows;
+- identifier: log-probability of the token after a re-used name on the same windows;
+- retrieval: log-probability of the needle words in 1,024-token needle-in-a-haystack prompts.
+
+    python analyses/head_types.py            # ~15 min on 2 CPU cores
+
+Writes analyses/results/head_types/: scores.csv, causal.csv, bracket_depth.csv, summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from headlens import load_model
+from headlens.ablation import compare_to_random, custom_metric, loss_metric
+from headlens.code_heads import THRESHOLDS as CODE_THRESHOLDS
+from headlens.code_heads import bracket_by_depth, code_probe, code_scores, python_version
+from headlens.head_types import (
+    THRESHOLDS,
+    copy_suppression_scores,
+    heads_above,
+    ordinal_tokens,
+    positional_scores,
+    successor_scores,
+)
+from headlens.probes import natural_text
+from headlens.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
+from headlens.retrieval import needle_metric, needle_probe, retrieval_scores
+
+OUT = Path(__file__).resolve().parent / "results" / "head_types"
+SEED = 0
+
+
+def repeat_earlier_metric(tokens: torch.Tensor):
+    """Mean probability on tokens seen earlier in the sequence that are not the next token (copy suppression's target)."""
+
+    def fn(logits, toks):
+        probs = logits[:, :-1].softmax(-1)
+        seen = torch.zeros_like(probs).scatter_(-1, toks[:, :-1, None], 1.0).cummax(1).values  # tokens 0..i at step i
+        seen.scatter_(-1, toks[:, 1:, None], 0.0)  # the right next token is not a wrong repeat
+        return (probs * seen).sum(-1)[:, 8:].mean()
+
+    return custom_metric(tokens, fn, name="prob_on_earlier_wrong_tokens", higher_is_better=False)
+
+
+def successor_metric(model):
+    ids, succ, names = ordinal_tokens(model)
+    prompts, answers = [], []
+    tasks = [n.split(":")[0] for n in names]
+    for i in range(len(ids)):
+        chain = [i]
+        while len(chain) < 4 and succ[chain[-1]] >= 0 and tasks[succ[chain[-1]]] == tasks[i]:
+            chain.append(int(succ[chain[-1]]))
+        if len(chain) == 4:
+            prompts.append([int(ids[j]) for j in chain[:3]])
+            answers.append(int(ids[chain[3]]))
+    tokens = torch.tensor(prompts)
+    target = torch.tensor(answers)
+
+    def fn(logits, toks):
+        return logits[:, -1].log_softmax(-1).gather(-1, target.to(logits.device)[:, None]).mean()
+
+    return custom_metric(tokens, fn, name="successor_logprob", higher_is_better=True)
+
+
+def bracket_metric(probe):
+    close = probe.opener >= 0
+    close[:, 0] = False
+
+    def fn(logits, toks):
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
+        return lp[close[:, 1:].to(lp.device)].mean()
+
+    return custom_metric(probe.tokens, fn, name="closing_bracket_logprob", higher_is_better=True)
+
+
+def identifier_metric(probe):
+    use = probe.ident.any(-1)
+    use[:, -1] = False
+
+    def fn(logits, toks):
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
+        return lp[use[:, :-1].to(lp.device)].mean()
+
+    return custom_metric(probe.tokens, fn, name="after_identifier_logprob", higher_is_better=True)
+
+
+def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_none=5, max_heads=20):
+    found = heads_above(scores, score_col, threshold)
+    heads = found[:max_heads] if found else heads_above(scores, score_col, -float("inf"))[:top_if_none]
+    table = compare_to_random(
+        model, metric, heads, n_random=n_random, method="mean", match_layers=True, seed=SEED, progress=False
+    )
+    rand = table[table.kind == "random"]
+    target = table[table.kind == "target"].iloc[0]
+    beats = (rand.worsening < target.worsening).all()
+    row = {
+        "type": name,
+        "threshold": threshold,
+        "n_labelled": len(found),
+        "found": bool(found),
+        "heads_ablated": " ".join(f"L{l}H{h}" for l, h in heads),
+        "metric": metric.name,
+        "clean": round(table.attrs["clean"], 5),
+        "target_effect": round(float(target.effect), 5),
+        "random_effect_min": round(float(rand.effect.min()), 5),
+        "random_effect_max": round(float(rand.effect.max()), 5),
+        "random_effect_mean": round(float(rand.effect.mean()), 5),
+        "n_random": int(len(rand)),
+        "target_worse_than_every_random": bool(beats),
+        "z": round(table.attrs["z"], 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row, table.assign(type=name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-random", type=int, default=10)
+    ap.add_argument("--n-random-bracket", type=int, default=20)
+    ap.add_argument("--skip-retrieval", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    model = load_model()
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    timings = {}
+    t = time.perf_counter()
+    cs = copy_suppression_scores(model, seed=SEED)
+    timings["copy_suppression"] = time.perf_counter() - t
+    t = time.perf_counter()
+    succ = successor_scores(model)
+    timings["successor"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pos = positional_scores(model, seed=SEED)
+    timings["positional"] = time.perf_counter() - t
+    t = time.perf_counter()
+    probe = code_probe(model, seed=SEED)
+    code = code_scores(model, probe)
+    timings["code"] = time.perf_counter() - t
+    scores = cs.merge(pos, on=["layer", "head"]).merge(code.drop(columns="kv_head"), on=["layer", "head"])
+    scores["successor"] = succ.double().flatten().numpy().round(6)
+    if not args.skip_retrieval:
+        t = time.perf_counter()
+        needles = needle_probe(model, seed=SEED)
+        ret = retrieval_scores(model, needles)
+        timings["retrieval"] = time.perf_counter() - t
+        scores = scores.merge(ret[["layer", "head", "retrieval"]], on=["layer", "head"])
+    write_atomic(OUT / "scores.csv", scores.to_csv(index=False))
+
+    rows, tables = [], []
+    held_out_text = natural_text(model, seq_len=96, batch=4, seed=SEED + 1).tokens
+    held_out_code = code_probe(model, seed=SEED + 1)
+    checks = [
+        (
+            "copy_suppression",
+            "copy_suppression",
+            THRESHOLDS["copy_suppression"],
+            repeat_earlier_metric(held_out_text),
+            args.n_random,
+        ),
+        ("successor", "successor", THRESHOLDS["successor"], successor_metric(model), args.n_random),
+        ("positional", "positional", THRESHOLDS["positional"], loss_metric(model, n_seqs=4, seq_len=64), args.n_random),
+        (
+            "bracket_matching",
+            "bracket_matching",
+            CODE_THRESHOLDS["bracket_matching"],
+            bracket_metric(held_out_code),
+            args.n_random_bracket,
+        ),
+        ("identifier", "identifier", CODE_THRESHOLDS["identifier"], identifier_metric(held_out_code), args.n_random),
+    ]
+    if not args.skip_retrieval:
+        checks.append(
+            ("retrieval", "retrieval", RETRIEVAL_THRESHOLD, needle_metric(model, needle_probe(model, seed=SEED + 1)), 5)
+        )
+    for name, col, thr, metric, n_random in checks:
+        row, table = causal(model, name, scores, col, thr, metric, n_random)
+        rows.append(row)
+        tables.append(table)
+        write_atomic(OUT / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
+
+    bracket_heads = heads_above(scores, "bracket_matching", CODE_THRESHOLDS["bracket_matching"])[:20]
+    depth_rows = []
+    if bracket_heads:
+        by_depth, counts = bracket_by_depth(model, bracket_heads, probe)
+        for i, (l, h) in enumerate(bracket_heads):
+            depth_rows.append({"layer": l, "head": h, **{f"depth_{d}": round(by_depth[d][i], 4) for d in (1, 2, 3)}})
+        depth_rows.append({"layer": -1, "head": -1, **{f"depth_{d}": counts[d] for d in (1, 2, 3)}})  # pair counts
+    write_atomic(OUT / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
+    write_atomic(OUT / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
+
+    summary = {
+        "model": "Qwen2.5-Coder-0.5B-Instruct",
+        "seed": SEED,
+        "python": python_version(),
+        "code_windows": list(probe.files),
+        "thresholds": {**THRESHOLDS, **CODE_THRESHOLDS, "retrieval": RETRIEVAL_THRESHOLD},
+        "counts": {r["type"]: r["n_labelled"] for r in rows},
+        "top_heads": {
+            col: [f"L{r.layer}H{r.head} ({getattr(r, col):.2f})" for r in scores.nlargest(3, col).itertuples()]
+            for col in (
+                "copy_suppression",
+                "negative_copying",
+                "attention_to_predicted",
+                "successor",
+                "positional",
+                "bracket_matching",
+                "identifier",
+            )
+            + (() if args.skip_retrieval else ("retrieval",))
+        },
+        "causal": rows,
+        "score_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "argv": sys.argv[1:],
+    }
+    if not args.skip_retrieval:
+        summary["needle_accuracy_clean"] = ret.attrs["accuracy"]
+    write_atomic(OUT / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Code heads: bracket-matching heads and identifier heads, scored on real Python code (the standard library).
+
+The probe (:func:`code_probe`) takes windows of ``seq_len`` model tokens from standard-library sources
+(``sysconfig.get_paths()["stdlib"]``, the running Python's own files) and marks, with Python's own
+``tokenize`` (so brackets inside strings and comments do not count):
+
+- bracket pairs: for each closing ``)``/``]``/``}`` the position of its matching opener, with the nesting
+  depth of the pair in the whole file (1 = outermost). Only pairs where both brackets are their own model
+  token (the token's text, spaces stripped, is the bracket: ``))`` or ``):`` merge and are skipped) and at
+  least 2 tokens apart (so it is not a previous-token pattern) are kept.
+- identifier uses: each occurrence of a name (not a keyword) whose model token is the name itself, and that
+  already occurred earlier in the window; its keys are all model tokens of those earlier occurrences.
+
+Scores (per sequence, then averaged like the census's):
+
+- ``bracket_matching``: attention from a closing bracket to its matching opener, mean over closers.
+- ``identifier``: attention from a use of a name to the earlier occurrences of that name, mean over uses.
+"""
+
+from __future__ import annotations
+
+import io
+import keyword
+import sys
+import sysconfig
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from headlens.errors import HeadlensError
+
+THRESHOLDS = {"bracket_matching": 0.3, "identifier": 0.3}
+STDLIB_FILES = (
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "argparse.py",
+    "dataclasses.py",
+    "functools.py",
+    "difflib.py",
+    "pprint.py",
+    "shlex.py",
+    "csv.py",
+    "fractions.py",
+    "heapq.py",
+    "bisect.py",
+    "string.py",
+    "calendar.py",
+    "configparser.py",
+    "ipaddress.py",
+    "statistics.py",
+    "tokenize.py",
+    "ast.py",
+)
+OPEN, CLOSE = "([{", ")]}"
+
+
+@dataclass(frozen=True)
+class CodeProbe:
+    """Windows of real code with bracket and identifier metadata (see the module doc)."""
+
+    tokens: Int[Tensor, "batch pos"]
+    opener: Int[Tensor, "batch pos"]  # position of the matching opener for a closing bracket, -1 elsewhere
+    depth: Int[Tensor, "batch pos"]  # nesting depth of that bracket pair, 0 elsewhere
+    ident: Bool[Tensor, "batch q k"]  # ident[b, q, k]: key k is an earlier occurrence of the name used at q
+    files: tuple[str, ...]
+    kind: str = "code"
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+
+def stdlib_sources(names=STDLIB_FILES) -> dict[str, str]:
+    """The named standard-library files' text (the running Python's; recorded with results as ``sys.version``)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = {}
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise HeadlensError(f"standard-library file {path} is missing; pass other files= that exist under {root}")
+        out[name] = path.read_text(encoding="utf-8")
+    return out
+
+
+def _annotate(text: str):
+    """(bracket pairs [(open_char, close_char, depth)], names [(start_char, end_char, name)]) of Python source ``text``."""
+    line_start = [0]
+    for line in text.splitlines(keepends=True):
+        line_start.append(line_start[-1] + len(line))
+    pairs, names, stack = [], [], []
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        start = line_start[tok.start[0] - 1] + tok.start[1]
+        if tok.type == tokenize.OP and tok.string in OPEN:
+            stack.append((start, tok.string))
+        elif tok.type == tokenize.OP and tok.string in CLOSE and stack:
+            begin, char = stack.pop()
+            if OPEN.index(char) == CLOSE.index(tok.string):
+                pairs.append((begin, start, len(stack) + 1))
+        elif tok.type == tokenize.NAME and not keyword.iskeyword(tok.string):
+            names.append((start, start + len(tok.string), tok.string))
+    return pairs, names
+
+
+def _file_arrays(tokenizer, text: str):
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    offsets = enc["offset_mapping"]
+    char_tok = {}
+    for t, (a, b) in enumerate(offsets):
+        for c in range(a, b):
+            char_tok.setdefault(c, t)
+    pieces = [text[a:b] for a, b in offsets]
+    pairs, names = _annotate(text)
+    opener = {}  # closing-token position -> (opening-token position, depth)
+    for a, b, depth in pairs:
+        ta, tb = char_tok.get(a), char_tok.get(b)
+        if ta is None or tb is None or tb - ta < 2:
+            continue
+        if pieces[ta].strip() == text[a] and pieces[tb].strip() == text[b]:
+            opener[tb] = (ta, depth)
+    occurrences = []  # (token positions of the occurrence, name, is-own-token)
+    for a, b, name in names:
+        toks = sorted({char_tok[c] for c in range(a, b) if c in char_tok})
+        own = len(toks) == 1 and pieces[toks[0]].strip() == name
+        occurrences.append((toks, name, own))
+    return ids, offsets, opener, occurrences
+
+
+def code_probe(
+    model: HookedTransformer,
+    *,
+    seq_len: int = 128,
+    batch: int = 8,
+    seed: int = 0,
+    files=STDLIB_FILES,
+    min_pairs: int = 4,
+) -> CodeProbe:
+    """``batch`` windows of stdlib code, each starting at a line start and holding >= ``min_pairs`` bracket pairs (seeded)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise HeadlensError("the code probe needs a model with a tokenizer")
+    if seq_len < 8 or batch < 1 or seq_len > model.cfg.n_ctx:
+        raise HeadlensError(
+            f"code probe: need 8 <= seq_len <= n_ctx={model.cfg.n_ctx} and batch >= 1 (got {seq_len}, {batch})"
+        )
+    candidates = []
+    for name, text in stdlib_sources(files).items():
+        ids, offsets, opener, occ = _file_arrays(tokenizer, text)
+        starts = [t for t, (a, _) in enumerate(offsets) if (a == 0 or text[a - 1] == "\n") and t + seq_len <= len(ids)]
+        for s in starts[:: max(1, len(starts) // 40)]:
+            n_pairs = sum(1 for c, (o, _) in opener.items() if s <= o and c < s + seq_len)
+            if n_pairs >= min_pairs:
+                candidates.append((name, s, ids, opener, occ))
+    if len(candidates) < batch:
+        raise HeadlensError(
+            f"code probe: only {len(candidates)} windows with >= {min_pairs} bracket pairs; lower batch or min_pairs"
+        )
+    gen = torch.Generator().manual_seed(int(seed) * 1000 + 7)
+    chosen = [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:batch].tolist()]
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+    opener_t = torch.full((batch, seq_len), -1, dtype=torch.long)
+    depth_t = torch.zeros(batch, seq_len, dtype=torch.long)
+    ident = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    for b, (name, s, ids, opener, occ) in enumerate(chosen):
+        tokens[b] = torch.tensor(ids[s : s + seq_len])
+        for c, (o, depth) in opener.items():
+            if s <= o and c < s + seq_len:
+                opener_t[b, c - s], depth_t[b, c - s] = o - s, depth
+        seen: dict[str, list[int]] = {}
+        for toks, nm, own in occ:
+            if not toks or toks[0] < s or toks[-1] >= s + seq_len:
+                continue
+            if own and seen.get(nm):
+                ident[b, toks[0] - s, seen[nm]] = True
+            seen.setdefault(nm, []).extend(t - s for t in toks)
+    return CodeProbe(tokens, opener_t, depth_t, ident, tuple(f"{c[0]}@{c[1]}" for c in chosen))
+
+
+def bracket_matching(
+    pattern: Float[Tensor, "batch head q k"], opener: Int[Tensor, "batch q"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention from each closing bracket (``opener >= 0``) to its matching opener, mean over closers."""
+    op = opener.to(pattern.device)
+    is_close = op >= 0
+    gathered = pattern.gather(-1, op.clamp_min(0)[:, None, :, None].expand(-1, pattern.shape[1], -1, 1))[..., 0]
+    w = is_close[:, None].to(pattern.dtype)
+    return (gathered * w).sum(-1) / w.sum(-1)
+
+
+def identifier(
+    pattern: Float[Tensor, "batch head q k"], ident: Bool[Tensor, "batch q k"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention from each scored use of a name to that name's earlier occurrences, mean over uses."""
+    m = ident.to(pattern.device, pattern.dtype)
+    mass = torch.einsum("bhqk,bqk->bhq", pattern, m)
+    has = (m.sum(-1) > 0).to(pattern.dtype)[:, None]
+    return (mass * has).sum(-1) / has.sum(-1)
+
+
+def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, seed: int = 0, progress: bool = False):
+    """Per head: bracket_matching and identifier scores on ``probe`` (default :func:`code_probe` with ``seed``)."""
+    from headlens.capture import stream_patterns
+    from headlens.head_types import _frame
+
+    probe = code_probe(model, seed=seed) if probe is None else probe
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("bracket_matching", "identifier")}
+
+    def reduce(layer, pattern, rows):
+        sums["bracket_matching"][layer] += bracket_matching(pattern, probe.opener[rows]).double().cpu().sum(0)
+        sums["identifier"][layer] += identifier(pattern, probe.ident[rows]).double().cpu().nan_to_num().sum(0)
+
+    stream_patterns(model, probe.tokens, reduce, progress=progress, desc="code heads")
+    n_ident = int((probe.ident.any(-1).any(-1)).sum())
+    return _frame(
+        model, bracket_matching=sums["bracket_matching"] / probe.batch, identifier=sums["identifier"] / max(n_ident, 1)
+    )
+
+
+def bracket_by_depth(model: HookedTransformer, heads, probe: CodeProbe) -> dict[int, list[float]]:
+    """Mean attention closer -> opener of each of ``heads`` split by nesting depth (1, 2, 3 = 3 or deeper)."""
+    from headlens.capture import stream_patterns
+
+    heads = list(heads)
+    depth = probe.depth.clamp_max(3)
+    out = {d: torch.zeros(len(heads), dtype=torch.float64) for d in (1, 2, 3)}
+    counts = {d: int(((probe.opener >= 0) & (depth == d)).sum()) for d in (1, 2, 3)}
+
+    def reduce(layer, pattern, rows):
+        for i, (l, h) in enumerate(heads):
+            if l != layer:
+                continue
+            p = pattern[:, h]
+            op = probe.opener[rows].to(p.device)
+            got = p.gather(-1, op.clamp_min(0)[..., None])[..., 0]
+            for d in (1, 2, 3):
+                sel = (op >= 0) & (depth[rows].to(p.device) == d)
+                out[d][i] += float(got[sel].double().sum())
+
+    stream_patterns(model, probe.tokens, reduce, layers=sorted({l for l, _ in heads}), progress=False)
+    return {d: (out[d] / max(counts[d], 1)).tolist() for d in (1, 2, 3)}, counts
+
+
+def python_version() -> str:
+    return sys.version.split()[0]

@@ -1,0 +1,277 @@
+"""Head types beyond the census's eight scores: copy-suppression, successor and positional heads.
+
+Each type is a score per (layer, head) with a threshold; code heads (bracket matching, identifiers) live in
+:mod:`headlens.code_heads`, retrieval heads in :mod:`headlens.retrieval`. :func:`register_head_types`
+puts them on the head-type registry (:mod:`headlens.registry`) so the census labels them.
+
+OV scores read a head's OV circuit through the *effective embedding* (Gould et al. 2023): a token's
+residual stream after block 0 when it is alone in its sequence (its embedding plus layer 0's attention to
+itself and MLP 0), RMS-normalised as the head's input is (layer norms are folded into W_V). The head's
+output for token t is ``norm(eff(t)) W_V W_O`` and its effect on the logits is that times ``W_U``
+(the final norm scales a row and does not change ranks within it).
+
+- ``negative_copying``: over a fixed sample of ordinary word tokens, the share of tokens t whose own logit
+  is in the lowest 1 % of the head's OV output for t over that sample (McDougall et al. 2023 report 85 % of
+  tokens in the bottom 10 of the vocabulary for GPT-2's L10H7).
+- ``attention_to_predicted`` (pattern score): on natural text, for each query whose next-token prediction
+  (the whole model's top-1) already occurs earlier in the sequence, the attention on those earlier
+  occurrences (mean over such queries).
+- ``copy_suppression`` = attention_to_predicted x negative_copying: the head attends to the token about to be
+  predicted AND pushes that token down. Both factors are in [0, 1].
+- ``successor`` (Gould et al. 2023): over ordinal sequences (digits, number words, ordinals, days, months,
+  letters; single tokens only), the share of tokens t whose successor has the top OV logit for t among all
+  ordinal tokens.
+- ``positional``: same relative-distance preference on constant tokens (content removed exactly) as on natural
+  text. With E(d) the excess attention at distance d over a uniform causal head on the non-sink keys
+  (:mod:`headlens.rope`), score = sum_d min(E_natural(d), E_constant(d))^+ / #queries, and the head's offset is
+  the distance where that overlap peaks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from headlens.errors import HeadlensError
+
+THRESHOLDS = {"copy_suppression": 0.1, "successor": 0.3, "positional": 0.5}
+"""Calibrated on the default Qwen and its random-weight twin (analyses/head_types.py, docs/head_types.md)."""
+
+ORDINALS = {
+    "digits": [str(i) for i in range(10)],
+    "number_words": " one two three four five six seven eight nine ten eleven twelve".split(" ")[1:],
+    "ordinals": " first second third fourth fifth sixth seventh eighth ninth tenth".split(" ")[1:],
+    "days": " Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split(" ")[1:],
+    "months": " January February March April May June July August September October November December".split(" ")[1:],
+    "letters": [" " + chr(c) for c in range(ord("A"), ord("Z") + 1)],
+}
+ORDINALS = {k: [(" " + w if k not in ("digits", "letters") else w) for w in v] for k, v in ORDINALS.items()}
+
+
+# ---------------------------------------------------------------- OV circuit through the effective embedding
+
+
+def effective_embedding(
+    model: HookedTransformer, token_ids: Int[Tensor, "n"], *, batch_size: int = 512
+) -> Float[Tensor, "n d_model"]:
+    """Residual stream after block 0 of each token alone in its sequence (Gould et al.'s effective embedding)."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(token_ids), batch_size):
+            ids = token_ids[start : start + batch_size, None].to(model.cfg.device)
+            out.append(model(ids, stop_at_layer=1)[:, 0].float().cpu())
+    return torch.cat(out)
+
+
+def ov_logits(
+    model: HookedTransformer, layer: int, eff: Float[Tensor, "n d_model"], targets: Int[Tensor, "m"]
+) -> Float[Tensor, "head n m"]:
+    """Logits that each head of ``layer`` writes on ``targets`` when it attends to tokens with effective embedding ``eff``."""
+    x = eff / eff.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt()
+    attn = model.blocks[layer].attn
+    with torch.inference_mode():
+        v = torch.einsum("nd,hde->hne", x.to(attn.W_V.device, attn.W_V.dtype), attn.W_V) + attn.b_V[:, None]
+        out = torch.einsum("hne,hed->hnd", v, attn.W_O)
+        return (out @ model.W_U[:, targets.to(model.W_U.device)]).float().cpu()
+
+
+def own_rank_share(logits: Float[Tensor, "head n n"], *, lowest: float = 0.01) -> Float[Tensor, "head"]:
+    """Share of rows t whose own entry (column t) is among the ``lowest`` fraction of the row (negative copying)."""
+    n = logits.shape[-1]
+    own = logits.diagonal(dim1=-2, dim2=-1)[..., None]
+    rank_from_bottom = (logits <= own).sum(-1) - 1  # other targets at or below the token itself (ties count against it)
+    return (rank_from_bottom < max(1, int(round(lowest * n)))).float().mean(-1)
+
+
+def successor_share(logits: Float[Tensor, "head n m"], successor: Int[Tensor, "n"]) -> Float[Tensor, "head"]:
+    """Share of rows whose largest entry is the row's successor column (``-1``: no successor, row skipped)."""
+    keep = successor >= 0
+    rows = logits[:, keep]
+    succ = rows.gather(-1, successor[keep][None, :, None].expand(rows.shape[0], -1, 1))
+    return ((rows >= succ).sum(-1) == 1).float().mean(-1)  # the successor strictly above every other column
+
+
+def _check_tokenizer(model: HookedTransformer, what: str):
+    if getattr(model, "tokenizer", None) is None:
+        raise HeadlensError(f"the {what} score needs a model with a tokenizer")
+    return model.tokenizer
+
+
+def ordinal_tokens(model: HookedTransformer) -> tuple[Int[Tensor, "n"], Int[Tensor, "n"], list[str]]:
+    """Single-token members of the ordinal sequences: ids, the index of each one's successor in ids (-1 if none), names."""
+    tok = _check_tokenizer(model, "successor")
+    ids, succ, names = [], [], []
+    for task, words in ORDINALS.items():
+        enc = [tok.encode(w, add_special_tokens=False) for w in words]
+        for i, e in enumerate(enc):
+            if len(e) != 1 or e[0] >= model.cfg.d_vocab:
+                continue
+            nxt = enc[i + 1] if i + 1 < len(enc) else None
+            ids.append(e[0])
+            names.append(f"{task}:{words[i].strip()}")
+            succ.append(nxt[0] if nxt is not None and len(nxt) == 1 else -1)
+    if len(ids) < 4:
+        raise HeadlensError("the tokenizer encodes too few ordinal words as single tokens for a successor score")
+    index = {t: j for j, t in enumerate(ids)}
+    return torch.tensor(ids), torch.tensor([index.get(s, -1) for s in succ]), names
+
+
+def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
+    """Successor score of every head (module doc): top-1 OV logit among ordinal tokens is the successor."""
+    ids, succ, _ = ordinal_tokens(model)
+    eff = effective_embedding(model, ids)
+    return torch.stack(
+        [successor_share(ov_logits(model, layer, eff, ids), succ) for layer in range(model.cfg.n_layers)]
+    )
+
+
+def copy_sample(model: HookedTransformer, n: int = 2000, seed: int = 0) -> Int[Tensor, "n"]:
+    """A fixed sample of ordinary word tokens for OV copying scores."""
+    from headlens.probes import word_token_ids
+
+    pool = word_token_ids(model)
+    gen = torch.Generator().manual_seed(seed)
+    return pool[torch.randperm(len(pool), generator=gen)[: min(n, len(pool))]].sort().values
+
+
+def negative_copying(
+    model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
+) -> Float[Tensor, "layer head"]:
+    """Share of sampled word tokens that each head's OV circuit ranks in the lowest ``lowest`` of its own output."""
+    ids = copy_sample(model, n, seed)
+    eff = effective_embedding(model, ids)
+    return torch.stack(
+        [own_rank_share(ov_logits(model, layer, eff, ids), lowest=lowest) for layer in range(model.cfg.n_layers)]
+    )
+
+
+# ---------------------------------------------------------------- attention to the predicted token
+
+
+def predicted_mask(tokens: Int[Tensor, "batch pos"], predicted: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch q k"]:
+    """``mask[b, q, k]``: key k < q holds the token the model predicts at query q (k >= 1: the sink is never counted)."""
+    n = tokens.shape[1]
+    same = tokens[:, None, :] == predicted[:, :, None]
+    before = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    before[:, 0] = False
+    return same & before
+
+
+def attention_to_predicted(
+    pattern: Float[Tensor, "batch head q k"], mask: Bool[Tensor, "batch q k"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention on earlier occurrences of the predicted token, mean over queries that have one (NaN if none)."""
+    m = mask.to(pattern.device, pattern.dtype)
+    mass = torch.einsum("bhqk,bqk->bhq", pattern, m)
+    has = (m.sum(-1) > 0).to(pattern.dtype)[:, None]
+    return (mass * has).sum(-1) / has.sum(-1)
+
+
+def model_predictions(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], batch_size: int = 4
+) -> Int[Tensor, "batch pos"]:
+    """The model's top-1 next-token prediction at every position."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            out.append(model(tokens[start : start + batch_size].to(model.cfg.device)).argmax(-1).cpu())
+    return torch.cat(out)
+
+
+def copy_suppression_scores(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"] | None = None, *, seed: int = 0, progress: bool = False
+) -> pd.DataFrame:
+    """Per head: attention_to_predicted (on ``tokens``, default 4 x 128 natural-text tokens), negative_copying, and
+    their product copy_suppression (module doc)."""
+    from headlens.capture import stream_patterns
+    from headlens.probes import natural_text
+
+    if tokens is None:
+        tokens = natural_text(model, seq_len=128, batch=4, seed=seed).tokens
+    mask = predicted_mask(tokens, model_predictions(model, tokens))
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    sums, weight = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, 1, dtype=torch.float64)
+
+    def reduce(layer, pattern, rows):
+        per_seq = attention_to_predicted(pattern, mask[rows]).double().cpu()
+        ok = ~per_seq[:, 0].isnan()
+        sums[layer] += per_seq[ok].sum(0)
+        weight[layer] += ok.sum()
+
+    stream_patterns(model, tokens, reduce, progress=progress, desc="copy suppression")
+    attn = (sums / weight.clamp_min(1)).float()
+    neg = negative_copying(model, seed=seed)
+    return _frame(model, attention_to_predicted=attn, negative_copying=neg, copy_suppression=attn * neg)
+
+
+# ---------------------------------------------------------------- positional heads
+
+
+def positional_scores(
+    model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 128, seed: int = 0, progress: bool = False
+) -> pd.DataFrame:
+    """Per head: positional score on natural text and on constant tokens, their overlap ``positional`` and the offset."""
+    from headlens.rope import distance_profiles, rope_summary
+
+    prof = distance_profiles(
+        model, ("natural", "constant"), n_seqs=n_seqs, seq_len=seq_len, seed=seed, progress=progress
+    )
+    summary = rope_summary(prof).pivot_table(index=["layer", "head"], columns="probe", values="positional_score")
+    rows = []
+    for (layer, head), g in prof.groupby(["layer", "head"], sort=True):
+        nat, const = g[g.probe == "natural"].sort_values("distance"), g[g.probe == "constant"].sort_values("distance")
+        score, offset = positional_overlap(
+            torch.tensor(nat["excess"].to_numpy()),
+            torch.tensor(const["excess"].to_numpy()),
+            torch.tensor(nat["n_excess"].to_numpy(), dtype=torch.float64),
+        )
+        rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "positional_natural": summary.loc[(layer, head), "natural"],
+                "positional_constant": summary.loc[(layer, head), "constant"],
+                "positional": round(score, 6),
+                "positional_offset": offset,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def positional_overlap(
+    excess_natural: Float[Tensor, "dist"], excess_constant: Float[Tensor, "dist"], n_pairs: Float[Tensor, "dist"]
+) -> tuple[float, int]:
+    """The positional score from two excess profiles (mean excess per pair) and their pair counts: (score, offset)."""
+    over = torch.minimum(excess_natural, excess_constant).clamp_min(0) * n_pairs
+    if float(over.sum()) <= 0:
+        return 0.0, -1
+    return float(over.sum() / n_pairs[0]), int(over.argmax())
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _frame(model: HookedTransformer, **columns: Tensor) -> pd.DataFrame:
+    from headlens.models import kv_heads
+
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    out = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(L), H),
+            "head": np.tile(np.arange(H), L),
+            "kv_head": np.tile(np.asarray(kv_heads(model)), L),
+        }
+    )
+    for name, value in columns.items():
+        out[name] = value.double().flatten().numpy().round(6)
+    return out
+
+
+def heads_above(frame: pd.DataFrame, score: str, threshold: float) -> list[tuple[int, int]]:
+    """(layer, head) pairs whose ``score`` reaches ``threshold``, strongest first."""
+    part = frame[frame[score] >= threshold].sort_values(score, ascending=False)
+    return [(int(l), int(h)) for l, h in zip(part["layer"], part["head"])]
