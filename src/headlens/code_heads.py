@@ -171,7 +171,7 @@ def code_probe(
     opener_t = torch.full((batch, seq_len), -1, dtype=torch.long)
     depth_t = torch.zeros(batch, seq_len, dtype=torch.long)
     ident = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
-    for b, (name, s, ids, opener, occ) in enumerate(chosen):
+    for b, (_, s, ids, opener, occ) in enumerate(chosen):
         tokens[b] = torch.tensor(ids[s : s + seq_len])
         for c, (o, depth) in opener.items():
             if s <= o and c < s + seq_len:

@@ -56,7 +56,7 @@ ORDINALS = {k: [(" " + w if k not in ("digits", "letters") else w) for w in v] f
 
 
 def effective_embedding(
-    model: HookedTransformer, token_ids: Int[Tensor, "n"], *, batch_size: int = 512
+    model: HookedTransformer, token_ids: Int[Tensor, " n"], *, batch_size: int = 512
 ) -> Float[Tensor, "n d_model"]:
     """Residual stream after block 0 of each token alone in its sequence (Gould et al.'s effective embedding)."""
     out = []
@@ -68,7 +68,7 @@ def effective_embedding(
 
 
 def ov_logits(
-    model: HookedTransformer, layer: int, eff: Float[Tensor, "n d_model"], targets: Int[Tensor, "m"]
+    model: HookedTransformer, layer: int, eff: Float[Tensor, "n d_model"], targets: Int[Tensor, " m"]
 ) -> Float[Tensor, "head n m"]:
     """Logits that each head of ``layer`` writes on ``targets`` when it attends to tokens with effective embedding ``eff``."""
     x = eff / eff.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt()
@@ -79,7 +79,7 @@ def ov_logits(
         return (out @ model.W_U[:, targets.to(model.W_U.device)]).float().cpu()
 
 
-def own_rank_share(logits: Float[Tensor, "head n n"], *, lowest: float = 0.01) -> Float[Tensor, "head"]:
+def own_rank_share(logits: Float[Tensor, "head n n"], *, lowest: float = 0.01) -> Float[Tensor, " head"]:
     """Share of rows t whose own entry (column t) is among the ``lowest`` fraction of the row (negative copying)."""
     n = logits.shape[-1]
     own = logits.diagonal(dim1=-2, dim2=-1)[..., None]
@@ -87,7 +87,7 @@ def own_rank_share(logits: Float[Tensor, "head n n"], *, lowest: float = 0.01) -
     return (rank_from_bottom < max(1, int(round(lowest * n)))).float().mean(-1)
 
 
-def successor_share(logits: Float[Tensor, "head n m"], successor: Int[Tensor, "n"]) -> Float[Tensor, "head"]:
+def successor_share(logits: Float[Tensor, "head n m"], successor: Int[Tensor, " n"]) -> Float[Tensor, " head"]:
     """Share of rows whose largest entry is the row's successor column (``-1``: no successor, row skipped)."""
     keep = successor >= 0
     rows = logits[:, keep]
@@ -101,7 +101,7 @@ def _check_tokenizer(model: HookedTransformer, what: str):
     return model.tokenizer
 
 
-def ordinal_tokens(model: HookedTransformer) -> tuple[Int[Tensor, "n"], Int[Tensor, "n"], list[str]]:
+def ordinal_tokens(model: HookedTransformer) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], list[str]]:
     """Single-token members of the ordinal sequences: ids, the index of each one's successor in ids (-1 if none), names."""
     tok = _check_tokenizer(model, "successor")
     ids, succ, names = [], [], []
@@ -129,7 +129,7 @@ def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
     )
 
 
-def copy_sample(model: HookedTransformer, n: int = 2000, seed: int = 0) -> Int[Tensor, "n"]:
+def copy_sample(model: HookedTransformer, n: int = 2000, seed: int = 0) -> Int[Tensor, " n"]:
     """A fixed sample of ordinary word tokens for OV copying scores."""
     from headlens.probes import word_token_ids
 
@@ -243,7 +243,7 @@ def positional_scores(
 
 
 def positional_overlap(
-    excess_natural: Float[Tensor, "dist"], excess_constant: Float[Tensor, "dist"], n_pairs: Float[Tensor, "dist"]
+    excess_natural: Float[Tensor, " dist"], excess_constant: Float[Tensor, " dist"], n_pairs: Float[Tensor, " dist"]
 ) -> tuple[float, int]:
     """The positional score from two excess profiles (mean excess per pair) and their pair counts: (score, offset)."""
     over = torch.minimum(excess_natural, excess_constant).clamp_min(0) * n_pairs

@@ -103,7 +103,7 @@ def retrieval_scores(
         tokens = probe.tokens[b : b + 1].to(model.cfg.device)
         patterns = {}
 
-        def keep(pattern, hook):
+        def keep(pattern, hook, b=b, patterns=patterns):
             q = probe.answer_pos[b] - 1
             patterns[hook.layer()] = pattern[:, :, q.to(pattern.device)].argmax(-1).cpu()  # [1, head, m]
 
