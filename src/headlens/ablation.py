@@ -87,7 +87,7 @@ class Metric:
     higher_is_better: bool = False
 
     def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-        return self.fn(logits, self.tokens.to(logits.device))
+        return self.fn(logits.float(), self.tokens.to(logits.device))  # float32 whatever the model's dtype
 
     def worsening(self, value: float, clean: float) -> float:
         """Relative change towards "worse" (positive = worse), e.g. 0.01 = 1 % higher loss."""

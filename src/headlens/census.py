@@ -23,6 +23,9 @@ text is ``induction``, and a head that mostly sinks is ``first_token``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import torch
@@ -33,7 +36,6 @@ from headlens.capture import stream_patterns
 from headlens.errors import HeadlensError
 from headlens.models import kv_heads
 from headlens.probes import Probe, ProbeSet, check_probes, default_probes
-from headlens.progress import tqdm
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
 COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")
@@ -72,11 +74,14 @@ def census(
     batch_size: int = 8,
     thresholds: dict[str, float] | None = None,
     progress: bool = True,
+    executor=None,
 ) -> pd.DataFrame:
     """One row per (layer, head): kv head, the eight scores and a label (see the module docstring).
 
     ``probes`` defaults to :func:`headlens.probes.default_probes` with ``seed``; scores of probe
     kinds the set lacks are NaN. ``thresholds`` overrides entries of :data:`THRESHOLDS`.
+    ``executor`` (:mod:`headlens.executor`, e.g. a ``RayExecutor``) runs the probe batches; the
+    table is the same whichever runs them.
     """
     limits = _thresholds(thresholds)
     probes = default_probes(model, seed=seed) if probes is None else probes
@@ -85,8 +90,7 @@ def census(
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     table = {name: torch.full((L, H), float("nan")) for name in SCORES}
-    for probe in tqdm(list(probes), desc="census", disable=not progress, leave=False):
-        table.update(probe_scores(model, probe, batch_size=batch_size, progress=progress))
+    table.update(_sharded_scores(model, list(probes), batch_size, progress, executor))
     table["copying"] = scores.copying(model)
     frame = pd.DataFrame(
         {
@@ -101,9 +105,26 @@ def census(
 
 
 def probe_scores(
-    model: HookedTransformer, probe: Probe, *, batch_size: int = 8, progress: bool = True
+    model: HookedTransformer, probe: Probe, *, batch_size: int = 8, progress: bool = True, executor=None
 ) -> dict[str, torch.Tensor]:
     """The scores ``SCORE_PROBES`` assigns to ``probe.kind``, each ``[layer, head]``, streamed batch by batch."""
+    return _sharded_scores(model, [probe], batch_size, progress, executor)
+
+
+def probe_batches(probe: Probe, batch_size: int) -> list[Probe]:
+    """``probe`` cut into consecutive sub-probes of at most ``batch_size`` sequences (the census's shards)."""
+    return [
+        replace(probe, tokens=probe.tokens[i : i + batch_size], is_delim=probe.is_delim[i : i + batch_size])
+        for i in range(0, probe.batch, batch_size)
+    ]
+
+
+def batch_sums(model: HookedTransformer, probe: Probe, *, progress: bool = False) -> dict[str, torch.Tensor]:
+    """One forward over ``probe``: each of its scores, ``[layer, head]`` float64, summed over its sequences.
+
+    Patterns are scored in float32 whatever the model's dtype. The census adds these shard by shard
+    in order and divides by the probe's size, so any executor gives the same numbers.
+    """
     fns = _score_fns(probe)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     sums = {name: torch.zeros(L, H, dtype=torch.float64) for name in fns}
@@ -111,10 +132,35 @@ def probe_scores(
     def reducer(layer, pattern, rows):
         weight = rows.stop - rows.start
         for name, fn in fns.items():
-            sums[name][layer] += fn(pattern, rows).double().cpu() * weight
+            sums[name][layer] += fn(pattern.float(), rows).double().cpu() * weight
 
-    stream_patterns(model, probe.tokens, reducer, batch_size=batch_size, progress=progress, desc=f"census {probe.kind}")
-    return {name: total / probe.batch for name, total in sums.items()}
+    stream_patterns(
+        model, probe.tokens, reducer, batch_size=probe.batch, progress=progress, desc=f"census {probe.kind}"
+    )
+    return sums
+
+
+def _sharded_scores(model, probes: list[Probe], batch_size: int, progress: bool, executor) -> dict[str, torch.Tensor]:
+    from headlens.executor import resolve
+
+    shards = [(p, sub) for p in probes for sub in probe_batches(p, int(batch_size))]
+    parts = resolve(executor).map(
+        partial(batch_sums, progress=progress),
+        model,
+        [sub for _, sub in shards],
+        key="headlens.census.batch_sums",
+        desc="census",
+        progress=progress,
+    )
+    out: dict[str, torch.Tensor] = {}
+    for probe in probes:
+        mine = [part for (p, _), part in zip(shards, parts) if p is probe]
+        for name in mine[0]:
+            total = torch.zeros_like(mine[0][name])
+            for part in mine:
+                total += part[name]
+            out[name] = total / probe.batch
+    return out
 
 
 def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> list[str]:

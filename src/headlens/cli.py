@@ -67,6 +67,16 @@ MODEL = typer.Option(
     help=f"model: {MODEL_NAMES}; or a local HF directory, a .gguf file or a hub id already in the local cache",
 )
 ADAPTER = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory merged into the model")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps")
+DTYPE = typer.Option(
+    "float32", "--dtype", help="float32, bfloat16 or float16 (scores and metrics are reduced in float32)"
+)
+WORKERS = typer.Option(
+    None, "--workers", help="run the shards on N Ray workers, each holding one model copy (pip install 'headlens[ray]')"
+)
+RAY_ADDRESS = typer.Option(
+    None, "--ray-address", help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of a local one"
+)
 SEED = typer.Option(0, "--seed", help="random seed (same seed, same table)")
 PROGRESS = typer.Option(
     True,
@@ -91,13 +101,29 @@ def _start(progress: bool) -> None:
     _progress.set_enabled(progress)
 
 
-def _load(model: str, adapter: Path | None = None):
-    from headlens.models import load_model
+def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32"):
+    from headlens.models import load_model, resolve_device, resolve_dtype
 
-    typer.echo(f"loading {model}" + (f" + adapter {adapter}" if adapter else "") + " ...", err=True)
-    hooked = load_model(model, adapter=adapter)
+    resolve_device(device), resolve_dtype(dtype)  # fail before any slow loading
+    where = "" if (device, dtype) == ("cpu", "float32") else f" on {device} in {dtype}"
+    typer.echo(f"loading {model}" + (f" + adapter {adapter}" if adapter else "") + where + " ...", err=True)
+    hooked = load_model(model, adapter=adapter, device=device, dtype=dtype)
     _progress.set_enabled(_progress.enabled())  # libraries imported by the load obey the switch too
     return hooked
+
+
+def _executor(workers: int | None, ray_address: str | None, out: Path):
+    """Local, or Ray with --workers/--ray-address; finished shards are kept under OUT/.shards until the run succeeds."""
+    from headlens.executor import executor_from_options
+
+    return executor_from_options(workers, ray_address, checkpoint=out / ".shards")
+
+
+def _done(executor, out: Path) -> None:
+    import shutil
+
+    executor.close()
+    shutil.rmtree(out / ".shards", ignore_errors=True)
 
 
 def _parse_heads(text: str) -> list[tuple[int, int]]:
@@ -149,6 +175,8 @@ def _root() -> None:
 def info(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     progress: bool = PROGRESS,
 ):
@@ -156,7 +184,7 @@ def info(
     _start(progress)
     from headlens.models import model_info
 
-    facts = model_info(_load(model, adapter))
+    facts = model_info(_load(model, adapter, device, dtype))
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -168,11 +196,15 @@ def info(
 def census_cmd(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     out: Path = _out("directory for census.csv, census.parquet, report.html and figures/"),
     seed: int = SEED,
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     top: int = typer.Option(5, "--top", help="top heads to print per label"),
     progress: bool = PROGRESS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
 ):
     """Score and label every head; writes DIR/census.csv, DIR/census.parquet and the HTML report DIR/report.html.
 
@@ -184,8 +216,10 @@ def census_cmd(
 
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the census")
-    hooked = _load(model, adapter)
-    table = census(hooked, seed=seed, batch_size=batch_size, progress=progress)
+    hooked = _load(model, adapter, device, dtype)
+    executor = _executor(workers, ray_address, out)
+    table = census(hooked, seed=seed, batch_size=batch_size, progress=progress, executor=executor)
+    _done(executor, out)
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(hooked, **_census_settings(seed))
     table.attrs["provenance"] = prov
@@ -230,6 +264,8 @@ def label_summary(table, *, k: int = 5):
 def report(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     out: Path = _out("report directory (reuses DIR/census.csv when present)"),
     prompt: str = typer.Option(
         None, "--prompt", help="prompt for the attention patterns (default: a built-in repeated prompt)"
@@ -265,7 +301,7 @@ def report(
     from headlens.report import read_census, write_report
     from headlens.viz import DEFAULT_PROMPT
 
-    hooked = _load(model, adapter)
+    hooked = _load(model, adapter, device, dtype)
     csv = out / "census.csv"
     prov = provenance(hooked, **_census_settings(seed))
     why = mismatch(csv, prov) if csv.exists() else None
@@ -321,6 +357,8 @@ def report(
 def patch(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     out: Path = _out("directory for the CSV files"),
     clean: str = typer.Option(None, "--clean", help="clean prompt (default: the built-in induction pair)"),
     corrupted: str = typer.Option(None, "--corrupted", help="corrupted prompt, same token length as --clean"),
@@ -357,7 +395,7 @@ def patch(
 
     from headlens.patching import activation_patching, attribution_patching, induction_pair, rank_correlation, text_pair
 
-    hooked = _load(model, adapter)
+    hooked = _load(model, adapter, device, dtype)
     labels = _labels(hooked, census_csv, seed, progress)
     if clean is None:
         pair = induction_pair(hooked, n_tokens=n_tokens, batch=batch, seed=seed)
@@ -431,6 +469,8 @@ def _metric_unit(name: str) -> str:
 def ablate(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     metric: MetricName = METRIC,
     out: Path = _out("directory for ablation.csv and ablation.png"),
     method: MethodName = typer.Option(
@@ -467,7 +507,7 @@ def ablate(
 
     from headlens.ablation import ablation_sweep, compare_to_random, plot_sweep
 
-    hooked = _load(model, adapter)
+    hooked = _load(model, adapter, device, dtype)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
@@ -529,6 +569,8 @@ def ablate(
 def prune(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     metric: MetricName = METRIC,
     out: Path = _out("directory for prune_curve.csv, prune_order.csv and prune_curve.png"),
     tolerance: float = typer.Option(
@@ -560,7 +602,7 @@ def prune(
 
     from headlens.prune import prune_curve
 
-    hooked = _load(model, adapter)
+    hooked = _load(model, adapter, device, dtype)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     result = prune_curve(
         hooked,
@@ -604,6 +646,8 @@ def compare_cmd(
     ),
     out: Path = _out("directory for compare.csv and compare.png"),
     census: bool = typer.Option(True, "--census/--no-census", help="also compare census scores and labels"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     seed: int = SEED,
     top: int = typer.Option(10, "--top", help="how many most-changed heads to print"),
     progress: bool = PROGRESS,
@@ -614,9 +658,9 @@ def compare_cmd(
         raise HeadlensError(f"{out} is a file: pass a directory for the comparison")
     from headlens.compare import compare_models, load_tuned, plot_comparison, top_changed
 
-    base_model = _load(base)
+    base_model = _load(base, None, device, dtype)
     typer.echo(f"loading tuned {tuned} ...", err=True)
-    tuned_model = load_tuned(base_model, tuned, base_source=base)
+    tuned_model = load_tuned(base_model, tuned, base_source=base, device=device, dtype=dtype)
     df = compare_models(base_model, tuned_model, seed=seed, census=census, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(df, out / "compare.csv")
@@ -642,6 +686,8 @@ def compare_cmd(
 def stats(
     model: str = MODEL,
     adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     out: Path = _out("directory for entropy.csv and similarity.csv"),
     temperatures: str = typer.Option(
         "0.5,1,2", "--temperatures", help="comma list; T=1 is the model's own 1/sqrt(d_head) scaling"
@@ -674,7 +720,7 @@ def stats(
     from headlens.probes import natural_text
 
     scale_settings(1.0, temperatures=temps)
-    hooked = _load(model, adapter)
+    hooked = _load(model, adapter, device, dtype)
     tokens = natural_text(hooked, seq_len=seq_len, batch=batch, seed=seed).tokens
     entropy = scale_entropy_table(hooked, tokens, temperatures=temps, progress=progress)
     sims = head_similarity(hooked, tokens, metrics=("cosine", "centered"), progress=progress)

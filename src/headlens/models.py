@@ -45,7 +45,7 @@ def cache_dir() -> Path:
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str = "cpu",
     adapter: str | os.PathLike | None = None,
     n_ctx: int = MAX_CTX,
@@ -54,7 +54,10 @@ def load_model(
 
     ``source`` is a name ('qwen2.5-coder-0.5b' or 'qwen', 'smollm2', 'tiny-qwen2', 'tiny-llama'),
     a local Hugging Face directory, a ``.gguf`` file, or a hub id already in the local HF cache.
+    ``device``: cpu, cuda, cuda:N or mps; ``dtype``: float32, bfloat16 or float16 (weights are
+    converted and layer norms folded in float32, then cast, so bf16 = rounded fp32 weights).
     """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     name = ALIASES.get(str(source), str(source))
     label = Path(name).name
     if name in TINY:
@@ -62,13 +65,87 @@ def load_model(
     else:
         directory = _cached_directory(name)
         if directory is not None and adapter is None:
-            model = _load_hooked_cache(directory, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+            model = _load_hooked_cache(directory, name=label, dtype=torch.float32, device="cpu", n_ctx=n_ctx)
+            model = _recipe(
+                _placed(model, device, dtype),
+                "headlens.models:load_model",
+                source=_portable(source),
+                dtype=dtype,
+                device=device,
+                n_ctx=n_ctx,
+            )
             return _mark(model, name, None)
-        hf_model, tokenizer = _load_hf(name, dtype, directory)
+        hf_model, tokenizer = _load_hf(name, torch.float32, directory)
     if adapter is not None:
         hf_model = merge_adapter(hf_model, adapter)
     model = hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+    spec_adapter = None if adapter is None else str(Path(adapter).expanduser().resolve())
+    model = _recipe(
+        model,
+        "headlens.models:load_model",
+        source=_portable(source),
+        dtype=dtype,
+        device=device,
+        adapter=spec_adapter,
+        n_ctx=n_ctx,
+    )
     return _mark(model, name, adapter)
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or the torch dtype) -> torch dtype; a clear error otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    found = DTYPES.get(str(dtype).removeprefix("torch.").lower())
+    if found is None:
+        raise HeadlensError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return found
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """Check that ``device`` (cpu, cuda, cuda:N, mps) exists here before any weights move; returns its name."""
+    name = str(device).strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise HeadlensError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise HeadlensError(
+                f"--device {name}: CUDA is not available to this torch ({torch.__version__}, "
+                f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise HeadlensError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise HeadlensError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+    return name
+
+
+def _portable(source) -> str:
+    """A source name that means the same in another process: local paths made absolute."""
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _recipe(model: HookedTransformer, loader: str, **kwargs) -> HookedTransformer:
+    """Record how to rebuild ``model`` in another process (Ray workers load their own copy; see headlens.executor)."""
+    from headlens.executor import ModelSpec
+
+    kwargs = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in kwargs.items()}
+    model.headlens_spec = ModelSpec(loader, tuple(sorted(kwargs.items())))
+    return model
 
 
 def _mark(model: HookedTransformer, name: str, adapter) -> HookedTransformer:
@@ -95,7 +172,16 @@ def tiny_model(
     hf_model, tokenizer = _tiny_hf(
         family, seed=seed, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=d_model
     )
-    return hooked_from_hf(hf_model, tokenizer, name=f"tiny-{family}")
+    return _recipe(
+        hooked_from_hf(hf_model, tokenizer, name=f"tiny-{family}"),
+        "headlens.models:tiny_model",
+        family=family,
+        seed=seed,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        d_model=d_model,
+    )
 
 
 def tiny_hf_model(family: str = "qwen2", **kwargs):
@@ -191,15 +277,16 @@ def hooked_from_hf(
     """Convert a loaded Hugging Face causal LM to a ``HookedTransformer`` (layer norms folded, logits unchanged)."""
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_qwen2_weights
 
-    cfg = hooked_config(hf_model.config, dtype=dtype, device=device, n_ctx=n_ctx, name=name)
+    dtype = resolve_dtype(dtype)
+    cfg = hooked_config(hf_model.config, dtype=torch.float32, device="cpu", n_ctx=n_ctx, name=name)
     convert = convert_qwen2_weights if cfg.original_architecture == "Qwen2ForCausalLM" else convert_llama_weights
-    hf_model = hf_model.to(dtype)
+    hf_model = hf_model.to(torch.float32)
     state_dict = convert(hf_model, cfg)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
     model.load_and_process_state_dict(
         state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
-    return _placed(model, device)
+    return _placed(model, device, dtype)
 
 
 def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx: int) -> HookedTransformer:
@@ -240,10 +327,12 @@ def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx:
     return _placed(model, device)
 
 
-def _placed(model: HookedTransformer, device: str) -> HookedTransformer:
-    """Move to ``device`` (TransformerLens prints on every move, so skip the no-op CPU move) and set eval mode."""
+def _placed(model: HookedTransformer, device: str, dtype: torch.dtype = torch.float32) -> HookedTransformer:
+    """Cast to ``dtype`` and move to ``device`` (skipping no-op moves, which TransformerLens would print) in eval mode."""
+    if dtype != model.cfg.dtype:
+        model.to(dtype, print_details=False)
     if str(device) != "cpu":
-        model.to(device)
+        model.to(str(device), print_details=False)
     return model.eval()
 
 

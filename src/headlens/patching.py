@@ -109,7 +109,7 @@ class PromptPair:
 
     def metric_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """The metric on full-length logits (what TransformerLens' patching functions pass)."""
-        return self.metric(logits[:, self.positions])
+        return self.metric(logits[:, self.positions].float())
 
 
 def _token_pool(model: HookedTransformer) -> Int[Tensor, " n"]:
@@ -255,6 +255,7 @@ def _unembed_at(
         resid = model.ln_final(resid)
     logits = resid @ model.unembed.W_U + model.unembed.b_U
     cap = model.cfg.output_logits_soft_cap
+    logits = logits.float()  # metrics in float32 whatever the model's dtype (a no-op for float32 models)
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
 
 

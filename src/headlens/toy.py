@@ -278,7 +278,9 @@ def load_induction_model(path: str | Path | None = None) -> HookedTransformer:
         model = HookedTransformer(cfg)
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
-    return model
+    from headlens.models import _recipe
+
+    return _recipe(model, "headlens.toy:load_induction_model", path=None if path is None else str(Path(path).resolve()))
 
 
 def circuit_heads(path: str | Path | None = None) -> dict[str, tuple[int, int]]:

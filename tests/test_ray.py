@@ -1,0 +1,94 @@
+"""Census, ablation sweeps and exact patching on real Ray actors (a local Ray with 2 CPUs) equal the single-process results."""
+
+import os
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import headlens  # noqa: E402
+from headlens import executor as X  # noqa: E402
+from headlens.ablation import ablation_sweep, repeat_loss_metric  # noqa: E402
+from headlens.patching import activation_patching, induction_pair  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 2**20)
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    ex = X.RayExecutor(2)
+    yield ex
+    ex.close()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(one_thread):
+    return headlens.tiny_model("qwen2", n_layers=3)
+
+
+def test_census_on_ray_equals_single_process(ray_executor, tiny):
+    local = headlens.census(tiny, batch_size=1, progress=False)
+    remote = headlens.census(tiny, batch_size=1, progress=False, executor=ray_executor)
+    pd.testing.assert_frame_equal(local, remote, check_exact=True)
+    assert ray_executor.computed == 12  # 3 probes x 4 sequences, one shard each
+    assert len({t.pid for t in ray_executor.timings}) == 2 and os.getpid() not in {t.pid for t in ray_executor.timings}
+
+
+def test_ablation_sweep_and_exact_patching_on_ray_equal_single_process(ray_executor, tiny):
+    metric = repeat_loss_metric(tiny, n_seqs=3, half_len=8)
+    for method in ("zero", "resample"):
+        local = ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False)
+        remote = X.ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False, executor=ray_executor)
+        pd.testing.assert_frame_equal(local, remote, check_exact=True)
+        assert remote.attrs == local.attrs
+    pair = induction_pair(tiny, n_tokens=5, batch=2)
+    local = activation_patching(tiny, pair, activation="z", batch_size=5, progress=False)
+    remote = X.activation_patching(tiny, pair, activation="z", batch_size=5, progress=False, executor=ray_executor)
+    pd.testing.assert_frame_equal(local, remote, check_exact=True)
+    assert remote.attrs == local.attrs
+
+
+def _die_once(fn, marker, model, shard):
+    """Kill this worker process (SIGKILL, mid-shard) the first time any worker gets here."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return fn(model, shard)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillingExecutor(X.RayExecutor):
+    """The real Ray executor whose shard function kills its worker once (os.kill of the actor's own pid)."""
+
+    def __init__(self, inner: X.RayExecutor, marker: Path):
+        self.__dict__.update(inner.__dict__)
+        self.marker = str(marker)
+
+    def map(self, fn, model, shards, **kwargs):
+        return super().map(partial(_die_once, fn, self.marker), model, shards, **kwargs)
+
+
+def test_killed_worker_mid_run_gives_the_same_table(ray_executor, tiny, tmp_path):
+    local = headlens.census(tiny, batch_size=1, progress=False)
+    before = set(ray_executor.worker_pids(tiny))
+    killing = _KillingExecutor(ray_executor, tmp_path / "killed")
+    remote = headlens.census(tiny, batch_size=1, progress=False, executor=killing)
+    assert (tmp_path / "killed").exists()  # a worker did die mid-shard
+    after = set(ray_executor.worker_pids(tiny))
+    assert len(before - after) == 1  # ... and Ray restarted it (new process) and re-ran its shard
+    pd.testing.assert_frame_equal(local, remote, check_exact=True)
+
+
+def test_shard_errors_come_back_as_headlens_errors(ray_executor, tiny):
+    with pytest.raises(headlens.HeadlensError, match="unknown ablation method 'bogus'"):  # raised inside a worker
+        X.ablation_sweep(
+            tiny, repeat_loss_metric(tiny, n_seqs=2, half_len=4), method="bogus", executor=ray_executor, progress=False
+        )
