@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,10 +36,10 @@ def test_every_command_is_listed_here():
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
 def test_help_answers_in_under_a_second_in_a_fresh_process(command):
-    """Wall time of `headlens [cmd] --help` in a new interpreter (best of 3 on this shared 2-core machine)."""
+    """Wall time of `headlens [cmd] --help` in a new interpreter (best of 5: the 2 cores are shared with other jobs)."""
     args = [command, "--help"] if command else ["--help"]
     times = []
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         result = _run(*args)
         times.append(time.perf_counter() - start)
@@ -89,7 +90,7 @@ def test_progress_in_a_pipe_is_plain_lines_and_no_progress_silences_it(tmp_path)
     assert any(line.startswith("census repeated: 2/2") for line in lines), (
         result.stderr
     )  # per (batch, layer) of tiny's 2 layers
-    assert any(line.startswith("report: 5/5") for line in lines), result.stderr
+    assert any(re.match(r"report: (\d+)/\1 ", line) for line in lines), result.stderr
     quiet = _run("census", "-m", "tiny-qwen2", "--out", str(tmp_path / "q"), "--no-progress")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr.splitlines() == ["loading tiny-qwen2 ..."]

@@ -290,7 +290,7 @@ def test_report_renders_in_chromium_with_no_network_and_no_script_injection(chro
     gallery = viz.top_heads(census, k=2)
     labels = list(dict.fromkeys(gallery["label"]))
     chromium.open(path)
-    chromium.wait_for(rendered(len(labels) + 1))  # one AttentionHeads per label + the chosen heads' AttentionPatterns
+    chromium.wait_for(rendered(len(labels) + 1))  # one AttentionHeads per label + the chosen heads' AttentionHeads
     hover_every_chart(chromium, len(labels) + 1)
     components = chromium.eval(COMPONENTS)
     for component, label in zip(components, labels):
@@ -298,17 +298,18 @@ def test_report_renders_in_chromium_with_no_network_and_no_script_injection(chro
         for row in gallery[gallery["label"] == label].itertuples():
             assert f"{viz.head_name(row.layer, row.head)} {row.score:.2f}" in component["text"]  # names from our props
     chosen = components[-1]
-    tokens = tiny_qwen.to_str_tokens(XSS_PROMPT)
-    assert [b.replace("\xa0", " ") for b in chosen["buttons"]] == tokens  # every token shown as its own text
-    assert "".join(tokens) == XSS_PROMPT
+    assert "L1H2" in chosen["text"] and "L0H1" in chosen["text"] and "Head 0" not in chosen["text"]
     assert all(c["injected"] == 0 for c in components)
+    assert (
+        chromium.eval("document.querySelectorAll('#head-view script, #head-view img, #head-view iframe').length") == 0
+    )
     assert XSS_PROMPT in chromium.eval("document.getElementById('gallery').innerText")
     assert chromium.dialogs() == []
     assert offline(chromium.requests()) == []
     assert chromium.requests()[0] == path.resolve().as_uri()
     assert chromium.problems() == []
     # the census table sorts on click, numerically, both ways
-    column = list(census.columns).index("induction")
+    column = 1 + list(census.columns).index("induction")  # after the head-name column
     read = f"Array.from(document.querySelectorAll('#census-table tbody tr')).map(r => parseFloat(r.cells[{column}].dataset.v))"
     chromium.eval(f"document.querySelectorAll('#census-table th')[{column}].click()")
     assert chromium.eval(read) == sorted(census["induction"])
@@ -321,6 +322,86 @@ def test_report_renders_in_chromium_with_no_network_and_no_script_injection(chro
         chromium.eval("Array.from(document.querySelectorAll('#census-table tbody tr')).filter(r => !r.hidden).length")
         == (census["label"] == "induction").sum()
     )
+
+
+def open_head(chromium, name, *, via):
+    """Click head ``name`` in the element matching ``via`` and wait for its view: title and a rendered pattern."""
+    chromium.eval(
+        f"document.querySelector({json.dumps(via + f'[data-head={name!r}]'.replace(chr(39), chr(34)))}).click()"
+    )
+    chromium.wait_for(
+        f"document.getElementById('head-title').textContent.startsWith({json.dumps(name + ':')}) "
+        "&& document.querySelector('#head-pattern canvas') !== null",
+        timeout=120,
+    )
+
+
+HEAD_NAME = re.compile(r"^L\d+H\d+$")
+
+
+@needs_chromium
+def test_clicking_a_head_opens_its_pattern_and_evidence(chromium, report, tiny_qwen):
+    path, census = report
+    chromium.open(path)
+    chromium.wait_for("document.querySelector('#head-pattern canvas') !== null", timeout=120)
+    evidence = results(census)
+    for name, via in (
+        ("L1H2", ".labelmap td"),
+        ("L0H3", "#census-table a"),
+        ("L1H0", "#scores td"),
+        ("L0H1", "#ablation td"),
+    ):
+        open_head(chromium, name, via=via)
+        layer, head = (int(x) for x in name[1:].split("H"))
+        row = census[(census.layer == layer) & (census["head"] == head)].iloc[0]
+        assert (
+            chromium.eval("document.getElementById('head-title').textContent")
+            == f"{name}: {row.label} (kv head {row.kv_head})"
+        )
+        scores = chromium.eval(
+            "Array.from(document.querySelectorAll('#head-scores tbody tr')).map(r => [r.cells[0].textContent, r.cells[1].textContent])"
+        )
+        assert scores == [[s, f"{row[s]:.3f}"] for s in viz.SCORES]
+        # the pattern: CircuitsVis AttentionHeads named after the head, one row of buttons... and the head's own numbers
+        assert name in chromium.eval("document.getElementById('head-pattern').innerText")
+        shown = chromium.eval(
+            "Array.from(document.querySelectorAll('#head-evidence > div')).map(d => [d.querySelector('h4').textContent, "
+            "Array.from(d.querySelectorAll('tbody td')).map(c => c.textContent)])"
+        )
+        sections = dict((title, cells) for title, cells in shown)
+        assert set(sections) == {"Ablation", "Activation patching", "Fine-tune comparison"}
+        ablated = evidence["ablation"].query("layer == @layer and head == @head").iloc[0]
+        assert f"{ablated.effect:.3f}" in sections["Ablation"]
+        patched = evidence["patching"].query("layer == @layer and head == @head").iloc[0]
+        assert f"{patched.effect:.3f}" in sections["Activation patching"]
+    # the pattern the page decodes is the head's pattern on the prompt (to 1/255)
+    tokens, patterns = viz.head_patterns(tiny_qwen, XSS_PROMPT, [(0, 1)])
+    shown = chromium.eval(
+        "(() => { const d = JSON.parse(document.getElementById('head-data').textContent); return d.tokens; })()"
+    )
+    assert shown == tokens
+    # the head picker offers every head by name
+    options = chromium.eval("Array.from(document.querySelectorAll('#head-select option')).map(o => o.value)")
+    assert options == [viz.head_name(l, h) for l, h in zip(census["layer"], census["head"])]
+    assert chromium.problems() == [] and offline(chromium.requests()) == [] and chromium.dialogs() == []
+
+
+@needs_chromium
+def test_every_head_in_the_page_is_named_LxHy(chromium, report):
+    path, census = report
+    chromium.open(path)
+    chromium.wait_for(rendered(len(set(viz.top_heads(census, k=2)["label"])) + 1))
+    text = chromium.eval("document.body.innerText")
+    assert not re.search(r"\bHead \d", text)
+    named = chromium.eval("Array.from(document.querySelectorAll('[data-head]')).map(e => e.dataset.head)")
+    assert named and all(HEAD_NAME.match(n) for n in named)
+    every = {viz.head_name(l, h) for l, h in zip(census["layer"], census["head"])}
+    assert (
+        set(chromium.eval("Array.from(document.querySelectorAll('.labelmap td[data-head]')).map(e => e.dataset.head)"))
+        == every
+    )
+    tips = chromium.eval("Array.from(document.querySelectorAll('#scores td[title]')).map(e => e.title)")
+    assert len(tips) == len(viz.SCORES) * len(census) and all(re.match(r"^L\d+H\d+ \w+ = -?\d", t) for t in tips)
 
 
 EVIL_TOKENS = [
@@ -391,10 +472,10 @@ def test_bundle_is_inlined_once_and_no_script_can_be_closed_early(report):
     assert text.count(viz.bundle_js()[:400]) == 1
     assert text.count("var CircuitsVis=") == 1
     n_views = len(set(viz.top_heads(report[1], k=2)["label"])) + 1
-    assert text.count("CircuitsVis.render(") == n_views
-    # three script elements (bundle, render calls, table sorting), and nothing inside them can end one early
-    assert text.replace(viz.bundle_js(), "").count("<script") == 3
-    assert len(re.findall("</script", text, flags=re.IGNORECASE)) == 3
+    assert text.count("CircuitsVis.render(") == n_views + 1  # + the head view's, rendered on demand
+    # five script elements (bundle, render calls, head data JSON, head view, table sorting); nothing inside can end one early
+    assert text.replace(viz.bundle_js(), "").count("<script") == 5
+    assert len(re.findall("</script", text, flags=re.IGNORECASE)) == 5
     assert "<!--" not in text
 
 
@@ -507,5 +588,7 @@ def test_qwen_report_renders(qwen, tmp_path, chromium):
     chromium.wait_for(rendered(8), timeout=180)
     components = chromium.eval(COMPONENTS)
     assert len(components) == 7 + 1 and all(c["canvases"] >= 2 for c in components)
-    assert [b.replace("\xa0", " ") for b in components[-1]["buttons"]] == qwen.to_str_tokens(viz.DEFAULT_PROMPT)
+    assert "L5H3" in components[-1]["text"]
     assert offline(chromium.requests()) == [] and chromium.problems() == []
+    open_head(chromium, "L23H13", via=".labelmap td")
+    assert chromium.eval("document.getElementById('head-title').textContent").startswith("L23H13: ")

@@ -8,8 +8,12 @@ offline, from a file, anywhere, and cannot phone home.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import os
+import platform
+import re
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,6 +49,28 @@ img { max-width: 100%; height: auto; }
 pre.prompt { background: #f6f6f6; padding: 8px; white-space: pre-wrap; }
 .circuitsvis { margin: 12px 0 24px; min-height: 40px; }
 .muted { color: #777; }
+table.heatmap { border-collapse: separate; border-spacing: 1px; font-size: 10px; }
+table.heatmap th { padding: 0 3px; font-weight: normal; color: #777; border: 0; }
+table.heatmap td { width: 14px; height: 12px; padding: 0; border: 0; cursor: pointer; text-align: center; }
+table.heatmap td.kv { box-shadow: -1px 0 0 #444; }
+table.heatmap td.na { background: #fafafa; cursor: default; }
+table.heatmap td:hover { outline: 2px solid #000; }
+table.labels td { width: 20px; height: 16px; font-size: 9px; }
+figure.grid { display: inline-block; margin: 4px 12px 12px 0; vertical-align: top; }
+figure.grid figcaption { font-weight: 600; }
+.scale { display: flex; align-items: center; gap: 4px; font-size: 10px; color: #555; }
+.scale .bar { display: inline-block; width: 90px; height: 8px; }
+.scale .seq { background: linear-gradient(90deg, #440154, #3b528b, #21918c, #5ec962, #fde725); }
+.scale .div { background: linear-gradient(90deg, #053061, #4393c3, #f7f7f7, #d6604d, #67001f); }
+.key { margin-right: 12px; white-space: nowrap; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 3px; vertical-align: middle; }
+a[data-head] { font-family: ui-monospace, monospace; }
+#head-view { border: 1px solid #ddd; padding: 8px 12px; background: #fcfcfc; }
+#head-view h3 { margin: 4px 0; }
+.evidence { display: flex; flex-wrap: wrap; gap: 24px; }
+dl.methods { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; }
+dl.methods dt { font-weight: 600; }
+dl.methods dd { margin: 0; }
 """
 
 SORT_JS = """
@@ -75,6 +101,69 @@ document.querySelectorAll("select[data-filter]").forEach(function (select) {
 """
 
 
+HEAD_JS = """
+(function () {
+  var data = JSON.parse(document.getElementById("head-data").textContent);
+  var select = document.getElementById("head-select");
+  function el(tag, text) { var e = document.createElement(tag); if (text !== undefined) e.textContent = text; return e; }
+  function table(columns, rows) {
+    var t = el("table"), head = t.createTHead().insertRow(), body = t.createTBody();
+    columns.forEach(function (c) { head.appendChild(el("th", c)); });
+    rows.forEach(function (r) { var tr = body.insertRow(); r.forEach(function (v) { tr.insertCell().textContent = v; }); });
+    return t;
+  }
+  function pattern(b64, n) {
+    var raw = atob(b64.replace(/-/g, "+").replace(/_/g, "/")), m = [], i = 0;
+    for (var q = 0; q < n; q++) { var row = []; for (var k = 0; k < n; k++) row.push(k <= q ? raw.charCodeAt(i++) / 255 : 0); m.push(row); }
+    return m;
+  }
+  function show(name, scroll) {
+    var h = data.heads[name];
+    if (!h) return;
+    select.value = name;
+    document.getElementById("head-title").textContent = name + ": " + h.label + " (kv head " + h.kv_head + ")";
+    var scores = document.getElementById("head-scores");
+    scores.replaceChildren(table(["score", "value", "label threshold"], h.scores));
+    var old = document.getElementById("head-pattern"), div = el("div");
+    div.id = "head-pattern"; div.className = "cv-head"; old.replaceWith(div);
+    try {
+      CircuitsVis.render("head-pattern", CircuitsVis.AttentionHeads,
+        {tokens: data.tokens, attention: [pattern(h.pattern, data.tokens.length)], attentionHeadNames: [name], maskUpperTri: true});
+    } catch (e) { div.textContent = "CircuitsVis failed: " + e; }
+    var ev = document.getElementById("head-evidence");
+    ev.replaceChildren();
+    Object.keys(h.evidence).forEach(function (key) {
+      var box = el("div"); box.className = "evidence-" + key;
+      box.appendChild(el("h4", data.sections[key] || key));
+      box.appendChild(table(h.evidence[key].columns, h.evidence[key].rows));
+      ev.appendChild(box);
+    });
+    if (!Object.keys(h.evidence).length) ev.appendChild(el("p", "No ablation, patching, comparison or RoPE results in this report."));
+    if (scroll) document.getElementById("head").scrollIntoView();
+  }
+  window.headlensShowHead = show;
+  select.addEventListener("change", function () { show(select.value, false); });
+  document.addEventListener("click", function (e) {
+    var t = e.target.closest("[data-head]");
+    if (t && data.heads[t.dataset.head]) { e.preventDefault(); show(t.dataset.head, true); }
+  });
+  show(data.first, false);
+})();
+"""
+
+DEFINITIONS = {
+    "previous_token": "mean attention from position i to i-1 (i >= 1), on natural text",
+    "duplicate_token": "on [P, A1..An, A1..An], attention from the second Ai to the first Ai",
+    "induction": "on the same repeated tokens, attention from the second Ai to the token after the first Ai (prefix matching, Olsson et al. 2022)",
+    "copying": "sum of eigenvalues / sum of their absolute values of the OV circuit W_E W_V W_O W_U (computed factored)",
+    "first_token": "attention to position 0 (the sink: Qwen prepends no BOS)",
+    "delimiter": "attention on delimiter tokens minus the delimiters' share of the visible keys (0 = a uniform head)",
+    "local": "attention within the last 3 keys",
+    "entropy": "per-query attention entropy / log(number of keys), averaged ('broad' heads have it high)",
+}
+"""What each census score measures (the report's methods section prints these)."""
+
+
 def _version() -> str:
     try:
         return version("headlens")
@@ -101,8 +190,31 @@ def _cell(value) -> tuple[str, str, bool]:
     return str(value), str(value), True
 
 
-def table_html(df: pd.DataFrame, *, table_id: str = "", sortable: bool = False, max_rows: int | None = None) -> str:
-    """An HTML table of ``df`` (every string escaped); ``sortable`` tables sort by column on click."""
+def _with_names(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a first column ``name`` (L5H3, or L5KV1 for a kv-head row) when it has layer and head columns."""
+    if not {"layer", "head"} <= set(df.columns) or "name" in df.columns:
+        return df
+    names = [
+        f"L{int(r.layer)}KV{int(r.kv_head)}"
+        if pd.isna(r.head) and "kv_head" in df.columns and pd.notna(r.kv_head)
+        else ("" if pd.isna(r.head) or pd.isna(r.layer) else viz.head_name(r.layer, r.head))
+        for r in df[["layer", "head", *(["kv_head"] if "kv_head" in df.columns else [])]].itertuples(index=False)
+    ]
+    return df.assign(name=names)[["name", *df.columns]]
+
+
+def table_html(
+    df: pd.DataFrame,
+    *,
+    table_id: str = "",
+    sortable: bool = False,
+    max_rows: int | None = None,
+    head_links: bool = True,
+) -> str:
+    """An HTML table of ``df`` (every string escaped); ``sortable`` tables sort by column on click. With ``head_links``
+    a table with layer and head columns gets a first column of head names (L5H3) that open the head's view."""
+    if head_links:
+        df = _with_names(df)
     shown = df if max_rows is None else df.head(max_rows)
     attrs = (f' id="{_e(table_id)}"' if table_id else "") + (' class="sortable"' if sortable else "")
     head = "".join(
@@ -114,9 +226,12 @@ def table_html(df: pd.DataFrame, *, table_id: str = "", sortable: bool = False, 
     rows = []
     for values in shown.itertuples(index=False):
         cells = []
-        for value in values:
+        for col, value in zip(shown.columns, values):
             text, key, is_text = _cell(value)
-            cells.append(f'<td data-v="{_e(key)}"' + (' class="text"' if is_text else "") + f">{_e(text)}</td>")
+            inner = _e(text)
+            if head_links and col == "name" and re.fullmatch(r"L\d+H\d+", text):
+                inner = f'<a href="#head" data-head="{_e(text)}">{inner}</a>'
+            cells.append(f'<td data-v="{_e(key)}"' + (' class="text"' if is_text else "") + f">{inner}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f'<p class="muted">first {len(shown)} of {len(df)} rows</p>' if len(shown) < len(df) else ""
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table>" + more
@@ -136,6 +251,7 @@ class _Page:
     def __init__(self, figures_dir: Path | None, dpi: int):
         self.sections: list[tuple[str, str, str]] = []
         self.calls: list[str] = []
+        self.head_data: dict | None = None
         self.figures_dir, self.dpi = figures_dir, dpi
 
     def section(self, key: str, title: str, body: str) -> None:
@@ -147,11 +263,15 @@ class _Page:
         title = f"<h3>{_e(view.title)}</h3>" if view.title else ""
         return title + view.div(div_id)
 
-    def figure(self, fig: Figure, name: str, alt: str) -> str:
+    def save(self, fig: Figure, name: str) -> bytes:
+        """Write ``fig`` as figures/NAME.png (for papers) and return the PNG."""
         png = viz.figure_png(fig, dpi=self.dpi)
         if self.figures_dir is not None:
             write_bytes(self.figures_dir / f"{name}.png", png)
-        return viz.figure_img(fig, alt=alt, png=png)
+        return png
+
+    def figure(self, fig: Figure, name: str, alt: str) -> str:
+        return viz.figure_img(fig, alt=alt, png=self.save(fig, name))
 
     def html(self, title: str, subtitle: str) -> str:
         nav = "".join(f'<a href="#{_e(key)}">{_e(name)}</a>' for key, name, _ in self.sections)
@@ -160,8 +280,15 @@ class _Page:
             for key, name, content in self.sections
         )
         scripts = ""
+        if self.calls or self.head_data:
+            scripts = f"<script>{viz.bundle_js()}</script>\n"
         if self.calls:
-            scripts = f"<script>{viz.bundle_js()}</script>\n<script>\n" + "\n".join(self.calls) + "\n</script>\n"
+            scripts += "<script>\n" + "\n".join(self.calls) + "\n</script>\n"
+        if self.head_data:
+            scripts += (
+                f'<script type="application/json" id="head-data">{viz.script_json(self.head_data)}</script>\n'
+                f"<script>{HEAD_JS}</script>\n"
+            )
         return (
             '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
@@ -183,8 +310,123 @@ def _model_section(page: _Page, info: dict) -> None:
     page.section("model", "Model", table_html(pd.DataFrame(rows)))
 
 
+def head_types() -> list[dict]:
+    """Label name, description, threshold and colour of every head type: from ``headlens.registry`` when it
+    exists, else from the census thresholds and the report's own definitions."""
+    try:
+        from headlens.registry import head_types as registered
+    except ImportError:
+        registered = None
+    if registered is not None:
+        out = []
+        for t in registered():
+
+            def get(k, t=t):
+                return t.get(k) if isinstance(t, dict) else getattr(t, k, None)
+
+            out.append(
+                {
+                    "name": get("name"),
+                    "description": get("description") or "",
+                    "threshold": get("threshold"),
+                    "color": get("color") or viz.LABEL_COLORS.get(get("name"), "#bcbd22"),
+                }
+            )
+        return out
+    from headlens.census import LABEL_SCORE, THRESHOLDS
+
+    return [
+        {
+            "name": name,
+            "description": DEFINITIONS.get(LABEL_SCORE.get(name, name), ""),
+            "threshold": value,
+            "score": LABEL_SCORE.get(name, name),
+            "color": viz.LABEL_COLORS.get(name, "#bcbd22"),
+        }
+        for name, value in THRESHOLDS.items()
+    ]
+
+
+def weights_sha256(model: HookedTransformer) -> str:
+    """sha256 of the model's processed fp32 state dict (names and bytes, in order): which weights made this page."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> str:
+    parts = [f"headlens {_version()}", f"python {platform.python_version()}"]
+    for pkg in ("torch", "transformer-lens", "transformers", "circuitsvis"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(parts)
+
+
+def _methods_section(
+    page: _Page, model: HookedTransformer, info: dict, census: pd.DataFrame, seed: int | None, prompt: str
+) -> None:
+    """What a reader needs to interpret the numbers: weights, seed, probes, thresholds, definitions, versions."""
+    from headlens.census import TIERS
+    from headlens.models import DEFAULT_MODEL, QWEN_SHA256
+
+    source = (
+        f"GGUF sha256 {QWEN_SHA256} (checked at first load)" if info["model"] == DEFAULT_MODEL else "see weights hash"
+    )
+    items = [
+        (
+            "model",
+            f"{info['model']} ({info['architecture']}), {info['n_layers']} layers x {info['n_heads']} q heads, "
+            f"{info['n_kv_heads']} kv heads, fp32 on CPU",
+        ),
+        ("source", source),
+        ("weights sha256", weights_sha256(model) + " (processed state dict)"),
+    ]
+    if seed is None:
+        items.append(
+            ("seed / probes", "not recorded: the census table was passed in; its seed and probes are the caller's")
+        )
+    else:
+        from headlens.probes import default_probes
+
+        probes = default_probes(model, seed=seed)
+        sizes = "; ".join(
+            f"{p.kind} {p.batch} x {p.tokens.shape[1]} tokens" + (f" (repeat n={p.n})" if p.n else "")
+            for p in (probes.repeated, probes.natural, probes.delimiter)
+            if p is not None
+        )
+        items += [("seed", str(seed)), ("probes (default set)", sizes)]
+    types = head_types()
+    items.append(("thresholds", "; ".join(f"{t['name']} >= {t['threshold']}" for t in types)))
+    items.append(
+        (
+            "labelling",
+            "a head is a candidate for every label whose score reaches its threshold; tiers "
+            + " then ".join("(" + ", ".join(t) + ")" for t in TIERS)
+            + " are tried in order, and within the first tier with a candidate the highest score/threshold ratio wins; "
+            "no candidate gives 'other'",
+        )
+    )
+    items += [(f"score: {name}", text) for name, text in DEFINITIONS.items() if name in census.columns]
+    extra = [c for c in census.columns if c not in viz.CENSUS_COLUMNS]
+    if extra:
+        items.append(("more census columns", ", ".join(extra)))
+    items += [
+        ("attention prompt", f"{len(prompt)} characters, shown in the gallery section"),
+        ("software", _versions()),
+    ]
+    body = '<dl class="methods">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
+    page.section("methods", "Methods", body)
+
+
 def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
-    """Heads per label (``LABELS`` order, then any other label) with their share and top heads."""
+    """Heads per label (``LABELS`` order, then any other label) with their share and top heads.
+
+    When the census carries interval columns for a label count (``n_<label>_lo`` / ``n_<label>_hi`` in ``attrs``
+    or a ``label_counts`` DataFrame in ``attrs``), they are added as ``heads low`` / ``heads high``."""
     counts = census["label"].value_counts()
     order = [lb for lb in viz.LABELS if lb in counts.index] + sorted(set(counts.index) - set(viz.LABELS))
     top = viz.top_heads(census, k=k, labels=[lb for lb in order if lb in viz.LABEL_SCORE])
@@ -199,7 +441,15 @@ def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
                 "top heads": " ".join(f"{viz.head_name(r.layer, r.head)} ({r.score:.2f})" for r in names.itertuples()),
             }
         )
-    return pd.DataFrame(rows, columns=["label", "heads", "share", "top heads"])
+    out = pd.DataFrame(rows, columns=["label", "heads", "share", "top heads"])
+    intervals = census.attrs.get("label_counts") if hasattr(census, "attrs") else None
+    if isinstance(intervals, pd.DataFrame) and {"label", "low", "high"} <= set(intervals.columns):
+        out = out.merge(
+            intervals[["label", "low", "high"]].rename(columns={"low": "heads low", "high": "heads high"}),
+            on="label",
+            how="left",
+        )
+    return out
 
 
 def _frames(key: str, results) -> list[pd.DataFrame]:
@@ -224,7 +474,7 @@ def _results_section(
     page: _Page, key: str, title: str, frames: list[pd.DataFrame], *, n_layers: int, n_heads: int
 ) -> None:
     """Figures and a sortable table for each result frame: distance curves when it has a distance column,
-    layer x head heatmaps when it has one row per head (per probe / activation), else the table alone."""
+    layer x head heatmaps (hover for values, click for the head) when it has one row per head, else the table alone."""
     parts = []
     for i, df in enumerate(frames):
         name = key if i == 0 else f"{key}_{i}"
@@ -243,12 +493,106 @@ def _results_section(
             continue
         if viz.is_per_head(df) and viz.value_columns(df):
             values = viz.value_columns(df)
-            fig = viz.head_heatmaps(df, values, n_layers=n_layers, n_heads=n_heads)
-            parts.append(page.figure(fig, name, f"{key} by layer and head"))
+            page.save(viz.head_heatmaps(df, values, n_layers=n_layers, n_heads=n_heads), name)
+            parts.append("<p>Hover a cell for its value, click it for the head's view.</p>")
+            grids = []
+            for group_name, group in viz._groups(df, None):
+                kv_only = group_name.endswith("(kv heads)")
+                for value in values[:6]:
+                    grid = viz.head_grid(group, value, n_layers=n_layers, n_heads=None if kv_only else n_heads)
+                    finite = grid[np.isfinite(grid)]
+                    center = 0.0 if finite.size and finite.min() < 0 < finite.max() else None
+                    label = f"{group_name}: {value}" if group_name else value
+                    unit = (lambda layer, head: f"L{layer}KV{head}") if kv_only else viz.head_name
+                    grids.append(viz.grid_html(grid, title=label, center=center, unit_name=unit, link=not kv_only))
+            parts.append("".join(grids))
             df = df.reindex(df[values[0]].abs().sort_values(ascending=False, na_position="last").index)
-            parts.append(f"<p>Largest |{_e(values[0])}| first; click a column to sort.</p>")
-        parts.append(table_html(df, sortable=True, max_rows=MAX_TABLE_ROWS))
+            parts.append(f"<p>Largest |{_e(values[0])}| first; click a column to sort, a head name for its view.</p>")
+        parts.append(f'<div class="scroll">{table_html(df, sortable=True, max_rows=MAX_TABLE_ROWS)}</div>')
     page.section(key, title, "\n".join(parts))
+
+
+SECTION_TITLES = {
+    "ablation": "Ablation",
+    "patching": "Activation patching",
+    "compare": "Fine-tune comparison",
+    "rope": "Position (RoPE)",
+}
+MAX_EVIDENCE_ROWS = 8
+
+
+def head_evidence(frames: dict[str, list[pd.DataFrame]], layer: int, head: int) -> dict:
+    """Rows about one head from each result section (per-head tables only): ``{section: {columns, rows}}``."""
+    out = {}
+    for key, dfs in frames.items():
+        columns, rows = None, []
+        for df in dfs:
+            if not {"layer", "head"} <= set(df.columns) or "distance" in df.columns:
+                continue
+            part = df[(df["layer"] == layer) & (df["head"] == head)]
+            if part.empty:
+                continue
+            cols = [c for c in part.columns if c not in ("layer", "head", "kv_head", "removed")]
+            values = viz.value_columns(df)
+            if values:
+                part = part.reindex(part[values[0]].abs().sort_values(ascending=False).index)
+            columns = columns or cols
+            for r in part.head(MAX_EVIDENCE_ROWS).itertuples(index=False):
+                rows.append([_cell(getattr(r, c))[0] if c in part.columns else "" for c in columns])
+        if rows:
+            out[key] = {"columns": columns, "rows": rows}
+    return out
+
+
+def _quantized_tril(pattern: np.ndarray) -> str:
+    """The lower triangle of a [q, k] pattern as URL-safe base64 bytes 0..255 (row by row): compact page data."""
+    rows, cols = np.tril_indices(pattern.shape[0])
+    data = np.clip(np.round(pattern[rows, cols] * 255), 0, 255).astype(np.uint8)
+    return base64.urlsafe_b64encode(data.tobytes()).decode("ascii")
+
+
+def _head_view(
+    page: _Page, model: HookedTransformer, census: pd.DataFrame, prompt: str, frames: dict, first: str, max_tokens: int
+) -> None:
+    """The per-head view: a picker, scores vs thresholds, the pattern on the prompt, and the evidence of each section."""
+    heads = list(zip(census["layer"].astype(int), census["head"].astype(int)))
+    tokens, patterns = viz.head_patterns(model, prompt, heads, max_tokens=max_tokens)
+    limits = {t["name"]: t["threshold"] for t in head_types()}
+    score_label = {v: k for k, v in viz.LABEL_SCORE.items()}
+    data_heads = {}
+    for (layer, head), row, pattern in zip(heads, census.itertuples(index=False), patterns.numpy()):
+        name = viz.head_name(layer, head)
+        scores = [
+            [
+                s,
+                _cell(getattr(row, s))[0],
+                "" if limits.get(score_label.get(s, s)) is None else f"{limits[score_label.get(s, s)]}",
+            ]
+            for s in viz.SCORES
+            if s in census.columns
+        ]
+        data_heads[name] = {
+            "label": str(row.label),
+            "kv_head": int(row.kv_head),
+            "scores": scores,
+            "pattern": _quantized_tril(pattern),
+            "evidence": head_evidence(frames, layer, head),
+        }
+    page.head_data = {
+        "tokens": [str(t) for t in tokens],
+        "heads": data_heads,
+        "first": first,
+        "sections": {k: SECTION_TITLES.get(k, k) for k in frames},
+    }
+    options = "".join(f'<option value="{n}">{n} {_e(h["label"])}</option>' for n, h in data_heads.items())
+    body = (
+        f'<p>Pick a head <select id="head-select">{options}</select> or click one in the label map, a heatmap or a table. '
+        "Pattern on the report's prompt (rounded to 1/255), census scores against the label thresholds, and the head's rows "
+        "from the ablation / patching / comparison / RoPE sections.</p>"
+        '<div id="head-view"><h3 id="head-title"></h3><div class="evidence"><div id="head-scores"></div>'
+        '<div id="head-evidence" class="evidence"></div></div><div id="head-pattern" class="cv-head"></div></div>'
+    )
+    page.section("head", "Head view", body)
 
 
 def write_report(
@@ -272,22 +616,18 @@ def write_report(
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained, offline) and return its path.
 
-    Sections: model summary, label counts and label map, census score heatmaps, sortable census table,
-    a CircuitsVis gallery of the ``top_k`` heads of each label on ``prompt``, the chosen ``heads``, and
-    ablation / patching / compare / rope when given: DataFrames (or lists of them, e.g. ``rope_profile``'s
-    pair) as headlens returns them. Per-head tables become layer x head heatmaps of their numeric columns
-    (``value`` alone when present), tables with a ``distance`` column become distance curves. Also writes
-    ``census.csv`` and, with ``figures``, ``figures/*.png``.
+    Sections: methods (weights hash, seed and probe sizes when ``seed`` is given, thresholds, score definitions,
+    versions), model, label counts and a clickable label map, census score heatmaps (values on hover), the census
+    table, a per-head view (pattern on ``prompt``, scores, evidence), a CircuitsVis gallery of the ``top_k`` heads of
+    each label, the chosen ``heads``, and ablation / patching / compare / rope when given: DataFrames (or lists of
+    them, e.g. ``rope_profile``'s pair) as headlens returns them. Per-head tables become layer x head heatmaps,
+    tables with a ``distance`` column distance curves. Also writes ``census.csv`` and, with ``figures``,
+    ``figures/*.png``.
     """
     viz.check_census(census, model)
     sections = [
-        (key, heading, _frames(key, results))
-        for key, heading, results in (
-            ("ablation", "Ablation", ablation),
-            ("patching", "Activation patching", patching),
-            ("compare", "Fine-tune comparison", compare),
-            ("rope", "Position (RoPE)", rope),
-        )
+        (key, SECTION_TITLES[key], _frames(key, results))
+        for key, results in (("ablation", ablation), ("patching", patching), ("compare", compare), ("rope", rope))
         if results is not None
     ]
     out = Path(out_dir)
@@ -299,43 +639,67 @@ def write_report(
     info = model_info(model)
     n_layers, n_heads = info["n_layers"], info["n_heads"]
     page = _Page(figures_dir, dpi)
-    bar = tqdm(total=5 + len(sections), desc="report", unit="part", disable=not progress, leave=False)
+    bar = tqdm(total=6 + len(sections), desc="report", unit="part", disable=not progress, leave=False)
 
+    _methods_section(page, model, info, census, seed, prompt)
     _model_section(page, info)
+    bar.update(1)
     counts = label_counts(census, k=top_k)
+    page.save(viz.label_map(census), "head_labels")
+    colors = {t["name"]: t["color"] for t in head_types()}
     page.section(
         "labels",
         "Head labels",
-        table_html(counts) + "\n" + page.figure(viz.label_map(census), "head_labels", "head labels by layer and head"),
+        table_html(counts)
+        + "\n<p>Hover a head for its label and score; click it for its view.</p>\n"
+        + viz.label_grid_html(census, colors),
     )
     bar.update(1)
+    page.save(viz.score_heatmaps(census), "census_scores")
+    kv_group = n_heads // info["n_kv_heads"] if info["n_kv_heads"] and info["n_kv_heads"] < n_heads else None
+    grids = "".join(
+        viz.grid_html(viz.head_grid(census, s, n_layers=n_layers, n_heads=n_heads), title=s, kv_group=kv_group)
+        for s in viz.SCORES
+        if s in census.columns
+    )
     page.section(
         "scores",
         "Census scores",
-        "<p>One panel per score; dashed lines separate heads that share a kv head (GQA).</p>\n"
-        + page.figure(viz.score_heatmaps(census), "census_scores", "census scores by layer and head"),
+        "<p>One map per score (a row per layer, a column per head); hover a cell for its value, "
+        "click it for the head's view; a dark left edge starts a new kv group (GQA).</p>\n" + grids,
     )
     options = "".join(f'<option value="{_e(lb)}">{_e(lb)}</option>' for lb in counts["label"])
-    label_col = list(census.columns).index("label")
+    label_col = list(_with_names(census).columns).index("label")
     page.section(
         "census",
         "Census table",
-        f'<p>Click a column to sort. Label: <select data-filter="census-table" data-col="{label_col}"><option value="">all</option>{options}</select></p>\n'
+        f'<p>Click a column to sort, a head name for its view. Label: <select data-filter="census-table" data-col="{label_col}">'
+        f'<option value="">all</option>{options}</select></p>\n'
         f'<div class="scroll">{table_html(census, table_id="census-table", sortable=True)}</div>',
     )
-
     bar.update(1)
+
+    frames = {key: fs for key, _, fs in sections}
+    top = viz.top_heads(census, k=1)
+    first = (
+        viz.head_name(*heads[0])
+        if heads
+        else (viz.head_name(top.iloc[0].layer, top.iloc[0].head) if len(top) else "L0H0")
+    )
+    _head_view(page, model, census, prompt, frames, first, max_tokens)
+    bar.update(1)
+
     shown_prompt = f'<p>Prompt:</p><pre class="prompt">{_e(prompt)}</pre>'
     views = viz.gallery(model, census, prompt, k=top_k, max_tokens=max_tokens)
     gallery_body = "\n".join(page.view(v) for v in views) or '<p class="muted">No labelled heads to show.</p>'
     page.section("gallery", "Gallery: top heads of each label", shown_prompt + "\n" + gallery_body)
-    bar.update(1)
     if heads:
-        view = viz.attention_view(model, prompt, heads, component="patterns", max_tokens=max_tokens)
+        view = viz.attention_view(model, prompt, heads, component="heads", max_tokens=max_tokens)
         page.section("heads", "Chosen heads", f"<p>{_e(view.title)} on the prompt above.</p>\n" + page.view(view))
+    bar.update(1)
 
-    for key, heading, frames in sections:
-        _results_section(page, key, heading, frames, n_layers=n_layers, n_heads=n_heads)
+    for key, heading, frames_ in sections:
+        _results_section(page, key, heading, frames_, n_layers=n_layers, n_heads=n_heads)
         bar.update(1)
 
     write_csv(census, out / "census.csv", provenance=census.attrs.get("provenance"))

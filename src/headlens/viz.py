@@ -588,3 +588,102 @@ def figure_img(fig: Figure, *, alt: str = "", dpi: int = 120, png: bytes | None 
     """An ``<img>`` tag holding ``fig`` as an inline base64 PNG (no file, no URL)."""
     data = base64.b64encode(png if png is not None else figure_png(fig, dpi=dpi)).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+# ---------------------------------------------------------------- interactive HTML grids (values on hover, heads clickable)
+
+
+def _css_color(rgba) -> str:
+    r, g, b = (int(round(255 * c)) for c in rgba[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _ink(rgba) -> str:
+    """Black or white text, whichever reads on the background."""
+    r, g, b = rgba[:3]
+    return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "#fff"
+
+
+def grid_html(
+    grid: np.ndarray,
+    *,
+    title: str,
+    center: float | None = None,
+    kv_group: int | None = None,
+    unit_name=head_name,
+    link: bool = True,
+    decimals: int = 3,
+) -> str:
+    """A layer x head heatmap as an HTML table: each cell's colour is its value, its tooltip (``title``) says
+    head name and value, and with ``link`` a click opens that head's view (``data-head``). No image, no script."""
+    finite = grid[np.isfinite(grid)]
+    if center is not None and finite.size:
+        span = float(np.max(np.abs(finite - center))) or 1.0
+        lo, hi, cmap = center - span, center + span, colormaps["RdBu_r"]
+    else:
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+        cmap = colormaps["viridis"]
+    scale = (hi - lo) or 1.0
+    rows = []
+    for layer in range(grid.shape[0]):
+        cells = [f'<th scope="row">{layer}</th>']
+        for head in range(grid.shape[1]):
+            value = grid[layer, head]
+            name = unit_name(layer, head)
+            if not np.isfinite(value):
+                cells.append(f'<td class="na" title="{html.escape(name)}: no value"></td>')
+                continue
+            rgba = cmap((value - lo) / scale)
+            sep = " kv" if kv_group and head % kv_group == 0 and head else ""
+            data = f' data-head="{html.escape(name)}"' if link else ""
+            cells.append(
+                f'<td class="v{sep}"{data} title="{html.escape(name)} {html.escape(title)} = {value:.{decimals}f}" '
+                f'style="background:{_css_color(rgba)}"></td>'
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = "<tr><th></th>" + "".join(f"<th>{h}</th>" for h in range(grid.shape[1])) + "</tr>"
+    legend = (
+        f'<div class="scale"><span>{lo:.{decimals}g}</span><span class="bar {"div" if center is not None else "seq"}"></span>'
+        f"<span>{hi:.{decimals}g}</span></div>"
+    )
+    return (
+        f'<figure class="grid"><figcaption>{html.escape(title)}</figcaption><table class="heatmap"><thead>{header}</thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>{legend}</figure>"
+    )
+
+
+def label_grid_html(census: pd.DataFrame, colors: dict[str, str] | None = None) -> str:
+    """The label map as an HTML table: one cell per head, coloured by label, code inside, tooltip with label and
+    score, click opens the head's view."""
+    check_census(census)
+    colors = {**LABEL_COLORS, **(colors or {})}
+    n_layers, n_heads = int(census["layer"].max()) + 1, int(census["head"].max()) + 1
+    by_head = {(int(r.layer), int(r.head)): r for r in census.itertuples(index=False)}
+    rows = []
+    for layer in range(n_layers):
+        cells = [f'<th scope="row">{layer}</th>']
+        for head in range(n_heads):
+            r = by_head.get((layer, head))
+            if r is None:
+                cells.append('<td class="na"></td>')
+                continue
+            name, label = head_name(layer, head), str(r.label)
+            score = LABEL_SCORE.get(label)
+            tip = f"{name} {label}" + (f" ({score} {getattr(r, score):.2f})" if score else "")
+            bg = colors.get(label, "#bcbd22")
+            ink = "#000" if label == "other" else "#fff"
+            cells.append(
+                f'<td class="lab" data-head="{name}" title="{html.escape(tip)}" style="background:{bg};color:{ink}">'
+                f"{html.escape(LABEL_CODES.get(label, '?'))}</td>"
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = "<tr><th>layer \\ head</th>" + "".join(f"<th>{h}</th>" for h in range(n_heads)) + "</tr>"
+    counts = census["label"].value_counts()
+    known = [lb for lb in LABELS if counts.get(lb, 0)] + sorted(set(counts.index) - set(LABELS))
+    legend = "".join(
+        f'<span class="key"><span class="swatch" style="background:{colors.get(lb, "#bcbd22")}"></span>'
+        f"{html.escape(LABEL_CODES.get(lb, '?') or '·')} {html.escape(lb)} ({counts[lb]})</span>"
+        for lb in known
+    )
+    return f'<div class="labelmap"><table class="heatmap labels"><thead>{header}</thead><tbody>{"".join(rows)}</tbody></table><p>{legend}</p></div>'
