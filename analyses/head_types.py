@@ -106,8 +106,14 @@ def identifier_metric(probe):
     return custom_metric(probe.tokens, fn, name="after_identifier_logprob", higher_is_better=True)
 
 
-def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_none=5, max_heads=20):
-    found = heads_above(scores, score_col, threshold)
+def copy_suppression_heads(scores):
+    """Both halves: attends to earlier copies of the predicted token AND ranks tokens at the bottom of their own OV output."""
+    ok = scores[scores.negative_copying >= THRESHOLDS["negative_copying"]]
+    return heads_above(ok, "attention_to_predicted", THRESHOLDS["attention_to_predicted"])
+
+
+def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_none=5, max_heads=20, found=None):
+    found = heads_above(scores, score_col, threshold) if found is None else found
     heads = found[:max_heads] if found else heads_above(scores, score_col, -float("inf"))[:top_if_none]
     table = compare_to_random(
         model, metric, heads, n_random=n_random, method="mean", match_layers=True, seed=SEED, progress=False
@@ -183,7 +189,7 @@ def main() -> None:
     checks = [
         (
             "copy_suppression",
-            "copy_suppression",
+            "copy_suppression_score",
             THRESHOLDS["copy_suppression"],
             repeat_earlier_metric(held_out_text),
             args.n_random,
@@ -204,7 +210,8 @@ def main() -> None:
             ("retrieval", "retrieval", RETRIEVAL_THRESHOLD, needle_metric(model, needle_probe(model, seed=SEED + 1)), 5)
         )
     for name, col, thr, metric, n_random in checks:
-        row, table = causal(model, name, scores, col, thr, metric, n_random)
+        found = copy_suppression_heads(scores) if name == "copy_suppression" else None
+        row, table = causal(model, name, scores, col, thr, metric, n_random, found=found)
         rows.append(row)
         tables.append(table)
         write_atomic(OUT / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -229,7 +236,7 @@ def main() -> None:
         "top_heads": {
             col: [f"L{r.layer}H{r.head} ({getattr(r, col):.2f})" for r in scores.nlargest(3, col).itertuples()]
             for col in (
-                "copy_suppression",
+                "copy_suppression_score",
                 "negative_copying",
                 "attention_to_predicted",
                 "successor",

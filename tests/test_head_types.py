@@ -196,3 +196,41 @@ def test_bracket_and_identifier_scores_on_hand_made_patterns():
     ident = torch.zeros(1, 6, 6, dtype=torch.bool)
     ident[0, 4, [1, 2]] = True
     assert identifier(pattern, ident)[0].tolist() == pytest.approx([2 / 5, 0.0])
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+def test_needle_probe_layout(tiny_qwen):
+    from headlens.retrieval import needle_probe
+
+    probe = needle_probe(tiny_qwen, seq_len=256, batch=2, n_words=5)
+    assert probe.tokens.shape == (2, 256)
+    for b in range(2):
+        needle = probe.tokens[b, probe.needle_pos[b]]
+        assert needle.equal(probe.tokens[b, probe.answer_pos[b]]) and len(set(needle.tolist())) == 5
+        assert (probe.tokens[b, : probe.needle_pos[b, 0]] != needle[0]).all()  # the needle word is not in the haystack
+
+
+def test_retrieval_score_on_hand_made_pattern_and_model(tiny_qwen, one_thread):
+    import dataclasses
+
+    from headlens.capture import stream_patterns
+    from headlens.retrieval import needle_probe, retrieval_scores, retrieval_seq, with_predictions
+
+    probe = needle_probe(tiny_qwen, seq_len=96, batch=2, n_words=4)
+    probe = dataclasses.replace(probe, correct=torch.tensor([[True, True, False, True], [True, True, True, True]]))
+    pattern = causal_softmax(torch.zeros(2, 2, 96, 96))
+    for b in range(2):
+        for i in range(4):
+            q, k = int(probe.answer_pos[b, i]) - 1, int(probe.needle_pos[b, i])
+            pattern[b, 1, q] = 0
+            pattern[b, 1, q, k] = 1  # head 1 copies every needle word
+    got = retrieval_seq(pattern, probe, slice(0, 2))
+    assert got[:, 0].tolist() == [0, 0] and got[:, 1].tolist() == [0.75, 1.0]  # step 3 of sequence 0: model wrong
+    # the streaming score agrees with the one-forward score of retrieval_scores on the tiny model
+    probe = with_predictions(tiny_qwen, needle_probe(tiny_qwen, seq_len=96, batch=2, n_words=4))
+    sums = torch.zeros(tiny_qwen.cfg.n_layers, tiny_qwen.cfg.n_heads)
+    stream_patterns(tiny_qwen, probe.tokens, lambda l, p, rows: sums[l].add_(retrieval_seq(p, probe, rows).sum(0)))
+    table = retrieval_scores(tiny_qwen, probe)
+    torch.testing.assert_close(torch.tensor(table["retrieval"].to_numpy()).float(), (sums / 2).flatten())

@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
+from headlens.probes import Probe, delimiter_mask
 
 THRESHOLDS = {"bracket_matching": 0.3, "identifier": 0.3}
 STDLIB_FILES = (
@@ -61,23 +62,18 @@ OPEN, CLOSE = "([{", ")]}"
 
 
 @dataclass(frozen=True)
-class CodeProbe:
-    """Windows of real code with bracket and identifier metadata (see the module doc)."""
+class CodeProbe(Probe):
+    """Windows of real code (kind ``code``) with bracket and identifier metadata (see the module doc).
 
-    tokens: Int[Tensor, "batch pos"]
-    opener: Int[Tensor, "batch pos"]  # position of the matching opener for a closing bracket, -1 elsewhere
-    depth: Int[Tensor, "batch pos"]  # nesting depth of that bracket pair, 0 elsewhere
-    ident: Bool[Tensor, "batch q k"]  # ident[b, q, k]: key k is an earlier occurrence of the name used at q
-    files: tuple[str, ...]
-    kind: str = "code"
+    ``opener[b, q]``: position of the matching opener when token q is a scored closing bracket, else -1;
+    ``depth[b, q]``: that pair's nesting depth (0 elsewhere); ``ident[b, q, k]``: key k is an earlier
+    occurrence of the name used at q; ``files``: ``"file.py@token"`` where each window starts.
+    """
 
-    @property
-    def batch(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.tokens.shape[1]
+    opener: Tensor | None = None
+    depth: Tensor | None = None
+    ident: Tensor | None = None
+    files: tuple[str, ...] = ()
 
 
 def stdlib_sources(names=STDLIB_FILES) -> dict[str, str]:
@@ -183,7 +179,14 @@ def code_probe(
             if own and seen.get(nm):
                 ident[b, toks[0] - s, seen[nm]] = True
             seen.setdefault(nm, []).extend(t - s for t in toks)
-    return CodeProbe(tokens, opener_t, depth_t, ident, tuple(f"{c[0]}@{c[1]}" for c in chosen))
+    files = tuple(f"{c[0]}@{c[1]}" for c in chosen)
+    mask = delimiter_mask(tokenizer, tokens)
+    return CodeProbe("code", tokens, mask, opener=opener_t, depth=depth_t, ident=ident, files=files)
+
+
+def code_probe_builder(model: HookedTransformer, *, seed: int, batch: int, seq_len: int) -> CodeProbe:
+    """The census's ``code`` probe: :func:`code_probe` with at most 8 windows (it is one of several probe kinds)."""
+    return code_probe(model, seq_len=seq_len, batch=min(batch, 8), seed=seed)
 
 
 def bracket_matching(

@@ -16,8 +16,10 @@ output for token t is ``norm(eff(t)) W_V W_O`` and its effect on the logits is t
 - ``attention_to_predicted`` (pattern score): on natural text, for each query whose next-token prediction
   (the whole model's top-1) already occurs earlier in the sequence, the attention on those earlier
   occurrences (mean over such queries).
-- ``copy_suppression`` = attention_to_predicted x negative_copying: the head attends to the token about to be
-  predicted AND pushes that token down. Both factors are in [0, 1].
+- copy-suppression heads: attention_to_predicted >= 0.3 AND negative_copying >= 0.5 — the head attends to
+  the token about to be predicted and pushes that token down (``copy_suppression_score``, their product,
+  ranks heads). The census's ``copy_suppression`` label is the cheaper rule on repeated tokens (prefix
+  matching + negative OV eigenvalues); the two score columns here sit next to it in the census table.
 - ``successor`` (Gould et al. 2023): over ordinal sequences (digits, number words, ordinals, days, months,
   letters; single tokens only), the share of tokens t whose successor has the top OV logit for t among all
   ordinal tokens.
@@ -29,6 +31,8 @@ output for token t is ``norm(eff(t)) W_V W_O`` and its effect on the logits is t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -37,8 +41,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
+from headlens.probes import Probe
 
-THRESHOLDS = {"copy_suppression": 0.1, "successor": 0.3, "positional": 0.5}
+THRESHOLDS = {
+    "copy_suppression": 0.1,
+    "attention_to_predicted": 0.3,
+    "negative_copying": 0.5,
+    "successor": 0.3,
+    "positional": 0.5,
+}
 """Calibrated on the default Qwen and its random-weight twin (analyses/head_types.py, docs/head_types.md)."""
 
 ORDINALS = {
@@ -152,6 +163,13 @@ def negative_copying(
 # ---------------------------------------------------------------- attention to the predicted token
 
 
+@dataclass(frozen=True)
+class PredictedProbe(Probe):
+    """A text probe plus the model's top-1 next-token prediction at every position."""
+
+    predicted: Tensor | None = None
+
+
 def predicted_mask(tokens: Int[Tensor, "batch pos"], predicted: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch q k"]:
     """``mask[b, q, k]``: key k < q holds the token the model predicts at query q (k >= 1: the sink is never counted)."""
     n = tokens.shape[1]
@@ -205,7 +223,7 @@ def copy_suppression_scores(
     stream_patterns(model, tokens, reduce, progress=progress, desc="copy suppression")
     attn = (sums / weight.clamp_min(1)).float()
     neg = negative_copying(model, seed=seed)
-    return _frame(model, attention_to_predicted=attn, negative_copying=neg, copy_suppression=attn * neg)
+    return _frame(model, attention_to_predicted=attn, negative_copying=neg, copy_suppression_score=attn * neg)
 
 
 # ---------------------------------------------------------------- positional heads
@@ -275,3 +293,132 @@ def heads_above(frame: pd.DataFrame, score: str, threshold: float) -> list[tuple
     """(layer, head) pairs whose ``score`` reaches ``threshold``, strongest first."""
     part = frame[frame[score] >= threshold].sort_values(score, ascending=False)
     return [(int(l), int(h)) for l, h in zip(part["layer"], part["head"])]
+
+
+# ---------------------------------------------------------------- registry
+
+
+_POSITIONAL_CACHE: dict = {}
+
+
+def _positional_table(model: HookedTransformer) -> pd.DataFrame:
+    """positional_scores(model), computed once per model state (the score and the offset are two census columns)."""
+    with torch.inference_mode():
+        fingerprint = tuple(float(t.double().abs().sum()) for t in (model.W_Q, model.W_K, model.b_Q, model.b_K))
+    key = (id(model), fingerprint)
+    if key not in _POSITIONAL_CACHE:
+        _POSITIONAL_CACHE.clear()
+        _POSITIONAL_CACHE[key] = positional_scores(model)
+    return _POSITIONAL_CACHE[key]
+
+
+def _column(model: HookedTransformer, table: pd.DataFrame, name: str) -> Float[Tensor, "layer head"]:
+    grid = table.set_index(["layer", "head"])[name]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    return torch.tensor([[float(grid.loc[(l, h)]) for h in range(H)] for l in range(L)])
+
+
+def predicted_probe(model: HookedTransformer, *, seed: int = 0, batch: int = 8, seq_len: int = 128):
+    """Natural-text windows plus the model's top-1 prediction at every position (probe kind ``predicted``)."""
+    from headlens.probes import natural_text
+
+    base = natural_text(model, seq_len=seq_len, batch=min(batch, 8), seed=seed)
+    return PredictedProbe(
+        "predicted", base.tokens, base.is_delim, predicted=model_predictions(model, base.tokens), **_extra(base)
+    )
+
+
+def _extra(probe) -> dict:
+    return {"sources": probe.sources} if hasattr(probe, "sources") else {}
+
+
+def _predicted_score(pattern, probe, rows):
+    return attention_to_predicted(pattern, predicted_mask(probe.tokens[rows], probe.predicted[rows])).nan_to_num()
+
+
+def builtin_types() -> list:
+    """This module's and :mod:`headlens.code_heads`' head types, for :func:`register_head_types`."""
+    from headlens.code_heads import THRESHOLDS as CODE
+    from headlens.code_heads import bracket_matching, identifier
+    from headlens.registry import WEIGHTS, HeadType
+
+    return [
+        HeadType(
+            "successor",
+            WEIGHTS,
+            successor_scores,
+            THRESHOLDS["successor"],
+            1,
+            "OV output ranks the next ordinal (Monday -> Tuesday) top-1 (Gould et al. 2023)",
+            "#bcbd22",
+        ),
+        HeadType(
+            "bracket_matching",
+            "code",
+            lambda p, probe, rows: bracket_matching(p, probe.opener[rows]).nan_to_num(),
+            CODE["bracket_matching"],
+            1,
+            "closing bracket -> its matching opener on stdlib code",
+            "#9467bd",
+        ),
+        HeadType(
+            "identifier",
+            "code",
+            lambda p, probe, rows: identifier(p, probe.ident[rows]).nan_to_num(),
+            CODE["identifier"],
+            1,
+            "a re-used name -> its earlier occurrences on stdlib code",
+            "#e377c2",
+        ),
+        HeadType(
+            "attention_to_predicted",
+            "predicted",
+            _predicted_score,
+            THRESHOLDS["attention_to_predicted"],
+            9,
+            "attention on earlier copies of the token the model predicts next (a score only)",
+            label=False,
+        ),
+        HeadType(
+            "negative_copying",
+            WEIGHTS,
+            negative_copying,
+            THRESHOLDS["negative_copying"],
+            9,
+            "share of tokens the OV circuit ranks at the bottom of its own output (a score only)",
+            label=False,
+        ),
+        HeadType(
+            "positional",
+            WEIGHTS,
+            lambda m: _column(m, _positional_table(m), "positional"),
+            THRESHOLDS["positional"],
+            2,
+            "same distance preference on constant tokens as on text",
+            "#aec7e8",
+        ),
+        HeadType(
+            "positional_offset",
+            WEIGHTS,
+            lambda m: _column(m, _positional_table(m), "positional_offset"),
+            1.0,
+            9,
+            "the distance a positional head prefers (-1: none; a score only)",
+            label=False,
+        ),
+    ]
+
+
+def register_head_types(*, replace: bool = False) -> None:
+    """Put the probe kinds ``predicted`` and ``code`` and the types of :func:`builtin_types` on the registries."""
+    from headlens.code_heads import code_probe_builder
+    from headlens.probes import probe_kinds, register_probe
+    from headlens.registry import head_types, register
+
+    for kind, builder in (("predicted", predicted_probe), ("code", code_probe_builder)):
+        if replace or kind not in probe_kinds():
+            register_probe(kind, builder, replace=replace)
+    known = head_types()
+    for t in builtin_types():
+        if replace or t.name not in known:
+            register(t, replace=replace)

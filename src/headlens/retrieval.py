@@ -20,27 +20,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
+from headlens.probes import Probe, delimiter_mask
 
 THRESHOLD = 0.1
 QUESTION = "\nWhat are the secret words? The secret words are"
 
 
 @dataclass(frozen=True)
-class NeedleProbe:
-    tokens: Int[Tensor, "batch pos"]
-    needle_pos: Int[Tensor, "batch m"]  # position of each needle word in the haystack
-    answer_pos: Int[Tensor, "batch m"]  # position of each answer word (the query predicting it is one before)
-    kind: str = "needle"
+class NeedleProbe(Probe):
+    """Needle-in-a-haystack sequences (kind ``needle``): where each needle word sits and where it is answered.
 
-    @property
-    def batch(self) -> int:
-        return self.tokens.shape[0]
+    ``correct[b, i]`` (set by :func:`with_predictions`): the model's top-1 at the step before answer word i is it.
+    """
+
+    needle_pos: Tensor | None = None  # [batch, m] position of each needle word in the haystack
+    answer_pos: Tensor | None = None  # [batch, m] position of each answer word (its query is one before)
+    correct: Tensor | None = None  # [batch, m]
 
 
 def _haystack_ids(model: HookedTransformer) -> list[int]:
@@ -86,7 +87,58 @@ def needle_probe(
         rows.append(seq)
         needles.append(list(range(first, first + n_words)))
         answers.append(list(range(seq_len - n_words, seq_len)))
-    return NeedleProbe(torch.tensor(rows), torch.tensor(needles), torch.tensor(answers))
+    tokens = torch.tensor(rows)
+    mask = delimiter_mask(tok, tokens)
+    return NeedleProbe("needle", tokens, mask, needle_pos=torch.tensor(needles), answer_pos=torch.tensor(answers))
+
+
+def with_predictions(model: HookedTransformer, probe: NeedleProbe) -> NeedleProbe:
+    """``probe`` with ``correct`` filled from the model's own top-1 predictions (one forward per sequence)."""
+    import dataclasses
+
+    correct = []
+    with torch.inference_mode():
+        for b in range(probe.batch):
+            logits = model(probe.tokens[b : b + 1].to(model.cfg.device))[0, probe.answer_pos[b] - 1].cpu()
+            correct.append(logits.argmax(-1) == probe.tokens[b, probe.answer_pos[b]])
+    return dataclasses.replace(probe, correct=torch.stack(correct))
+
+
+def retrieval_seq(
+    pattern: Float[Tensor, "batch head q k"], probe: NeedleProbe, rows: slice
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: share of its answer steps where the model is right and the head's top key is the needle word."""
+    needle = probe.needle_pos[rows].to(pattern.device)
+    queries = probe.answer_pos[rows].to(pattern.device) - 1
+    b_idx = torch.arange(pattern.shape[0], device=pattern.device)[:, None]
+    top = pattern.transpose(1, 2)[b_idx, queries].argmax(-1)  # [batch, m, head]
+    hit = (top == needle[..., None]) & probe.correct[rows].to(pattern.device)[..., None]
+    return hit.to(pattern.dtype).mean(1)
+
+
+def register_retrieval(*, replace: bool = False) -> None:
+    """Opt in: add probe kind ``needle`` (3 x 1,024 tokens, whatever seq_len the census asks for) and type ``retrieval``."""
+    from headlens.probes import probe_kinds, register_probe
+    from headlens.registry import HeadType, head_types, register
+
+    def builder(model, *, seed, batch, seq_len):
+        return with_predictions(model, needle_probe(model, seq_len=max(seq_len, 1024), batch=min(batch, 3), seed=seed))
+
+    if replace or "needle" not in probe_kinds():
+        register_probe("needle", builder, replace=replace)
+    if replace or "retrieval" not in head_types():
+        register(
+            HeadType(
+                "retrieval",
+                "needle",
+                retrieval_seq,
+                THRESHOLD,
+                1,
+                "copies the needle word from a 1,024-token haystack (Wu et al. 2024)",
+                "#2ca02c",
+            ),
+            replace=replace,
+        )
 
 
 def retrieval_scores(
