@@ -112,9 +112,20 @@ def copy_suppression_heads(scores):
     return heads_above(ok, "attention_to_predicted", THRESHOLDS["attention_to_predicted"])
 
 
+def per_layer_cap(ranked, cap, total):
+    """The strongest heads, at most ``cap`` per layer, so that every layer keeps as many heads for a layer-matched random set."""
+    out, per = [], {}
+    for layer, head in ranked:
+        if per.get(layer, 0) < cap and len(out) < total:
+            out.append((layer, head))
+            per[layer] = per.get(layer, 0) + 1
+    return out
+
+
 def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_none=5, max_heads=20, found=None):
     found = heads_above(scores, score_col, threshold) if found is None else found
-    heads = found[:max_heads] if found else heads_above(scores, score_col, -float("inf"))[:top_if_none]
+    ranked = found if found else heads_above(scores, score_col, -float("inf"))
+    heads = per_layer_cap(ranked, model.cfg.n_heads // 2, max_heads if found else top_if_none)
     table = compare_to_random(
         model, metric, heads, n_random=n_random, method="mean", match_layers=True, seed=SEED, progress=False
     )
@@ -141,6 +152,24 @@ def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_n
     return row, table.assign(type=name)
 
 
+def rope_change(new_summary: pd.DataFrame) -> dict:
+    """Old (eta^2 on raw attention, head_report's committed constant-probe columns) vs new (excess over uniform) RoPE summary."""
+    old = pd.read_csv(Path(__file__).resolve().parent / "results" / "head_report" / "census.csv")
+    new = new_summary[new_summary.probe == "constant"][["layer", "head", "positional_score", "peak_distance"]]
+    both = old[["layer", "head", "label", "positional_score", "peak_distance"]].merge(
+        new, on=["layer", "head"], suffixes=("_old", "_new")
+    )
+    by_label = both.groupby("label")[["positional_score_old", "positional_score_new"]].mean().round(3)
+    return {
+        "note": "old: head_report.py, constant probe 4 x 64 tokens, eta^2 of weight on distance, raw-attention peak; "
+        "new: this run, constant probe 4 x 128 tokens, excess over the uniform causal baseline on non-sink keys",
+        "heads_positional_ge_0.5_old": int((both.positional_score_old >= 0.5).sum()),
+        "heads_positional_ge_0.5_new": int((both.positional_score_new >= 0.5).sum()),
+        "mean_positional_by_census_label": by_label.to_dict(orient="index"),
+        "peak_distance_changed": int((both.peak_distance_old != both.peak_distance_new).sum()),
+    }
+
+
 def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -153,11 +182,15 @@ def main() -> None:
     ap.add_argument("--n-random", type=int, default=10)
     ap.add_argument("--n-random-bracket", type=int, default=20)
     ap.add_argument("--skip-retrieval", action="store_true")
+    ap.add_argument("--model", default="qwen", help="smoke test: tiny-qwen2 (with --out elsewhere)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--needle-len", type=int, default=1024)
     args = ap.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model = load_model()
-    OUT.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
 
     timings = {}
     t = time.perf_counter()
@@ -169,6 +202,7 @@ def main() -> None:
     t = time.perf_counter()
     pos = positional_scores(model, seed=SEED)
     timings["positional"] = time.perf_counter() - t
+    write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
     t = time.perf_counter()
     probe = code_probe(model, seed=SEED)
     code = code_scores(model, probe)
@@ -177,11 +211,11 @@ def main() -> None:
     scores["successor"] = succ.double().flatten().numpy().round(6)
     if not args.skip_retrieval:
         t = time.perf_counter()
-        needles = needle_probe(model, seed=SEED)
+        needles = needle_probe(model, seq_len=args.needle_len, seed=SEED)
         ret = retrieval_scores(model, needles)
         timings["retrieval"] = time.perf_counter() - t
         scores = scores.merge(ret[["layer", "head", "retrieval"]], on=["layer", "head"])
-    write_atomic(OUT / "scores.csv", scores.to_csv(index=False))
+    write_atomic(out / "scores.csv", scores.to_csv(index=False))
 
     rows, tables = [], []
     held_out_text = natural_text(model, seq_len=96, batch=4, seed=SEED + 1).tokens
@@ -207,14 +241,14 @@ def main() -> None:
     ]
     if not args.skip_retrieval:
         checks.append(
-            ("retrieval", "retrieval", RETRIEVAL_THRESHOLD, needle_metric(model, needle_probe(model, seed=SEED + 1)), 5)
+            ("retrieval", "retrieval", RETRIEVAL_THRESHOLD, needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1)), 5)
         )
     for name, col, thr, metric, n_random in checks:
         found = copy_suppression_heads(scores) if name == "copy_suppression" else None
         row, table = causal(model, name, scores, col, thr, metric, n_random, found=found)
         rows.append(row)
         tables.append(table)
-        write_atomic(OUT / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
+        write_atomic(out / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
 
     bracket_heads = heads_above(scores, "bracket_matching", CODE_THRESHOLDS["bracket_matching"])[:20]
     depth_rows = []
@@ -223,8 +257,8 @@ def main() -> None:
         for i, (l, h) in enumerate(bracket_heads):
             depth_rows.append({"layer": l, "head": h, **{f"depth_{d}": round(by_depth[d][i], 4) for d in (1, 2, 3)}})
         depth_rows.append({"layer": -1, "head": -1, **{f"depth_{d}": counts[d] for d in (1, 2, 3)}})  # pair counts
-    write_atomic(OUT / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
-    write_atomic(OUT / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
+    write_atomic(out / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
+    write_atomic(out / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
 
     summary = {
         "model": "Qwen2.5-Coder-0.5B-Instruct",
@@ -252,9 +286,11 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv[1:],
     }
+    if args.model == "qwen":
+        summary["rope_change"] = rope_change(pos.attrs["rope_summary"])
     if not args.skip_retrieval:
         summary["needle_accuracy_clean"] = ret.attrs["accuracy"]
-    write_atomic(OUT / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

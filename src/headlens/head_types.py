@@ -238,7 +238,8 @@ def positional_scores(
     prof = distance_profiles(
         model, ("natural", "constant"), n_seqs=n_seqs, seq_len=seq_len, seed=seed, progress=progress
     )
-    summary = rope_summary(prof).pivot_table(index=["layer", "head"], columns="probe", values="positional_score")
+    full = rope_summary(prof)
+    summary = full.pivot_table(index=["layer", "head"], columns="probe", values="positional_score")
     rows = []
     for (layer, head), g in prof.groupby(["layer", "head"], sort=True):
         nat, const = g[g.probe == "natural"].sort_values("distance"), g[g.probe == "constant"].sort_values("distance")
@@ -257,7 +258,9 @@ def positional_scores(
                 "positional_offset": offset,
             }
         )
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["rope_summary"] = full
+    return out
 
 
 def positional_overlap(
