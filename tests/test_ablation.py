@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from transformer_lens.utilities import get_act_name
@@ -52,7 +54,7 @@ def test_fast_sweep_equals_naive_loop(tiny, loss, method, unit):
         ablated_metric(
             tiny,
             loss,
-            [(r.layer, h) for h in ([r.head] if unit == "head" else map(int, r.heads.split()))],
+            [(r.layer, r.head)] if unit == "head" else kv_group_heads(tiny, r.layer, r.kv_head),
             method=method,
         )
         for r in fast.itertuples()
@@ -176,7 +178,7 @@ def _gated_metric(model, metric, layer, head, xi, method, rows=slice(None)):
         return z
 
     logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("z", layer), gate)])
-    return float(metric.fn(logits, tokens).detach())
+    return float(metric.at(tokens).full(logits).detach())
 
 
 @pytest.mark.parametrize("method", ["zero", "mean"])
@@ -245,7 +247,8 @@ def test_compare_to_random_and_determinism(tiny):
     metric = repeat_loss_metric(tiny, n_seqs=2, half_len=8)
     t1 = compare_to_random(tiny, metric, [(1, 0), (1, 3)], n_random=4, progress=False, seed=1)
     t2 = compare_to_random(tiny, metric, [(1, 0), (1, 3)], n_random=4, progress=False, seed=1)
-    assert t1.equals(t2) and t1.attrs == t2.attrs
+    assert t1.table.equals(t2.table) and replace(t1, table=None) == replace(t2, table=None)
+    t1 = t1.table
     assert list(t1.kind) == ["target"] + ["random"] * 4
     assert all("L1H0" not in h and "L1H3" not in h for h in t1.heads[1:])
     assert t1.metric.iloc[0] == pytest.approx(ablated_metric(tiny, metric, [(1, 0), (1, 3)]))
@@ -370,7 +373,7 @@ def test_qwen_sweep_parity_and_induction_heads_matter(qwen):
     # depth-matched control: random heads from the same layers (an unmatched draw can hit a layer-0 head whose
     # removal breaks everything, which says nothing about copying)
     table = compare_to_random(qwen, metric, top, n_random=5, match_layers=True, progress=False)
-    print(top, table.attrs, table.to_string(), sep="\n")
-    assert table.attrs["clean"] < 2.0  # Qwen copies the repeated half
-    assert table.attrs["p_random_ge"] == 0.0
-    assert table.attrs["target_worsening"] > 2 * max(table.attrs["random_mean"], 0.05)
+    print(top, table, table.table.to_string(), sep="\n")
+    assert table.clean < 2.0  # Qwen copies the repeated half
+    assert table.p_random_ge == 0.0
+    assert table.target_worsening > 2 * max(table.random_mean, 0.05)

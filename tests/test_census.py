@@ -268,12 +268,12 @@ def test_ablating_census_induction_heads_hurts_repeats_more_than_random_heads(qw
     induction_heads = [(int(r.layer), int(r.head)) for r in qwen_table.itertuples() if r.label == "induction"]
     assert induction_heads
     metric = repeat_loss_metric(qwen, n_seqs=4, half_len=32, seed=1)
-    result = compare_to_random(qwen, metric, induction_heads, n_random=5, method="mean", seed=0, progress=False)
-    target = result.attrs["target_effect"]
+    comparison = compare_to_random(qwen, metric, induction_heads, n_random=5, method="mean", seed=0, progress=False)
+    result, target = comparison.table, comparison.target_effect
     ratio = target / max(abs(result.loc[result.kind == "random", "effect"].mean()), 1e-6)
     print(
         f"\n{len(induction_heads)} induction heads: repeated-half loss +{target:.3f} vs random heads "
         f"{result.loc[result.kind == 'random', 'effect'].round(3).tolist()} (ratio {ratio:.1f}x)"
     )
-    assert result.attrs["p_random_ge"] == 0.0  # every random draw of as many heads hurts less
+    assert comparison.p_random_ge == 0.0  # every random draw of as many heads hurts less
     assert target > 0 and ratio > 2

@@ -65,34 +65,34 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
 from headlens.errors import HeadlensError
-from headlens.models import check_head, kv_heads
+from headlens.heads import (
+    Head,
+    check_heads,
+    check_layers,
+    format_heads,
+    kv_group_heads,
+    kv_heads,
+    random_heads,
+)
+from headlens.intervene import (
+    Intervention,
+    Metric,
+    MetricFn,
+    Site,
+    Source,
+    cached_run,
+    embed,
+    resid_names,
+    run_interventions,
+    value,
+)
 from headlens.progress import tqdm
 
 Method = Literal["zero", "mean", "resample"]
 METHODS = ("zero", "mean", "resample")
-Head = tuple[int, int]
-MetricFn = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Tensor]
 
 
 # ---------------------------------------------------------------- metrics
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A scalar of the logits on fixed tokens; ``higher_is_better`` says which way "worse" points."""
-
-    name: str
-    tokens: Int[Tensor, "batch pos"]
-    fn: MetricFn
-    higher_is_better: bool = False
-
-    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-        return self.fn(logits.float(), self.tokens.to(logits.device))  # float32 whatever the model's dtype
-
-    def worsening(self, value: float, clean: float) -> float:
-        """Relative change towards "worse" (positive = worse), e.g. 0.01 = 1 % higher loss."""
-        change = (clean - value) if self.higher_is_better else (value - clean)
-        return change / max(abs(clean), 1e-12)
 
 
 def custom_metric(
@@ -121,9 +121,11 @@ def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64,
 
 
 def _repeat_half_loss(start: int) -> MetricFn:
+    """Loss of predicting ``tokens[:, start + 1:]`` from the logits at positions ``start .. pos - 2``."""
+
     def fn(logits, tokens):
-        per_token = lm_cross_entropy_loss(logits, tokens, per_token=True)
-        return per_token[:, start:].mean()
+        logprobs = logits.log_softmax(dim=-1)
+        return -logprobs.gather(-1, tokens[:, start + 1 :, None]).mean()
 
     return fn
 
@@ -144,7 +146,9 @@ def repeat_loss_metric(
         probe = repeated_tokens(model, n=half_len, batch=n_seqs, seed=seed)
     if getattr(probe, "kind", None) != "repeated":
         raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.probes.repeated_tokens)")
-    return Metric("repeat_loss", probe.tokens, _repeat_half_loss(probe.prefix + probe.n))
+    start, n_pos = probe.prefix + probe.n, probe.tokens.shape[1]
+    positions = torch.arange(start, n_pos - 1)  # only these logits are unembedded
+    return Metric("repeat_loss", probe.tokens, _repeat_half_loss(start), positions=positions)
 
 
 def logit_diff_metric(
@@ -202,11 +206,7 @@ def _check_tokens(tokens, what: str) -> Tensor:
 
 def _as_metric(metric: Metric | MetricFn, tokens: Tensor | None) -> Metric:
     if isinstance(metric, Metric):
-        return (
-            metric
-            if tokens is None
-            else Metric(metric.name, _check_tokens(tokens, "tokens"), metric.fn, metric.higher_is_better)
-        )
+        return metric if tokens is None else metric.at(_check_tokens(tokens, "tokens"))
     if callable(metric):
         if tokens is None:
             raise HeadlensError("a plain metric function needs tokens=...; or build one with custom_metric(tokens, fn)")
@@ -216,77 +216,7 @@ def _as_metric(metric: Metric | MetricFn, tokens: Tensor | None) -> Metric:
     )
 
 
-def _value(x: Tensor) -> float:
-    if not isinstance(x, Tensor) or x.numel() != 1:
-        raise HeadlensError("a metric must return a scalar tensor")
-    return float(x.detach())
-
-
-# ---------------------------------------------------------------- heads and replacement values
-
-
-def check_heads(model: HookedTransformer, heads: Iterable[Head]) -> list[Head]:
-    """Validated, de-duplicated, sorted (layer, head) pairs; a clear error for empty or out-of-range sets."""
-    try:
-        pairs = [(int(layer), int(head)) for layer, head in heads]
-    except (TypeError, ValueError):
-        raise HeadlensError("heads must be a list of (layer, head) integer pairs, e.g. [(3, 5), (10, 0)]") from None
-    if not pairs:
-        raise HeadlensError("no heads to ablate: pass at least one (layer, head) pair")
-    for layer, head in pairs:
-        check_head(model, layer, head)
-    return sorted(set(pairs))
-
-
-def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[Head]:
-    """The q heads of ``layer`` that read kv head ``kv_head`` (ablating the group = ablating these)."""
-    n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
-    check_head(model, layer, 0)
-    if not 0 <= int(kv_head) < n_kv:
-        raise HeadlensError(f"kv head {kv_head} is out of range: this model has kv heads 0..{n_kv - 1}")
-    return [(int(layer), h) for h, g in enumerate(kv_heads(model)) if g == int(kv_head)]
-
-
-def random_heads(
-    model: HookedTransformer, n: int, *, seed: int = 0, exclude: Iterable[Head] = (), like: Iterable[Head] | None = None
-) -> list[Head]:
-    """``n`` distinct random heads not in ``exclude``; with ``like``, as many per layer as ``like`` has (depth-matched)."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    banned = set(map(tuple, exclude))
-    g = np.random.default_rng(seed)
-    if like is not None:
-        counts = defaultdict(int)
-        for layer, _ in like:
-            counts[int(layer)] += 1
-        out = []
-        for layer, k in sorted(counts.items()):
-            free = [(layer, h) for h in range(H) if (layer, h) not in banned]
-            if k > len(free):
-                raise HeadlensError(f"layer {layer} has only {len(free)} heads outside the excluded set, {k} requested")
-            out += [free[i] for i in g.choice(len(free), k, replace=False)]
-        return sorted(out)
-    free = [(layer, h) for layer in range(L) for h in range(H) if (layer, h) not in banned]
-    if not 0 < n <= len(free):
-        raise HeadlensError(f"cannot draw {n} random heads: {len(free)} heads are available outside the excluded set")
-    return sorted(free[i] for i in g.choice(len(free), n, replace=False))
-
-
-def _clean_z(
-    model: HookedTransformer, tokens: Tensor, layers: Sequence[int]
-) -> dict[int, Float[Tensor, "batch pos head d_head"]]:
-    """hook_z of ``layers`` on a clean forward over ``tokens`` (only those layers kept, forward stopped after the last)."""
-    out: dict[int, Tensor] = {}
-
-    def keep(z, hook):
-        out[hook.layer()] = z.detach().clone()
-
-    with torch.inference_mode():
-        model.run_with_hooks(
-            tokens.to(model.cfg.device),
-            fwd_hooks=[(get_act_name("z", l), keep) for l in layers],
-            stop_at_layer=max(layers) + 1,
-        )
-    return out
+# ---------------------------------------------------------------- replacement values
 
 
 def _cycle(n: int, seed: int) -> Tensor:
@@ -306,7 +236,7 @@ class Replacement:
         if method not in METHODS:
             raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
         self.method, self.seed = method, seed
-        self.d_head = model.cfg.d_head
+        self.n_heads, self.d_head = model.cfg.n_heads, model.cfg.d_head
         self.dtype, self.device = model.cfg.dtype, model.cfg.device
         if method == "zero":
             return
@@ -315,7 +245,14 @@ class Replacement:
         reference = _check_tokens(reference, "reference")
         if method == "resample" and reference.shape[0] < 2:
             raise HeadlensError("resample ablation needs a reference with at least 2 sequences")
-        z = _clean_z(model, reference, sorted(set(layers)))
+        layers = sorted(set(layers))
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(
+                reference.to(model.cfg.device),
+                names_filter=lambda n: n in {get_act_name("z", l) for l in layers},
+                stop_at_layer=max(layers) + 1,
+            )
+        z = {l: cache["z", l].clone() for l in layers}
         if method == "mean":
             self.means = {l: einops.reduce(v, "b p h d -> h d", "mean") for l, v in z.items()}
         else:
@@ -332,12 +269,10 @@ class Replacement:
         rows = self.sigma[torch.arange(batch) % len(self.sigma)]
         return ref[rows][:, :pos][:, :, heads]
 
-
-def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
-    out = defaultdict(list)
-    for layer, head in heads:
-        out[layer].append(head)
-    return dict(sorted(out.items()))
+    def source(self, tokens: Tensor) -> Source:
+        """The engine's source: hook name of a layer's z -> every head's replacement for the batch ``tokens``."""
+        heads, (batch, pos) = torch.arange(self.n_heads), tokens.shape
+        return lambda name: self(int(name.split(".")[1]), heads, batch, pos)
 
 
 def _replace_hook(heads: list[int], replacement: Replacement):
@@ -348,6 +283,14 @@ def _replace_hook(heads: list[int], replacement: Replacement):
         return z
 
     return hook
+
+
+def _sites(heads: Iterable[Head]) -> Intervention:
+    """The engine's sites for ablating ``heads`` together: one hook_z site per layer."""
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        by_layer[layer].append(head)
+    return tuple(Site("z", layer, tuple(hs)) for layer, hs in sorted(by_layer.items()))
 
 
 def ablation_hooks(
@@ -363,10 +306,9 @@ def ablation_hooks(
 
     ``mean`` / ``resample`` need ``reference`` tokens (their clean z is computed here, once).
     """
-    heads = check_heads(model, heads)
-    groups = _by_layer(heads)
-    replacement = _replacement or Replacement(model, method, reference, groups, seed=seed)
-    return [(get_act_name("z", layer), _replace_hook(hs, replacement)) for layer, hs in groups.items()]
+    sites = _sites(check_heads(model, heads))
+    replacement = _replacement or Replacement(model, method, reference, [s.layer for s in sites], seed=seed)
+    return [(s.name, _replace_hook(list(s.units), replacement)) for s in sites]
 
 
 def run_ablated(
@@ -378,11 +320,37 @@ def run_ablated(
     reference: Int[Tensor, "batch pos"] | None = None,
     seed: int = 0,
 ) -> Float[Tensor, "batch pos vocab"]:
-    """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``)."""
+    """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``): the plain TL reference."""
     tokens = _check_tokens(tokens, "tokens")
     hooks = ablation_hooks(model, heads, method=method, reference=tokens if reference is None else reference, seed=seed)
     with torch.inference_mode():
         return model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks)
+
+
+def ablated_metrics(
+    model: HookedTransformer,
+    metric: Metric,
+    head_sets: Sequence[Sequence[Head]],
+    *,
+    method: Method = "zero",
+    reference: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[float, list[float]]:
+    """(clean metric, metric with each set ablated together): one clean forward caches ``resid_pre``, each set
+    restarts at its first layer, ``batch_size // batch`` sets per stacked forward."""
+    sets = [_sites(check_heads(model, hs)) for hs in head_sets]
+    layers = sorted({s.layer for sites in sets for s in sites})
+    replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
+    toks = metric.tokens.to(model.cfg.device)
+    with torch.inference_mode():
+        clean, cache = cached_run(model, toks, resid_names(layers), metric)
+        values = run_interventions(
+            model, cache, sets, replacement.source(toks), metric,
+            runs_per_pass=max(1, batch_size // toks.shape[0]), progress=progress, desc="ablate sets",
+        )  # fmt: skip
+    return clean, values
 
 
 def ablated_metric(
@@ -397,14 +365,41 @@ def ablated_metric(
 ) -> float:
     """The metric with ``heads`` ablated together (reference defaults to the metric's tokens)."""
     metric = _as_metric(metric, tokens)
-    return _value(metric(run_ablated(model, metric.tokens, heads, method=method, reference=reference, seed=seed)))
+    sites = _sites(check_heads(model, heads))
+    replacement = Replacement(
+        model, method, metric.tokens if reference is None else reference, [s.layer for s in sites], seed=seed
+    )
+    toks = metric.tokens.to(model.cfg.device)
+    with torch.inference_mode():
+        resid = {get_act_name("resid_pre", 0): embed(model, toks)}
+        (out,) = run_interventions(
+            model, resid, [sites], replacement.source(toks), metric, start_layer=0, progress=False
+        )
+    return out
 
 
 def clean_metric(model: HookedTransformer, metric: Metric | MetricFn, *, tokens: Tensor | None = None) -> float:
     """The metric with nothing ablated."""
     metric = _as_metric(metric, tokens)
     with torch.inference_mode():
-        return _value(metric(model(metric.tokens.to(model.cfg.device))))
+        return value(metric.full(model(metric.tokens.to(model.cfg.device))))
+
+
+@dataclass(frozen=True)
+class RandomComparison:
+    """:func:`compare_to_random`'s answer: ``table`` has one row per ablated set (``kind`` target / random,
+    ``heads``, metric, effect = ablated − clean, worsening = relative change, positive = worse); the fields are
+    the statistics: ``z`` of the target's worsening against the random draws and ``p_random_ge``, the share of
+    random draws at least as bad."""
+
+    table: pd.DataFrame
+    clean: float
+    target_effect: float
+    target_worsening: float
+    random_mean: float
+    random_std: float
+    z: float
+    p_random_ge: float
 
 
 def compare_to_random(
@@ -418,52 +413,46 @@ def compare_to_random(
     tokens: Tensor | None = None,
     reference: Tensor | None = None,
     seed: int = 0,
+    batch_size: int = 16,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> RandomComparison:
     """Effect of ablating ``heads`` together vs ``n_random`` draws of as many other random heads.
 
-    One row per ablated set (``kind`` = "target" or "random"), columns metric, effect (ablated − clean),
-    worsening (relative, positive = worse). ``attrs``: clean, target_effect, random_mean, random_std,
-    z (target vs random, in the "worse" direction) and p_random_ge (share of random draws at least as bad).
-    ``match_layers=True`` draws the random heads from the same layers (depth-matched control).
+    Random draw i uses the i-th child of ``numpy.random.SeedSequence(seed)``; ``match_layers=True`` draws
+    them from the same layers (depth-matched control, see :func:`headlens.heads.random_heads`).
     """
     metric = _as_metric(metric, tokens)
     heads = check_heads(model, heads)
-    clean = clean_metric(model, metric)
-    sets = [("target", heads)]
-    for i in range(n_random):
-        drawn = random_heads(model, len(heads), seed=seed + i, exclude=heads, like=heads if match_layers else None)
-        sets.append(("random", drawn))
-    rows = []
-    for kind, hs in tqdm(sets, desc="ablate sets", disable=not progress, leave=False):
-        value = ablated_metric(model, metric, hs, method=method, reference=reference, seed=seed)
-        rows.append(
-            {
-                "kind": kind,
-                "heads": _fmt(hs),
-                "metric": value,
-                "effect": value - clean,
-                "worsening": metric.worsening(value, clean),
-            }
-        )
-    table = pd.DataFrame(rows)
+    children = np.random.SeedSequence(seed).spawn(n_random)
+    sets = [("target", heads)] + [
+        ("random", random_heads(model, len(heads), seed=child, exclude=heads, like=heads if match_layers else None))
+        for child in children
+    ]
+    clean, values = ablated_metrics(
+        model, metric, [hs for _, hs in sets], method=method, reference=reference, seed=seed,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    table = pd.DataFrame(
+        [
+            {"kind": kind, "heads": format_heads(hs), "metric": v, "effect": v - clean,
+             "worsening": metric.worsening(v, clean)}
+            for (kind, hs), v in zip(sets, values)
+        ]
+    )  # fmt: skip
     rand = table.loc[table.kind == "random", "worsening"].to_numpy()
     target = float(table.worsening.iloc[0])
     std = float(rand.std(ddof=1)) if len(rand) > 1 else float("nan")
-    table.attrs.update(
+    mean = float(rand.mean()) if len(rand) else float("nan")
+    return RandomComparison(
+        table=table,
         clean=clean,
         target_effect=float(table.effect.iloc[0]),
         target_worsening=target,
-        random_mean=float(rand.mean()) if len(rand) else float("nan"),
+        random_mean=mean,
         random_std=std,
-        z=(target - float(rand.mean())) / std if len(rand) > 1 and std > 0 else float("nan"),
+        z=(target - mean) / std if len(rand) > 1 and std > 0 else float("nan"),
         p_random_ge=float((rand >= target).mean()) if len(rand) else float("nan"),
     )
-    return table
-
-
-def _fmt(heads: Iterable[Head]) -> str:
-    return " ".join(f"L{l}H{h}" for l, h in heads)
 
 
 # ---------------------------------------------------------------- sweeps
@@ -478,29 +467,6 @@ def _units(model: HookedTransformer, unit: str, layers: Sequence[int]) -> list[t
         n_kv = model.cfg.n_key_value_heads or H
         return [(l, g, [h for _, h in kv_group_heads(model, l, g)]) for l in layers for g in range(n_kv)]
     raise HeadlensError(f"unknown ablation unit {unit!r}: use 'head' or 'kv_group'")
-
-
-def _resid_pre(model: HookedTransformer, tokens: Tensor, layers: Sequence[int]) -> tuple[dict[int, Tensor], Tensor]:
-    """Clean ``resid_pre`` of ``layers`` only, plus the clean logits, from one forward."""
-    cache: dict[int, Tensor] = {}
-
-    def keep(resid, hook):
-        cache[hook.layer()] = resid.clone()
-
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("resid_pre", l), keep) for l in layers])
-    return cache, logits
-
-
-def _stacked_hook(units: list[list[int]], batch: int, replacement: Replacement):
-    """Ablate ``units[i]`` in the i-th batch-copy of a stacked z."""
-
-    def hook(z: Float[Tensor, "copies_batch pos head d_head"], hook):
-        for i, heads in enumerate(units):
-            idx = torch.tensor(heads, dtype=torch.long)
-            z[i * batch : (i + 1) * batch, :, idx] = replacement(hook.layer(), idx, batch, z.shape[1]).to(z.dtype)
-        return z
-
-    return hook
 
 
 def ablation_sweep(
@@ -519,69 +485,47 @@ def ablation_sweep(
 ) -> pd.DataFrame:
     """The metric with each head (or each kv group) ablated alone, for all of them (or those of ``layers``).
 
-    ``strategy="fast"``: one clean forward caches ``resid_pre`` of every layer; each layer's ablations
-    restart there (``start_at_layer``), ``batch_size // batch`` of them stacked along the batch in one
-    pass. ``strategy="naive"``: one full forward per unit from layer 0. Both give the same numbers.
-    Columns: layer, head (or kv_head + heads), kv_head, metric, clean, effect (ablated − clean),
-    worsening (relative change, positive = worse).
+    ``strategy="fast"``: the intervention engine (one clean forward caches ``resid_pre``; each layer's ablations
+    restart there, ``batch_size // batch`` stacked per forward, only the metric's positions unembedded).
+    ``strategy="naive"``: one full TransformerLens forward per unit from layer 0. Both give the same numbers.
+    Columns: layer, head, kv_head, metric, clean, effect (ablated − clean), worsening (relative, positive =
+    worse); a kv-group row has ``head`` = <NA> and names the group in ``kv_head`` (:mod:`headlens.heads`).
     """
     metric = _as_metric(metric, tokens)
     if strategy not in ("fast", "naive"):
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
     if batch_size < 1:
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
-    if layers is None:
-        layers = range(model.cfg.n_layers)
-    layers = sorted({int(l) for l in layers})
-    if not layers:
-        raise HeadlensError("no layers to sweep: pass layers=None for all, or a non-empty list")
-    for layer in layers:
-        check_head(model, layer, 0)
+    layers = check_layers(model, layers)
     units = _units(model, unit, layers)
     toks = metric.tokens.to(model.cfg.device)
-    B = toks.shape[0]
     replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
-    values: dict[tuple[int, int], float] = {}
-    bar = tqdm(total=len(units), desc=f"ablation sweep ({strategy})", disable=not progress, leave=False)
     with torch.inference_mode():
         if strategy == "naive":
-            clean = _value(metric(model(toks)))
-            for layer, key, heads in units:
+            clean = value(metric.full(model(toks)))
+            values = []
+            for layer, _, heads in tqdm(units, desc="ablation sweep (naive)", disable=not progress, leave=False):
                 hooks = [(get_act_name("z", layer), _replace_hook(heads, replacement))]
-                values[layer, key] = _value(metric(model.run_with_hooks(toks, fwd_hooks=hooks)))
-                bar.update()
+                values.append(value(metric.full(model.run_with_hooks(toks, fwd_hooks=hooks))))
         else:
-            resid, logits = _resid_pre(model, toks, layers)
-            clean = _value(metric(logits))
-            del logits
-            per_pass = max(1, batch_size // B)
-            for layer in layers:
-                mine = [u for u in units if u[0] == layer]
-                for start in range(0, len(mine), per_pass):
-                    chunk = mine[start : start + per_pass]
-                    x = einops.repeat(resid[layer], "b p d -> (k b) p d", k=len(chunk))
-                    hook = _stacked_hook([heads for _, _, heads in chunk], B, replacement)
-                    logits = model.run_with_hooks(x, start_at_layer=layer, fwd_hooks=[(get_act_name("z", layer), hook)])
-                    for i, (_, key, _) in enumerate(chunk):
-                        values[layer, key] = _value(metric(logits[i * B : (i + 1) * B]))
-                    del logits
-                    bar.update(len(chunk))
-                del resid[layer]
-    bar.close()
+            clean, cache = cached_run(model, toks, resid_names(layers), metric)
+            values = run_interventions(
+                model, cache, [(Site("z", layer, tuple(heads)),) for layer, _, heads in units],
+                replacement.source(toks), metric, runs_per_pass=max(1, batch_size // toks.shape[0]),
+                progress=progress, desc="ablation sweep (fast)",
+            )  # fmt: skip
     kv = kv_heads(model)
-    rows = []
-    for layer, key, heads in units:
-        value = values[layer, key]
-        row = (
-            {"layer": layer, "head": key, "kv_head": kv[key]}
-            if unit == "head"
-            else {"layer": layer, "kv_head": key, "heads": " ".join(map(str, heads))}
-        )
-        rows.append(
-            row
-            | {"metric": value, "clean": clean, "effect": value - clean, "worsening": metric.worsening(value, clean)}
-        )
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(
+        {
+            "layer": [layer for layer, _, _ in units],
+            "head": pd.array([key if unit == "head" else pd.NA for _, key, _ in units], dtype="Int64"),
+            "kv_head": [kv[key] if unit == "head" else key for _, key, _ in units],
+            "metric": values,
+            "clean": clean,
+            "effect": [v - clean for v in values],
+            "worsening": [metric.worsening(v, clean) for v in values],
+        }
+    )
     table.attrs.update(metric=metric.name, method=method, unit=unit, clean=clean)
     return table
 
@@ -627,8 +571,8 @@ def head_importance(
 
     with torch.enable_grad():
         logits = model.run_with_hooks(toks, fwd_hooks=[(get_act_name("z", l), gated) for l in range(L)])
-        value = metric(logits)
-        (grad,) = torch.autograd.grad(value, gate)
+        result = metric.full(logits)
+        (grad,) = torch.autograd.grad(result, gate)
     grad = grad.detach()
     kv = kv_heads(model)
     table = pd.DataFrame(
@@ -645,7 +589,7 @@ def head_importance(
             for h in range(H)
         ]
     )
-    table.attrs.update(metric=metric.name, method=method, value=_value(value))
+    table.attrs.update(metric=metric.name, method=method, value=value(result))
     return table
 
 

@@ -16,6 +16,7 @@ import typer
 
 from headlens import progress as _progress
 from headlens.errors import HeadlensError
+from headlens.heads import head_name, unit_name
 from headlens.io import mismatch, provenance, save_figure, write_csv, write_parquet
 
 app = typer.Typer(
@@ -127,16 +128,10 @@ def _done(executor, out: Path) -> None:
 
 
 def _parse_heads(text: str) -> list[tuple[int, int]]:
-    heads = []
-    for item in filter(None, (h.strip() for h in text.split(","))):
-        try:
-            layer, head = (int(x) for x in item.upper().removeprefix("L").replace("H", ".").split("."))
-        except ValueError:
-            raise HeadlensError(
-                f"bad head {item!r} in --heads: write heads as L5H3 or 5.3, separated by commas, e.g. 'L5H3,12.0'"
-            ) from None
-        heads.append((layer, head))
-    return heads
+    """--heads "L5H3,12.0" -> heads (headlens.heads.parse_heads: duplicates and bad spellings are errors)."""
+    from headlens.heads import parse_heads
+
+    return parse_heads(text)
 
 
 def _labels(hooked, census_csv: Path | None, seed: int, progress: bool) -> dict[tuple[int, int], str]:
@@ -247,7 +242,7 @@ def label_summary(table, *, k: int = 5):
         part = table[table["label"] == label]
         score = LABEL_SCORE.get(label, label)
         top = part.sort_values(score, ascending=False).head(k) if score in part.columns else part.head(0)
-        names = " ".join(f"L{r.layer}H{r.head} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
+        names = " ".join(f"{head_name(r.layer, r.head)} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
         rows.append(
             {
                 "label": label,
@@ -433,7 +428,7 @@ def patch(
         rows = []
         for r in ranked.itertuples():
             row = {
-                "head": f"L{r.layer}KV{r.kv_head}" if pd.isna(r.head) else f"L{r.layer}H{r.head}",
+                "head": unit_name(r.layer, r.head, r.kv_head),
                 "kv": r.kv_head,
                 "label": "" if pd.isna(r.head) else labels.get((r.layer, int(r.head)), ""),
             }
@@ -506,31 +501,27 @@ def ablate(
     import pandas as pd
 
     from headlens.ablation import ablation_sweep, compare_to_random, plot_sweep
+    from headlens.heads import format_heads, head_name, kv_group_heads, unit_name
 
     hooked = _load(model, adapter, device, dtype)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
-        table = compare_to_random(
-            hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, progress=progress
-        )
+        a = compare_to_random(hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(table, out / "ablation_vs_random.csv")
-        a = table.attrs
-        typer.echo(
-            f"{m.name} ({units}): clean {a['clean']:.4f}; {method.value} ablation of {len(chosen)} heads together"
-        )
+        write_csv(a.table, out / "ablation_vs_random.csv")
+        typer.echo(f"{m.name} ({units}): clean {a.clean:.4f}; {method.value} ablation of {len(chosen)} heads together")
         _print_table(
             pd.DataFrame(
                 [
-                    {"heads": "target", "effect": a["target_effect"], "worsening": a["target_worsening"]},
-                    {"heads": f"{n_random} random sets (mean)", "effect": float("nan"), "worsening": a["random_mean"]},
-                    {"heads": f"{n_random} random sets (std)", "effect": float("nan"), "worsening": a["random_std"]},
+                    {"heads": "target", "effect": a.target_effect, "worsening": a.target_worsening},
+                    {"heads": f"{n_random} random sets (mean)", "effect": float("nan"), "worsening": a.random_mean},
+                    {"heads": f"{n_random} random sets (std)", "effect": float("nan"), "worsening": a.random_std},
                 ]
             ).rename(columns={"effect": f"effect ({units})"}),
             {f"effect ({units})": "+.4f", "worsening": "+.2%"},
         )
-        typer.echo(f"z = {a['z']:.2f}; share of random sets at least as bad: {a['p_random_ge']:.2f}")
+        typer.echo(f"z = {a.z:.2f}; share of random sets at least as bad: {a.p_random_ge:.2f}")
         typer.echo(f"wrote {out / 'ablation_vs_random.csv'}")
         return
     labels = _labels(hooked, census_csv, seed, progress) if unit is UnitName.head else {}
@@ -554,9 +545,12 @@ def ablate(
     rows = []
     for r in table.sort_values("worsening", ascending=False).head(top).itertuples():
         row = (
-            {"head": f"L{r.layer}H{r.head}", "kv": r.kv_head, "label": labels.get((r.layer, r.head), "")}
+            {"head": head_name(r.layer, r.head), "kv": r.kv_head, "label": labels.get((r.layer, r.head), "")}
             if unit is UnitName.head
-            else {"kv group": f"L{r.layer}KV{r.kv_head}", "q heads": r.heads}
+            else {
+                "kv group": unit_name(r.layer, r.head, r.kv_head),
+                "q heads": format_heads(kv_group_heads(hooked, r.layer, r.kv_head)),
+            }
         )
         row.update({f"ablated ({units})": r.metric, f"effect ({units})": r.effect, "worsening": r.worsening})
         rows.append(row)
@@ -666,7 +660,7 @@ def compare_cmd(
     write_csv(df, out / "compare.csv")
     save_figure(plot_comparison(df), out / "compare.png", dpi=110)
     shown = top_changed(df, top).copy()
-    shown.insert(0, "head name", [f"L{r.layer}H{r.head}" for r in shown.itertuples()])
+    shown.insert(0, "head name", [head_name(r.layer, r.head) for r in shown.itertuples()])
     cols = [
         c
         for c in ("head name", "kv_head", "jsd", "dW_Q", "dW_K", "dW_V", "dW_O", "label_base", "label_tuned")

@@ -22,6 +22,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from headlens.errors import HeadlensError
+from headlens.heads import check_head, kv_heads  # noqa: F401 (their home is heads.py; kept importable here)
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -255,22 +256,6 @@ def model_info(model: HookedTransformer) -> dict:
         "n_ctx": cfg.n_ctx,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
-
-
-def kv_heads(model: HookedTransformer) -> list[int]:
-    """The kv head each q head reads (GQA): q head h uses kv head h // (n_heads / n_kv_heads)."""
-    n_heads = model.cfg.n_heads
-    group = n_heads // (model.cfg.n_key_value_heads or n_heads)
-    return [h // group for h in range(n_heads)]
-
-
-def check_head(model: HookedTransformer, layer: int, head: int) -> None:
-    """Raise a clear error when (layer, head) is not a head of ``model``."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    if not (0 <= int(layer) < L and 0 <= int(head) < H):
-        raise HeadlensError(
-            f"head ({layer}, {head}) is out of range: this model has layers 0..{L - 1} and heads 0..{H - 1}"
-        )
 
 
 # ---------------------------------------------------------------- conversion

@@ -7,10 +7,11 @@ Attribution patching (Nanda 2023) estimates every effect at once with a first-or
 expansion around the corrupted run, ``(clean_act - corrupted_act) . d metric / d act``, from one
 clean pass, one corrupted pass and one backward pass.
 
-Exact patching is made fast by caching only the activation being patched (clean run) and the
-residual stream entering each layer (corrupted run), restarting every patched run at the patched
-layer with ``start_at_layer``, stacking many patched runs along the batch axis of one forward,
-and unembedding only the positions the metric reads.
+Exact patching runs on the intervention engine (:mod:`headlens.intervene`): it caches only the activation
+being patched (clean run) and the residual stream entering each layer (corrupted run), restarts every
+patched run at the patched layer with ``start_at_layer``, stacks many patched runs along the batch axis of
+one forward, and unembeds only the positions the metric reads. Besides heads, the per-layer residual
+stream (``resid_pre``) and block outputs (``attn_out``, ``mlp_out``) can be patched, per position too.
 
 What is patched, per head (hook names are TransformerLens'):
 
@@ -44,20 +45,30 @@ from typing import Literal
 import einops
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from scipy.stats import spearmanr
 from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError
-from headlens.models import kv_heads
-from headlens.progress import tqdm
+from headlens.heads import check_layers, kv_heads
+from headlens.intervene import (
+    LOGITS_BUDGET,  # noqa: F401 (public: the engine's logits budget)
+    Metric,
+    Site,
+    cached_run,
+    check_activation,
+    final_logits,
+    resid_names,
+    run_interventions,
+)
 
-Activation = Literal["z", "pattern", "q", "k", "v"]
+Activation = Literal["z", "pattern", "q", "k", "v", "resid_pre", "attn_out", "mlp_out"]
 ACTIVATIONS: tuple[str, ...] = ("z", "pattern", "q", "k", "v")
-LOGITS_BUDGET = 2**26
-"""Most logits (floats) one batch of patched runs may hold; bounds ``batch_size``."""
-Metric = Callable[[Float[Tensor, "batch n_pos d_vocab"]], Float[Tensor, ""]]
+STREAM_ACTIVATIONS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+"""Per-layer (not per-head) activations exact patching also takes, as TransformerLens' ``get_act_patch_*``."""
+MetricFn = Callable[[Float[Tensor, "batch n_pos d_vocab"]], Float[Tensor, ""]]
+"""A plain metric of the logits at the pair's positions (TransformerLens style); PromptPair wraps it in a Metric."""
 
 
 # ---------------------------------------------------------------- metrics
@@ -86,13 +97,14 @@ class PromptPair:
     """Clean and corrupted tokens of equal shape, and a metric of the logits at ``positions``.
 
     ``metric(logits)`` receives ``logits[:, positions]`` (shape ``batch n_pos d_vocab``) and returns a
-    scalar that is high on the clean run; only those positions are unembedded.
+    scalar that is high on the clean run; only those positions are unembedded. A plain function is wrapped in
+    the shared :class:`headlens.intervene.Metric` (``higher_is_better=True``, reading ``positions``).
     """
 
     clean: Int[Tensor, "batch pos"]
     corrupted: Int[Tensor, "batch pos"]
     positions: Int[Tensor, " n_pos"]
-    metric: Metric
+    metric: Metric | MetricFn
     name: str = "pair"
     info: dict = field(default_factory=dict)
 
@@ -106,10 +118,20 @@ class PromptPair:
         n_pos = self.clean.shape[-1]
         if len(self.positions) == 0 or int(self.positions.max()) >= n_pos or int(self.positions.min()) < -n_pos:
             raise HeadlensError(f"metric positions {self.positions.tolist()} are outside the {n_pos} prompt positions")
+        object.__setattr__(self, "metric", pair_metric(self.metric, self.clean, self.positions, self.name))
 
     def metric_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """The metric on full-length logits (what TransformerLens' patching functions pass)."""
-        return self.metric(logits[:, self.positions].float())
+        return self.metric.full(logits)
+
+
+def pair_metric(metric: Metric | MetricFn, tokens: Tensor, positions: Tensor, name: str = "pair") -> Metric:
+    """``metric`` as the shared Metric type, reading the logits at ``positions``."""
+    if isinstance(metric, Metric):
+        return Metric(metric.name, tokens, metric.fn, metric.higher_is_better, positions)
+    if not callable(metric):
+        raise HeadlensError("a patching metric must be callable as metric(logits at the metric positions) -> scalar")
+    return Metric(name, tokens, lambda logits, _tokens: metric(logits), True, positions)
 
 
 def _token_pool(model: HookedTransformer) -> Int[Tensor, " n"]:
@@ -183,18 +205,26 @@ def _single_token(model: HookedTransformer, text: str) -> int:
     return int(ids[0])
 
 
+def _answer_tokens(model: HookedTransformer, answers: str | Sequence[str], batch: int, what: str) -> Tensor:
+    """``[batch, 1]`` single-token ids: one answer for every prompt, or one per prompt."""
+    answers = [answers] * batch if isinstance(answers, str) else list(answers)
+    if len(answers) != batch:
+        raise HeadlensError(f"give one {what} per prompt: {batch} prompts, {len(answers)} {what}s")
+    return torch.tensor([[_single_token(model, a)] for a in answers])
+
+
 def text_pair(
     model: HookedTransformer,
     clean: str | Sequence[str],
     corrupted: str | Sequence[str],
     *,
-    answer: str | None = None,
-    wrong: str | None = None,
+    answer: str | Sequence[str] | None = None,
+    wrong: str | Sequence[str] | None = None,
 ) -> PromptPair:
     """A user pair of prompts of equal token length; the metric reads the last position.
 
     With ``answer`` (and ``wrong``) given as single tokens the metric is the logit difference answer − wrong
-    (or the log-prob of ``answer``). Without them the answer is the clean run's top next token and the wrong one
+    (or the log-prob of ``answer``); one string is every prompt's answer, a list gives one per prompt. Without them the answer is the clean run's top next token and the wrong one
     the corrupted run's; the metric is their logit difference (the log-prob of the answer where both agree).
     """
     clean_texts = [clean] if isinstance(clean, str) else list(clean)
@@ -230,11 +260,11 @@ def text_pair(
         else:
             metric, text = partial(logprob, targets=correct[:, None]), "log-prob of the clean run's top next token"
     else:
-        correct = torch.full((batch, 1), _single_token(model, answer))
+        correct = _answer_tokens(model, answer, batch, "answer")
         if wrong is None:
             metric, text = partial(logprob, targets=correct), f"log-prob of {answer!r}"
         else:
-            bad = torch.full((batch, 1), _single_token(model, wrong))
+            bad = _answer_tokens(model, wrong, batch, "wrong")
             metric, text = partial(logit_diff, correct=correct, wrong=bad), f"logit diff {answer!r} − {wrong!r}"
     return PromptPair(clean_tokens, corrupted_tokens, positions, metric, name="text", info={"metric": text})
 
@@ -242,36 +272,7 @@ def text_pair(
 # ---------------------------------------------------------------- running pieces of the model
 
 
-def _unembed_at(
-    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, " n_pos"]
-) -> Float[Tensor, "batch n_pos d_vocab"]:
-    """Final norm and unembedding of the residual stream at ``positions`` only.
-
-    Multiplies by ``W_U`` directly: TransformerLens' ``Unembed.forward`` copies ``W_U.T`` to contiguous memory on
-    every call (545 MB for Qwen's vocabulary, most of a short forward's time on CPU).
-    """
-    resid = resid[:, positions.to(resid.device)]
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    logits = resid @ model.unembed.W_U + model.unembed.b_U
-    cap = model.cfg.output_logits_soft_cap
-    logits = logits.float()  # metrics in float32 whatever the model's dtype (a no-op for float32 models)
-    return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
-
-
-def _final_logits(
-    model: HookedTransformer,
-    tokens_or_resid: Tensor,
-    positions: Int[Tensor, " n_pos"],
-    *,
-    start_at_layer: int | None = None,
-    fwd_hooks=(),
-) -> Float[Tensor, "batch n_pos d_vocab"]:
-    """Logits at ``positions`` only: the blocks (from ``start_at_layer``), then :func:`_unembed_at`."""
-    resid = model.run_with_hooks(
-        tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks)
-    )
-    return _unembed_at(model, resid, positions)
+_final_logits = final_logits  # the engine's; attribution patching below calls it by this name
 
 
 @contextlib.contextmanager
@@ -295,29 +296,16 @@ def _check_activation(activation: str) -> None:
         raise HeadlensError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _unit_mask(
-    activation: str, units: Sequence[tuple[int, int | None]], n_units: int, n_pos: int
-) -> Bool[Tensor, "k 1 ..."]:
-    """One boolean mask per patched run, broadcastable against ``(k, batch, *activation dims)``.
-
-    z/q/k/v are ``batch pos head d_head``; pattern is ``batch head dest_pos src_pos``.
-    """
-    mask = torch.zeros(len(units), n_pos, n_units, dtype=torch.bool)
-    for i, (unit, pos) in enumerate(units):
-        mask[i, slice(None) if pos is None else pos, unit] = True
-    if activation == "pattern":
-        return einops.rearrange(mask, "k pos head -> k 1 head pos 1")
-    return einops.rearrange(mask, "k pos head -> k 1 pos head 1")
-
-
 def _table(model, activation, rows, clean: float, corrupted: float, method: str, by_position: bool) -> pd.DataFrame:
-    """Long table of patched units; k/v units of a grouped model are kv heads (``head`` = <NA>)."""
+    """Long table of patched units; k/v units of a grouped model are kv heads (``head`` = <NA>, see heads.py);
+    per-layer activations (resid_pre, attn_out, mlp_out) have no head columns."""
     df = pd.DataFrame(rows, columns=["layer", "unit", "pos", "metric"])
-    per_q_head = _n_units(model, activation) == model.cfg.n_heads
-    heads = [(u, kv_heads(model)[u]) if per_q_head else (pd.NA, u) for u in df["unit"]]
     df.insert(0, "activation", activation)
-    df.insert(2, "head", pd.array([h for h, _ in heads], dtype="Int64"))
-    df.insert(3, "kv_head", [g for _, g in heads])
+    if activation not in STREAM_ACTIVATIONS:
+        per_q_head = _n_units(model, activation) == model.cfg.n_heads
+        heads = [(u, kv_heads(model)[u]) if per_q_head else (pd.NA, u) for u in df["unit"]]
+        df.insert(2, "head", pd.array([h for h, _ in heads], dtype="Int64"))
+        df.insert(3, "kv_head", [g for _, g in heads])
     df = df.drop(columns="unit")
     if not by_position:
         df = df.drop(columns="pos")
@@ -326,10 +314,9 @@ def _table(model, activation, rows, clean: float, corrupted: float, method: str,
     return df
 
 
-def _cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], positions, metric: Metric):
-    """One forward: the metric and a cache of just the hooks in ``names``."""
-    resid, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers)
-    return float(metric(_unembed_at(model, resid, positions))), cache
+def _cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], positions, metric):
+    """One forward: the metric (at ``positions``) and a cache of just the hooks in ``names``."""
+    return cached_run(model, tokens, names, pair_metric(metric, tokens, positions))
 
 
 def _check_recoverable(clean: float, corrupted: float) -> None:
@@ -350,7 +337,7 @@ def activation_patching(
     activation: Activation = "z",
     by_position: bool = False,
     ungroup_kv: bool = False,
-    metric: Metric | None = None,
+    metric: Metric | MetricFn | None = None,
     batch_size: int = 32,
     layers: Sequence[int] | None = None,
     progress: bool = True,
@@ -359,49 +346,31 @@ def activation_patching(
 
     Returns one row per patched unit: ``activation, layer, head, kv_head, [pos], metric, effect`` where
     ``effect`` = (patched − corrupted) / (clean − corrupted) (1 = full recovery). ``by_position`` patches one
-    (head, position) at a time (for ``pattern``: one destination position). ``batch_size`` patched runs go
-    through one forward; each starts at the patched layer from the corrupted run's cached residual.
+    (head, position) at a time (for ``pattern``: one destination position). ``resid_pre``, ``attn_out`` and
+    ``mlp_out`` are patched per layer (and position), as TransformerLens' ``get_act_patch_resid_pre`` etc.
+    ``batch_size`` patched runs go through one forward of the intervention engine; each starts at the patched
+    layer from the corrupted run's cached residual.
     """
-    _check_activation(activation)
+    check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
     if int(batch_size) < 1:
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
-    metric = metric or pair.metric
-    n_layers = model.cfg.n_layers
-    layers = range(n_layers) if layers is None else sorted(set(layers))
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+    metric = pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
+    layers = check_layers(model, layers)
     with _kv_mode(model, ungroup_kv), torch.inference_mode():
         names = {utils.get_act_name(activation, layer) for layer in layers}
-        clean, clean_cache = _cached_run(model, pair.clean, names, pair.positions, metric)
-        resid_names = {utils.get_act_name("resid_pre", layer) for layer in layers}
-        corrupted, corrupted_cache = _cached_run(model, pair.corrupted, resid_names, pair.positions, metric)
+        clean, clean_cache = cached_run(model, pair.clean, names, metric)
+        corrupted, corrupted_cache = cached_run(model, pair.corrupted, resid_names(layers), metric)
         _check_recoverable(clean, corrupted)
-
-        n_units, n_pos = _n_units(model, activation), pair.clean.shape[1]
-        positions = range(n_pos) if by_position else [None]
-        units = [(u, p) for p in positions for u in range(n_units)]
-        batch = pair.clean.shape[0]
-        batch_size = max(
-            1, min(int(batch_size), LOGITS_BUDGET // (batch * len(pair.positions) * model.cfg.d_vocab_out))
-        )
-        rows = []
-        jobs = [(layer, units[i : i + batch_size]) for layer in layers for i in range(0, len(units), batch_size)]
-        for layer, chunk in tqdm(jobs, desc=f"patching {activation}", disable=not progress, leave=False):
-            name = utils.get_act_name(activation, layer)
-            mask = _unit_mask(activation, chunk, n_units, n_pos).to(pair.clean.device)
-            source = clean_cache[name]
-
-            def patch(act, hook, mask=mask, source=source, k=len(chunk)):
-                act = act.view(k, batch, *act.shape[1:])
-                return torch.where(mask, source[None], act).flatten(0, 1)
-
-            resid = einops.repeat(
-                corrupted_cache[utils.get_act_name("resid_pre", layer)], "b p d -> (k b) p d", k=len(chunk)
-            )
-            logits = _final_logits(model, resid, pair.positions, start_at_layer=layer, fwd_hooks=[(name, patch)])
-            logits = logits.view(len(chunk), batch, *logits.shape[1:])
-            rows += [(layer, unit, pos, float(metric(logits[i]))) for i, (unit, pos) in enumerate(chunk)]
+        stream = activation in STREAM_ACTIVATIONS
+        n_units = 1 if stream else _n_units(model, activation)
+        positions = range(pair.clean.shape[1]) if by_position else [None]
+        units = [(layer, u, p) for layer in layers for p in positions for u in range(n_units)]
+        runs = [(Site(activation, layer, None if stream else (u,), p),) for layer, u, p in units]
+        values = run_interventions(
+            model, corrupted_cache, runs, clean_cache.__getitem__, metric,
+            runs_per_pass=batch_size, progress=progress, desc=f"patching {activation}",
+        )  # fmt: skip
+        rows = [(layer, u, p, v) for (layer, u, p), v in zip(units, values)]
         return _table(model, activation, rows, clean, corrupted, "exact", by_position)
 
 

@@ -31,14 +31,13 @@ from headlens.ablation import (
     Metric,
     MetricFn,
     _as_metric,
-    _fmt,
     ablated_metric,
     ablation_sweep,
     clean_metric,
     head_importance,
 )
 from headlens.errors import HeadlensError
-from headlens.models import kv_heads
+from headlens.heads import format_heads, head_name, kv_heads
 from headlens.progress import tqdm
 
 
@@ -65,7 +64,7 @@ class PruneResult:
         return self.order.tail(n).iloc[::-1].reset_index(drop=True)
 
     def summary(self) -> str:
-        last = ", ".join(f"L{r.layer}H{r.head}" for r in self.last_heads(5).itertuples())
+        last = ", ".join(head_name(r.layer, r.head) for r in self.last_heads(5).itertuples())
         return (
             f"{self.metric}: clean {self.clean:.4f}; {self.max_removed}/{self.n_heads} heads "
             f"({self.max_fraction:.1%}) removable within {self.tolerance:.1%}; last to go: {last}"
@@ -235,5 +234,5 @@ def _row(
         "worsening": worse,
         "within_tolerance": bool(worse <= tolerance),
         "refined": refined,
-        "removed": _fmt(heads),
+        "removed": format_heads(heads),
     }
