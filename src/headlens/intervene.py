@@ -60,7 +60,7 @@ class Metric:
     positions: Int[Tensor, " n_pos"] | None = None
 
     def __call__(self, logits: Float[Tensor, "batch n_pos d_vocab"]) -> Float[Tensor, ""]:
-        return self.fn(logits.float(), self.tokens.to(logits.device))  # float32 whatever the model's dtype
+        return self.fn(_at_least_float32(logits), self.tokens.to(logits.device))
 
     def full(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """The metric on full-length logits (what ``model(tokens)`` and TransformerLens' patching pass)."""
@@ -74,6 +74,11 @@ class Metric:
     def at(self, tokens: Int[Tensor, "batch pos"]) -> Metric:
         """The same metric on other tokens."""
         return Metric(self.name, tokens, self.fn, self.higher_is_better, self.positions)
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """Metrics in float32 at least, whatever the model's dtype (float64 stays float64)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def value(x: Tensor) -> float:
@@ -159,7 +164,7 @@ def unembed_at(
         resid = model.ln_final(resid)
     logits = resid @ model.unembed.W_U + model.unembed.b_U
     cap = model.cfg.output_logits_soft_cap
-    logits = logits.float()  # metrics in float32 whatever the model's dtype (a no-op for float32 models)
+    logits = _at_least_float32(logits)
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
 
 
