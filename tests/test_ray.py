@@ -92,3 +92,14 @@ def test_shard_errors_come_back_as_headlens_errors(ray_executor, tiny):
         X.ablation_sweep(
             tiny, repeat_loss_metric(tiny, n_seqs=2, half_len=4), method="bogus", executor=ray_executor, progress=False
         )
+
+
+def test_atlas_on_ray_equals_single_process(ray_executor):
+    from headlens.atlas import atlas
+
+    local = atlas("tiny-llama,toy", seeds=2, progress=False)
+    remote = atlas("tiny-llama,toy", seeds=2, progress=False, executor=ray_executor)
+    for name in ("counts", "depth_shares", "positions"):
+        pd.testing.assert_frame_equal(getattr(local, name), getattr(remote, name), check_exact=True)
+    for model, table in local.census.items():
+        pd.testing.assert_frame_equal(table, remote.census[model], check_exact=True)

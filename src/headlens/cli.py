@@ -120,6 +120,17 @@ def _executor(workers: int | None, ray_address: str | None, out: Path):
     return executor_from_options(workers, ray_address, checkpoint=out / ".shards")
 
 
+def _sharded(fn, name: str, executor, on: bool):
+    """``fn`` itself, or with Ray its :mod:`headlens.executor` twin (one shard per layer; the same table)."""
+    if not on:
+        return fn
+    from functools import partial
+
+    from headlens import executor as sharded
+
+    return partial(getattr(sharded, name), executor=executor)
+
+
 def _done(executor, out: Path) -> None:
     import shutil
 
@@ -370,6 +381,8 @@ def patch(
     census_csv: Path = CENSUS_CSV,
     top: int = TOP,
     progress: bool = PROGRESS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
 ):
     """Activation (and attribution) patching of every head from a clean into a corrupted prompt; writes CSVs.
 
@@ -406,8 +419,10 @@ def patch(
     typer.echo(
         f"pair: {pair.name}, tokens {tuple(pair.clean.shape)} (batch x positions), metric: {pair.info.get('metric', 'user metric')}"
     )
+    executor = _executor(workers, ray_address, out)
+    exact_patching = _sharded(activation_patching, "activation_patching", executor, workers or ray_address)
     for name in names:
-        exact = activation_patching(
+        exact = exact_patching(
             hooked,
             pair,
             activation=name,
@@ -445,6 +460,7 @@ def patch(
             typer.echo(
                 f"spearman(exact, attribution) over all {len(exact)} units = {rank_correlation(shown['effect'], shown['attribution']):.3f}"
             )
+    _done(executor, out)
     typer.echo(f"\nwrote CSVs to {out}")
 
 
@@ -489,6 +505,8 @@ def ablate(
     census_csv: Path = CENSUS_CSV,
     top: int = TOP,
     progress: bool = PROGRESS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
 ):
     """Ablate each head (or kv group) alone and measure a metric; writes DIR/ablation.csv and a heatmap PNG.
 
@@ -525,7 +543,8 @@ def ablate(
         typer.echo(f"wrote {out / 'ablation_vs_random.csv'}")
         return
     labels = _labels(hooked, census_csv, seed, progress) if unit is UnitName.head else {}
-    table = ablation_sweep(
+    executor = _executor(workers, ray_address, out)
+    table = _sharded(ablation_sweep, "ablation_sweep", executor, workers or ray_address)(
         hooked,
         m,
         method=method.value,
@@ -535,6 +554,7 @@ def ablate(
         seed=seed,
         progress=progress,
     )
+    _done(executor, out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(table, out / "ablation.csv")
     plot_sweep(table, out / "ablation.png")
@@ -735,6 +755,47 @@ def stats(
     typer.echo(f"mean attention entropy (nats) per layer, {batch} x {seq_len} tokens of natural text:")
     typer.echo(by_layer.round(3).to_string())
     typer.echo(f"wrote {out / 'entropy.csv'} and {out / 'similarity.csv'}")
+
+
+@app.command("atlas")
+def atlas_cmd(
+    models: str = typer.Option(
+        ...,
+        "--models",
+        help="comma list of sources: qwen, smollm2, toy, tiny-qwen2, HF dirs, .gguf files, SOURCE+ADAPTER_DIR",
+    ),
+    out: Path = _out("directory for atlas.html, counts.csv, depth_shares.csv, positions.csv and census_<model>.csv"),
+    seeds: int = typer.Option(3, "--seeds", help="probe seeds per model (counts get a min-max interval over them)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+    progress: bool = PROGRESS,
+):
+    """Census of several models side by side: label shares by relative depth, where induction / previous-token / sink heads sit."""
+    _start(progress)
+    from headlens.atlas import atlas, parse_sources, write_atlas
+    from headlens.models import resolve_device, resolve_dtype
+
+    sources = parse_sources(models)
+    resolve_device(device), resolve_dtype(dtype)
+    if out.exists() and not out.is_dir():
+        raise HeadlensError(f"{out} is a file: pass a directory for the atlas")
+    executor = _executor(workers, ray_address, out)
+    result = atlas(
+        sources, seeds=seeds, batch_size=batch_size, device=device, dtype=dtype, executor=executor, progress=progress
+    )
+    _done(executor, out)
+    page = write_atlas(result, out)
+    counts = result.counts[result.counts.n_heads > 0]
+    _print_table(
+        counts.assign(interval=[f"{a}-{b}" for a, b in zip(counts["min"], counts["max"])])[
+            ["model", "label", "n_heads", "interval", "share"]
+        ],
+        {"share": ".1%"},
+    )
+    typer.echo(f"wrote {page} and the tables beside it")
 
 
 def main() -> None:
