@@ -9,8 +9,9 @@ from transformer_lens import utils
 from transformer_lens.head_detector import detect_head
 
 from headlens import HeadlensError, census, scores, tiny_model
-from headlens.census import COLUMNS, LABELS, THRESHOLDS, label_heads, summary
+from headlens.census import COLUMNS, LABELS, THRESHOLDS, label_counts, label_heads, summary
 from headlens.probes import ProbeSet, default_probes, delimiter_mask, natural_text, repeated_tokens
+from headlens.registry import HeadType, register, unregister
 
 EXPECTED = {
     (0, 0): "previous_token",  # real weights: constant q/k biases, RoPE phase peaked at distance 1
@@ -83,7 +84,16 @@ def planted_model():
 
     model.add_hook("hook_embed", keep_embed, is_permanent=True)
     model.add_hook(utils.get_act_name("attn_scores", 1), plant, is_permanent=True)
+    set_copying_sign(model, 1, 2, +1)  # an induction head must copy what it attends to
     return model
+
+
+def set_copying_sign(model, layer: int, head: int, sign: int) -> None:
+    """Flip W_O of one head so that its OV copying score has ``sign`` (the score is odd in W_O)."""
+    if float(scores.copying(model)[layer, head]) * sign < 0:
+        with torch.no_grad():
+            model.blocks[layer].attn.W_O[head] *= -1
+    assert float(scores.copying(model)[layer, head]) * sign > 0
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +133,10 @@ def test_planted_scores_are_near_their_ideal(planted, planted_table):
 
 
 def test_census_columns_kv_heads_and_labels(planted_table):
-    assert tuple(planted_table.columns) == COLUMNS
+    assert tuple(planted_table.columns[: len(COLUMNS)]) == COLUMNS
+    assert {"previous_token_nosink", "induction_nosink", "induction_lo", "induction_hi", "confidence"} <= set(
+        planted_table
+    )
     assert planted_table["kv_head"].tolist() == [0, 0, 1, 1] * 2
     assert set(planted_table["label"]) <= set(LABELS)
     assert planted_table[["layer", "head"]].values.tolist() == [[l, h] for l in range(2) for h in range(4)]
@@ -135,20 +148,27 @@ def test_thresholds_override_and_tie_rules(planted_table):
     frame = pd.DataFrame(
         [
             {
-                "previous_token": 0.8,
+                "previous_token": 0.7,
                 "induction": 0.6,
                 "duplicate_token": 0.9,
                 "delimiter": 0.0,
                 "first_token": 0.99,
                 "local": 0.99,
                 "entropy": 0.9,
+                "copying": 0.5,
             }
         ]
     )
-    # tier 1 wins over tier 2; inside tier 1 the largest score/threshold ratio wins (0.9/0.3 > 0.8/0.4)
+    # tier 1 wins over tier 2; inside tier 1 the largest score/threshold ratio wins (0.9/0.3 > 0.7/0.4)
     assert label_heads(frame) == ["duplicate_token"]
-    frame["duplicate_token"] = 0.6  # exact tie with induction (both 0.6 / 0.3): the label listed first wins
+    frame["duplicate_token"] = 0.6  # exact tie with induction (both 0.6 / 0.3): the type registered first wins
+    assert label_heads(frame) == ["duplicate_token"]
+    frame["duplicate_token"] = 0.0
     assert label_heads(frame) == ["induction"]
+    frame["copying"] = -0.5  # prefix matching without copying: suppression, not induction
+    assert label_heads(frame) == ["copy_suppression"]
+    frame["copying"] = float("nan")  # no copying evidence: neither
+    assert label_heads(frame) == ["previous_token"]
     frame.loc[:, ["previous_token", "induction", "duplicate_token"]] = 0.0
     assert label_heads(frame) == ["first_token"]
     frame.loc[:, ["first_token", "local"]] = 0.0
@@ -163,6 +183,84 @@ def test_summary_lists_every_label(planted_table):
     s = summary(planted_table)
     assert s.set_index("label")["n_heads"].to_dict() == {label: 1 for label in EXPECTED.values()}
     assert s.set_index("label").loc["induction", "heads"] == "L1H2"
+    assert (s.lo <= s.n_heads).all() and (s.n_heads <= s.hi).all()
+
+
+def test_planted_heads_are_confident(planted_table):
+    assert (planted_table["confidence"] >= 0.9).all()
+    counts = label_counts(planted_table).set_index("label")
+    assert (counts.lo == 1).all() and (counts.hi == 1).all()
+    # a table read back from CSV still gives counts with intervals
+    back = label_counts(pd.DataFrame(planted_table))
+    back.attrs.clear()
+    assert set(back.label) == set(EXPECTED.values())
+
+
+def test_planted_copy_suppression_head(planted):
+    """The planted induction head with its OV circuit negated suppresses what it attends to."""
+    set_copying_sign(planted, 1, 2, -1)
+    try:
+        table = census(planted, progress=False, n_boot=20)
+    finally:
+        set_copying_sign(planted, 1, 2, +1)
+    row = table.set_index(["layer", "head"]).loc[(1, 2)]
+    assert row["label"] == "copy_suppression" and row["induction"] > 0.99 and row["copying"] < 0
+
+
+def sink_previous_model(sink: float = 0.7):
+    """tiny Qwen2 whose L0H0 puts ``sink`` of every row on position 0 and the rest on i-1 (planted by hook)."""
+    model = tiny_model("qwen2", seed=0)
+
+    def plant(scores_, hook):
+        pos = scores_.shape[-1]
+        out = scores_.clone()
+        target = torch.full((pos, pos), -torch.inf)
+        target[:, 0] = math.log(sink)
+        idx = torch.arange(1, pos)
+        target[idx, idx - 1] = math.log(1 - sink)
+        target[1, 0] = 0.0  # query 1: i-1 is the sink itself
+        target[0, 0] = 0.0
+        out[:, 0] = target.to(out)
+        return out
+
+    model.add_hook(utils.get_act_name("attn_scores", 0), plant, is_permanent=True)
+    return model
+
+
+def test_head_split_between_sink_and_previous_token_is_previous_token():
+    table = census(sink_previous_model(0.7), progress=False, n_boot=50).set_index(["layer", "head"])
+    row = table.loc[(0, 0)]
+    assert row["first_token"] == pytest.approx(0.7, abs=0.01)
+    assert row["previous_token"] < THRESHOLDS["previous_token"]  # raw score diluted by the sink
+    assert row["previous_token_nosink"] > 0.99
+    assert row["label"] == "previous_token" and row["confidence"] == 1.0
+    # a head that is all sink stays first_token: no attention is left to read
+    assert (
+        census(sink_previous_model(0.99), progress=False, n_boot=0).set_index(["layer", "head"]).loc[(0, 0), "label"]
+        == "first_token"
+    )
+
+
+def test_custom_head_type_appears_in_table_and_labels(planted):
+    def last_sink(pattern, probe, rows):  # a user's score: the last 8 queries' attention on position 0
+        return pattern[..., -8:, 0].mean(-1)
+
+    register(HeadType("last_sink", "natural", last_sink, threshold=0.9, tier=0, description="late queries sink"))
+    try:
+        table = census(planted, progress=False, n_boot=10)
+    finally:
+        unregister("last_sink")
+    assert "last_sink" in table.columns and "last_sink" not in census(planted, progress=False, n_boot=0).columns
+    assert table.set_index(["layer", "head"]).loc[(1, 0), "label"] == "last_sink"  # the planted sink head, tier 0
+
+
+def test_registry_rejects_bad_types():
+    with pytest.raises(HeadlensError, match="already registered"):
+        register(HeadType("induction", "repeated", lambda p, probe, rows: p[..., 0, 0], 0.3, 1, "dup"))
+    with pytest.raises(HeadlensError, match="identifier"):
+        register(HeadType("other", "natural", lambda p, probe, rows: p[..., 0, 0], 0.3, 1, "bad"))
+    with pytest.raises(HeadlensError, match="no head type"):
+        unregister("no_such_type")
 
 
 @pytest.mark.parametrize("model_name", ["planted", "random"])
@@ -208,6 +306,7 @@ def test_same_seed_same_csv_bytes(tmp_path):
 
 def test_batch_size_does_not_change_the_scores(planted):
     probes = default_probes(planted, seed=0, batch=3, n=16, seq_len=40)
+    assert len(set(probes.repeated.n_per_seq.tolist())) > 1  # half-lengths vary
     a = census(planted, probes, batch_size=1, progress=False)
     b = census(planted, probes, batch_size=8, progress=False)
     pd.testing.assert_frame_equal(a, b, atol=2e-6, check_exact=False)

@@ -57,22 +57,49 @@ def test_repeated_tokens(tiny_qwen, n, prefix, batch):
     check_repeated(tiny_qwen, repeated_tokens(tiny_qwen, n=n, prefix=prefix, batch=batch, seed=1), n, prefix, batch)
 
 
-def test_text_windows_start_at_lines_and_carry_the_delimiter_mask(tiny_qwen):
+def _document(name: str) -> str:
+    from headlens import corpus
+
+    if name.startswith("pydoc_data/topics.py:"):
+        return {d.name: d.text for d in corpus.prose_documents()}[name]
+    return (corpus.stdlib_root() / name).read_text(encoding="utf-8")
+
+
+def test_text_windows_start_at_lines_do_not_overlap_and_carry_the_delimiter_mask(tiny_qwen):
     tok = tiny_qwen.tokenizer
-    for make, section in ((natural_text, "prose"), (delimiter_text, "code")):
+    for make in (natural_text, delimiter_text):
         probe = make(tiny_qwen, seq_len=50, batch=5, seed=2)
-        assert probe.tokens.shape == (5, 50) and probe.n is None
-        stream = tok(corpus_sections()[section], add_special_tokens=False)["input_ids"]
-        for row, mask in zip(probe.tokens.tolist(), probe.is_delim.tolist()):
-            starts = [s for s in range(len(stream) - 49) if stream[s : s + 50] == row]
-            assert starts, "window is not a slice of the corpus section"
+        assert probe.tokens.shape == (5, 50) and probe.n is None and len(probe.sources) == 5
+        taken = set()
+        for row, mask, source in zip(probe.tokens.tolist(), probe.is_delim.tolist(), probe.sources):
+            name, start = source.rsplit("@", 1)
+            stream = tok(_document(name), add_special_tokens=False)["input_ids"]
+            start = int(start)
+            assert stream[start : start + 50] == row, "window is not the recorded slice of its document"
+            span = {(name, t) for t in range(start, start + 50)}
+            assert not span & taken, "windows overlap"
+            taken |= span
             pieces = tok.batch_decode([[t] for t in row])
             assert mask == [is_delimiter(p) for p in pieces]
             assert not mask[0] and pieces[0].strip()
-            assert starts[0] == 0 or tok.decode(stream[: starts[0]]).endswith("\n")
+            assert start == 0 or tok.decode(stream[:start]).endswith("\n")
     natural = natural_text(tiny_qwen, seed=0).is_delim.float().mean()
     code = delimiter_text(tiny_qwen, seed=0).is_delim.float().mean()
-    assert code > 2 * natural > 0
+    assert code > 1.3 * natural > 0
+
+
+def test_probes_are_deterministic_and_seeds_differ(tiny_qwen):
+    a, b = natural_text(tiny_qwen, seq_len=40, batch=3, seed=1), natural_text(tiny_qwen, seq_len=40, batch=3, seed=1)
+    assert torch.equal(a.tokens, b.tokens) and a.sources == b.sources
+    assert a.sources != natural_text(tiny_qwen, seq_len=40, batch=3, seed=2).sources
+    rep = repeated_tokens(tiny_qwen, n=20, n_min=5, batch=6, seed=0)
+    n = rep.n_per_seq
+    assert len(set(n.tolist())) > 1 and ((rep.prefix_per_seq + 2 * n) == rep.seq_len).all()
+    for row, k in zip(rep.tokens, n.tolist()):
+        assert torch.equal(row[-k:], row[-2 * k : -k]) and len(set(row[: rep.seq_len - k].tolist())) == rep.seq_len - k
+    shuffled = repeated_tokens(tiny_qwen, n=20, batch=2, seed=0, shuffled=True)
+    first, second = shuffled.tokens[:, 1:21], shuffled.tokens[:, 21:]
+    assert (first.sort(-1).values == second.sort(-1).values).all() and not torch.equal(first, second)
 
 
 def test_text_probe_on_user_text(tiny_qwen):
@@ -130,7 +157,7 @@ def test_bad_input(tiny_qwen):
         natural_text(tiny_qwen, text="")
     with pytest.raises(HeadlensError, match="empty"):
         delimiter_text(tiny_qwen, text=" \n \n")
-    with pytest.raises(HeadlensError, match="fewer than seq_len"):
+    with pytest.raises(HeadlensError, match="only 0 non-overlapping windows"):
         natural_text(tiny_qwen, text="a short line.\n", seq_len=64)
     with pytest.raises(HeadlensError, match=f"n_ctx={n_ctx}"):
         delimiter_text(tiny_qwen, seq_len=n_ctx + 1)

@@ -499,13 +499,17 @@ def test_prompt_is_escaped_in_the_html(report):
 
 
 def test_label_counts():
-    census = fake_census(2, 8, 2)  # labels cycle: two heads of each
+    n = len(viz.LABELS)
+    census = fake_census(2, n, 1)  # labels cycle: two heads of each
     counts = label_counts(census, k=1)
     assert counts["label"].tolist() == list(viz.LABELS)
-    assert counts["heads"].tolist() == [2] * 8 and counts["share"].tolist() == [0.125] * 8
+    assert counts["heads"].tolist() == [2] * n and counts["share"].tolist() == pytest.approx([1 / n] * n)
     best = census[census["label"] == "induction"].sort_values("induction").iloc[-1]
-    assert counts.loc[1, "top heads"] == f"L{best['layer']}H{best['head']} ({best['induction']:.2f})"
-    assert counts.loc[7, "top heads"] == ""
+    assert (
+        counts.loc[list(viz.LABELS).index("induction"), "top heads"]
+        == f"L{best['layer']}H{best['head']} ({best['induction']:.2f})"
+    )
+    assert counts.loc[n - 1, "top heads"] == ""
 
 
 def test_report_is_deterministic(report, tiny_qwen, tmp_path):

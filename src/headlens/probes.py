@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
-from typing import Literal
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from headlens import corpus
 from headlens.errors import HeadlensError
 
-Kind = Literal["repeated", "natural", "delimiter"]
-KINDS: tuple[Kind, ...] = ("repeated", "natural", "delimiter")
+Kind = str
+KINDS: tuple[str, ...] = ("repeated", "natural", "delimiter")
 SEED_OFFSET = {"repeated": 0, "natural": 1, "delimiter": 2}
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
@@ -57,15 +57,18 @@ def corpus_sections() -> dict[str, str]:
 class Probe:
     """One equal-length token batch plus what the scores need to read it.
 
-    ``n`` and ``prefix`` are set for ``kind == "repeated"`` (``seq_len == prefix + 2 * n``);
-    ``is_delim[b, i]`` says whether token ``i`` of sequence ``b`` is a delimiter.
+    ``n`` and ``prefix`` are set for repeated probes: one number for all sequences, or a ``[batch]``
+    tensor when the half-length varies (``seq_len == prefix + 2 * n`` per sequence). ``is_delim[b, i]``
+    says whether token ``i`` of sequence ``b`` is a delimiter; ``sources`` names where each text
+    window came from (``"file.py@token"``), empty for synthetic probes.
     """
 
-    kind: Kind
+    kind: str
     tokens: Int[Tensor, "batch pos"]
     is_delim: Bool[Tensor, "batch pos"]
-    n: int | None = None
-    prefix: int = 0
+    n: int | Tensor | None = None
+    prefix: int | Tensor = 0
+    sources: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def batch(self) -> int:
@@ -75,70 +78,188 @@ class Probe:
     def seq_len(self) -> int:
         return self.tokens.shape[1]
 
+    @property
+    def n_per_seq(self) -> Int[Tensor, " batch"]:
+        """The repeat half-length of every sequence."""
+        if self.n is None:
+            raise HeadlensError(f"{self.kind} probe has no repeat half-length n")
+        n = torch.as_tensor(self.n, dtype=torch.long).flatten()
+        return n.expand(self.batch).clone() if n.numel() == 1 else n
+
+    @property
+    def prefix_per_seq(self) -> Int[Tensor, " batch"]:
+        """The prefix length of every sequence (repeated probes)."""
+        return self.seq_len - 2 * self.n_per_seq
+
     def text(self, tokenizer) -> list[str]:
         """The probe decoded, one string per sequence."""
         return tokenizer.batch_decode(self.tokens.tolist())
 
 
-@dataclass(frozen=True)
-class ProbeSet:
-    """The probes a census runs; a kind left as ``None`` leaves its scores NaN."""
+class ProbeSet(Mapping):
+    """The probes a census runs: a mapping kind -> :class:`Probe` (a kind left out leaves its scores NaN).
 
-    repeated: Probe | None = None
-    natural: Probe | None = None
-    delimiter: Probe | None = None
-    seed: int | None = field(default=None, compare=False)
+    Build it as ``ProbeSet({"repeated": p, "code": q})`` or ``ProbeSet(repeated=p, natural=q)``; kinds read as
+    attributes too (``probes.repeated``, None when absent). Iterating yields the *probes* (not the kinds),
+    as before; use ``keys()``/``items()`` for kinds.
+    """
+
+    def __init__(self, probes: Mapping[str, Probe] | None = None, *, seed: int | None = None, **kinds: Probe | None):
+        merged = {**dict(probes or {}), **kinds}
+        self._probes = {k: v for k, v in merged.items() if v is not None}
+        self.seed = seed
+
+    def __getitem__(self, kind: str) -> Probe:
+        return self._probes[kind]
+
+    def __getattr__(self, kind: str) -> Probe | None:
+        if kind.startswith("_"):
+            raise AttributeError(kind)
+        return self.__dict__.get("_probes", {}).get(kind)
 
     def __iter__(self) -> Iterator[Probe]:
-        return (p for p in (self.repeated, self.natural, self.delimiter) if p is not None)
+        return iter(list(self._probes.values()))
+
+    def __len__(self) -> int:
+        return len(self._probes)
+
+    def __contains__(self, kind) -> bool:
+        return kind in self._probes
+
+    def keys(self):
+        return self._probes.keys()
+
+    def items(self):
+        return self._probes.items()
+
+    def values(self):
+        return self._probes.values()
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, ProbeSet) or self.keys() != other.keys():
+            return False
+        return all(_same_probe(self[k], other[k]) for k in self.keys())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={tuple(p.tokens.shape)}" for k, p in self.items())
+        return f"ProbeSet({inner}, seed={self.seed})"
 
     def n_tokens(self) -> int:
         return sum(p.tokens.numel() for p in self)
+
+
+def _same_probe(a: Probe, b: Probe) -> bool:
+    same_n = (a.n is None) == (b.n is None) and (a.n is None or torch.equal(a.n_per_seq, b.n_per_seq))
+    return a.kind == b.kind and same_n and torch.equal(a.tokens, b.tokens) and torch.equal(a.is_delim, b.is_delim)
+
+
+ProbeBuilder = Callable[..., Probe]
+_BUILDERS: dict[str, ProbeBuilder] = {}
+
+
+def register_probe(kind: str, builder: ProbeBuilder, *, replace: bool = False) -> None:
+    """Make ``builder(model, *, seed, batch, seq_len) -> Probe`` the default probe of ``kind`` (used by :func:`default_probes`)."""
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise HeadlensError(f"probe kind must be an identifier string (got {kind!r})")
+    if kind in _BUILDERS and not replace:
+        raise HeadlensError(f"probe kind {kind!r} already has a builder; pass replace=True to overwrite it")
+    if not callable(builder):
+        raise HeadlensError(
+            f"the builder of probe kind {kind!r} must be callable as builder(model, *, seed, batch, seq_len)"
+        )
+    _BUILDERS[kind] = builder
+
+
+def probe_kinds() -> tuple[str, ...]:
+    """The probe kinds :func:`default_probes` can build, in registration order."""
+    return tuple(_BUILDERS)
+
+
+DEFAULT_BATCH = 16
+DEFAULT_SEQ_LEN = 128
 
 
 def default_probes(
     model: HookedTransformer,
     *,
     seed: int = 0,
-    batch: int = 4,
+    batch: int = DEFAULT_BATCH,
     n: int = 64,
-    seq_len: int = 128,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    kinds: Iterable[str] | None = None,
 ) -> ProbeSet:
-    """The census default: ``batch`` repeated sequences (``1 + 2n`` tokens) and ``batch`` windows each of natural and delimiter-rich text."""
-    return ProbeSet(
-        repeated=repeated_tokens(model, n=n, batch=batch, seed=seed),
-        natural=natural_text(model, seq_len=seq_len, batch=batch, seed=seed),
-        delimiter=delimiter_text(model, seq_len=seq_len, batch=batch, seed=seed),
-        seed=seed,
-    )
+    """The census default: ``batch`` sequences of every registered probe kind (or of ``kinds``).
+
+    Repeated probes have ``seq_len = 2n + 1`` and half-lengths drawn from n/2..n per sequence; text
+    probes are non-overlapping ``seq_len``-token windows (natural: the Python reference docs; delimiter:
+    stdlib code; see :mod:`headlens.corpus`).
+    """
+    wanted = list(_BUILDERS) if kinds is None else list(kinds)
+    unknown = [k for k in wanted if k not in _BUILDERS]
+    if unknown:
+        raise HeadlensError(
+            f"no probe builder for kinds {unknown}; known: {', '.join(_BUILDERS)} (register_probe adds one)"
+        )
+    built = {}
+    for kind in wanted:
+        if kind == "repeated":
+            built[kind] = repeated_tokens(model, n=n, n_min=max(2, n // 2), batch=batch, seed=seed)
+        else:
+            built[kind] = _BUILDERS[kind](model, seed=seed, batch=batch, seq_len=seq_len)
+    return ProbeSet(built, seed=seed)
 
 
 # ---------------------------------------------------------------- repeated random tokens
 
 
-def repeated_tokens(model: HookedTransformer, *, n: int = 64, batch: int = 4, prefix: int = 1, seed: int = 0) -> Probe:
-    """``batch`` sequences ``[P, A1..An, A1..An]`` of distinct ordinary word tokens (seeded)."""
-    if int(n) < 2:
-        raise HeadlensError(f"repeated-token probes need n >= 2 tokens per half (got n={n})")
+def repeated_tokens(
+    model: HookedTransformer,
+    *,
+    n: int = 64,
+    batch: int = 4,
+    prefix: int = 1,
+    seed: int = 0,
+    n_min: int | None = None,
+    shuffled: bool = False,
+) -> Probe:
+    """``batch`` sequences ``[P, A1..An, A1..An]`` of distinct ordinary word tokens (seeded).
+
+    With ``n_min``, each sequence draws its own half-length from ``n_min..n`` and pads the front with
+    more prefix tokens (equal length ``prefix + 2n``), so the induction key is not always at distance
+    n - 1. ``shuffled=True`` permutes the second half (a structure-destroyed null probe: same tokens,
+    no order to copy).
+    """
+    if int(n) < 2 or (n_min is not None and not 2 <= int(n_min) <= int(n)):
+        raise HeadlensError(
+            f"repeated-token probes need n >= 2 tokens per half and 2 <= n_min <= n (got n={n}, n_min={n_min})"
+        )
     if int(prefix) < 0 or int(batch) < 1:
         raise HeadlensError(
             f"repeated-token probes need prefix >= 0 and batch >= 1 (got prefix={prefix}, batch={batch})"
         )
     tokenizer = _tokenizer(model)
-    _check_len(model, prefix + 2 * n, "repeated-token probe")
+    seq_len = int(prefix) + 2 * int(n)
+    _check_len(model, seq_len, "repeated-token probe")
     pool_t = word_token_ids(model)
-    if len(pool_t) < prefix + n:
+    if len(pool_t) < seq_len - int(n):
         raise HeadlensError(
             f"the tokenizer has only {len(pool_t)} ordinary word tokens; a repeated probe with n={n} and prefix={prefix} "
-            f"needs {prefix + n} distinct ones. Lower n."
+            f"needs {seq_len - int(n)} distinct ones. Lower n."
         )
-    gen = torch.Generator().manual_seed(int(seed) * 1000 + SEED_OFFSET["repeated"])
-    rows = []
+    gen = torch.Generator().manual_seed(int(seed) * 1000 + SEED_OFFSET["repeated"] + (500 if shuffled else 0))
+    rows, ns = [], []
     for _ in range(batch):
-        ids = pool_t[torch.randperm(len(pool_t), generator=gen)[: prefix + n]]
-        rows.append(torch.cat([ids[:prefix], ids[prefix:], ids[prefix:]]))
+        k = int(n) if n_min is None else int(torch.randint(int(n_min), int(n) + 1, (1,), generator=gen))
+        pre = seq_len - 2 * k
+        ids = pool_t[torch.randperm(len(pool_t), generator=gen)[: pre + k]]
+        second = ids[pre:][torch.randperm(k, generator=gen)] if shuffled else ids[pre:]
+        rows.append(torch.cat([ids[:pre], ids[pre:], second]))
+        ns.append(k)
     tokens = torch.stack(rows)
-    return Probe("repeated", tokens, delimiter_mask(tokenizer, tokens), n=int(n), prefix=int(prefix))
+    if n_min is None:
+        return Probe("repeated", tokens, delimiter_mask(tokenizer, tokens), n=int(n), prefix=int(prefix))
+    n_t = torch.tensor(ns, dtype=torch.long)
+    return Probe("repeated", tokens, delimiter_mask(tokenizer, tokens), n=n_t, prefix=seq_len - 2 * n_t)
 
 
 def word_token_ids(model: HookedTransformer) -> Int[Tensor, " n"]:
@@ -169,48 +290,50 @@ def word_tokens(tokenizer) -> tuple[int, ...]:
 
 
 def natural_text(
-    model: HookedTransformer, *, seq_len: int = 128, batch: int = 4, seed: int = 0, text: str | None = None
+    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, batch: int = 4, seed: int = 0, text: str | None = None
 ) -> Probe:
-    """``batch`` windows of ``seq_len`` tokens of ``text`` (default: the corpus prose), starting at line starts (seeded)."""
-    return _text_probe(model, "natural", corpus_sections()["prose"] if text is None else text, seq_len, batch, seed)
+    """``batch`` non-overlapping ``seq_len``-token windows of prose: ``text``, or the Python reference docs (seeded)."""
+    docs = (
+        corpus.prose_documents(seed=seed) if text is None else [corpus.Document("text", _check_text(text, "natural"))]
+    )
+    return _text_probe(model, "natural", docs, seq_len, batch, seed, per_document=4 if text is None else batch)
 
 
 def delimiter_text(
-    model: HookedTransformer, *, seq_len: int = 128, batch: int = 4, seed: int = 0, text: str | None = None
+    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, batch: int = 4, seed: int = 0, text: str | None = None
 ) -> Probe:
-    """Like :func:`natural_text` over delimiter-rich text (default: the corpus's code and data lines)."""
-    return _text_probe(model, "delimiter", corpus_sections()["code"] if text is None else text, seq_len, batch, seed)
+    """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
+    docs = (
+        corpus.code_documents(seed=seed) if text is None else [corpus.Document("text", _check_text(text, "delimiter"))]
+    )
+    return _text_probe(model, "delimiter", docs, seq_len, batch, seed, per_document=1 if text is None else batch)
 
 
-def _text_probe(model: HookedTransformer, kind: Kind, text: str, seq_len: int, batch: int, seed: int) -> Probe:
+def _check_text(text, kind: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise HeadlensError(
-            f"{kind} probe: the text is empty; pass some text (several lines, at least {seq_len} tokens)"
+            f"{kind} probe: the text is empty; pass some text (several lines, enough tokens for the windows)"
         )
+    return text
+
+
+def _text_probe(
+    model: HookedTransformer, kind: str, docs, seq_len: int, batch: int, seed: int, *, per_document: int
+) -> Probe:
     if int(seq_len) < 2 or int(batch) < 1:
         raise HeadlensError(f"{kind} probe: seq_len must be >= 2 and batch >= 1 (got seq_len={seq_len}, batch={batch})")
     _check_len(model, seq_len, f"{kind} probe")
     tokenizer = _tokenizer(model)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-    if len(ids) < seq_len:
-        raise HeadlensError(
-            f"{kind} probe: the text has {len(ids)} tokens, fewer than seq_len={seq_len}; give more text or lower seq_len"
-        )
-    delim = delimiter_mask(tokenizer, ids[None])[0]
-    pieces = tokenizer.batch_decode([[i] for i in ids.tolist()])
-    starts = [
-        t
-        for t, (begin, _) in enumerate(enc["offset_mapping"])
-        if t + seq_len <= len(ids) and (begin == 0 or text[begin - 1] == "\n") and not delim[t] and pieces[t].strip()
-    ]
-    if not starts:
-        starts = [t for t in range(len(ids) - seq_len + 1) if not delim[t] and pieces[t].strip()] or [0]
-    gen = torch.Generator().manual_seed(int(seed) * 1000 + SEED_OFFSET[kind])
-    order = torch.randperm(len(starts), generator=gen).tolist()
-    chosen = [starts[order[b % len(order)]] for b in range(batch)]
-    tokens = torch.stack([ids[s : s + seq_len] for s in chosen])
-    return Probe(kind, tokens, torch.stack([delim[s : s + seq_len] for s in chosen]))
+    tokens, sources = corpus.text_windows(
+        tokenizer,
+        docs,
+        seq_len=int(seq_len),
+        batch=int(batch),
+        seed=int(seed) * 1000 + SEED_OFFSET[kind],
+        per_document=per_document,
+        is_delim=lambda ids: delimiter_mask(tokenizer, ids[None])[0],
+    )
+    return Probe(kind, tokens, delimiter_mask(tokenizer, tokens), sources=sources)
 
 
 # ---------------------------------------------------------------- delimiters
@@ -245,8 +368,8 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
         raise HeadlensError(
             f"probes must be a headlens.probes.ProbeSet (got {type(probes).__name__}); build one with default_probes()"
         )
-    if not any(True for _ in probes):
-        raise HeadlensError("the probe set is empty: give at least one of repeated, natural or delimiter probes")
+    if not len(probes):
+        raise HeadlensError("the probe set is empty: give at least one probe (e.g. repeated, natural or delimiter)")
     for probe in probes:
         tokens = probe.tokens
         if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
@@ -261,9 +384,13 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
                 f"{probe.kind} probe: is_delim has shape {tuple(probe.is_delim.shape)}, tokens {tuple(tokens.shape)}"
             )
         if probe.kind == "repeated":
-            if probe.n is None or probe.n < 2:
-                raise HeadlensError(f"repeated probe: n must be >= 2 (got {probe.n})")
-            if probe.prefix < 0 or probe.prefix + 2 * probe.n != probe.seq_len:
+            if probe.n is None:
+                raise HeadlensError("repeated probe: n (the repeat half-length) must be set")
+            n = probe.n_per_seq
+            prefix = torch.as_tensor(probe.prefix, dtype=torch.long).flatten().expand(probe.batch)
+            if n.numel() != probe.batch or int(n.min()) < 2:
+                raise HeadlensError(f"repeated probe: n must be >= 2, one number or one per sequence (got {probe.n})")
+            if int(prefix.min()) < 0 or bool((prefix + 2 * n != probe.seq_len).any()):
                 raise HeadlensError(
                     f"repeated probe: seq_len {probe.seq_len} != prefix {probe.prefix} + 2 * n {probe.n}"
                 )
@@ -282,3 +409,17 @@ def _tokenizer(model: HookedTransformer):
             "this probe needs a model with a tokenizer; for a tokenizer-less model pass probes= a ProbeSet built from token ids (e.g. headlens.toy.toy_probes(model))"
         )
     return model.tokenizer
+
+
+register_probe(
+    "repeated",
+    lambda model, *, seed, batch, seq_len: repeated_tokens(
+        model, n=(seq_len - 1) // 2, n_min=max(2, (seq_len - 1) // 4), batch=batch, seed=seed
+    ),
+)
+register_probe(
+    "natural", lambda model, *, seed, batch, seq_len: natural_text(model, seq_len=seq_len, batch=batch, seed=seed)
+)
+register_probe(
+    "delimiter", lambda model, *, seed, batch, seq_len: delimiter_text(model, seq_len=seq_len, batch=batch, seed=seed)
+)

@@ -1,9 +1,10 @@
 """Per-head scores: pure functions of an attention pattern (+ probe metadata), no model and no I/O.
 
-Every pattern score takes ``pattern: Float[Tensor, "batch head q k"]`` (rows sum to 1, causal) and
-returns ``Float[Tensor, " head"]``: a mean over the batch and over the queries the score is defined
-on. Each sequence contributes the same number of queries, so averaging batch means weighted by batch
-size gives exactly the score of the whole probe (what ``headlens.census`` does while streaming).
+Every pattern score ``<name>_seq`` takes ``pattern: Float[Tensor, "batch head q k"]`` (rows sum to 1,
+causal) and returns ``Float[Tensor, "batch head"]``: one number per sequence, a mean over the queries the
+score is defined on. The census keeps these per-sequence scores (for bootstrap intervals) and averages
+them over sequences; ``<name>`` without ``_seq`` is that average. ``without_sink`` gives the pattern
+with key 0 removed and rows renormalised, on which the ``*_nosink`` columns are computed.
 
 Definitions (DESIGN.md §7):
 
@@ -31,7 +32,7 @@ Definitions (DESIGN.md §7):
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -40,32 +41,36 @@ from headlens.errors import HeadlensError
 LOCAL_WINDOW = 3
 
 
-def previous_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
-    """Mean attention from each position i >= 1 to position i - 1."""
+def previous_token_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head"]:
+    """Per sequence: mean attention from each position i >= 1 to position i - 1."""
     _check(pattern, min_pos=2)
-    return pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, 2))
+    return pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)
 
 
-def duplicate_token(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, " head"]:
-    """Mean attention from the second copy of A_i to the first copy, on ``[P, A1..An, A1..An]`` (prefix = pos - 2n)."""
-    p = _prefix(pattern, n)
-    return pattern[..., p + n :, p : p + n].diagonal(dim1=-2, dim2=-1).mean(dim=(0, 2))
+def duplicate_token_seq(
+    pattern: Float[Tensor, "batch head q k"], n: int | Int[Tensor, " batch"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention from the second copy of A_i to the first copy (``n`` may differ per sequence)."""
+    return _repeat_offset(pattern, n, shift=0)
 
 
-def induction(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, " head"]:
-    """Prefix-matching score: attention from the second A_i to the token after the first A_i (prefix = pos - 2n)."""
-    p = _prefix(pattern, n)
-    return pattern[..., p + n :, p + 1 : p + n + 1].diagonal(dim1=-2, dim2=-1).mean(dim=(0, 2))
+def induction_seq(
+    pattern: Float[Tensor, "batch head q k"], n: int | Int[Tensor, " batch"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention from the second A_i to the token after the first A_i (``n`` may differ per sequence)."""
+    return _repeat_offset(pattern, n, shift=1)
 
 
-def first_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
-    """Mean attention to position 0 (the sink) from queries i >= 1."""
+def first_token_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head"]:
+    """Per sequence: mean attention to position 0 (the sink) from queries i >= 1."""
     _check(pattern, min_pos=2)
-    return pattern[..., 1:, 0].mean(dim=(0, 2))
+    return pattern[..., 1:, 0].mean(-1)
 
 
-def delimiter(pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "batch k"]) -> Float[Tensor, " head"]:
-    """Excess attention on delimiter keys over a uniform causal head: mean over queries i >= 1 of mass_i - share_i."""
+def delimiter_seq(
+    pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "batch k"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: excess attention on delimiter keys over a uniform causal head (mean over queries i >= 1)."""
     _check(pattern, min_pos=2)
     if tuple(is_delim.shape) != (pattern.shape[0], pattern.shape[-1]):
         raise HeadlensError(
@@ -74,30 +79,72 @@ def delimiter(pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "
     d = is_delim.to(device=pattern.device, dtype=pattern.dtype)
     mass = torch.einsum("bhqk,bk->bhq", pattern, d)[..., 1:]
     share = (d.cumsum(-1) / torch.arange(1, d.shape[-1] + 1, device=d.device, dtype=d.dtype))[:, None, 1:]
-    return (mass - share).mean(dim=(0, 2))
+    return (mass - share).mean(-1)
 
 
-def local(pattern: Float[Tensor, "batch head q k"], window: int = LOCAL_WINDOW) -> Float[Tensor, " head"]:
-    """Mean attention on keys i - window .. i, over queries i > window."""
+def local_seq(pattern: Float[Tensor, "batch head q k"], window: int = LOCAL_WINDOW) -> Float[Tensor, "batch head"]:
+    """Per sequence: mean attention on keys i - window .. i, over queries i > window."""
     pos = pattern.shape[-1]
     if window < 0 or pos <= window + 1:
         raise HeadlensError(
             f"local(window={window}) needs window >= 0 and sequences longer than window + 1 (pos={pos})"
         )
     near = sum(pattern.diagonal(offset=-d, dim1=-2, dim2=-1)[..., window + 1 - d :] for d in range(window + 1))
-    return near.mean(dim=(0, 2))
+    return near.mean(-1)
+
+
+def entropy_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention entropy of each query divided by log(#keys), averaged over queries with >= 2 keys."""
+    _check(pattern, min_pos=2)
+    pos = pattern.shape[-1]
+    norm = torch.arange(2, pos + 1, device=pattern.device, dtype=pattern.dtype).log()
+    rows = pattern[..., 1:, :]
+    return (-torch.special.xlogy(rows, rows).sum(-1) / norm).mean(-1)
+
+
+def without_sink(pattern: Float[Tensor, "batch head q k"], eps: float = 1e-6) -> Float[Tensor, "batch head q k"]:
+    """Key 0 removed and every query row i >= 1 renormalised over keys 1..i (TransformerLens' ``exclude_bos``).
+
+    Row 0 has no other key and is left all zero; rows whose non-sink mass is below ``eps`` stay near zero.
+    """
+    out = pattern.clone()
+    out[..., 0] = 0.0
+    return out / (1.0 - pattern[..., :1]).clamp_min(eps)
+
+
+def previous_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
+    """Mean attention from each position i >= 1 to position i - 1."""
+    return previous_token_seq(pattern).mean(0)
+
+
+def duplicate_token(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, " head"]:
+    """Mean attention from the second copy of A_i to the first copy, on ``[P, A1..An, A1..An]`` (prefix = pos - 2n)."""
+    return duplicate_token_seq(pattern, n).mean(0)
+
+
+def induction(pattern: Float[Tensor, "batch head q k"], n: int) -> Float[Tensor, " head"]:
+    """Prefix-matching score: attention from the second A_i to the token after the first A_i (prefix = pos - 2n)."""
+    return induction_seq(pattern, n).mean(0)
+
+
+def first_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
+    """Mean attention to position 0 (the sink) from queries i >= 1."""
+    return first_token_seq(pattern).mean(0)
+
+
+def delimiter(pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "batch k"]) -> Float[Tensor, " head"]:
+    """Excess attention on delimiter keys over a uniform causal head: mean over queries i >= 1 of mass_i - share_i."""
+    return delimiter_seq(pattern, is_delim).mean(0)
+
+
+def local(pattern: Float[Tensor, "batch head q k"], window: int = LOCAL_WINDOW) -> Float[Tensor, " head"]:
+    """Mean attention on keys i - window .. i, over queries i > window."""
+    return local_seq(pattern, window).mean(0)
 
 
 def entropy(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
     """Attention entropy of each query divided by log(#keys), averaged over queries with >= 2 keys."""
-    _check(pattern, min_pos=2)
-    pos = pattern.shape[-1]
-    norm = torch.arange(2, pos + 1, device=pattern.device, dtype=pattern.dtype).log()
-    per_head = [
-        (-torch.special.xlogy(pattern[:, h, 1:], pattern[:, h, 1:]).sum(-1) / norm).mean()
-        for h in range(pattern.shape[1])
-    ]
-    return torch.stack(per_head)
+    return entropy_seq(pattern).mean(0)
 
 
 def copying(model: HookedTransformer) -> Float[Tensor, "layer head"]:
@@ -114,15 +161,28 @@ def copying(model: HookedTransformer) -> Float[Tensor, "layer head"]:
         return (lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-30)).float().cpu()
 
 
-def _prefix(pattern: Tensor, n: int) -> int:
-    pos = pattern.shape[-1]
-    if int(n) < 2:
-        raise HeadlensError(f"repeated-token scores need n >= 2 (got n={n})")
-    if 2 * n > pos:
-        raise HeadlensError(f"repeated-token scores: 2n = {2 * n} is longer than the sequence ({pos} tokens)")
-    if pattern.ndim != 4 or pattern.shape[-2] != pos:
+def _repeat_offset(pattern: Tensor, n, *, shift: int) -> Tensor:
+    """Per sequence b: mean over the second-half queries q >= pos - n_b of pattern[b, :, q, q - n_b + shift]."""
+    if pattern.ndim != 4 or pattern.shape[-1] != pattern.shape[-2]:
         raise HeadlensError(f"pattern must be [batch, head, q, k] with q == k, got {tuple(pattern.shape)}")
-    return pos - 2 * int(n)
+    batch, _, pos, _ = pattern.shape
+    n = torch.as_tensor(n, dtype=torch.long).flatten().to(pattern.device)
+    n = n.expand(batch) if n.numel() == 1 else n
+    if n.numel() != batch:
+        raise HeadlensError(
+            f"repeated-token scores: n must be one number or one per sequence ({batch}), got {n.numel()}"
+        )
+    if int(n.min()) < 2:
+        raise HeadlensError(f"repeated-token scores need n >= 2 (got n={int(n.min())})")
+    if 2 * int(n.max()) > pos:
+        raise HeadlensError(
+            f"repeated-token scores: 2n = {2 * int(n.max())} is longer than the sequence ({pos} tokens)"
+        )
+    q = torch.arange(pos, device=pattern.device)
+    keys = (q[None] - n[:, None] + shift).clamp(0, pos - 1)  # [batch, q]
+    scored = (q[None] >= pos - n[:, None]).to(pattern.dtype)  # second-half queries
+    picked = pattern.gather(-1, keys[:, None, :, None].expand(-1, pattern.shape[1], -1, 1))[..., 0]
+    return (picked * scored[:, None]).sum(-1) / scored.sum(-1)[:, None]
 
 
 def _check(pattern: Tensor, *, min_pos: int) -> None:
@@ -130,3 +190,131 @@ def _check(pattern: Tensor, *, min_pos: int) -> None:
         raise HeadlensError(f"pattern must be [batch, head, q, k] with q == k, got {tuple(pattern.shape)}")
     if pattern.shape[-1] < min_pos:
         raise HeadlensError(f"pattern needs at least {min_pos} positions, got {pattern.shape[-1]}")
+
+
+# ---------------------------------------------------------------- built-in head types (headlens.registry)
+
+
+def _repeat_n(probe, rows: slice) -> Tensor:
+    return probe.n_per_seq[rows]
+
+
+def builtin_types() -> list:
+    """The built-in head types, in the order the registry lists them (tier 1 first)."""
+    from headlens.registry import HeadType
+
+    def has_copying(s):
+        return s["copying"] > 0
+
+    def suppresses(s):
+        return s["copying"] < 0
+
+    def induction_fn(p, probe, rows):
+        return induction_seq(p, _repeat_n(probe, rows))
+
+    return [
+        HeadType(
+            "previous_token",
+            "natural",
+            lambda p, probe, rows: previous_token_seq(p),
+            0.4,
+            1,
+            "attention from i to i-1 on natural text",
+            "#1f77b4",
+            nosink=True,
+        ),
+        HeadType(
+            "duplicate_token",
+            "repeated",
+            lambda p, probe, rows: duplicate_token_seq(p, _repeat_n(probe, rows)),
+            0.3,
+            1,
+            "second A_i -> first A_i on repeated random tokens",
+            "#ff7f0e",
+            nosink=True,
+        ),
+        HeadType(
+            "induction",
+            "repeated",
+            induction_fn,
+            0.3,
+            1,
+            "prefix matching (second A_i -> the token after the first A_i) and positive OV copying",
+            "#d62728",
+            nosink=True,
+            requires=has_copying,
+        ),
+        HeadType(
+            "copy_suppression",
+            "repeated",
+            None,
+            0.3,
+            1,
+            "prefix matching with negative OV copying: attends to the tokens it suppresses",
+            "#8c564b",
+            requires=suppresses,
+            label_score="induction",
+        ),
+        HeadType(
+            "copying",
+            WEIGHTS_KIND,
+            lambda model: copying(model),
+            1.0,
+            9,
+            "OV circuit eigenvalue share: +1 copies what it attends to, -1 suppresses (a score only)",
+            "#17becf",
+            label=False,
+        ),
+        HeadType(
+            "first_token",
+            "natural",
+            lambda p, probe, rows: first_token_seq(p),
+            0.6,
+            2,
+            "attention to position 0 (the sink)",
+            "#7f7f7f",
+        ),
+        HeadType(
+            "delimiter",
+            "delimiter",
+            lambda p, probe, rows: delimiter_seq(p, probe.is_delim[rows]),
+            0.3,
+            1,
+            "excess attention on delimiter tokens over a uniform causal head",
+            "#2ca02c",
+            nosink=True,
+        ),
+        HeadType(
+            "local",
+            "natural",
+            lambda p, probe, rows: local_seq(p),
+            0.6,
+            2,
+            f"attention on the {LOCAL_WINDOW} previous keys and the query itself",
+            "#9467bd",
+            nosink=True,
+        ),
+        HeadType(
+            "entropy",
+            "natural",
+            lambda p, probe, rows: entropy_seq(p),
+            1.0,
+            9,
+            "normalised attention entropy (1 = uniform over the prefix; a score only)",
+            "#bcbd22",
+            label=False,
+        ),
+        HeadType(
+            "broad",
+            "natural",
+            None,
+            0.7,
+            3,
+            "normalised entropy >= threshold: attention spread over the prefix",
+            "#e377c2",
+            label_score="entropy",
+        ),
+    ]
+
+
+WEIGHTS_KIND = "weights"

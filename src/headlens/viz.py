@@ -35,13 +35,14 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.capture import stream_patterns
-from headlens.census import COLUMNS, LABELS, SCORES
+from headlens.census import LABELS, SCORES
 from headlens.errors import HeadlensError
 from headlens.models import check_head
+from headlens.registry import head_types
 
-CENSUS_COLUMNS = COLUMNS
-LABEL_SCORE = {label: label for label in LABELS[:6]} | {"broad": "entropy"}
-LABEL_COLORS = {
+CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
+LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label}
+LABEL_COLORS = {t.name: t.color for t in head_types().values() if t.label} | {
     "previous_token": "#1f77b4",
     "induction": "#d62728",
     "duplicate_token": "#ff7f0e",
@@ -59,6 +60,7 @@ LABEL_CODES = {
     "first_token": "F",
     "local": "L",
     "broad": "B",
+    "copy_suppression": "CS",
     "other": "",
 }
 DEFAULT_PROMPT = (
