@@ -1,0 +1,138 @@
+"""A census you can trust, measured on the default Qwen (issue 13).
+
+One run writes analyses/results/census_trust/:
+- census_seed{0,1,2}.csv    default census at seeds 0, 1, 2 (scores, _nosink scores, label, confidence, intervals)
+- stability.json            label agreement across the seeds (all heads; heads confident >= 0.9 in every seed)
+- sizes.csv                 agreement across seeds when only the first k sequences per probe kind are used
+- counts.csv                heads per label at seed 0 with 95 % bootstrap intervals
+- null.csv                  each label's threshold vs its null (random-weights Qwen, shuffled repeats)
+- causal.csv                label heads vs layer-matched random head sets (effect ratio with interval)
+- summary.json              the headline numbers, timings (machine shared with other jobs), provenance
+
+Run: /work/bin/qwen-slot .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlens import load_model
+from headlens.calibrate import null_levels, null_scores
+from headlens.census import _thresholds, build_table, collect, label_counts
+from headlens.corpus import provenance
+from headlens.probes import default_probes
+from headlens.registry import head_types
+from headlens.validate import causal_validation
+
+OUT = Path(__file__).parent / "results" / "census_trust"
+SEEDS = (0, 1, 2)
+SIZES = (4, 8)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def agreement(tables: list[pd.DataFrame]) -> dict:
+    labels = np.stack([t["label"].to_numpy() for t in tables])
+    same = (labels == labels[0]).all(0)
+    out = {"n_heads": int(len(same)), "same_label": float(same.mean()), "n_same": int(same.sum())}
+    if all("confidence" in t and t["confidence"].notna().all() for t in tables):
+        confident = np.stack([t["confidence"].to_numpy() >= 0.9 for t in tables]).all(0)
+        out |= {
+            "n_confident_all_seeds": int(confident.sum()),
+            "share_confident_all_seeds": float(confident.mean()),
+            "same_label_among_confident": float(same[confident].mean()) if confident.any() else float("nan"),
+        }
+    return out
+
+
+def subset(per, k: int):
+    from headlens.census import PerSequence
+
+    return PerSequence({kind: {c: v[:k] for c, v in cols.items()} for kind, cols in per.by_kind.items()}, per.weights)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    model = load_model()
+    types = head_types()
+    limits = _thresholds(types, None)
+    tables, pers, timings, sources = [], [], {}, {}
+    for seed in SEEDS:
+        start = time.perf_counter()
+        probes = default_probes(model, seed=seed)
+        per = collect(model, probes, types, batch_size=8, progress=False)
+        table = build_table(model, per, types, limits, seed=seed)
+        timings[f"census_seed{seed}_s"] = round(time.perf_counter() - start, 1)
+        sources[seed] = {k: list(p.sources) for k, p in probes.items() if p.sources}
+        table.to_csv(OUT / f"census_seed{seed}.csv.tmp", index=False)
+        os.replace(OUT / f"census_seed{seed}.csv.tmp", OUT / f"census_seed{seed}.csv")
+        tables.append(table)
+        pers.append(per)
+        print(f"seed {seed}: {timings[f'census_seed{seed}_s']} s", flush=True)
+    stability = agreement(tables)
+    stability["label_counts_by_seed"] = {s: t["label"].value_counts().to_dict() for s, t in zip(SEEDS, tables)}
+    atomic_text(OUT / "stability.json", json.dumps(stability, indent=2) + "\n")
+
+    n_default = {kind: v["_sink"].shape[0] for kind, v in pers[0].by_kind.items()}
+    rows = []
+    for k in (*SIZES, max(n_default.values())):
+        sub = [build_table(model, subset(p, k), types, limits, seed=s, n_boot=0) for p, s in zip(pers, SEEDS)]
+        rows.append({"sequences_per_kind": k, **{key: v for key, v in agreement(sub).items() if key != "n_heads"}})
+    pd.DataFrame(rows).to_csv(OUT / "sizes.csv", index=False)
+
+    counts = label_counts(tables[0])
+    counts.to_csv(OUT / "counts.csv", index=False)
+
+    start = time.perf_counter()
+    nulls = null_scores(model, default_probes(model, seed=0), seed=0, progress=False)
+    levels = null_levels(nulls)
+    timings["nulls_s"] = round(time.perf_counter() - start, 1)
+    levels.to_csv(OUT / "null.csv", index=False)
+
+    start = time.perf_counter()
+    causal = causal_validation(model, tables[0], n_random=20, seed=0, progress=False)
+    timings["causal_s"] = round(time.perf_counter() - start, 1)
+    causal.to_csv(OUT / "causal.csv", index=False)
+
+    other = int((tables[0]["label"] == "other").sum())
+    labelled = set(tables[0]["label"]) - {"other"}
+    summary = {
+        "model": "Qwen2.5-Coder-0.5B-Instruct (fp32, CPU)",
+        "probes": {kind: n for kind, n in n_default.items()},
+        "seq_len": int(default_probes.__kwdefaults__["seq_len"]),
+        "stability": {k: v for k, v in stability.items() if k != "label_counts_by_seed"},
+        "other_share": other / len(tables[0]),
+        "labels_clear_null": {r.label: bool(r.clears) for r in levels.itertuples() if r.label in labelled},
+        "causal": {
+            r.label: {"ratio": r.ratio, "lo": r.ratio_lo, "hi": r.ratio_hi, "n_heads": r.n_heads}
+            for r in causal.itertuples()
+        },
+        "timings_shared_machine": timings,
+        "provenance": {
+            **provenance(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "argv": sys.argv,
+            "probe_sources": sources,
+        },
+    }
+    atomic_text(OUT / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
