@@ -76,6 +76,13 @@ def columns(types: dict[str, HeadType] | None = None) -> tuple[str, ...]:
 COLUMNS = columns()
 LABELS = label_names()
 THRESHOLDS = {t.name: t.threshold for t in head_types().values() if t.label}
+LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label and t.column != t.name}
+"""Labels read from another type's column (``broad`` reads ``entropy``, ``copy_suppression`` reads ``induction``)."""
+TIERS = tuple(
+    tuple(t.name for t in head_types().values() if t.label and t.tier == tier)
+    for tier in sorted({t.tier for t in head_types().values() if t.label})
+)
+"""Built-in labels by tier (see :func:`headlens.registry.head_types` for what is registered now)."""
 """Built-in thresholds (see docs/census.md and analyses/results/census_trust/null.csv for why each sits where it does)."""
 
 

@@ -394,7 +394,8 @@ def _methods_section(
 
         probes = default_probes(model, seed=seed)
         sizes = "; ".join(
-            f"{p.kind} {p.batch} x {p.tokens.shape[1]} tokens" + (f" (repeat n={p.n})" if p.n else "")
+            f"{p.kind} {p.batch} x {p.tokens.shape[1]} tokens"
+            + (f" (repeat n={int(p.n_per_seq.min())}..{int(p.n_per_seq.max())})" if p.n is not None else "")
             for p in (probes.repeated, probes.natural, probes.delimiter)
             if p is not None
         )
