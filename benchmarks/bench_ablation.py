@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--method", default="zero", choices=["zero", "mean", "resample"])
     parser.add_argument("--batch-size", type=int, default=28, help="max sequences per stacked pass (fast sweep)")
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="sweep only these layers (default: all)")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -63,7 +64,7 @@ def main() -> None:
         "fast_s": round(fast_s, 2),
         "speedup": round(naive_s / fast_s, 2),
         "max_abs_delta": delta,
-        "clean_loss": fast.attrs["clean"],
+        "clean_loss": float(fast["clean"].iloc[0]),
         "max_effect": float(fast.effect.abs().max()),
         "load_s": round(load_s, 1),
         "torch_threads": torch.get_num_threads(),
@@ -73,9 +74,9 @@ def main() -> None:
         f"naive {naive_s:.1f} s   fast {fast_s:.1f} s   speedup x{naive_s / fast_s:.2f}   max|Δ| {delta:.2e}   "
         f"({len(fast)} heads, tokens {args.n_seqs}x{args.seq_len}, {args.method} ablation)"
     )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

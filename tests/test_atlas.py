@@ -1,6 +1,5 @@
 """Atlas across models: the trained toy model's circuit shows up where it was trained, and the page is offline."""
 
-import pandas as pd
 import pytest
 
 import headlens

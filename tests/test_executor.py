@@ -9,8 +9,8 @@ import torch
 import headlens
 from headlens import executor as X
 from headlens.census import SCORES
-from headlens.probes import DEFAULT_BATCH
 from headlens.models import resolve_device, resolve_dtype
+from headlens.probes import DEFAULT_BATCH
 
 BF16_TOLERANCE = 0.02
 """Documented in README "Scaling": bf16 census scores stay within this of fp32 (measured max on Qwen: see analyses/results/precision)."""

@@ -111,7 +111,8 @@ def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64,
 
     if n_seqs < 1 or seq_len < 2:
         raise HeadlensError(f"loss metric needs n_seqs >= 1 and seq_len >= 2 (got {n_seqs}, {seq_len})")
-    ids = model.to_tokens(corpus_text() if text is None else text, prepend_bos=False, truncate=False)[0]
+    # the whole text, split into windows below: the class's to_tokens (models.strict_context refuses long text)
+    ids = type(model).to_tokens(model, corpus_text() if text is None else text, prepend_bos=False, truncate=False)[0]
     if ids.numel() < n_seqs * seq_len:
         raise HeadlensError(
             f"the text has {ids.numel()} tokens, fewer than n_seqs*seq_len = {n_seqs * seq_len}: use fewer or shorter sequences"
@@ -622,29 +623,15 @@ def build_metric(
 
 
 def plot_sweep(table: pd.DataFrame, path: str | Path | None = None, *, title: str | None = None):
-    """Layer × head (or kv group) heatmap of the relative worsening from :func:`ablation_sweep`; PNG if ``path``."""
-    import matplotlib
+    """Layer × head (or kv group) heatmap of the relative worsening (%) from :func:`ablation_sweep`; PNG if ``path``."""
+    from headlens.viz import head_heatmaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    col = "head" if "head" in table.columns else "kv_head"
-    grid = table.pivot(index="layer", columns=col, values="worsening") * 100
-    lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * grid.shape[1], 1.2 + 0.25 * grid.shape[0]))
-    im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xlabel(col.replace("_", " "))
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(grid.shape[1]))
-    ax.set_yticks(range(grid.shape[0]))
-    ax.tick_params(labelsize=7)
     attrs = table.attrs
-    ax.set_title(title or f"{attrs.get('method', '')} ablation: {attrs.get('metric', '')} change (%)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="relative worsening (%)")
-    fig.tight_layout()
+    percent = table.assign(**{"worsening (%)": 100 * table["worsening"]})
+    title = title or f"{attrs.get('method', '')} ablation: {attrs.get('metric', '')} change (%)"
+    fig = head_heatmaps(percent, "worsening (%)", by=[], center=0.0, ncols=1, title=title)
     if path is not None:
         from headlens.io import save_figure
 
         save_figure(fig, path, dpi=110)
-        plt.close(fig)
     return fig

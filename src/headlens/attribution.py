@@ -90,8 +90,9 @@ def attribution_patching(
         estimates: dict[str, Float[Tensor, "layer pos unit"]] = {}
         clean = corrupted = None
         for group, key_fix in groups:
-            out, clean, corrupted = _estimate(model, pair, group, metric, star=star, key_fix=key_fix, grad_drop=grad_drop,
-                                              by_position=by_position)
+            out, clean, corrupted = _estimate(
+                model, pair, group, metric, star=star, key_fix=key_fix, grad_drop=grad_drop, by_position=by_position
+            )
             estimates.update(out)
         _check_recoverable(clean, corrupted)
         tables = []
@@ -100,7 +101,11 @@ def attribution_patching(
             rows = []
             for layer in range(est.shape[0]):
                 if by_position:
-                    rows += [(layer, u, p, corrupted + float(est[layer, p, u])) for p in range(est.shape[1]) for u in range(est.shape[2])]
+                    rows += [
+                        (layer, u, p, corrupted + float(est[layer, p, u]))
+                        for p in range(est.shape[1])
+                        for u in range(est.shape[2])
+                    ]
                 else:
                     rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(est[layer].sum(0))]
             name = method + ("+graddrop" if grad_drop else "")
@@ -126,7 +131,9 @@ class _GradGate(torch.autograd.Function):
         return grad * ctx.gate[ctx.layer], None, None
 
 
-def _estimate(model, pair: PromptPair, activations, metric, *, star: bool, key_fix: bool, grad_drop: bool, by_position: bool):
+def _estimate(
+    model, pair: PromptPair, activations, metric, *, star: bool, key_fix: bool, grad_drop: bool, by_position: bool
+):
     """One clean pass, one corrupted pass with gradients (and, with GradDrop, one backward per layer).
 
     Returns per activation a ``[layer, pos, unit]`` tensor of estimated metric changes, and both metrics.
@@ -134,7 +141,9 @@ def _estimate(model, pair: PromptPair, activations, metric, *, star: bool, key_f
     L = model.cfg.n_layers
     names = {utils.get_act_name(a, layer): (a, layer) for a in activations for layer in range(L)}
     need_qk = star and any(a in ("q", "k") for a in activations)
-    clean_names = set(names) | ({_qk_name(model, a, layer) for a in ("q", "k") for layer in range(L)} if need_qk else set())
+    clean_names = set(names) | (
+        {_qk_name(model, a, layer) for a in ("q", "k") for layer in range(L)} if need_qk else set()
+    )
     with torch.inference_mode():
         clean, clean_cache = _cached_run(model, pair.clean, clean_names, pair.positions, metric)
 
@@ -162,7 +171,11 @@ def _estimate(model, pair: PromptPair, activations, metric, *, star: bool, key_f
 
     hooks = [("hook_embed", track), *((n, keep) for n in names)]
     if star:
-        hooks += [(utils.get_act_name("pattern", layer), keep) for layer in range(L) if utils.get_act_name("pattern", layer) not in names]
+        hooks += [
+            (utils.get_act_name("pattern", layer), keep)
+            for layer in range(L)
+            if utils.get_act_name("pattern", layer) not in names
+        ]
         hooks += [(utils.get_act_name("attn_scores", layer), keep_detached) for layer in range(L)]
         hooks += [(_qk_name(model, "q", layer), keep_detached) for layer in range(L)]
         hooks += [(_qk_name(model, "k", layer), detach_keys if key_fix else keep_detached) for layer in range(L)]
@@ -191,13 +204,18 @@ def _estimate(model, pair: PromptPair, activations, metric, *, star: bool, key_f
         layer_names = [utils.get_act_name(activation, layer) for layer in range(L)]
 
         def linear(grads_by_name, layer_names=layer_names, activation=activation):
-            return torch.stack([_product(activation, clean_cache[n], saved[n].detach(), grads_by_name[n]) for n in layer_names])
+            return torch.stack(
+                [_product(activation, clean_cache[n], saved[n].detach(), grads_by_name[n]) for n in layer_names]
+            )
 
         base = linear(grad)
         fix = torch.zeros_like(base)
         if star and activation in ("q", "k"):
             # q/k reach the output only through their head's pattern: the recomputed softmax replaces the linear term
-            base, fix = torch.zeros_like(base), _own_softmax_fix(model, activation, clean_cache, saved, stash, grad, base.shape, by_position)
+            base, fix = (
+                torch.zeros_like(base),
+                _own_softmax_fix(model, activation, clean_cache, saved, stash, grad, base.shape, by_position),
+            )
         if star and activation == "z" and key_fix:
             fix = _key_path_fix(model, clean_cache, saved, stash, grad, base.shape)
         estimate = base + fix
@@ -261,7 +279,9 @@ def _softmax_change(new_scores: Tensor, pattern: Tensor) -> Tensor:
     return torch.nan_to_num(new) - pattern
 
 
-def _own_softmax_fix(model, activation: str, clean_cache, saved, stash, grad, shape, by_position: bool) -> Float[Tensor, "layer pos unit"]:
+def _own_softmax_fix(
+    model, activation: str, clean_cache, saved, stash, grad, shape, by_position: bool
+) -> Float[Tensor, "layer pos unit"]:
     """Patch a head's q (or a kv head's k) with its clean value and recompute that layer's softmax exactly.
 
     For q, the query row (exact per position: a row depends on its own query only). For k, all key positions
@@ -292,7 +312,9 @@ def _own_softmax_fix(model, activation: str, clean_cache, saved, stash, grad, sh
         for p, chosen in enumerate(keys):
             new = scores.clone()
             new[..., chosen] = new[..., chosen] + delta[..., chosen]
-            per_head[p] = einops.reduce(_softmax_change(new.masked_fill(~mask, float("-inf")), pattern) * g, "b h q k -> h", "sum")
+            per_head[p] = einops.reduce(
+                _softmax_change(new.masked_fill(~mask, float("-inf")), pattern) * g, "b h q k -> h", "sum"
+            )
         if k.shape[2] == model.cfg.n_heads:
             result[layer] = per_head
         else:  # a kv head's k: the q heads that read it, summed
@@ -308,7 +330,10 @@ def _key_path_fix(model, clean_cache, saved, stash, grad, shape, *, chunk: int =
     """
     L, n_pos, n_heads = shape
     result = torch.zeros(shape)
-    dz = [clean_cache[utils.get_act_name("z", layer)] - saved[utils.get_act_name("z", layer)].detach() for layer in range(L)]
+    dz = [
+        clean_cache[utils.get_act_name("z", layer)] - saved[utils.get_act_name("z", layer)].detach()
+        for layer in range(L)
+    ]
     norm = model.cfg.normalization_type
     W_O = model.W_O.detach()  # [layer, head, d_head, d_model]
     if norm in ("LN", "LNPre"):  # layer norm centres its input: centre the written directions (linear)
@@ -324,7 +349,9 @@ def _key_path_fix(model, clean_cache, saved, stash, grad, shape, *, chunk: int =
         scores = stash[utils.get_act_name("attn_scores", target)]  # [b, head, q, k], masked
         pattern = saved[utils.get_act_name("pattern", target)].detach()
         g = grad[utils.get_act_name("pattern", target)]
-        scale = stash[f"blocks.{target}.ln1.hook_scale"] if norm is not None else torch.ones(q.shape[:2] + (1,))  # [b, pos, 1]
+        scale = (
+            stash[f"blocks.{target}.ln1.hook_scale"] if norm is not None else torch.ones(q.shape[:2] + (1,))
+        )  # [b, pos, 1]
         idx = _kv_index(model, W_K.shape[0])
         for source in range(target):
             W_OK = einops.einsum(W_O[source], W_K, "h d m, g m e -> h d g e")

@@ -38,7 +38,7 @@ from transformer_lens import HookedTransformer
 from headlens import scores
 from headlens.capture import stream_patterns
 from headlens.errors import HeadlensError
-from headlens.models import kv_heads
+from headlens.heads import format_heads, kv_heads
 from headlens.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
 from headlens.registry import WEIGHTS, HeadType, head_types
 
@@ -436,7 +436,7 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label in [lb for lb in label_names() if lb in counts.index] + sorted(set(counts.index) - set(label_names())):
         part = frame[frame["label"] == label]
-        heads = " ".join(f"L{l}H{h}" for l, h in zip(part["layer"], part["head"]))
+        heads = format_heads(zip(part["layer"], part["head"]))
         rows.append(
             {
                 "label": label,

@@ -376,19 +376,10 @@ def top_changed(df: pd.DataFrame, n: int = 10, by: str = "jsd") -> pd.DataFrame:
 
 
 def plot_comparison(df: pd.DataFrame, *, columns=("jsd", "dW_Q", "dW_K", "dW_V", "dW_O")):
-    """Layer x head heatmaps of the attention change and of each weight change, side by side."""
-    import matplotlib.pyplot as plt
+    """Layer x head heatmaps of the attention change (bits) and of each weight change (relative), side by side."""
+    from headlens.viz import head_heatmaps
 
     columns = [c for c in columns if c in df.columns]
-    fig, axes = plt.subplots(
-        1, len(columns), figsize=(2.2 + 2.6 * len(columns), 0.25 * df["layer"].nunique() + 2), squeeze=False
-    )
-    for ax, col in zip(axes[0], columns):
-        table = df.pivot(index="layer", columns="head", values=col)
-        im = ax.imshow(table.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_title(col + (" (bits)" if col.startswith("jsd") else " (relative)"), fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
+    named = df.rename(columns={c: c + (" (bits)" if c.startswith("jsd") else " (relative)") for c in columns})
+    values = [c + (" (bits)" if c.startswith("jsd") else " (relative)") for c in columns]
+    return head_heatmaps(named, values, by=[], center=None, ncols=len(values), scale="data")

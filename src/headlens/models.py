@@ -45,10 +45,14 @@ def cache_dir() -> Path:
     """Where dequantized weights are cached (``$HEADLENS_CACHE``, default ``~/.cache/headlens``)."""
     value = os.environ.get("HEADLENS_CACHE")
     if value is not None and not value.strip():
-        raise HeadlensError("HEADLENS_CACHE is set but empty: set it to a directory for the weight cache, or unset it (default ~/.cache/headlens)")
+        raise HeadlensError(
+            "HEADLENS_CACHE is set but empty: set it to a directory for the weight cache, or unset it (default ~/.cache/headlens)"
+        )
     root = Path(value if value is not None else Path.home() / ".cache" / "headlens").expanduser()
     if root.exists() and not root.is_dir():
-        raise HeadlensError(f"the headlens cache {root} is a file, not a directory: remove it or set HEADLENS_CACHE to a directory")
+        raise HeadlensError(
+            f"the headlens cache {root} is a file, not a directory: remove it or set HEADLENS_CACHE to a directory"
+        )
     return root
 
 
@@ -81,7 +85,9 @@ def clean_cache(root: Path | None = None) -> list[Path]:
             except OSError:
                 continue
             if stale:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(
+                    missing_ok=True
+                )
                 removed.append(entry)
     return removed
 
@@ -340,7 +346,9 @@ def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx:
                 save_file(params, partial)
                 os.replace(partial, cached)
             except OSError as err:
-                raise HeadlensError(f"could not write the processed weights to {directory}: {err.strerror} (free some disk space)") from None
+                raise HeadlensError(
+                    f"could not write the processed weights to {directory}: {err.strerror} (free some disk space)"
+                ) from None
             finally:
                 Path(partial).unlink(missing_ok=True)
         return _placed(model, device)
@@ -350,7 +358,9 @@ def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx:
     except HeadlensError:
         raise
     except Exception as err:  # noqa: BLE001 - a damaged cache entry: say how to rebuild it
-        raise HeadlensError(f"the cache entry {directory} is damaged ({_first_line(err)}); delete that directory to rebuild it") from None
+        raise HeadlensError(
+            f"the cache entry {directory} is damaged ({_first_line(err)}); delete that directory to rebuild it"
+        ) from None
     cfg = hooked_config(config, dtype=dtype, device=device, n_ctx=n_ctx, name=name)
     cfg.normalization_type = "RMSPre"
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
@@ -415,7 +425,9 @@ def merge_adapter(hf_model, adapter: str | os.PathLike):
         raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
     config = _read_json(path / "adapter_config.json")
     if str(config.get("peft_type", "")).upper() != "LORA":
-        raise HeadlensError(f"adapter {path} is a {config.get('peft_type')!r} adapter, not LoRA: headlens merges LoRA adapters only")
+        raise HeadlensError(
+            f"adapter {path} is a {config.get('peft_type')!r} adapter, not LoRA: headlens merges LoRA adapters only"
+        )
     try:
         merged = PeftModel.from_pretrained(hf_model, str(path), is_trainable=False).merge_and_unload()
     except Exception as err:  # noqa: BLE001 - a damaged or mismatched adapter is the user's file: one line
@@ -491,7 +503,9 @@ def _in_cache(path: Path) -> bool:
 def _check_local_dir(path: Path) -> Path:
     config = path / "config.json"
     if not config.is_file():
-        raise HeadlensError(f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer")
+        raise HeadlensError(
+            f"{path} has no config.json: a local model directory needs config.json, *.safetensors and a tokenizer"
+        )
     kind = _read_json(config).get("model_type")
     if kind not in SUPPORTED:
         raise HeadlensError(f"unsupported architecture {kind!r}: headlens loads {', '.join(SUPPORTED)} models")
@@ -634,7 +648,9 @@ def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, 
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise HeadlensError(f"cannot create the headlens cache {root}: {err.strerror}; set HEADLENS_CACHE to a writable directory") from None
+        raise HeadlensError(
+            f"cannot create the headlens cache {root}: {err.strerror}; set HEADLENS_CACHE to a writable directory"
+        ) from None
     clean_cache(root)
     if len(parts) == 1 and key is None:
         digest = _sha256_concat(parts, None)
@@ -644,8 +660,10 @@ def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, 
             _record_source(target, parts[0], digest)
             return target
     if not _writable(root):
-        raise HeadlensError(f"the headlens cache {root} is read-only and has no complete entry for this model; "
-                            "set HEADLENS_CACHE to a writable directory")
+        raise HeadlensError(
+            f"the headlens cache {root} is read-only and has no complete entry for this model; "
+            "set HEADLENS_CACHE to a writable directory"
+        )
     try:
         with tempfile.TemporaryDirectory(dir=root, prefix=f".building-{os.getpid()}-") as tmp:
             tmp = Path(tmp)
@@ -674,7 +692,9 @@ def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, 
                 if not _complete(target):
                     raise
     except OSError as err:
-        raise HeadlensError(f"could not build the cache entry in {root}: {err.strerror or err} (free disk space or set HEADLENS_CACHE)") from None
+        raise HeadlensError(
+            f"could not build the cache entry in {root}: {err.strerror or err} (free disk space or set HEADLENS_CACHE)"
+        ) from None
     if key is None and len(parts) == 1:
         _record_source(target, parts[0], digest)
     return target

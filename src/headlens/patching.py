@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
-import einops
 import pandas as pd
 import torch
 from jaxtyping import Float, Int

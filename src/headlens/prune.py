@@ -72,13 +72,11 @@ class PruneResult:
 
     def plot(self, path: str | Path | None = None, *, title: str | None = None):
         """Relative worsening vs fraction removed, tolerance line and the largest removable fraction; PNG if ``path``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # a plain Figure: no pyplot state, the user's backend untouched
 
         curve = self.curve.sort_values("n_removed")
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig = Figure(figsize=(6.5, 4))
+        ax = fig.add_subplot()
         grid = curve[~curve.refined]
         ax.plot(grid.fraction_removed, 100 * grid.worsening, "o-", ms=3, label=f"{self.metric} (grid)")
         ref = curve[curve.refined]
@@ -100,7 +98,6 @@ class PruneResult:
             from headlens.io import save_figure
 
             save_figure(fig, path, dpi=110)
-            plt.close(fig)
         return fig
 
 

@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 
 from headlens import viz
 from headlens.errors import HeadlensError
+from headlens.heads import unit_name
 from headlens.io import write_bytes, write_csv, write_text
 from headlens.models import model_info
 from headlens.progress import tqdm
@@ -195,7 +196,7 @@ def _with_names(df: pd.DataFrame) -> pd.DataFrame:
     if not {"layer", "head"} <= set(df.columns) or "name" in df.columns:
         return df
     names = [
-        f"L{int(r.layer)}KV{int(r.kv_head)}"
+        unit_name(r.layer, r.head, r.kv_head)
         if pd.isna(r.head) and "kv_head" in df.columns and pd.notna(r.kv_head)
         else ("" if pd.isna(r.head) or pd.isna(r.layer) else viz.head_name(r.layer, r.head))
         for r in df[["layer", "head", *(["kv_head"] if "kv_head" in df.columns else [])]].itertuples(index=False)
@@ -504,7 +505,7 @@ def _results_section(
                     finite = grid[np.isfinite(grid)]
                     center = 0.0 if finite.size and finite.min() < 0 < finite.max() else None
                     label = f"{group_name}: {value}" if group_name else value
-                    unit = (lambda layer, head: f"L{layer}KV{head}") if kv_only else viz.head_name
+                    unit = (lambda layer, kv: unit_name(layer, None, kv)) if kv_only else viz.head_name
                     grids.append(viz.grid_html(grid, title=label, center=center, unit_name=unit, link=not kv_only))
             parts.append("".join(grids))
             df = df.reindex(df[values[0]].abs().sort_values(ascending=False, na_position="last").index)

@@ -37,6 +37,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.capture import stream_patterns
 from headlens.errors import HeadlensError
+from headlens.heads import head_name
 from headlens.models import kv_heads
 
 PROBES = ("natural", "random", "constant")
@@ -362,7 +363,7 @@ def plot_distance_curves(
             if g.empty:
                 raise HeadlensError(f"head ({layer}, {head}) is not in the profile")
             ax.plot(g["distance"], g[value], marker=".", label=p or value)
-        ax.set_title(f"L{layer} H{head}", fontsize=9)
+        ax.set_title(head_name(layer, head), fontsize=9)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("distance")

@@ -25,6 +25,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
 from headlens.errors import HeadlensError
+from headlens.heads import head_name
 from headlens.progress import tqdm
 
 CHECKPOINT = "toy_induction.safetensors"
@@ -135,7 +136,7 @@ def evaluate(model: HookedTransformer, tokens: Int[Tensor, "batch two_n"]) -> di
         for h, (ind, prev) in enumerate(
             zip(scores.induction(pattern, n).tolist(), scores.previous_token(pattern).tolist())
         ):
-            row[f"L{layer}H{h}"] = ind
+            row[head_name(layer, h)] = ind
             row[f"prev_L{layer}H{h}"] = prev
 
     hooks = [(utils.get_act_name("pattern", layer), hook) for layer in range(model.cfg.n_layers)]

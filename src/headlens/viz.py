@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 from headlens.capture import stream_patterns
 from headlens.census import LABELS, SCORES
 from headlens.errors import HeadlensError
-from headlens.models import check_head
+from headlens.heads import check_head, head_name
 from headlens.registry import head_types
 
 CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
@@ -153,10 +153,6 @@ class ViewSet:
 
 
 # ---------------------------------------------------------------- attention views
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"L{int(layer)}H{int(head)}"
 
 
 def head_patterns(
@@ -394,14 +390,14 @@ def is_per_head(df: pd.DataFrame, by: Sequence[str] | None = None) -> bool:
     return not any(g.duplicated(["layer", "head"]).any() for _, g in _groups(df, by))
 
 
-def _heatmap_axes(ax, grid: np.ndarray, *, title: str, center: float | None, kv_group: int | None):
+def _heatmap_axes(ax, grid: np.ndarray, *, title: str, center: float | None, kv_group: int | None, scale: str):
     finite = grid[np.isfinite(grid)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if center is not None:
         span = max(abs(lo - center), abs(hi - center)) or 1.0
         kwargs = dict(cmap="RdBu_r", vmin=center - span, vmax=center + span)
     else:
-        kwargs = dict(cmap="viridis", vmin=min(lo, 0.0), vmax=1.0 if hi <= 1.0 else hi)
+        kwargs = dict(cmap="viridis", vmin=min(lo, 0.0), vmax=1.0 if hi <= 1.0 and scale == "unit" else hi)
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", **kwargs)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("head")
@@ -427,7 +423,9 @@ def _panel_size(L: int, H: int) -> tuple[float, float]:
     return 1.6 + 0.2 * max(H, 4), 1.2 + 0.16 * max(L, 4)
 
 
-def _panels_figure(panels: list[tuple[str, np.ndarray, float | None, int | None]], ncols: int) -> Figure:
+def _panels_figure(
+    panels: list[tuple[str, np.ndarray, float | None, int | None]], ncols: int, scale: str = "unit"
+) -> Figure:
     ncols = max(1, min(ncols, len(panels)))
     nrows = -(-len(panels) // ncols)
     L = max(grid.shape[0] for _, grid, _, _ in panels)
@@ -435,7 +433,9 @@ def _panels_figure(panels: list[tuple[str, np.ndarray, float | None, int | None]
     width, height = _panel_size(L, H)
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     for i, (title, grid, center, kv_group) in enumerate(panels):
-        _heatmap_axes(fig.add_subplot(nrows, ncols, i + 1), grid, title=title, center=center, kv_group=kv_group)
+        _heatmap_axes(
+            fig.add_subplot(nrows, ncols, i + 1), grid, title=title, center=center, kv_group=kv_group, scale=scale
+        )
     return fig
 
 
@@ -449,12 +449,17 @@ def head_heatmaps(
     max_panels: int = 16,
     n_layers: int | None = None,
     n_heads: int | None = None,
+    scale: Literal["unit", "data"] = "unit",
+    title: str | None = None,
 ) -> Figure:
     """Layer x head heatmaps of per-head results (ablation / patching / fine-tune deltas), one panel per value column.
 
-    ``df`` needs layer, head and the ``values`` columns (default :func:`value_columns`); rows are split into
-    panels by ``by`` (default: probe / activation / method when present). ``center="auto"`` draws columns
-    with both signs diverging around 0 and the others sequential; dashed lines separate GQA kv groups.
+    THE layer x head heatmap of headlens (ablation sweeps, patching, census scores and fine-tune comparisons all
+    draw through it). ``df`` needs layer, head and the ``values`` columns (default :func:`value_columns`); rows
+    are split into panels by ``by`` (default: probe / activation / method when present); kv-group rows
+    (``head`` = <NA>) are drawn per kv head. ``center="auto"`` draws columns with both signs diverging around 0
+    and the others sequential (``scale="unit"``: 0..1 unless the data exceed 1; ``"data"``: the data's range);
+    dashed lines separate GQA kv groups. ``title`` goes above all panels.
     """
     if not isinstance(df, pd.DataFrame):
         raise HeadlensError(f"expected a pandas DataFrame with layer, head and value columns, got {type(df).__name__}")
@@ -475,7 +480,10 @@ def head_heatmaps(
             panels.append(
                 (f"{name}: {value}" if name else value, grid, mid, None if kv_heads_only else _kv_group(group))
             )
-    return _panels_figure(panels[:max_panels], ncols)
+    fig = _panels_figure(panels[:max_panels], ncols, scale)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def score_heatmaps(census: pd.DataFrame, *, scores: Sequence[str] | None = None, ncols: int = 4) -> Figure:
