@@ -1,7 +1,17 @@
 import os
+import sys
 
+import jaxtyping
 import pytest
 import torch
+
+# Runtime shape/dtype checks of every jaxtyped signature in headlens (before any headlens module is imported);
+# tests/shapecheck.py checks the jaxtyping annotations only (bad choices are headlens' HeadlensErrors to raise).
+sys.path.insert(0, os.path.dirname(__file__))
+# The engine's modules for now; census/scores et al. reject bad shapes with their own HeadlensErrors, which a
+# jaxtyping TypeCheckError would pre-empt (their bad-input tests expect those messages).
+CHECKED = ["headlens.heads", "headlens.intervene", "headlens.ablation", "headlens.patching", "headlens.prune"]
+jaxtyping.install_import_hook(CHECKED, "shapecheck.shapes_only")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

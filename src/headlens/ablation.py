@@ -66,7 +66,8 @@ from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
 from headlens.errors import HeadlensError
 from headlens.heads import (
-    Head,
+    Head,  # noqa: F401 (re-exported: headlens.ablation.Head)
+    HeadLike,
     check_heads,
     check_layers,
     format_heads,
@@ -95,10 +96,10 @@ METHODS = ("zero", "mean", "resample")
 # ---------------------------------------------------------------- metrics
 
 
-def custom_metric(
-    tokens: Int[Tensor, "batch pos"], fn: MetricFn, *, name: str = "custom", higher_is_better: bool = False
-) -> Metric:
-    """Wrap your own ``fn(logits, tokens) -> scalar`` (must be a mean over sequences for :func:`head_importance`)."""
+def custom_metric(tokens: Tensor, fn: MetricFn, *, name: str = "custom", higher_is_better: bool = False) -> Metric:
+    """Wrap your own ``fn(logits, tokens) -> scalar`` (must be a mean over sequences for :func:`head_importance`).
+
+    ``tokens``: integers [batch, pos] (typed loosely: checked here, with a message that says what to do)."""
     tokens = _check_tokens(tokens, "tokens")
     if not callable(fn):
         raise HeadlensError("a metric function must be callable as fn(logits, tokens) -> scalar tensor")
@@ -286,7 +287,7 @@ def _replace_hook(heads: list[int], replacement: Replacement):
     return hook
 
 
-def _sites(heads: Iterable[Head]) -> Intervention:
+def _sites(heads: Iterable[HeadLike]) -> Intervention:
     """The engine's sites for ablating ``heads`` together: one hook_z site per layer."""
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
@@ -296,10 +297,10 @@ def _sites(heads: Iterable[Head]) -> Intervention:
 
 def ablation_hooks(
     model: HookedTransformer,
-    heads: Iterable[Head],
+    heads: Iterable[HeadLike],
     *,
     method: Method = "zero",
-    reference: Int[Tensor, "batch pos"] | None = None,
+    reference: Int[Tensor, "ref_batch ref_pos"] | None = None,
     seed: int = 0,
     _replacement: Replacement | None = None,
 ) -> list[tuple[str, Callable]]:
@@ -315,10 +316,10 @@ def ablation_hooks(
 def run_ablated(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
-    heads: Iterable[Head],
+    heads: Iterable[HeadLike],
     *,
     method: Method = "zero",
-    reference: Int[Tensor, "batch pos"] | None = None,
+    reference: Int[Tensor, "ref_batch ref_pos"] | None = None,
     seed: int = 0,
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``): the plain TL reference."""
@@ -331,7 +332,7 @@ def run_ablated(
 def ablated_metrics(
     model: HookedTransformer,
     metric: Metric,
-    head_sets: Sequence[Sequence[Head]],
+    head_sets: Sequence[Sequence[HeadLike]],
     *,
     method: Method = "zero",
     reference: Tensor | None = None,
@@ -357,7 +358,7 @@ def ablated_metrics(
 def ablated_metric(
     model: HookedTransformer,
     metric: Metric | MetricFn,
-    heads: Iterable[Head],
+    heads: Iterable[HeadLike],
     *,
     tokens: Tensor | None = None,
     method: Method = "zero",
@@ -406,7 +407,7 @@ class RandomComparison:
 def compare_to_random(
     model: HookedTransformer,
     metric: Metric | MetricFn,
-    heads: Iterable[Head],
+    heads: Iterable[HeadLike],
     *,
     n_random: int = 20,
     method: Method = "zero",
@@ -541,7 +542,7 @@ def head_importance(
     tokens: Tensor | None = None,
     method: Method = "zero",
     reference: Tensor | None = None,
-    ablated: Iterable[Head] = (),
+    ablated: Iterable[HeadLike] = (),
     seed: int = 0,
 ) -> pd.DataFrame:
     """Michel et al. (2019) head importance from one forward + backward.

@@ -34,6 +34,10 @@ class Head(NamedTuple):
         return f"L{self.layer}H{self.head}"
 
 
+HeadLike = Head | tuple | str
+"""What head arguments accept: a Head, a (layer, head) pair of integers, or 'L5H3' / '5.3'."""
+
+
 def head_name(layer: int, head: int) -> str:
     """``L5H3``: the one spelling of a head in tables, figures and messages."""
     return str(Head(int(layer), int(head)))

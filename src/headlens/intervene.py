@@ -59,10 +59,10 @@ class Metric:
     higher_is_better: bool = False
     positions: Int[Tensor, " n_pos"] | None = None
 
-    def __call__(self, logits: Float[Tensor, "batch n_pos d_vocab"]) -> Float[Tensor, ""]:
+    def __call__(self, logits: Float[Tensor, "batch n_pos d_vocab"]) -> Tensor:  # a scalar; value() checks
         return self.fn(_at_least_float32(logits), self.tokens.to(logits.device))
 
-    def full(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+    def full(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
         """The metric on full-length logits (what ``model(tokens)`` and TransformerLens' patching pass)."""
         return self(logits if self.positions is None else logits[:, self.positions.to(logits.device)])
 

@@ -101,7 +101,7 @@ class PromptPair:
     """
 
     clean: Int[Tensor, "batch pos"]
-    corrupted: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "_ _"]  # the same shape as clean: __post_init__ says what to do when it is not
     positions: Int[Tensor, " n_pos"]
     metric: Metric | MetricFn
     name: str = "pair"

@@ -37,7 +37,7 @@ from headlens.ablation import (
     head_importance,
 )
 from headlens.errors import HeadlensError
-from headlens.heads import format_heads, head_name, kv_heads
+from headlens.heads import HeadLike, format_heads, head_name, kv_heads
 from headlens.progress import tqdm
 
 
@@ -102,7 +102,7 @@ class PruneResult:
 
 
 def _ranking(
-    model: HookedTransformer, metric: Metric, removed: list[Head], *, order: str, method: str, reference, seed: int
+    model: HookedTransformer, metric: Metric, removed: list[HeadLike], *, order: str, method: str, reference, seed: int
 ) -> list[tuple[Head, float]]:
     gone = set(removed)
     if order == "gradient":
@@ -150,12 +150,12 @@ def prune_curve(
     kv = kv_heads(model)
     clean = clean_metric(model, metric)
 
-    def measure(heads: list[Head]) -> float:
+    def measure(heads: list[HeadLike]) -> float:
         if not heads:
             return clean
         return ablated_metric(model, metric, heads, method=method, reference=reference, seed=seed)
 
-    removed: list[Head] = []
+    removed: list[HeadLike] = []
     ranked: list[tuple[Head, float]] = []
     order_rows, rows = [], []
     rows.append(_row(0, N, clean, clean, metric, tolerance, False, []))
@@ -220,7 +220,14 @@ def _order_list(order_rows: list[dict]) -> list[tuple[Head, float]]:
 
 
 def _row(
-    count: int, n: int, value: float, clean: float, metric: Metric, tolerance: float, refined: bool, heads: list[Head]
+    count: int,
+    n: int,
+    value: float,
+    clean: float,
+    metric: Metric,
+    tolerance: float,
+    refined: bool,
+    heads: list[HeadLike],
 ) -> dict:
     worse = metric.worsening(value, clean)
     return {
