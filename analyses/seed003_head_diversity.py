@@ -30,7 +30,7 @@ import torch
 
 from headlens.attention_stats import (
     attention_mask,
-    group_contrast,
+    group_contrast_table,
     head_similarity,
     mean_offdiagonal,
     pattern_similarity,
@@ -93,16 +93,13 @@ def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
     for drop in (0, 1):
         for metric, mats in head_similarity(model, tokens, metrics=METRICS, drop_keys=drop, batch_size=8).items():
             sims[(metric, drop)] = mats
-    layer_rows, gqa_rows, nulls = [], [], {}
-    for (metric, drop), mats in sims.items():
-        name = metric + ("_nosink" if drop else "")
-        for layer, sim in enumerate(mats):
-            test = group_contrast(sim, groups)
-            nulls.setdefault(name, []).append(test.pop("null"))
-            layer_rows.append({"layer": layer, "metric": name, "mean_similarity": mean_offdiagonal(sim)})
-            gqa_rows.append({"layer": layer, "metric": name, **test})
-    by_layer = pd.DataFrame(layer_rows).pivot(index="layer", columns="metric", values="mean_similarity")
-    gqa = pd.DataFrame(gqa_rows)
+    nulls = {}
+    named = {metric + ("_nosink" if drop else ""): mats for (metric, drop), mats in sims.items()}
+    table = group_contrast_table(named, groups, keep_null=True)
+    for name, part in table.groupby("metric", sort=False):
+        nulls[name] = list(part["null"])
+    by_layer = table.pivot(index="layer", columns="metric", values="mean_similarity")
+    gqa = table.drop(columns=["mean_similarity", "null"])
     combined = {}
     rng = np.random.default_rng(SEED)
     for name, layer_nulls in nulls.items():

@@ -362,6 +362,23 @@ def group_contrast(
     }
 
 
+def group_contrast_table(
+    sims: dict[str, Float[Tensor, "layer head head"]], groups: Sequence[int], *, keep_null: bool = False
+) -> pd.DataFrame:
+    """Per similarity metric and layer: mean off-diagonal similarity and :func:`group_contrast` (within vs across
+    GQA groups; no contrast columns with a single group). ``keep_null`` adds each row's permutation null."""
+    import pandas as pd
+
+    rows = []
+    for metric, mats in sims.items():
+        for layer, sim in enumerate(mats):
+            test = group_contrast(sim, groups) if len(set(groups)) > 1 else {}
+            if not keep_null:
+                test.pop("null", None)
+            rows.append({"layer": layer, "metric": metric, "mean_similarity": mean_offdiagonal(sim), **test})
+    return pd.DataFrame(rows)
+
+
 def head_similarity(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],

@@ -721,12 +721,10 @@ def stats(
         ) from None
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the tables")
-    import pandas as pd
 
     from headlens.attention_stats import (
-        group_contrast,
+        group_contrast_table,
         head_similarity,
-        mean_offdiagonal,
         scale_entropy_table,
         scale_settings,
     )
@@ -738,14 +736,7 @@ def stats(
     tokens = natural_text(hooked, seq_len=seq_len, batch=batch, seed=seed).tokens
     entropy = scale_entropy_table(hooked, tokens, temperatures=temps, progress=progress)
     sims = head_similarity(hooked, tokens, metrics=("cosine", "centered"), progress=progress)
-    groups = kv_heads(hooked)
-    rows = []
-    for metric, mats in sims.items():
-        for layer, sim in enumerate(mats):
-            test = group_contrast(sim, groups) if len(set(groups)) > 1 else {}
-            test.pop("null", None)
-            rows.append({"layer": layer, "metric": metric, "mean_similarity": mean_offdiagonal(sim), **test})
-    similarity = pd.DataFrame(rows)
+    similarity = group_contrast_table(sims, kv_heads(hooked))
     out.mkdir(parents=True, exist_ok=True)
     write_csv(entropy, out / "entropy.csv")
     write_csv(similarity, out / "similarity.csv")
