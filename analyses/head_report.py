@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _harness import study_args, write_summary
 
 from headlens import (
     ablation_sweep,
@@ -29,15 +30,20 @@ from headlens import (
     rope_summary,
     write_report,
 )
+from headlens.models import DEFAULT_MODEL
 from headlens.viz import top_heads
 
 OUT = Path(__file__).resolve().parent / "results" / "head_report"
+MODEL = DEFAULT_MODEL
 SEED = 0
 
 
 def main() -> None:
+    global OUT, SEED, MODEL
+    args = study_args(__doc__, out=OUT, seed=SEED)
+    OUT, SEED, MODEL = args.out, args.seed, args.model
     start = time.perf_counter()
-    model = load_model()
+    model = load_model(MODEL)
     table = census(model, seed=SEED)
     sweep = ablation_sweep(model, repeat_loss_metric(model, n_seqs=2, half_len=16, seed=SEED), method="zero")
     patch = activation_patching(model, induction_pair(model, seed=SEED), activation="z")
@@ -80,7 +86,7 @@ def main() -> None:
         ],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (OUT / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_summary(OUT / "summary.json", result)
     print(json.dumps(result, indent=2))
 
 

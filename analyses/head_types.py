@@ -241,7 +241,13 @@ def main() -> None:
     ]
     if not args.skip_retrieval:
         checks.append(
-            ("retrieval", "retrieval", RETRIEVAL_THRESHOLD, needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1)), 5)
+            (
+                "retrieval",
+                "retrieval",
+                RETRIEVAL_THRESHOLD,
+                needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1)),
+                5,
+            )
         )
     for name, col, thr, metric, n_random in checks:
         found = copy_suppression_heads(scores) if name == "copy_suppression" else None

@@ -34,12 +34,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from _harness import study_args, write_summary
 from matplotlib.colors import PowerNorm
 
 from headlens import scores
 from headlens.attention_stats import token_match
+from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "pattern_types"
+MODEL = DEFAULT_MODEL
 SEED = 0
 PROMPT = (
     "The river ran low that summer, and the children walked along the river bed. "
@@ -89,6 +92,9 @@ def natural_extras(model, probe) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    global OUT, SEED, MODEL
+    args = study_args(__doc__, out=OUT, seed=SEED)
+    OUT, SEED, MODEL = args.out, args.seed, args.model
     from headlens import load_model
     from headlens.census import probe_scores
     from headlens.models import kv_heads
@@ -97,7 +103,7 @@ def main() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
-    model = load_model()
+    model = load_model(MODEL)
     probes = default_probes(model, seed=SEED)
     table = {}
     for probe in probes:
@@ -189,7 +195,7 @@ def main() -> None:
         "heads_comma_period_above_0.3": int((df.comma_period > 0.3).sum()),
         "heads_entropy_above_0.7": int((df.entropy > 0.7).sum()),
     }
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(OUT / "summary.json", summary)
     print(top[top["rank"] <= 3].round(3).to_string(index=False))
     print(json.dumps(summary, indent=2))
 

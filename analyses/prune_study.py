@@ -13,18 +13,20 @@ prune_curve.png, removal_rank.png.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import study_args, write_summary
 
 from headlens import load_model
 from headlens.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
+from headlens.models import DEFAULT_MODEL
 from headlens.prune import prune_curve
 
 OUT = Path(__file__).resolve().parent / "results" / "prune_study"
+MODEL = DEFAULT_MODEL
 SEED, N_SEQS, SEQ_LEN, TOLERANCE, STEPS = 0, 2, 64, 0.01, 16
 
 
@@ -57,9 +59,12 @@ def removal_rank_figure(order, n_layers: int, n_heads: int, path: Path) -> None:
 
 
 def main() -> None:
+    global OUT, SEED, MODEL
+    args = study_args(__doc__, out=OUT, seed=SEED)
+    OUT, SEED, MODEL = args.out, args.seed, args.model
     torch.manual_seed(SEED)
     t0 = time.perf_counter()
-    model = load_model()
+    model = load_model(MODEL)
     OUT.mkdir(parents=True, exist_ok=True)
 
     corpus = loss_metric(model, n_seqs=2 * N_SEQS, seq_len=SEQ_LEN)
@@ -98,7 +103,7 @@ def main() -> None:
         "last_to_go": [f"L{r.layer}H{r.head}" for r in last.itertuples()],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(OUT / "summary.json", summary)
     print(result.summary())
     for name, c in checks.items():
         print(f"  pruned set on {name}: {c['clean']:.4f} -> {c['pruned']:.4f} ({c['worsening']:+.2%})")

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from _harness import study_args, write_summary
 
 from headlens.attention_stats import (
     attention_mask,
@@ -36,8 +37,10 @@ from headlens.attention_stats import (
     pattern_similarity,
     softmax_pattern,
 )
+from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "seed003_head_diversity"
+MODEL = DEFAULT_MODEL
 SEED = 0
 METRICS = ("cosine", "pearson", "centered")
 SEED_TABLE = {1: 1.00, 2: 0.12, 4: 0.17, 8: 0.19}
@@ -86,7 +89,7 @@ def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
     from headlens.probes import natural_text
 
     torch.manual_seed(SEED)
-    model = load_model()
+    model = load_model(MODEL)
     tokens = natural_text(model, seq_len=128, batch=8, seed=SEED).tokens
     groups = kv_heads(model)
     sims = {}
@@ -171,6 +174,9 @@ def plot(by_layer: pd.DataFrame, gqa: pd.DataFrame, sims: dict, groups: list[int
 
 
 def main() -> None:
+    global OUT, SEED, MODEL
+    args = study_args(__doc__, out=OUT, seed=SEED)
+    OUT, SEED, MODEL = args.out, args.seed, args.model
     OUT.mkdir(parents=True, exist_ok=True)
     toy = part_a()
     by_layer, gqa, combined, sims, groups = part_b()
@@ -183,7 +189,7 @@ def main() -> None:
         "qwen_least_diverse_layer_cosine": int(by_layer["cosine"].idxmax()),
         "gqa_combined": combined,
     }
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(OUT / "summary.json", summary)
     print(toy.round(3).to_string(index=False))
     print(by_layer.round(3).to_string())
     print(gqa[gqa.metric.isin(["cosine", "centered_nosink"])].round(4).to_string(index=False))

@@ -20,11 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from _harness import study_args, write_summary
 
 from headlens.attention_stats import attention_mask, mask_pattern, query_entropy
+from headlens.models import DEFAULT_MODEL
 from headlens.viz import CircuitsVisView, ViewSet, view_props
 
 OUT = Path(__file__).parent / "results" / "seed003_masks"
+MODEL = DEFAULT_MODEL
 SEED = 0
 WINDOW = 3
 WORDS = "The cat sat on the mat because it was tired .".split()
@@ -95,7 +98,7 @@ def qwen_locality() -> tuple[pd.DataFrame, dict]:
     from headlens.scores import first_token, local
 
     torch.manual_seed(SEED)
-    model = load_model()
+    model = load_model(MODEL)
     tokens = natural_text(model, seq_len=128, batch=8, seed=SEED).tokens
     sums = {}
 
@@ -150,6 +153,9 @@ def qwen_locality() -> tuple[pd.DataFrame, dict]:
 
 
 def main() -> None:
+    global OUT, SEED, MODEL
+    args = study_args(__doc__, out=OUT, seed=SEED)
+    OUT, SEED, MODEL = args.out, args.seed, args.model
     OUT.mkdir(parents=True, exist_ok=True)
     n = len(WORDS)
     table = mask_table(n)
@@ -160,7 +166,7 @@ def main() -> None:
     _, facts = qwen_locality()
     facts["masks_n11"] = table.set_index("mask").round(4).to_dict(orient="index")
     facts["masks_n128"] = table_128.set_index("mask").round(4).to_dict(orient="index")
-    (OUT / "summary.json").write_text(json.dumps(facts, indent=2))
+    write_summary(OUT / "summary.json", facts)
     print(table.round(3).to_string(index=False))
     print(table_128.round(3).to_string(index=False))
     print(json.dumps({k: v for k, v in facts.items() if not k.startswith("masks")}, indent=2))

@@ -22,10 +22,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from _harness import study_args, write_summary
 
 from headlens.attention_stats import query_entropy, scale_entropy_table
+from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "seed003_scaling"
+MODEL = DEFAULT_MODEL
 SEED = 0
 D_KS = [8, 32, 64, 128, 256, 512]
 SEQ_LEN = 20
@@ -110,7 +113,7 @@ def part_b() -> tuple[pd.DataFrame, dict]:
 
     t0 = time.time()
     torch.manual_seed(SEED)
-    model = load_model()
+    model = load_model(MODEL)
     tokens = natural_text(model, seq_len=QWEN_SEQ, batch=QWEN_BATCH, seed=SEED).tokens
     t1 = time.time()
     table = scale_entropy_table(model, tokens, temperatures=(0.5, 1.0, 2.0), unscaled=True, batch_size=8)
@@ -163,6 +166,9 @@ def part_b() -> tuple[pd.DataFrame, dict]:
 
 
 def main() -> None:
+    global OUT, SEED, MODEL
+    args = study_args(__doc__, out=OUT, seed=SEED)
+    OUT, SEED, MODEL = args.out, args.seed, args.model
     OUT.mkdir(parents=True, exist_ok=True)
     toy = part_a()
     by_layer, facts = part_b()
@@ -172,7 +178,7 @@ def main() -> None:
         "seed": SEED,
         "table": toy.pivot(index="d_k", columns="setting", values="mean").round(3).to_dict(),
     }
-    (OUT / "summary.json").write_text(json.dumps(facts, indent=2))
+    write_summary(OUT / "summary.json", facts)
     print(toy.round(3).to_string(index=False))
     print(by_layer.round(3).to_string())
     print(json.dumps({k: v for k, v in facts.items() if k != "toy"}, indent=2))

@@ -1,0 +1,43 @@
+"""What every analyses/ script shares: the command line (``--out``, ``--seed``, ``--model``) and atomic writes.
+
+    from _harness import study_args, write_summary
+    args = study_args(__doc__, out=OUT, seed=SEED)    # python analyses/x.py --out /tmp/x --seed 1 --model tiny-qwen2
+    write_summary(args.out / "summary.json", summary)  # temp file in the same directory + os.replace
+
+Defaults reproduce the committed results under analyses/results/<study>/; other values write elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from headlens.io import write_text
+from headlens.models import DEFAULT_MODEL
+
+
+def study_args(
+    doc: str | None,
+    *,
+    out: Path,
+    seed: int = 0,
+    model: str = DEFAULT_MODEL,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """Parse ``--out`` (created), ``--seed`` and ``--model`` (plus the options ``extra`` adds)."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("--out", type=Path, default=out, help=f"output directory (default: {out})")
+    parser.add_argument("--seed", type=int, default=seed, help=f"seed of probes and draws (default: {seed})")
+    parser.add_argument("--model", default=model, help=f"model to load (default: {model})")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def write_summary(path: Path, data, **json_kwargs) -> Path:
+    """``data`` as indented JSON at ``path``, atomically."""
+    return write_text(path, json.dumps(data, indent=2, **json_kwargs) + "\n")
