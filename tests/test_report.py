@@ -436,6 +436,7 @@ def test_notebook_html_renders_offline_and_tokens_stay_text(chromium, tiny_qwen,
         ]
     )
     page = tmp_path / "cell.html"
+    viz.reset_notebook_bundle()
     page.write_text(f'<!DOCTYPE html><meta charset="utf-8"><body>{views._repr_html_()}</body>', encoding="utf-8")
     chromium.open(page)
     chromium.wait_for(rendered(3))

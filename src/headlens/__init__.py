@@ -9,8 +9,13 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 
 from headlens.errors import HeadlensError
+
+# TransformerLens imports tqdm.auto, which warns in a notebook without ipywidgets; headlens' own bars
+# (headlens.progress) are plain text there, so the warning says nothing useful.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 _EXPORTS = {
     "load_model": "models",

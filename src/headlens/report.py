@@ -417,7 +417,10 @@ def _methods_section(
     if extra:
         items.append(("more census columns", ", ".join(extra)))
     items += [
-        ("attention prompt", f"{len(prompt)} characters, shown in the gallery section"),
+        (
+            "attention prompt",
+            f"{len(prompt)} {'characters' if isinstance(prompt, str) else 'tokens'}, shown in the gallery section",
+        ),
         ("software", _versions()),
     ]
     body = '<dl class="methods">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
@@ -691,7 +694,8 @@ def write_report(
     _head_view(page, model, census, prompt, frames, first, max_tokens)
     bar.update(1)
 
-    shown_prompt = f'<p>Prompt:</p><pre class="prompt">{_e(prompt)}</pre>'
+    text = prompt if isinstance(prompt, str) else " ".join(viz.str_tokens(model, prompt.tolist()))
+    shown_prompt = f'<p>Prompt:</p><pre class="prompt">{_e(text)}</pre>'
     views = viz.gallery(model, census, prompt, k=top_k, max_tokens=max_tokens)
     gallery_body = "\n".join(page.view(v) for v in views) or '<p class="muted">No labelled heads to show.</p>'
     page.section("gallery", "Gallery: top heads of each label", shown_prompt + "\n" + gallery_body)

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -121,7 +121,23 @@ class CircuitsVisView:
         return ViewSet([self]).to_html(prefix=prefix)
 
     def _repr_html_(self) -> str:
-        return self.to_html()
+        return ViewSet([self])._repr_html_()
+
+
+_BUNDLE_SHOWN = False
+"""Whether this process (a notebook kernel) has already emitted the CircuitsVis bundle in a ``_repr_html_``."""
+
+
+def reset_notebook_bundle() -> None:
+    """Make the next notebook view inline the CircuitsVis bundle again (e.g. after clearing that cell's output)."""
+    global _BUNDLE_SHOWN
+    _BUNDLE_SHOWN = False
+
+
+def _wait_for_bundle(calls: list[str]) -> str:
+    """Render calls that wait until the bundle (inlined by an earlier cell's output) has defined ``CircuitsVis``."""
+    body = "\n".join(calls)
+    return f"(function go() {{ if (!window.CircuitsVis) {{ setTimeout(go, 50); return; }}\n{body}\n}})();"
 
 
 @dataclass
@@ -136,8 +152,9 @@ class ViewSet:
     def __iter__(self):
         return iter(self.views)
 
-    def to_html(self, prefix: str | None = None) -> str:
-        """Titles and divs (ids ``{prefix}-{i}``, random prefix by default), then the bundle once, then the render calls."""
+    def to_html(self, prefix: str | None = None, *, bundle: bool = True) -> str:
+        """Titles and divs (ids ``{prefix}-{i}``, random prefix by default), then the bundle once (unless ``bundle``
+        is False: the page already has it), then the render calls."""
         prefix = prefix or f"headlens-cv-{uuid.uuid4().hex[:12]}"
         parts, calls = [], []
         for i, view in enumerate(self.views):
@@ -146,23 +163,36 @@ class ViewSet:
                 parts.append(f"<h4>{html.escape(view.title)}</h4>")
             parts.append(view.div(div_id))
             calls.append(render_call(div_id, view.name, view.props))
-        return "\n".join([*parts, f"<script>{bundle_js()}</script>", "<script>" + "\n".join(calls) + "</script>"])
+        scripts = [f"<script>{bundle_js()}</script>"] if bundle else []
+        return "\n".join([*parts, *scripts, "<script>" + _wait_for_bundle(calls) + "</script>"])
 
     def _repr_html_(self) -> str:
-        return self.to_html()
+        """Notebook display: the first view of a kernel inlines the bundle, later ones reuse it (one copy per notebook)."""
+        global _BUNDLE_SHOWN
+        first = not _BUNDLE_SHOWN
+        _BUNDLE_SHOWN = True
+        return self.to_html(bundle=first)
 
 
 # ---------------------------------------------------------------- attention views
 
 
+def str_tokens(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
+    """Each token id as text (``t17`` for a model without a tokenizer, e.g. the toy model)."""
+    if model.tokenizer is None:
+        return [f"t{int(t)}" for t in ids]
+    return [model.tokenizer.decode([int(t)]) for t in ids]
+
+
 def head_patterns(
     model: HookedTransformer,
-    prompt: str,
+    prompt: str | Int[Tensor, " pos"],
     heads: Sequence[tuple[int, int]],
     *,
     max_tokens: int = 128,
 ) -> tuple[list[str], Float[Tensor, "head q k"]]:
-    """String tokens of ``prompt`` and the attention pattern of each ``(layer, head)`` on it, in the order given.
+    """String tokens of ``prompt`` (text, or token ids for a model without a tokenizer) and the attention pattern
+    of each ``(layer, head)`` on it, in the order given.
 
     One forward, stopped after the last layer needed; each hook keeps only the chosen heads' rows.
     """
@@ -171,9 +201,16 @@ def head_patterns(
         raise HeadlensError("no heads given: pass heads as a list of (layer, head) pairs, e.g. [(5, 3)]")
     for layer, head in heads:
         check_head(model, layer, head)
-    if not isinstance(prompt, str) or not prompt:
+    if isinstance(prompt, Tensor):
+        if prompt.ndim != 1 or prompt.numel() == 0:
+            raise HeadlensError(f"pass token ids as one non-empty 1-d tensor, got shape {tuple(prompt.shape)}")
+        tokens = prompt.long()[None].to(model.cfg.device)
+    elif not isinstance(prompt, str) or not prompt:
         raise HeadlensError("the prompt is empty: pass a non-empty string")
-    tokens = model.to_tokens(prompt, prepend_bos=False)
+    else:
+        if model.tokenizer is None:
+            raise HeadlensError("this model has no tokenizer: pass the prompt as a 1-d tensor of token ids")
+        tokens = model.to_tokens(prompt, prepend_bos=False)
     if tokens.shape[1] > max_tokens:
         raise HeadlensError(
             f"the prompt is {tokens.shape[1]} tokens; attention views take at most max_tokens={max_tokens} "
@@ -187,8 +224,7 @@ def head_patterns(
 
     stream_patterns(model, tokens, keep, layers=wanted, batch_size=1, progress=False)
     patterns = torch.stack([kept[layer][head] for layer, head in heads])
-    str_tokens = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
-    return str_tokens, patterns
+    return str_tokens(model, tokens[0].tolist()), patterns
 
 
 def view_props(
