@@ -328,6 +328,18 @@ def test_text_pair_metric(tiny_qwen):
         )
 
 
+def test_text_pair_scores_each_prompt_against_its_own_answer(tiny_qwen):
+    clean, corrupted = ["The cat sat on the", "The dog ran to the"], ["The dog ran to the", "The cat sat on the"]
+    pair = text_pair(tiny_qwen, clean, corrupted, answer=[" cat", " the"], wrong=[" the", " cat"])
+    ids = [[tiny_qwen.to_single_token(t) for t in pair_] for pair_ in ([" cat", " the"], [" the", " cat"])]
+    with torch.no_grad():
+        last = tiny_qwen(pair.clean)[:, -1]
+    expected = ((last[0, ids[0][0]] - last[0, ids[1][0]]) + (last[1, ids[0][1]] - last[1, ids[1][1]])) / 2
+    assert float(pair.metric_logits(tiny_qwen(pair.clean))) == pytest.approx(float(expected), abs=1e-5)
+    with pytest.raises(HeadlensError, match="one answer per prompt"):
+        text_pair(tiny_qwen, clean, corrupted, answer=[" cat"])
+
+
 def test_cli_patch_writes_csvs(tmp_path):
     from typer.testing import CliRunner
 
