@@ -245,17 +245,15 @@ def _slug(name: str) -> str:
 
 
 def _figures(result: Atlas) -> tuple[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # plain Figures: the user's matplotlib backend is left alone
 
     from headlens.census import LABELS
     from headlens.viz import LABEL_COLORS, figure_img
 
     models = list(result.census)
     shares = result.depth_shares
-    fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models) + 1.2, 3.2), sharey=True, squeeze=False)
+    fig = Figure(figsize=(2.6 * len(models) + 1.2, 3.2))
+    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)
     for ax, model in zip(axes[0], models):
         part = shares[shares.model == model].pivot(index="bin", columns="label", values="share").fillna(0)
         bottom = np.zeros(len(part))
@@ -278,9 +276,9 @@ def _figures(result: Atlas) -> tuple[str, str]:
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     shares_img = figure_img(fig, alt="label shares by relative depth")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.55 * len(models)))
+    fig = Figure(figsize=(7, 0.6 + 0.55 * len(models)))
+    ax = fig.subplots()
     offsets = {"induction": 0.18, "previous_token": 0.0, "first_token": -0.18}
     for y, model in enumerate(models):
         table = result.census[model]
@@ -304,7 +302,6 @@ def _figures(result: Atlas) -> tuple[str, str]:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     where_img = figure_img(fig, alt="where induction, previous-token and sink heads sit")
-    plt.close(fig)
     return shares_img, where_img
 
 
