@@ -9,7 +9,8 @@ One run writes analyses/results/census_trust/:
 - causal.csv                label heads vs layer-matched random head sets (effect ratio with interval)
 - summary.json              the headline numbers, timings (machine shared with other jobs), provenance
 
-Run: /work/bin/qwen-slot .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores)
+Run: /work/bin/qwen-slot .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores);
+``--cached`` re-labels the per-sequence scores of the last run (kept in /tmp) without new forwards.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ import torch
 
 from headlens import load_model
 from headlens.calibrate import null_levels, null_scores
-from headlens.census import _thresholds, build_table, collect, label_counts
+from headlens.census import PerSequence, _thresholds, build_table, collect, label_counts
 from headlens.corpus import provenance
 from headlens.probes import default_probes
-from headlens.registry import head_types
+from headlens.registry import WEIGHTS, head_types
 from headlens.validate import causal_validation
 
 OUT = Path(__file__).parent / "results" / "census_trust"
 SEEDS = (0, 1, 2)
 SIZES = (4, 8)
+CACHE = Path("/tmp/headlens_census_trust")  # per-sequence scores, for re-labelling with --cached (not committed)
 
 
 def atomic_text(path: Path, text: str) -> None:
@@ -59,8 +61,6 @@ def agreement(tables: list[pd.DataFrame]) -> dict:
 
 
 def subset(per, k: int):
-    from headlens.census import PerSequence
-
     return PerSequence({kind: {c: v[:k] for c, v in cols.items()} for kind, cols in per.by_kind.items()}, per.weights)
 
 
@@ -74,7 +74,18 @@ def main() -> None:
     for seed in SEEDS:
         start = time.perf_counter()
         probes = default_probes(model, seed=seed)
-        per = collect(model, probes, types, batch_size=8, progress=False)
+        cache = CACHE / f"seed{seed}.npz"
+        if "--cached" in sys.argv and cache.exists():  # re-label stored per-sequence scores (no forwards)
+            with np.load(cache, allow_pickle=False) as z:
+                per = PerSequence({}, {})
+                for key in z.files:
+                    kind, col = key.split("|", 1)
+                    (per.weights if kind == WEIGHTS else per.by_kind.setdefault(kind, {}))[col] = z[key]
+        else:
+            per = collect(model, probes, types, batch_size=8, progress=False)
+            CACHE.mkdir(parents=True, exist_ok=True)
+            arrays = {f"{k}|{c}": v for k, d in per.by_kind.items() for c, v in d.items()}
+            np.savez(cache, **arrays, **{f"{WEIGHTS}|{c}": v for c, v in per.weights.items()})
         table = build_table(model, per, types, limits, seed=seed)
         timings[f"census_seed{seed}_s"] = round(time.perf_counter() - start, 1)
         sources[seed] = {k: list(p.sources) for k, p in probes.items() if p.sources}

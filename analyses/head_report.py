@@ -61,9 +61,6 @@ def main() -> None:
     per_layer = pd.crosstab(table.layer, table.label)
 
     OUT.mkdir(parents=True, exist_ok=True)
-    evidence.to_csv(OUT / "census.csv", index=False)
-    per_layer.to_csv(OUT / "labels_per_layer.csv")
-    named.to_csv(OUT / "named_heads.csv", index=False)
     write_report(
         OUT,
         model=model,
@@ -72,6 +69,11 @@ def main() -> None:
         patching=patch[["layer", "head", "effect"]].rename(columns={"effect": "induction_pair_recovery"}),
         rope=profile,
     )
+    # after the report: write_report writes the plain census.csv; the richer table (census + per-head
+    # ablation, patching and RoPE evidence) must be the one that stays
+    evidence.to_csv(OUT / "census.csv", index=False)
+    per_layer.to_csv(OUT / "labels_per_layer.csv")
+    named.to_csv(OUT / "named_heads.csv", index=False)
     induction = evidence[evidence.label == "induction"]
     others = evidence[evidence.label != "induction"]
     result = {

@@ -246,18 +246,20 @@ def label_summary(table, *, k: int = 5):
     """Per label: heads, share and the ``k`` top heads with their label score, e.g. ``L9H8 0.97``."""
     import pandas as pd
 
-    from headlens.census import LABEL_SCORE, LABELS
+    from headlens.census import LABEL_SCORE, LABELS, label_counts
 
+    intervals = label_counts(table).set_index("label")
     rows = []
     for label in [lb for lb in LABELS if (table["label"] == lb).any()]:
         part = table[table["label"] == label]
-        score = LABEL_SCORE.get(label, label)
+        score = "label_score" if "label_score" in part.columns else LABEL_SCORE.get(label, label)
         top = part.sort_values(score, ascending=False).head(k) if score in part.columns else part.head(0)
         names = " ".join(f"{head_name(r.layer, r.head)} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
         rows.append(
             {
                 "label": label,
                 "heads": len(part),
+                "95% interval": f"{intervals.loc[label, 'lo']}-{intervals.loc[label, 'hi']}",
                 "share": len(part) / len(table),
                 "score": score if score in part.columns else "",
                 "top heads (score)": names,
