@@ -1,6 +1,6 @@
 """Census cost on the default Qwen: wall time against a plain forward over the same tokens, and peak memory.
 
-Run (one process loads Qwen; take the shared lock): ``flock /tmp/headlens-qwen.lock python benchmarks/bench_census.py``
+Run (no other Qwen job meanwhile): ``/work/bin/qwen-slot --all .venv/bin/python benchmarks/bench_census.py --repeats 2``
 
 1. Time. The default census (probes of ``default_probes``, batch_size 8) against plain forwards
    ``model(tokens)`` of the very same token batches (same batch split), alternated ``--repeats`` times;
@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -124,6 +125,8 @@ def main() -> None:
         "ratio_patterns_only_over_forward": round((best_census - copy_s) / best_forward, 3),
         "forward_without_unembed_s_runs": [round(x, 2) for x in trunk_runs],
         "ratio_patterns_only_over_forward_without_unembed": round((best_census - copy_s) / min(trunk_runs), 3),
+        "ratio_census_over_forward_without_unembed": round(best_census / min(trunk_runs), 3),
+        "load_average_at_end": list(os.getloadavg()),
         "mem_tokens": args.mem_tokens,
         "census_peak_over_model_GB": round(mem_census / 1e9, 3),
         "census_long_s": round(mem_census_s, 2),
