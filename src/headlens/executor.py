@@ -272,6 +272,7 @@ class RayExecutor(Executor):
         """The actors holding ``model`` (one copy each), started on first use; the model's recipe is their key."""
         spec = None if model is None else spec_of(model)
         if spec not in self._pools:
+            self._kill_pools()  # actors hold their CPUs/GPUs: one pool at a time, or a new one could never be placed
             self._pools[spec] = [self._new_actor(spec) for _ in range(self.workers)]
         return self._pools[spec]
 
@@ -317,12 +318,15 @@ class RayExecutor(Executor):
                 idle.append(actor)
                 yield i, result, ShardTiming(i, seconds, pid)
 
-    def close(self) -> None:
-        """Kill this executor's actors (and the local Ray it started)."""
+    def _kill_pools(self) -> None:
         for actors in self._pools.values():
             for actor in actors:
                 self.ray.kill(actor)
         self._pools = {}
+
+    def close(self) -> None:
+        """Kill this executor's actors (and the local Ray it started)."""
+        self._kill_pools()
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()
             self._started = False
