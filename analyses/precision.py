@@ -1,7 +1,7 @@
-"""bf16 / fp16 vs fp32 census scores on the default Qwen (CPU): how far do reduced-precision weights move them?
+"""bf16 vs fp32 census scores on the default Qwen (CPU): how far do reduced-precision weights move them?
 
 The census scores patterns in float32 whatever the model's dtype (``headlens.census.batch_sums``), so
-the difference measured here is the model's own: weights rounded to bf16 (fp16), activations and
+the difference measured here is the model's own: weights rounded to bf16, activations and
 attention computed in bf16. Default census probes, seed 0, batch size 8. Per score: max and mean
 |Δ| over the 336 heads; label agreement; the heads whose label changes, with their fp32 scores.
 
@@ -27,7 +27,7 @@ from headlens.io import write_csv, write_json
 OUT = Path(__file__).parent / "results" / "precision"
 
 
-def main(dtypes=("bfloat16", "float16")) -> dict:
+def main(dtypes=("bfloat16",)) -> dict:
     torch.manual_seed(0)
     tables, seconds = {}, {}
     for dtype in ("float32", *dtypes):
