@@ -377,3 +377,23 @@ def test_qwen_sweep_parity_and_induction_heads_matter(qwen):
     assert table.clean < 2.0  # Qwen copies the repeated half
     assert table.p_random_ge == 0.0
     assert table.target_worsening > 2 * max(table.random_mean, 0.05)
+
+
+def test_prune_answer_agrees_with_its_curve_and_plot_ticks_read_as_percent(tiny, loss):
+    """Every point up to the reported count is within tolerance (the curve need not be monotone: the answer is
+    taken before the curve first leaves the tolerance), and the symlog axis reads "+1%", not "10^0"."""
+    for tolerance in (0.0, 0.002, 0.01, 0.05):
+        result = prune_curve(tiny, loss, tolerance=tolerance, steps=8, order="ablation", progress=False)
+        upto = result.curve[result.curve.n_removed <= result.max_removed]
+        assert upto.within_tolerance.all(), (tolerance, result.curve)
+    fig = result.plot()
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels and all(
+        t.endswith("%") and "10" not in t.replace("+10%", "").replace("-10%", "") for t in labels if t
+    )
+
+
+def test_metric_repr_shows_the_token_shape_not_the_tokens(tiny, loss):
+    text = repr(loss)
+    assert text.startswith(f"Metric({loss.name!r}, tokens {tuple(loss.tokens.shape)}") and "tensor(" not in text

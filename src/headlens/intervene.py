@@ -59,6 +59,11 @@ class Metric:
     higher_is_better: bool = False
     positions: Int[Tensor, " n_pos"] | None = None
 
+    def __repr__(self) -> str:  # the shape of the tokens, not the tokens (a REPL would print thousands of ids)
+        where = "all positions" if self.positions is None else f"{len(self.positions)} positions"
+        better = "higher" if self.higher_is_better else "lower"
+        return f"Metric({self.name!r}, tokens {tuple(self.tokens.shape)}, {where}, {better} is better)"
+
     def __call__(self, logits: Float[Tensor, "batch n_pos d_vocab"]) -> Tensor:  # a scalar; value() checks
         return self.fn(_at_least_float32(logits), self.tokens.to(logits.device))
 

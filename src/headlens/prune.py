@@ -73,6 +73,7 @@ class PruneResult:
     def plot(self, path: str | Path | None = None, *, title: str | None = None):
         """Relative worsening vs fraction removed, tolerance line and the largest removable fraction; PNG if ``path``."""
         from matplotlib.figure import Figure  # a plain Figure: no pyplot state, the user's backend untouched
+        from matplotlib.ticker import FuncFormatter
 
         curve = self.curve.sort_values("n_removed")
         fig = Figure(figsize=(6.5, 4))
@@ -85,6 +86,7 @@ class PruneResult:
         ax.axhline(100 * self.tolerance, color="C3", ls="--", lw=1, label=f"tolerance {self.tolerance:.1%}")
         ax.axvline(self.max_fraction, color="C1", ls=":", lw=1, label=f"max removable {self.max_fraction:.1%}")
         ax.set_yscale("symlog", linthresh=max(100 * self.tolerance, 1e-3))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0%"))  # not "-10^0"
         ax.set_xlabel("fraction of attention heads removed")
         ax.set_ylabel("relative worsening of metric (%)")
         ax.set_title(
@@ -181,8 +183,11 @@ def prune_curve(
         rows.append(_row(count, N, value, clean, metric, tolerance, False, [h for h, _ in take]))
     curve = pd.DataFrame(rows)
 
-    ok = curve[curve.within_tolerance]
-    best = int(ok.n_removed.max())
+    # the largest count before the curve FIRST leaves the tolerance: every smaller grid count is within it too,
+    # so "k heads removable" never contradicts a worse point earlier on the curve (the curve need not be monotone)
+    over = curve.n_removed[~curve.within_tolerance]
+    first_over = int(over.min()) if len(over) else N + 1
+    best = int(curve.n_removed[curve.within_tolerance & (curve.n_removed < first_over)].max())
     if refine and best < N:
         nxt = min(c for c in counts if c > best)
         prefix = [h for h, _ in _order_list(order_rows)[:best]]
