@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -36,16 +37,25 @@ def test_every_command_is_listed_here():
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
 def test_help_answers_in_under_a_second_in_a_fresh_process(command):
-    """Wall time of `headlens [cmd] --help` in a new interpreter (best of 5: the 2 cores are shared with other jobs)."""
+    """`headlens [cmd] --help` in a new interpreter: best of 5 wall times < 1 s, and its CPU time < 1 s.
+
+    The wall-time bound is skipped only while the machine is overloaded (load average above twice its cores:
+    the wall clock then measures the run queue); the CPU-time bound always holds and fails as soon as the CLI
+    imports torch/transformers again (that alone costs several CPU seconds)."""
     args = [command, "--help"] if command else ["--help"]
-    times = []
+    walls, cpus = [], []
     for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         result = _run(*args)
-        times.append(time.perf_counter() - start)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         assert result.returncode == 0, result.stderr
         assert "Usage" in result.stdout
-    assert min(times) < 1.0, f"headlens {' '.join(args)} took {min(times):.2f} s (runs: {times})"
+    assert min(cpus) < 1.0, f"headlens {' '.join(args)} used {min(cpus):.2f} s of CPU (runs: {cpus})"
+    overloaded = os.getloadavg()[0] > 2 * (os.cpu_count() or 1)
+    assert min(walls) < 1.0 or overloaded, f"headlens {' '.join(args)} took {min(walls):.2f} s (runs: {walls})"
 
 
 def test_cli_startup_imports_nothing_heavy():
@@ -96,7 +106,7 @@ def test_progress_in_a_pipe_is_plain_lines_and_no_progress_silences_it(tmp_path)
     assert quiet.stderr.splitlines() == ["loading tiny-qwen2 ..."]
     # the printed table: a header with units, one row per label present, top heads with their scores
     out = result.stdout.splitlines()
-    assert out[1].split()[:4] == ["label", "heads", "share", "score"]
+    assert out[1].split()[:5] == ["label", "heads", "heads", "95%", "share"]  # counts with bootstrap intervals
 
 
 def test_no_progress_silences_third_party_bars_imported_later():

@@ -597,3 +597,14 @@ def test_qwen_report_renders(qwen, tmp_path, chromium):
     assert offline(chromium.requests()) == [] and chromium.problems() == []
     open_head(chromium, "L23H13", via=".labelmap td")
     assert chromium.eval("document.getElementById('head-title').textContent").startswith("L23H13: ")
+
+
+def test_head_view_opens_on_the_top_labelled_head_by_default(tiny_qwen, tmp_path):
+    census = fake_census()
+    path = write_report(tmp_path, model=tiny_qwen, census=census, figures=False, progress=False)
+    data = json.loads(
+        re.search(r'<script type="application/json" id="head-data">(.*?)</script>', path.read_text()).group(1)
+    )
+    best = viz.top_heads(census, k=1).iloc[0]
+    assert data["first"] == viz.head_name(best["layer"], best["head"])
+    assert set(data["heads"]) == {viz.head_name(l, h) for l, h in zip(census["layer"], census["head"])}

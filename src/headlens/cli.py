@@ -259,9 +259,9 @@ def label_summary(table, *, k: int = 5):
             {
                 "label": label,
                 "heads": len(part),
+                "heads 95%": f"{intervals.loc[label, 'lo']}-{intervals.loc[label, 'hi']}",
                 "share": len(part) / len(table),
                 "score": score if score in part.columns else "",
-                "heads 95%": f"{intervals.loc[label, 'lo']}-{intervals.loc[label, 'hi']}",
                 "top heads (score)": names,
             }
         )

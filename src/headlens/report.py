@@ -312,39 +312,21 @@ def _model_section(page: _Page, info: dict) -> None:
 
 
 def head_types() -> list[dict]:
-    """Label name, description, threshold and colour of every head type: from ``headlens.registry`` when it
-    exists, else from the census thresholds and the report's own definitions."""
-    try:
-        from headlens.registry import head_types as registered
-    except ImportError:
-        registered = None
-    if registered is not None:
-        out = []
-        for t in registered():
-
-            def get(k, t=t):
-                return t.get(k) if isinstance(t, dict) else getattr(t, k, None)
-
-            out.append(
-                {
-                    "name": get("name"),
-                    "description": get("description") or "",
-                    "threshold": get("threshold"),
-                    "color": get("color") or viz.LABEL_COLORS.get(get("name"), "#bcbd22"),
-                }
-            )
-        return out
-    from headlens.census import LABEL_SCORE, THRESHOLDS
+    """Name, description, threshold, score column, tier, colour and whether it labels, of every registered head type
+    (``headlens.registry``): the report's thresholds, definitions and label colours all come from here."""
+    from headlens.registry import head_types as registered
 
     return [
         {
-            "name": name,
-            "description": DEFINITIONS.get(LABEL_SCORE.get(name, name), ""),
-            "threshold": value,
-            "score": LABEL_SCORE.get(name, name),
-            "color": viz.LABEL_COLORS.get(name, "#bcbd22"),
+            "name": t.name,
+            "description": t.description,
+            "threshold": t.threshold,
+            "score": t.column,
+            "tier": t.tier,
+            "color": t.color,
+            "label": t.label,
         }
-        for name, value in THRESHOLDS.items()
+        for t in registered().values()
     ]
 
 
@@ -371,7 +353,6 @@ def _methods_section(
     page: _Page, model: HookedTransformer, info: dict, census: pd.DataFrame, seed: int | None, prompt: str
 ) -> None:
     """What a reader needs to interpret the numbers: weights, seed, probes, thresholds, definitions, versions."""
-    from headlens.census import TIERS
     from headlens.models import DEFAULT_MODEL, QWEN_SHA256
 
     source = (
@@ -401,19 +382,34 @@ def _methods_section(
             if p is not None
         )
         items += [("seed", str(seed)), ("probes (default set)", sizes)]
-    types = head_types()
-    items.append(("thresholds", "; ".join(f"{t['name']} >= {t['threshold']}" for t in types)))
+    types = [t for t in head_types() if t["label"]]
+    items.append(("thresholds", "; ".join(f"{t['name']}: {t['score']} >= {t['threshold']}" for t in types)))
+    tiers = sorted({t["tier"] for t in types})
+    order = " then ".join("(" + ", ".join(t["name"] for t in types if t["tier"] == tier) + ")" for tier in tiers)
     items.append(
         (
             "labelling",
-            "a head is a candidate for every label whose score reaches its threshold; tiers "
-            + " then ".join("(" + ", ".join(t) + ")" for t in TIERS)
-            + " are tried in order, and within the first tier with a candidate the highest score/threshold ratio wins; "
-            "no candidate gives 'other'",
+            f"a head is a candidate for every label whose score reaches its threshold; tiers {order} are tried in "
+            "order, and within the first tier with a candidate the highest score/threshold ratio wins; no candidate "
+            "gives 'other'",
         )
     )
-    items += [(f"score: {name}", text) for name, text in DEFINITIONS.items() if name in census.columns]
-    extra = [c for c in census.columns if c not in viz.CENSUS_COLUMNS]
+    described = {t["name"]: t["description"] for t in head_types() if t["description"]}
+    items += [(f"score: {name}", text) for name, text in described.items() if name in census.columns]
+    items += [
+        (f"score: {name}", text)
+        for name, text in DEFINITIONS.items()
+        if name in census.columns and name not in described
+    ]
+    if any(c.endswith("_lo") for c in census.columns):
+        items.append(
+            (
+                "intervals",
+                "<score>_lo / _hi: 95 % percentile bootstrap intervals over the probe sequences; confidence: the share "
+                "of bootstrap resamples that give the head the same label; label counts carry the same intervals",
+            )
+        )
+    extra = [c for c in census.columns if c not in viz.CENSUS_COLUMNS and not c.endswith(("_lo", "_hi"))]
     if extra:
         items.append(("more census columns", ", ".join(extra)))
     items += [
@@ -430,8 +426,7 @@ def _methods_section(
 def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     """Heads per label (``LABELS`` order, then any other label) with their share and top heads.
 
-    When the census carries interval columns for a label count (``n_<label>_lo`` / ``n_<label>_hi`` in ``attrs``
-    or a ``label_counts`` DataFrame in ``attrs``), they are added as ``heads low`` / ``heads high``."""
+    With the census' bootstrap ``attrs["label_counts"]`` (rows label, lo, hi) the counts get their 95 % interval."""
     counts = census["label"].value_counts()
     order = [lb for lb in viz.LABELS if lb in counts.index] + sorted(set(counts.index) - set(viz.LABELS))
     top = viz.top_heads(census, k=k, labels=[lb for lb in order if lb in viz.LABEL_SCORE])
@@ -447,12 +442,11 @@ def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
             }
         )
     out = pd.DataFrame(rows, columns=["label", "heads", "share", "top heads"])
-    intervals = census.attrs.get("label_counts") if hasattr(census, "attrs") else None
-    if isinstance(intervals, pd.DataFrame) and {"label", "low", "high"} <= set(intervals.columns):
-        out = out.merge(
-            intervals[["label", "low", "high"]].rename(columns={"low": "heads low", "high": "heads high"}),
-            on="label",
-            how="left",
+    intervals = census.attrs.get("label_counts")
+    if intervals is not None:
+        bounds = {r["label"]: (r["lo"], r["hi"]) for r in pd.DataFrame(intervals).to_dict("records")}
+        out.insert(
+            2, "heads 95% interval", [f"{bounds[lb][0]}-{bounds[lb][1]}" if lb in bounds else "" for lb in out.label]
         )
     return out
 
@@ -562,23 +556,22 @@ def _head_view(
     """The per-head view: a picker, scores vs thresholds, the pattern on the prompt, and the evidence of each section."""
     heads = list(zip(census["layer"].astype(int), census["head"].astype(int)))
     tokens, patterns = viz.head_patterns(model, prompt, heads, max_tokens=max_tokens)
-    limits = {t["name"]: t["threshold"] for t in head_types()}
-    score_label = {v: k for k, v in viz.LABEL_SCORE.items()}
+    limits = {t["score"]: t["threshold"] for t in head_types() if t["label"]}
     data_heads = {}
-    for (layer, head), row, pattern in zip(heads, census.itertuples(index=False), patterns.numpy()):
+    for (layer, head), (_, row), pattern in zip(heads, census.iterrows(), patterns.numpy()):
         name = viz.head_name(layer, head)
-        scores = [
-            [
-                s,
-                _cell(getattr(row, s))[0],
-                "" if limits.get(score_label.get(s, s)) is None else f"{limits[score_label.get(s, s)]}",
-            ]
-            for s in viz.SCORES
-            if s in census.columns
-        ]
+        scores = []
+        for s in (s for s in viz.SCORES if s in census.columns):
+            value = _cell(row[s])[0]
+            if f"{s}_lo" in census.columns and pd.notna(row[f"{s}_lo"]):
+                value += f" [{row[f'{s}_lo']:.3f}, {row[f'{s}_hi']:.3f}]"
+            scores.append([s, value, "" if limits.get(s) is None else f"{limits[s]}"])
+        label = str(row["label"])
+        if "confidence" in census.columns and pd.notna(row["confidence"]):
+            label += f", confidence {row['confidence']:.2f}"
         data_heads[name] = {
-            "label": str(row.label),
-            "kv_head": int(row.kv_head),
+            "label": label,
+            "kv_head": int(row["kv_head"]),
             "scores": scores,
             "pattern": _quantized_tril(pattern),
             "evidence": head_evidence(frames, layer, head),
@@ -589,7 +582,7 @@ def _head_view(
         "first": first,
         "sections": {k: SECTION_TITLES.get(k, k) for k in frames},
     }
-    options = "".join(f'<option value="{n}">{n} {_e(h["label"])}</option>' for n, h in data_heads.items())
+    options = "".join(f'<option value="{n}">{n} {_e(h["label"].split(",")[0])}</option>' for n, h in data_heads.items())
     body = (
         f'<p>Pick a head <select id="head-select">{options}</select> or click one in the label map, a heatmap or a table. '
         "Pattern on the report's prompt (rounded to 1/255), census scores against the label thresholds, and the head's rows "
@@ -689,7 +682,7 @@ def write_report(
     first = (
         viz.head_name(*heads[0])
         if heads
-        else (viz.head_name(top.iloc[0].layer, top.iloc[0].head) if len(top) else "L0H0")
+        else (viz.head_name(top.iloc[0]["layer"], top.iloc[0]["head"]) if len(top) else "L0H0")
     )
     _head_view(page, model, census, prompt, frames, first, max_tokens)
     bar.update(1)
