@@ -424,6 +424,8 @@ def _thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:
     for name, value in (overrides or {}).items():
         if name not in limits:
             raise HeadlensError(f"unknown threshold {name!r}; known: {', '.join(limits)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise HeadlensError(f"threshold {name!r} must be a number, got {type(value).__name__} {value!r}")
         if not np.isfinite(value) or value <= 0:
             raise HeadlensError(f"threshold {name!r} must be a positive number (got {value})")
         limits[name] = float(value)

@@ -93,6 +93,53 @@ CENSUS_CSV = typer.Option(
 )
 
 
+POSITIVE = ("top", "top_k", "batch", "batch_size", "n_seqs", "seq_len", "n_tokens", "steps", "n_random", "workers")
+TEXTS = ("prompt", "clean", "corrupted", "answer", "wrong", "correct")
+MAX_SEED = 2**32 - 1
+
+
+def _validate(params: dict) -> None:
+    """Check a command's arguments before anything is loaded: output directory, counts, seed, texts, numbers.
+
+    Called first in every command with ``locals()``; each check applies to the parameters the command has.
+    """
+    import math
+
+    from headlens.io import check_output_dir
+
+    for name in POSITIVE:
+        value = params.get(name)
+        if value is not None and value < 1:
+            raise HeadlensError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    seed = params.get("seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise HeadlensError(f"--seed must be between 0 and {MAX_SEED} (got {seed})")
+    for name in TEXTS:
+        value = params.get(name)
+        if value is not None and not value.strip():
+            raise HeadlensError(f"--{name} is empty: give some text, or leave the option out for the default")
+    tolerance = params.get("tolerance")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise HeadlensError(f"--tolerance must be a positive number (got {tolerance})")
+    temperatures = params.get("temperatures")
+    if temperatures is not None:
+        try:
+            temps = [float(t) for t in temperatures.split(",") if t.strip()]
+        except ValueError:
+            temps = []
+        if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
+            raise HeadlensError(f"--temperatures must be a comma list of positive numbers, e.g. 0.5,1,2 (got {temperatures!r})")
+    census_csv = params.get("census_csv")
+    if census_csv is not None and not Path(census_csv).is_file():
+        raise HeadlensError(f"--census {census_csv} is not a file: pass the census.csv written by `headlens census`")
+    out = params.get("out")
+    if out is not None:
+        check_output_dir(out)
+        csv = Path(out) / "census.csv"
+        if csv.exists() and not csv.is_file():
+            raise HeadlensError(f"{csv} is not a file: remove it or pass another --out")
+
+
 def _out(help: str):
     return typer.Option(..., "--out", "-o", help=help)
 
@@ -102,13 +149,19 @@ def _start(progress: bool) -> None:
     _progress.set_enabled(progress)
 
 
-def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32"):
-    from headlens.models import load_model, resolve_device, resolve_dtype
+def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32", heads=(), texts=()):
+    """Load the model; ``heads`` are checked against it right away, before any computation."""
+    from headlens.models import check_head, load_model, resolve_device, resolve_dtype
 
     resolve_device(device), resolve_dtype(dtype)  # fail before any slow loading
     where = "" if (device, dtype) == ("cpu", "float32") else f" on {device} in {dtype}"
     typer.echo(f"loading {model}" + (f" + adapter {adapter}" if adapter else "") + where + " ...", err=True)
     hooked = load_model(model, adapter=adapter, device=device, dtype=dtype)
+    for layer, head in heads:
+        check_head(hooked, layer, head)
+    for text in texts:  # too long for the context: say so now, not after the computation
+        if text is not None:
+            hooked.to_tokens(text)
     _progress.set_enabled(_progress.enabled())  # libraries imported by the load obey the switch too
     return hooked
 
@@ -187,6 +240,7 @@ def info(
     progress: bool = PROGRESS,
 ):
     """Print layers, q/kv heads, d_head, kv groups, rope base and vocab of a model."""
+    _validate(locals())
     _start(progress)
     from headlens.models import model_info
 
@@ -216,6 +270,7 @@ def census_cmd(
 
     Prints, per label, how many heads carry it and its top heads with their scores.
     """
+    _validate(locals())
     _start(progress)
     from headlens.census import census
     from headlens.report import write_report
@@ -296,6 +351,7 @@ def report(
     patching of every head's z on the built-in induction pair, --with rope attention vs relative distance, and
     --with compare the head-by-head comparison with --tuned.
     """
+    _validate(locals())
     _start(progress)
     chosen = _parse_heads(heads)
     sections = [s.strip() for s in with_.split(",") if s.strip()]
@@ -309,7 +365,7 @@ def report(
     from headlens.report import read_census, write_report
     from headlens.viz import DEFAULT_PROMPT
 
-    hooked = _load(model, adapter, device, dtype)
+    hooked = _load(model, adapter, device, dtype, heads=chosen, texts=[prompt])
     csv = out / "census.csv"
     prov = provenance(hooked, **_census_settings(seed))
     why = mismatch(csv, prov) if csv.exists() else None
@@ -390,6 +446,7 @@ def patch(
 
     effect = (patched - corrupted) / (clean - corrupted) of the metric: 1 = the head alone restores the clean behaviour.
     """
+    _validate(locals())
     _start(progress)
     names = [a.strip() for a in activations.split(",") if a.strip()]
     unknown = [a for a in names if a not in ACTIVATION_NAMES]
@@ -405,7 +462,7 @@ def patch(
 
     from headlens.patching import activation_patching, attribution_patching, induction_pair, rank_correlation, text_pair
 
-    hooked = _load(model, adapter, device, dtype)
+    hooked = _load(model, adapter, device, dtype, texts=[clean, corrupted])
     labels = _labels(hooked, census_csv, seed, progress)
     if clean is None:
         pair = induction_pair(hooked, n_tokens=n_tokens, batch=batch, seed=seed)
@@ -514,6 +571,7 @@ def ablate(
 
     effect = ablated - clean metric; worsening = effect / |clean| towards worse (+1 % = 1 % more loss).
     """
+    _validate(locals())
     _start(progress)
     chosen = _parse_heads(heads)
     if out.exists() and not out.is_dir():
@@ -523,7 +581,7 @@ def ablate(
     from headlens.ablation import ablation_sweep, compare_to_random, plot_sweep
     from headlens.heads import format_heads, head_name, kv_group_heads, unit_name
 
-    hooked = _load(model, adapter, device, dtype)
+    hooked = _load(model, adapter, device, dtype, heads=chosen)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
@@ -611,6 +669,7 @@ def prune(
     progress: bool = PROGRESS,
 ):
     """Prune heads greedily, least important first; writes the curve (CSV + PNG) and the removal order."""
+    _validate(locals())
     _start(progress)
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the pruning results")
@@ -669,6 +728,7 @@ def compare_cmd(
     progress: bool = PROGRESS,
 ):
     """Compare a fine-tune with its base head by head: attention change (JSD, bits), weight change, census deltas."""
+    _validate(locals())
     _start(progress)
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the comparison")
@@ -714,6 +774,7 @@ def stats(
     progress: bool = PROGRESS,
 ):
     """Attention entropy with and without sqrt(d_k) scaling, and head similarity within vs across GQA groups."""
+    _validate(locals())
     _start(progress)
     try:
         temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
@@ -767,6 +828,7 @@ def atlas_cmd(
     progress: bool = PROGRESS,
 ):
     """Census of several models side by side: label shares by relative depth, where induction / previous-token / sink heads sit."""
+    _validate(locals())
     _start(progress)
     from headlens.atlas import atlas, parse_sources, write_atlas
     from headlens.models import resolve_device, resolve_dtype
@@ -791,13 +853,66 @@ def atlas_cmd(
     typer.echo(f"wrote {page} and the tables beside it")
 
 
-def main() -> None:
-    """Entry point: run the app, turning a HeadlensError into one clear line and exit status 1."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every expected failure (bad input, bad files, OS errors) is one ``error: ...`` line and exit status 1.
+
+    ``--debug`` anywhere on the command line (or ``HEADLENS_DEBUG=1``) shows the traceback instead; an unexpected
+    error (a bug) always shows it.
+    """
+    import os
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("HEADLENS_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     try:
-        app()
-    except HeadlensError as err:
-        typer.echo(f"error: {err}", err=True)
+        for i, arg in enumerate(args):
+            arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
+        result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
+    except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback) below
+        message = None if debug else _expected(err, args)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _expected(err: BaseException, args: list[str]) -> str | None:
+    """The one-line message for an expected failure, or None for a bug (shown with its traceback)."""
+    import errno
+
+    if isinstance(err, HeadlensError):
+        return str(err)
+    if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # a usage error from typer's click
+        command = next((a for a in args if not a.startswith("-")), "")
+        return f"{err.format_message()} (see: headlens {command + ' ' if command else ''}--help)"
+    if isinstance(err, UnicodeEncodeError) and any(_surrogates(a) for a in args):
+        bad = next(a for a in args if _surrogates(a))
+        return f"argument {bad.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text: pass text and paths in UTF-8"
+    if isinstance(err, UnicodeError):
+        return f"a file or text is not valid UTF-8 ({err}); pass UTF-8 text"
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        hints = {errno.ENOSPC: "free some disk space", errno.EACCES: "choose a writable location",
+                 errno.EROFS: "the file system is read-only: choose another location", errno.EDQUOT: "free some space"}
+        hint = hints.get(err.errno, "check the path")
+        return f"{err.strerror or err}:{where} ({hint}); nothing half-written was left behind"
+    if isinstance(err, MemoryError):
+        return "out of memory: use a smaller --batch-size or shorter inputs"
+    if type(err).__module__.startswith("pandas") and isinstance(err, ValueError):  # ParserError, EmptyDataError
+        return f"could not read a table: {err}"
+    return None
+
+
+def _surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 if __name__ == "__main__":

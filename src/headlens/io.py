@@ -65,8 +65,11 @@ def check_output_dir(path: Path, what: str = "output") -> Path:
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise HeadlensError(f"cannot create {path}: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HeadlensError(f"cannot write to {path}: {parent} is not writable; pass another --out")
+    try:  # a real probe: permission bits do not tell root about read-only or special file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise HeadlensError(f"cannot write to {path}: {parent} is not writable ({err.strerror}); pass another --out") from None
     return path
 
 

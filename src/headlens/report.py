@@ -243,7 +243,17 @@ def read_census(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise HeadlensError(f"no census table at {path}: run `headlens census` or let `headlens report` compute it")
-    return viz.check_census(pd.read_csv(path))
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
+        raise HeadlensError(f"{path} is not a census CSV ({str(err).strip().splitlines()[0]}); rerun `headlens census`") from None
+    table = viz.check_census(table)
+    for column in ("layer", "head"):
+        if not pd.api.types.is_integer_dtype(table[column]) or (table[column] < 0).any():
+            raise HeadlensError(f"{path}: column {column!r} must hold non-negative integers; rerun `headlens census`")
+    if table["label"].isna().any() or not table["label"].map(lambda v: isinstance(v, str)).all():
+        raise HeadlensError(f"{path}: some heads have no label (empty or NaN); rerun `headlens census`")
+    return table
 
 
 class _Page:
