@@ -258,6 +258,7 @@ def test_compare_patching_reports_spearman(tiny_qwen):
     assert df["exact"].abs().is_monotonic_decreasing
     assert df.attrs["spearman"] == pytest.approx(rank_correlation(df["exact"], df["attribution"]))
     assert -1 <= df.attrs["spearman_top"] <= 1
+    assert -1 <= df.attrs["pearson"] <= 1 and 0 <= df.attrs["recall"] <= 1 and df.attrs["recall_k"] == 2
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert rank_correlation([1, -5, 3, 4], [9, 3, 2, 1], top=3) == pytest.approx(-1.0)
 

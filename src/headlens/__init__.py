@@ -36,7 +36,7 @@ _EXPORTS = {
     "repeat_loss_metric": "ablation",
     "prune_curve": "prune",
     "activation_patching": "patching",
-    "attribution_patching": "patching",
+    "attribution_patching": "attribution",
     "compare_patching": "patching",
     "induction_pair": "patching",
     "text_pair": "patching",

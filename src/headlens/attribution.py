@@ -397,3 +397,11 @@ def estimate_quality(exact: Sequence[float], estimate: Sequence[float], *, k: in
         "pearson_top": corr(pearsonr, exact[top], estimate[top]),
         "spearman_top": corr(spearmanr, exact[top], estimate[top]),
     }
+
+
+def quality_attrs(exact: Sequence[float], estimate: Sequence[float], *, top: int = 20) -> dict:
+    """The columns :func:`headlens.patching.compare_patching` adds beside Spearman: ``pearson``, ``pearson_top``
+    (over the ``top`` largest |exact|) and ``recall`` (share of the exact top-``top/2`` within the estimate's top-``top``)."""
+    quality = estimate_quality(exact, estimate, k=max(1, top // 2))
+    recall = next(v for key, v in quality.items() if key.startswith("recall_"))
+    return {"pearson": quality["pearson"], "pearson_top": quality["pearson_top"], "recall": recall, "recall_k": max(1, top // 2)}

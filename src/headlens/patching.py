@@ -447,4 +447,7 @@ def compare_patching(
         exact_seconds=middle - start,
         attribution_seconds=end - middle,
     )
+    from headlens.attribution import quality_attrs
+
+    df.attrs.update(quality_attrs(df["exact"], df["attribution"], top=top))  # Pearson and top-k recall beside Spearman
     return df
