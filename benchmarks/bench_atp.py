@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recompute", action="store_true", help="recompute the exact table even if it is cached")
     parser.add_argument("--exact-only", action="store_true")
+    parser.add_argument("--note", default="run under /work/bin/qwen-slot --all (no other Qwen job)", help="run conditions")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cheap estimator (median reported)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,7 +98,7 @@ def main() -> None:
             **{name: round(float(est[i]), 4) for name, est in estimates.items()}} for i in order]
     write_json(RESULTS / "atp_4x61.json", {
         "model": model.cfg.model_name, "tokens": list(pair.clean.shape), "threads": torch.get_num_threads(),
-        "note": "run under /work/bin/qwen-slot --all (no other Qwen job); fast tests of other helpers shared the 2 cores",
+        "note": args.note,
         "exact_seconds_saved_full_run": t_exact, "exact_table": "benchmarks/results/atp_exact_4x61.csv",
         "exact_subset_layers": layers, "exact_subset_seconds": t_subset, "exact_seconds_this_run": t_exact_now,
         "speedup_basis": "exact_seconds_this_run (subset scaled to all layers, same run and load as the estimators)",

@@ -854,7 +854,8 @@ def atlas_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every expected failure (bad input, bad files, OS errors) is one ``error: ...`` line and exit status 1.
+    """Entry point: every expected failure (bad input, bad files, OS errors) is one ``error: ...`` line and exit status 1
+    (2 when the command line does not parse: unknown option, not an integer, not a choice).
 
     ``--debug`` anywhere on the command line (or ``HEADLENS_DEBUG=1``) shows the traceback instead; an unexpected
     error (a bug) always shows it.
@@ -873,7 +874,7 @@ def main(argv: list[str] | None = None) -> None:
         if message is None:
             raise
         typer.echo(f"error: {message}", err=True)
-        sys.exit(1)
+        sys.exit(2 if _is_usage(err) else 1)  # 2: the command line itself is wrong (click's convention)
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
@@ -886,7 +887,7 @@ def _expected(err: BaseException, args: list[str]) -> str | None:
 
     if isinstance(err, HeadlensError):
         return str(err)
-    if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # a usage error from typer's click
+    if _is_usage(err):  # a usage error from typer's click: unknown option, not an integer, not a choice
         command = next((a for a in args if not a.startswith("-")), "")
         return f"{err.format_message()} (see: headlens {command + ' ' if command else ''}--help)"
     if isinstance(err, UnicodeEncodeError) and any(_surrogates(a) for a in args):
@@ -905,6 +906,10 @@ def _expected(err: BaseException, args: list[str]) -> str | None:
     if type(err).__module__.startswith("pandas") and isinstance(err, ValueError):  # ParserError, EmptyDataError
         return f"could not read a table: {err}"
     return None
+
+
+def _is_usage(err: BaseException) -> bool:
+    return hasattr(err, "format_message") and hasattr(err, "exit_code")
 
 
 def _surrogates(text: str) -> bool:
