@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-RUNS = 3
+RUNS = int(os.environ.get("RUNS", "3"))
 
 
 def du(path: Path) -> int:
@@ -31,13 +31,21 @@ def timed_census(out: Path) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
-    return {"wall_s": round(seconds, 1), "max_rss_gb": round(rss_kb * 1024 / 1e9, 2), "output_bytes": du(out)}
+    cpu = float(re.search(r"User time \(seconds\): (\S+)", run.stderr).group(1))
+    cpu += float(re.search(r"System time \(seconds\): (\S+)", run.stderr).group(1))
+    return {
+        "wall_s": round(seconds, 1),
+        "cpu_s": round(cpu, 1),
+        "max_rss_gb": round(rss_kb * 1024 / 1e9, 2),
+        "output_bytes": du(out),
+    }
 
 
 def main() -> None:
     from headlens.models import cache_dir
 
     runs = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="headlens-census-") as tmp:
         for i in range(RUNS):
             runs.append(timed_census(Path(tmp) / f"run{i}"))
@@ -52,7 +60,8 @@ def main() -> None:
         "weight_cache_gb": round(du(cache) / 1e9, 2),
         "output_mb": round(statistics.median(r["output_bytes"] for r in runs) / 1e6, 1),
         "cpu_count": os.cpu_count(),
-        "note": "run under /work/bin/qwen-slot --all; other sessions' fast (tiny-model) tests may have shared the 2 cores",
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "note": "the 2 cores were shared with other jobs (see load_average_1min; cpu_s is the process's own CPU time)",
     }
     print(json.dumps(result, indent=2))
     out = Path(__file__).parent / "results" / "cli_census.json"

@@ -384,6 +384,21 @@ def test_clicking_a_head_opens_its_pattern_and_evidence(chromium, report, tiny_q
     options = chromium.eval("Array.from(document.querySelectorAll('#head-select option')).map(o => o.value)")
     assert options == [viz.head_name(l, h) for l, h in zip(census["layer"], census["head"])]
     assert chromium.problems() == [] and offline(chromium.requests()) == [] and chromium.dialogs() == []
+    assert chromium.eval("location.hash") == "#head=L0H1"  # the address now links to the head shown
+
+
+@needs_chromium
+def test_a_link_to_a_head_opens_its_view(chromium, report):
+    path, census = report
+    chromium.send("Target.createTarget", {"url": "about:blank"})
+    target = chromium.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+    chromium.session = chromium.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+    chromium.send("Page.enable")
+    chromium.send("Page.navigate", {"url": path.resolve().as_uri() + "#head=L0H3"})
+    chromium.wait_for(
+        "document.readyState === 'complete' && document.querySelector('#head-pattern canvas') !== null", timeout=120
+    )
+    assert chromium.eval("document.getElementById('head-title').textContent").startswith("L0H3: ")
 
 
 @needs_chromium

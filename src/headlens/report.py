@@ -140,7 +140,10 @@ HEAD_JS = """
       ev.appendChild(box);
     });
     if (!Object.keys(h.evidence).length) ev.appendChild(el("p", "No ablation, patching, comparison or RoPE results in this report."));
-    if (scroll) document.getElementById("head").scrollIntoView();
+    if (scroll) {
+      document.getElementById("head").scrollIntoView();
+      try { history.replaceState(null, "", "#head=" + name); } catch (e) {}  // a link to this head
+    }
   }
   window.headlensShowHead = show;
   select.addEventListener("change", function () { show(select.value, false); });
@@ -148,7 +151,8 @@ HEAD_JS = """
     var t = e.target.closest("[data-head]");
     if (t && data.heads[t.dataset.head]) { e.preventDefault(); show(t.dataset.head, true); }
   });
-  show(data.first, false);
+  var linked = /^#head=(L[0-9]+H[0-9]+)$/.exec(location.hash);  // report.html#head=L9H8 opens that head
+  if (linked && data.heads[linked[1]]) show(linked[1], true); else show(data.first, false);
 })();
 """
 
