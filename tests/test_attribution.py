@@ -8,7 +8,8 @@ import torch
 
 from headlens import HeadlensError, attribution_patching
 from headlens.attribution import estimate_quality
-from headlens.patching import PromptPair, activation_patching, attribution_patching as old_import, logprob
+from headlens.patching import PromptPair, activation_patching, logprob
+from headlens.patching import attribution_patching as old_import
 from headlens.toy import load_induction_model
 
 

@@ -38,8 +38,13 @@ def tinycoder_gguf() -> Path:
 
 
 def run(args, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": str(SRC), "HEADLENS_CACHE": str(cwd / "cache"), "TMPDIR": str(cwd / "tmp"),
-            **(env or {})}
+    full = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "HEADLENS_CACHE": str(cwd / "cache"),
+        "TMPDIR": str(cwd / "tmp"),
+        **(env or {}),
+    }
     (cwd / "tmp").mkdir(exist_ok=True)
     argv = [sys.executable, "-m", "headlens.cli", *args]
     return subprocess.run([os.fsencode(a) for a in argv], cwd=cwd, env=full, capture_output=True, timeout=timeout)
@@ -60,8 +65,22 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def write_census(path: Path, **changes) -> Path:
-    rows = [{"layer": layer, "head": head, "kv_head": head // 2, "label": "other", "previous_token": 0.1, "induction": 0.1,
-             "duplicate_token": 0.1, "first_token": 0.5, "local": 0.1, "entropy": 1.0} for layer in range(2) for head in range(4)]
+    rows = [
+        {
+            "layer": layer,
+            "head": head,
+            "kv_head": head // 2,
+            "label": "other",
+            "previous_token": 0.1,
+            "induction": 0.1,
+            "duplicate_token": 0.1,
+            "first_token": 0.5,
+            "local": 0.1,
+            "entropy": 1.0,
+        }
+        for layer in range(2)
+        for head in range(4)
+    ]
     table = pd.DataFrame(rows)
     for column, value in changes.items():
         table[column] = value
@@ -84,10 +103,19 @@ def adapter(tmp: Path, *, peft_type="LORA", layer=0, truncate=False) -> Path:
 
     path = tmp / "adapter"
     path.mkdir()
-    config = {"peft_type": peft_type, "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "x"}
+    config = {
+        "peft_type": peft_type,
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj"],
+        "base_model_name_or_path": "x",
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
-    save_file({f"{key}.lora_A.weight": torch.zeros(2, 64), f"{key}.lora_B.weight": torch.zeros(64, 2)}, str(path / "adapter_model.safetensors"))
+    save_file(
+        {f"{key}.lora_A.weight": torch.zeros(2, 64), f"{key}.lora_B.weight": torch.zeros(64, 2)},
+        str(path / "adapter_model.safetensors"),
+    )
     if truncate:
         data = (path / "adapter_model.safetensors").read_bytes()
         (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
@@ -124,7 +152,11 @@ CASES = [
     # arguments, refused before any model work
     ("top-k zero", ["report", "-m", "tiny-qwen2", "-o", "out", "--top-k", "0"], None),
     ("out is a file", ["census", "-m", "tiny-qwen2", "-o", "file.txt"], lambda t: (t / "file.txt").write_text("x")),
-    ("out under a file", ["census", "-m", "tiny-qwen2", "-o", "file.txt/sub"], lambda t: (t / "file.txt").write_text("x")),
+    (
+        "out under a file",
+        ["census", "-m", "tiny-qwen2", "-o", "file.txt/sub"],
+        lambda t: (t / "file.txt").write_text("x"),
+    ),
     ("out not writable", ["census", "-m", "tiny-qwen2", "-o", "/sys/headlens-out"], None),
     ("out not utf-8", ["census", "-m", "tiny-qwen2", "-o", BAD_UTF8], None),
     ("prompt not utf-8", ["report", "-m", "tiny-qwen2", "-o", "out", "--prompt", BAD_UTF8], None),
@@ -139,16 +171,35 @@ CASES = [
     ("n-random negative", ["ablate", "-m", "tiny-qwen2", "-o", "out", "--heads", "0.1", "--n-random", "-1"], None),
     ("batch size zero", ["census", "-m", "tiny-qwen2", "-o", "out", "--batch-size", "0"], None),
     ("unknown option", ["census", "-m", "tiny-qwen2", "-o", "out", "--frobnicate"], None),
-    ("census.csv is a directory", ["report", "-m", "tiny-qwen2", "-o", "out"], lambda t: (t / "out" / "census.csv").mkdir(parents=True)),
+    (
+        "census.csv is a directory",
+        ["report", "-m", "tiny-qwen2", "-o", "out"],
+        lambda t: (t / "out" / "census.csv").mkdir(parents=True),
+    ),
     ("--census missing", ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "nope.csv"], None),
     # checked right after loading, before computation
     ("heads out of range", ["report", "-m", "tiny-qwen2", "-o", "out", "--heads", "5.0"], None),
     ("prompt too long", ["report", "-m", "tiny-qwen2", "-o", "out", "--prompt", "to be or not " * 300], None),
-    ("clean too long", ["patch", "-m", "tiny-qwen2", "-o", "out", "--clean", "a b " * 400, "--corrupted", "c d " * 400], None),
-    ("--census garbage", ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "c.csv"],
-     lambda t: (t / "c.csv").write_bytes(bytes(range(256)) * 8)),
-    ("--census NaN labels", ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "c.csv"], lambda t: write_census(t / "c.csv", label=None)),
-    ("--census string layers", ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "c.csv"], lambda t: write_census(t / "c.csv", layer="x")),
+    (
+        "clean too long",
+        ["patch", "-m", "tiny-qwen2", "-o", "out", "--clean", "a b " * 400, "--corrupted", "c d " * 400],
+        None,
+    ),
+    (
+        "--census garbage",
+        ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "c.csv"],
+        lambda t: (t / "c.csv").write_bytes(bytes(range(256)) * 8),
+    ),
+    (
+        "--census NaN labels",
+        ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "c.csv"],
+        lambda t: write_census(t / "c.csv", label=None),
+    ),
+    (
+        "--census string layers",
+        ["patch", "-m", "tiny-qwen2", "-o", "out", "--census", "c.csv"],
+        lambda t: write_census(t / "c.csv", layer="x"),
+    ),
     # model sources and the cache
     ("config.json a list", ["info", "-m", "model"], lambda t: local_model(t, b"[1, 2]")),
     ("config.json not utf-8", ["info", "-m", "model"], lambda t: local_model(t, b'{"model_type": "qwen2\xff"}')),
@@ -159,7 +210,11 @@ CASES = [
     ("damaged cached config", ["info", "-m", "GGUF"], lambda t: built_cache(t, "config.json")),
     ("damaged cached tokenizer", ["info", "-m", "GGUF"], lambda t: built_cache(t, "tokenizer.json")),
     ("truncated adapter", ["info", "-m", "tiny-qwen2", "--adapter", "adapter"], lambda t: adapter(t, truncate=True)),
-    ("non-LoRA adapter", ["info", "-m", "tiny-qwen2", "--adapter", "adapter"], lambda t: adapter(t, peft_type="PREFIX_TUNING")),
+    (
+        "non-LoRA adapter",
+        ["info", "-m", "tiny-qwen2", "--adapter", "adapter"],
+        lambda t: adapter(t, peft_type="PREFIX_TUNING"),
+    ),
     ("adapter for another model", ["info", "-m", "tiny-qwen2", "--adapter", "adapter"], lambda t: adapter(t, layer=3)),
     ("adapter missing", ["info", "-m", "tiny-qwen2", "--adapter", "nothing"], None),
 ]
@@ -182,10 +237,13 @@ USAGE_ERRORS = {"seed not an integer", "unknown option"}
 N_ARGUMENT_CASES = 19
 
 
-@pytest.mark.parametrize("cases", [
-    pytest.param(CASES[:N_ARGUMENT_CASES], id="arguments"),
-    pytest.param(CASES[N_ARGUMENT_CASES:], id="models-and-files", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "cases",
+    [
+        pytest.param(CASES[:N_ARGUMENT_CASES], id="arguments"),
+        pytest.param(CASES[N_ARGUMENT_CASES:], id="models-and-files", marks=pytest.mark.slow),
+    ],
+)
 def test_bad_inputs_give_one_error_line(tmp_path, cases):
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda case: _run_case(case, tmp_path), cases))
@@ -290,7 +348,9 @@ def test_killed_output_writes_leave_complete_files(tmp_path):
             table = pd.read_csv(target)
             assert len(table) == 200000 and table["v"].nunique() == 1
     # the next write removes the dead writers' temporaries
-    subprocess.run([sys.executable, "-c", WRITER.replace("range(1000)", "range(1)"), str(target), "10"], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-c", WRITER.replace("range(1000)", "range(1)"), str(target), "10"], env=env, check=True
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
 
 
@@ -307,7 +367,11 @@ def test_killed_cache_builds_leave_nothing_or_a_complete_entry(tmp_path):
     the next run succeeds and leaves no leftovers."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "HEADLENS_CACHE": str(tmp_path / "cache")}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", BUILDER, str(tinycoder_gguf())], env={**env, "HEADLENS_CACHE": str(tmp_path / "ref")}, check=True)
+    subprocess.run(
+        [sys.executable, "-c", BUILDER, str(tinycoder_gguf())],
+        env={**env, "HEADLENS_CACHE": str(tmp_path / "ref")},
+        check=True,
+    )
     duration = time.perf_counter() - start
     entry = gguf_entry(tmp_path)
     rng = random.Random(1)

@@ -404,4 +404,9 @@ def quality_attrs(exact: Sequence[float], estimate: Sequence[float], *, top: int
     (over the ``top`` largest |exact|) and ``recall`` (share of the exact top-``top/2`` within the estimate's top-``top``)."""
     quality = estimate_quality(exact, estimate, k=max(1, top // 2))
     recall = next(v for key, v in quality.items() if key.startswith("recall_"))
-    return {"pearson": quality["pearson"], "pearson_top": quality["pearson_top"], "recall": recall, "recall_k": max(1, top // 2)}
+    return {
+        "pearson": quality["pearson"],
+        "pearson_top": quality["pearson_top"],
+        "recall": recall,
+        "recall_k": max(1, top // 2),
+    }

@@ -128,7 +128,9 @@ def _validate(params: dict) -> None:
         except ValueError:
             temps = []
         if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
-            raise HeadlensError(f"--temperatures must be a comma list of positive numbers, e.g. 0.5,1,2 (got {temperatures!r})")
+            raise HeadlensError(
+                f"--temperatures must be a comma list of positive numbers, e.g. 0.5,1,2 (got {temperatures!r})"
+            )
     census_csv = params.get("census_csv")
     if census_csv is not None and not Path(census_csv).is_file():
         raise HeadlensError(f"--census {census_csv} is not a file: pass the census.csv written by `headlens census`")
@@ -866,7 +868,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("HEADLENS_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        for i, arg in enumerate(args):
+        for arg in args:
             arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
         result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
     except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback) below
@@ -897,8 +899,12 @@ def _expected(err: BaseException, args: list[str]) -> str | None:
         return f"a file or text is not valid UTF-8 ({err}); pass UTF-8 text"
     if isinstance(err, OSError):
         where = f" {err.filename}" if err.filename else ""
-        hints = {errno.ENOSPC: "free some disk space", errno.EACCES: "choose a writable location",
-                 errno.EROFS: "the file system is read-only: choose another location", errno.EDQUOT: "free some space"}
+        hints = {
+            errno.ENOSPC: "free some disk space",
+            errno.EACCES: "choose a writable location",
+            errno.EROFS: "the file system is read-only: choose another location",
+            errno.EDQUOT: "free some space",
+        }
         hint = hints.get(err.errno, "check the path")
         return f"{err.strerror or err}:{where} ({hint}); nothing half-written was left behind"
     if isinstance(err, MemoryError):

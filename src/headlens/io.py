@@ -69,7 +69,9 @@ def check_output_dir(path: Path, what: str = "output") -> Path:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise HeadlensError(f"cannot write to {path}: {parent} is not writable ({err.strerror}); pass another --out") from None
+        raise HeadlensError(
+            f"cannot write to {path}: {parent} is not writable ({err.strerror}); pass another --out"
+        ) from None
     return path
 
 

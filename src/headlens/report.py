@@ -250,7 +250,9 @@ def read_census(path: str | os.PathLike) -> pd.DataFrame:
     try:
         table = pd.read_csv(path)
     except (ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
-        raise HeadlensError(f"{path} is not a census CSV ({str(err).strip().splitlines()[0]}); rerun `headlens census`") from None
+        raise HeadlensError(
+            f"{path} is not a census CSV ({str(err).strip().splitlines()[0]}); rerun `headlens census`"
+        ) from None
     table = viz.check_census(table)
     for column in ("layer", "head"):
         if not pd.api.types.is_integer_dtype(table[column]) or (table[column] < 0).any():
