@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -145,3 +146,16 @@ def test_choices_match_the_library():
     assert tuple(m.value for m in cli.MetricName) == METRICS
     assert tuple(m.value for m in cli.MethodName) == METHODS
     assert cli.ACTIVATION_NAMES == ACTIVATIONS
+
+
+def test_report_with_sections_adds_them_and_their_evidence(tmp_path):
+    result = _run(
+        "report", "-m", "tiny-qwen2", "--out", str(tmp_path), "--with", "ablation,patching,rope", "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert all(f'<section id="{key}">' in page for key in ("methods", "head", "ablation", "patching", "rope"))
+    data = json.loads(re.search(r'<script type="application/json" id="head-data">(.*?)</script>', page).group(1))
+    assert {"ablation", "patching", "rope"} <= set(data["heads"]["L1H2"]["evidence"])
+    bad = _run("report", "-m", "tiny-qwen2", "--out", str(tmp_path / "b"), "--with", "compare")
+    assert bad.returncode != 0 and "--tuned" in bad.stderr and not (tmp_path / "b").exists()
