@@ -24,7 +24,7 @@ EXPECTED = {
     (1, 0): "first_token",  # planted scores (hook): all attention on position 0
     (1, 1): "duplicate_token",  # planted scores (hook): earlier copies of the same token
     (1, 2): "induction",  # planted scores (hook): the token after an earlier copy of the current token
-    (1, 3): "other",  # real weights: RoPE phase peaked at distance 6 (no named behaviour)
+    (1, 3): "positional",  # real weights: RoPE phase peaked at distance 6 (positional head, offset 6)
 }
 
 

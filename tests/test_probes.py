@@ -35,7 +35,7 @@ def test_same_seed_same_probes(tiny_qwen):
         assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.is_delim, pb.is_delim)
     c = default_probes(tiny_qwen, seed=4)
     assert all(not torch.equal(pa.tokens, pc.tokens) for pa, pc in zip(a, c))
-    assert [p.kind for p in a] == ["repeated", "natural", "delimiter"]
+    assert [p.kind for p in a] == ["repeated", "natural", "delimiter", "predicted", "code"]
 
 
 def check_repeated(model, probe, n, prefix, batch):

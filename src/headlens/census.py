@@ -27,7 +27,7 @@ forwards): ``confidence`` is the share of resamples that give the head the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import numpy as np
@@ -168,24 +168,22 @@ def collect(
 
 
 def probe_batches(probe: Probe, batch_size: int) -> list[Probe]:
-    """``probe`` cut into consecutive sub-probes of at most ``batch_size`` sequences (the census's shards)."""
+    """``probe`` cut into consecutive sub-probes of at most ``batch_size`` sequences (the census's shards).
+
+    Every per-sequence field is cut — tensors and tuples whose first dimension is the batch — so probe kinds
+    with their own metadata (``headlens.code_heads.CodeProbe``, ...) shard too."""
 
     def cut(value, rows):
-        return value[rows] if isinstance(value, torch.Tensor) and value.ndim else value
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == probe.batch:
+            return value[rows]
+        if isinstance(value, tuple) and len(value) == probe.batch:
+            return value[rows]
+        return value
 
     out = []
     for i in range(0, probe.batch, batch_size):
         rows = slice(i, i + batch_size)
-        out.append(
-            replace(
-                probe,
-                tokens=probe.tokens[rows],
-                is_delim=probe.is_delim[rows],
-                n=cut(probe.n, rows),
-                prefix=cut(probe.prefix, rows),
-                sources=probe.sources[rows],
-            )
-        )
+        out.append(replace(probe, **{f.name: cut(getattr(probe, f.name), rows) for f in fields(probe) if f.init}))
     return out
 
 

@@ -153,7 +153,7 @@ def code_probe(
     for name, text in stdlib_sources(files).items():
         ids, offsets, opener, occ = _file_arrays(tokenizer, text)
         starts = [t for t, (a, _) in enumerate(offsets) if (a == 0 or text[a - 1] == "\n") and t + seq_len <= len(ids)]
-        for s in starts[:: max(1, len(starts) // 40)]:
+        for s in starts[:: max(1, len(starts) // 200)]:
             n_pairs = sum(1 for c, (o, _) in opener.items() if s <= o and c < s + seq_len)
             if n_pairs >= min_pairs:
                 candidates.append((name, s, ids, opener, occ))
@@ -186,7 +186,7 @@ def code_probe(
 
 def code_probe_builder(model: HookedTransformer, *, seed: int, batch: int, seq_len: int) -> CodeProbe:
     """The census's ``code`` probe: :func:`code_probe` with at most 8 windows (it is one of several probe kinds)."""
-    return code_probe(model, seq_len=seq_len, batch=min(batch, 8), seed=seed)
+    return code_probe(model, seq_len=seq_len, batch=min(batch, 8), seed=seed, min_pairs=4 if seq_len >= 96 else 1)
 
 
 def bracket_matching(

@@ -73,8 +73,11 @@ def effective_embedding(
     out = []
     with torch.inference_mode():
         for start in range(0, len(token_ids), batch_size):
-            ids = token_ids[start : start + batch_size, None].to(model.cfg.device)
-            out.append(model(ids, stop_at_layer=1)[:, 0].float().cpu())
+            # [t, t]: position 1 attends only to copies of t, so layer 0's attention output is v(t) whatever the
+            # pattern (values carry no position under RoPE) and the residual equals that of t alone; two positions
+            # keep hooks that assume a previous token (planted test models) valid.
+            ids = token_ids[start : start + batch_size, None].expand(-1, 2).to(model.cfg.device)
+            out.append(model(ids, stop_at_layer=1)[:, 1].float().cpu())
     return torch.cat(out)
 
 
@@ -396,7 +399,7 @@ def builtin_types() -> list:
             WEIGHTS,
             lambda m: _column(m, _positional_table(m), "positional"),
             THRESHOLDS["positional"],
-            2,
+            3,
             "same distance preference on constant tokens as on text",
             "#aec7e8",
         ),

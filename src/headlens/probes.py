@@ -172,7 +172,15 @@ def register_probe(kind: str, builder: ProbeBuilder, *, replace: bool = False) -
 
 def probe_kinds() -> tuple[str, ...]:
     """The probe kinds :func:`default_probes` can build, in registration order."""
+    _load_registry()
     return tuple(_BUILDERS)
+
+
+def _load_registry() -> None:
+    """Head types register their probe kinds with the built-ins (``headlens.head_types``); load them first."""
+    from headlens.registry import head_types
+
+    head_types()
 
 
 DEFAULT_BATCH = 16
@@ -194,6 +202,7 @@ def default_probes(
     probes are non-overlapping ``seq_len``-token windows (natural: the Python reference docs; delimiter:
     stdlib code; see :mod:`headlens.corpus`).
     """
+    _load_registry()
     wanted = list(_BUILDERS) if kinds is None else list(kinds)
     unknown = [k for k in wanted if k not in _BUILDERS]
     if unknown:

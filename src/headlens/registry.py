@@ -115,3 +115,6 @@ def _builtins() -> None:
     for t in s.builtin_types():
         if t.name not in _REGISTRY:
             register(t)
+    from headlens.head_types import register_head_types  # copy suppression, successor, positional, code heads
+
+    register_head_types()

@@ -317,7 +317,10 @@ def top_heads(census: pd.DataFrame, *, k: int = 3, labels: Iterable[str] | None 
         if label not in LABEL_SCORE:
             continue
         score = LABEL_SCORE[label]
-        group = census[census["label"] == label].sort_values([score, "layer", "head"], ascending=[False, True, True])
+        group = census[census["label"] == label]
+        if group.empty or score not in census.columns:  # a registered type this table was not scored with
+            continue
+        group = group.sort_values([score, "layer", "head"], ascending=[False, True, True])
         for row in group.head(k).itertuples(index=False):
             rows.append(
                 {"label": label, "layer": int(row.layer), "head": int(row.head), "score": float(getattr(row, score))}
@@ -715,7 +718,7 @@ def label_grid_html(census: pd.DataFrame, colors: dict[str, str] | None = None) 
                 cells.append('<td class="na"></td>')
                 continue
             name, label = head_name(layer, head), str(r.label)
-            score = LABEL_SCORE.get(label)
+            score = LABEL_SCORE.get(label) if LABEL_SCORE.get(label) in census.columns else None
             tip = f"{name} {label}" + (f" ({score} {getattr(r, score):.2f})" if score else "")
             bg = colors.get(label, "#bcbd22")
             ink = "#000" if label == "other" else "#fff"
