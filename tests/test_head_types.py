@@ -234,3 +234,37 @@ def test_retrieval_score_on_hand_made_pattern_and_model(tiny_qwen, one_thread):
     stream_patterns(tiny_qwen, probe.tokens, lambda l, p, rows: sums[l].add_(retrieval_seq(p, probe, rows).sum(0)))
     table = retrieval_scores(tiny_qwen, probe)
     torch.testing.assert_close(torch.tensor(table["retrieval"].to_numpy()).float(), (sums / 2).flatten())
+
+
+# ---------------------------------------------------------------- a user's own type, end to end
+
+
+def test_a_user_type_reaches_census_labels_report_and_compare(tmp_path, one_thread):
+    from headlens.census import census
+    from headlens.compare import compare_models
+    from headlens.probes import default_probes
+    from headlens.registry import HeadType, register, unregister
+    from headlens.report import write_report
+
+    # --- what a user writes (<= 10 lines): a score over (pattern, probe, rows) and one register call
+    def late_sink(pattern, probe, rows):  # [batch, head, q, k] -> [batch, head]: last 8 queries on position 0
+        return pattern[..., -8:, 0].mean(-1)
+
+    register(HeadType("late_sink", "natural", late_sink, threshold=0.02, tier=0, description="late queries sink"))
+    # ---
+    try:
+        model = tiny_model("qwen2", n_layers=2)
+        probes = default_probes(model, batch=2, seq_len=32)
+        table = census(model, probes, progress=False, n_boot=10)
+        assert "late_sink" in table.columns and (table["label"] == "late_sink").any()
+        assert (table.loc[table.label == "late_sink", "late_sink"] >= 0.02).all()
+        html = write_report(tmp_path / "r", model=model, census=table, figures=False, progress=False).read_text()
+        assert "late_sink" in html and "late queries sink" in html
+        tuned = tiny_model("qwen2", n_layers=2)
+        with torch.no_grad():
+            tuned.blocks[1].attn.W_Q.mul_(3.0)
+        diff = compare_models(model, tuned, probes, progress=False)
+        assert "d_late_sink" in diff.columns and "late_sink" in set(diff.label_base) | set(diff.label_tuned)
+        assert diff.loc[diff.layer == 0, "d_late_sink"].abs().max() == 0  # layer 0 unchanged
+    finally:
+        unregister("late_sink")

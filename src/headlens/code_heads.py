@@ -27,6 +27,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -59,6 +60,7 @@ STDLIB_FILES = (
     "ast.py",
 )
 OPEN, CLOSE = "([{", ")]}"
+_FILE_CACHE: dict = {}  # (id(tokenizer), file, length) -> its token ids, offsets, bracket pairs and names
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,15 @@ def code_probe(
         )
     candidates = []
     for name, text in stdlib_sources(files).items():
-        ids, offsets, opener, occ = _file_arrays(tokenizer, text)
+        key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), name, len(text))
+        if key not in _FILE_CACHE:
+            _FILE_CACHE[key] = _file_arrays(tokenizer, text)
+        ids, offsets, opener, occ = _FILE_CACHE[key]
         starts = [t for t, (a, _) in enumerate(offsets) if (a == 0 or text[a - 1] == "\n") and t + seq_len <= len(ids)]
+        opens = np.array([o for o, _ in opener.values()])
+        closes = np.array(list(opener))
         for s in starts[:: max(1, len(starts) // 200)]:
-            n_pairs = sum(1 for c, (o, _) in opener.items() if s <= o and c < s + seq_len)
-            if n_pairs >= min_pairs:
+            if int(((opens >= s) & (closes < s + seq_len)).sum()) >= min_pairs:
                 candidates.append((name, s, ids, opener, occ))
     if len(candidates) < batch:
         raise HeadlensError(

@@ -318,6 +318,17 @@ def _positional_table(model: HookedTransformer) -> pd.DataFrame:
     return _POSITIONAL_CACHE[key]
 
 
+def _needs_tokenizer(fn):
+    """A weights score that reads token strings: NaN for a tokenizer-less model (e.g. the toy model) instead of an error."""
+
+    def score(model: HookedTransformer) -> Float[Tensor, "layer head"]:
+        if getattr(model, "tokenizer", None) is None:
+            return torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+        return fn(model)
+
+    return score
+
+
 def _column(model: HookedTransformer, table: pd.DataFrame, name: str) -> Float[Tensor, "layer head"]:
     grid = table.set_index(["layer", "head"])[name]
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -352,7 +363,7 @@ def builtin_types() -> list:
         HeadType(
             "successor",
             WEIGHTS,
-            successor_scores,
+            _needs_tokenizer(successor_scores),
             THRESHOLDS["successor"],
             1,
             "OV output ranks the next ordinal (Monday -> Tuesday) top-1 (Gould et al. 2023)",
@@ -388,7 +399,7 @@ def builtin_types() -> list:
         HeadType(
             "negative_copying",
             WEIGHTS,
-            negative_copying,
+            _needs_tokenizer(negative_copying),
             THRESHOLDS["negative_copying"],
             9,
             "share of tokens the OV circuit ranks at the bottom of its own output (a score only)",
@@ -397,7 +408,7 @@ def builtin_types() -> list:
         HeadType(
             "positional",
             WEIGHTS,
-            lambda m: _column(m, _positional_table(m), "positional"),
+            _needs_tokenizer(lambda m: _column(m, _positional_table(m), "positional")),
             THRESHOLDS["positional"],
             3,
             "same distance preference on constant tokens as on text",
@@ -406,7 +417,7 @@ def builtin_types() -> list:
         HeadType(
             "positional_offset",
             WEIGHTS,
-            lambda m: _column(m, _positional_table(m), "positional_offset"),
+            _needs_tokenizer(lambda m: _column(m, _positional_table(m), "positional_offset")),
             1.0,
             9,
             "the distance a positional head prefers (-1: none; a score only)",
