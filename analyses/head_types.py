@@ -126,9 +126,10 @@ def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_n
     found = heads_above(scores, score_col, threshold) if found is None else found
     ranked = found if found else heads_above(scores, score_col, -float("inf"))
     heads = per_layer_cap(ranked, model.cfg.n_heads // 2, max_heads if found else top_if_none)
-    table = compare_to_random(
+    result = compare_to_random(
         model, metric, heads, n_random=n_random, method="mean", match_layers=True, seed=SEED, progress=False
     )
+    table = result.table
     rand = table[table.kind == "random"]
     target = table[table.kind == "target"].iloc[0]
     beats = (rand.worsening < target.worsening).all()
@@ -139,14 +140,14 @@ def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_n
         "found": bool(found),
         "heads_ablated": " ".join(f"L{l}H{h}" for l, h in heads),
         "metric": metric.name,
-        "clean": round(table.attrs["clean"], 5),
+        "clean": round(result.clean, 5),
         "target_effect": round(float(target.effect), 5),
         "random_effect_min": round(float(rand.effect.min()), 5),
         "random_effect_max": round(float(rand.effect.max()), 5),
         "random_effect_mean": round(float(rand.effect.mean()), 5),
         "n_random": int(len(rand)),
         "target_worse_than_every_random": bool(beats),
-        "z": round(table.attrs["z"], 3),
+        "z": round(result.z, 3),
     }
     print(json.dumps(row), flush=True)
     return row, table.assign(type=name)
@@ -185,6 +186,9 @@ def main() -> None:
     ap.add_argument("--model", default="qwen", help="smoke test: tiny-qwen2 (with --out elsewhere)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--needle-len", type=int, default=1024)
+    ap.add_argument(
+        "--reuse-scores", action="store_true", help="read scores.csv/rope_summary.csv of --out, redo the rest"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -193,29 +197,41 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     timings = {}
-    t = time.perf_counter()
-    cs = copy_suppression_scores(model, seed=SEED)
-    timings["copy_suppression"] = time.perf_counter() - t
-    t = time.perf_counter()
-    succ = successor_scores(model)
-    timings["successor"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pos = positional_scores(model, seed=SEED)
-    timings["positional"] = time.perf_counter() - t
-    write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
-    t = time.perf_counter()
-    probe = code_probe(model, seed=SEED)
-    code = code_scores(model, probe)
-    timings["code"] = time.perf_counter() - t
-    scores = cs.merge(pos, on=["layer", "head"]).merge(code.drop(columns="kv_head"), on=["layer", "head"])
-    scores["successor"] = succ.double().flatten().numpy().round(6)
-    if not args.skip_retrieval:
+    ret = None
+    if args.reuse_scores:  # the scores of an earlier run of this script (same seed), e.g. after a failed causal step
+        scores = pd.read_csv(out / "scores.csv")
+        rope = pd.read_csv(out / "rope_summary.csv")
+        probe = code_probe(model, seed=SEED)
+        timings = (
+            json.loads((out / "summary.json").read_text()).get("score_seconds", {})
+            if (out / "summary.json").exists()
+            else {}
+        )
+    else:
         t = time.perf_counter()
-        needles = needle_probe(model, seq_len=args.needle_len, seed=SEED)
-        ret = retrieval_scores(model, needles)
-        timings["retrieval"] = time.perf_counter() - t
-        scores = scores.merge(ret[["layer", "head", "retrieval"]], on=["layer", "head"])
-    write_atomic(out / "scores.csv", scores.to_csv(index=False))
+        cs = copy_suppression_scores(model, seed=SEED)
+        timings["copy_suppression"] = time.perf_counter() - t
+        t = time.perf_counter()
+        succ = successor_scores(model)
+        timings["successor"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pos = positional_scores(model, seed=SEED)
+        timings["positional"] = time.perf_counter() - t
+        write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
+        t = time.perf_counter()
+        probe = code_probe(model, seed=SEED)
+        code = code_scores(model, probe)
+        timings["code"] = time.perf_counter() - t
+        scores = cs.merge(pos, on=["layer", "head"]).merge(code.drop(columns="kv_head"), on=["layer", "head"])
+        scores["successor"] = succ.double().flatten().numpy().round(6)
+        if not args.skip_retrieval:
+            t = time.perf_counter()
+            needles = needle_probe(model, seq_len=args.needle_len, seed=SEED)
+            ret = retrieval_scores(model, needles)
+            timings["retrieval"] = time.perf_counter() - t
+            scores = scores.merge(ret[["layer", "head", "retrieval"]], on=["layer", "head"])
+        rope = pos.attrs["rope_summary"]
+        write_atomic(out / "scores.csv", scores.to_csv(index=False))
 
     rows, tables = [], []
     held_out_text = natural_text(model, seq_len=96, batch=4, seed=SEED + 1).tokens
@@ -293,8 +309,8 @@ def main() -> None:
         "argv": sys.argv[1:],
     }
     if args.model == "qwen":
-        summary["rope_change"] = rope_change(pos.attrs["rope_summary"])
-    if not args.skip_retrieval:
+        summary["rope_change"] = rope_change(rope)
+    if ret is not None:
         summary["needle_accuracy_clean"] = ret.attrs["accuracy"]
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

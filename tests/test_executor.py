@@ -10,7 +10,7 @@ import headlens
 from headlens import executor as X
 from headlens.census import SCORES
 from headlens.models import resolve_device, resolve_dtype
-from headlens.probes import DEFAULT_BATCH
+from headlens.probes import default_probes
 
 BF16_TOLERANCE = 0.02
 """Documented in README "Scaling": bf16 census scores stay within this of fp32 (measured max on Qwen: see analyses/results/precision)."""
@@ -55,8 +55,8 @@ def test_local_executor_equals_the_default_path(tiny):
     ex = X.LocalExecutor()
     b = headlens.census(tiny, batch_size=3, progress=False, executor=ex)
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    n_seqs = DEFAULT_BATCH
-    assert ex.computed == 3 * -(-n_seqs // 3)  # 3 probes, each in batches of 3 sequences
+    sizes = [p.batch for p in default_probes(tiny)]  # every registered probe kind (head types add their own)
+    assert ex.computed == sum(-(-n // 3) for n in sizes)  # each probe in batches of 3 sequences
 
 
 class _Interrupted(X.LocalExecutor):
@@ -81,11 +81,12 @@ def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
     assert len(list(job.glob("shard-*.safetensors"))) == 5 and not list(job.glob("*.partial"))
     resumed = X.LocalExecutor(tmp_path)
     table = headlens.census(tiny, batch_size=1, progress=False, executor=resumed)
-    assert resumed.computed == 3 * DEFAULT_BATCH - 5
+    n_seqs = sum(p.batch for p in default_probes(tiny))
+    assert resumed.computed == n_seqs - 5
     pd.testing.assert_frame_equal(full, table, check_exact=True)
     other = X.LocalExecutor(tmp_path)  # another job (seed) never reuses these shards
     headlens.census(tiny, batch_size=1, seed=1, progress=False, executor=other)
-    assert other.computed == 3 * DEFAULT_BATCH and len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
+    assert other.computed == n_seqs and len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
 
 
 def test_sharded_sweep_and_patching_equal_the_plain_functions(tiny):
