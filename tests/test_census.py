@@ -376,4 +376,3 @@ def test_ablating_census_induction_heads_hurts_repeats_more_than_random_heads(qw
     )
     assert comparison.p_random_ge == 0.0  # every random draw of as many heads hurts less
     assert target > 0 and ratio > 2
-
