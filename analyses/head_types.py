@@ -154,20 +154,27 @@ def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_n
 
 
 def rope_change(new_summary: pd.DataFrame) -> dict:
-    """Old (eta^2 on raw attention, head_report's committed constant-probe columns) vs new (excess over uniform) RoPE summary."""
-    old = pd.read_csv(Path(__file__).resolve().parent / "results" / "head_report" / "census.csv")
+    """Old (eta^2 on raw attention) vs new (excess over uniform) RoPE summary for the heads head_report named."""
+    path = Path(__file__).resolve().parent / "results" / "head_report" / "named_heads.csv"
+    old = pd.read_csv(path)
+    if not {"positional_score", "peak_distance"} <= set(old.columns):
+        return {"note": f"{path.name} has no RoPE columns to compare with"}
+    label = "label_y" if "label_y" in old.columns else "label"
     new = new_summary[new_summary.probe == "constant"][["layer", "head", "positional_score", "peak_distance"]]
-    both = old[["layer", "head", "label", "positional_score", "peak_distance"]].merge(
-        new, on=["layer", "head"], suffixes=("_old", "_new")
+    both = (
+        old[["layer", "head", label, "positional_score", "peak_distance"]]
+        .drop_duplicates(["layer", "head"])
+        .merge(new, on=["layer", "head"], suffixes=("_old", "_new"))
     )
-    by_label = both.groupby("label")[["positional_score_old", "positional_score_new"]].mean().round(3)
     return {
-        "note": "old: head_report.py, constant probe 4 x 64 tokens, eta^2 of weight on distance, raw-attention peak; "
-        "new: this run, constant probe 4 x 128 tokens, excess over the uniform causal baseline on non-sink keys",
-        "heads_positional_ge_0.5_old": int((both.positional_score_old >= 0.5).sum()),
-        "heads_positional_ge_0.5_new": int((both.positional_score_new >= 0.5).sum()),
-        "mean_positional_by_census_label": by_label.to_dict(orient="index"),
-        "peak_distance_changed": int((both.peak_distance_old != both.peak_distance_new).sum()),
+        "note": "old: head_report.py's named heads, constant probe 4 x 64 tokens, eta^2 of weight on distance and "
+        "raw-attention peak; new: this run, constant probe 4 x 128 tokens, excess over the uniform causal baseline "
+        "on non-sink keys",
+        "heads": [
+            f"L{r.layer}H{r.head} {getattr(r, label)}: positional {r.positional_score_old:.2f} -> "
+            f"{r.positional_score_new:.2f}, peak {r.peak_distance_old:g} -> {r.peak_distance_new:g}"
+            for r in both.itertuples()
+        ],
     }
 
 
