@@ -247,7 +247,7 @@ def main() -> None:
         (
             "copy_suppression",
             "copy_suppression_score",
-            THRESHOLDS["copy_suppression"],
+            THRESHOLDS["attention_to_predicted"],
             repeat_earlier_metric(held_out_text),
             args.n_random,
         ),

@@ -44,13 +44,12 @@ from headlens.errors import HeadlensError
 from headlens.probes import Probe
 
 THRESHOLDS = {
-    "copy_suppression": 0.1,
     "attention_to_predicted": 0.3,
     "negative_copying": 0.5,
     "successor": 0.3,
     "positional": 0.5,
 }
-"""Calibrated on the default Qwen and its random-weight twin (analyses/head_types.py, docs/head_types.md)."""
+"""Set before the default Qwen was scored (reasons in docs/head_types.md); not yet checked against a null model."""
 
 ORDINALS = {
     "digits": [str(i) for i in range(10)],
