@@ -75,8 +75,8 @@ def main(dtypes=("bfloat16",)) -> dict:
                     {
                         "dtype": dtype,
                         "score": score,
-                        "layer": ref.layer,
-                        "head": ref.head,
+                        "layer": ref["layer"],
+                        "head": ref["head"],
                         "fp32": ref[score],
                         "value": other[score],
                         "abs_delta": (other[score] - ref[score]).abs(),
