@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -38,18 +39,41 @@ def test_census_on_ray_equals_single_process(ray_executor, tiny):
     local = headlens.census(tiny, batch_size=1, progress=False)
     remote = headlens.census(tiny, batch_size=1, progress=False, executor=ray_executor)
     pd.testing.assert_frame_equal(local, remote, check_exact=True)
-    assert ray_executor.computed == 12  # 3 probes x 4 sequences, one shard each
+    from headlens.probes import default_probes
+
+    assert ray_executor.computed == sum(p.batch for p in default_probes(tiny))  # one shard per sequence
     assert len({t.pid for t in ray_executor.timings}) == 2 and os.getpid() not in {t.pid for t in ray_executor.timings}
 
 
+def _second_half_loss(logits, tokens):
+    """Defined here (pickled by value): conftest's jaxtyping import hook makes headlens' own metric closures unpicklable."""
+    half = tokens.shape[1] // 2
+    return torch.nn.functional.cross_entropy(logits[:, half:-1].flatten(0, 1), tokens[:, half + 1 :].flatten())
+
+
+def _logprob_of_token_0(logits, tokens):
+    return logits.log_softmax(-1)[..., 0].mean()
+
+
+def _picklable(tiny):
+    from dataclasses import replace
+
+    from headlens.ablation import custom_metric
+    from headlens.intervene import Metric
+
+    metric = custom_metric(repeat_loss_metric(tiny, n_seqs=3, half_len=8).tokens, _second_half_loss)
+    pair = induction_pair(tiny, n_tokens=5, batch=2)
+    pair = replace(pair, metric=Metric("lp0", pair.metric.tokens, _logprob_of_token_0, True, pair.metric.positions))
+    return metric, pair
+
+
 def test_ablation_sweep_and_exact_patching_on_ray_equal_single_process(ray_executor, tiny):
-    metric = repeat_loss_metric(tiny, n_seqs=3, half_len=8)
+    metric, pair = _picklable(tiny)
     for method in ("zero", "resample"):
         local = ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False)
         remote = X.ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False, executor=ray_executor)
         pd.testing.assert_frame_equal(local, remote, check_exact=True)
         assert remote.attrs == local.attrs
-    pair = induction_pair(tiny, n_tokens=5, batch=2)
     local = activation_patching(tiny, pair, activation="z", batch_size=5, progress=False)
     remote = X.activation_patching(tiny, pair, activation="z", batch_size=5, progress=False, executor=ray_executor)
     pd.testing.assert_frame_equal(local, remote, check_exact=True)
@@ -89,9 +113,7 @@ def test_killed_worker_mid_run_gives_the_same_table(ray_executor, tiny, tmp_path
 
 def test_shard_errors_come_back_as_headlens_errors(ray_executor, tiny):
     with pytest.raises(headlens.HeadlensError, match="unknown ablation method 'bogus'"):  # raised inside a worker
-        X.ablation_sweep(
-            tiny, repeat_loss_metric(tiny, n_seqs=2, half_len=4), method="bogus", executor=ray_executor, progress=False
-        )
+        X.ablation_sweep(tiny, _picklable(tiny)[0], method="bogus", executor=ray_executor, progress=False)
 
 
 def test_atlas_on_ray_equals_single_process(ray_executor):
