@@ -315,8 +315,9 @@ def test_cli_stats_bad_temperatures(tmp_path):
     from headlens.cli import app
 
     for bad, message in (
-        ("0,1", "temperatures must be positive, got [0.0, 1.0]"),
-        ("a,b", "--temperatures must be a comma list"),
+        ("0,1", "--temperatures must be a comma list of positive numbers"),
+        ("a,b", "--temperatures must be a comma list of positive numbers"),
+        ("nan", "--temperatures must be a comma list of positive numbers"),
     ):
         result = CliRunner().invoke(
             app, ["stats", "--out", str(tmp_path), "--temperatures", bad], standalone_mode=False

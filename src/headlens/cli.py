@@ -778,14 +778,7 @@ def stats(
     """Attention entropy with and without sqrt(d_k) scaling, and head similarity within vs across GQA groups."""
     _validate(locals())
     _start(progress)
-    try:
-        temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
-    except ValueError:
-        raise HeadlensError(
-            f"--temperatures must be a comma list of numbers, e.g. 0.5,1,2 (got {temperatures!r})"
-        ) from None
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the tables")
+    temps = tuple(float(t) for t in temperatures.split(",") if t.strip())  # checked by _validate
 
     from headlens.attention_stats import (
         group_contrast_table,
