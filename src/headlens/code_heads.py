@@ -35,6 +35,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
 from headlens.probes import Probe, delimiter_mask
+from headlens.scores import masked_attention
 
 THRESHOLDS = {"bracket_matching": 0.3, "identifier": 0.3}
 STDLIB_FILES = (
@@ -210,10 +211,7 @@ def identifier(
     pattern: Float[Tensor, "batch head q k"], ident: Bool[Tensor, "batch q k"]
 ) -> Float[Tensor, "batch head"]:
     """Per sequence: attention from each scored use of a name to that name's earlier occurrences, mean over uses."""
-    m = ident.to(pattern.device, pattern.dtype)
-    mass = torch.einsum("bhqk,bqk->bhq", pattern, m)
-    has = (m.sum(-1) > 0).to(pattern.dtype)[:, None]
-    return (mass * has).sum(-1) / has.sum(-1)
+    return masked_attention(pattern, ident)
 
 
 def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, seed: int = 0, progress: bool = False):

@@ -42,6 +42,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
 from headlens.probes import Probe
+from headlens.scores import masked_attention
 
 THRESHOLDS = {
     "attention_to_predicted": 0.3,
@@ -185,10 +186,7 @@ def attention_to_predicted(
     pattern: Float[Tensor, "batch head q k"], mask: Bool[Tensor, "batch q k"]
 ) -> Float[Tensor, "batch head"]:
     """Per sequence: attention on earlier occurrences of the predicted token, mean over queries that have one (NaN if none)."""
-    m = mask.to(pattern.device, pattern.dtype)
-    mass = torch.einsum("bhqk,bqk->bhq", pattern, m)
-    has = (m.sum(-1) > 0).to(pattern.dtype)[:, None]
-    return (mass * has).sum(-1) / has.sum(-1)
+    return masked_attention(pattern, mask)
 
 
 def model_predictions(

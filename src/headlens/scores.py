@@ -41,6 +41,17 @@ from headlens.errors import HeadlensError
 LOCAL_WINDOW = 3
 
 
+def masked_attention(
+    pattern: Float[Tensor, "batch head q k"], mask: Bool[Tensor, "batch q k"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: attention on the keys ``mask`` marks for each query, mean over queries with any marked key
+    (NaN for a sequence without one). Identifier and attention-to-predicted scores are this with their masks."""
+    m = mask.to(pattern.device, pattern.dtype)
+    mass = torch.einsum("bhqk,bqk->bhq", pattern, m)
+    has = (m.sum(-1) > 0).to(pattern.dtype)[:, None]
+    return (mass * has).sum(-1) / has.sum(-1)
+
+
 def previous_token_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head"]:
     """Per sequence: mean attention from each position i >= 1 to position i - 1."""
     _check(pattern, min_pos=2)
