@@ -34,6 +34,8 @@ def random_weights_model(model: HookedTransformer, *, seed: int = 0) -> HookedTr
     null = HookedTransformer(
         cfg.__class__(**{**cfg.to_dict(), "seed": int(seed), "init_weights": True}), move_to_device=False
     )
+    if model.tokenizer is not None:  # weights scores (successor, positional, ...) pick their tokens with it
+        null.set_tokenizer(model.tokenizer, default_padding_side=model.tokenizer.padding_side)
     return null.to(cfg.device).eval()
 
 
