@@ -1,0 +1,35 @@
+"""The committed census_trust results (analyses/census_trust.py on the default Qwen) hang together and hold what
+the README states from them."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).parents[1] / "analyses" / "results" / "census_trust"
+
+
+def test_counts_are_the_seed0_table_and_lie_in_their_intervals():
+    table = pd.read_csv(RESULTS / "census_seed0.csv")
+    counts = pd.read_csv(RESULTS / "counts.csv").set_index("label")
+    assert counts["n_heads"].sum() == len(table) == 336
+    assert counts["n_heads"].to_dict() == table["label"].value_counts().reindex(counts.index).to_dict()
+    assert ((counts["lo"] <= counts["n_heads"]) & (counts["n_heads"] <= counts["hi"])).all()
+
+
+def test_stability_of_confident_labels_and_agreement_match_the_seed_tables():
+    tables = [pd.read_csv(RESULTS / f"census_seed{s}.csv") for s in (0, 1, 2)]
+    same = (tables[0]["label"] == tables[1]["label"]) & (tables[0]["label"] == tables[2]["label"])
+    confident = (tables[0]["confidence"] >= 0.9) & (tables[1]["confidence"] >= 0.9) & (tables[2]["confidence"] >= 0.9)
+    stability = json.loads((RESULTS / "stability.json").read_text())
+    assert stability["n_same"] == int(same.sum())
+    assert stability["n_confident_all_seeds"] == int(confident.sum())
+    assert same[confident].mean() >= 0.99
+
+
+def test_every_label_but_broad_clears_its_null_and_induction_beats_layer_matched_random_sets():
+    null = pd.read_csv(RESULTS / "null.csv").set_index("label")
+    assert null.drop(index="broad")["clears"].all() and not null.loc["broad", "clears"]
+    causal = pd.read_csv(RESULTS / "causal.csv").set_index("label")
+    induction = causal.loc["induction"]
+    assert induction["target_effect"] > induction["random_max"] and induction["ratio_lo"] > 1
