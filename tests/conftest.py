@@ -40,3 +40,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _progress_switch_restored():
+    """A command run in-process with --no-progress turns bars off process-wide; give the next test the switch as it was."""
+    from headlens import progress
+
+    before = progress.enabled()
+    yield
+    if progress.enabled() != before:
+        progress.set_enabled(before)

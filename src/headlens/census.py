@@ -16,8 +16,9 @@ on a probe when its mean attention to position 0 there is at least ``SINK`` (0.3
 (then there is nothing left to read and the raw score is used).
 
 Labels. A head is a *candidate* for every label whose (sink-aware) score reaches its threshold and
-whose ``requires`` holds (``induction`` needs positive OV copying, ``copy_suppression`` is the same
-prefix matching with negative copying). The lowest tier holding a candidate decides; inside it the
+whose ``requires`` holds (``copy_suppression`` is prefix matching by a head whose OV circuit pushes down the
+token it reads — ``negative_copying`` >= 0.5, or a negative eigenvalue copying score for models without a
+tokenizer — and ``induction`` is prefix matching by any other head). The lowest tier holding a candidate decides; inside it the
 largest score/threshold ratio wins (ties: the type registered first). No candidate: ``other``.
 
 Confidence. Sequences are resampled with replacement (``n_boot`` times, per probe kind, no extra

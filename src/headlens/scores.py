@@ -31,6 +31,7 @@ Definitions (DESIGN.md §7):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -38,6 +39,8 @@ from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
 
+NEGATIVE_COPYING = 0.5
+"""copy_suppression: share of tokens a head ranks in the bottom 1 % of its own OV output (head_types.negative_copying)."""
 LOCAL_WINDOW = 3
 
 
@@ -214,11 +217,23 @@ def builtin_types() -> list:
     """The built-in head types, in the order the registry lists them (tier 1 first)."""
     from headlens.registry import HeadType
 
-    def has_copying(s):
-        return s["copying"] > 0
+    def evidence(s):
+        """(known, suppresses) per head. The effective-embedding OV test (headlens.head_types.negative_copying: the
+        head pushes down the very token it reads) where it exists; the eigenvalue sign of W_E W_V W_O W_U only for
+        models without it (no tokenizer). The eigenvalue sign alone called Qwen's layer-16 induction heads
+        suppressive, yet ablating them costs 2.5 nats of in-context copying (census_trust, first run)."""
+        eig = np.asarray(s["copying"], dtype=float)
+        neg = np.asarray(s.get("negative_copying", np.full_like(eig, np.nan)), dtype=float)
+        use = np.isfinite(neg)
+        known = use | np.isfinite(eig)
+        return known, np.where(use, neg >= NEGATIVE_COPYING, eig < 0) & known
 
     def suppresses(s):
-        return s["copying"] < 0
+        return evidence(s)[1]
+
+    def has_copying(s):
+        known, supp = evidence(s)
+        return known & ~supp
 
     def induction_fn(p, probe, rows):
         return induction_seq(p, _repeat_n(probe, rows))
@@ -250,7 +265,7 @@ def builtin_types() -> list:
             induction_fn,
             0.3,
             1,
-            "prefix matching (second A_i -> the token after the first A_i) and positive OV copying",
+            "prefix matching (second A_i -> the token after the first A_i) and not copy-suppressing",
             "#d62728",
             nosink=True,
             requires=has_copying,
@@ -261,7 +276,7 @@ def builtin_types() -> list:
             None,
             0.3,
             1,
-            "prefix matching with negative OV copying: attends to the tokens it suppresses",
+            "prefix matching by a head whose OV pushes down the token it reads (negative_copying >= 0.5)",
             "#8c564b",
             requires=suppresses,
             label_score="induction",
