@@ -4,12 +4,13 @@ One run writes analyses/results/census_trust/:
 - census_seed{0,1,2}.csv    default census at seeds 0, 1, 2 (scores, _nosink scores, label, confidence, intervals)
 - stability.json            label agreement across the seeds (all heads; heads confident >= 0.9 in every seed)
 - sizes.csv                 agreement across seeds when only the first k sequences per probe kind are used
+- thresholds.csv            agreement and `other` share if the local / first_token thresholds were elsewhere
 - counts.csv                heads per label at seed 0 with 95 % bootstrap intervals
 - null.csv                  each label's threshold vs its null (random-weights Qwen, shuffled repeats)
 - causal.csv                label heads vs layer-matched random head sets (effect ratio with interval)
 - summary.json              the headline numbers, timings (machine shared with other jobs), provenance
 
-Run: /work/bin/qwen-slot .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores);
+Run: .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores, nothing else running);
 ``--cached`` re-labels the per-sequence scores of the last run (kept in /tmp) without new forwards.
 """
 
@@ -36,7 +37,8 @@ from headlens.validate import causal_validation
 
 OUT = Path(__file__).parent / "results" / "census_trust"
 SEEDS = (0, 1, 2)
-SIZES = (4, 8)
+SIZES = (4, 8, 16, 32)
+SENSITIVITY = [{"local": lo, "first_token": ft} for lo in (0.3, 0.4, 0.6) for ft in (0.3, 0.6)]
 CACHE = Path("/tmp/headlens_census_trust")  # per-sequence scores, for re-labelling with --cached (not committed)
 
 
@@ -105,6 +107,21 @@ def main() -> None:
         rows.append({"sequences_per_kind": k, **{key: v for key, v in agreement(sub).items() if key != "n_heads"}})
     pd.DataFrame(rows).to_csv(OUT / "sizes.csv", index=False)
 
+    rows = []
+    for overrides in SENSITIVITY:
+        alt = _thresholds(types, overrides)
+        sub = [build_table(model, p, types, alt, seed=s, n_boot=0) for p, s in zip(pers, SEEDS)]
+        same = agreement(sub)
+        rows.append(
+            {
+                **{f"{k}_threshold": v for k, v in overrides.items()},
+                "default": all(limits[k] == v for k, v in overrides.items()),
+                "same_label": same["same_label"],
+                "other_share_seed0": float((sub[0]["label"] == "other").mean()),
+            }
+        )
+    pd.DataFrame(rows).to_csv(OUT / "thresholds.csv", index=False)
+
     counts = label_counts(tables[0])
     counts.to_csv(OUT / "counts.csv", index=False)
 
@@ -154,7 +171,7 @@ def main() -> None:
             r.label: {"ratio": r.ratio, "lo": r.ratio_lo, "hi": r.ratio_hi, "n_heads": r.n_heads}
             for r in causal.itertuples()
         },
-        "timings_shared_machine": timings,
+        "timings_s_quiet_2_cores": timings,
         "provenance": {
             **provenance(),
             "torch": torch.__version__,

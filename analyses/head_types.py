@@ -85,12 +85,11 @@ def successor_metric(model):
 
 
 def bracket_metric(probe):
-    close = probe.opener >= 0
-    close[:, 0] = False
+    before = probe.opener[:, :-1] >= 0  # position q predicts the closing bracket at q + 1
 
     def fn(logits, toks):
         lp = logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
-        return lp[close[:, 1:].to(lp.device)].mean()
+        return lp[before.to(lp.device)].mean()
 
     return custom_metric(probe.tokens, fn, name="closing_bracket_logprob", higher_is_better=True)
 

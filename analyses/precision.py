@@ -6,7 +6,7 @@ attention computed in bf16. Default census probes, seed 0, batch size 8. Per sco
 |Δ| over the 336 heads; label agreement; the heads whose label changes, with their fp32 scores.
 
 Writes ``analyses/results/precision/precision.json`` and ``deltas.csv`` (per head and score).
-Run: ``/work/bin/qwen-slot python analyses/precision.py`` (a few minutes on 2 cores).
+Run: ``python analyses/precision.py`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ to ``results/atp_exact_4x61.csv`` (with the induction pair's token hash) and reu
 same; ``--recompute`` (or a changed pair) regenerates it. Reported per estimator: wall time, speed-up over
 exact, recall of the exact top-k by |effect| within the estimator's top-2k, Pearson and Spearman.
 
-    /work/bin/qwen-slot --all python benchmarks/bench_atp.py
+    python benchmarks/bench_atp.py --note "quiet machine"
 """
 
 from __future__ import annotations
@@ -44,9 +44,17 @@ def exact_table(model, pair, path: Path, recompute: bool) -> tuple[pd.DataFrame,
     exact = activation_patching(model, pair, activation="z", batch_size=32, progress=False)
     seconds = time.perf_counter() - start
     write_csv(exact, path)
-    write_json(meta, {"model": model.cfg.model_name, "pair_hash": token_hash(pair), "seconds": seconds,
-                      "threads": torch.get_num_threads(), "clean_metric": exact.attrs["clean_metric"],
-                      "corrupted_metric": exact.attrs["corrupted_metric"]})
+    write_json(
+        meta,
+        {
+            "model": model.cfg.model_name,
+            "pair_hash": token_hash(pair),
+            "seconds": seconds,
+            "threads": torch.get_num_threads(),
+            "clean_metric": exact.attrs["clean_metric"],
+            "corrupted_metric": exact.attrs["corrupted_metric"],
+        },
+    )
     return exact, seconds
 
 
@@ -56,7 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recompute", action="store_true", help="recompute the exact table even if it is cached")
     parser.add_argument("--exact-only", action="store_true")
-    parser.add_argument("--note", default="run under /work/bin/qwen-slot --all (no other Qwen job)", help="run conditions")
+    parser.add_argument("--note", default="", help="run conditions, recorded in the results")
     parser.add_argument("--grad-drop", action=argparse.BooleanOptionalAction, default=True, help="also time GradDrop")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cheap estimator (median reported)")
     args = parser.parse_args()
@@ -75,23 +83,40 @@ def main() -> None:
             start = time.perf_counter()
             table = attribution_patching(model, pair, activations=["z"], **kwargs)
             times.append(time.perf_counter() - start)
-        assert table[["layer", "head"]].equals(exact[["layer", "head"]])
+        assert np.array_equal(
+            table[["layer", "head"]].to_numpy(dtype=int), exact[["layer", "head"]].to_numpy(dtype=int)
+        )
         estimates[name] = table["effect"].to_numpy()
         quality = estimate_quality(exact["effect"], estimates[name], k=10)
-        quality["missed"] = [f"L{exact.layer[i]}H{exact.head[i]}" for i in quality["missed"]]
+        quality["missed"] = [f"L{exact['layer'][i]}H{exact['head'][i]}" for i in quality["missed"]]
         results[name] = {"seconds": times, "seconds_median": float(np.median(times)), **quality}
-        print(f"{name:>15}: {np.median(times):6.1f} s, recall top-10 in top-20 "
-              f"{quality['recall_top10_in_20']:.2f}, pearson {quality['pearson']:.3f}, spearman {quality['spearman']:.3f}, "
-              f"missed {quality['missed']}")
+        print(
+            f"{name:>15}: {np.median(times):6.1f} s, recall top-10 in top-20 "
+            f"{quality['recall_top10_in_20']:.2f}, pearson {quality['pearson']:.3f}, spearman {quality['spearman']:.3f}, "
+            f"missed {quality['missed']}"
+        )
         order = exact["effect"].abs().sort_values(ascending=False).index[:20]
-        top = [{"head": f"L{exact.layer[i]}H{exact.head[i]}", "exact": round(float(exact.effect[i]), 4),
-                **{name: round(float(est[i]), 4) for name, est in estimates.items()}} for i in order]
-        write_json(RESULTS / "atp_4x61.json", {
-            "model": model.cfg.model_name, "tokens": list(pair.clean.shape), "threads": torch.get_num_threads(),
-            "note": args.note,
-            "exact_seconds_saved_full_run": t_exact, "exact_table": "benchmarks/results/atp_exact_4x61.csv",
-            "methods": results, "top20_by_abs_exact": top,
-        })
+        top = [
+            {
+                "head": f"L{exact['layer'][i]}H{exact['head'][i]}",
+                "exact": round(float(exact.effect[i]), 4),
+                **{name: round(float(est[i]), 4) for name, est in estimates.items()},
+            }
+            for i in order
+        ]
+        write_json(
+            RESULTS / "atp_4x61.json",
+            {
+                "model": model.cfg.model_name,
+                "tokens": list(pair.clean.shape),
+                "threads": torch.get_num_threads(),
+                "note": args.note,
+                "exact_seconds_saved_full_run": t_exact,
+                "exact_table": "benchmarks/results/atp_exact_4x61.csv",
+                "methods": results,
+                "top20_by_abs_exact": top,
+            },
+        )
     # exact cost measured in this run (same machine load as the estimators): heads of 4 spread layers, whose mean
     # restart depth matches the whole model's, scaled to all layers
     layers = [0, 8, 16, 23]
@@ -101,13 +126,19 @@ def main() -> None:
     mine = exact[exact["layer"].isin(layers)]["effect"].to_numpy()
     assert np.abs(subset["effect"].to_numpy() - mine).max() < 1e-4, "the saved exact table does not reproduce"
     t_exact_now = t_subset * model.cfg.n_layers / len(layers)
-    print(f"exact, layers {layers}: {t_subset:.1f} s -> all layers ~{t_exact_now:.1f} s (saved full run: {t_exact:.1f} s)")
+    print(
+        f"exact, layers {layers}: {t_subset:.1f} s -> all layers ~{t_exact_now:.1f} s (saved full run: {t_exact:.1f} s)"
+    )
     record = json.loads((RESULTS / "atp_4x61.json").read_text())
     for name, result in record["methods"].items():
         result["speedup_vs_exact"] = t_exact_now / result["seconds_median"]
         print(f"{name:>15}: {result['speedup_vs_exact']:.1f}x cheaper than exact")
-    record.update(exact_subset_layers=layers, exact_subset_seconds=t_subset, exact_seconds_this_run=t_exact_now,
-                  speedup_basis="exact_seconds_this_run: exact patching of 4 spread layers in this run, scaled to all layers")
+    record.update(
+        exact_subset_layers=layers,
+        exact_subset_seconds=t_subset,
+        exact_seconds_this_run=t_exact_now,
+        speedup_basis="exact_seconds_this_run: exact patching of 4 spread layers in this run, scaled to all layers",
+    )
     write_json(RESULTS / "atp_4x61.json", record)
     print(f"wrote {RESULTS / 'atp_4x61.json'}")
     if args.grad_drop:  # one backward pass per layer: measured last
@@ -115,14 +146,22 @@ def main() -> None:
         table = attribution_patching(model, pair, activations=["z"], method="atp*", grad_drop=True)
         seconds = time.perf_counter() - start
         quality = estimate_quality(exact["effect"], table["effect"].to_numpy(), k=10)
-        quality["missed"] = [f"L{exact.layer[i]}H{exact.head[i]}" for i in quality["missed"]]
-        record["methods"]["atp*+graddrop"] = {"seconds": [seconds], "seconds_median": seconds,
-                                              "speedup_vs_exact": t_exact_now / seconds, **quality}
+        quality["missed"] = [f"L{exact['layer'][i]}H{exact['head'][i]}" for i in quality["missed"]]
+        record["methods"]["atp*+graddrop"] = {
+            "seconds": [seconds],
+            "seconds_median": seconds,
+            "speedup_vs_exact": t_exact_now / seconds,
+            **quality,
+        }
         for row in record["top20_by_abs_exact"]:
-            i = exact.index[(exact.layer.astype(str).radd("L") + exact.head.astype(str).radd("H")) == row["head"]][0]
+            i = exact.index[
+                (exact["layer"].astype(str).radd("L") + exact["head"].astype(str).radd("H")) == row["head"]
+            ][0]
             row["atp*+graddrop"] = round(float(table["effect"][i]), 4)
         write_json(RESULTS / "atp_4x61.json", record)
-        print(f"atp*+graddrop: {seconds:.1f} s, recall {quality['recall_top10_in_20']:.2f}, pearson {quality['pearson']:.3f}")
+        print(
+            f"atp*+graddrop: {seconds:.1f} s, recall {quality['recall_top10_in_20']:.2f}, pearson {quality['pearson']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Census cost on the default Qwen: wall time against a plain forward over the same tokens, and peak memory.
 
-Run (no other Qwen job meanwhile): ``/work/bin/qwen-slot --all .venv/bin/python benchmarks/bench_census.py --repeats 2``
+Run with nothing else on the machine: ``.venv/bin/python benchmarks/bench_census.py --repeats 2``
 
 1. Time. The default census (probes of ``default_probes``, batch_size 8) against plain forwards
    ``model(tokens)`` of the very same token batches (same batch split), alternated ``--repeats`` times;

@@ -2,8 +2,8 @@
 
 Each run is a fresh process under `/usr/bin/time -v` (wall time, peak resident memory of the process),
 with the dequantized weights already cached. Disk: the weight cache (~/.cache/headlens or $HEADLENS_CACHE)
-and the output directory. Run under `/work/bin/qwen-slot --all` so no other Qwen job shares the cores;
-fast tests of other sessions may still run, so the spread of the runs is reported with the median.
+and the output directory. Run it with nothing else on the machine; the spread of the runs is reported with the
+median, and the load average before and after.
 """
 
 import json
@@ -58,10 +58,14 @@ def main() -> None:
         "max_rss_gb_median": statistics.median(r["max_rss_gb"] for r in runs),
         "max_rss_gb_range": [min(r["max_rss_gb"] for r in runs), max(r["max_rss_gb"] for r in runs)],
         "weight_cache_gb": round(du(cache) / 1e9, 2),
+        "weight_cache_entries_gb": {e.name: round(du(e) / 1e9, 2) for e in sorted(cache.iterdir()) if e.is_dir()},
         "output_mb": round(statistics.median(r["output_bytes"] for r in runs) / 1e6, 1),
         "cpu_count": os.cpu_count(),
         "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        "note": "the 2 cores were shared with other jobs (see load_average_1min; cpu_s is the process's own CPU time)",
+        "note": (
+            "load_average_1min: before the first run and after the last; a value near the core count before the"
+            " first run means other jobs shared the cores (cpu_s is the process's own CPU time)"
+        ),
     }
     print(json.dumps(result, indent=2))
     out = Path(__file__).parent / "results" / "cli_census.json"

@@ -2,7 +2,7 @@
 
 Run once per version (its ``src`` on PYTHONPATH), alternating, on a quiet machine; ``--compare`` merges the runs:
 
-    qwen-slot --all sh -c 'for i in 1 2; do for v in old new; do PYTHONPATH=$v/src python bench_engine.py --label $v \
+    sh -c 'for i in 1 2; do for v in old new; do PYTHONPATH=$v/src python bench_engine.py --label $v \
         --out results/engine/$v-$i.json; done; done'
     python benchmarks/bench_engine.py --compare results/engine/*.json --out results/engine_vs_old.json
 

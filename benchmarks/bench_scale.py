@@ -1,7 +1,7 @@
 """Overhead of the Ray path (2 workers) against one process, on the default Qwen, and per-shard costs for a projection.
 
-Run on a quiet machine: ``/work/bin/qwen-slot --all python benchmarks/bench_scale.py`` (the driver and each
-worker hold a Qwen copy: about 3 x 2.5 GB).
+Run on a quiet machine: ``python benchmarks/bench_scale.py`` (the driver and each worker hold a Qwen copy: about
+3 x 2.5 GB).
 
 One run of each, in this order, on this 2-core CPU machine:
 
@@ -53,7 +53,8 @@ def main(source: str = "qwen2.5-coder-0.5b", results: Path = RESULTS) -> dict:
     out: dict = {
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, ray {ray.__version__}",
         "model": f"{source} fp32",
-        "note": "one run of each; ran under qwen-slot --all (no other Qwen job), other helpers' small tests may share the 2 cores",
+        "note": "one run of each; load_average_1min_at_start: the machine's load when the run began",
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
     t = time.perf_counter()

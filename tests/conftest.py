@@ -27,6 +27,14 @@ def qwen():
 
 
 @pytest.fixture(scope="session")
+def qwen_census(qwen):
+    """The default census of the real Qwen at seed 0 (about 90 s), computed once per test session."""
+    from headlens import census
+
+    return census(qwen, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen():
     from headlens import tiny_model
 

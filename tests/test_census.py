@@ -15,7 +15,7 @@ from headlens.registry import HeadType, register, unregister
 
 EXPECTED = {
     (0, 0): "previous_token",  # real weights: constant q/k biases, RoPE phase peaked at distance 1
-    (0, 1): "broad",  # real weights: zero query, so exactly uniform causal attention
+    (0, 1): "other",  # real weights: zero query, so exactly uniform causal attention (what an untrained head does)
     (0, 2): "delimiter",  # real weights: keys read a delimiter flag planted in the embeddings
     (0, 3): "local",  # real weights: RoPE phase peaked at distance 0 (attends to itself)
     (1, 0): "first_token",  # planted scores (hook): all attention on position 0
@@ -122,7 +122,8 @@ def test_planted_scores_are_near_their_ideal(planted, planted_table):
     # the delimiter head reads only delimiters: its excess is close to the largest possible, 1 - share
     probe = default_probes(planted, seed=0).delimiter
     d = probe.is_delim.float()
-    share = (d.cumsum(-1) / torch.arange(1, d.shape[-1] + 1))[:, 1:]
+    d[:, 0] = 0.0  # key 0 never counts as a delimiter; the uniform baseline spreads over keys 1..i
+    share = d.cumsum(-1)[:, 1:] / torch.arange(1, d.shape[-1])
     reads_any = d.cumsum(-1)[:, 1:] > 0
     best = ((1 - share) * reads_any - share * ~reads_any).mean().item()
     assert t.loc[(0, 2), "delimiter"] == pytest.approx(best, abs=0.02)
@@ -178,9 +179,9 @@ def test_thresholds_override_and_tie_rules(planted_table):
     frame.loc[:, ["previous_token", "induction", "duplicate_token"]] = 0.0
     assert label_heads(frame) == ["first_token"]
     frame.loc[:, ["first_token", "local"]] = 0.0
-    assert label_heads(frame) == ["broad"]
-    frame["entropy"] = 0.2
-    assert label_heads(frame) == ["other"]
+    assert label_heads(frame) == ["other"]  # breadth alone is no label (an untrained head is broadest)
+    frame["first_token"] = 0.3  # the sink threshold (Gu et al. 2024)
+    assert label_heads(frame) == ["first_token"]
     with pytest.raises(HeadlensError, match="unknown threshold"):
         label_heads(frame, {"inductoin": 0.5})
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from headlens.code_heads import bracket_matching, code_probe, code_scores, identifier
+from headlens.code_heads import MIN_GAP, bracket_matching, code_probe, code_scores, identifier
 from headlens.head_types import (
     attention_to_predicted,
     negative_copying,
@@ -127,18 +127,19 @@ def bracket_ids(model, chars):
 
 
 def plant_bracket_head(model, head=0, scale=6.0, freq_index=3):
-    """Layer-0 head: closing brackets attend to opening brackets, the most recent one most (RoPE recency).
+    """Layer-0 head: every token attends to opening brackets, the most recent one most (RoPE recency).
 
-    Embedding dimension 0 marks openers and dimension 1 closers; q reads dim 1 and k dim 0 into one rotary pair
-    of low frequency, so q . k = scale^2 * |x|^2 cos(theta * distance) falls with distance over the window.
-    It finds the matching opener exactly when that opener is the most recent opener — not inside nested pairs.
+    Embedding dimension 0 marks openers and dimension 1 is set on every token; q reads dim 1 and k dim 0 into one
+    rotary pair of low frequency, so q . k = scale^2 * |x|^2 cos(theta * distance) falls with distance over the
+    window. Before a closer it finds that closer's opener exactly when it is the most recent opener — not when a
+    nested pair opened (and closed) in between.
     """
-    openers, closers = bracket_ids(model, BRACKETS), bracket_ids(model, BRACKETS.values())
+    openers = bracket_ids(model, BRACKETS)
     attn = model.blocks[0].attn
     with torch.no_grad():
         model.embed.W_E[:, :2] = 0
         model.embed.W_E[openers, 0] = 8.0
-        model.embed.W_E[closers, 1] = 8.0
+        model.embed.W_E[:, 1] = 8.0
         attn.W_Q[head] = 0
         attn.b_Q[head] = 0
         attn.W_Q[head][1, freq_index] = scale
@@ -149,13 +150,14 @@ def plant_bracket_head(model, head=0, scale=6.0, freq_index=3):
 
 
 def latest_opener_share(probe, model):
-    """Share of closers whose matching opener is the latest opening bracket before them (what the planted head reads)."""
+    """Share of scored positions (the token before a closer) whose closer's opener is the latest opening bracket up to
+    them (what the planted head reads)."""
     opener_ids = set(bracket_ids(model, BRACKETS))
     hit = total = 0
     for b in range(probe.batch):
         toks = probe.tokens[b].tolist()
         for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():
-            latest = max(k for k in range(q) if toks[k] in opener_ids)
+            latest = max(k for k in range(q + 1) if toks[k] in opener_ids)
             hit += latest == int(probe.opener[b, q])
             total += 1
     return hit / total
@@ -178,9 +180,9 @@ def test_code_probe_marks_real_brackets_and_names(tiny_qwen):
     tok = tiny_qwen.tokenizer
     for b in range(probe.batch):
         toks = probe.tokens[b].tolist()
-        for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():
+        for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():  # q: the token before the closer
             o = int(probe.opener[b, q])
-            assert BRACKETS[tok.decode([toks[o]]).strip()] == tok.decode([toks[q]]).strip() and q - o >= 2
+            assert BRACKETS[tok.decode([toks[o]]).strip()] == tok.decode([toks[q + 1]]).strip() and q - o >= MIN_GAP
         for q, k in probe.ident[b].nonzero().tolist():
             assert k < q and tok.decode([toks[k]]).strip() and tok.decode([toks[q]]).strip().isidentifier()
     assert probe.tokens.equal(code_probe(tiny_qwen, seq_len=64, batch=6, min_pairs=3).tokens)  # seeded

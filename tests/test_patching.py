@@ -387,11 +387,9 @@ def test_cli_patch_writes_csvs(tmp_path):
 
 
 @pytest.mark.slow
-def test_qwen_induction_pair_top_heads_are_census_induction_heads(qwen):
+def test_qwen_induction_pair_top_heads_are_census_induction_heads(qwen, qwen_census):
     """On Qwen with the induction pair, the heads whose output patching recovers most are induction heads."""
-    from headlens import census
-
-    table = census(qwen, progress=False)
+    table = qwen_census
     induction_heads = {(r.layer, r.head) for r in table.itertuples() if r.label == "induction"}
     assert induction_heads
     pair = induction_pair(qwen, n_tokens=8, batch=2, seed=0)

@@ -35,7 +35,10 @@ def test_same_seed_same_probes(tiny_qwen):
         assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.is_delim, pb.is_delim)
     c = default_probes(tiny_qwen, seed=4)
     assert all(not torch.equal(pa.tokens, pc.tokens) for pa, pc in zip(a, c))
-    assert [p.kind for p in a] == ["repeated", "natural", "delimiter", "predicted", "code"]
+    assert [p.kind for p in a] == ["repeated", "natural", "delimiter", "code"]  # predicted is opt-in (size 0)
+    assert [p.batch for p in a] == [24, 48, 48, 24]
+    opt_in = default_probes(tiny_qwen, seed=3, batch=2, kinds=["predicted"])
+    assert [p.kind for p in opt_in] == ["predicted"] and opt_in.predicted.batch == 2
 
 
 def check_repeated(model, probe, n, prefix, batch):

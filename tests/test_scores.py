@@ -68,14 +68,18 @@ def test_repeated_scores_reject_bad_n():
 def test_delimiter_is_excess_over_the_uniform_share():
     pos = 8
     is_delim = torch.tensor([[False, False, True, False, False, True, False, True]])
-    share = (is_delim.float().cumsum(-1) / torch.arange(1, pos + 1))[0, 1:]
+    count = is_delim.float().cumsum(-1)[0, 1:]  # delimiters among keys 1..q (key 0 is never counted)
+    share = count / torch.arange(1, pos)  # a uniform head over the non-sink keys 1..q
     last_delim = [0, 0] + [max(k for k in range(q + 1) if is_delim[0, k]) for q in range(2, pos)]
     reader = one_hot(last_delim, pos)
     reader[0, 0, 1] = torch.tensor([0.5, 0.5] + [0.0] * (pos - 2))  # no delimiter yet: spread over both keys
     avoider = SINK[..., :pos, :pos]
     got = scores.delimiter(heads(reader, causal_uniform(1, 1, pos), avoider), is_delim)
     has = torch.tensor([float(is_delim[0, : q + 1].any()) for q in range(1, pos)])
-    assert got.tolist() == pytest.approx([(has - share).mean().item(), 0.0, -share.mean().item()], abs=1e-6)
+    uniform = (count / torch.arange(2, pos + 1) - share).mean().item()  # uniform over keys 0..q: slightly below
+    assert got.tolist() == pytest.approx([(has - share).mean().item(), uniform, -share.mean().item()], abs=1e-6)
+    nonsink_uniform = scores.without_sink(causal_uniform(1, 1, pos))
+    assert scores.delimiter(nonsink_uniform, is_delim).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(HeadlensError, match="is_delim"):
         scores.delimiter(reader, is_delim[:, :-1])
 

@@ -26,9 +26,9 @@ def test_planted_thresholds_clear_the_nulls():
     assert "shuffled_max" in levels.columns and np.isfinite(levels.loc["induction", "shuffled_max"])
     # the planted induction head is exact; with the repeat order destroyed it scores low
     assert levels.loc["induction", "shuffled_max"] < 0.3
-    assert levels.drop(index="broad")["clears"].all(), levels
-    # a randomly initialised head attends almost uniformly: "broad" is what chance looks like, flagged as such
-    assert not levels.loc["broad", "clears"]
+    # every label's threshold is above the largest score of any randomly initialised head (near-uniform attention)
+    assert levels["clears"].all(), levels
+    assert "broad" not in levels.index  # breadth is what chance looks like: a score (entropy), never a label
 
 
 def test_causal_validation_table():

@@ -32,20 +32,20 @@ def fake_census(n_layers=2, n_heads=4, n_kv_heads=2, *, seed=0, labels=None):
 
 
 def planted_census():
-    """Tiny-model census with known winners: induction L1H2 (0.9) > L1H3 (0.7) > L0H1 (0.5); broad by entropy."""
+    """Tiny-model census with known winners: induction L1H2 (0.9) > L1H3 (0.7) > L0H1 (0.5); first_token L0H3 > L0H2."""
     census = fake_census(
         labels={
             (1, 2): "induction",
             (1, 3): "induction",
             (0, 1): "induction",
             (0, 0): "previous_token",
-            (0, 2): "broad",
-            (0, 3): "broad",
+            (0, 2): "first_token",
+            (0, 3): "first_token",
         }
     )
     census = census.set_index(["layer", "head"])
     census.loc[(1, 2), "induction"], census.loc[(1, 3), "induction"], census.loc[(0, 1), "induction"] = 0.9, 0.7, 0.5
-    census.loc[(0, 2), "entropy"], census.loc[(0, 3), "entropy"] = 0.6, 0.8
+    census.loc[(0, 2), "first_token"], census.loc[(0, 3), "first_token"] = 0.6, 0.8
     return census.reset_index()[list(viz.CENSUS_COLUMNS)]
 
 
@@ -179,8 +179,8 @@ def test_top_heads_ranks_by_the_label_score():
         {"label": "previous_token", "layer": 0, "head": 0, "score": top.loc[0, "score"]},
         {"label": "induction", "layer": 1, "head": 2, "score": 0.9},
         {"label": "induction", "layer": 1, "head": 3, "score": 0.7},
-        {"label": "broad", "layer": 0, "head": 3, "score": 0.8},
-        {"label": "broad", "layer": 0, "head": 2, "score": 0.6},
+        {"label": "first_token", "layer": 0, "head": 3, "score": 0.8},
+        {"label": "first_token", "layer": 0, "head": 2, "score": 0.6},
     ]
     assert viz.top_heads(planted_census(), k=5, labels=["induction"])[["layer", "head"]].values.tolist() == [
         [1, 2],
@@ -195,7 +195,7 @@ def test_top_heads_ranks_by_the_label_score():
 
 def test_gallery_shows_each_labels_top_heads(tiny_qwen):
     views = viz.gallery(tiny_qwen, planted_census(), PROMPT, k=2)
-    assert [v.title for v in views] == ["previous_token: L0H0", "induction: L1H2, L1H3", "broad: L0H3, L0H2"]
+    assert [v.title for v in views] == ["previous_token: L0H0", "induction: L1H2, L1H3", "first_token: L0H3, L0H2"]
     induction = views.views[1]
     assert induction.name == "AttentionHeads"
     assert induction.props["attentionHeadNames"] == ["L1H2 0.90", "L1H3 0.70"]
@@ -296,8 +296,8 @@ def test_label_map_colours_each_head_by_label():
     for row in census.itertuples():
         assert grid[row.layer, row.head] == codes[row.label]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["P previous_token (1)", "I induction (3)", "B broad (2)", "· other (2)"]
-    assert sorted(t.get_text() for t in ax.texts) == sorted(["P", "I", "I", "I", "B", "B"])
+    assert legend == ["P previous_token (1)", "I induction (3)", "F first_token (2)", "· other (2)"]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["P", "I", "I", "I", "F", "F"])
 
 
 def test_distance_plot_lines_are_layer_means():

@@ -44,7 +44,8 @@ from headlens.probes import Probe, ProbeSet, check_probes, default_probes, probe
 from headlens.registry import WEIGHTS, HeadType, head_types
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
-"""The eight built-in score columns (their values are unchanged from earlier versions)."""
+"""The eight built-in score columns (values unchanged since the first version, except ``delimiter``: key 0 no longer
+counts and its uniform baseline spreads over keys 1..i)."""
 SINK = 0.3
 MIN_NONSINK = 0.05
 N_BOOT = 200
@@ -78,7 +79,7 @@ COLUMNS = columns()
 LABELS = label_names()
 THRESHOLDS = {t.name: t.threshold for t in head_types().values() if t.label}
 LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label and t.column != t.name}
-"""Labels read from another type's column (``broad`` reads ``entropy``, ``copy_suppression`` reads ``induction``)."""
+"""Labels read from another type's column (``copy_suppression`` reads ``induction``)."""
 TIERS = tuple(
     tuple(t.name for t in head_types().values() if t.label and t.tier == tier)
     for tier in sorted({t.tier for t in head_types().values() if t.label})

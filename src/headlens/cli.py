@@ -310,7 +310,7 @@ def label_summary(table, *, k: int = 5):
     for label in [lb for lb in LABELS if (table["label"] == lb).any()]:
         part = table[table["label"] == label]
         score = "label_score" if "label_score" in part.columns else LABEL_SCORE.get(label, label)
-        top = part.sort_values(score, ascending=False).head(k) if score in part.columns else part.head(0)
+        top = part.dropna(subset=[score]).nlargest(k, score) if score in part.columns else part.head(0)
         names = " ".join(f"{head_name(r.layer, r.head)} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
         rows.append(
             {

@@ -185,18 +185,26 @@ def _load_registry() -> None:
 
 DEFAULT_BATCH = 16
 DEFAULT_SEQ_LEN = 128
+DEFAULT_SIZES = {"repeated": 24, "natural": 48, "delimiter": 48, "code": 24, "predicted": 0}
+"""Sequences per probe kind in the default census (other kinds: ``DEFAULT_BATCH``; 0: the kind is left out). Measured
+on the default Qwen (``analyses/census_trust.py``, ``sizes.csv``): the text kinds carry most label changes between
+seeds, so they get the most sequences. ``predicted`` feeds only a score column (``attention_to_predicted``) and
+needs an extra full forward with the unembedding, so it is opt-in: ``default_probes(model, batch=8,
+kinds=["predicted"])`` builds it. Cost: one forward over these tokens (about 70 s on 2 CPU cores)."""
 
 
 def default_probes(
     model: HookedTransformer,
     *,
     seed: int = 0,
-    batch: int = DEFAULT_BATCH,
+    batch: int | None = None,
     n: int = 64,
     seq_len: int = DEFAULT_SEQ_LEN,
     kinds: Iterable[str] | None = None,
 ) -> ProbeSet:
-    """The census default: ``batch`` sequences of every registered probe kind (or of ``kinds``).
+    """The census default: every registered probe kind (or ``kinds``), ``batch`` sequences each.
+
+    ``batch=None`` takes :data:`DEFAULT_SIZES` per kind (``DEFAULT_BATCH`` for kinds it does not list).
 
     Repeated probes have ``seq_len = 2n + 1`` and half-lengths drawn from n/2..n per sequence; text
     probes are non-overlapping ``seq_len``-token windows (natural: the Python reference docs; delimiter:
@@ -211,10 +219,13 @@ def default_probes(
         )
     built = {}
     for kind in wanted:
+        size = DEFAULT_SIZES.get(kind, DEFAULT_BATCH) if batch is None else int(batch)
+        if size == 0:
+            continue
         if kind == "repeated":
-            built[kind] = repeated_tokens(model, n=n, n_min=max(2, n // 2), batch=batch, seed=seed)
+            built[kind] = repeated_tokens(model, n=n, n_min=max(2, n // 2), batch=size, seed=seed)
         else:
-            built[kind] = _BUILDERS[kind](model, seed=seed, batch=batch, seq_len=seq_len)
+            built[kind] = _BUILDERS[kind](model, seed=seed, batch=size, seq_len=seq_len)
     return ProbeSet(built, seed=seed)
 
 

@@ -19,7 +19,7 @@ Fields beyond the basic ones:
   renormalised (column ``<name>_nosink``), and labels with it where the head sinks (see ``headlens.census``).
 - ``requires``: ``requires(scores) -> bool array`` — a head is a candidate only where it is true, e.g.
   induction needs positive OV copying; ``scores`` maps column names to arrays of equal shape.
-- ``label_score``: the column the threshold is compared with (default: ``name``; ``broad`` reads ``entropy``).
+- ``label_score``: the column the threshold is compared with (default: ``name``; ``copy_suppression`` reads ``induction``).
   With ``score=None`` the type adds no column of its own and labels by that column alone.
 - ``label=False``: a score column only, never a label.
 """

@@ -162,9 +162,9 @@ DEFINITIONS = {
     "induction": "on the same repeated tokens, attention from the second Ai to the token after the first Ai (prefix matching, Olsson et al. 2022)",
     "copying": "sum of eigenvalues / sum of their absolute values of the OV circuit W_E W_V W_O W_U (computed factored)",
     "first_token": "attention to position 0 (the sink: Qwen prepends no BOS)",
-    "delimiter": "attention on delimiter tokens minus the delimiters' share of the visible keys (0 = a uniform head)",
-    "local": "attention within the last 3 keys",
-    "entropy": "per-query attention entropy / log(number of keys), averaged ('broad' heads have it high)",
+    "delimiter": "attention on delimiter tokens minus the delimiters' share of keys 1..i (0 = a uniform head)",
+    "local": "attention on the query and the 3 keys before it",
+    "entropy": "per-query attention entropy / log(number of keys), averaged (a score only: untrained heads are broadest)",
 }
 """What each census score measures (the report's methods section prints these)."""
 

@@ -84,15 +84,20 @@ def first_token_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "
 def delimiter_seq(
     pattern: Float[Tensor, "batch head q k"], is_delim: Bool[Tensor, "batch k"]
 ) -> Float[Tensor, "batch head"]:
-    """Per sequence: excess attention on delimiter keys over a uniform causal head (mean over queries i >= 1)."""
+    """Per sequence: excess attention on delimiter keys over a uniform causal head (mean over queries i >= 1).
+
+    Key 0 (the sink) is never counted as a delimiter and the uniform baseline spreads over keys 1..i, so the
+    score reads the same on a pattern and on its ``without_sink`` version's scale.
+    """
     _check(pattern, min_pos=2)
     if tuple(is_delim.shape) != (pattern.shape[0], pattern.shape[-1]):
         raise HeadlensError(
             f"is_delim must be [batch, pos] = {(pattern.shape[0], pattern.shape[-1])}, got {tuple(is_delim.shape)}"
         )
-    d = is_delim.to(device=pattern.device, dtype=pattern.dtype)
+    d = is_delim.to(device=pattern.device, dtype=pattern.dtype).clone()
+    d[:, 0] = 0.0
     mass = torch.einsum("bhqk,bk->bhq", pattern, d)[..., 1:]
-    share = (d.cumsum(-1) / torch.arange(1, d.shape[-1] + 1, device=d.device, dtype=d.dtype))[:, None, 1:]
+    share = (d.cumsum(-1)[:, 1:] / torch.arange(1, d.shape[-1], device=d.device, dtype=d.dtype))[:, None, :]
     return (mass - share).mean(-1)
 
 
@@ -295,9 +300,9 @@ def builtin_types() -> list:
             "first_token",
             "natural",
             lambda p, probe, rows: first_token_seq(p),
-            0.6,
+            0.3,
             2,
-            "attention to position 0 (the sink)",
+            "attention to position 0 (the sink): >= 0.3, the sink threshold of Gu et al. 2024",
             "#7f7f7f",
         ),
         HeadType(
@@ -314,7 +319,7 @@ def builtin_types() -> list:
             "local",
             "natural",
             lambda p, probe, rows: local_seq(p),
-            0.6,
+            0.3,
             2,
             f"attention on the {LOCAL_WINDOW} previous keys and the query itself",
             "#9467bd",
@@ -326,19 +331,10 @@ def builtin_types() -> list:
             lambda p, probe, rows: entropy_seq(p),
             1.0,
             9,
-            "normalised attention entropy (1 = uniform over the prefix; a score only)",
+            "normalised attention entropy (1 = uniform over the prefix; a score only: an untrained head is the"
+            " broadest, so breadth is no label)",
             "#bcbd22",
             label=False,
-        ),
-        HeadType(
-            "broad",
-            "natural",
-            None,
-            0.7,
-            3,
-            "normalised entropy >= threshold: attention spread over the prefix",
-            "#e377c2",
-            label_score="entropy",
         ),
     ]
 
