@@ -22,6 +22,7 @@ import torch
 
 from headlens import load_model
 from headlens.attribution import attribution_patching, estimate_quality
+from headlens.heads import head_name
 from headlens.io import write_csv, write_json
 from headlens.patching import activation_patching, induction_pair
 
@@ -72,6 +73,7 @@ def main() -> None:
     model = load_model(args.model)
     pair = induction_pair(model, n_tokens=30, batch=4, seed=0)
     exact, t_exact = exact_table(model, pair, RESULTS / "atp_exact_4x61.csv", args.recompute)
+    names = [head_name(layer, head) for layer, head in zip(exact["layer"], exact["head"])]  # by row of exact
     print(f"exact: {t_exact:.1f} s")
     if args.exact_only:
         return
@@ -88,7 +90,7 @@ def main() -> None:
         )
         estimates[name] = table["effect"].to_numpy()
         quality = estimate_quality(exact["effect"], estimates[name], k=10)
-        quality["missed"] = [f"L{exact['layer'][i]}H{exact['head'][i]}" for i in quality["missed"]]
+        quality["missed"] = [names[i] for i in quality["missed"]]
         results[name] = {"seconds": times, "seconds_median": float(np.median(times)), **quality}
         print(
             f"{name:>15}: {np.median(times):6.1f} s, recall top-10 in top-20 "
@@ -98,7 +100,7 @@ def main() -> None:
         order = exact["effect"].abs().sort_values(ascending=False).index[:20]
         top = [
             {
-                "head": f"L{exact['layer'][i]}H{exact['head'][i]}",
+                "head": names[i],
                 "exact": round(float(exact.effect[i]), 4),
                 **{name: round(float(est[i]), 4) for name, est in estimates.items()},
             }
@@ -146,7 +148,7 @@ def main() -> None:
         table = attribution_patching(model, pair, activations=["z"], method="atp*", grad_drop=True)
         seconds = time.perf_counter() - start
         quality = estimate_quality(exact["effect"], table["effect"].to_numpy(), k=10)
-        quality["missed"] = [f"L{exact['layer'][i]}H{exact['head'][i]}" for i in quality["missed"]]
+        quality["missed"] = [names[i] for i in quality["missed"]]
         record["methods"]["atp*+graddrop"] = {
             "seconds": [seconds],
             "seconds_median": seconds,
@@ -154,9 +156,7 @@ def main() -> None:
             **quality,
         }
         for row in record["top20_by_abs_exact"]:
-            i = exact.index[
-                (exact["layer"].astype(str).radd("L") + exact["head"].astype(str).radd("H")) == row["head"]
-            ][0]
+            i = names.index(row["head"])
             row["atp*+graddrop"] = round(float(table["effect"][i]), 4)
         write_json(RESULTS / "atp_4x61.json", record)
         print(
