@@ -8,7 +8,7 @@ One run writes analyses/results/census_trust/:
 - counts.csv                heads per label at seed 0 with 95 % bootstrap intervals
 - null.csv                  each label's threshold vs its null (random-weights Qwen, shuffled repeats)
 - causal.csv                label heads vs layer-matched random head sets (effect ratio with interval)
-- summary.json              the headline numbers, timings (machine shared with other jobs), provenance
+- summary.json              the headline numbers, timings (2 cores, run with nothing else), provenance
 
 Run: .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores, nothing else running);
 ``--cached`` re-labels the per-sequence scores of the last run (kept in /tmp) without new forwards.
@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.calibrate import null_levels, null_scores, random_weights_model
+from headlens.calibrate import null_levels, null_scores
 from headlens.census import PerSequence, _thresholds, build_table, collect, label_counts
 from headlens.corpus import provenance
 from headlens.probes import default_probes
@@ -135,19 +135,6 @@ def main() -> None:
                 nulls.setdefault(null, {})[col] = z[key]
     else:
         nulls = null_scores(model, default_probes(model, seed=0), seed=0, progress=False)
-        np.savez(null_cache, **{f"{k}|{c}": v for k, d in nulls.items() for c, v in d.items()})
-    missing = [
-        k
-        for k, t in types.items()
-        if t.probe == WEIGHTS
-        and t.score is not None
-        and not np.isfinite(nulls["random_weights"].get(k, np.array([np.nan]))).any()
-    ]
-    if missing:  # a cache written before the null model had a tokenizer: add its weights scores
-        null_model = random_weights_model(model, seed=0)
-        for name in missing:
-            nulls["random_weights"][name] = np.asarray(types[name].score(null_model), dtype=float).reshape(-1)
-        del null_model
         np.savez(null_cache, **{f"{k}|{c}": v for k, d in nulls.items() for c, v in d.items()})
     levels = null_levels(nulls)
     timings["nulls_s"] = round(time.perf_counter() - start, 1)

@@ -42,15 +42,16 @@ from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
 from headlens.probes import Probe
-from headlens.scores import masked_attention
+from headlens.scores import NEGATIVE_COPYING, masked_attention
 
 THRESHOLDS = {
     "attention_to_predicted": 0.3,
-    "negative_copying": 0.5,
+    "negative_copying": NEGATIVE_COPYING,
     "successor": 0.3,
     "positional": 0.5,
 }
-"""Set before the default Qwen was scored (reasons in docs/head_types.md); not yet checked against a null model."""
+"""Set before the default Qwen was scored (reasons in docs/head_types.md); the labelled ones (successor, positional)
+clear the random-weights null (analyses/results/census_trust/null.csv)."""
 
 ORDINALS = {
     "digits": [str(i) for i in range(10)],
