@@ -10,7 +10,9 @@ threshold (when none: the 5 highest, reported as "absent"), and mean-ablating th
   next token (natural text; ablating copy-suppression heads should RAISE it);
 - successor: log-probability of the next ordinal after three ("Monday Tuesday Wednesday" -> " Thursday");
 - positional: next-token loss on natural text;
-- bracket_matching: log-probability of the correct closing bracket on held-out stdlib code windows;
+- bracket_matching: log-probability of the correct closing-bracket token (every token that starts with a closer,
+  ``)``, ``):``, ``)\n``..., whose opener is >= MIN_GAP tokens back: ``CodeProbe.closer``) on held-out stdlib code
+  windows (``--code-windows``, default 24);
 - identifier: log-probability of the token after a re-used name on the same windows;
 - retrieval: log-probability of the needle words in 1,024-token needle-in-a-haystack prompts.
 
@@ -44,6 +46,7 @@ from headlens.head_types import (
     positional_scores,
     successor_scores,
 )
+from headlens.intervene import Metric
 from headlens.probes import natural_text
 from headlens.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
 from headlens.retrieval import needle_metric, needle_probe, retrieval_scores
@@ -85,13 +88,17 @@ def successor_metric(model):
 
 
 def bracket_metric(probe):
-    before = probe.opener[:, :-1] >= 0  # position q predicts the closing bracket at q + 1
+    """Mean log-prob of the closing-bracket tokens (``probe.closer``); only the positions before them are unembedded."""
+    before = probe.closer.clone()  # position q predicts the closing bracket at q + 1
+    before[:, -1] = False
+    positions = before.any(0).nonzero()[:, 0]
+    chosen = before[:, positions]
 
     def fn(logits, toks):
-        lp = logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
-        return lp[before.to(lp.device)].mean()
+        lp = logits.log_softmax(-1).gather(-1, toks[:, positions.to(toks.device) + 1, None])[..., 0]
+        return lp[chosen.to(lp.device)].mean()
 
-    return custom_metric(probe.tokens, fn, name="closing_bracket_logprob", higher_is_better=True)
+    return Metric("closing_bracket_logprob", probe.tokens, fn, True, positions)
 
 
 def identifier_metric(probe):
@@ -192,6 +199,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen", help="smoke test: tiny-qwen2 (with --out elsewhere)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--needle-len", type=int, default=1024)
+    ap.add_argument("--code-windows", type=int, default=24, help="held-out code windows for bracket and identifier")
     ap.add_argument(
         "--reuse-scores", action="store_true", help="read scores.csv/rope_summary.csv of --out, redo the rest"
     )
@@ -241,7 +249,7 @@ def main() -> None:
 
     rows, tables = [], []
     held_out_text = natural_text(model, seq_len=96, batch=4, seed=SEED + 1).tokens
-    held_out_code = code_probe(model, seed=SEED + 1)
+    held_out_code = code_probe(model, seed=SEED + 1, batch=args.code_windows)
     checks = [
         (
             "copy_suppression",
@@ -293,6 +301,8 @@ def main() -> None:
         "seed": SEED,
         "python": python_version(),
         "code_windows": list(probe.files),
+        "held_out_code_windows": list(held_out_code.files),
+        "held_out_closers": int(held_out_code.closer[:, :-1].sum()),
         "thresholds": {**THRESHOLDS, **CODE_THRESHOLDS, "retrieval": RETRIEVAL_THRESHOLD},
         "counts": {r["type"]: r["n_labelled"] for r in rows},
         "top_heads": {

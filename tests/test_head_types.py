@@ -183,8 +183,12 @@ def test_code_probe_marks_real_brackets_and_names(tiny_qwen):
         for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():  # q: the token before the closer
             o = int(probe.opener[b, q])
             assert BRACKETS[tok.decode([toks[o]]).strip()] == tok.decode([toks[q + 1]]).strip() and q - o >= MIN_GAP
+        closers = probe.closer[b].nonzero()[:, 0].tolist()  # every closer that starts its token, merged ones too
+        assert set((probe.opener[b] >= 0).nonzero()[:, 0].tolist()) <= set(closers)
+        assert all(tok.decode([toks[q + 1]]).lstrip()[0] in ")]}" for q in closers)
         for q, k in probe.ident[b].nonzero().tolist():
             assert k < q and tok.decode([toks[k]]).strip() and tok.decode([toks[q]]).strip().isidentifier()
+    assert probe.closer.sum() > (probe.opener >= 0).sum()  # merged closers (``):``, ``)\n``) are most of them
     assert probe.tokens.equal(code_probe(tiny_qwen, seq_len=64, batch=6, min_pairs=3).tokens)  # seeded
 
 

@@ -9,6 +9,9 @@ The probe (:func:`code_probe`) takes windows of ``seq_len`` model tokens from st
   whole file (1 = outermost). Only pairs where both brackets are their own model token (the token's text,
   spaces stripped, is the bracket: ``))`` or ``):`` merge and are skipped) and whose opener is at least
   ``MIN_GAP`` tokens before that position (so that a previous-token or local head does not score) are kept.
+- closers: every position whose next token *starts* with a closing bracket (``)``, ``):``, ``)\n``, `` ]``: most
+  closers share their token) whose opener is at least ``MIN_GAP`` tokens back, whatever the opener's token. The
+  causal check of bracket heads (``analyses/head_types.py``) scores the log-probability of these tokens.
 - identifier uses: each occurrence of a name (not a keyword) whose model token is the name itself, and that
   already occurred earlier in the window; its keys are all model tokens of those earlier occurrences.
 
@@ -76,11 +79,14 @@ class CodeProbe(Probe):
     """Windows of real code (kind ``code``) with bracket and identifier metadata (see the module doc).
 
     ``opener[b, q]``: when token q + 1 is a scored closing bracket, the position of its opener, else -1;
-    ``depth[b, q]``: that pair's nesting depth (0 elsewhere); ``ident[b, q, k]``: key k is an earlier
-    occurrence of the name used at q; ``files``: ``"file.py@token"`` where each window starts.
+    ``depth[b, q]``: that pair's nesting depth (0 elsewhere); ``closer[b, q]``: token q + 1 starts with a closing
+    bracket whose opener is in the window, >= ``MIN_GAP`` tokens before q (a superset of ``opener >= 0``);
+    ``ident[b, q, k]``: key k is an earlier occurrence of the name used at q; ``files``: ``"file.py@token"``
+    where each window starts.
     """
 
     opener: Tensor | None = None
+    closer: Tensor | None = None
     depth: Tensor | None = None
     ident: Tensor | None = None
     files: tuple[str, ...] = ()
@@ -128,10 +134,13 @@ def _file_arrays(tokenizer, text: str):
     pieces = [text[a:b] for a, b in offsets]
     pairs, names = _annotate(text)
     opener = {}  # position predicting a closer (the token before it) -> (opening-token position, depth)
+    closer = {}  # the same for every closer that starts its token, whatever the tokens hold -> opening-token position
     for a, b, depth in pairs:
         ta, tb = char_tok.get(a), char_tok.get(b)
         if ta is None or tb is None or tb - 1 - ta < MIN_GAP:
             continue
+        if not text[offsets[tb][0] : b].strip():
+            closer[tb - 1] = ta
         if pieces[ta].strip() == text[a] and pieces[tb].strip() == text[b]:
             opener[tb - 1] = (ta, depth)
     occurrences = []  # (token positions of the occurrence, name, is-own-token)
@@ -139,7 +148,7 @@ def _file_arrays(tokenizer, text: str):
         toks = sorted({char_tok[c] for c in range(a, b) if c in char_tok})
         own = len(toks) == 1 and pieces[toks[0]].strip() == name
         occurrences.append((toks, name, own))
-    return ids, offsets, opener, occurrences
+    return ids, offsets, opener, closer, occurrences
 
 
 def code_probe(
@@ -164,13 +173,13 @@ def code_probe(
         key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), name, len(text))
         if key not in _FILE_CACHE:
             _FILE_CACHE[key] = _file_arrays(tokenizer, text)
-        ids, offsets, opener, occ = _FILE_CACHE[key]
+        ids, offsets, opener, closer, occ = _FILE_CACHE[key]
         starts = [t for t, (a, _) in enumerate(offsets) if (a == 0 or text[a - 1] == "\n") and t + seq_len <= len(ids)]
         opens = np.array([o for o, _ in opener.values()])
         closes = np.array(list(opener))
         for s in starts[:: max(1, len(starts) // 200)]:
             if int(((opens >= s) & (closes + 1 < s + seq_len)).sum()) >= min_pairs:
-                candidates.append((name, s, ids, opener, occ))
+                candidates.append((name, s, ids, opener, closer, occ))
     if len(candidates) < batch:
         raise HeadlensError(
             f"code probe: only {len(candidates)} windows with >= {min_pairs} bracket pairs; lower batch or min_pairs"
@@ -180,12 +189,16 @@ def code_probe(
     tokens = torch.zeros(batch, seq_len, dtype=torch.long)
     opener_t = torch.full((batch, seq_len), -1, dtype=torch.long)
     depth_t = torch.zeros(batch, seq_len, dtype=torch.long)
+    closer_t = torch.zeros(batch, seq_len, dtype=torch.bool)
     ident = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
-    for b, (_, s, ids, opener, occ) in enumerate(chosen):
+    for b, (_, s, ids, opener, closer, occ) in enumerate(chosen):
         tokens[b] = torch.tensor(ids[s : s + seq_len])
         for c, (o, depth) in opener.items():
             if s <= o and c + 1 < s + seq_len:
                 opener_t[b, c - s], depth_t[b, c - s] = o - s, depth
+        for c, o in closer.items():
+            if s <= o and c + 1 < s + seq_len:
+                closer_t[b, c - s] = True
         seen: dict[str, list[int]] = {}
         for toks, nm, own in occ:
             if not toks or toks[0] < s or toks[-1] >= s + seq_len:
@@ -195,7 +208,7 @@ def code_probe(
             seen.setdefault(nm, []).extend(t - s for t in toks)
     files = tuple(f"{c[0]}@{c[1]}" for c in chosen)
     mask = delimiter_mask(tokenizer, tokens)
-    return CodeProbe("code", tokens, mask, opener=opener_t, depth=depth_t, ident=ident, files=files)
+    return CodeProbe("code", tokens, mask, opener=opener_t, depth=depth_t, closer=closer_t, ident=ident, files=files)
 
 
 def code_probe_builder(model: HookedTransformer, *, seed: int, batch: int, seq_len: int) -> CodeProbe:
