@@ -60,3 +60,20 @@ def test_grad_drop_keeps_signs_and_reports_magnitudes(toy_pair):
     assert same_sign.all()
     with pytest.raises(HeadlensError, match="unknown attribution method"):
         attribution_patching(model, pair, method="atp**")
+
+
+def test_committed_path_study_agrees_with_the_exact_table_and_shows_pattern_paths():
+    """analyses/atp_paths.py (the heads AtP misses) and bench_atp's exact table are two runs of the same patch."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).parents[1]
+    paths = json.loads((root / "analyses" / "results" / "atp_paths" / "paths.json").read_text())
+    exact = pd.read_csv(root / "benchmarks" / "results" / "atp_exact_4x61.csv").set_index(["layer", "head"])
+    for name, row in paths["heads"].items():
+        layer, head = (int(x) for x in name[1:].split("H"))
+        assert row["all positions"]["effect"] == pytest.approx(exact.loc[(layer, head), "effect"], abs=1e-3)
+        frozen = next(v for k, v in row.items() if k.startswith("later patterns frozen"))
+        assert abs(frozen["nats"]) < 0.2 * abs(row["all positions"]["nats"])  # the effect goes through later patterns
