@@ -47,7 +47,7 @@ from headlens.head_types import (
     successor_scores,
 )
 from headlens.intervene import Metric
-from headlens.probes import natural_text
+from headlens.probes import DEFAULT_SIZES, natural_text
 from headlens.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
 from headlens.retrieval import needle_metric, needle_probe, retrieval_scores
 
@@ -215,7 +215,7 @@ def main() -> None:
     if args.reuse_scores:  # the scores of an earlier run of this script (same seed), e.g. after a failed causal step
         scores = pd.read_csv(out / "scores.csv")
         rope = pd.read_csv(out / "rope_summary.csv")
-        probe = code_probe(model, seed=SEED)
+        probe = code_probe(model, seed=SEED, batch=DEFAULT_SIZES["code"])
         timings = (
             json.loads((out / "summary.json").read_text()).get("score_seconds", {})
             if (out / "summary.json").exists()
@@ -233,7 +233,7 @@ def main() -> None:
         timings["positional"] = time.perf_counter() - t
         write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
         t = time.perf_counter()
-        probe = code_probe(model, seed=SEED)
+        probe = code_probe(model, seed=SEED, batch=DEFAULT_SIZES["code"])  # as many windows as the census uses
         code = code_scores(model, probe)
         timings["code"] = time.perf_counter() - t
         scores = cs.merge(pos, on=["layer", "head"]).merge(code.drop(columns="kv_head"), on=["layer", "head"])
@@ -249,7 +249,7 @@ def main() -> None:
 
     rows, tables = [], []
     held_out_text = natural_text(model, seq_len=96, batch=4, seed=SEED + 1).tokens
-    held_out_code = code_probe(model, seed=SEED + 1, batch=args.code_windows)
+    held_out_code = code_probe(model, seed=SEED + 1, batch=args.code_windows, exclude=set(probe.files))
     checks = [
         (
             "copy_suppression",

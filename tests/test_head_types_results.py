@@ -23,10 +23,12 @@ def test_every_type_has_a_causal_row_and_the_readme_verdicts_hold():
         "copy_suppression": True,
         "successor": True,
         "positional": False,
-        "bracket_matching": False,
+        "bracket_matching": True,
         "identifier": False,
         "retrieval": True,
     }
+    bracket = causal.loc["bracket_matching"]  # the must-show: a larger drop than every random set
+    assert bracket["target_effect"] < bracket["random_effect_min"] and bracket["n_random"] >= 20
     retrieval = causal.loc["retrieval"]
     assert retrieval["target_effect"] < -2 and retrieval["random_effect_min"] > -0.2
 

@@ -36,7 +36,7 @@ def test_same_seed_same_probes(tiny_qwen):
     c = default_probes(tiny_qwen, seed=4)
     assert all(not torch.equal(pa.tokens, pc.tokens) for pa, pc in zip(a, c))
     assert [p.kind for p in a] == ["repeated", "natural", "delimiter", "code"]  # predicted is opt-in (size 0)
-    assert [p.batch for p in a] == [24, 48, 48, 24]
+    assert [p.batch for p in a] == [24, 48, 48, 48]
     opt_in = default_probes(tiny_qwen, seed=3, batch=2, kinds=["predicted"])
     assert [p.kind for p in opt_in] == ["predicted"] and opt_in.predicted.batch == 2
 

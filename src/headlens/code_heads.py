@@ -8,7 +8,8 @@ The probe (:func:`code_probe`) takes windows of ``seq_len`` model tokens from st
   prediction is the closer), the position of its matching opener, with the nesting depth of the pair in the
   whole file (1 = outermost). Only pairs where both brackets are their own model token (the token's text,
   spaces stripped, is the bracket: ``))`` or ``):`` merge and are skipped) and whose opener is at least
-  ``MIN_GAP`` tokens before that position (so that a previous-token or local head does not score) are kept.
+  ``MIN_GAP`` tokens before that position (so that the opener's region, below, lies beyond the local window of 3
+  keys and a previous-token or local head does not score) are kept.
 - closers: every position whose next token *starts* with a closing bracket (``)``, ``):``, ``)\n``, `` ]``: most
   closers share their token) whose opener is at least ``MIN_GAP`` tokens back, whatever the opener's token. The
   causal check of bracket heads (``analyses/head_types.py``) scores the log-probability of these tokens.
@@ -18,9 +19,12 @@ The probe (:func:`code_probe`) takes windows of ``seq_len`` model tokens from st
 Scores (per sequence, then averaged like the census's):
 
 - ``bracket_matching``: attention from the token that must predict a closing bracket to the opener that bracket
-  closes, mean over such tokens. A head that does this tells the model which closer (``)``, ``]``, ``}``) comes
-  and that one is due. (A first version scored the closer's own attention to its opener; a head at the closer
-  cannot help predict it, and ablating those heads did not hurt closing brackets more than random heads.)
+  closes and the tokens on either side of it (keys opener - ``REGION`` .. opener + ``REGION``: the callee's name
+  or the bracket before, the first argument after), mean over such tokens. A head that does this tells the model
+  which closer (``)``, ``]``, ``}``) comes and that one is due. Earlier versions failed their causal check: the
+  closer's own attention to its opener (a head at the closer cannot help predict it), then the opener token alone
+  from the token before the closer (on Qwen it labelled L20H4 only, while the layer-20 head that matters most for
+  closers, L20H0, reads the callee's name and the opener: about 0.1 on the opener alone, 0.30 on the region).
 - ``identifier``: attention from a use of a name to the earlier occurrences of that name, mean over uses.
 """
 
@@ -44,10 +48,14 @@ from headlens.errors import HeadlensError
 from headlens.probes import Probe, delimiter_mask
 from headlens.scores import masked_attention
 
-THRESHOLDS = {"bracket_matching": 0.3, "identifier": 0.3}
-MIN_GAP = 4
-"""A scored pair's opener is at least this many tokens before the token that predicts its closer (beyond the local
-window of 3 keys)."""
+THRESHOLDS = {"bracket_matching": 0.25, "identifier": 0.3}
+"""bracket_matching at 0.25, 3.1x its random-weights null maximum (0.080, three keys): at 0.3 four Qwen heads scoring
+0.26-0.33 changed label between seeds (``analyses/results/census_trust``)."""
+MIN_GAP = 5
+"""A scored pair's opener is at least this many tokens before the token that predicts its closer, so that the whole
+region (opener + ``REGION``) is beyond the local window of 3 keys."""
+REGION = 1
+"""The bracket score counts the keys from opener - REGION to opener + REGION."""
 STDLIB_FILES = (
     "json/decoder.py",
     "json/encoder.py",
@@ -159,8 +167,12 @@ def code_probe(
     seed: int = 0,
     files=STDLIB_FILES,
     min_pairs: int = 2,
+    exclude=(),
 ) -> CodeProbe:
-    """``batch`` windows of stdlib code, each starting at a line start and holding >= ``min_pairs`` bracket pairs (seeded)."""
+    """``batch`` windows of stdlib code, each starting at a line start and holding >= ``min_pairs`` bracket pairs (seeded).
+
+    ``exclude``: windows not to draw (``"file.py@token"``, e.g. another probe's ``files``), for held-out data.
+    """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise HeadlensError("the code probe needs a model with a tokenizer")
@@ -178,6 +190,8 @@ def code_probe(
         opens = np.array([o for o, _ in opener.values()])
         closes = np.array(list(opener))
         for s in starts[:: max(1, len(starts) // 200)]:
+            if f"{name}@{s}" in exclude:
+                continue
             if int(((opens >= s) & (closes + 1 < s + seq_len)).sum()) >= min_pairs:
                 candidates.append((name, s, ids, opener, closer, occ))
     if len(candidates) < batch:
@@ -220,16 +234,27 @@ def code_probe_builder(model: HookedTransformer, *, seed: int, batch: int, seq_l
     return code_probe(model, seq_len=seq_len, batch=batch, seed=seed, min_pairs=2 if seq_len >= 96 else 1)
 
 
+def _region_attention(
+    pattern: Float[Tensor, "batch head q k"], opener: Int[Tensor, "batch q"]
+) -> Float[Tensor, "batch head q"]:
+    """Attention from each position q to the keys opener[q] - REGION .. opener[q] + REGION (0 where opener < 0)."""
+    op = opener.to(pattern.device)
+    out = torch.zeros(pattern.shape[:3], dtype=pattern.dtype, device=pattern.device)
+    for d in range(-REGION, REGION + 1):
+        key = op + d
+        valid = (op >= 0) & (key >= 0)
+        got = pattern.gather(-1, key.clamp_min(0)[:, None, :, None].expand(-1, pattern.shape[1], -1, 1))[..., 0]
+        out += got * valid[:, None].to(pattern.dtype)
+    return out
+
+
 def bracket_matching(
     pattern: Float[Tensor, "batch head q k"], opener: Int[Tensor, "batch q"]
 ) -> Float[Tensor, "batch head"]:
     """Per sequence: attention from each position that predicts a closing bracket (``opener >= 0``) to that
-    bracket's opener, mean over those positions."""
-    op = opener.to(pattern.device)
-    is_close = op >= 0
-    gathered = pattern.gather(-1, op.clamp_min(0)[:, None, :, None].expand(-1, pattern.shape[1], -1, 1))[..., 0]
-    w = is_close[:, None].to(pattern.dtype)
-    return (gathered * w).sum(-1) / w.sum(-1)
+    bracket's opener and its neighbours (``REGION`` keys either side), mean over those positions."""
+    w = (opener.to(pattern.device) >= 0)[:, None].to(pattern.dtype)
+    return (_region_attention(pattern, opener) * w).sum(-1) / w.sum(-1)
 
 
 def identifier(
@@ -260,7 +285,8 @@ def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, see
 
 
 def bracket_by_depth(model: HookedTransformer, heads, probe: CodeProbe) -> dict[int, list[float]]:
-    """Mean attention (token before a closer) -> opener of each of ``heads`` by nesting depth (1, 2, 3 = 3 or deeper)."""
+    """Mean bracket score (token before a closer -> its opener's region) of each of ``heads`` by nesting depth (1, 2,
+    3 = 3 or deeper)."""
     from headlens.capture import stream_patterns
 
     heads = list(heads)
@@ -272,11 +298,10 @@ def bracket_by_depth(model: HookedTransformer, heads, probe: CodeProbe) -> dict[
         for i, (l, h) in enumerate(heads):
             if l != layer:
                 continue
-            p = pattern[:, h]
-            op = probe.opener[rows].to(p.device)
-            got = p.gather(-1, op.clamp_min(0)[..., None])[..., 0]
+            op = probe.opener[rows].to(pattern.device)
+            got = _region_attention(pattern[:, h : h + 1], op)[:, 0]
             for d in (1, 2, 3):
-                sel = (op >= 0) & (depth[rows].to(p.device) == d)
+                sel = (op >= 0) & (depth[rows].to(op.device) == d)
                 out[d][i] += float(got[sel].double().sum())
 
     stream_patterns(model, probe.tokens, reduce, layers=sorted({l for l, _ in heads}), progress=False)

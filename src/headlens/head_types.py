@@ -378,7 +378,7 @@ def builtin_types() -> list:
             lambda p, probe, rows: bracket_matching(p, probe.opener[rows]).nan_to_num(),
             CODE["bracket_matching"],
             1,
-            "closing bracket -> its matching opener on stdlib code",
+            "token before a closer -> its opener and the tokens beside it, on stdlib code",
             "#9467bd",
         ),
         HeadType(
