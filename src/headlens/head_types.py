@@ -356,6 +356,15 @@ def _predicted_score(pattern, probe, rows):
     return attention_to_predicted(pattern, predicted_mask(probe.tokens[rows], probe.predicted[rows])).nan_to_num()
 
 
+def _not_positional(eff: dict) -> np.ndarray:
+    """A bracket head reads where the opener is; a positional head (content-free, e.g. always 6 back) can hit the
+    opener's region by its distance alone, so it is not labelled bracket_matching."""
+    positional = eff.get("positional")
+    if positional is None:
+        return np.ones(len(next(iter(eff.values()))), dtype=bool)
+    return ~(np.nan_to_num(np.asarray(positional, dtype=float)) >= THRESHOLDS["positional"])
+
+
 def builtin_types() -> list:
     """This module's and :mod:`headlens.code_heads`' head types, for :func:`register_head_types`."""
     from headlens.code_heads import THRESHOLDS as CODE
@@ -380,6 +389,7 @@ def builtin_types() -> list:
             1,
             "token before a closer -> its opener and the tokens beside it, on stdlib code",
             "#9467bd",
+            requires=_not_positional,
         ),
         HeadType(
             "identifier",
