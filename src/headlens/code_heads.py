@@ -141,22 +141,20 @@ def _file_arrays(tokenizer, text: str):
             char_tok.setdefault(c, t)
     pieces = [text[a:b] for a, b in offsets]
     pairs, names = _annotate(text)
-    opener = {}  # position predicting a closer (the token before it) -> (opening-token position, depth)
-    closer = {}  # the same for every closer that starts its token, whatever the tokens hold -> opening-token position
+    # position predicting a closer that starts its token (the token before it) -> (opening-token position, depth,
+    # scored: both brackets are their own token)
+    closers = {}
     for a, b, depth in pairs:
         ta, tb = char_tok.get(a), char_tok.get(b)
-        if ta is None or tb is None or tb - 1 - ta < MIN_GAP:
+        if ta is None or tb is None or tb - 1 - ta < MIN_GAP or text[offsets[tb][0] : b].strip():
             continue
-        if not text[offsets[tb][0] : b].strip():
-            closer[tb - 1] = ta
-        if pieces[ta].strip() == text[a] and pieces[tb].strip() == text[b]:
-            opener[tb - 1] = (ta, depth)
+        closers[tb - 1] = (ta, depth, pieces[ta].strip() == text[a] and pieces[tb].strip() == text[b])
     occurrences = []  # (token positions of the occurrence, name, is-own-token)
     for a, b, name in names:
         toks = sorted({char_tok[c] for c in range(a, b) if c in char_tok})
         own = len(toks) == 1 and pieces[toks[0]].strip() == name
         occurrences.append((toks, name, own))
-    return ids, offsets, opener, closer, occurrences
+    return ids, offsets, closers, occurrences
 
 
 def code_probe(
@@ -185,15 +183,16 @@ def code_probe(
         key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), name, len(text))
         if key not in _FILE_CACHE:
             _FILE_CACHE[key] = _file_arrays(tokenizer, text)
-        ids, offsets, opener, closer, occ = _FILE_CACHE[key]
+        ids, offsets, closers, occ = _FILE_CACHE[key]
         starts = [t for t, (a, _) in enumerate(offsets) if (a == 0 or text[a - 1] == "\n") and t + seq_len <= len(ids)]
-        opens = np.array([o for o, _ in opener.values()])
-        closes = np.array(list(opener))
+        scored = [(c, o) for c, (o, _, is_scored) in closers.items() if is_scored]
+        opens = np.array([o for _, o in scored])
+        closes = np.array([c for c, _ in scored])
         for s in starts[:: max(1, len(starts) // 200)]:
             if f"{name}@{s}" in exclude:
                 continue
             if int(((opens >= s) & (closes + 1 < s + seq_len)).sum()) >= min_pairs:
-                candidates.append((name, s, ids, opener, closer, occ))
+                candidates.append((name, s, ids, closers, occ))
     if len(candidates) < batch:
         raise HeadlensError(
             f"code probe: only {len(candidates)} windows with >= {min_pairs} bracket pairs; lower batch or min_pairs"
@@ -205,14 +204,13 @@ def code_probe(
     depth_t = torch.zeros(batch, seq_len, dtype=torch.long)
     closer_t = torch.zeros(batch, seq_len, dtype=torch.bool)
     ident = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
-    for b, (_, s, ids, opener, closer, occ) in enumerate(chosen):
+    for b, (_, s, ids, closers, occ) in enumerate(chosen):
         tokens[b] = torch.tensor(ids[s : s + seq_len])
-        for c, (o, depth) in opener.items():
-            if s <= o and c + 1 < s + seq_len:
-                opener_t[b, c - s], depth_t[b, c - s] = o - s, depth
-        for c, o in closer.items():
+        for c, (o, depth, is_scored) in closers.items():
             if s <= o and c + 1 < s + seq_len:
                 closer_t[b, c - s] = True
+                if is_scored:
+                    opener_t[b, c - s], depth_t[b, c - s] = o - s, depth
         seen: dict[str, list[int]] = {}
         for toks, nm, own in occ:
             if not toks or toks[0] < s or toks[-1] >= s + seq_len:

@@ -362,7 +362,7 @@ def _not_positional(eff: dict) -> np.ndarray:
     positional = eff.get("positional")
     if positional is None:
         return np.ones(len(next(iter(eff.values()))), dtype=bool)
-    return ~(np.nan_to_num(np.asarray(positional, dtype=float)) >= THRESHOLDS["positional"])
+    return np.nan_to_num(np.asarray(positional, dtype=float)) < THRESHOLDS["positional"]
 
 
 def builtin_types() -> list:
