@@ -1,11 +1,17 @@
-"""AtP* vs plain attribution patching vs exact patching on the default Qwen, 4x61 induction pair.
+"""Attribution patching (AtP, AtP*, integrated gradients) vs exact patching on the default Qwen, 4x61 induction pair.
 
 Exact activation patching of every head's output (``hook_z``) is the ground truth. Its table is saved once
 to ``results/atp_exact_4x61.csv`` (with the induction pair's token hash) and reused while the pair is the
 same; ``--recompute`` (or a changed pair) regenerates it. Reported per estimator: wall time, speed-up over
 exact, recall of the exact top-k by |effect| within the estimator's top-2k, Pearson and Spearman.
 
+``--heldout`` instead scores the estimators (quality only, no timing) on three more pairs: the induction pair
+with seed 1 (4x61) and seed 2 (4x41), and four IOI prompts (IG was built on the seed-0 pair; its default of
+2 steps was chosen after these results were seen, so they test it only in part); it writes
+``results/atp_heldout.json`` and caches each exact table beside it.
+
     python benchmarks/bench_atp.py --note "quiet machine"
+    python benchmarks/bench_atp.py --heldout
 """
 
 from __future__ import annotations
@@ -24,9 +30,78 @@ from headlens import load_model
 from headlens.attribution import attribution_patching, estimate_quality
 from headlens.heads import head_name
 from headlens.io import write_csv, write_json
-from headlens.patching import activation_patching, induction_pair
+from headlens.patching import activation_patching, induction_pair, text_pair
 
 RESULTS = Path(__file__).parent / "results"
+METHODS = {
+    "atp": {"method": "atp"},
+    "atp*": {"method": "atp*"},
+    "ig2": {"method": "ig", "steps": 2},
+    "ig3": {"method": "ig", "steps": 3},
+    "ig4": {"method": "ig", "steps": 4},
+}
+TIMED = ("atp", "atp*", "ig2", "ig4")
+IOI_CLEAN = [
+    "When Mary and John went to the store, John gave a drink to",
+    "When Tom and Anna went to the park, Anna gave a ball to",
+    "When David and Sarah went to the shop, Sarah gave a book to",
+    "When James and Paul went to the beach, Paul gave a hat to",
+]
+IOI_CORRUPTED = [  # the second mention of the subject replaced by a third name
+    "When Mary and John went to the store, Paul gave a drink to",
+    "When Tom and Anna went to the park, John gave a ball to",
+    "When David and Sarah went to the shop, Mary gave a book to",
+    "When James and Paul went to the beach, Sarah gave a hat to",
+]
+
+
+def heldout_pairs(model) -> dict:
+    return {
+        "induction_seed1_4x61": induction_pair(model, n_tokens=30, batch=4, seed=1),
+        "induction_seed2_4x41": induction_pair(model, n_tokens=20, batch=4, seed=2),
+        "ioi_4": text_pair(
+            model,
+            IOI_CLEAN,
+            IOI_CORRUPTED,
+            answer=[" Mary", " Tom", " David", " James"],
+            wrong=[" John", " Anna", " Sarah", " Paul"],
+        ),
+    }
+
+
+def score(exact: pd.DataFrame, table: pd.DataFrame, names: list[str]) -> dict:
+    """Recall/correlations of one estimate against the exact table, plus sign agreement on the exact top 10."""
+    assert np.array_equal(table[["layer", "head"]].to_numpy(dtype=int), exact[["layer", "head"]].to_numpy(dtype=int))
+    estimate, effect = table["effect"].to_numpy(), exact["effect"].to_numpy()
+    quality = estimate_quality(effect, estimate, k=10)
+    quality["missed"] = [names[i] for i in quality["missed"]]
+    top = np.argsort(-np.abs(effect), kind="stable")[:10]
+    quality["sign_agrees_top10"] = float(np.mean(np.sign(estimate[top]) == np.sign(effect[top])))
+    return quality
+
+
+def heldout(model) -> None:
+    record = {"model": model.cfg.model_name, "k": 10, "pairs": {}}
+    for slug, pair in heldout_pairs(model).items():
+        exact, _ = exact_table(model, pair, RESULTS / f"atp_exact_{slug}.csv", recompute=False)
+        names = [head_name(layer, head) for layer, head in zip(exact["layer"], exact["head"])]
+        rows = {
+            name: score(exact, attribution_patching(model, pair, activations=["z"], **kwargs), names)
+            for name, kwargs in METHODS.items()
+        }
+        top = exact["effect"].abs().sort_values(ascending=False).index[:10]
+        record["pairs"][slug] = {
+            "tokens": list(pair.clean.shape),
+            "metric": pair.info.get("metric"),
+            "exact_top10": {names[i]: round(float(exact.effect[i]), 4) for i in top},
+            "methods": rows,
+        }
+        for name, q in rows.items():
+            print(
+                f"{slug} {name:>5}: recall {q['recall_top10_in_20']:.2f} pearson {q['pearson']:.3f} missed {q['missed']}"
+            )
+    write_json(RESULTS / "atp_heldout.json", record)
+    print(f"wrote {RESULTS / 'atp_heldout.json'}")
 
 
 def token_hash(pair) -> str:
@@ -68,29 +143,28 @@ def main() -> None:
     parser.add_argument("--note", default="", help="run conditions, recorded in the results")
     parser.add_argument("--grad-drop", action=argparse.BooleanOptionalAction, default=True, help="also time GradDrop")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cheap estimator (median reported)")
+    parser.add_argument("--heldout", action="store_true", help="score the estimators on three more pairs instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
+    if args.heldout:
+        heldout(model)
+        return
     pair = induction_pair(model, n_tokens=30, batch=4, seed=0)
     exact, t_exact = exact_table(model, pair, RESULTS / "atp_exact_4x61.csv", args.recompute)
     names = [head_name(layer, head) for layer, head in zip(exact["layer"], exact["head"])]  # by row of exact
     print(f"exact: {t_exact:.1f} s")
     if args.exact_only:
         return
-    methods = {"atp": {"method": "atp"}, "atp*": {"method": "atp*"}}
     estimates, results = {}, {}
-    for name, kwargs in methods.items():
+    for name in TIMED:
         times = []
-        for _ in range(1 if "graddrop" in name else args.repeats):
+        for _ in range(args.repeats):
             start = time.perf_counter()
-            table = attribution_patching(model, pair, activations=["z"], **kwargs)
+            table = attribution_patching(model, pair, activations=["z"], **METHODS[name])
             times.append(time.perf_counter() - start)
-        assert np.array_equal(
-            table[["layer", "head"]].to_numpy(dtype=int), exact[["layer", "head"]].to_numpy(dtype=int)
-        )
         estimates[name] = table["effect"].to_numpy()
-        quality = estimate_quality(exact["effect"], estimates[name], k=10)
-        quality["missed"] = [names[i] for i in quality["missed"]]
+        quality = score(exact, table, names)
         results[name] = {"seconds": times, "seconds_median": float(np.median(times)), **quality}
         print(
             f"{name:>15}: {np.median(times):6.1f} s, recall top-10 in top-20 "
@@ -147,8 +221,7 @@ def main() -> None:
         start = time.perf_counter()
         table = attribution_patching(model, pair, activations=["z"], method="atp*", grad_drop=True)
         seconds = time.perf_counter() - start
-        quality = estimate_quality(exact["effect"], table["effect"].to_numpy(), k=10)
-        quality["missed"] = [names[i] for i in quality["missed"]]
+        quality = score(exact, table, names)
         record["methods"]["atp*+graddrop"] = {
             "seconds": [seconds],
             "seconds_median": seconds,

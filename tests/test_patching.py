@@ -360,6 +360,8 @@ def test_cli_patch_writes_csvs(tmp_path):
             "z,k",
             "--top",
             "3",
+            "--attribution-method",
+            "ig",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -368,7 +370,7 @@ def test_cli_patch_writes_csvs(tmp_path):
     assert len(pd.read_csv(tmp_path / "patch_k.csv")) == 4
     attr = pd.read_csv(tmp_path / "attribution.csv")
     assert set(attr["activation"]) == {"z", "k"}
-    assert "spearman" in result.output and "L" in result.output
+    assert "ig vs exact over all 8 units: spearman" in result.output and "pearson" in result.output
     bad = CliRunner().invoke(
         app,
         [
@@ -426,3 +428,19 @@ def test_layer_patching_matches_transformerlens(tiny_qwen, activation, fn):
     assert len(whole) == tiny_qwen.cfg.n_layers
     if activation == "resid_pre":
         assert whole["effect"].tolist() == pytest.approx([1.0] * tiny_qwen.cfg.n_layers, abs=1e-5)
+
+
+def test_patching_chosen_heads_gives_their_rows_of_the_full_table(tiny_qwen):
+    """Verifying an attribution screen: patching just some heads reproduces their rows of the full run."""
+    pair = induction_pair(tiny_qwen, n_tokens=6, batch=2, seed=0)
+    full = activation_patching(tiny_qwen, pair, activation="z", progress=False).set_index(["layer", "head"])
+    some = activation_patching(tiny_qwen, pair, activation="z", heads=["L1H2", (0, 1)], progress=False)
+    assert list(zip(some["layer"], some["head"])) == [(0, 1), (1, 2)]
+    assert np.allclose(some["effect"], full.loc[[(0, 1), (1, 2)], "effect"], atol=1e-5)
+    for kwargs, match in [
+        ({"heads": ["L1H2"], "layers": [1]}, "layers or heads, not both"),
+        ({"heads": ["L9H0"]}, "out of range"),
+        ({"heads": ["L1H2"], "activation": "k"}, "heads= picks q heads"),
+    ]:
+        with pytest.raises(HeadlensError, match=match):
+            activation_patching(tiny_qwen, pair, progress=False, **{"activation": "z", **kwargs})

@@ -20,7 +20,19 @@ fixes this in two ways, both here:
   scoring zero. It costs one backward pass per layer, so it is off by default; the sign of the combined
   estimate is the sign of the estimate without GradDrop.
 
-Costs on the default Qwen at 4×61 tokens are in ``benchmarks/results/atp_4x61.json``.
+Both are still linearisations at the corrupted run. On the default Qwen's 4×61 induction pair they miss the
+three heads whose effect runs through two or more saturated softmaxes in a row (``analyses/atp_paths.py``).
+``method="ig"`` takes the gradient instead at ``steps`` points of the straight path from the corrupted to the
+clean input embedding, ``α = 0, 1/steps, …``, and multiplies the mean by (clean − corrupted) activation:
+integrated gradients, as EAP-IG does (Hanna et al. 2024, "Have Faith in Faithfulness"). Part-way along the path
+the later softmaxes are not saturated, so a head that matters to the clean circuit gets a large score even when
+its patch alone acts through a chain of them. The score approximates the part of the clean − corrupted change
+that flows through the head, not the effect of patching it alone: use it to choose which heads to patch exactly,
+and read neither its size nor its sign as the patch's. Cost: the corrupted pass runs on ``steps`` copies of the
+batch.
+
+Costs and quality on the default Qwen at 4×61 tokens are in ``benchmarks/results/atp_4x61.json``, on three
+more pairs in ``benchmarks/results/atp_heldout.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +63,8 @@ from headlens.patching import (
     _table,
 )
 
-METHODS = ("atp", "atp*")
+METHODS = ("atp", "atp*", "ig")
+IG_STEPS = 2
 
 
 def attribution_patching(
@@ -64,12 +77,15 @@ def attribution_patching(
     metric: Metric | None = None,
     method: str = "atp*",
     grad_drop: bool = False,
+    steps: int | None = None,
 ) -> pd.DataFrame:
     """Estimate every head's patching effect (same table as :func:`headlens.patching.activation_patching`).
 
     ``method="atp"`` is plain first-order attribution; ``"atp*"`` (default) recomputes the attention softmax
     for query/key patches and for the key path of head outputs (``z``, all positions). ``grad_drop`` adds
-    GradDrop (see the module docstring). ``metric`` in the table is ``corrupted + estimate``.
+    GradDrop (see the module docstring). ``"ig"`` averages the gradient over ``steps`` points (default
+    ``IG_STEPS``) of the path from the corrupted to the clean input: a screen for the heads that matter, not an
+    estimate of each patch (see the module docstring). ``metric`` in the table is ``corrupted + estimate``.
     """
     for activation in activations:
         _check_activation(activation)
@@ -77,6 +93,15 @@ def attribution_patching(
         raise HeadlensError(f"unknown attribution method {method!r}: choose from {', '.join(METHODS)}")
     if not activations:
         raise HeadlensError("give at least one activation to attribute")
+    if method != "ig" and steps is not None:
+        raise HeadlensError(f"steps is for method='ig' only; {method!r} takes its gradient at the corrupted run alone")
+    if method == "ig":
+        steps = IG_STEPS if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
+        if grad_drop:
+            raise HeadlensError("grad_drop goes with method='atp' or 'atp*', not 'ig'")
+    alphas = [k / steps for k in range(steps)] if method == "ig" else [0.0]
     metric = metric or pair.metric
     star = method == "atp*"
     with _kv_mode(model, ungroup_kv):
@@ -91,7 +116,15 @@ def attribution_patching(
         clean = corrupted = None
         for group, key_fix in groups:
             out, clean, corrupted = _estimate(
-                model, pair, group, metric, star=star, key_fix=key_fix, grad_drop=grad_drop, by_position=by_position
+                model,
+                pair,
+                group,
+                metric,
+                star=star,
+                key_fix=key_fix,
+                grad_drop=grad_drop,
+                by_position=by_position,
+                alphas=alphas,
             )
             estimates.update(out)
         _check_recoverable(clean, corrupted)
@@ -108,7 +141,7 @@ def attribution_patching(
                     ]
                 else:
                     rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(est[layer].sum(0))]
-            name = method + ("+graddrop" if grad_drop else "")
+            name = method + ("+graddrop" if grad_drop else "") + (f"{steps}" if method == "ig" else "")
             tables.append(_table(model, activation, rows, clean, corrupted, name, by_position))
     df = pd.concat(tables, ignore_index=True)
     df.attrs.update(tables[0].attrs)
@@ -132,9 +165,20 @@ class _GradGate(torch.autograd.Function):
 
 
 def _estimate(
-    model, pair: PromptPair, activations, metric, *, star: bool, key_fix: bool, grad_drop: bool, by_position: bool
+    model,
+    pair: PromptPair,
+    activations,
+    metric,
+    *,
+    star: bool,
+    key_fix: bool,
+    grad_drop: bool,
+    by_position: bool,
+    alphas: Sequence[float] = (0.0,),
 ):
-    """One clean pass, one corrupted pass with gradients (and, with GradDrop, one backward per layer).
+    """One clean pass, one corrupted pass with gradients (and, with GradDrop, one backward per layer). With
+    ``alphas`` beyond 0 the corrupted pass holds one copy of the batch per point of the input path (integrated
+    gradients); the gradients are averaged over them.
 
     Returns per activation a ``[layer, pos, unit]`` tensor of estimated metric changes, and both metrics.
     """
@@ -144,6 +188,8 @@ def _estimate(
     clean_names = set(names) | (
         {_qk_name(model, a, layer) for a in ("q", "k") for layer in range(L)} if need_qk else set()
     )
+    if len(alphas) > 1:
+        clean_names.add("hook_embed")
     with torch.inference_mode():
         clean, clean_cache = _cached_run(model, pair.clean, clean_names, pair.positions, metric)
 
@@ -163,7 +209,13 @@ def _estimate(
         stash[hook.name] = act.detach()
         return act.detach()
 
+    batch, steps = pair.corrupted.shape[0], len(alphas)
+    weights = torch.tensor(alphas).repeat_interleave(batch)[:, None, None]
+
     def track(act, hook):
+        if steps > 1:  # integrated gradients: row block k is the input moved alphas[k] of the way to the clean one
+            clean_embed = clean_cache["hook_embed"].repeat(steps, 1, 1)
+            return torch.lerp(act.detach(), clean_embed, weights.to(act)).requires_grad_(True)
         return act if act.requires_grad else act.detach().requires_grad_(True)
 
     def gated(act, hook):
@@ -186,10 +238,12 @@ def _estimate(
 
     patterns = [utils.get_act_name("pattern", layer) for layer in range(L)] if star else []
     with torch.inference_mode(False), torch.enable_grad():
-        value = metric(_final_logits(model, pair.corrupted.clone(), pair.positions, fwd_hooks=hooks))
+        logits = _final_logits(model, pair.corrupted.repeat(steps, 1), pair.positions, fwd_hooks=hooks)
+        values = [metric(logits[k * batch : (k + 1) * batch]) for k in range(steps)]
+        value = values[0]
         order = list(names) + [p for p in patterns if p not in names]
-        grads = _grads(value, [saved[n] for n in order], retain=grad_drop)
-        grad = dict(zip(order, grads))
+        grads = _grads(sum(values), [saved[n] for n in order], retain=grad_drop)
+        grad = {n: g.view(steps, batch, *g.shape[1:]).mean(0) for n, g in zip(order, grads)}
         drop_grads = []
         if grad_drop:
             for layer in range(L):
@@ -197,6 +251,7 @@ def _estimate(
                 gate[layer] = 0.0
                 drop_grads.append(dict(zip(order, _grads(value, [saved[n] for n in order], retain=layer < L - 1))))
             gate.fill_(1.0)
+    saved.update({n: saved[n][:batch] for n in order})  # the corrupted run's own activations
     corrupted = float(value.detach())
 
     out = {}

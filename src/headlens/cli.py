@@ -41,6 +41,12 @@ class MethodName(str, Enum):
     resample = "resample"
 
 
+class AttributionName(str, Enum):
+    atp = "atp"
+    atp_star = "atp*"
+    ig = "ig"
+
+
 class UnitName(str, Enum):
     head = "head"
     kv_group = "kv-group"
@@ -434,6 +440,11 @@ def patch(
     by_position: bool = typer.Option(False, "--by-position", help="patch one (head, position) at a time"),
     ungroup_kv: bool = typer.Option(False, "--ungroup-kv", help="patch k/v per q head instead of per kv head (GQA)"),
     attribution: bool = typer.Option(True, "--attribution/--no-attribution", help="also run attribution patching"),
+    attribution_method: AttributionName = typer.Option(
+        AttributionName.atp_star,
+        "--attribution-method",
+        help="atp, atp* (softmax recomputed) or ig (integrated gradients, 2 steps: a screen, see docs/attribution.md)",
+    ),
     n_tokens: int = typer.Option(10, "--n-tokens", help="induction pair: length of the repeated half"),
     batch: int = typer.Option(4, "--batch", help="induction pair: number of sequences"),
     seed: int = SEED,
@@ -462,6 +473,7 @@ def patch(
         raise HeadlensError(f"{out} is a file: pass a directory for the CSV files")
     import pandas as pd
 
+    from headlens.attribution import estimate_quality
     from headlens.patching import activation_patching, attribution_patching, induction_pair, rank_correlation, text_pair
 
     hooked = _load(model, adapter, device, dtype, texts=[clean, corrupted])
@@ -473,8 +485,15 @@ def patch(
     out.mkdir(parents=True, exist_ok=True)
     attr = None
     if attribution:
-        typer.echo("attribution patching (one clean, one corrupted forward and one backward pass) ...", err=True)
-        attr = attribution_patching(hooked, pair, activations=names, by_position=by_position, ungroup_kv=ungroup_kv)
+        typer.echo(f"attribution patching ({attribution_method.value}) ...", err=True)
+        attr = attribution_patching(
+            hooked,
+            pair,
+            activations=names,
+            by_position=by_position,
+            ungroup_kv=ungroup_kv,
+            method=attribution_method.value,
+        )
         write_csv(attr, out / "attribution.csv")
     tokens = hooked.to_str_tokens(pair.clean[0])
     typer.echo(
@@ -517,9 +536,13 @@ def patch(
             rows.append(row)
         typer.echo(f"\ntop {len(rows)} by |exact effect| of patching {name} (1 = full recovery of the clean metric)")
         _print_table(pd.DataFrame(rows), {"exact effect": "+.3f", "attribution": "+.3f"})
-        if attr is not None and len(exact) > 1:
+        if attr is not None and len(exact) > 2:
+            quality = estimate_quality(shown["effect"], shown["attribution"], k=min(10, len(exact) // 2))
+            recall = next(key for key in quality if key.startswith("recall_"))
             typer.echo(
-                f"spearman(exact, attribution) over all {len(exact)} units = {rank_correlation(shown['effect'], shown['attribution']):.3f}"
+                f"{attribution_method.value} vs exact over all {len(exact)} units: spearman "
+                f"{rank_correlation(shown['effect'], shown['attribution']):.3f}, pearson {quality['pearson']:.3f}, "
+                f"{recall} {quality[recall]:.2f}" + (f" (missed {len(quality['missed'])})" if quality["missed"] else "")
             )
     _done(executor, out)
     typer.echo(f"\nwrote CSVs to {out}")

@@ -50,7 +50,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError
-from headlens.heads import check_layers, kv_heads
+from headlens.heads import check_heads, check_layers, kv_heads
 from headlens.intervene import (
     LOGITS_BUDGET,  # noqa: F401 (public: the engine's logits budget)
     Metric,
@@ -339,6 +339,7 @@ def activation_patching(
     metric: Metric | MetricFn | None = None,
     batch_size: int = 32,
     layers: Sequence[int] | None = None,
+    heads: Sequence | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Patch each head's clean ``activation`` into the corrupted run, one head (and position) at a time.
@@ -348,12 +349,24 @@ def activation_patching(
     (head, position) at a time (for ``pattern``: one destination position). ``resid_pre``, ``attn_out`` and
     ``mlp_out`` are patched per layer (and position), as TransformerLens' ``get_act_patch_resid_pre`` etc.
     ``batch_size`` patched runs go through one forward of the intervention engine; each starts at the patched
-    layer from the corrupted run's cached residual.
+    layer from the corrupted run's cached residual. ``layers`` or ``heads`` (e.g. an attribution screen's top
+    heads, ``[(3, 0), "L21H11"]``) restrict the patched units.
     """
     check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
     if int(batch_size) < 1:
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     metric = pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
+    chosen = None
+    if heads is not None:
+        if layers is not None:
+            raise HeadlensError("give layers or heads, not both")
+        if activation not in ("z", "q", "pattern") and not (activation in ("k", "v") and ungroup_kv):
+            raise HeadlensError(
+                f"heads= picks q heads; {activation!r} is patched per layer or per kv head: use layers=, "
+                "or ungroup_kv=True for k/v"
+            )
+        chosen = set(check_heads(model, heads))
+        layers = sorted({head.layer for head in chosen})
     layers = check_layers(model, layers)
     with _kv_mode(model, ungroup_kv), torch.inference_mode():
         names = {utils.get_act_name(activation, layer) for layer in layers}
@@ -363,7 +376,13 @@ def activation_patching(
         stream = activation in STREAM_ACTIVATIONS
         n_units = 1 if stream else _n_units(model, activation)
         positions = range(pair.clean.shape[1]) if by_position else [None]
-        units = [(layer, u, p) for layer in layers for p in positions for u in range(n_units)]
+        units = [
+            (layer, u, p)
+            for layer in layers
+            for p in positions
+            for u in range(n_units)
+            if chosen is None or (layer, u) in chosen
+        ]
         runs = [(Site(activation, layer, None if stream else (u,), p),) for layer, u, p in units]
         values = run_interventions(
             model, corrupted_cache, runs, clean_cache.__getitem__, metric,
