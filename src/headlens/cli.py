@@ -104,6 +104,19 @@ TEXTS = ("prompt", "clean", "corrupted", "answer", "wrong", "correct")
 MAX_SEED = 2**32 - 1
 
 
+def _temperatures(text: str) -> tuple[float, ...]:
+    """``--temperatures`` as numbers: a comma list of positive finite values."""
+    import math
+
+    try:
+        temps = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        temps = ()
+    if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
+        raise HeadlensError(f"--temperatures must be a comma list of positive numbers, e.g. 0.5,1,2 (got {text!r})")
+    return temps
+
+
 def _validate(params: dict) -> None:
     """Check a command's arguments before anything is loaded: output directory, counts, seed, texts, numbers.
 
@@ -127,16 +140,8 @@ def _validate(params: dict) -> None:
     tolerance = params.get("tolerance")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
         raise HeadlensError(f"--tolerance must be a positive number (got {tolerance})")
-    temperatures = params.get("temperatures")
-    if temperatures is not None:
-        try:
-            temps = [float(t) for t in temperatures.split(",") if t.strip()]
-        except ValueError:
-            temps = []
-        if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
-            raise HeadlensError(
-                f"--temperatures must be a comma list of positive numbers, e.g. 0.5,1,2 (got {temperatures!r})"
-            )
+    if params.get("temperatures") is not None:
+        _temperatures(params["temperatures"])
     census_csv = params.get("census_csv")
     if census_csv is not None and not Path(census_csv).is_file():
         raise HeadlensError(f"--census {census_csv} is not a file: pass the census.csv written by `headlens census`")
@@ -801,7 +806,7 @@ def stats(
     """Attention entropy with and without sqrt(d_k) scaling, and head similarity within vs across GQA groups."""
     _validate(locals())
     _start(progress)
-    temps = tuple(float(t) for t in temperatures.split(",") if t.strip())  # checked by _validate
+    temps = _temperatures(temperatures)
 
     from headlens.attention_stats import (
         group_contrast_table,
