@@ -38,6 +38,7 @@ more pairs in ``benchmarks/results/atp_heldout.json``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import einops
@@ -97,11 +98,11 @@ def attribution_patching(
         raise HeadlensError(f"steps is for method='ig' only; {method!r} takes its gradient at the corrupted run alone")
     if method == "ig":
         steps = IG_STEPS if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
         if grad_drop:
             raise HeadlensError("grad_drop goes with method='atp' or 'atp*', not 'ig'")
-    alphas = [k / steps for k in range(steps)] if method == "ig" else [0.0]
+    alphas = [k / int(steps) for k in range(int(steps))] if method == "ig" else [0.0]
     metric = metric or pair.metric
     star = method == "atp*"
     with _kv_mode(model, ungroup_kv):
