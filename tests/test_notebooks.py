@@ -119,11 +119,18 @@ def test_patching_notebook_recovers_the_clean_run_through_the_circuit():
         "patching",
         "dict(clean=exact.attrs['clean_metric'], corrupted=exact.attrs['corrupted_metric'], "
         "top=table.sort_values('effect').iloc[-1][['layer', 'head', 'label']].tolist(), "
-        "corr=float(rank_correlation(table['effect'], table['effect_attribution'])), n=len(table), by_pos=len(by_pos))",
+        "corr=float(rank_correlation(table['effect'], table['effect_attribution'])), n=len(table), by_pos=len(by_pos), "
+        "largest=table.loc[table['effect'].abs().idxmax(), ['layer', 'head']].tolist(), "
+        "atp_top4=table.loc[table['effect_attribution'].abs().nlargest(4).index, ['layer', 'head']].values.tolist(), "
+        "checked=checked[['layer', 'head']].values.tolist(), "
+        "checked_exact=bool((checked.set_index(['layer', 'head'])['effect'] - table.set_index(['layer', 'head'])['effect']).dropna().abs().max() < 1e-5))",
     )
     assert values["clean"] > values["corrupted"] + 1  # the corruption breaks in-context copying
     assert values["top"][2] in ("induction", "previous_token")  # the head that restores most is a circuit head
     assert values["corr"] > 0.5 and values["n"] == 8 and values["by_pos"] == 8 * 32
+    # the IG screen picks the head of largest |effect| that AtP* ranks outside its top 4; the check is exact
+    assert values["largest"] not in values["atp_top4"] and values["largest"] in values["checked"]
+    assert values["checked_exact"]
     check_clean(book, elapsed)
 
 
