@@ -87,10 +87,11 @@ def successor_metric(model):
     return custom_metric(tokens, fn, name="successor_logprob", higher_is_better=True)
 
 
-def bracket_metric(probe):
-    """Mean log-prob of the closing-bracket tokens (``probe.closer``); only the positions before them are unembedded."""
-    before = probe.closer.clone()  # position q predicts the closing bracket at q + 1
-    before[:, -1] = False
+def next_token_logprob(probe, marked, name: str) -> Metric:
+    """Mean log-prob of token q + 1 at the positions q that ``marked[b, q]`` selects; only the positions marked in
+    some sequence are unembedded."""
+    before = marked.clone()
+    before[:, -1] = False  # the last position has no next token
     positions = before.any(0).nonzero()[:, 0]
     chosen = before[:, positions]
 
@@ -98,18 +99,17 @@ def bracket_metric(probe):
         lp = logits.log_softmax(-1).gather(-1, toks[:, positions.to(toks.device) + 1, None])[..., 0]
         return lp[chosen.to(lp.device)].mean()
 
-    return Metric("closing_bracket_logprob", probe.tokens, fn, True, positions)
+    return Metric(name, probe.tokens, fn, True, positions)
+
+
+def bracket_metric(probe):
+    """The closing-bracket tokens (``probe.closer``: position q predicts the closer at q + 1)."""
+    return next_token_logprob(probe, probe.closer, "closing_bracket_logprob")
 
 
 def identifier_metric(probe):
-    use = probe.ident.any(-1)
-    use[:, -1] = False
-
-    def fn(logits, toks):
-        lp = logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
-        return lp[use[:, :-1].to(lp.device)].mean()
-
-    return custom_metric(probe.tokens, fn, name="after_identifier_logprob", higher_is_better=True)
+    """The token after each use of a name seen earlier (``probe.ident``)."""
+    return next_token_logprob(probe, probe.ident.any(-1), "after_identifier_logprob")
 
 
 def copy_suppression_heads(scores):
