@@ -478,7 +478,7 @@ def patch(
         raise HeadlensError(f"{out} is a file: pass a directory for the CSV files")
     import pandas as pd
 
-    from headlens.attribution import estimate_quality
+    from headlens.attribution import quality_attrs
     from headlens.patching import activation_patching, attribution_patching, induction_pair, rank_correlation, text_pair
 
     hooked = _load(model, adapter, device, dtype, texts=[clean, corrupted])
@@ -542,12 +542,12 @@ def patch(
         typer.echo(f"\ntop {len(rows)} by |exact effect| of patching {name} (1 = full recovery of the clean metric)")
         _print_table(pd.DataFrame(rows), {"exact effect": "+.3f", "attribution": "+.3f"})
         if attr is not None and len(exact) > 2:
-            quality = estimate_quality(shown["effect"], shown["attribution"], k=min(10, len(exact) // 2))
-            recall = next(key for key in quality if key.startswith("recall_"))
+            quality = quality_attrs(shown["effect"], shown["attribution"], top=2 * min(10, len(exact) // 2))
+            k = quality["recall_k"]
             typer.echo(
                 f"{attribution_method.value} vs exact over all {len(exact)} units: spearman "
                 f"{rank_correlation(shown['effect'], shown['attribution']):.3f}, pearson {quality['pearson']:.3f}, "
-                f"{recall} {quality[recall]:.2f}" + (f" (missed {len(quality['missed'])})" if quality["missed"] else "")
+                f"share of the exact top {k} in its top {2 * k} {quality['recall']:.2f}"
             )
     _done(executor, out)
     typer.echo(f"\nwrote CSVs to {out}")
