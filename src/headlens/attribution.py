@@ -102,7 +102,8 @@ def attribution_patching(
             raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
         if grad_drop:
             raise HeadlensError("grad_drop goes with method='atp' or 'atp*', not 'ig'")
-    alphas = [k / int(steps) for k in range(int(steps))] if method == "ig" else [0.0]
+        steps = int(steps)
+    alphas = [k / steps for k in range(steps)] if method == "ig" else [0.0]
     metric = metric or pair.metric
     star = method == "atp*"
     with _kv_mode(model, ungroup_kv):
