@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.calibrate import null_levels, null_scores
-from headlens.census import PerSequence, _thresholds, build_table, collect, label_counts
-from headlens.corpus import provenance
-from headlens.probes import default_probes
-from headlens.registry import WEIGHTS, head_types
-from headlens.validate import causal_validation
+from headlens.census.calibrate import null_levels, null_scores
+from headlens.census.run import PerSequence, _thresholds, build_table, collect, label_counts
+from headlens.data.corpus import provenance
+from headlens.data.probes import default_probes
+from headlens.census.registry import WEIGHTS, head_types
+from headlens.census.validate import causal_validation
 
 OUT = Path(__file__).parent / "results" / "census_trust"
 SEEDS = (0, 1, 2)

@@ -31,7 +31,7 @@ from headlens import (
     write_report,
 )
 from headlens.models import DEFAULT_MODEL
-from headlens.viz import top_heads
+from headlens.render.viz import top_heads
 
 OUT = Path(__file__).resolve().parent / "results" / "head_report"
 MODEL = DEFAULT_MODEL

@@ -2,7 +2,7 @@
 
 Vig (2019) and Clark et al. (2019) describe heads in BERT that attend to identical words, to the
 next word, to the previous word, to delimiters, to commas/periods, and broadly (bag of words). This
-finds the strongest Qwen head of each type, with scores from ``headlens.census.probe_scores`` on the
+finds the strongest Qwen head of each type, with scores from ``headlens.census.run.probe_scores`` on the
 census probes (seed 0) where the census covers the type, and two extra natural-text scores:
 
 - identical word: census ``duplicate_token`` (repeated random tokens [P A A]), and
@@ -37,8 +37,8 @@ import torch
 from _harness import study_args, write_summary
 from matplotlib.colors import PowerNorm
 
-from headlens import scores
-from headlens.attention_stats import token_match
+from headlens.census import scores
+from headlens.census.attention_stats import token_match
 from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "pattern_types"
@@ -69,7 +69,7 @@ def comma_period_mask(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def natural_extras(model, probe) -> dict[str, torch.Tensor]:
     """``token_match`` and comma/period excess on the natural probe, streamed; each [layer, head]."""
-    from headlens.capture import stream_patterns
+    from headlens.engine.capture import stream_patterns
 
     L, H = model.cfg.n_layers, model.cfg.n_heads
     punct = comma_period_mask(model, probe.tokens)
@@ -96,10 +96,10 @@ def main() -> None:
     args = study_args(__doc__, out=OUT, seed=SEED)
     OUT, SEED, MODEL = args.out, args.seed, args.model
     from headlens import load_model
-    from headlens.census import probe_scores
-    from headlens.models import kv_heads
-    from headlens.probes import default_probes
-    from headlens.viz import CircuitsVisView, ViewSet, head_patterns, view_props
+    from headlens.census.run import probe_scores
+    from headlens.heads import kv_heads
+    from headlens.data.probes import default_probes
+    from headlens.render.viz import CircuitsVisView, ViewSet, head_patterns, view_props
 
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)

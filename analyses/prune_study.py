@@ -1,6 +1,6 @@
 """What fraction of Qwen2.5-Coder-0.5B's attention heads can be removed at <= 1% loss increase, and which go last?
 
-Greedy pruning (headlens.prune.prune_curve): zero-ablate heads in order of least Michel et al. gate-gradient
+Greedy pruning (headlens.interventions.prune.prune_curve): zero-ablate heads in order of least Michel et al. gate-gradient
 importance, re-estimated after every step of 21 heads (1/16 of the 336), next-token loss on the packaged
 natural-text corpus; the gap after the last grid point within tolerance is bisected to the exact count.
 The pruned set is then checked on held-out corpus tokens and on in-context copying (repeated random tokens).
@@ -21,9 +21,9 @@ import torch
 from _harness import study_args, write_summary
 
 from headlens import load_model
-from headlens.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
+from headlens.interventions.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
 from headlens.models import DEFAULT_MODEL
-from headlens.prune import prune_curve
+from headlens.interventions.prune import prune_curve
 
 OUT = Path(__file__).resolve().parent / "results" / "prune_study"
 MODEL = DEFAULT_MODEL

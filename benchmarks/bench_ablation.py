@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from headlens import load_model
-from headlens.ablation import ablation_sweep, loss_metric
+from headlens.interventions.ablation import ablation_sweep, loss_metric
 
 OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 

@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.attribution import attribution_patching, estimate_quality
+from headlens.interventions.attribution import attribution_patching, estimate_quality
 from headlens.heads import head_name
 from headlens.io import write_csv, write_json
-from headlens.patching import activation_patching, induction_pair, text_pair
+from headlens.interventions.patching import activation_patching, induction_pair, text_pair
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {
@@ -57,8 +57,8 @@ IOI_CORRUPTED = [  # the second mention of the subject replaced by a third name
 
 def heldout_pairs(model) -> dict:
     return {
-        "induction_seed1_4x61": induction_pair(model, n_tokens=30, batch=4, seed=1),
-        "induction_seed2_4x41": induction_pair(model, n_tokens=20, batch=4, seed=2),
+        "induction_seed1_4x61": induction_pair(model, n_tokens=30, n_seqs=4, seed=1),
+        "induction_seed2_4x41": induction_pair(model, n_tokens=20, n_seqs=4, seed=2),
         "ioi_4": text_pair(
             model,
             IOI_CLEAN,
@@ -152,7 +152,7 @@ def main() -> None:
         heldout(model)
         return
     output = RESULTS / args.output
-    pair = induction_pair(model, n_tokens=30, batch=4, seed=0)
+    pair = induction_pair(model, n_tokens=30, n_seqs=4, seed=0)
     exact, t_exact = exact_table(model, pair, RESULTS / "atp_exact_4x61.csv", args.recompute)
     names = [head_name(layer, head) for layer, head in zip(exact["layer"], exact["head"])]  # by row of exact
     print(f"exact: {t_exact:.1f} s")

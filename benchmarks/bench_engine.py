@@ -24,14 +24,14 @@ import torch
 
 def run(label: str, out: Path, layers: list[int]) -> None:
     from headlens import load_model
-    from headlens.ablation import ablation_sweep, loss_metric, repeat_loss_metric
-    from headlens.patching import activation_patching, induction_pair
+    from headlens.interventions.ablation import ablation_sweep, loss_metric, repeat_loss_metric
+    from headlens.interventions.patching import activation_patching, induction_pair
 
     torch.manual_seed(0)
     model = load_model()
     loss = loss_metric(model, n_seqs=2, seq_len=16)
     repeat = repeat_loss_metric(model, n_seqs=2, half_len=16, seed=0)
-    pair = induction_pair(model, n_tokens=8, batch=1, seed=0)
+    pair = induction_pair(model, n_tokens=8, n_seqs=1, seed=0)
     ablation_sweep(model, loss, layers=[model.cfg.n_layers - 1], progress=False)  # warm-up
     result = {"label": label, "threads": torch.get_num_threads(), "layers": layers}
     for name, fn in [

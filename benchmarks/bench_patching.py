@@ -25,7 +25,8 @@ import torch
 import transformer_lens.patching as tl_patching
 
 from headlens import load_model
-from headlens.patching import activation_patching, attribution_patching, induction_pair, rank_correlation
+from headlens.interventions.patching import activation_patching, induction_pair
+from headlens.interventions.attribution import attribution_patching, rank_correlation
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     model = load_model(args.model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     layers = list(range(L)) if args.tl_layers == "all" else [int(x) % L for x in args.tl_layers.split(",")]
-    pair = induction_pair(model, n_tokens=args.n_tokens, batch=args.batch, seed=0)
+    pair = induction_pair(model, n_tokens=args.n_tokens, n_seqs=args.n_seqs, seed=0)
 
     start = time.perf_counter()
     ours_subset = activation_patching(

@@ -44,9 +44,9 @@ def main(source: str = "qwen2.5-coder-0.5b", results: Path = RESULTS) -> dict:
     import ray
 
     import headlens
-    from headlens.ablation import ablation_sweep, repeat_loss_metric
-    from headlens.executor import LocalExecutor, RayExecutor
-    from headlens.executor import ablation_sweep as sharded_sweep
+    from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
+    from headlens.engine.executor import LocalExecutor, RayExecutor
+    from headlens.engine.executor import ablation_sweep as sharded_sweep
 
     torch.set_num_threads(2)
     model = headlens.load_model(source)

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.ablation import ablation_sweep, repeat_loss_metric
-from headlens.patching import activation_patching, induction_pair
+from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
+from headlens.interventions.patching import activation_patching, induction_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "engine" / "head_report_check.json"

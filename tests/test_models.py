@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from headlens import HeadlensError, load_model, model_info, tiny_model
-from headlens.models import cache_dir, check_head, ensure_gguf_cache, kv_heads, tiny_hf_model
+from headlens.heads import check_head, kv_heads
+from headlens.models import cache_dir, ensure_gguf_cache, tiny_hf_model
 
 PROMPT = "The river ran low that summer, and the children walked along its stony bed looking for shells."
 

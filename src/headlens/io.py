@@ -163,6 +163,24 @@ def headlens_version() -> str:
         return "unknown"
 
 
+def tensor_bytes(tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 and float16 included: numpy has no bfloat16, so the bytes are
+    read through a uint8 view). The one way every weights digest reads a tensor."""
+    import torch
+
+    flat = tensor.detach().reshape(-1).cpu().contiguous()
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's processed state dict (names and raw bytes, in order, whatever the dtype)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
 def weights_fingerprint(model) -> str:
     """A cheap content hash of a model: every parameter's name, shape and a strided sample of its values.
 
@@ -176,7 +194,7 @@ def weights_fingerprint(model) -> str:
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // 997)
         digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+        digest.update(tensor_bytes(flat[::step].to(torch.float32)))
     return digest.hexdigest()[:32]
 
 

@@ -1,11 +1,11 @@
 """Greedy head pruning: remove the least important heads first and trace the metric as heads go.
 
 Order: ``order="gradient"`` ranks the remaining heads by Michel et al.'s gate-gradient importance
-(:func:`headlens.ablation.head_importance`); with ``reestimate=True`` (default) the importance is
+(:func:`headlens.interventions.ablation.head_importance`); with ``reestimate=True`` (default) the importance is
 re-computed at every grid point with the already-removed heads ablated (their gates at 0), as
 Michel et al. do when pruning iteratively; with ``reestimate=False`` one ranking from the full model
 is used throughout. ``order="ablation"`` ranks by the exact single-head ablation effect
-(:func:`headlens.ablation.ablation_sweep`, computed once on the full model). Least important =
+(:func:`headlens.interventions.ablation.ablation_sweep`, computed once on the full model). Least important =
 smallest importance (gradient) or least harmful effect (ablation; heads whose removal helps go first).
 
 "Removed" means ablated with ``method`` (zero by default, as in Michel et al.). The metric is
@@ -25,7 +25,9 @@ import pandas as pd
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.ablation import (
+from headlens.errors import HeadlensError
+from headlens.heads import HeadLike, format_heads, head_name, kv_heads
+from headlens.interventions.ablation import (
     Head,
     Method,
     Metric,
@@ -36,8 +38,7 @@ from headlens.ablation import (
     clean_metric,
     head_importance,
 )
-from headlens.errors import HeadlensError
-from headlens.heads import HeadLike, format_heads, head_name, kv_heads
+from headlens.io import save_figure
 from headlens.progress import tqdm
 
 
@@ -97,8 +98,6 @@ class PruneResult:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         if path is not None:
-            from headlens.io import save_figure
-
             save_figure(fig, path, dpi=110)
         return fig
 
@@ -108,10 +107,10 @@ def _ranking(
 ) -> list[tuple[Head, float]]:
     gone = set(removed)
     if order == "gradient":
-        table = head_importance(model, metric, method=method, reference=reference, ablated=removed, seed=seed)
+        table = head_importance(model, metric, method=method, reference=reference, ablated=removed, seed=seed).table
         score = table.importance
     else:
-        table = ablation_sweep(model, metric, method=method, reference=reference, seed=seed, progress=False)
+        table = ablation_sweep(model, metric, method=method, reference=reference, seed=seed, progress=False).table
         score = table.worsening
     ranked = sorted(((int(r.layer), int(r.head)), float(s)) for r, s in zip(table.itertuples(), score))
     ranked = [(h, s) for h, s in ranked if h not in gone]

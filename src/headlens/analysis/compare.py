@@ -17,11 +17,6 @@ kv group carry the same ``dW_K``/``dW_V``. Weights are compared after Transforme
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
@@ -29,9 +24,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.capture import stream_patterns
+from headlens.census.run import run_census
+from headlens.data.probes import ProbeSet, check_probes, default_probes
+from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError
-from headlens.models import kv_heads
+from headlens.heads import kv_heads
+from headlens.models import check_compatible
+from headlens.progress import tqdm
 
 MAX_PROBE_TOKENS = 256
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
@@ -55,142 +54,11 @@ def relative_change(w_base: Float[Tensor, "head ..."], w_tuned: Float[Tensor, "h
     return diff / w_base.double().flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
-# ---------------------------------------------------------------- model checks
-
-
-def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
-    """Raise HeadlensError unless both models have the same layers, heads, widths and vocabulary."""
-    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_head", "d_model", "d_vocab")
-    diffs = [
-        f"{f} {getattr(base.cfg, f)} vs {getattr(tuned.cfg, f)}"
-        for f in fields
-        if getattr(base.cfg, f) != getattr(tuned.cfg, f)
-    ]
-    if diffs:
-        raise HeadlensError(
-            f"the tuned model does not have the base model's shape ({'; '.join(diffs)}): compare a fine-tune of the same model"
-        )
-
-
-def _module_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of the Hugging Face linear modules of a Qwen2/Llama block."""
-    q = cfg.n_heads * cfg.d_head
-    kv = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
-    return {
-        "q_proj": (cfg.d_model, q),
-        "k_proj": (cfg.d_model, kv),
-        "v_proj": (cfg.d_model, kv),
-        "o_proj": (q, cfg.d_model),
-        "gate_proj": (cfg.d_model, cfg.d_mlp),
-        "up_proj": (cfg.d_model, cfg.d_mlp),
-        "down_proj": (cfg.d_mlp, cfg.d_model),
-    }
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding a PEFT ``adapter_config.json``."""
-    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
-
-
-def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
-    """Check a PEFT LoRA adapter directory against ``base`` before merging: target modules, layers, shapes.
-
-    Returns ``{"modules": [...], "layers": [...], "rank": r}``; raises HeadlensError naming the first mismatch.
-    """
-    from safetensors import safe_open
-
-    path = Path(adapter)
-    config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.is_file():
-        raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights.is_file():
-        raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise HeadlensError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise HeadlensError(
-            f"adapter {path} is a {config.get('peft_type')} adapter; headlens merges LoRA adapters only"
-        )
-    shapes = _module_shapes(base.cfg)
-    targets = config.get("target_modules") or []
-    if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(shapes) - {"lm_head", "embed_tokens"})
-        if unknown:
-            raise HeadlensError(
-                f"adapter {path} targets modules {unknown} that the base model does not have "
-                f"(its blocks have {', '.join(shapes)}): it was trained for another architecture"
-            )
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes_of = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as err:  # noqa: BLE001 - a damaged file is the user's; say so in one line
-        raise HeadlensError(
-            f"could not read {weights}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
-        ) from None
-    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
-    modules, layers, rank = set(), set(), None
-    keys = list(shapes_of)
-    for key, shape in shapes_of.items():
-        m = pattern.search(key)
-        if m is None:
-            continue
-        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-        if layer >= base.cfg.n_layers:
-            raise HeadlensError(
-                f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model"
-            )
-        if module not in shapes:
-            raise HeadlensError(
-                f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})"
-            )
-        fan_in, fan_out = shapes[module]
-        expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
-        if shape != expected:
-            raise HeadlensError(
-                f"adapter {path} does not match the base model: {key} has shape {list(shape)}, "
-                f"the base's {module} (in {fan_in}, out {fan_out}) needs {list(expected)}; it was trained on another model"
-            )
-        rank = shape[0] if ab == "A" else shape[1]
-        modules.add(module)
-        layers.add(layer)
-    if not modules:
-        raise HeadlensError(
-            f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})"
-        )
-    return {"modules": sorted(modules), "layers": sorted(layers), "rank": rank}
-
-
-def load_tuned(
-    base: HookedTransformer | str, tuned: str | os.PathLike, *, base_source: str | None = None, **load_kwargs
-) -> HookedTransformer:
-    """Load the tuned model: an adapter directory is merged into the base source; anything else is a full model.
-
-    ``base`` is the loaded base model (used to check the adapter first) or its source; ``base_source``
-    names its source when ``base`` is a model.
-    """
-    from headlens.models import load_model
-
-    source = base if isinstance(base, (str, os.PathLike)) else base_source
-    if is_adapter_dir(tuned):
-        if source is None:
-            raise HeadlensError("to merge an adapter, pass the base model's source (base_source=...)")
-        base_model = base if isinstance(base, HookedTransformer) else load_model(source, **load_kwargs)
-        check_adapter(base_model, tuned)
-        return load_model(source, adapter=tuned, **load_kwargs)
-    model = load_model(tuned, **load_kwargs)
-    if isinstance(base, HookedTransformer):
-        check_compatible(base, model)
-    return model
-
-
 # ---------------------------------------------------------------- probes
 
 
 def _as_batches(model: HookedTransformer, probes, seed: int = 0) -> list[Tensor]:
     """Token batches of ``probes``: a ProbeSet (None = the census default probes), a token tensor, or text(s)."""
-    from headlens.probes import ProbeSet, check_probes, default_probes
 
     if probes is None:
         probes = default_probes(model, seed=seed)
@@ -242,7 +110,7 @@ def attention_divergence(
 ) -> pd.DataFrame:
     """Per head: mean Jensen-Shannon divergence (bits) between base and tuned attention over queries 1.. of ``probes``.
 
-    Query 0 sees one key only, so it is left out. ``probes``: a :class:`headlens.probes.ProbeSet`
+    Query 0 sees one key only, so it is left out. ``probes``: a :class:`headlens.data.probes.ProbeSet`
     (None = the census default probes for ``seed``), a token tensor [batch, pos], or text(s); at most 256 tokens. Columns: layer, head, kv_head, jsd, jsd_max
     (the largest per-query divergence seen).
     """
@@ -253,7 +121,6 @@ def attention_divergence(
     sums = torch.zeros(L, H, dtype=torch.float64)
     peak = torch.zeros(L, H, dtype=torch.float64)
     n_queries = 0
-    from headlens.progress import tqdm
 
     chunks = [b[i : i + batch_size] for b in _as_batches(base, probes, seed) for i in range(0, b.shape[0], batch_size)]
     for chunk in tqdm(chunks, desc="compare", disable=not progress, leave=False):
@@ -346,23 +213,20 @@ def compare_models(
     Columns: layer, head, kv_head, jsd, jsd_max (attention change in bits, see :func:`attention_divergence`),
     dW_Q, dW_K, dW_V, dW_O (relative weight change, see :func:`weight_changes`), and with ``census=True``
     ``d_<score>`` for every census score plus label_base, label_tuned, label_changed. ``probes`` defaults
-    to the census probes (:func:`headlens.probes.default_probes` with ``seed``); the census runs on the
+    to the census probes (:func:`headlens.data.probes.default_probes` with ``seed``); the census runs on the
     same ProbeSet when one is given, else on its defaults.
     """
     check_compatible(base, tuned)
-    from headlens.probes import ProbeSet, default_probes
 
     if probes is None:
         probes = default_probes(base, seed=seed)
     df = attention_divergence(base, tuned, probes, batch_size=batch_size, seed=seed, progress=progress)
     df = df.merge(weight_changes(base, tuned), on=["layer", "head", "kv_head"])
     if census:
-        from headlens.census import census as run_census
-
         census_probes = probes if isinstance(probes, ProbeSet) else None
         deltas = census_deltas(
-            run_census(base, census_probes, seed=seed, progress=progress),
-            run_census(tuned, census_probes, seed=seed, progress=progress),
+            run_census(base, census_probes, seed=seed, progress=progress).table,
+            run_census(tuned, census_probes, seed=seed, progress=progress).table,
         )
         df = df.merge(deltas, on=["layer", "head"])
     return df
@@ -373,13 +237,3 @@ def top_changed(df: pd.DataFrame, n: int = 10, by: str = "jsd") -> pd.DataFrame:
     if by not in df.columns:
         raise HeadlensError(f"no column {by!r} in the comparison (columns: {', '.join(df.columns)})")
     return df.sort_values(by, ascending=False).head(n).reset_index(drop=True)
-
-
-def plot_comparison(df: pd.DataFrame, *, columns=("jsd", "dW_Q", "dW_K", "dW_V", "dW_O")):
-    """Layer x head heatmaps of the attention change (bits) and of each weight change (relative), side by side."""
-    from headlens.viz import head_heatmaps
-
-    columns = [c for c in columns if c in df.columns]
-    named = df.rename(columns={c: c + (" (bits)" if c.startswith("jsd") else " (relative)") for c in columns})
-    values = [c + (" (bits)" if c.startswith("jsd") else " (relative)") for c in columns]
-    return head_heatmaps(named, values, by=[], center=None, ncols=len(values), scale="data")

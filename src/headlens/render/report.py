@@ -9,7 +9,6 @@ offline, from a file, anywhere, and cannot phone home.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import os
 import platform
@@ -20,15 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from transformer_lens import HookedTransformer
 
-from headlens import viz
+from headlens.census import CensusResult
+from headlens.census.registry import head_types as registered
+from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import unit_name
-from headlens.io import write_bytes, write_csv, write_text
-from headlens.models import model_info
+from headlens.io import weights_sha256, write_bytes, write_text
+from headlens.models import DEFAULT_MODEL, QWEN_SHA256, model_info
 from headlens.progress import tqdm
+from headlens.render import viz
 
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
 INDEX_COLUMNS = ("layer", "head", "kv_head")
@@ -329,8 +332,7 @@ def _model_section(page: _Page, info: dict) -> None:
 
 def head_types() -> list[dict]:
     """Name, description, threshold, score column, tier, colour and whether it labels, of every registered head type
-    (``headlens.registry``): the report's thresholds, definitions and label colours all come from here."""
-    from headlens.registry import head_types as registered
+    (``headlens.census.registry``): the report's thresholds, definitions and label colours all come from here."""
 
     return [
         {
@@ -346,15 +348,6 @@ def head_types() -> list[dict]:
     ]
 
 
-def weights_sha256(model: HookedTransformer) -> str:
-    """sha256 of the model's processed fp32 state dict (names and bytes, in order): which weights made this page."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _versions() -> str:
     parts = [f"headlens {_version()}", f"python {platform.python_version()}"]
     for pkg in ("torch", "transformer-lens", "transformers", "circuitsvis"):
@@ -365,39 +358,33 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
-def _methods_section(
-    page: _Page, model: HookedTransformer, info: dict, census: pd.DataFrame, seed: int | None, prompt: str
-) -> None:
+def _methods_section(page: _Page, model: HookedTransformer, info: dict, census: CensusResult, prompt: str) -> None:
     """What a reader needs to interpret the numbers: weights, seed, probes, thresholds, definitions, versions."""
-    from headlens.models import DEFAULT_MODEL, QWEN_SHA256
 
     source = (
         f"GGUF sha256 {QWEN_SHA256} (checked at first load)" if info["model"] == DEFAULT_MODEL else "see weights hash"
     )
+    dtype = str(model.cfg.dtype).removeprefix("torch.")
     items = [
         (
             "model",
             f"{info['model']} ({info['architecture']}), {info['n_layers']} layers x {info['n_heads']} q heads, "
-            f"{info['n_kv_heads']} kv heads, fp32 on CPU",
+            f"{info['n_kv_heads']} kv heads, {dtype} on {model.cfg.device}",
         ),
         ("source", source),
         ("weights sha256", weights_sha256(model) + " (processed state dict)"),
     ]
-    if seed is None:
+    if census.probes is None:
         items.append(
-            ("seed / probes", "not recorded: the census table was passed in; its seed and probes are the caller's")
+            ("seed / probes", "not recorded: the census was read from a table; its seed and probes are the caller's")
         )
     else:
-        from headlens.probes import default_probes
-
-        probes = default_probes(model, seed=seed)
         sizes = "; ".join(
-            f"{p.kind} {p.batch} x {p.tokens.shape[1]} tokens"
+            f"{p.kind} {p.n_seqs} x {p.tokens.shape[1]} tokens"
             + (f" (repeat n={int(p.n_per_seq.min())}..{int(p.n_per_seq.max())})" if p.n is not None else "")
-            for p in (probes.repeated, probes.natural, probes.delimiter)
-            if p is not None
+            for p in census.probes.values()
         )
-        items += [("seed", str(seed)), ("probes (default set)", sizes)]
+        items += [("seed", str(census.seed)), ("probes", sizes)]
     types = [t for t in head_types() if t["label"]]
     items.append(("thresholds", "; ".join(f"{t['name']}: {t['score']} >= {t['threshold']}" for t in types)))
     tiers = sorted({t["tier"] for t in types})
@@ -411,13 +398,14 @@ def _methods_section(
         )
     )
     described = {t["name"]: t["description"] for t in head_types() if t["description"]}
-    items += [(f"score: {name}", text) for name, text in described.items() if name in census.columns]
+    table = census.table
+    items += [(f"score: {name}", text) for name, text in described.items() if name in table.columns]
     items += [
         (f"score: {name}", text)
         for name, text in DEFINITIONS.items()
-        if name in census.columns and name not in described
+        if name in table.columns and name not in described
     ]
-    if any(c.endswith("_lo") for c in census.columns):
+    if any(c.endswith("_lo") for c in table.columns):
         items.append(
             (
                 "intervals",
@@ -425,7 +413,7 @@ def _methods_section(
                 "of bootstrap resamples that give the head the same label; label counts carry the same intervals",
             )
         )
-    extra = [c for c in census.columns if c not in viz.CENSUS_COLUMNS and not c.endswith(("_lo", "_hi"))]
+    extra = [c for c in table.columns if c not in viz.CENSUS_COLUMNS and not c.endswith(("_lo", "_hi"))]
     if extra:
         items.append(("more census columns", ", ".join(extra)))
     items += [
@@ -439,13 +427,13 @@ def _methods_section(
     page.section("methods", "Methods", body)
 
 
-def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
-    """Heads per label (``LABELS`` order, then any other label) with their share and top heads.
-
-    With the census' bootstrap ``attrs["label_counts"]`` (rows label, lo, hi) the counts get their 95 % interval."""
-    counts = census["label"].value_counts()
+def label_rows(census: CensusResult, *, top_k: int = 3) -> pd.DataFrame:
+    """Heads per label (``LABELS`` order, then any other label) with their 95 % interval, share and top heads."""
+    table = census.table
+    counts = table["label"].value_counts()
     order = [lb for lb in viz.LABELS if lb in counts.index] + sorted(set(counts.index) - set(viz.LABELS))
-    top = viz.top_heads(census, k=k, labels=[lb for lb in order if lb in viz.LABEL_SCORE])
+    top = viz.top_heads_by_label(table, top_k=top_k, labels=[lb for lb in order if lb in viz.LABEL_SCORE])
+    bounds = {r.label: (r.lo, r.hi) for r in census.label_counts.itertuples()}
     rows = []
     for label in order:
         names = top.loc[top["label"] == label]
@@ -453,18 +441,12 @@ def label_counts(census: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
             {
                 "label": label,
                 "heads": int(counts[label]),
-                "share": float(counts[label] / len(census)),
+                "heads 95% interval": f"{bounds[label][0]}-{bounds[label][1]}" if label in bounds else "",
+                "share": float(counts[label] / len(table)),
                 "top heads": " ".join(f"{viz.head_name(r.layer, r.head)} ({r.score:.2f})" for r in names.itertuples()),
             }
         )
-    out = pd.DataFrame(rows, columns=["label", "heads", "share", "top heads"])
-    intervals = census.attrs.get("label_counts")
-    if intervals is not None:
-        bounds = {r["label"]: (r["lo"], r["hi"]) for r in pd.DataFrame(intervals).to_dict("records")}
-        out.insert(
-            2, "heads 95% interval", [f"{bounds[lb][0]}-{bounds[lb][1]}" if lb in bounds else "" for lb in out.label]
-        )
-    return out
+    return pd.DataFrame(rows, columns=["label", "heads", "heads 95% interval", "share", "top heads"])
 
 
 def _frames(key: str, results) -> list[pd.DataFrame]:
@@ -566,12 +548,11 @@ def _quantized_tril(pattern: np.ndarray) -> str:
     return base64.urlsafe_b64encode(data.tobytes()).decode("ascii")
 
 
-def _head_view(
-    page: _Page, model: HookedTransformer, census: pd.DataFrame, prompt: str, frames: dict, first: str, max_tokens: int
-) -> None:
-    """The per-head view: a picker, scores vs thresholds, the pattern on the prompt, and the evidence of each section."""
+def _head_view(page: _Page, census: pd.DataFrame, tokens: list[str], patterns, frames: dict, first: str) -> None:
+    """The per-head view: a picker, scores vs thresholds, the pattern on the prompt, and the evidence of each section.
+
+    ``patterns``: every head's pattern on the prompt, in the table's (layer, head) order."""
     heads = list(zip(census["layer"].astype(int), census["head"].astype(int)))
-    tokens, patterns = viz.head_patterns(model, prompt, heads, max_tokens=max_tokens)
     limits = {t["score"]: t["threshold"] for t in head_types() if t["label"]}
     data_heads = {}
     for (layer, head), (_, row), pattern in zip(heads, census.iterrows(), patterns.numpy()):
@@ -613,7 +594,7 @@ def write_report(
     out_dir: str | os.PathLike,
     *,
     model: HookedTransformer,
-    census: pd.DataFrame,
+    census: CensusResult | pd.DataFrame,
     prompt: str = viz.DEFAULT_PROMPT,
     heads: Sequence[tuple[int, int]] | None = None,
     ablation: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
@@ -625,20 +606,22 @@ def write_report(
     title: str | None = None,
     dpi: int = 150,
     figures: bool = True,
-    seed: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write ``out_dir/report.html`` (self-contained, offline) and return its path.
+    """Write ``out_dir/report.html`` (self-contained, offline) and, with ``figures``, ``figures/*.png``; return its path.
 
-    Sections: methods (weights hash, seed and probe sizes when ``seed`` is given, thresholds, score definitions,
-    versions), model, label counts and a clickable label map, census score heatmaps (values on hover), the census
-    table, a per-head view (pattern on ``prompt``, scores, evidence), a CircuitsVis gallery of the ``top_k`` heads of
-    each label, the chosen ``heads``, and ablation / patching / compare / rope when given: DataFrames (or lists of
-    them, e.g. ``rope_profile``'s pair) as headlens returns them. Per-head tables become layer x head heatmaps,
-    tables with a ``distance`` column distance curves. Also writes ``census.csv`` and, with ``figures``,
-    ``figures/*.png``.
+    ``census`` is the :class:`~headlens.census.CensusResult` of :func:`headlens.run_census` (a bare census table, e.g.
+    read back with :func:`read_census`, works too; its seed and probes are then not recorded). Sections: methods
+    (weights hash, dtype and device, seed and probe sizes, thresholds, score definitions, versions), model, label counts
+    and a clickable label map, census score heatmaps (values on hover), the census table, a per-head view (pattern on
+    ``prompt``, scores, evidence), a CircuitsVis gallery of the ``top_k`` heads of each label, the chosen ``heads``, and
+    ablation / patching / compare / rope when given: DataFrames (or lists of them, e.g. ``rope_profile``'s pair) as
+    headlens returns them. Per-head tables become layer x head heatmaps, tables with a ``distance`` column distance
+    curves. One forward over ``prompt`` gives every pattern the page shows.
     """
-    viz.check_census(census, model)
+    if not isinstance(census, CensusResult):
+        census = CensusResult.from_table(viz.check_census(census))
+    viz.check_census(census.table, model)
     sections = [
         (key, SECTION_TITLES[key], _frames(key, results))
         for key, results in (("ablation", ablation), ("patching", patching), ("compare", compare), ("rope", rope))
@@ -647,34 +630,36 @@ def write_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the report")
+    table = census.table.sort_values(["layer", "head"]).reset_index(drop=True)
+    all_heads = list(zip(table["layer"].astype(int), table["head"].astype(int)))
+    tokens, patterns = head_patterns(model, prompt, all_heads, max_tokens=max_tokens)
     figures_dir = out / "figures" if figures else None
     (figures_dir or out).mkdir(parents=True, exist_ok=True)
-    census = census.sort_values(["layer", "head"]).reset_index(drop=True)
     info = model_info(model)
     n_layers, n_heads = info["n_layers"], info["n_heads"]
     page = _Page(figures_dir, dpi)
     bar = tqdm(total=6 + len(sections), desc="report", unit="part", disable=not progress, leave=False)
 
-    _methods_section(page, model, info, census, seed, prompt)
+    _methods_section(page, model, info, census, prompt)
     _model_section(page, info)
     bar.update(1)
-    counts = label_counts(census, k=top_k)
-    page.save(viz.label_map(census), "head_labels")
+    counts = label_rows(census, top_k=top_k)
+    page.save(viz.label_map(table), "head_labels")
     colors = {t["name"]: t["color"] for t in head_types()}
     page.section(
         "labels",
         "Head labels",
         table_html(counts)
         + "\n<p>Hover a head for its label and score; click it for its view.</p>\n"
-        + viz.label_grid_html(census, colors),
+        + viz.label_grid_html(table, colors),
     )
     bar.update(1)
-    page.save(viz.score_heatmaps(census), "census_scores")
+    page.save(viz.score_heatmaps(table), "census_scores")
     kv_group = n_heads // info["n_kv_heads"] if info["n_kv_heads"] and info["n_kv_heads"] < n_heads else None
     grids = "".join(
-        viz.grid_html(viz.head_grid(census, s, n_layers=n_layers, n_heads=n_heads), title=s, kv_group=kv_group)
+        viz.grid_html(viz.head_grid(table, s, n_layers=n_layers, n_heads=n_heads), title=s, kv_group=kv_group)
         for s in viz.SCORES
-        if s in census.columns
+        if s in table.columns
     )
     page.section(
         "scores",
@@ -683,33 +668,35 @@ def write_report(
         "click it for the head's view; a dark left edge starts a new kv group (GQA).</p>\n" + grids,
     )
     options = "".join(f'<option value="{_e(lb)}">{_e(lb)}</option>' for lb in counts["label"])
-    label_col = list(_with_names(census).columns).index("label")
+    label_col = list(_with_names(table).columns).index("label")
     page.section(
         "census",
         "Census table",
         f'<p>Click a column to sort, a head name for its view. Label: <select data-filter="census-table" data-col="{label_col}">'
         f'<option value="">all</option>{options}</select></p>\n'
-        f'<div class="scroll">{table_html(census, table_id="census-table", sortable=True)}</div>',
+        f'<div class="scroll">{table_html(table, table_id="census-table", sortable=True)}</div>',
     )
     bar.update(1)
 
     frames = {key: fs for key, _, fs in sections}
-    top = viz.top_heads(census, k=1)
+    top = viz.top_heads_by_label(table, top_k=1)
     first = (
         viz.head_name(*heads[0])
         if heads
         else (viz.head_name(top.iloc[0]["layer"], top.iloc[0]["head"]) if len(top) else "L0H0")
     )
-    _head_view(page, model, census, prompt, frames, first, max_tokens)
+    _head_view(page, table, tokens, patterns, frames, first)
     bar.update(1)
 
-    text = prompt if isinstance(prompt, str) else " ".join(viz.str_tokens(model, prompt.tolist()))
+    text = prompt if isinstance(prompt, str) else " ".join(tokens)
     shown_prompt = f'<p>Prompt:</p><pre class="prompt">{_e(text)}</pre>'
-    views = viz.gallery(model, census, prompt, k=top_k, max_tokens=max_tokens)
+    index = {head: i for i, head in enumerate(all_heads)}
+    views = viz.gallery_views(table, tokens, lambda lh: patterns[index[lh]], top_k=top_k)
     gallery_body = "\n".join(page.view(v) for v in views) or '<p class="muted">No labelled heads to show.</p>'
     page.section("gallery", "Gallery: top heads of each label", shown_prompt + "\n" + gallery_body)
     if heads:
-        view = viz.attention_view(model, prompt, heads, component="heads", max_tokens=max_tokens)
+        chosen = [(int(layer), int(head)) for layer, head in heads]
+        view = viz.heads_view(tokens, torch.stack([patterns[index[lh]] for lh in chosen]), chosen)
         page.section("heads", "Chosen heads", f"<p>{_e(view.title)} on the prompt above.</p>\n" + page.view(view))
     bar.update(1)
 
@@ -717,7 +704,6 @@ def write_report(
         _results_section(page, key, heading, frames_, n_layers=n_layers, n_heads=n_heads)
         bar.update(1)
 
-    write_csv(census, out / "census.csv", provenance=census.attrs.get("provenance"))
     path = out / "report.html"
     subtitle = (
         f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {_version()}"

@@ -123,25 +123,25 @@ def text_windows(
     documents: Iterable[Document],
     *,
     seq_len: int,
-    batch: int,
+    n_seqs: int,
     seed: int = 0,
     per_document: int = 2,
     is_delim=None,
 ) -> tuple[Int[Tensor, "batch pos"], tuple[str, ...]]:
-    """``batch`` non-overlapping windows of ``seq_len`` tokens, at most ``per_document`` per document.
+    """``n_seqs`` non-overlapping windows of ``seq_len`` tokens, at most ``per_document`` per document.
 
     Documents are read in the given order; each contributes windows starting at line starts (first
     token ordinary; ``is_delim(ids) -> bool tensor`` marks delimiters), chosen by a seeded draw among its
     disjoint candidates. Returns the tokens and one ``"name@token_offset"`` per window.
     """
-    if int(seq_len) < 2 or int(batch) < 1 or int(per_document) < 1:
+    if int(seq_len) < 2 or int(n_seqs) < 1 or int(per_document) < 1:
         raise HeadlensError(
-            f"text windows need seq_len >= 2, batch >= 1, per_document >= 1 (got {seq_len}, {batch}, {per_document})"
+            f"text windows need seq_len >= 2, n_seqs >= 1, per_document >= 1 (got {seq_len}, {n_seqs}, {per_document})"
         )
     gen = random.Random(f"headlens-windows-{int(seed)}")
     rows, names = [], []
     for doc in documents:
-        if len(rows) >= batch:
+        if len(rows) >= n_seqs:
             break
         enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
@@ -163,12 +163,12 @@ def text_windows(
                 disjoint.append(t)
                 cursor = t + seq_len
         for t in sorted(gen.sample(disjoint, min(per_document, len(disjoint)))):
-            if len(rows) < batch:
+            if len(rows) < n_seqs:
                 rows.append(ids[t : t + seq_len])
                 names.append(f"{doc.name}@{t}")
-    if len(rows) < batch:
+    if len(rows) < n_seqs:
         raise HeadlensError(
-            f"the corpus gave only {len(rows)} non-overlapping windows of {seq_len} tokens, {batch} requested; "
+            f"the corpus gave only {len(rows)} non-overlapping windows of {seq_len} tokens, {n_seqs} requested; "
             "lower batch or seq_len"
         )
     return torch.stack(rows), tuple(names)

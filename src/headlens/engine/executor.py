@@ -9,7 +9,7 @@ function through :class:`LocalExecutor`).
 - :class:`LocalExecutor`: shards one after another in this process, on the model passed in.
 - :class:`RayExecutor` (``pip install 'headlens[ray]'``): ``workers`` Ray actors, each loading its
   OWN copy of the model from the local cache by its recipe (:class:`ModelSpec`, recorded by
-  :func:`headlens.load_model`, :func:`headlens.tiny_model` and :func:`headlens.toy.load_induction_model`) —
+  :func:`headlens.load_model`, :func:`headlens.tiny_model` and :func:`headlens.analysis.toy.load_induction_model`) —
   weights never travel through the object store. Shards are handed to whichever actor is free.
   A worker that dies mid-shard is restarted by Ray (``max_restarts``) and its shard re-run
   (``max_task_retries``, then again on a fresh actor here).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import socket
@@ -36,43 +35,11 @@ from typing import Any
 import torch
 
 from headlens.errors import HeadlensError
+from headlens.io import write_bytes
+from headlens.models import ModelSpec, spec_of
 from headlens.progress import tqdm
 
 ShardFn = Callable[[Any, Any], Any]
-
-
-# ---------------------------------------------------------------- model recipes
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to rebuild a model in another process: ``loader`` ('module:function') called with ``kwargs`` (sorted pairs)."""
-
-    loader: str
-    kwargs: tuple = ()
-
-    def build(self, device: str | None = None):
-        """Call the loader (with ``device`` replacing the recorded one when given)."""
-        module, _, name = self.loader.partition(":")
-        kwargs = dict(self.kwargs)
-        if device is not None and "device" in kwargs:
-            kwargs["device"] = device
-        return getattr(importlib.import_module(module), name)(**kwargs)
-
-    @property
-    def device(self) -> str:
-        return str(dict(self.kwargs).get("device", "cpu"))
-
-
-def spec_of(model) -> ModelSpec:
-    """The recipe a model was loaded with; a clear error for models built by hand."""
-    spec = getattr(model, "headlens_spec", None)
-    if not isinstance(spec, ModelSpec):
-        raise HeadlensError(
-            "this model has no loading recipe, so Ray workers cannot load their own copy: load it with "
-            "headlens.load_model, headlens.tiny_model or headlens.toy.load_induction_model (or set model.headlens_spec)"
-        )
-    return spec
 
 
 # ---------------------------------------------------------------- executors
@@ -160,7 +127,7 @@ def resolve(executor: Executor | None) -> Executor:
         return LocalExecutor()
     if not isinstance(executor, Executor) and not callable(getattr(executor, "map", None)):
         raise HeadlensError(
-            f"executor must be a headlens.executor.Executor (LocalExecutor, RayExecutor), got {type(executor).__name__}"
+            f"executor must be a headlens.engine.executor.Executor (LocalExecutor, RayExecutor), got {type(executor).__name__}"
         )
     return executor
 
@@ -423,7 +390,7 @@ class _ShardStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "job.json"
         if not manifest.is_file():
-            _atomic_write(
+            write_bytes(
                 manifest,
                 json.dumps({"key": key, "fingerprint": job, "n_shards": len(shards), "model": repr(spec)}).encode(),
             )
@@ -453,7 +420,7 @@ class _ShardStore:
         if isinstance(result, dict) and result and all(isinstance(v, torch.Tensor) for v in result.values()):
             from safetensors.torch import save
 
-            _atomic_write(
+            write_bytes(
                 base.with_suffix(".safetensors"), save({k: v.detach().cpu().contiguous() for k, v in result.items()})
             )
         elif isinstance(result, pd.DataFrame):
@@ -461,71 +428,30 @@ class _ShardStore:
 
             buf = io.BytesIO()
             result.to_parquet(buf, index=False)
-            _atomic_write(base.with_suffix(".parquet"), buf.getvalue())
+            write_bytes(base.with_suffix(".parquet"), buf.getvalue())
         else:
             try:
                 data = json.dumps(result).encode()
             except TypeError:
                 raise HeadlensError(f"cannot checkpoint a shard result of type {type(result).__name__}") from None
-            _atomic_write(base.with_suffix(".json"), data)
+            write_bytes(base.with_suffix(".json"), data)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from headlens.io import write_bytes
-
-    write_bytes(path, data)
+# ---------------------------------------------------------------- per-layer jobs
 
 
-# ---------------------------------------------------------------- sharded jobs
+def map_layers(
+    fn: ShardFn, model, first, layers, *, executor: Executor | None, key: str, progress: bool, kwargs: dict
+) -> list:
+    """``fn(model, (first, layer, kwargs))`` for each layer of ``layers`` (None = all) on ``executor``, in layer order.
 
-
-def _sweep_layer(model, shard):
-    from headlens.ablation import ablation_sweep as sweep
-
-    metric, layer, kwargs = shard
-    return sweep(model, metric, layers=[layer], progress=False, **kwargs)
-
-
-def _patch_layer(model, shard):
-    from headlens.patching import activation_patching as patch
-
-    pair, layer, kwargs = shard
-    return patch(model, pair, layers=[layer], progress=False, **kwargs)
-
-
-def _by_layer(fn: ShardFn, key: str, model, first, layers, executor, progress: bool, kwargs: dict):
-    """Run ``fn`` once per layer on ``executor`` and stack the per-layer tables in layer order."""
-    import pandas as pd
-
+    The per-layer form of :meth:`Executor.map` that sweeps and patching use to spread their layers over workers.
+    """
     layers = sorted({int(layer) for layer in (range(model.cfg.n_layers) if layers is None else layers)})
     if not layers:
         raise HeadlensError("no layers to run: pass layers=None for all, or a non-empty list")
     for layer in layers:
         if not 0 <= layer < model.cfg.n_layers:
             raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{model.cfg.n_layers - 1}")
-    parts = resolve(executor).map(
-        fn, model, [(first, layer, kwargs) for layer in layers], key=key, desc=key.rsplit(".", 1)[-1], progress=progress
-    )
-    table = pd.concat(parts, ignore_index=True)
-    table.attrs = dict(parts[0].attrs)
-    return table
-
-
-def ablation_sweep(model, metric, *, layers=None, executor: Executor | None = None, progress: bool = True, **kwargs):
-    """:func:`headlens.ablation.ablation_sweep` with one shard per layer, run on ``executor``; same table.
-
-    Each shard re-runs the clean forward its layer needs (a few % more work in total), so the shards are independent.
-    """
-    return _by_layer(
-        _sweep_layer, "headlens.ablation.ablation_sweep", model, metric, layers, executor, progress, kwargs
-    )
-
-
-def activation_patching(model, pair, *, layers=None, executor: Executor | None = None, progress: bool = True, **kwargs):
-    """:func:`headlens.patching.activation_patching` (exact) with one shard per layer, run on ``executor``; same table.
-
-    Each shard re-runs the clean and corrupted forwards (cheap next to the patched runs), so the shards are independent.
-    """
-    return _by_layer(
-        _patch_layer, "headlens.patching.activation_patching", model, pair, layers, executor, progress, kwargs
-    )
+    shards = [(first, layer, kwargs) for layer in layers]
+    return resolve(executor).map(fn, model, shards, key=key, desc=key.rsplit(".", 1)[-1], progress=progress)

@@ -5,7 +5,7 @@ during training" (Olsson et al. 2022): a 2-layer attention-only TransformerLens 
 positions, LayerNorm, no tokenizer) is trained with next-token loss on uniform random tokens in
 which a few spans are pasted again later at random offsets, so that the repeats are predictable only
 in context. Every ``record_every`` steps the history records the loss on both halves of a fixed
-[A1..An A1..An] batch and every head's prefix-matching (``headlens.scores.induction``) and
+[A1..An A1..An] batch and every head's prefix-matching (``headlens.census.scores.induction``) and
 previous-token score. Training runs on one thread with seeded generators: same arguments -> same
 history. The checkpoint trained with :data:`TRAIN_DEFAULTS` ships in ``headlens/data``
 (:func:`load_induction_model`, :func:`load_induction_history`, :func:`circuit_heads`).
@@ -24,8 +24,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
+from headlens.census import scores
+from headlens.data.probes import Probe, ProbeSet
 from headlens.errors import HeadlensError
 from headlens.heads import head_name
+from headlens.io import atomic_path, write_csv, write_text
+from headlens.models import _recipe
 from headlens.progress import tqdm
 
 CHECKPOINT = "toy_induction.safetensors"
@@ -86,16 +90,16 @@ def toy_config(
     )
 
 
-def repeated_tokens(n: int, *, batch: int, d_vocab: int, generator: torch.Generator) -> Int[Tensor, "batch two_n"]:
+def repeated_tokens(n: int, *, n_seqs: int, d_vocab: int, generator: torch.Generator) -> Int[Tensor, "batch two_n"]:
     """Sequences [A1..An A1..An] of n distinct random tokens: the probe the prefix-matching score is defined on."""
     if not 2 <= n <= d_vocab:
         raise HeadlensError(f"a repeated probe needs 2 <= n <= d_vocab ({d_vocab}) distinct tokens, got n={n}.")
-    half = torch.stack([torch.randperm(d_vocab, generator=generator)[:n] for _ in range(batch)])
+    half = torch.stack([torch.randperm(d_vocab, generator=generator)[:n] for _ in range(n_seqs)])
     return torch.cat([half, half], dim=1)
 
 
 def training_batch(
-    *, batch: int, seq_len: int, d_vocab: int, generator: torch.Generator, copies: int = 3, min_len: int = 3
+    *, n_seqs: int, seq_len: int, d_vocab: int, generator: torch.Generator, copies: int = 3, min_len: int = 3
 ) -> Int[Tensor, "batch pos"]:
     """Uniform random tokens with ``copies`` spans pasted again later in the same sequence.
 
@@ -103,9 +107,9 @@ def training_batch(
     head attending to a fixed relative position cannot predict the repeats; copying the token that
     followed the earlier occurrence of the current token (induction) can.
     """
-    tokens = torch.randint(0, d_vocab, (batch, seq_len), generator=generator)
+    tokens = torch.randint(0, d_vocab, (n_seqs, seq_len), generator=generator)
     max_len = max(min_len, seq_len // (2 * copies))
-    for b in range(batch):
+    for b in range(n_seqs):
         for _ in range(copies):
             length = int(torch.randint(min_len, max_len + 1, (), generator=generator))
             dest = int(torch.randint(length, seq_len - length + 1, (), generator=generator))
@@ -126,8 +130,6 @@ def evaluate(model: HookedTransformer, tokens: Int[Tensor, "batch two_n"]) -> di
 
     Patterns are reduced to per-head scores inside the hook and dropped.
     """
-    from headlens import scores
-
     n = tokens.shape[1] // 2
     row: dict[str, float] = {}
 
@@ -197,7 +199,7 @@ def train_induction_model(
         model = HookedTransformer(cfg)
     train_gen = torch.Generator().manual_seed(seed)
     eval_tokens = repeated_tokens(
-        seq_len // 2, batch=eval_batch, d_vocab=d_vocab, generator=torch.Generator().manual_seed(seed + 1)
+        seq_len // 2, n_seqs=eval_batch, d_vocab=d_vocab, generator=torch.Generator().manual_seed(seed + 1)
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rows = []
@@ -212,7 +214,7 @@ def train_induction_model(
                 model.train()
             if step == steps:
                 break
-            tokens = training_batch(batch=batch_size, seq_len=seq_len, d_vocab=d_vocab, generator=train_gen)
+            tokens = training_batch(n_seqs=batch_size, seq_len=seq_len, d_vocab=d_vocab, generator=train_gen)
             batch_loss = _loss_per_position(model(tokens), tokens).mean()
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
@@ -234,8 +236,6 @@ def save_induction_model(
 ) -> Path:
     """Write the weights as safetensors, the config + training arguments as JSON and the history as CSV beside it."""
     from safetensors.torch import save_file
-
-    from headlens.io import atomic_path, write_csv, write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,16 +272,17 @@ def load_induction_model(path: str | Path | None = None) -> HookedTransformer:
     if not weights.is_file() or not meta_path.is_file():
         raise HeadlensError(
             f"no toy checkpoint at {weights} (+ {meta_path.name}); train one with "
-            "`python analyses/induction_phase_change.py --save-checkpoint` or headlens.toy.save_induction_model."
+            "`python analyses/induction_phase_change.py --save-checkpoint` or headlens.analysis.toy.save_induction_model."
         )
     cfg = toy_config(**json.loads(meta_path.read_text())["config"])
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg)
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
-    from headlens.models import _recipe
 
-    return _recipe(model, "headlens.toy:load_induction_model", path=None if path is None else str(Path(path).resolve()))
+    return _recipe(
+        model, "headlens.analysis.toy:load_induction_model", path=None if path is None else str(Path(path).resolve())
+    )
 
 
 def circuit_heads(path: str | Path | None = None) -> dict[str, tuple[int, int]]:
@@ -377,19 +378,18 @@ def phase_change(history: pd.DataFrame, *, threshold: float = 0.5, band: tuple[f
     return out
 
 
-def toy_probes(model: HookedTransformer, *, seed: int = 0, batch: int = 8, n: int | None = None):
+def toy_probes(model: HookedTransformer, *, seed: int = 0, n_seqs: int = 8, n: int | None = None):
     """A census ``ProbeSet`` for a tokenizer-less toy model, built from token ids alone.
 
     ``repeated``: [A1..An A1..An] of distinct random ids (n = n_ctx // 2 by default); ``natural``: the
     model's own training "text" (:func:`training_batch`). No delimiter probe: ids have no text.
     """
-    from headlens.probes import Probe, ProbeSet
 
     cfg = model.cfg
     n = cfg.n_ctx // 2 if n is None else int(n)
     gen = torch.Generator().manual_seed(int(seed) * 1000 + 7)
-    repeated = repeated_tokens(n, batch=batch, d_vocab=cfg.d_vocab, generator=gen)
-    text = training_batch(batch=batch, seq_len=cfg.n_ctx, d_vocab=cfg.d_vocab, generator=gen)
+    repeated = repeated_tokens(n, n_seqs=n_seqs, d_vocab=cfg.d_vocab, generator=gen)
+    text = training_batch(n_seqs=n_seqs, seq_len=cfg.n_ctx, d_vocab=cfg.d_vocab, generator=gen)
     return ProbeSet(
         repeated=Probe("repeated", repeated, torch.zeros_like(repeated, dtype=torch.bool), n=n, prefix=0),
         natural=Probe("natural", text, torch.zeros_like(text, dtype=torch.bool)),

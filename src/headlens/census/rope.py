@@ -11,7 +11,7 @@ Three probes:
   the pattern is the RoPE-only term ``softmax_k(q · R(q-k) k / sqrt(d_head))`` of each head, for the
   repeated token's content vector (averaged over several tokens).
 
-The profile is reduced inside the attention hook (``headlens.capture.stream_patterns``): per head and
+The profile is reduced inside the attention hook (``headlens.engine.capture.stream_patterns``): per head and
 distance d = q - k we keep the count, the sum and the sum of squares of the attention weights, and the
 *excess* over a uniform causal head (below), so the table carries everything the summary needs and no
 pattern is kept.
@@ -35,10 +35,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.capture import stream_patterns
+from headlens.data.probes import natural_text
+from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError
-from headlens.heads import head_name
-from headlens.models import kv_heads
+from headlens.heads import kv_heads
 
 PROBES = ("natural", "random", "constant")
 
@@ -71,10 +71,9 @@ def _usable_ids(model: HookedTransformer) -> Tensor:
 def natural_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
-    """``n_seqs`` windows of the packaged prose corpus (:func:`headlens.probes.natural_text`, seeded)."""
-    from headlens.probes import natural_text
+    """``n_seqs`` windows of the packaged prose corpus (:func:`headlens.data.probes.natural_text`, seeded)."""
 
-    return natural_text(model, seq_len=seq_len, batch=n_seqs, seed=seed).tokens
+    return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed).tokens
 
 
 def random_tokens(
@@ -292,7 +291,7 @@ def rope_summary(profile: pd.DataFrame) -> pd.DataFrame:
     if profile.empty:
         raise HeadlensError("empty distance profile")
     if "excess" not in profile.columns:
-        raise HeadlensError("the profile has no 'excess' column: rebuild it with headlens.rope.distance_profile")
+        raise HeadlensError("the profile has no 'excess' column: rebuild it with headlens.census.rope.distance_profile")
     cols = ["distance", "attention", "n", "excess", "n_excess"]
     out = profile.groupby(keys, sort=True)[cols].apply(_head_summary)
     return out.reset_index()
@@ -305,84 +304,3 @@ def rope_profile(model: HookedTransformer, probes=PROBES, **kwargs) -> tuple[pd.
 
 
 # ---------------------------------------------------------------- figures
-
-
-def plot_distance_heatmap(
-    profile: pd.DataFrame,
-    *,
-    probe: str | None = None,
-    value: str = "attention",
-    max_distance: int = 32,
-    log: bool = True,
-):
-    """Heatmap of ``value`` (attention or lift) with one row per head (layer.head) and one column per distance."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    df = _select_probe(profile, probe)
-    df = df[df["distance"] <= max_distance]
-    table = df.pivot_table(index=["layer", "head"], columns="distance", values=value)
-    n_rows = len(table)
-    fig, ax = plt.subplots(figsize=(min(3 + 0.25 * table.shape[1], 14), min(2 + 0.12 * n_rows, 40)))
-    data = table.to_numpy()
-    norm = (
-        LogNorm(vmin=max(np.nanmin(data[data > 0]) if (data > 0).any() else 1e-6, 1e-6), vmax=np.nanmax(data))
-        if log
-        else None
-    )
-    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
-    ax.set_xlabel("relative distance q - k")
-    ax.set_ylabel("layer.head")
-    step = max(1, n_rows // 40)
-    ax.set_yticks(range(0, n_rows, step))
-    ax.set_yticklabels([f"{l}.{h}" for l, h in table.index][::step], fontsize=6)
-    ax.set_title(f"{value} by distance" + (f" ({probe})" if probe else ""))
-    fig.colorbar(im, ax=ax, label=value)
-    fig.tight_layout()
-    return fig
-
-
-def plot_distance_curves(
-    profile: pd.DataFrame, heads, *, value: str = "attention", max_distance: int = 32, log: bool = True
-):
-    """One panel per head in ``heads`` ([(layer, head), ...]): ``value`` against distance, one line per probe."""
-    import matplotlib.pyplot as plt
-
-    heads = list(heads)
-    if not heads:
-        raise HeadlensError("plot_distance_curves needs at least one (layer, head)")
-    cols = min(4, len(heads))
-    rows = -(-len(heads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharex=True)
-    probes = profile["probe"].unique() if "probe" in profile.columns else [None]
-    for ax, (layer, head) in zip(axes.flat, heads):
-        for p in probes:
-            g = profile[(profile["layer"] == layer) & (profile["head"] == head) & (profile["distance"] <= max_distance)]
-            if p is not None:
-                g = g[g["probe"] == p]
-            if g.empty:
-                raise HeadlensError(f"head ({layer}, {head}) is not in the profile")
-            ax.plot(g["distance"], g[value], marker=".", label=p or value)
-        ax.set_title(head_name(layer, head), fontsize=9)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("distance")
-    for ax in list(axes.flat)[len(heads) :]:
-        ax.axis("off")
-    axes[0][0].set_ylabel(value)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def _select_probe(profile: pd.DataFrame, probe: str | None) -> pd.DataFrame:
-    if "probe" not in profile.columns:
-        return profile
-    probes = list(profile["probe"].unique())
-    if probe is None:
-        if len(probes) > 1:
-            raise HeadlensError(f"the profile holds several probes ({', '.join(probes)}); pass probe=...")
-        return profile
-    if probe not in probes:
-        raise HeadlensError(f"probe {probe!r} is not in the profile (it has {', '.join(probes)})")
-    return profile[profile["probe"] == probe]

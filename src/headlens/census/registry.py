@@ -1,22 +1,25 @@
 """The head-type registry: one table of head types that the census, labels, figures and report read.
 
+This module imports nothing of headlens but the error type; the built-in types register from
+:mod:`headlens.census` (its ``__init__``, through :mod:`headlens.census.builtin`).
+
 A head type is data: a name (the label and its score column), the probe kind it is scored on (or
 ``"weights"``), a score function, a threshold, a tier and a one-line description. Register your own::
 
-    from headlens.registry import HeadType, register
+    from headlens.census.registry import HeadType, register
 
     def late_sink(pattern, probe, rows):  # [batch, head, q, k] -> [batch, head], one number per sequence
         return pattern[..., -8:, 0].mean(-1)
 
     register(HeadType("late_sink", "natural", late_sink, threshold=0.8, tier=2, description="last queries sink"))
 
-and it appears as a column and a label of :func:`headlens.census.census` (tiers: the lowest tier holding
+and it appears as a column and a label of :func:`headlens.census.run.census` (tiers: the lowest tier holding
 a candidate decides; inside it the largest score/threshold ratio wins; ties go to the type registered first).
 
 Fields beyond the basic ones:
 
 - ``nosink``: the census also computes the score on the pattern with key 0 removed and each query row
-  renormalised (column ``<name>_nosink``), and labels with it where the head sinks (see ``headlens.census``).
+  renormalised (column ``<name>_nosink``), and labels with it where the head sinks (see ``headlens.census.run``).
 - ``requires``: ``requires(scores) -> bool array`` — a head is a candidate only where it is true, e.g.
   induction needs positive OV copying; ``scores`` maps column names to arrays of equal shape.
 - ``label_score``: the column the threshold is compared with (default: ``name``; ``copy_suppression`` reads ``induction``).
@@ -61,9 +64,8 @@ _REGISTRY: dict[str, HeadType] = {}
 
 def register(head_type: HeadType, *, replace: bool = False) -> HeadType:
     """Add ``head_type`` to the registry (``replace=True`` to overwrite one of the same name); returns it."""
-    _builtins()
     if not isinstance(head_type, HeadType):
-        raise HeadlensError(f"register() takes a headlens.registry.HeadType (got {type(head_type).__name__})")
+        raise HeadlensError(f"register() takes a headlens.census.registry.HeadType (got {type(head_type).__name__})")
     name = head_type.name
     if not name or not name.isidentifier() or name == "other" or name.endswith("_nosink"):
         raise HeadlensError(f"head type name {name!r} must be an identifier, not 'other' and not end in '_nosink'")
@@ -83,7 +85,6 @@ def register(head_type: HeadType, *, replace: bool = False) -> HeadType:
 
 def unregister(name: str) -> None:
     """Remove a head type (a clear error when it is not registered)."""
-    _builtins()
     if name not in _REGISTRY:
         raise HeadlensError(f"no head type {name!r} is registered; known: {', '.join(_REGISTRY)}")
     del _REGISTRY[name]
@@ -91,7 +92,6 @@ def unregister(name: str) -> None:
 
 def head_types() -> dict[str, HeadType]:
     """All registered head types, in registration order (a copy)."""
-    _builtins()
     return dict(_REGISTRY)
 
 
@@ -99,22 +99,3 @@ def labels() -> tuple[str, ...]:
     """The label names (types with ``label=True``) in tier order, then ``"other"``."""
     types = [t for t in head_types().values() if t.label]
     return (*(t.name for t in sorted(types, key=lambda t: t.tier)), "other")
-
-
-_LOADED = False
-
-
-def _builtins() -> None:
-    """Register the built-in types once (lazily, so ``headlens.scores`` can import freely)."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from headlens import scores as s
-
-    for t in s.builtin_types():
-        if t.name not in _REGISTRY:
-            register(t)
-    from headlens.head_types import register_head_types  # copy suppression, successor, positional, code heads
-
-    register_head_types()

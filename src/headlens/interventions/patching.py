@@ -7,7 +7,7 @@ Attribution patching (Nanda 2023) estimates every effect at once with a first-or
 expansion around the corrupted run, ``(clean_act - corrupted_act) . d metric / d act``, from one
 clean pass, one corrupted pass and one backward pass.
 
-Exact patching runs on the intervention engine (:mod:`headlens.intervene`): it caches only the activation
+Exact patching runs on the intervention engine (:mod:`headlens.engine.intervene`): it caches only the activation
 being patched (clean run) and the residual stream entering each layer (corrupted run), restarts every
 patched run at the patched layer with ``start_at_layer``, stacks many patched runs along the batch axis of
 one forward, and unembeds only the positions the metric reads. Besides heads, the per-layer residual
@@ -36,7 +36,6 @@ need the clean keys/values?".
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,13 +44,12 @@ from typing import Literal
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from scipy.stats import spearmanr
 from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
-from headlens.errors import HeadlensError
-from headlens.heads import check_heads, check_layers, kv_heads
-from headlens.intervene import (
+from headlens.data.probes import word_token_ids
+from headlens.engine.executor import Executor, map_layers
+from headlens.engine.intervene import (
     LOGITS_BUDGET,  # noqa: F401 (public: the engine's logits budget)
     Metric,
     Site,
@@ -61,6 +59,8 @@ from headlens.intervene import (
     resid_names,
     run_interventions,
 )
+from headlens.errors import HeadlensError
+from headlens.heads import check_heads, check_layers, kv_heads
 
 Activation = Literal["z", "pattern", "q", "k", "v", "resid_pre", "attn_out", "mlp_out"]
 ACTIVATIONS: tuple[str, ...] = ("z", "pattern", "q", "k", "v")
@@ -97,7 +97,7 @@ class PromptPair:
 
     ``metric(logits)`` receives ``logits[:, positions]`` (shape ``batch n_pos d_vocab``) and returns a
     scalar that is high on the clean run; only those positions are unembedded. A plain function is wrapped in
-    the shared :class:`headlens.intervene.Metric` (``higher_is_better=True``, reading ``positions``).
+    the shared :class:`headlens.engine.intervene.Metric` (``higher_is_better=True``, reading ``positions``).
     """
 
     clean: Int[Tensor, "batch pos"]
@@ -137,13 +137,12 @@ def _token_pool(model: HookedTransformer) -> Int[Tensor, " n"]:
     """Ordinary word tokens (as the census' repeated probe uses) or, without a tokenizer, the whole vocabulary."""
     if model.tokenizer is None:
         return torch.arange(model.cfg.d_vocab)
-    from headlens.probes import word_token_ids
 
     return word_token_ids(model)
 
 
 def induction_pair(
-    model: HookedTransformer, *, n_tokens: int = 10, batch: int = 4, prefix: int = 1, seed: int = 0
+    model: HookedTransformer, *, n_tokens: int = 10, n_seqs: int = 4, prefix: int = 1, seed: int = 0
 ) -> PromptPair:
     """Repeated random tokens ``[P A A]`` (clean) vs ``[P B A]``, the first half resampled (corrupted).
 
@@ -152,9 +151,9 @@ def induction_pair(
     half: on the clean run an induction circuit predicts ``A[i+1]`` after the second ``A[i]``; on the corrupted
     run nothing can.
     """
-    if n_tokens < 3 or batch < 1 or prefix < 0:
+    if n_tokens < 3 or n_seqs < 1 or prefix < 0:
         raise HeadlensError(
-            f"induction_pair needs n_tokens >= 3, batch >= 1 and prefix >= 0, got n_tokens={n_tokens}, batch={batch}, prefix={prefix}"
+            f"induction_pair needs n_tokens >= 3, n_seqs >= 1 and prefix >= 0, got n_tokens={n_tokens}, n_seqs={n_seqs}, prefix={prefix}"
         )
     pool = _token_pool(model)
     if len(pool) < prefix + 2 * n_tokens:
@@ -163,7 +162,7 @@ def induction_pair(
         )
     generator = torch.Generator().manual_seed(seed)
     draws = torch.stack(
-        [pool[torch.randperm(len(pool), generator=generator)[: prefix + 2 * n_tokens]] for _ in range(batch)]
+        [pool[torch.randperm(len(pool), generator=generator)[: prefix + 2 * n_tokens]] for _ in range(n_seqs)]
     )
     p, a, b = draws[:, :prefix], draws[:, prefix : prefix + n_tokens], draws[:, prefix + n_tokens :]
     clean = torch.cat([p, a, a], dim=1)
@@ -177,7 +176,7 @@ def induction_pair(
         name="induction",
         info={
             "n_tokens": n_tokens,
-            "batch": batch,
+            "batch": n_seqs,
             "prefix": prefix,
             "seed": seed,
             "metric": "mean log-prob of the next token, second half",
@@ -204,11 +203,11 @@ def _single_token(model: HookedTransformer, text: str) -> int:
     return int(ids[0])
 
 
-def _answer_tokens(model: HookedTransformer, answers: str | Sequence[str], batch: int, what: str) -> Tensor:
+def _answer_tokens(model: HookedTransformer, answers: str | Sequence[str], n_seqs: int, what: str) -> Tensor:
     """``[batch, 1]`` single-token ids: one answer for every prompt, or one per prompt."""
-    answers = [answers] * batch if isinstance(answers, str) else list(answers)
-    if len(answers) != batch:
-        raise HeadlensError(f"give one {what} per prompt: {batch} prompts, {len(answers)} {what}s")
+    answers = [answers] * n_seqs if isinstance(answers, str) else list(answers)
+    if len(answers) != n_seqs:
+        raise HeadlensError(f"give one {what} per prompt: {n_seqs} prompts, {len(answers)} {what}s")
     return torch.tensor([[_single_token(model, a)] for a in answers])
 
 
@@ -242,15 +241,15 @@ def text_pair(
             )
     clean_tokens = _tokens(model, clean_texts, "clean").to(model.cfg.device)
     corrupted_tokens = _tokens(model, corrupted_texts, "corrupted").to(model.cfg.device)
-    batch = clean_tokens.shape[0]
+    n_seqs = clean_tokens.shape[0]
     positions = torch.tensor([clean_tokens.shape[1] - 1])
     if answer is None:
         if wrong is not None:
             raise HeadlensError("give --answer together with --wrong (the wrong token alone defines no metric)")
         with torch.inference_mode():
-            last = _final_logits(model, torch.cat([clean_tokens, corrupted_tokens]), positions)[:, 0]
+            last = final_logits(model, torch.cat([clean_tokens, corrupted_tokens]), positions)[:, 0]
         top = last.argmax(-1).cpu()
-        correct, other = top[:batch], top[batch:]
+        correct, other = top[:n_seqs], top[n_seqs:]
         if bool((correct != other).all()):
             metric, text = (
                 partial(logit_diff, correct=correct[:, None], wrong=other[:, None]),
@@ -259,11 +258,11 @@ def text_pair(
         else:
             metric, text = partial(logprob, targets=correct[:, None]), "log-prob of the clean run's top next token"
     else:
-        correct = _answer_tokens(model, answer, batch, "answer")
+        correct = _answer_tokens(model, answer, n_seqs, "answer")
         if wrong is None:
             metric, text = partial(logprob, targets=correct), f"log-prob of {answer!r}"
         else:
-            bad = _answer_tokens(model, wrong, batch, "wrong")
+            bad = _answer_tokens(model, wrong, n_seqs, "wrong")
             metric, text = partial(logit_diff, correct=correct, wrong=bad), f"logit diff {answer!r} − {wrong!r}"
     return PromptPair(clean_tokens, corrupted_tokens, positions, metric, name="text", info={"metric": text})
 
@@ -271,11 +270,8 @@ def text_pair(
 # ---------------------------------------------------------------- running pieces of the model
 
 
-_final_logits = final_logits  # the engine's; attribution patching below calls it by this name
-
-
 @contextlib.contextmanager
-def _kv_mode(model: HookedTransformer, ungroup_kv: bool) -> Iterator[None]:
+def kv_mode(model: HookedTransformer, ungroup_kv: bool) -> Iterator[None]:
     """Run with k/v repeated per q head (``ungroup_grouped_query_attention``) when asked; restore after."""
     before = model.cfg.ungroup_grouped_query_attention
     model.cfg.ungroup_grouped_query_attention = bool(ungroup_kv) and model.cfg.n_key_value_heads is not None
@@ -290,12 +286,28 @@ def _n_units(model: HookedTransformer, activation: str) -> int:
     return model.cfg.n_key_value_heads if activation in ("k", "v") and grouped else model.cfg.n_heads
 
 
-def _check_activation(activation: str) -> None:
+def check_head_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise HeadlensError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _table(model, activation, rows, clean: float, corrupted: float, method: str, by_position: bool) -> pd.DataFrame:
+@dataclass
+class PatchingResult:
+    """What :func:`activation_patching` and :func:`headlens.interventions.attribution.attribution_patching` return.
+
+    - ``table``: one row per patched unit: ``activation, layer, head, kv_head, [pos], metric, effect``, where
+      ``effect`` = (patched − corrupted) / (clean − corrupted) (1 = full recovery of the clean metric);
+    - ``clean``, ``corrupted``: the metric on the clean and on the corrupted run;
+    - ``method``: ``"exact"``, or the attribution estimator (``"atp"``, ``"atp*"``, ``"ig2"``, ...).
+    """
+
+    table: pd.DataFrame
+    clean: float
+    corrupted: float
+    method: str
+
+
+def patch_table(model, activation, rows, clean: float, corrupted: float, by_position: bool) -> pd.DataFrame:
     """Long table of patched units; k/v units of a grouped model are kv heads (``head`` = <NA>, see heads.py);
     per-layer activations (resid_pre, attn_out, mlp_out) have no head columns."""
     df = pd.DataFrame(rows, columns=["layer", "unit", "pos", "metric"])
@@ -309,16 +321,15 @@ def _table(model, activation, rows, clean: float, corrupted: float, method: str,
     if not by_position:
         df = df.drop(columns="pos")
     df["effect"] = (df["metric"] - corrupted) / (clean - corrupted)
-    df.attrs.update(clean_metric=clean, corrupted_metric=corrupted, method=method)
     return df
 
 
-def _cached_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], positions, metric):
+def pair_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], positions, metric):
     """One forward: the metric (at ``positions``) and a cache of just the hooks in ``names``."""
     return cached_run(model, tokens, names, pair_metric(metric, tokens, positions))
 
 
-def _check_recoverable(clean: float, corrupted: float) -> None:
+def check_recoverable(clean: float, corrupted: float) -> None:
     if abs(clean - corrupted) < 1e-6 * max(1.0, abs(clean)):
         raise HeadlensError(
             f"the clean and corrupted runs give the same metric ({clean:.6g}): there is nothing to recover; "
@@ -337,24 +348,37 @@ def activation_patching(
     by_position: bool = False,
     ungroup_kv: bool = False,
     metric: Metric | MetricFn | None = None,
-    batch_size: int = 32,
+    runs_per_pass: int = 32,
     layers: Sequence[int] | None = None,
     heads: Sequence | None = None,
     progress: bool = True,
-) -> pd.DataFrame:
+    executor: Executor | None = None,
+) -> PatchingResult:
     """Patch each head's clean ``activation`` into the corrupted run, one head (and position) at a time.
 
-    Returns one row per patched unit: ``activation, layer, head, kv_head, [pos], metric, effect`` where
-    ``effect`` = (patched − corrupted) / (clean − corrupted) (1 = full recovery). ``by_position`` patches one
+    The :class:`PatchingResult`'s table has one row per patched unit: ``activation, layer, head, kv_head, [pos],
+    metric, effect`` where ``effect`` = (patched − corrupted) / (clean − corrupted) (1 = full recovery). ``by_position`` patches one
     (head, position) at a time (for ``pattern``: one destination position). ``resid_pre``, ``attn_out`` and
     ``mlp_out`` are patched per layer (and position), as TransformerLens' ``get_act_patch_resid_pre`` etc.
-    ``batch_size`` patched runs go through one forward of the intervention engine; each starts at the patched
+    ``runs_per_pass`` patched runs go through one forward of the intervention engine; each starts at the patched
     layer from the corrupted run's cached residual. ``layers`` or ``heads`` (e.g. an attribution screen's top
-    heads, ``[(3, 0), "L21H11"]``) restrict the patched units.
+    heads, ``[(3, 0), "L21H11"]``) restrict the patched units. ``executor`` (:mod:`headlens.engine.executor`) runs
+    one shard per layer (each re-runs the clean and corrupted forwards); the table is the same.
     """
+    if executor is not None:
+        kwargs = dict(activation=activation, by_position=by_position, ungroup_kv=ungroup_kv, metric=metric,
+                      runs_per_pass=runs_per_pass, heads=heads)  # fmt: skip
+        if heads is not None:
+            layers = sorted({head.layer for head in check_heads(model, heads)})
+        parts = map_layers(
+            _patch_shard, model, pair, layers, executor=executor, key="headlens.activation_patching",
+            progress=progress, kwargs=kwargs,
+        )  # fmt: skip
+        table = pd.concat([part.table for part in parts], ignore_index=True)
+        return PatchingResult(table, parts[0].clean, parts[0].corrupted, "exact")
     check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
-    if int(batch_size) < 1:
-        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    if int(runs_per_pass) < 1:
+        raise HeadlensError(f"runs_per_pass must be >= 1 (got {runs_per_pass})")
     metric = pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
     chosen = None
     if heads is not None:
@@ -368,11 +392,11 @@ def activation_patching(
         chosen = set(check_heads(model, heads))
         layers = sorted({head.layer for head in chosen})
     layers = check_layers(model, layers)
-    with _kv_mode(model, ungroup_kv), torch.inference_mode():
+    with kv_mode(model, ungroup_kv), torch.inference_mode():
         names = {utils.get_act_name(activation, layer) for layer in layers}
         clean, clean_cache = cached_run(model, pair.clean, names, metric)
         corrupted, corrupted_cache = cached_run(model, pair.corrupted, resid_names(layers), metric)
-        _check_recoverable(clean, corrupted)
+        check_recoverable(clean, corrupted)
         stream = activation in STREAM_ACTIVATIONS
         n_units = 1 if stream else _n_units(model, activation)
         positions = range(pair.clean.shape[1]) if by_position else [None]
@@ -386,87 +410,17 @@ def activation_patching(
         runs = [(Site(activation, layer, None if stream else (u,), p),) for layer, u, p in units]
         values = run_interventions(
             model, corrupted_cache, runs, clean_cache.__getitem__, metric,
-            runs_per_pass=batch_size, progress=progress, desc=f"patching {activation}",
+            runs_per_pass=runs_per_pass, progress=progress, desc=f"patching {activation}",
         )  # fmt: skip
         rows = [(layer, u, p, v) for (layer, u, p), v in zip(units, values)]
-        return _table(model, activation, rows, clean, corrupted, "exact", by_position)
+        return PatchingResult(
+            patch_table(model, activation, rows, clean, corrupted, by_position), clean, corrupted, "exact"
+        )
 
 
-# ---------------------------------------------------------------- attribution patching
-
-
-def attribution_patching(model: HookedTransformer, pair: PromptPair, **kwargs) -> pd.DataFrame:
-    """Moved to :func:`headlens.attribution.attribution_patching` (AtP*); kept here so old imports work."""
-    from headlens.attribution import attribution_patching as estimate
-
-    return estimate(model, pair, **kwargs)
-
-
-# ---------------------------------------------------------------- comparison
-
-
-def rank_correlation(
-    exact: pd.Series | Sequence[float], estimate: pd.Series | Sequence[float], *, top: int | None = None
-) -> float:
-    """Spearman rank correlation of two effect lists; with ``top``, over the ``top`` largest |exact| only."""
-    exact = pd.Series(list(exact), dtype=float)
-    estimate = pd.Series(list(estimate), dtype=float)
-    if top is not None:
-        keep = exact.abs().sort_values(ascending=False).index[:top]
-        exact, estimate = exact[keep], estimate[keep]
-    if len(exact) < 2:
-        raise HeadlensError("a rank correlation needs at least two heads")
-    return float(spearmanr(exact, estimate).statistic)
-
-
-def compare_patching(
-    model: HookedTransformer,
-    pair: PromptPair,
-    *,
-    activation: Activation = "z",
-    by_position: bool = False,
-    ungroup_kv: bool = False,
-    metric: Metric | None = None,
-    top: int = 20,
-    batch_size: int = 32,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Exact and attribution patching side by side (``exact``, ``attribution`` effects), largest |exact| first.
-
-    ``attrs`` carry the Spearman rank correlation over all rows (``spearman``), over the ``top`` rows
-    (``spearman_top``), and both methods' wall times in seconds.
-    """
-    start = time.perf_counter()
-    exact = activation_patching(
-        model,
-        pair,
-        activation=activation,
-        by_position=by_position,
-        ungroup_kv=ungroup_kv,
-        metric=metric,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    middle = time.perf_counter()
-    attr = attribution_patching(
-        model, pair, activations=[activation], by_position=by_position, ungroup_kv=ungroup_kv, metric=metric
-    )
-    end = time.perf_counter()
-    keys = [c for c in ("layer", "kv_head", "pos") if c in exact]
-    assert exact[keys].equals(attr[keys]) and exact["head"].equals(attr["head"])
-    df = exact.drop(columns="metric").rename(columns={"effect": "exact"})
-    df["attribution"] = attr["effect"].to_numpy()
-    df = df.reindex(df["exact"].abs().sort_values(ascending=False).index).reset_index(drop=True)
-    df.attrs.update(
-        exact.attrs,
-        method="compare",
-        spearman=rank_correlation(df["exact"], df["attribution"]),
-        spearman_top=rank_correlation(df["exact"], df["attribution"], top=top),
-        top=top,
-        exact_seconds=middle - start,
-        attribution_seconds=end - middle,
-    )
-    from headlens.attribution import quality_attrs
-
-    df.attrs.update(quality_attrs(df["exact"], df["attribution"], top=top))  # Pearson and top-k recall beside Spearman
-    return df
+def _patch_shard(model: HookedTransformer, shard) -> pd.DataFrame:
+    pair, layer, kwargs = shard
+    if kwargs.get("heads") is not None:
+        kwargs = dict(kwargs, heads=[h for h in check_heads(model, kwargs["heads"]) if h.layer == layer])
+        return activation_patching(model, pair, progress=False, **kwargs)
+    return activation_patching(model, pair, layers=[layer], progress=False, **kwargs)

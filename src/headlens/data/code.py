@@ -1,6 +1,6 @@
-"""Code heads: bracket-matching heads and identifier heads, scored on real Python code (the standard library).
+"""Probes of real Python code (the standard library) with bracket and identifier metadata.
 
-The probe (:func:`code_probe`) takes windows of ``seq_len`` model tokens from standard-library sources
+:func:`code_probe` takes windows of ``seq_len`` model tokens from standard-library sources
 (``sysconfig.get_paths()["stdlib"]``, the running Python's own files) and marks, with Python's own
 ``tokenize`` (so brackets inside strings and comments do not count):
 
@@ -8,24 +8,14 @@ The probe (:func:`code_probe`) takes windows of ``seq_len`` model tokens from st
   prediction is the closer), the position of its matching opener, with the nesting depth of the pair in the
   whole file (1 = outermost). Only pairs where both brackets are their own model token (the token's text,
   spaces stripped, is the bracket: ``))`` or ``):`` merge and are skipped) and whose opener is at least
-  ``MIN_GAP`` tokens before that position (so that the opener's region, below, lies beyond the local window of 3
+  ``MIN_GAP`` tokens before that position (so that the opener's region lies beyond the local window of 3
   keys and a previous-token or local head does not score) are kept.
 - closers: every position whose next token *starts* with a closing bracket (``)``, ``):``, ``)\n``, `` ]``: most
-  closers share their token) whose opener is at least ``MIN_GAP`` tokens back, whatever the opener's token. The
-  causal check of bracket heads (``analyses/head_types.py``) scores the log-probability of these tokens.
+  closers share their token) whose opener is at least ``MIN_GAP`` tokens back, whatever the opener's token.
 - identifier uses: each occurrence of a name (not a keyword) whose model token is the name itself, and that
   already occurred earlier in the window; its keys are all model tokens of those earlier occurrences.
 
-Scores (per sequence, then averaged like the census's):
-
-- ``bracket_matching``: attention from the token that must predict a closing bracket to the opener that bracket
-  closes and the tokens on either side of it (keys opener - ``REGION`` .. opener + ``REGION``: the callee's name
-  or the bracket before, the first argument after), mean over such tokens. A head that does this tells the model
-  which closer (``)``, ``]``, ``}``) comes and that one is due. Earlier versions failed their causal check: the
-  closer's own attention to its opener (a head at the closer cannot help predict it), then the opener token alone
-  from the token before the closer (on Qwen it labelled L20H4 only, while the layer-20 head that matters most for
-  closers, L20H0, reads the callee's name and the opener: about 0.1 on the opener alone, 0.30 on the region).
-- ``identifier``: attention from a use of a name to the earlier occurrences of that name, mean over uses.
+The scores over these probes are in :mod:`headlens.census.code_heads`.
 """
 
 from __future__ import annotations
@@ -40,17 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from headlens.data.probes import Probe, delimiter_mask
 from headlens.errors import HeadlensError
-from headlens.probes import Probe, delimiter_mask
-from headlens.scores import masked_attention
 
-THRESHOLDS = {"bracket_matching": 0.25, "identifier": 0.3}
-"""bracket_matching at 0.25, 3.1x its random-weights null maximum (0.080, three keys): at 0.3 four Qwen heads scoring
-0.26-0.33 changed label between seeds (``analyses/results/census_trust``)."""
 MIN_GAP = 5
 """A scored pair's opener is at least this many tokens before the token that predicts its closer, so that the whole
 region (opener + ``REGION``) is beyond the local window of 3 keys."""
@@ -161,22 +146,22 @@ def code_probe(
     model: HookedTransformer,
     *,
     seq_len: int = 128,
-    batch: int = 8,
+    n_seqs: int = 8,
     seed: int = 0,
     files=STDLIB_FILES,
     min_pairs: int = 2,
     exclude=(),
 ) -> CodeProbe:
-    """``batch`` windows of stdlib code, each starting at a line start and holding >= ``min_pairs`` bracket pairs (seeded).
+    """``n_seqs`` windows of stdlib code, each starting at a line start and holding >= ``min_pairs`` bracket pairs (seeded).
 
     ``exclude``: windows not to draw (``"file.py@token"``, e.g. another probe's ``files``), for held-out data.
     """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise HeadlensError("the code probe needs a model with a tokenizer")
-    if seq_len < 8 or batch < 1 or seq_len > model.cfg.n_ctx:
+    if seq_len < 8 or n_seqs < 1 or seq_len > model.cfg.n_ctx:
         raise HeadlensError(
-            f"code probe: need 8 <= seq_len <= n_ctx={model.cfg.n_ctx} and batch >= 1 (got {seq_len}, {batch})"
+            f"code probe: need 8 <= seq_len <= n_ctx={model.cfg.n_ctx} and n_seqs >= 1 (got {seq_len}, {n_seqs})"
         )
     candidates = []
     for name, text in stdlib_sources(files).items():
@@ -193,17 +178,17 @@ def code_probe(
                 continue
             if int(((opens >= s) & (closes + 1 < s + seq_len)).sum()) >= min_pairs:
                 candidates.append((name, s, ids, closers, occ))
-    if len(candidates) < batch:
+    if len(candidates) < n_seqs:
         raise HeadlensError(
             f"code probe: only {len(candidates)} windows with >= {min_pairs} bracket pairs; lower batch or min_pairs"
         )
     gen = torch.Generator().manual_seed(int(seed) * 1000 + 7)
-    chosen = [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:batch].tolist()]
-    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
-    opener_t = torch.full((batch, seq_len), -1, dtype=torch.long)
-    depth_t = torch.zeros(batch, seq_len, dtype=torch.long)
-    closer_t = torch.zeros(batch, seq_len, dtype=torch.bool)
-    ident = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    chosen = [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:n_seqs].tolist()]
+    tokens = torch.zeros(n_seqs, seq_len, dtype=torch.long)
+    opener_t = torch.full((n_seqs, seq_len), -1, dtype=torch.long)
+    depth_t = torch.zeros(n_seqs, seq_len, dtype=torch.long)
+    closer_t = torch.zeros(n_seqs, seq_len, dtype=torch.bool)
+    ident = torch.zeros(n_seqs, seq_len, seq_len, dtype=torch.bool)
     for b, (_, s, ids, closers, occ) in enumerate(chosen):
         tokens[b] = torch.tensor(ids[s : s + seq_len])
         for c, (o, depth, is_scored) in closers.items():
@@ -223,87 +208,13 @@ def code_probe(
     return CodeProbe("code", tokens, mask, opener=opener_t, depth=depth_t, closer=closer_t, ident=ident, files=files)
 
 
-def code_probe_builder(model: HookedTransformer, *, seed: int, batch: int, seq_len: int) -> CodeProbe:
+def code_probe_builder(model: HookedTransformer, *, seed: int, n_seqs: int, seq_len: int) -> CodeProbe:
     """The census's ``code`` probe: :func:`code_probe` (at least 2 scored bracket pairs per window when they are long).
 
     Scored pairs are rare (about 300 in the 20 files: most brackets merge into tokens such as ``()`` or ``):``),
     so of the sampled line-start windows of 128 tokens 168 hold two or more, and 9 hold four.
     """
-    return code_probe(model, seq_len=seq_len, batch=batch, seed=seed, min_pairs=2 if seq_len >= 96 else 1)
-
-
-def _region_attention(
-    pattern: Float[Tensor, "batch head q k"], opener: Int[Tensor, "batch q"]
-) -> Float[Tensor, "batch head q"]:
-    """Attention from each position q to the keys opener[q] - REGION .. opener[q] + REGION (0 where opener < 0)."""
-    op = opener.to(pattern.device)
-    out = torch.zeros(pattern.shape[:3], dtype=pattern.dtype, device=pattern.device)
-    for d in range(-REGION, REGION + 1):
-        key = op + d
-        valid = (op >= 0) & (key >= 0)
-        got = pattern.gather(-1, key.clamp_min(0)[:, None, :, None].expand(-1, pattern.shape[1], -1, 1))[..., 0]
-        out += got * valid[:, None].to(pattern.dtype)
-    return out
-
-
-def bracket_matching(
-    pattern: Float[Tensor, "batch head q k"], opener: Int[Tensor, "batch q"]
-) -> Float[Tensor, "batch head"]:
-    """Per sequence: attention from each position that predicts a closing bracket (``opener >= 0``) to that
-    bracket's opener and its neighbours (``REGION`` keys either side), mean over those positions."""
-    w = (opener.to(pattern.device) >= 0)[:, None].to(pattern.dtype)
-    return (_region_attention(pattern, opener) * w).sum(-1) / w.sum(-1)
-
-
-def identifier(
-    pattern: Float[Tensor, "batch head q k"], ident: Bool[Tensor, "batch q k"]
-) -> Float[Tensor, "batch head"]:
-    """Per sequence: attention from each scored use of a name to that name's earlier occurrences, mean over uses."""
-    return masked_attention(pattern, ident)
-
-
-def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, seed: int = 0, progress: bool = False):
-    """Per head: bracket_matching and identifier scores on ``probe`` (default :func:`code_probe` with ``seed``)."""
-    from headlens.capture import stream_patterns
-    from headlens.head_types import _frame
-
-    probe = code_probe(model, seed=seed) if probe is None else probe
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("bracket_matching", "identifier")}
-
-    def reduce(layer, pattern, rows):
-        sums["bracket_matching"][layer] += bracket_matching(pattern, probe.opener[rows]).double().cpu().sum(0)
-        sums["identifier"][layer] += identifier(pattern, probe.ident[rows]).double().cpu().nan_to_num().sum(0)
-
-    stream_patterns(model, probe.tokens, reduce, progress=progress, desc="code heads")
-    n_ident = int((probe.ident.any(-1).any(-1)).sum())
-    return _frame(
-        model, bracket_matching=sums["bracket_matching"] / probe.batch, identifier=sums["identifier"] / max(n_ident, 1)
-    )
-
-
-def bracket_by_depth(model: HookedTransformer, heads, probe: CodeProbe) -> dict[int, list[float]]:
-    """Mean bracket score (token before a closer -> its opener's region) of each of ``heads`` by nesting depth (1, 2,
-    3 = 3 or deeper)."""
-    from headlens.capture import stream_patterns
-
-    heads = list(heads)
-    depth = probe.depth.clamp_max(3)
-    out = {d: torch.zeros(len(heads), dtype=torch.float64) for d in (1, 2, 3)}
-    counts = {d: int(((probe.opener >= 0) & (depth == d)).sum()) for d in (1, 2, 3)}
-
-    def reduce(layer, pattern, rows):
-        for i, (l, h) in enumerate(heads):
-            if l != layer:
-                continue
-            op = probe.opener[rows].to(pattern.device)
-            got = _region_attention(pattern[:, h : h + 1], op)[:, 0]
-            for d in (1, 2, 3):
-                sel = (op >= 0) & (depth[rows].to(op.device) == d)
-                out[d][i] += float(got[sel].double().sum())
-
-    stream_patterns(model, probe.tokens, reduce, layers=sorted({l for l, _ in heads}), progress=False)
-    return {d: (out[d] / max(counts[d], 1)).tolist() for d in (1, 2, 3)}, counts
+    return code_probe(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, min_pairs=2 if seq_len >= 96 else 1)
 
 
 def python_version() -> str:

@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from headlens.census import _effective, _means, collect
+from headlens.census.registry import WEIGHTS, head_types
+from headlens.census.run import _effective, _means, collect
+from headlens.data.probes import ProbeSet, check_probes, default_probes, probe_kinds, repeated_tokens
 from headlens.errors import HeadlensError
-from headlens.probes import ProbeSet, check_probes, default_probes, repeated_tokens
-from headlens.registry import WEIGHTS, head_types
 
 
 def random_weights_model(model: HookedTransformer, *, seed: int = 0) -> HookedTransformer:
@@ -65,7 +65,7 @@ def null_scores(
             model,
             n=n_max,
             n_min=int(rep.n_per_seq.min()) if rep.n_per_seq.unique().numel() > 1 else None,
-            batch=rep.batch,
+            n_seqs=rep.n_seqs,
             seed=seed,
             shuffled=True,
             prefix=rep.seq_len - 2 * n_max,
@@ -77,7 +77,6 @@ def null_scores(
 
 
 def probes_kinds(needed) -> list[str]:
-    from headlens.probes import probe_kinds
 
     return [k for k in probe_kinds() if k in needed]
 

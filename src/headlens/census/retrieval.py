@@ -22,11 +22,15 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from headlens.census.registry import HeadType, head_types, register
+from headlens.data.code import stdlib_sources
+from headlens.data.probes import Probe, corpus_sections, delimiter_mask, probe_kinds, register_probe, word_token_ids
 from headlens.errors import HeadlensError
-from headlens.probes import Probe, delimiter_mask
+from headlens.heads import head_frame
+from headlens.interventions.ablation import custom_metric
+from headlens.progress import tqdm
 
 THRESHOLD = 0.1
 QUESTION = "\nWhat are the secret words? The secret words are"
@@ -45,18 +49,15 @@ class NeedleProbe(Probe):
 
 
 def _haystack_ids(model: HookedTransformer) -> list[int]:
-    from headlens.code_heads import stdlib_sources
-    from headlens.probes import corpus_sections
 
     text = corpus_sections()["prose"] + "\n" + "\n".join(stdlib_sources(("textwrap.py", "difflib.py")).values())
     return model.tokenizer.encode(text, add_special_tokens=False)
 
 
 def needle_probe(
-    model: HookedTransformer, *, seq_len: int = 1024, batch: int = 3, n_words: int = 6, seed: int = 0
+    model: HookedTransformer, *, seq_len: int = 1024, n_seqs: int = 3, n_words: int = 6, seed: int = 0
 ) -> NeedleProbe:
-    """``batch`` needle-in-a-haystack sequences of exactly ``seq_len`` tokens (module doc; seeded depth and words)."""
-    from headlens.probes import word_token_ids
+    """``n_seqs`` needle-in-a-haystack sequences of exactly ``seq_len`` tokens (module doc; seeded depth and words)."""
 
     if getattr(model, "tokenizer", None) is None:
         raise HeadlensError("the needle probe needs a model with a tokenizer")
@@ -70,7 +71,7 @@ def needle_probe(
     hay_set = set(hay)
     pool = pool[torch.tensor([int(i) not in hay_set for i in pool])]
     rows, needles, answers = [], [], []
-    for _ in range(batch):
+    for _ in range(n_seqs):
         words = pool[torch.randperm(len(pool), generator=gen)[:n_words]].tolist()
         needle = enc("\nThe secret words are") + words + enc(".\n")
         tail = enc(QUESTION) + words
@@ -98,7 +99,7 @@ def with_predictions(model: HookedTransformer, probe: NeedleProbe) -> NeedleProb
 
     correct = []
     with torch.inference_mode():
-        for b in range(probe.batch):
+        for b in range(probe.n_seqs):
             logits = model(probe.tokens[b : b + 1].to(model.cfg.device))[0, probe.answer_pos[b] - 1].cpu()
             correct.append(logits.argmax(-1) == probe.tokens[b, probe.answer_pos[b]])
     return dataclasses.replace(probe, correct=torch.stack(correct))
@@ -118,11 +119,11 @@ def retrieval_seq(
 
 def register_retrieval(*, replace: bool = False) -> None:
     """Opt in: add probe kind ``needle`` (3 x 1,024 tokens, whatever seq_len the census asks for) and type ``retrieval``."""
-    from headlens.probes import probe_kinds, register_probe
-    from headlens.registry import HeadType, head_types, register
 
-    def builder(model, *, seed, batch, seq_len):
-        return with_predictions(model, needle_probe(model, seq_len=max(seq_len, 1024), batch=min(batch, 3), seed=seed))
+    def builder(model, *, seed, n_seqs, seq_len):
+        return with_predictions(
+            model, needle_probe(model, seq_len=max(seq_len, 1024), n_seqs=min(n_seqs, 3), seed=seed)
+        )
 
     if replace or "needle" not in probe_kinds():
         register_probe("needle", builder, replace=replace)
@@ -145,13 +146,11 @@ def retrieval_scores(
     model: HookedTransformer, probe: NeedleProbe | None = None, *, seed: int = 0, progress: bool = False
 ):
     """Per head: retrieval score (module doc), plus attrs ``accuracy`` (model's top-1 on the answer words)."""
-    from headlens.head_types import _frame
-
     probe = needle_probe(model, seed=seed) if probe is None else probe
     L, H = model.cfg.n_layers, model.cfg.n_heads
     hits = torch.zeros(L, H, dtype=torch.float64)
     n_steps, n_correct = 0, 0
-    for b in tqdm(range(probe.batch), desc="retrieval", disable=not progress, leave=False):
+    for b in tqdm(range(probe.n_seqs), desc="retrieval", disable=not progress, leave=False):
         tokens = probe.tokens[b : b + 1].to(model.cfg.device)
         patterns = {}
 
@@ -167,15 +166,13 @@ def retrieval_scores(
         n_correct += int(correct.sum())
         for layer, top in patterns.items():
             hits[layer] += ((top[0] == probe.needle_pos[b][None]) & correct[None]).sum(-1).double()
-    frame = _frame(model, retrieval=hits / n_steps)
+    frame = head_frame(model, retrieval=hits / n_steps)
     frame.attrs["accuracy"] = n_correct / n_steps
     return frame
 
 
 def needle_metric(model: HookedTransformer, probe: NeedleProbe):
     """Mean log-probability of the answer words (teacher-forced): what masking retrieval heads should break."""
-    from headlens.ablation import custom_metric
-
     q = probe.answer_pos - 1
 
     def fn(logits, tokens):
@@ -187,6 +184,6 @@ def needle_metric(model: HookedTransformer, probe: NeedleProbe):
 
 
 def needle_accuracy(logits: Float[Tensor, "batch pos vocab"], probe: NeedleProbe) -> float:
-    rows = torch.arange(probe.batch)[:, None]
+    rows = torch.arange(probe.n_seqs)[:, None]
     pred = logits[rows, probe.answer_pos - 1].argmax(-1).cpu()
     return float((pred == probe.tokens[rows, probe.answer_pos]).float().mean())

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import einops
 import numpy as np
@@ -50,18 +52,20 @@ from scipy.stats import pearsonr, spearmanr
 from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
+from headlens.engine.intervene import final_logits
 from headlens.errors import HeadlensError
-from headlens.models import kv_heads
-from headlens.patching import (
+from headlens.heads import kv_heads
+from headlens.interventions.patching import (
     Activation,
     Metric,
+    PatchingResult,
     PromptPair,
-    _cached_run,
-    _check_activation,
-    _check_recoverable,
-    _final_logits,
-    _kv_mode,
-    _table,
+    activation_patching,
+    check_head_activation,
+    check_recoverable,
+    kv_mode,
+    pair_run,
+    patch_table,
 )
 
 METHODS = ("atp", "atp*", "ig")
@@ -80,7 +84,7 @@ def attribution_patching(
     grad_drop: bool = False,
     steps: int | None = None,
 ) -> pd.DataFrame:
-    """Estimate every head's patching effect (same table as :func:`headlens.patching.activation_patching`).
+    """Estimate every head's patching effect (same table as :func:`headlens.interventions.patching.activation_patching`).
 
     ``method="atp"`` is plain first-order attribution; ``"atp*"`` (default) recomputes the attention softmax
     for query/key patches and for the key path of head outputs (``z``, all positions). ``grad_drop`` adds
@@ -89,7 +93,7 @@ def attribution_patching(
     estimate of each patch (see the module docstring). ``metric`` in the table is ``corrupted + estimate``.
     """
     for activation in activations:
-        _check_activation(activation)
+        check_head_activation(activation)
     if method not in METHODS:
         raise HeadlensError(f"unknown attribution method {method!r}: choose from {', '.join(METHODS)}")
     if not activations:
@@ -106,7 +110,7 @@ def attribution_patching(
     alphas = [k / steps for k in range(steps)] if method == "ig" else [0.0]
     metric = metric or pair.metric
     star = method == "atp*"
-    with _kv_mode(model, ungroup_kv):
+    with kv_mode(model, ungroup_kv):
         groups = []
         # the key-path fix for z detaches keys in its backward pass, so z gets its own pass when mixed with others
         if star and "z" in activations and not by_position:
@@ -129,7 +133,7 @@ def attribution_patching(
                 alphas=alphas,
             )
             estimates.update(out)
-        _check_recoverable(clean, corrupted)
+        check_recoverable(clean, corrupted)
         tables = []
         for activation in activations:
             est = estimates[activation]
@@ -143,11 +147,9 @@ def attribution_patching(
                     ]
                 else:
                     rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(est[layer].sum(0))]
-            name = method + ("+graddrop" if grad_drop else "") + (f"{steps}" if method == "ig" else "")
-            tables.append(_table(model, activation, rows, clean, corrupted, name, by_position))
-    df = pd.concat(tables, ignore_index=True)
-    df.attrs.update(tables[0].attrs)
-    return df
+            tables.append(patch_table(model, activation, rows, clean, corrupted, by_position))
+    name = method + ("+graddrop" if grad_drop else "") + (f"{steps}" if method == "ig" else "")
+    return PatchingResult(pd.concat(tables, ignore_index=True), clean, corrupted, name)
 
 
 # ---------------------------------------------------------------- passes
@@ -193,7 +195,7 @@ def _estimate(
     if len(alphas) > 1:
         clean_names.add("hook_embed")
     with torch.inference_mode():
-        clean, clean_cache = _cached_run(model, pair.clean, clean_names, pair.positions, metric)
+        clean, clean_cache = pair_run(model, pair.clean, clean_names, pair.positions, metric)
 
     saved: dict[str, Tensor] = {}  # activations in the graph (their gradients are taken)
     stash: dict[str, Tensor] = {}  # detached copies: scores, q/k, norm scales
@@ -211,8 +213,8 @@ def _estimate(
         stash[hook.name] = act.detach()
         return act.detach()
 
-    batch, steps = pair.corrupted.shape[0], len(alphas)
-    weights = torch.tensor(alphas).repeat_interleave(batch)[:, None, None]
+    n_seqs, steps = pair.corrupted.shape[0], len(alphas)
+    weights = torch.tensor(alphas).repeat_interleave(n_seqs)[:, None, None]
 
     def track(act, hook):
         if steps > 1:  # integrated gradients: row block k is the input moved alphas[k] of the way to the clean one
@@ -240,12 +242,12 @@ def _estimate(
 
     patterns = [utils.get_act_name("pattern", layer) for layer in range(L)] if star else []
     with torch.inference_mode(False), torch.enable_grad():
-        logits = _final_logits(model, pair.corrupted.repeat(steps, 1), pair.positions, fwd_hooks=hooks)
-        values = [metric(logits[k * batch : (k + 1) * batch]) for k in range(steps)]
+        logits = final_logits(model, pair.corrupted.repeat(steps, 1), pair.positions, fwd_hooks=hooks)
+        values = [metric(logits[k * n_seqs : (k + 1) * n_seqs]) for k in range(steps)]
         value = values[0]
         order = list(names) + [p for p in patterns if p not in names]
         grads = _grads(sum(values), [saved[n] for n in order], retain=grad_drop)
-        grad = {n: g.view(steps, batch, *g.shape[1:]).mean(0) for n, g in zip(order, grads)}
+        grad = {n: g.view(steps, n_seqs, *g.shape[1:]).mean(0) for n, g in zip(order, grads)}
         drop_grads = []
         if grad_drop:
             for layer in range(L):
@@ -253,7 +255,7 @@ def _estimate(
                 gate[layer] = 0.0
                 drop_grads.append(dict(zip(order, _grads(value, [saved[n] for n in order], retain=layer < L - 1))))
             gate.fill_(1.0)
-    saved.update({n: saved[n][:batch] for n in order})  # the corrupted run's own activations
+    saved.update({n: saved[n][:n_seqs] for n in order})  # the corrupted run's own activations
     corrupted = float(value.detach())
 
     out = {}
@@ -427,18 +429,18 @@ def _key_path_fix(model, clean_cache, saved, stash, grad, shape, *, chunk: int =
 # ---------------------------------------------------------------- quality of an estimate
 
 
-def estimate_quality(exact: Sequence[float], estimate: Sequence[float], *, k: int = 10) -> dict:
+def estimate_quality(exact: Sequence[float], estimate: Sequence[float], *, top_k: int = 10) -> dict:
     """How well ``estimate`` finds the heads that matter by exact patching.
 
-    ``recall_top{k}_in_{2k}``: share of the exact top-``k`` by |effect| that are in the estimate's top-``2k`` by
-    |estimate| (what a first pass that verifies its top 2k would catch); ``pearson``/``spearman`` over all units
+    ``recall_top{k}_in_{2k}`` (k = ``top_k``): share of the exact top-k by |effect| that are in the estimate's top-2k
+    by |estimate| (what a first pass that verifies its top 2k would catch); ``pearson``/``spearman`` over all units
     and over the exact top-2k (``*_top``). Rank correlations hide a head whose estimate is ~0: read them together.
     """
     exact = np.asarray(list(exact), dtype=float)
     estimate = np.asarray(list(estimate), dtype=float)
     if len(exact) != len(estimate) or len(exact) < 3:
         raise HeadlensError("estimate_quality needs two equally long lists of at least 3 effects")
-    k = max(1, min(int(k), len(exact)))
+    k = max(1, min(int(top_k), len(exact)))
     top_exact = set(np.argsort(-np.abs(exact), kind="stable")[:k])
     top_est = set(np.argsort(-np.abs(estimate), kind="stable")[: 2 * k])
     top = np.argsort(-np.abs(exact), kind="stable")[: min(2 * k, len(exact))]
@@ -456,14 +458,94 @@ def estimate_quality(exact: Sequence[float], estimate: Sequence[float], *, k: in
     }
 
 
-def quality_attrs(exact: Sequence[float], estimate: Sequence[float], *, top: int = 20) -> dict:
-    """The columns :func:`headlens.patching.compare_patching` adds beside Spearman: ``pearson``, ``pearson_top``
-    (over the ``top`` largest |exact|) and ``recall`` (share of the exact top-``top/2`` within the estimate's top-``top``)."""
-    quality = estimate_quality(exact, estimate, k=max(1, top // 2))
+def quality_summary(exact: Sequence[float], estimate: Sequence[float], *, top_k: int = 20) -> dict:
+    """What :func:`compare_patching` reports beside Spearman: ``pearson``, ``pearson_top`` (over the ``top_k`` largest
+    |exact|) and ``recall`` (share of the exact top-``top_k/2`` within the estimate's top-``top_k``)."""
+    quality = estimate_quality(exact, estimate, top_k=max(1, top_k // 2))
     recall = next(v for key, v in quality.items() if key.startswith("recall_"))
     return {
         "pearson": quality["pearson"],
         "pearson_top": quality["pearson_top"],
         "recall": recall,
-        "recall_k": max(1, top // 2),
+        "recall_k": max(1, top_k // 2),
     }
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def rank_correlation(
+    exact: pd.Series | Sequence[float], estimate: pd.Series | Sequence[float], *, top_k: int | None = None
+) -> float:
+    """Spearman rank correlation of two effect lists; with ``top_k``, over the ``top_k`` largest |exact| only."""
+    exact = pd.Series(list(exact), dtype=float)
+    estimate = pd.Series(list(estimate), dtype=float)
+    if top_k is not None:
+        keep = exact.abs().sort_values(ascending=False).index[:top_k]
+        exact, estimate = exact[keep], estimate[keep]
+    if len(exact) < 2:
+        raise HeadlensError("a rank correlation needs at least two heads")
+    return float(spearmanr(exact, estimate).statistic)
+
+
+@dataclass
+class PatchingComparison:
+    """What :func:`compare_patching` returns.
+
+    - ``table``: ``activation, layer, head, kv_head, [pos], exact, attribution``, largest |exact| first;
+    - ``clean``, ``corrupted``: the metric on the two runs;
+    - ``quality``: :func:`estimate_quality` of the attribution against exact (Spearman over all rows and over the
+      ``top_k`` rows, Pearson, top-k recall);
+    - ``exact_seconds``, ``attribution_seconds``: both methods' wall times.
+    """
+
+    table: pd.DataFrame
+    clean: float
+    corrupted: float
+    top_k: int
+    quality: dict
+    exact_seconds: float
+    attribution_seconds: float
+
+
+def compare_patching(
+    model: HookedTransformer,
+    pair: PromptPair,
+    *,
+    activation: Activation = "z",
+    by_position: bool = False,
+    ungroup_kv: bool = False,
+    metric: Metric | None = None,
+    top_k: int = 20,
+    runs_per_pass: int = 32,
+    progress: bool = True,
+) -> PatchingComparison:
+    """Exact and attribution patching side by side (see :class:`PatchingComparison`)."""
+    start = time.perf_counter()
+    exact = activation_patching(
+        model,
+        pair,
+        activation=activation,
+        by_position=by_position,
+        ungroup_kv=ungroup_kv,
+        metric=metric,
+        runs_per_pass=runs_per_pass,
+        progress=progress,
+    )
+    middle = time.perf_counter()
+    attr = attribution_patching(
+        model, pair, activations=[activation], by_position=by_position, ungroup_kv=ungroup_kv, metric=metric
+    )
+    end = time.perf_counter()
+    exact_t, attr_t = exact.table, attr.table
+    keys = [c for c in ("layer", "kv_head", "pos") if c in exact_t]
+    assert exact_t[keys].equals(attr_t[keys]) and exact_t["head"].equals(attr_t["head"])
+    df = exact_t.drop(columns="metric").rename(columns={"effect": "exact"})
+    df["attribution"] = attr_t["effect"].to_numpy()
+    df = df.reindex(df["exact"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    quality = {
+        "spearman": rank_correlation(df["exact"], df["attribution"]),
+        "spearman_top": rank_correlation(df["exact"], df["attribution"], top_k=top_k),
+        **quality_summary(df["exact"], df["attribution"], top_k=top_k),
+    }
+    return PatchingComparison(df, exact.clean, exact.corrupted, top_k, quality, middle - start, end - middle)

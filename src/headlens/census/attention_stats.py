@@ -21,7 +21,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
+from headlens.census.scores import entropy
+from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError
+from headlens.heads import kv_heads
 from headlens.progress import tqdm
 
 MaskKind = Literal["full", "causal", "local", "local_causal"]
@@ -98,15 +101,13 @@ def mean_entropy(
     """Per-head entropy averaged over batch and over queries that see at least two keys.
 
     ``normalize`` divides each query's entropy by log(#visible keys) first (1 = uniform attention), so
-    early and late positions compare (with the causal mask this is ``headlens.scores.entropy``).
+    early and late positions compare (with the causal mask this is ``headlens.census.scores.entropy``).
     ``mask=None`` means causal.
     """
     if pattern.ndim != 4:
         raise HeadlensError(f"pattern must be [batch, head, q, k], got shape {tuple(pattern.shape)}")
     n_q, n_k = pattern.shape[-2:]
     if mask is None and normalize and n_q == n_k:
-        from headlens.scores import entropy
-
         return entropy(pattern)
     if mask is None:
         mask = attention_mask(n_k, "causal")[n_k - n_q :]
@@ -204,10 +205,10 @@ def scale_entropy_table(
     for layer in layers:
         hooks += [(utils.get_act_name("rot_q", layer), keep_q), (utils.get_act_name("rot_k", layer), reduce_k)]
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="entropy", disable=not progress, leave=False):
-        batch = tokens[start : start + batch_size]
+        n_seqs = tokens[start : start + batch_size]
         with torch.inference_mode():
-            model.run_with_hooks(batch, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
-        counts["n"] += batch.shape[0]
+            model.run_with_hooks(n_seqs, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
+        counts["n"] += n_seqs.shape[0]
     groups = _kv_groups(model)
     rows = [
         {
@@ -395,7 +396,6 @@ def head_similarity(
     memory is one layer's pattern, never a cache. Equals :func:`pattern_similarity` on the
     concatenated patterns of all batches.
     """
-    from headlens.capture import stream_patterns
 
     for metric in metrics:
         _flat_patterns(torch.zeros(1, 1, 2, 2), metric=metric, mask=None, drop_keys=0)
@@ -431,7 +431,6 @@ def head_similarity(
 
 
 def _kv_groups(model: HookedTransformer) -> list[int]:
-    from headlens.models import kv_heads
 
     return kv_heads(model)
 

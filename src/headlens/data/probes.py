@@ -29,7 +29,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens import corpus
+from headlens.data import corpus
 from headlens.errors import HeadlensError
 
 Kind = str
@@ -71,7 +71,7 @@ class Probe:
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     @property
-    def batch(self) -> int:
+    def n_seqs(self) -> int:
         return self.tokens.shape[0]
 
     @property
@@ -84,7 +84,7 @@ class Probe:
         if self.n is None:
             raise HeadlensError(f"{self.kind} probe has no repeat half-length n")
         n = torch.as_tensor(self.n, dtype=torch.long).flatten()
-        return n.expand(self.batch).clone() if n.numel() == 1 else n
+        return n.expand(self.n_seqs).clone() if n.numel() == 1 else n
 
     @property
     def prefix_per_seq(self) -> Int[Tensor, " batch"]:
@@ -172,15 +172,7 @@ def register_probe(kind: str, builder: ProbeBuilder, *, replace: bool = False) -
 
 def probe_kinds() -> tuple[str, ...]:
     """The probe kinds :func:`default_probes` can build, in registration order."""
-    _load_registry()
     return tuple(_BUILDERS)
-
-
-def _load_registry() -> None:
-    """Head types register their probe kinds with the built-ins (``headlens.head_types``); load them first."""
-    from headlens.registry import head_types
-
-    head_types()
 
 
 DEFAULT_BATCH = 16
@@ -198,20 +190,19 @@ def default_probes(
     model: HookedTransformer,
     *,
     seed: int = 0,
-    batch: int | None = None,
+    n_seqs: int | None = None,
     n: int = 64,
     seq_len: int = DEFAULT_SEQ_LEN,
     kinds: Iterable[str] | None = None,
 ) -> ProbeSet:
-    """The census default: every registered probe kind (or ``kinds``), ``batch`` sequences each.
+    """The census default: every registered probe kind (or ``kinds``), ``n_seqs`` sequences each.
 
-    ``batch=None`` takes :data:`DEFAULT_SIZES` per kind (``DEFAULT_BATCH`` for kinds it does not list).
+    ``n_seqs=None`` takes :data:`DEFAULT_SIZES` per kind (``DEFAULT_BATCH`` for kinds it does not list).
 
     Repeated probes have ``seq_len = 2n + 1`` and half-lengths drawn from n/2..n per sequence; text
     probes are non-overlapping ``seq_len``-token windows (natural: the Python reference docs; delimiter:
-    stdlib code; see :mod:`headlens.corpus`).
+    stdlib code; see :mod:`headlens.data.corpus`).
     """
-    _load_registry()
     wanted = list(_BUILDERS) if kinds is None else list(kinds)
     unknown = [k for k in wanted if k not in _BUILDERS]
     if unknown:
@@ -220,13 +211,13 @@ def default_probes(
         )
     built = {}
     for kind in wanted:
-        size = DEFAULT_SIZES.get(kind, DEFAULT_BATCH) if batch is None else int(batch)
+        size = DEFAULT_SIZES.get(kind, DEFAULT_BATCH) if n_seqs is None else int(n_seqs)
         if size == 0:
             continue
         if kind == "repeated":
-            built[kind] = repeated_tokens(model, n=n, n_min=max(2, n // 2), batch=size, seed=seed)
+            built[kind] = repeated_tokens(model, n=n, n_min=max(2, n // 2), n_seqs=size, seed=seed)
         else:
-            built[kind] = _BUILDERS[kind](model, seed=seed, batch=size, seq_len=seq_len)
+            built[kind] = _BUILDERS[kind](model, seed=seed, n_seqs=size, seq_len=seq_len)
     return ProbeSet(built, seed=seed)
 
 
@@ -237,13 +228,13 @@ def repeated_tokens(
     model: HookedTransformer,
     *,
     n: int = 64,
-    batch: int = 4,
+    n_seqs: int = 4,
     prefix: int = 1,
     seed: int = 0,
     n_min: int | None = None,
     shuffled: bool = False,
 ) -> Probe:
-    """``batch`` sequences ``[P, A1..An, A1..An]`` of distinct ordinary word tokens (seeded).
+    """``n_seqs`` sequences ``[P, A1..An, A1..An]`` of distinct ordinary word tokens (seeded).
 
     With ``n_min``, each sequence draws its own half-length from ``n_min..n`` and pads the front with
     more prefix tokens (equal length ``prefix + 2n``), so the induction key is not always at distance
@@ -254,9 +245,9 @@ def repeated_tokens(
         raise HeadlensError(
             f"repeated-token probes need n >= 2 tokens per half and 2 <= n_min <= n (got n={n}, n_min={n_min})"
         )
-    if int(prefix) < 0 or int(batch) < 1:
+    if int(prefix) < 0 or int(n_seqs) < 1:
         raise HeadlensError(
-            f"repeated-token probes need prefix >= 0 and batch >= 1 (got prefix={prefix}, batch={batch})"
+            f"repeated-token probes need prefix >= 0 and n_seqs >= 1 (got prefix={prefix}, n_seqs={n_seqs})"
         )
     tokenizer = _tokenizer(model)
     seq_len = int(prefix) + 2 * int(n)
@@ -269,7 +260,7 @@ def repeated_tokens(
         )
     gen = torch.Generator().manual_seed(int(seed) * 1000 + SEED_OFFSET["repeated"] + (500 if shuffled else 0))
     rows, ns = [], []
-    for _ in range(batch):
+    for _ in range(n_seqs):
         k = int(n) if n_min is None else int(torch.randint(int(n_min), int(n) + 1, (1,), generator=gen))
         pre = seq_len - 2 * k
         ids = pool_t[torch.randperm(len(pool_t), generator=gen)[: pre + k]]
@@ -311,23 +302,23 @@ def word_tokens(tokenizer) -> tuple[int, ...]:
 
 
 def natural_text(
-    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, batch: int = 4, seed: int = 0, text: str | None = None
+    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, n_seqs: int = 4, seed: int = 0, text: str | None = None
 ) -> Probe:
-    """``batch`` non-overlapping ``seq_len``-token windows of prose: ``text``, or the Python reference docs (seeded)."""
+    """``n_seqs`` non-overlapping ``seq_len``-token windows of prose: ``text``, or the Python reference docs (seeded)."""
     docs = (
         corpus.prose_documents(seed=seed) if text is None else [corpus.Document("text", _check_text(text, "natural"))]
     )
-    return _text_probe(model, "natural", docs, seq_len, batch, seed, per_document=4 if text is None else batch)
+    return _text_probe(model, "natural", docs, seq_len, n_seqs, seed, per_document=4 if text is None else n_seqs)
 
 
 def delimiter_text(
-    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, batch: int = 4, seed: int = 0, text: str | None = None
+    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, n_seqs: int = 4, seed: int = 0, text: str | None = None
 ) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
     docs = (
         corpus.code_documents(seed=seed) if text is None else [corpus.Document("text", _check_text(text, "delimiter"))]
     )
-    return _text_probe(model, "delimiter", docs, seq_len, batch, seed, per_document=1 if text is None else batch)
+    return _text_probe(model, "delimiter", docs, seq_len, n_seqs, seed, per_document=1 if text is None else n_seqs)
 
 
 def _check_text(text, kind: str) -> str:
@@ -339,17 +330,19 @@ def _check_text(text, kind: str) -> str:
 
 
 def _text_probe(
-    model: HookedTransformer, kind: str, docs, seq_len: int, batch: int, seed: int, *, per_document: int
+    model: HookedTransformer, kind: str, docs, seq_len: int, n_seqs: int, seed: int, *, per_document: int
 ) -> Probe:
-    if int(seq_len) < 2 or int(batch) < 1:
-        raise HeadlensError(f"{kind} probe: seq_len must be >= 2 and batch >= 1 (got seq_len={seq_len}, batch={batch})")
+    if int(seq_len) < 2 or int(n_seqs) < 1:
+        raise HeadlensError(
+            f"{kind} probe: seq_len must be >= 2 and n_seqs >= 1 (got seq_len={seq_len}, n_seqs={n_seqs})"
+        )
     _check_len(model, seq_len, f"{kind} probe")
     tokenizer = _tokenizer(model)
     tokens, sources = corpus.text_windows(
         tokenizer,
         docs,
         seq_len=int(seq_len),
-        batch=int(batch),
+        n_seqs=int(n_seqs),
         seed=int(seed) * 1000 + SEED_OFFSET[kind],
         per_document=per_document,
         is_delim=lambda ids: delimiter_mask(tokenizer, ids[None])[0],
@@ -387,7 +380,7 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
     """Raise a HeadlensError when a probe cannot run on ``model`` or its metadata does not fit its tokens."""
     if not isinstance(probes, ProbeSet):
         raise HeadlensError(
-            f"probes must be a headlens.probes.ProbeSet (got {type(probes).__name__}); build one with default_probes()"
+            f"probes must be a headlens.data.probes.ProbeSet (got {type(probes).__name__}); build one with default_probes()"
         )
     if not len(probes):
         raise HeadlensError("the probe set is empty: give at least one probe (e.g. repeated, natural or delimiter)")
@@ -408,8 +401,8 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
             if probe.n is None:
                 raise HeadlensError("repeated probe: n (the repeat half-length) must be set")
             n = probe.n_per_seq
-            prefix = torch.as_tensor(probe.prefix, dtype=torch.long).flatten().expand(probe.batch)
-            if n.numel() != probe.batch or int(n.min()) < 2:
+            prefix = torch.as_tensor(probe.prefix, dtype=torch.long).flatten().expand(probe.n_seqs)
+            if n.numel() != probe.n_seqs or int(n.min()) < 2:
                 raise HeadlensError(f"repeated probe: n must be >= 2, one number or one per sequence (got {probe.n})")
             if int(prefix.min()) < 0 or bool((prefix + 2 * n != probe.seq_len).any()):
                 raise HeadlensError(
@@ -427,20 +420,6 @@ def _check_len(model: HookedTransformer, seq_len: int, what: str) -> None:
 def _tokenizer(model: HookedTransformer):
     if getattr(model, "tokenizer", None) is None:
         raise HeadlensError(
-            "this probe needs a model with a tokenizer; for a tokenizer-less model pass probes= a ProbeSet built from token ids (e.g. headlens.toy.toy_probes(model))"
+            "this probe needs a model with a tokenizer; for a tokenizer-less model pass probes= a ProbeSet built from token ids (e.g. headlens.analysis.toy.toy_probes(model))"
         )
     return model.tokenizer
-
-
-register_probe(
-    "repeated",
-    lambda model, *, seed, batch, seq_len: repeated_tokens(
-        model, n=(seq_len - 1) // 2, n_min=max(2, (seq_len - 1) // 4), batch=batch, seed=seed
-    ),
-)
-register_probe(
-    "natural", lambda model, *, seed, batch, seq_len: natural_text(model, seq_len=seq_len, batch=batch, seed=seed)
-)
-register_probe(
-    "delimiter", lambda model, *, seed, batch, seq_len: delimiter_text(model, seq_len=seq_len, batch=batch, seed=seed)
-)

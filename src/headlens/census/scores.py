@@ -31,7 +31,6 @@ Definitions (DESIGN.md §7):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -184,12 +183,12 @@ def _repeat_offset(pattern: Tensor, n, *, shift: int) -> Tensor:
     """Per sequence b: mean over the second-half queries q >= pos - n_b of pattern[b, :, q, q - n_b + shift]."""
     if pattern.ndim != 4 or pattern.shape[-1] != pattern.shape[-2]:
         raise HeadlensError(f"pattern must be [batch, head, q, k] with q == k, got {tuple(pattern.shape)}")
-    batch, _, pos, _ = pattern.shape
+    n_seqs, _, pos, _ = pattern.shape
     n = torch.as_tensor(n, dtype=torch.long).flatten().to(pattern.device)
-    n = n.expand(batch) if n.numel() == 1 else n
-    if n.numel() != batch:
+    n = n.expand(n_seqs) if n.numel() == 1 else n
+    if n.numel() != n_seqs:
         raise HeadlensError(
-            f"repeated-token scores: n must be one number or one per sequence ({batch}), got {n.numel()}"
+            f"repeated-token scores: n must be one number or one per sequence ({n_seqs}), got {n.numel()}"
         )
     if int(n.min()) < 2:
         raise HeadlensError(f"repeated-token scores need n >= 2 (got n={int(n.min())})")
@@ -209,134 +208,3 @@ def _check(pattern: Tensor, *, min_pos: int) -> None:
         raise HeadlensError(f"pattern must be [batch, head, q, k] with q == k, got {tuple(pattern.shape)}")
     if pattern.shape[-1] < min_pos:
         raise HeadlensError(f"pattern needs at least {min_pos} positions, got {pattern.shape[-1]}")
-
-
-# ---------------------------------------------------------------- built-in head types (headlens.registry)
-
-
-def _repeat_n(probe, rows: slice) -> Tensor:
-    return probe.n_per_seq[rows]
-
-
-def builtin_types() -> list:
-    """The built-in head types, in the order the registry lists them (tier 1 first)."""
-    from headlens.registry import HeadType
-
-    def evidence(s):
-        """(known, suppresses) per head. The effective-embedding OV test (headlens.head_types.negative_copying: the
-        head pushes down the very token it reads) where it exists; the eigenvalue sign of W_E W_V W_O W_U only for
-        models without it (no tokenizer). The eigenvalue sign alone called Qwen's layer-16 induction heads
-        suppressive, yet ablating them costs 2.5 nats of in-context copying (census_trust, first run)."""
-        eig = np.asarray(s["copying"], dtype=float)
-        neg = np.asarray(s.get("negative_copying", np.full_like(eig, np.nan)), dtype=float)
-        use = np.isfinite(neg)
-        known = use | np.isfinite(eig)
-        return known, np.where(use, neg >= NEGATIVE_COPYING, eig < 0) & known
-
-    def suppresses(s):
-        return evidence(s)[1]
-
-    def has_copying(s):
-        known, supp = evidence(s)
-        return known & ~supp
-
-    def induction_fn(p, probe, rows):
-        return induction_seq(p, _repeat_n(probe, rows))
-
-    return [
-        HeadType(
-            "previous_token",
-            "natural",
-            lambda p, probe, rows: previous_token_seq(p),
-            0.4,
-            1,
-            "attention from i to i-1 on natural text",
-            "#1f77b4",
-            nosink=True,
-        ),
-        HeadType(
-            "duplicate_token",
-            "repeated",
-            lambda p, probe, rows: duplicate_token_seq(p, _repeat_n(probe, rows)),
-            0.3,
-            1,
-            "second A_i -> first A_i on repeated random tokens",
-            "#ff7f0e",
-            nosink=True,
-        ),
-        HeadType(
-            "induction",
-            "repeated",
-            induction_fn,
-            0.3,
-            1,
-            "prefix matching (second A_i -> the token after the first A_i) and not copy-suppressing",
-            "#d62728",
-            nosink=True,
-            requires=has_copying,
-        ),
-        HeadType(
-            "copy_suppression",
-            "repeated",
-            None,
-            0.3,
-            1,
-            "prefix matching by a head whose OV pushes down the token it reads (negative_copying >= 0.5)",
-            "#8c564b",
-            requires=suppresses,
-            label_score="induction",
-        ),
-        HeadType(
-            "copying",
-            WEIGHTS_KIND,
-            lambda model: copying(model),
-            1.0,
-            9,
-            "OV circuit eigenvalue share: +1 copies what it attends to, -1 suppresses (a score only)",
-            "#17becf",
-            label=False,
-        ),
-        HeadType(
-            "first_token",
-            "natural",
-            lambda p, probe, rows: first_token_seq(p),
-            0.3,
-            2,
-            "attention to position 0 (the sink): >= 0.3, the sink threshold of Gu et al. 2024",
-            "#7f7f7f",
-        ),
-        HeadType(
-            "delimiter",
-            "delimiter",
-            lambda p, probe, rows: delimiter_seq(p, probe.is_delim[rows]),
-            0.3,
-            1,
-            "excess attention on delimiter tokens over a uniform causal head",
-            "#2ca02c",
-            nosink=True,
-        ),
-        HeadType(
-            "local",
-            "natural",
-            lambda p, probe, rows: local_seq(p),
-            0.3,
-            2,
-            f"attention on the {LOCAL_WINDOW} previous keys and the query itself",
-            "#9467bd",
-            nosink=True,
-        ),
-        HeadType(
-            "entropy",
-            "natural",
-            lambda p, probe, rows: entropy_seq(p),
-            1.0,
-            9,
-            "normalised attention entropy (1 = uniform over the prefix; a score only: an untrained head is the"
-            " broadest, so breadth is no label)",
-            "#bcbd22",
-            label=False,
-        ),
-    ]
-
-
-WEIGHTS_KIND = "weights"

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -34,24 +34,14 @@ from matplotlib.patches import Patch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.capture import stream_patterns
-from headlens.census import LABELS, SCORES
+from headlens.census.registry import head_types
+from headlens.census.run import LABEL_SCORE, LABELS, SCORES
+from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError
-from headlens.heads import check_head, head_name
-from headlens.registry import head_types
+from headlens.heads import head_name
 
 CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
-LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label}
-LABEL_COLORS = {t.name: t.color for t in head_types().values() if t.label} | {
-    "previous_token": "#1f77b4",
-    "induction": "#d62728",
-    "duplicate_token": "#ff7f0e",
-    "delimiter": "#2ca02c",
-    "first_token": "#7f7f7f",
-    "local": "#9467bd",
-    "broad": "#17becf",
-    "other": "#f0f0f0",
-}
+LABEL_COLORS = {t.name: t.color for t in head_types().values() if t.label} | {"other": "#f0f0f0"}
 LABEL_CODES = {
     "previous_token": "P",
     "induction": "I",
@@ -59,7 +49,6 @@ LABEL_CODES = {
     "delimiter": "Dl",
     "first_token": "F",
     "local": "L",
-    "broad": "B",
     "copy_suppression": "CS",
     "other": "",
 }
@@ -177,56 +166,6 @@ class ViewSet:
 # ---------------------------------------------------------------- attention views
 
 
-def str_tokens(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
-    """Each token id as text (``t17`` for a model without a tokenizer, e.g. the toy model)."""
-    if model.tokenizer is None:
-        return [f"t{int(t)}" for t in ids]
-    return [model.tokenizer.decode([int(t)]) for t in ids]
-
-
-def head_patterns(
-    model: HookedTransformer,
-    prompt: str | Int[Tensor, " pos"],
-    heads: Sequence[tuple[int, int]],
-    *,
-    max_tokens: int = 128,
-) -> tuple[list[str], Float[Tensor, "head q k"]]:
-    """String tokens of ``prompt`` (text, or token ids for a model without a tokenizer) and the attention pattern
-    of each ``(layer, head)`` on it, in the order given.
-
-    One forward, stopped after the last layer needed; each hook keeps only the chosen heads' rows.
-    """
-    heads = [(int(layer), int(head)) for layer, head in heads]
-    if not heads:
-        raise HeadlensError("no heads given: pass heads as a list of (layer, head) pairs, e.g. [(5, 3)]")
-    for layer, head in heads:
-        check_head(model, layer, head)
-    if isinstance(prompt, Tensor):
-        if prompt.ndim != 1 or prompt.numel() == 0:
-            raise HeadlensError(f"pass token ids as one non-empty 1-d tensor, got shape {tuple(prompt.shape)}")
-        tokens = prompt.long()[None].to(model.cfg.device)
-    elif not isinstance(prompt, str) or not prompt:
-        raise HeadlensError("the prompt is empty: pass a non-empty string")
-    else:
-        if model.tokenizer is None:
-            raise HeadlensError("this model has no tokenizer: pass the prompt as a 1-d tensor of token ids")
-        tokens = model.to_tokens(prompt, prepend_bos=False)
-    if tokens.shape[1] > max_tokens:
-        raise HeadlensError(
-            f"the prompt is {tokens.shape[1]} tokens; attention views take at most max_tokens={max_tokens} "
-            "(pass a shorter prompt or a larger max_tokens)"
-        )
-    kept: dict[int, Float[Tensor, "head q k"]] = {}
-    wanted = sorted({layer for layer, _ in heads})
-
-    def keep(layer, pattern, rows):
-        kept[layer] = pattern[0].detach().float().cpu().clone()
-
-    stream_patterns(model, tokens, keep, layers=wanted, batch_size=1, progress=False)
-    patterns = torch.stack([kept[layer][head] for layer, head in heads])
-    return str_tokens(model, tokens[0].tolist()), patterns
-
-
 def view_props(
     tokens: Sequence[str],
     patterns: Float[Tensor, "head q k"],
@@ -271,6 +210,18 @@ def attention_view(
     """
     heads = [(int(layer), int(head)) for layer, head in heads]
     tokens, patterns = head_patterns(model, prompt, heads, max_tokens=max_tokens)
+    return heads_view(tokens, patterns, heads, component=component, title=title)
+
+
+def heads_view(
+    tokens: Sequence[str],
+    patterns: Float[Tensor, "head q k"],
+    heads: Sequence[tuple[int, int]],
+    *,
+    component: Component = "heads",
+    title: str = "",
+) -> CircuitsVisView:
+    """The view of :func:`attention_view` from patterns already captured (``patterns[i]`` is ``heads[i]``'s)."""
     names = [head_name(*lh) for lh in heads]
     props = view_props(tokens, patterns, component=component, names=names)
     return CircuitsVisView(_COMPONENTS[component], props, title=title or ", ".join(names))
@@ -279,15 +230,17 @@ def attention_view(
 def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -> pd.DataFrame:
     """Raise a clear HeadlensError unless ``census`` has the census columns (and fits ``model``'s heads)."""
     if not isinstance(census, pd.DataFrame):
-        raise HeadlensError(f"census must be a pandas DataFrame (from headlens.census), got {type(census).__name__}")
+        raise HeadlensError(
+            f"census must be a pandas DataFrame (from headlens.census.run), got {type(census).__name__}"
+        )
     missing = [c for c in CENSUS_COLUMNS if c not in census.columns]
     if missing:
         raise HeadlensError(
-            f"the census table lacks columns {missing}: pass the DataFrame returned by headlens.census "
+            f"the census table lacks columns {missing}: pass the DataFrame returned by headlens.census.run "
             "(or its CSV read back with pandas)"
         )
     if census.empty:
-        raise HeadlensError("the census table is empty: run headlens.census on the model first")
+        raise HeadlensError("the census table is empty: run headlens.census.run on the model first")
     if census.duplicated(["layer", "head"]).any():
         raise HeadlensError("the census table lists some (layer, head) more than once: pass one row per head")
     if model is not None:
@@ -300,14 +253,14 @@ def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -
     return census
 
 
-def top_heads(census: pd.DataFrame, *, k: int = 3, labels: Iterable[str] | None = None) -> pd.DataFrame:
-    """The ``k`` highest-scoring heads of each label (by the label's own score; 'broad' by entropy).
+def top_heads_by_label(census: pd.DataFrame, *, top_k: int = 3, labels: Iterable[str] | None = None) -> pd.DataFrame:
+    """The ``top_k`` highest-scoring heads of each label (by the label's own score column).
 
     Columns ``label, layer, head, score``, labels in ``LABELS`` order; 'other' and empty labels are left out.
     """
     check_census(census)
-    if k < 1:
-        raise HeadlensError(f"k must be at least 1, got {k}")
+    if top_k < 1:
+        raise HeadlensError(f"top_k must be at least 1, got {top_k}")
     wanted = [label for label in (LABELS if labels is None else labels)]
     unknown = [label for label in wanted if label not in LABEL_SCORE and label != "other"]
     if unknown:
@@ -321,7 +274,7 @@ def top_heads(census: pd.DataFrame, *, k: int = 3, labels: Iterable[str] | None 
         if group.empty or score not in census.columns:  # a registered type this table was not scored with
             continue
         group = group.sort_values([score, "layer", "head"], ascending=[False, True, True])
-        for row in group.head(k).itertuples(index=False):
+        for row in group.head(top_k).itertuples(index=False):
             rows.append(
                 {"label": label, "layer": int(row.layer), "head": int(row.head), "score": float(getattr(row, score))}
             )
@@ -333,28 +286,38 @@ def gallery(
     census: pd.DataFrame,
     prompt: str = DEFAULT_PROMPT,
     *,
-    k: int = 3,
+    top_k: int = 3,
     labels: Iterable[str] | None = None,
     max_tokens: int = 128,
 ) -> ViewSet:
-    """One CircuitsVis ``AttentionHeads`` view per label, showing its ``k`` top heads on ``prompt`` (one forward)."""
+    """One CircuitsVis ``AttentionHeads`` view per label, showing its ``top_k`` top heads on ``prompt`` (one forward)."""
     check_census(census, model)
-    top = top_heads(census, k=k, labels=labels)
+    top = top_heads_by_label(census, top_k=top_k, labels=labels)
     if top.empty:
         return ViewSet([])
-    heads = list(zip(top["layer"], top["head"]))
+    heads = list(zip(top["layer"].astype(int), top["head"].astype(int)))
     tokens, patterns = head_patterns(model, prompt, heads, max_tokens=max_tokens)
+    index = {head: i for i, head in enumerate(heads)}
+    return gallery_views(census, tokens, lambda lh: patterns[index[lh]], top_k=top_k, labels=labels)
+
+
+def gallery_views(
+    census: pd.DataFrame,
+    tokens: Sequence[str],
+    pattern_of,
+    *,
+    top_k: int = 3,
+    labels: Iterable[str] | None = None,
+) -> ViewSet:
+    """The views of :func:`gallery` from patterns already captured: ``pattern_of((layer, head))`` is a ``[q, k]`` tensor."""
+    top = top_heads_by_label(census, top_k=top_k, labels=labels)
     views = []
     for label, rows in top.groupby("label", sort=False):
-        index = rows.index.tolist()
+        heads = [(int(r.layer), int(r.head)) for r in rows.itertuples()]
         names = [f"{head_name(r.layer, r.head)} {r.score:.2f}" for r in rows.itertuples()]
-        props = view_props(tokens, patterns[index], component="heads", names=names)
+        props = view_props(tokens, torch.stack([pattern_of(lh) for lh in heads]), component="heads", names=names)
         views.append(
-            CircuitsVisView(
-                "AttentionHeads",
-                props,
-                title=f"{label}: " + ", ".join(head_name(r.layer, r.head) for r in rows.itertuples()),
-            )
+            CircuitsVisView("AttentionHeads", props, title=f"{label}: " + ", ".join(head_name(*lh) for lh in heads))
         )
     return ViewSet(views)
 

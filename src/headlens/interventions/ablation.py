@@ -39,9 +39,9 @@ the first-order estimate of the ablation effect.
 One-liner for "ablating the induction heads raises the repeated-half loss more than ablating as many
 random heads"::
 
-    from headlens.ablation import compare_to_random, repeat_loss_metric
-    table = compare_to_random(model, repeat_loss_metric(model), induction_heads, n_random=20, seed=0)
-    # table.attrs["z"], table.attrs["p_random_ge"]: z-score of the targeted effect vs the random draws
+    from headlens.interventions.ablation import compare_to_random, repeat_loss_metric
+    result = compare_to_random(model, repeat_loss_metric(model), induction_heads, n_random=20, seed=0)
+    result.z, result.p_random_ge  # z-score of the targeted effect among the random draws; share as bad
 
 (``repeat_loss_metric(model, probe=probes.repeated)`` scores the census's own repeated-token probe;
 ``match_layers=True`` draws the random heads from the same layers, a depth-matched control.)
@@ -52,7 +52,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import einops
@@ -64,18 +63,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
-from headlens.errors import HeadlensError
-from headlens.heads import (
-    Head,  # noqa: F401 (re-exported: headlens.ablation.Head)
-    HeadLike,
-    check_heads,
-    check_layers,
-    format_heads,
-    kv_group_heads,
-    kv_heads,
-    random_heads,
-)
-from headlens.intervene import (
+from headlens.data.probes import corpus_text, repeated_tokens
+from headlens.engine.executor import Executor, map_layers
+from headlens.engine.intervene import (
     Intervention,
     Metric,
     MetricFn,
@@ -86,6 +76,17 @@ from headlens.intervene import (
     resid_names,
     run_interventions,
     value,
+)
+from headlens.errors import HeadlensError
+from headlens.heads import (
+    Head,  # noqa: F401 (re-exported: headlens.interventions.ablation.Head)
+    HeadLike,
+    check_heads,
+    check_layers,
+    format_heads,
+    kv_group_heads,
+    kv_heads,
+    random_heads,
 )
 from headlens.progress import tqdm
 
@@ -108,7 +109,6 @@ def custom_metric(tokens: Tensor, fn: MetricFn, *, name: str = "custom", higher_
 
 def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64, text: str | None = None) -> Metric:
     """Mean next-token loss on ``n_seqs`` consecutive ``seq_len``-token windows of ``text`` (default: the corpus)."""
-    from headlens.probes import corpus_text
 
     if n_seqs < 1 or seq_len < 2:
         raise HeadlensError(f"loss metric needs n_seqs >= 1 and seq_len >= 2 (got {n_seqs}, {seq_len})")
@@ -137,17 +137,16 @@ def repeat_loss_metric(
 ) -> Metric:
     """Mean loss on predicting A₂…Aₙ in the second half of repeated random tokens [P, A₁…Aₙ, A₁…Aₙ] (in-context copying).
 
-    Tokens come from :func:`headlens.probes.repeated_tokens` (the census's induction probe; distinct ordinary
+    Tokens come from :func:`headlens.data.probes.repeated_tokens` (the census's induction probe; distinct ordinary
     word tokens, one prefix token), or pass that ``probe`` itself to score exactly the census's sequences.
     """
-    from headlens.probes import repeated_tokens
 
     if probe is None:
         if n_seqs < 1 or half_len < 2:
             raise HeadlensError(f"repeat metric needs n_seqs >= 1 and half_len >= 2 (got {n_seqs}, {half_len})")
-        probe = repeated_tokens(model, n=half_len, batch=n_seqs, seed=seed)
+        probe = repeated_tokens(model, n=half_len, n_seqs=n_seqs, seed=seed)
     if getattr(probe, "kind", None) != "repeated":
-        raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.probes.repeated_tokens)")
+        raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.data.probes.repeated_tokens)")
     start, n_pos = probe.prefix + probe.n, probe.tokens.shape[1]
     positions = torch.arange(start, n_pos - 1)  # only these logits are unembedded
     return Metric("repeat_loss", probe.tokens, _repeat_half_loss(start), positions=positions)
@@ -260,21 +259,21 @@ class Replacement:
         else:
             self.z, self.sigma = z, _cycle(reference.shape[0], seed)
 
-    def __call__(self, layer: int, heads: Tensor, batch: int, pos: int) -> Float[Tensor, "batch pos n d_head"]:
+    def __call__(self, layer: int, heads: Tensor, n_seqs: int, pos: int) -> Float[Tensor, "batch pos n d_head"]:
         if self.method == "zero":
-            return torch.zeros(batch, pos, len(heads), self.d_head, dtype=self.dtype, device=self.device)
+            return torch.zeros(n_seqs, pos, len(heads), self.d_head, dtype=self.dtype, device=self.device)
         if self.method == "mean":
-            return einops.repeat(self.means[layer][heads], "n d -> b p n d", b=batch, p=pos)
+            return einops.repeat(self.means[layer][heads], "n d -> b p n d", b=n_seqs, p=pos)
         ref = self.z[layer]
         if ref.shape[1] < pos:
             raise HeadlensError(f"resample reference has {ref.shape[1]} positions, fewer than the batch's {pos}")
-        rows = self.sigma[torch.arange(batch) % len(self.sigma)]
+        rows = self.sigma[torch.arange(n_seqs) % len(self.sigma)]
         return ref[rows][:, :pos][:, :, heads]
 
     def source(self, tokens: Tensor) -> Source:
         """The engine's source: hook name of a layer's z -> every head's replacement for the batch ``tokens``."""
-        heads, (batch, pos) = torch.arange(self.n_heads), tokens.shape
-        return lambda name: self(int(name.split(".")[1]), heads, batch, pos)
+        heads, (n_seqs, pos) = torch.arange(self.n_heads), tokens.shape
+        return lambda name: self(int(name.split(".")[1]), heads, n_seqs, pos)
 
 
 def _replace_hook(heads: list[int], replacement: Replacement):
@@ -460,6 +459,23 @@ def compare_to_random(
 # ---------------------------------------------------------------- sweeps
 
 
+@dataclass
+class SweepResult:
+    """What :func:`ablation_sweep` and :func:`head_importance` return.
+
+    - ``table``: one row per head (or kv group); columns in each function's docstring;
+    - ``metric``: the metric's name; ``method``: the ablation (zero, mean, resample; for :func:`head_importance`, what
+      the gate swaps in);
+    - ``unit``: ``head`` or ``kv_group``; ``clean``: the metric of the unablated model.
+    """
+
+    table: pd.DataFrame
+    metric: str
+    method: str
+    unit: str
+    clean: float
+
+
 def _units(model: HookedTransformer, unit: str, layers: Sequence[int]) -> list[tuple[int, int, list[int]]]:
     """(layer, unit index, q heads) for every head or every kv group of ``layers``."""
     H = model.cfg.n_heads
@@ -484,7 +500,8 @@ def ablation_sweep(
     strategy: Literal["fast", "naive"] = "fast",
     batch_size: int = 16,
     progress: bool = True,
-) -> pd.DataFrame:
+    executor: Executor | None = None,
+) -> SweepResult:
     """The metric with each head (or each kv group) ablated alone, for all of them (or those of ``layers``).
 
     ``strategy="fast"``: the intervention engine (one clean forward caches ``resid_pre``; each layer's ablations
@@ -492,7 +509,19 @@ def ablation_sweep(
     ``strategy="naive"``: one full TransformerLens forward per unit from layer 0. Both give the same numbers.
     Columns: layer, head, kv_head, metric, clean, effect (ablated − clean), worsening (relative, positive =
     worse); a kv-group row has ``head`` = <NA> and names the group in ``kv_head`` (:mod:`headlens.heads`).
+    ``executor`` (:mod:`headlens.engine.executor`, e.g. a ``RayExecutor``) runs one shard per layer, each re-running
+    the clean forward its layer needs; the table is the same.
     """
+    if executor is not None:
+        kwargs = dict(
+            tokens=tokens, method=method, unit=unit, reference=reference, seed=seed, strategy=strategy,
+            batch_size=batch_size,
+        )  # fmt: skip
+        parts = map_layers(
+            _sweep_shard, model, metric, layers, executor=executor, key="headlens.ablation_sweep",
+            progress=progress, kwargs=kwargs,
+        )  # fmt: skip
+        return _stack(parts, metric, method, unit)
     metric = _as_metric(metric, tokens)
     if strategy not in ("fast", "naive"):
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
@@ -528,8 +557,18 @@ def ablation_sweep(
             "worsening": [metric.worsening(v, clean) for v in values],
         }
     )
-    table.attrs.update(metric=metric.name, method=method, unit=unit, clean=clean)
-    return table
+    return SweepResult(table, metric.name, method, unit, clean)
+
+
+def _sweep_shard(model: HookedTransformer, shard) -> pd.DataFrame:
+    metric, layer, kwargs = shard
+    return ablation_sweep(model, metric, layers=[layer], progress=False, **kwargs).table
+
+
+def _stack(parts: list[pd.DataFrame], metric: Metric | MetricFn, method: str, unit: str) -> SweepResult:
+    table = pd.concat(parts, ignore_index=True)
+    name = metric.name if isinstance(metric, Metric) else "custom"
+    return SweepResult(table, name, method, unit, float(table["clean"].iloc[0]))
 
 
 # ---------------------------------------------------------------- gradient importance
@@ -544,7 +583,7 @@ def head_importance(
     reference: Tensor | None = None,
     ablated: Iterable[HeadLike] = (),
     seed: int = 0,
-) -> pd.DataFrame:
+) -> SweepResult:
     """Michel et al. (2019) head importance from one forward + backward.
 
     Every head's z becomes ξ·z + (1 − ξ)·replacement with a per-sequence gate ξ (1 for kept heads,
@@ -591,8 +630,7 @@ def head_importance(
             for h in range(H)
         ]
     )
-    table.attrs.update(metric=metric.name, method=method, value=value(result))
-    return table
+    return SweepResult(table, metric.name, method, "head", value(result))
 
 
 # ---------------------------------------------------------------- helpers for the CLI and reports
@@ -621,18 +659,3 @@ def build_metric(
             raise HeadlensError("the logit-diff metric needs --prompt, --correct and --wrong (single-token answers)")
         return logit_diff_metric(model, prompt, (correct, wrong))
     raise HeadlensError(f"unknown metric {name!r}: use one of {', '.join(METRICS)}")
-
-
-def plot_sweep(table: pd.DataFrame, path: str | Path | None = None, *, title: str | None = None):
-    """Layer × head (or kv group) heatmap of the relative worsening (%) from :func:`ablation_sweep`; PNG if ``path``."""
-    from headlens.viz import head_heatmaps
-
-    attrs = table.attrs
-    percent = table.assign(**{"worsening (%)": 100 * table["worsening"]})
-    title = title or f"{attrs.get('method', '')} ablation: {attrs.get('metric', '')} change (%)"
-    fig = head_heatmaps(percent, "worsening (%)", by=[], center=0.0, ncols=1, title=title)
-    if path is not None:
-        from headlens.io import save_figure
-
-        save_figure(fig, path, dpi=110)
-    return fig

@@ -1,11 +1,11 @@
 """Head census: score every (layer, head) on seeded probes, label each head, and say how sure the label is.
 
-What is scored comes from the head-type registry (:mod:`headlens.registry`): every registered type
+What is scored comes from the head-type registry (:mod:`headlens.census.registry`): every registered type
 with a score function adds a column, measured on the probe kind it names (or on the weights). The
 built-in columns: ``previous_token``, ``first_token``, ``local`` and ``entropy`` on natural text (the
 Python reference docs); ``delimiter`` on the Python standard library's code; ``duplicate_token`` and
 ``induction`` on repeated random tokens whose half-length varies per sequence; ``copying`` from the
-weights. Patterns are reduced inside the attention hooks (``headlens.capture``), one batch and one
+weights. Patterns are reduced inside the attention hooks (``headlens.engine.capture``), one batch and one
 layer at a time, to one number per *sequence*, so memory is one layer's pattern, never a cache.
 
 Sink. Qwen prepends no BOS, yet most heads park attention on position 0. Each type registered with
@@ -28,7 +28,7 @@ forwards): ``confidence`` is the share of resamples that give the head the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 import numpy as np
@@ -36,12 +36,14 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from headlens import scores
-from headlens.capture import stream_patterns
+from headlens.census import scores
+from headlens.census.registry import WEIGHTS, HeadType, head_types
+from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
+from headlens.engine.capture import stream_patterns
+from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError
 from headlens.heads import format_heads, kv_heads
-from headlens.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
-from headlens.registry import WEIGHTS, HeadType, head_types
+from headlens.io import provenance
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
 """The eight built-in score columns (values unchanged since the first version, except ``delimiter``: key 0 no longer
@@ -78,14 +80,15 @@ def columns(types: dict[str, HeadType] | None = None) -> tuple[str, ...]:
 COLUMNS = columns()
 LABELS = label_names()
 THRESHOLDS = {t.name: t.threshold for t in head_types().values() if t.label}
-LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label and t.column != t.name}
-"""Labels read from another type's column (``copy_suppression`` reads ``induction``)."""
+"""Built-in label thresholds (docs/head_types.md and analyses/results/census_trust/null.csv say why each sits where
+it does)."""
+LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label}
+"""The score column each built-in label is decided by (its own, except ``copy_suppression``, which reads ``induction``)."""
 TIERS = tuple(
     tuple(t.name for t in head_types().values() if t.label and t.tier == tier)
     for tier in sorted({t.tier for t in head_types().values() if t.label})
 )
-"""Built-in labels by tier (see :func:`headlens.registry.head_types` for what is registered now)."""
-"""Built-in thresholds (see docs/census.md and analyses/results/census_trust/null.csv for why each sits where it does)."""
+"""Built-in labels by tier (see :func:`headlens.census.registry.head_types` for what is registered now)."""
 
 
 @dataclass
@@ -96,7 +99,54 @@ class PerSequence:
     weights: dict[str, np.ndarray]
 
 
-def census(
+@dataclass
+class CensusResult:
+    """What :func:`run_census` returns: the census table and what it was computed from.
+
+    Fields:
+
+    - ``table``: one row per (layer, head): ``layer, head, kv_head``, every registered score (and ``<score>_nosink``),
+      ``label``, ``confidence``, ``label_score``, then the 95 % intervals ``<score>_lo``/``<score>_hi``.
+    - ``label_counts``: heads per label with the bootstrap's 95 % interval (``label, n_heads, lo, hi``).
+    - ``probes``: the :class:`~headlens.data.probes.ProbeSet` that was scored (None for a census read from disk).
+    - ``seed``: the probe seed; ``thresholds``: the label thresholds used.
+    - ``provenance``: the model's identity and the settings (:func:`headlens.io.provenance`), what the CLI checks
+      before it reuses a census file.
+    """
+
+    table: pd.DataFrame
+    label_counts: pd.DataFrame
+    probes: ProbeSet | None
+    seed: int
+    thresholds: dict[str, float]
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, *, seed: int = 0, provenance: dict | None = None) -> CensusResult:
+        """A result for a census table read back from disk (counts approximated from ``confidence``)."""
+        return cls(table, label_counts(table), None, int(seed), dict(THRESHOLDS), dict(provenance or {}))
+
+    def summary(self) -> pd.DataFrame:
+        """Per label: how many heads (with the 95 % interval) and the heads themselves, ordered by layer."""
+        counts = self.label_counts.set_index("label")
+        frame = self.table
+        rows = []
+        names = label_names()
+        for label in [lb for lb in names if lb in counts.index] + sorted(set(counts.index) - set(names)):
+            part = frame[frame["label"] == label]
+            rows.append(
+                {
+                    "label": label,
+                    "n_heads": len(part),
+                    "lo": int(counts.loc[label, "lo"]),
+                    "hi": int(counts.loc[label, "hi"]),
+                    "heads": format_heads(zip(part["layer"], part["head"])),
+                }
+            )
+        return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi", "heads"])
+
+
+def run_census(
     model: HookedTransformer,
     probes: ProbeSet | None = None,
     *,
@@ -106,14 +156,13 @@ def census(
     progress: bool = True,
     n_boot: int = N_BOOT,
     executor=None,
-) -> pd.DataFrame:
-    """One row per (layer, head): kv head, every registered score, label, confidence and intervals.
+) -> CensusResult:
+    """Score and label every head; see :class:`CensusResult` for what comes back.
 
-    ``probes`` defaults to :func:`headlens.probes.default_probes` with ``seed`` (the kinds the registered
+    ``probes`` defaults to :func:`headlens.data.probes.default_probes` with ``seed`` (the kinds the registered
     types need); scores of kinds the set lacks are NaN. ``thresholds`` overrides label thresholds.
-    ``attrs["label_counts"]`` holds :func:`label_counts` of the bootstrap. ``executor``
-    (:mod:`headlens.executor`, e.g. a ``RayExecutor``) runs the probe batches; the table is the same
-    whichever runs them.
+    ``batch_size`` sequences go through one forward. ``executor`` (:mod:`headlens.engine.executor`, e.g. a
+    ``RayExecutor``) runs the probe batches; the table is the same whichever runs them.
     """
     types = head_types()
     limits = _thresholds(types, thresholds)
@@ -121,12 +170,18 @@ def census(
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     if int(n_boot) < 0:
         raise HeadlensError(f"n_boot must be >= 0 (got {n_boot})")
+    settings = {
+        "seed": int(seed),
+        "probes": "default" if probes is None else "custom",
+        "thresholds": "default" if not thresholds else limits,
+    }
     if probes is None:
         needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}
         probes = default_probes(model, seed=seed, kinds=[k for k in probe_kinds() if k in needed])
     check_probes(model, probes)
     per_seq = collect(model, probes, types, batch_size=batch_size, progress=progress, executor=executor)
-    return build_table(model, per_seq, types, limits, seed=seed, n_boot=n_boot)
+    table, counts = build_table(model, per_seq, types, limits, seed=seed, n_boot=n_boot)
+    return CensusResult(table, counts, probes, int(seed), limits, provenance(model, **settings))
 
 
 def collect(
@@ -140,10 +195,9 @@ def collect(
 ) -> PerSequence:
     """Stream every probe once and keep each type's per-sequence scores (plus the weights scores).
 
-    The probes are cut into shards of ``batch_size`` sequences that ``executor`` (:mod:`headlens.executor`;
+    The probes are cut into shards of ``batch_size`` sequences that ``executor`` (:mod:`headlens.engine.executor`;
     default: in this process) scores in any order; shards are joined in order, so the table is the same.
     """
-    from headlens.executor import resolve
 
     items = list(probes.items())
     shards = [(kind, sub) for kind, p in items for sub in probe_batches(p, int(batch_size))]
@@ -152,7 +206,7 @@ def collect(
         partial(_shard_scores, wanted=wanted, progress=progress),
         model,
         [sub for _, sub in shards],
-        key="headlens.census.batch_scores:" + ",".join(types),
+        key="headlens.census.run.batch_scores:" + ",".join(types),
         desc="census",
         progress=progress,
     )
@@ -173,17 +227,17 @@ def probe_batches(probe: Probe, batch_size: int) -> list[Probe]:
     """``probe`` cut into consecutive sub-probes of at most ``batch_size`` sequences (the census's shards).
 
     Every per-sequence field is cut — tensors and tuples whose first dimension is the batch — so probe kinds
-    with their own metadata (``headlens.code_heads.CodeProbe``, ...) shard too."""
+    with their own metadata (``headlens.data.code.CodeProbe``, ...) shard too."""
 
     def cut(value, rows):
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == probe.batch:
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == probe.n_seqs:
             return value[rows]
-        if isinstance(value, tuple) and len(value) == probe.batch:
+        if isinstance(value, tuple) and len(value) == probe.n_seqs:
             return value[rows]
         return value
 
     out = []
-    for i in range(0, probe.batch, batch_size):
+    for i in range(0, probe.n_seqs, batch_size):
         rows = slice(i, i + batch_size)
         out.append(replace(probe, **{f.name: cut(getattr(probe, f.name), rows) for f in fields(probe) if f.init}))
     return out
@@ -220,7 +274,7 @@ def batch_scores(
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     cols = ["_sink", *(c for n, t in types.items() for c in ([n, f"{n}_nosink"] if t.nosink else [n]))]
-    out = {c: torch.zeros(probe.batch, L, H, dtype=torch.float64) for c in cols}
+    out = {c: torch.zeros(probe.n_seqs, L, H, dtype=torch.float64) for c in cols}
     any_nosink = any(t.nosink for t in types.values())
 
     def reducer(layer, pattern, rows):
@@ -233,7 +287,7 @@ def batch_scores(
                 out[f"{name}_nosink"][rows, layer] = t.score(clean, probe, rows).double().cpu()
 
     stream_patterns(
-        model, probe.tokens, reducer, batch_size=probe.batch, progress=progress, desc=f"census {probe.kind}"
+        model, probe.tokens, reducer, batch_size=probe.n_seqs, progress=progress, desc=f"census {probe.kind}"
     )
     return out
 
@@ -255,8 +309,9 @@ def build_table(
     *,
     seed: int = 0,
     n_boot: int = N_BOOT,
-) -> pd.DataFrame:
-    """The census table from per-sequence scores: means, labels, bootstrap confidence and intervals."""
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The census table from per-sequence scores (means, labels, bootstrap confidence and intervals) and its
+    label counts with bootstrap intervals."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     cols = score_columns(types)
     means = _means(per_seq, types, {k: None for k in per_seq.by_kind}, L * H)
@@ -301,12 +356,13 @@ def build_table(
             frame[f"{c}_hi"] = np.percentile(arr, 97.5, axis=0).round(6)
         for k, v in lo_hi.items():
             frame[k] = np.round(v, 6)
-        counts = np.stack([(stack == i).sum(1) for i in range(len(names))], axis=1)  # [boot, label]
-        frame.attrs["label_counts"] = _count_table(names, np.bincount(label_idx, minlength=len(names)), counts)
+        boot_counts = np.stack([(stack == i).sum(1) for i in range(len(names))], axis=1)  # [boot, label]
+        counts = _count_table(names, np.bincount(label_idx, minlength=len(names)), boot_counts)
     else:
         frame["confidence"] = np.nan
     lead = list(columns(types))
-    return frame[lead + [c for c in frame.columns if c not in lead]]
+    frame = frame[lead + [c for c in frame.columns if c not in lead]]
+    return frame, (label_counts(frame) if not n_boot else counts[counts.n_heads > 0].reset_index(drop=True))
 
 
 def _label_column(types, label: str) -> str | None:
@@ -368,26 +424,23 @@ def _label(means: dict[str, np.ndarray], types, limits: dict[str, float]) -> np.
     return out
 
 
-def _count_table(names, counts: np.ndarray, boot: np.ndarray) -> list[dict]:
+def _count_table(names, counts: np.ndarray, boot: np.ndarray) -> pd.DataFrame:
     lo, hi = np.percentile(boot, 2.5, axis=0).round(), np.percentile(boot, 97.5, axis=0).round()
-    return [
+    rows = [
         {"label": str(n), "n_heads": int(c), "lo": int(a), "hi": int(b)} for n, c, a, b in zip(names, counts, lo, hi)
     ]
+    return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi"])
 
 
 def label_counts(table: pd.DataFrame) -> pd.DataFrame:
-    """Heads per label with a 95 % interval: ``label, n_heads, lo, hi`` (labels with no head left out).
+    """Heads per label of a census table with an approximate 95 % interval: ``label, n_heads, lo, hi``.
 
-    From the census bootstrap when ``table`` is fresh (``attrs["label_counts"]``); for a table read back
-    from CSV, an approximation from the ``confidence`` column: each head keeps its label with probability
-    ``confidence`` (losses only, normal approximation), so ``hi`` is the count itself.
+    For a table read back from disk (a fresh :class:`CensusResult` carries the bootstrap's ``label_counts``): each
+    head keeps its label with probability ``confidence`` (losses only, normal approximation), so ``hi`` is the
+    count itself.
     """
     if "label" not in table.columns:
         raise HeadlensError("label_counts needs a census table with a 'label' column")
-    counts = table.attrs.get("label_counts")
-    if counts is not None and sum(r["n_heads"] for r in counts) == len(table):
-        counts = pd.DataFrame(counts, columns=["label", "n_heads", "lo", "hi"])
-        return counts[counts.n_heads > 0].reset_index(drop=True)
     rows = []
     order = [lb for lb in LABELS if lb in set(table.label)] + sorted(set(table.label) - set(LABELS))
     for lb in order:
@@ -430,22 +483,3 @@ def _thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:
             raise HeadlensError(f"threshold {name!r} must be a positive number (got {value})")
         limits[name] = float(value)
     return limits
-
-
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per label: how many heads (with a 95 % interval when known) and the (layer, head) list ordered by layer."""
-    counts = label_counts(frame).set_index("label")
-    rows = []
-    for label in [lb for lb in label_names() if lb in counts.index] + sorted(set(counts.index) - set(label_names())):
-        part = frame[frame["label"] == label]
-        heads = format_heads(zip(part["layer"], part["head"]))
-        rows.append(
-            {
-                "label": label,
-                "n_heads": len(part),
-                "lo": int(counts.loc[label, "lo"]),
-                "hi": int(counts.loc[label, "hi"]),
-                "heads": heads,
-            }
-        )
-    return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi", "heads"])

@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from headlens.ablation import ablated_metric, clean_metric, loss_metric, random_heads, repeat_loss_metric
+from headlens.data.corpus import prose_documents
 from headlens.errors import HeadlensError
+from headlens.interventions.ablation import ablated_metric, clean_metric, loss_metric, random_heads, repeat_loss_metric
 from headlens.progress import tqdm
 
 TASKS = {
@@ -39,8 +40,6 @@ def task_metric(model: HookedTransformer, task: str, *, n_seqs: int = 8, seed: i
     if task == "repeat_loss":
         return repeat_loss_metric(model, n_seqs=n_seqs, half_len=32, seed=1000 + int(seed))
     if task == "text_loss":
-        from headlens.corpus import prose_documents
-
         text = "\n\n".join(d.text for d in sorted(prose_documents(), key=lambda d: d.name))
         return loss_metric(model, n_seqs=n_seqs, seq_len=64, text=text)
     raise HeadlensError(f"unknown task {task!r}; known: repeat_loss, text_loss")
