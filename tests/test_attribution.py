@@ -60,7 +60,7 @@ def test_grad_drop_keeps_signs_and_reports_magnitudes(toy_pair):
     same_sign = (np.sign(dropped["effect"]) == np.sign(star["effect"])) | (star["effect"].abs() < 1e-6)
     assert same_sign.all()
     with pytest.raises(HeadlensError, match="unknown attribution method"):
-        attribution_patching(model, pair, method="atp**").table
+        attribution_patching(model, pair, method="atp**")
 
 
 def test_committed_path_study_agrees_with_the_exact_table_and_shows_pattern_paths():
@@ -119,7 +119,7 @@ def test_ig_arguments(toy_pair):
         ({"method": "ig", "grad_drop": True}, "grad_drop goes with"),
     ]:
         with pytest.raises(HeadlensError, match=match):
-            attribution_patching(model, pair, activations=["z"], **kwargs).table
+            attribution_patching(model, pair, activations=["z"], **kwargs)
 
 
 def test_committed_attribution_benchmarks_meet_the_bar_and_match_the_docs():

@@ -352,7 +352,7 @@ def test_bad_input_is_a_clear_error(planted):
     with pytest.raises(HeadlensError, match="n >= 2"):
         repeated_tokens(planted, n=1)
     with pytest.raises(HeadlensError, match="ProbeSet"):
-        run_census(planted, probes=torch.zeros(2, 5, dtype=torch.long), progress=False).table
+        run_census(planted, probes=torch.zeros(2, 5, dtype=torch.long), progress=False)
     fits = ProbeSet(natural=natural_text(planted, seq_len=64, n_seqs=1))
     n_ctx = planted.cfg.n_ctx
     too_long = ProbeSet(
@@ -361,9 +361,9 @@ def test_bad_input_is_a_clear_error(planted):
         )
     )
     with pytest.raises(HeadlensError, match="n_ctx"):
-        run_census(planted, too_long, progress=False).table
+        run_census(planted, too_long, progress=False)
     with pytest.raises(HeadlensError, match="batch_size"):
-        run_census(planted, fits, batch_size=0, progress=False).table
+        run_census(planted, fits, batch_size=0, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -268,7 +268,7 @@ def test_census_thresholds_must_be_numbers(tiny_qwen):
     from headlens import HeadlensError, run_census
 
     with pytest.raises(HeadlensError, match="must be a number"):
-        run_census(tiny_qwen, thresholds={"induction": "0.5"}, progress=False).table
+        run_census(tiny_qwen, thresholds={"induction": "0.5"}, progress=False)
 
 
 # ---------------------------------------------------------------- right answers where there used to be errors

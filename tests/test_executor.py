@@ -76,7 +76,7 @@ class _Interrupted(X.LocalExecutor):
 def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
     full = headlens.run_census(tiny, batch_size=1, progress=False).table
     with pytest.raises(KeyboardInterrupt):
-        headlens.run_census(tiny, batch_size=1, progress=False, executor=_Interrupted(tmp_path, after=5)).table
+        headlens.run_census(tiny, batch_size=1, progress=False, executor=_Interrupted(tmp_path, after=5))
     (job,) = [d for d in tmp_path.iterdir() if d.is_dir()]
     assert len(list(job.glob("shard-*.safetensors"))) == 5 and not list(job.glob("*.partial"))
     resumed = X.LocalExecutor(tmp_path)
@@ -85,7 +85,7 @@ def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
     assert resumed.computed == n_seqs - 5
     pd.testing.assert_frame_equal(full, table, check_exact=True)
     other = X.LocalExecutor(tmp_path)  # another job (seed) never reuses these shards
-    headlens.run_census(tiny, batch_size=1, seed=1, progress=False, executor=other).table
+    headlens.run_census(tiny, batch_size=1, seed=1, progress=False, executor=other)
     assert other.computed == n_seqs and len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
 
 

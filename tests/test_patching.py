@@ -290,16 +290,16 @@ def test_mismatched_lengths_raise(tiny_qwen):
 def test_bad_inputs_raise(tiny_qwen):
     pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=1)
     with pytest.raises(HeadlensError, match="unknown activation 'resid'"):
-        activation_patching(tiny_qwen, pair, activation="resid", progress=False).table
+        activation_patching(tiny_qwen, pair, activation="resid", progress=False)
     with pytest.raises(HeadlensError, match="runs_per_pass must be >= 1"):
-        activation_patching(tiny_qwen, pair, runs_per_pass=0, progress=False).table
+        activation_patching(tiny_qwen, pair, runs_per_pass=0, progress=False)
     with pytest.raises(HeadlensError, match="layer 9 is out of range"):
-        activation_patching(tiny_qwen, pair, layers=[9], progress=False).table
+        activation_patching(tiny_qwen, pair, layers=[9], progress=False)
     same = PromptPair(pair.clean, pair.clean, pair.positions, pair.metric)
     with pytest.raises(HeadlensError, match="nothing to recover"):
-        activation_patching(tiny_qwen, same, progress=False).table
+        activation_patching(tiny_qwen, same, progress=False)
     with pytest.raises(HeadlensError, match="nothing to recover"):
-        attribution_patching(tiny_qwen, same).table
+        attribution_patching(tiny_qwen, same)
     with pytest.raises(HeadlensError, match="single token"):
         text_pair(tiny_qwen, "The cat sat on the", "The dog ran to the", answer=" on the mat")
 
@@ -443,4 +443,4 @@ def test_patching_chosen_heads_gives_their_rows_of_the_full_table(tiny_qwen):
         ({"heads": ["L1H2"], "activation": "k"}, "heads= picks q heads"),
     ]:
         with pytest.raises(HeadlensError, match=match):
-            activation_patching(tiny_qwen, pair, progress=False, **{"activation": "z", **kwargs}).table
+            activation_patching(tiny_qwen, pair, progress=False, **{"activation": "z", **kwargs})
