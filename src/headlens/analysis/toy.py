@@ -161,40 +161,27 @@ def _column_order(name: str) -> tuple:
 def train_induction_model(
     *,
     steps: int = 6000,
-    seed: int = 0,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    d_model: int = 64,
-    d_vocab: int = 64,
-    seq_len: int = 64,
-    positional: str = "standard",
-    normalization: str | None = "LN",
     batch_size: int = 32,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     record_every: int = 50,
     eval_batch: int = 64,
     progress: bool = True,
+    **config,
 ) -> tuple[HookedTransformer, pd.DataFrame]:
     """Train the toy attention-only model; return it and its history (one row per recorded step).
 
     History columns: ``step``, ``loss`` (training batch), ``loss_first_half`` and ``loss_repeated_half``
     on a fixed eval batch of [A1..An A1..An] (n = seq_len // 2), then the induction (prefix-matching)
     score of every head as ``L{layer}H{head}`` and its previous-token score as ``prev_L{layer}H{head}``.
+    ``config``: :func:`toy_config`'s arguments (``seed``, ``n_layers``, ``n_heads``, ``d_model``, ``d_vocab``,
+    ``seq_len``, ``positional``, ``normalization``); ``seed`` also seeds the training data.
     Same arguments -> identical model and history.
     """
     if steps < 1 or record_every < 1 or batch_size < 1 or eval_batch < 1:
         raise HeadlensError("steps, record_every, batch_size and eval_batch must be positive integers.")
-    cfg = toy_config(
-        seed=seed,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_vocab=d_vocab,
-        seq_len=seq_len,
-        positional=positional,
-        normalization=normalization,
-    )
+    cfg = toy_config(**config)
+    seed, seq_len, d_vocab = cfg.seed, cfg.n_ctx, cfg.d_vocab
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg)
     train_gen = torch.Generator().manual_seed(seed)

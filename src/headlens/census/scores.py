@@ -6,7 +6,7 @@ score is defined on. The census keeps these per-sequence scores (for bootstrap i
 them over sequences; ``<name>`` without ``_seq`` is that average. ``without_sink`` gives the pattern
 with key 0 removed and rows renormalised, on which the ``*_nosink`` columns are computed.
 
-Definitions (DESIGN.md §7):
+Definitions (the same as the README's and docs/head_types.md's):
 
 - ``previous_token``: attention from i to i-1, queries i >= 1.
 - ``duplicate_token`` / ``induction``: on ``[P, A1..An, A1..An]`` (``pos = prefix + 2n``; the prefix

@@ -305,20 +305,14 @@ def natural_text(
     model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, n_seqs: int = 4, seed: int = 0, text: str | None = None
 ) -> Probe:
     """``n_seqs`` non-overlapping ``seq_len``-token windows of prose: ``text``, or the Python reference docs (seeded)."""
-    docs = (
-        corpus.prose_documents(seed=seed) if text is None else [corpus.Document("text", _check_text(text, "natural"))]
-    )
-    return _text_probe(model, "natural", docs, seq_len, n_seqs, seed, per_document=4 if text is None else n_seqs)
+    return _text_probe(model, "natural", seq_len, n_seqs, seed, text)
 
 
 def delimiter_text(
     model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, n_seqs: int = 4, seed: int = 0, text: str | None = None
 ) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
-    docs = (
-        corpus.code_documents(seed=seed) if text is None else [corpus.Document("text", _check_text(text, "delimiter"))]
-    )
-    return _text_probe(model, "delimiter", docs, seq_len, n_seqs, seed, per_document=1 if text is None else n_seqs)
+    return _text_probe(model, "delimiter", seq_len, n_seqs, seed, text)
 
 
 def _check_text(text, kind: str) -> str:
@@ -329,9 +323,16 @@ def _check_text(text, kind: str) -> str:
     return text
 
 
-def _text_probe(
-    model: HookedTransformer, kind: str, docs, seq_len: int, n_seqs: int, seed: int, *, per_document: int
-) -> Probe:
+_TEXT_SOURCES = {"natural": (corpus.prose_documents, 4), "delimiter": (corpus.code_documents, 1)}
+"""Each text kind's documents (seeded) and how many windows one document may give."""
+
+
+def _text_probe(model: HookedTransformer, kind: str, seq_len: int, n_seqs: int, seed: int, text: str | None) -> Probe:
+    documents, per_document = _TEXT_SOURCES[kind]
+    if text is None:
+        docs = documents(seed=seed)
+    else:
+        docs, per_document = [corpus.Document("text", _check_text(text, kind))], n_seqs
     if int(seq_len) < 2 or int(n_seqs) < 1:
         raise HeadlensError(
             f"{kind} probe: seq_len must be >= 2 and n_seqs >= 1 (got seq_len={seq_len}, n_seqs={n_seqs})"

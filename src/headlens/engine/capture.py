@@ -15,7 +15,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.errors import HeadlensError
-from headlens.heads import check_head
+from headlens.heads import check_head, parse_head
 from headlens.progress import tqdm
 
 Reducer = Callable[[int, Float[Tensor, "batch head q k"], slice], None]
@@ -71,7 +71,7 @@ def head_patterns(
 
     One forward, stopped after the last layer needed; each hook keeps only the chosen heads' rows.
     """
-    heads = [(int(layer), int(head)) for layer, head in heads]
+    heads = [parse_head(h) for h in heads]  # "L9H8", (9, 8) or Head(9, 8), in the order given
     if not heads:
         raise HeadlensError("no heads given: pass heads as a list of (layer, head) pairs, e.g. [(5, 3)]")
     for layer, head in heads:

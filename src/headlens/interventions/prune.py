@@ -17,7 +17,6 @@ between that grid point and the next is bisected (in the greedy order) to the ex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -38,7 +37,6 @@ from headlens.interventions.ablation import (
     clean_metric,
     head_importance,
 )
-from headlens.io import save_figure
 from headlens.progress import tqdm
 
 
@@ -70,36 +68,6 @@ class PruneResult:
             f"{self.metric}: clean {self.clean:.4f}; {self.max_removed}/{self.n_heads} heads "
             f"({self.max_fraction:.1%}) removable within {self.tolerance:.1%}; last to go: {last}"
         )
-
-    def plot(self, path: str | Path | None = None, *, title: str | None = None):
-        """Relative worsening vs fraction removed, tolerance line and the largest removable fraction; PNG if ``path``."""
-        from matplotlib.figure import Figure  # a plain Figure: no pyplot state, the user's backend untouched
-        from matplotlib.ticker import FuncFormatter
-
-        curve = self.curve.sort_values("n_removed")
-        fig = Figure(figsize=(6.5, 4))
-        ax = fig.add_subplot()
-        grid = curve[~curve.refined]
-        ax.plot(grid.fraction_removed, 100 * grid.worsening, "o-", ms=3, label=f"{self.metric} (grid)")
-        ref = curve[curve.refined]
-        if len(ref):
-            ax.plot(ref.fraction_removed, 100 * ref.worsening, "x", color="C2", label="bisection")
-        ax.axhline(100 * self.tolerance, color="C3", ls="--", lw=1, label=f"tolerance {self.tolerance:.1%}")
-        ax.axvline(self.max_fraction, color="C1", ls=":", lw=1, label=f"max removable {self.max_fraction:.1%}")
-        ax.set_yscale("symlog", linthresh=max(100 * self.tolerance, 1e-3))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0%"))  # not "-10^0"
-        ax.set_xlabel("fraction of attention heads removed")
-        ax.set_ylabel("relative worsening of metric (%)")
-        ax.set_title(
-            title
-            or f"greedy head pruning ({self.settings.get('order', '')}, {self.settings.get('method', '')} ablation)"
-        )
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        if path is not None:
-            save_figure(fig, path, dpi=110)
-        return fig
 
 
 def _ranking(

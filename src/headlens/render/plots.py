@@ -11,10 +11,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure  # a plain Figure: no pyplot state, the user's backend untouched
+from matplotlib.ticker import FuncFormatter
 
 from headlens.errors import HeadlensError
 from headlens.heads import head_name
 from headlens.interventions.ablation import SweepResult
+from headlens.interventions.prune import PruneResult
 from headlens.io import save_figure
 from headlens.render.viz import head_heatmaps
 
@@ -112,3 +115,31 @@ def _select_probe(profile: pd.DataFrame, probe: str | None) -> pd.DataFrame:
     if probe not in probes:
         raise HeadlensError(f"probe {probe!r} is not in the profile (it has {', '.join(probes)})")
     return profile[profile["probe"] == probe]
+
+
+def plot_prune_curve(result: PruneResult, path: str | Path | None = None, *, title: str | None = None):
+    """Relative worsening vs fraction removed, tolerance line and the largest removable fraction; PNG if ``path``."""
+    curve = result.curve.sort_values("n_removed")
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot()
+    grid = curve[~curve.refined]
+    ax.plot(grid.fraction_removed, 100 * grid.worsening, "o-", ms=3, label=f"{result.metric} (grid)")
+    ref = curve[curve.refined]
+    if len(ref):
+        ax.plot(ref.fraction_removed, 100 * ref.worsening, "x", color="C2", label="bisection")
+    ax.axhline(100 * result.tolerance, color="C3", ls="--", lw=1, label=f"tolerance {result.tolerance:.1%}")
+    ax.axvline(result.max_fraction, color="C1", ls=":", lw=1, label=f"max removable {result.max_fraction:.1%}")
+    ax.set_yscale("symlog", linthresh=max(100 * result.tolerance, 1e-3))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0%"))  # not "-10^0"
+    ax.set_xlabel("fraction of attention heads removed")
+    ax.set_ylabel("relative worsening of metric (%)")
+    ax.set_title(
+        title
+        or f"greedy head pruning ({result.settings.get('order', '')}, {result.settings.get('method', '')} ablation)"
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path, dpi=110)
+    return fig

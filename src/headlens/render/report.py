@@ -28,7 +28,7 @@ from headlens.census.registry import head_types as registered
 from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import unit_name
-from headlens.io import weights_sha256, write_bytes, write_text
+from headlens.io import headlens_version, weights_sha256, write_bytes, write_text
 from headlens.models import DEFAULT_MODEL, QWEN_SHA256, model_info
 from headlens.progress import tqdm
 from headlens.render import viz
@@ -170,13 +170,6 @@ DEFINITIONS = {
     "entropy": "per-query attention entropy / log(number of keys), averaged (a score only: untrained heads are broadest)",
 }
 """What each census score measures (the report's methods section prints these)."""
-
-
-def _version() -> str:
-    try:
-        return version("headlens")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _e(value) -> str:
@@ -349,7 +342,7 @@ def head_types() -> list[dict]:
 
 
 def _versions() -> str:
-    parts = [f"headlens {_version()}", f"python {platform.python_version()}"]
+    parts = [f"headlens {headlens_version()}", f"python {platform.python_version()}"]
     for pkg in ("torch", "transformer-lens", "transformers", "circuitsvis"):
         try:
             parts.append(f"{pkg} {version(pkg)}")
@@ -705,9 +698,7 @@ def write_report(
         bar.update(1)
 
     path = out / "report.html"
-    subtitle = (
-        f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {_version()}"
-    )
+    subtitle = f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {headlens_version()}"
     write_text(path, page.html(title or f"headlens report: {info['model']}", subtitle))
     bar.update(bar.total - bar.n)
     bar.close()

@@ -1,7 +1,7 @@
 """See heads: CircuitsVis attention views that work offline, a gallery of top heads, layer x head heatmaps.
 
 CircuitsVis' own ``str()`` pulls its JavaScript from a CDN and its ``_repr_html_`` probes the network
-first (DESIGN.md §6). Here every view carries its component name and props and renders against the
+first. Here every view carries its component name and props and renders against the
 bundle ``circuitsvis/dist/cdn/iife.js`` inlined in the page, so a notebook cell or a report opens
 anywhere with no network. CircuitsVis' ``AttentionPatterns`` writes token strings into the page as HTML,
 so its tokens are ``html.escape``d before they go into props, and all props JSON is made safe to sit
@@ -38,7 +38,7 @@ from headlens.census.registry import head_types
 from headlens.census.run import LABEL_SCORE, LABELS, SCORES
 from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError
-from headlens.heads import head_name
+from headlens.heads import head_name, parse_head
 
 CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
 LABEL_COLORS = {t.name: t.color for t in head_types().values() if t.label} | {"other": "#f0f0f0"}
@@ -208,7 +208,7 @@ def attention_view(
     ``component="heads"`` is ``circuitsvis.attention.attention_heads`` (named thumbnails + one big pattern),
     ``"patterns"`` is ``attention_patterns`` (tokens coloured by attention).
     """
-    heads = [(int(layer), int(head)) for layer, head in heads]
+    heads = [parse_head(h) for h in heads]  # "L9H8", (9, 8) or Head(9, 8), in the order given
     tokens, patterns = head_patterns(model, prompt, heads, max_tokens=max_tokens)
     return heads_view(tokens, patterns, heads, component=component, title=title)
 
