@@ -1,23 +1,41 @@
-"""A census you can trust, measured on the default Qwen (issue 13).
+"""A census you can trust, held out (issues 13 and 24), on the default Qwen.
 
-One run writes analyses/results/census_trust/:
-- census_seed{0,1,2}.csv    default census at seeds 0, 1, 2 (scores, _nosink scores, label, confidence, intervals)
-- stability.json            label agreement across the seeds (all heads; heads confident >= 0.9 in every seed)
-- sizes.csv                 agreement across seeds when only the first k sequences per probe kind are used
-- thresholds.csv            agreement and `other` share if the local / first_token thresholds were elsewhere
+Development and measurement are kept apart. Every probe size and threshold was chosen on development seeds 0, 1, 2
+(``dev_sizes.csv``, ``dev_thresholds.csv``), then frozen (the commit that says so); stability is measured on fresh
+seeds 3, 4, 5 that no choice ever saw. Seeds draw disjoint data: each text kind takes seed ``s``'s own stretch of the
+``score`` split's windows (``headlens.data.corpus.window_block``), repeated random tokens come from the seed's own
+generator; ``sources.json`` lists every window and a test checks that no two seeds share one. Causal checks evaluate on
+the ``eval`` split (other files) with ablation means from the ``reference`` split (a third set of files).
+
+Writes analyses/results/census_trust/:
+- dev_sizes.csv             development seeds 0-2: agreement at each number of sequences per probe kind
+- dev_thresholds.csv        development seeds 0-2: agreement and `other` share at other thresholds
+- census_seed{0..5}.csv     the census at the frozen settings (seeds 0-2 development, 3-5 fresh)
+- stability.json            fresh seeds 3-5 (and, for comparison, development seeds 0-2): labels kept, over all heads,
+                            over heads with a specific label, per label, bulk labels separately
+- stability_by_label.csv    the per-label part of stability.json as a table
+- sources.json              every probe window of every seed (file@token)
 - counts.csv                heads per label at seed 0 with 95 % bootstrap intervals
 - null.csv                  each label's threshold vs its null (random-weights Qwen, shuffled repeats)
-- causal.csv                label heads vs layer-matched random head sets (effect ratio with interval)
-- summary.json              the headline numbers, timings (2 cores, run with nothing else), provenance
+- causal.csv                label -> behaviour -> task/metric -> verdict (headlens.census.validate.causal_validation)
+- key_path.csv              previous-token heads ablated only on the path into the induction heads' keys
+- summary.json              the headline numbers, timings, provenance
 
-Run: .venv/bin/python analyses/census_trust.py  (about 15 minutes on 2 cores, nothing else running);
-``--cached`` re-labels the per-sequence scores of the last run (kept in /tmp) without new forwards.
+Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_trust; run each under the lock):
+
+    python analyses/census_trust.py --step dev       # one development seed per call (0, 1, 2), development sizes
+    python analyses/census_trust.py --step fresh     # one fresh seed per call (3, 4, 5), frozen sizes
+    python analyses/census_trust.py --step null
+    python analyses/census_trust.py --step causal    # one label per call
+    python analyses/census_trust.py --step keypath
+    python analyses/census_trust.py --step write     # every result file from the cached steps (seconds)
+    python analyses/census_trust.py                  # all missing steps, then write
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -31,149 +49,359 @@ from headlens import load_model
 from headlens.census.calibrate import null_levels, null_scores
 from headlens.census.registry import WEIGHTS, head_types
 from headlens.census.run import PerSequence, _thresholds, build_table, collect
-from headlens.census.validate import causal_validation
+from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects
 from headlens.data.corpus import provenance
-from headlens.data.probes import default_probes
+from headlens.data.probes import DEFAULT_SIZES, ProbeSet, default_probes
+from headlens.io import write_csv, write_json
 
 OUT = Path(__file__).parent / "results" / "census_trust"
-SEEDS = (0, 1, 2)
-SIZES = (4, 8, 16, 32)
-SENSITIVITY = [{"local": lo, "first_token": ft} for lo in (0.3, 0.4, 0.6) for ft in (0.3, 0.6)]
-CACHE = Path("/tmp/headlens_census_trust")  # per-sequence scores, for re-labelling with --cached (not committed)
+CACHE = Path("/tmp/headlens_census_trust")  # per-sequence scores and partial results (not committed)
+DEV_SEEDS = (0, 1, 2)
+FRESH_SEEDS = (3, 4, 5)
+DEV_SIZES = {"repeated": 48, "natural": 80, "delimiter": 80, "code": 80}
+"""Development runs score this many sequences per kind; the sizes tried are their leading subsets (the same windows
+a smaller census at that seed draws)."""
+SIZE_GRID = [
+    {"repeated": r, "natural": t, "delimiter": t, "code": c}
+    for r in (24, 48)
+    for t in (48, 64, 80)
+    for c in (48, 64, 80)
+]
+BULK = ("first_token", "local", "other")
+CAUSAL_SEQS = 16
+N_RANDOM = 20
 
 
-def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- agreement
 
 
 def agreement(tables: list[pd.DataFrame]) -> dict:
+    """Labels kept across seeds: over all heads; over heads with a specific label (not first_token, local or other)
+    in any seed; per label (heads with that label in any seed that keep it in every seed); heads confident >= 0.9."""
     labels = np.stack([t["label"].to_numpy() for t in tables])
     same = (labels == labels[0]).all(0)
-    out = {"n_heads": int(len(same)), "same_label": float(same.mean()), "n_same": int(same.sum())}
+    specific = ~np.isin(labels, BULK).all(0)
+    out = {
+        "n_heads": int(len(same)),
+        "same_label": float(same.mean()),
+        "n_same": int(same.sum()),
+        "n_specific_any_seed": int(specific.sum()),
+        "n_specific_same": int((same & specific).sum()),
+        "specific_same_label": float(same[specific].mean()) if specific.any() else float("nan"),
+    }
+    per = {}
+    for label in sorted(set(labels.flatten())):
+        anywhere = (labels == label).any(0)
+        per[label] = {
+            "n_any_seed": int(anywhere.sum()),
+            "n_every_seed": int((labels == label).all(0).sum()),
+            "kept": float((labels == label).all(0)[anywhere].mean()),
+            "bulk": label in BULK,
+        }
+    out["by_label"] = per
     if all("confidence" in t and t["confidence"].notna().all() for t in tables):
         confident = np.stack([t["confidence"].to_numpy() >= 0.9 for t in tables]).all(0)
-        out |= {
-            "n_confident_all_seeds": int(confident.sum()),
-            "share_confident_all_seeds": float(confident.mean()),
-            "same_label_among_confident": float(same[confident].mean()) if confident.any() else float("nan"),
-        }
+        out["n_confident_all_seeds"] = int(confident.sum())
+        out["same_label_among_confident"] = float(same[confident].mean()) if confident.any() else float("nan")
     return out
 
 
-def subset(per, k: int):
-    return PerSequence({kind: {c: v[:k] for c, v in cols.items()} for kind, cols in per.by_kind.items()}, per.weights)
+def subset(per: PerSequence, sizes: dict) -> PerSequence:
+    """The per-sequence scores of the first ``sizes[kind]`` sequences of each kind (what a smaller census draws)."""
+    return PerSequence({k: {c: v[: sizes[k]] for c, v in cols.items()} for k, cols in per.by_kind.items()}, per.weights)
 
 
-def main() -> None:
-    torch.set_num_threads(2)
+# ---------------------------------------------------------------- cached steps
+
+
+def cache_path(name: str) -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE / name
+
+
+def save_per(path: Path, per: PerSequence, sources: dict, seconds: float) -> None:
+    arrays = {f"{k}|{c}": v for k, d in per.by_kind.items() for c, v in d.items()}
+    np.savez(path.with_suffix(".tmp.npz"), **arrays, **{f"{WEIGHTS}|{c}": v for c, v in per.weights.items()})
+    path.with_suffix(".tmp.npz").replace(path)
+    write_json(path.with_suffix(".json"), {"sources": sources, "seconds": seconds})
+
+
+def load_per(path: Path) -> tuple[PerSequence, dict, float]:
+    per = PerSequence({}, {})
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            kind, col = key.split("|", 1)
+            (per.weights if kind == WEIGHTS else per.by_kind.setdefault(kind, {}))[col] = z[key]
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return per, meta["sources"], meta["seconds"]
+
+
+def census_step(model, seed: int, sizes: dict, name: str) -> None:
+    """Score the census probes of ``seed`` (``sizes`` sequences per kind) and cache the per-sequence scores."""
+    start = time.perf_counter()
+    probes = ProbeSet(
+        {kind: default_probes(model, seed=seed, n_seqs=n, kinds=[kind])[kind] for kind, n in sizes.items()}, seed=seed
+    )
+    per = collect(model, probes, head_types(), batch_size=8, progress=False)
+    sources = {k: list(p.sources) for k, p in probes.items() if p.sources}
+    save_per(cache_path(name), per, sources, time.perf_counter() - start)
+    print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_dev(model) -> bool:
+    for seed in DEV_SEEDS:
+        name = f"dev_seed{seed}.npz"
+        if not cache_path(name).exists():
+            census_step(model, seed, DEV_SIZES, name)
+            return True
+    return False
+
+
+def step_fresh(model) -> bool:
+    sizes = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
+    for seed in FRESH_SEEDS:
+        name = f"fresh_seed{seed}.npz"
+        if not cache_path(name).exists():
+            census_step(model, seed, sizes, name)
+            return True
+    return False
+
+
+def step_null(model) -> bool:
+    path = cache_path("nulls.npz")
+    if path.exists():
+        return False
+    start = time.perf_counter()
+    probes = default_probes(model, seed=0)
+    nulls = null_scores(model, probes, seed=0, progress=False)
+    np.savez(path.with_suffix(".tmp.npz"), **{f"{k}|{c}": v for k, d in nulls.items() for c, v in d.items()})
+    path.with_suffix(".tmp.npz").replace(path)
+    write_json(path.with_suffix(".json"), {"seconds": time.perf_counter() - start})
+    print(f"null: {time.perf_counter() - start:.1f} s")
+    return True
+
+
+def seed_tables(model, seeds, prefix: str, sizes: dict, limits, n_boot: int = 200) -> list[pd.DataFrame]:
+    types = head_types()
+    out = []
+    for seed in seeds:
+        per, _, _ = load_per(cache_path(f"{prefix}_seed{seed}.npz"))
+        out.append(build_table(model, subset(per, sizes), types, limits, seed=seed, n_boot=n_boot)[0])
+    return out
+
+
+def step_causal(model, table: pd.DataFrame) -> bool:
+    path = cache_path("causal_rows.csv")
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["label"])
+    for label in LABEL_TASKS:
+        if label in set(done["label"]) or label not in set(table["label"]):
+            continue
+        start = time.perf_counter()
+        row = causal_validation(
+            model, table, labels=[label], n_random=N_RANDOM, n_seqs=CAUSAL_SEQS, seed=0, progress=False
+        )
+        row["seconds"] = time.perf_counter() - start
+        write_csv(pd.concat([done, row], ignore_index=True), path)
+        print(row.drop(columns=["behaviour", "metric"]).to_string(), flush=True)
+        return True
+    return False
+
+
+def step_keypath(model, table: pd.DataFrame) -> bool:
+    path = cache_path("key_path.csv")
+    if path.exists():
+        return False
+    senders = [(int(r.layer), int(r.head)) for r in table.itertuples() if r.label == "previous_token"]
+    receivers = [(int(r.layer), int(r.head)) for r in table.itertuples() if r.label == "induction"]
+    start = time.perf_counter()
+    paths = key_path_effects(model, senders, receivers, n_random=N_RANDOM, n_seqs=CAUSAL_SEQS // 2, seed=0)
+    write_csv(paths.assign(seconds=time.perf_counter() - start), path)
+    print(paths.to_string())
+    return True
+
+
+# ---------------------------------------------------------------- results
+
+
+def write_results(model) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    model = load_model()
     types = head_types()
     limits = _thresholds(types, None)
-    tables, pers, timings, sources = [], [], {}, {}
-    counts = None  # heads per label at seed 0, from the census bootstrap
-    for seed in SEEDS:
-        start = time.perf_counter()
-        probes = default_probes(model, seed=seed)
-        cache = CACHE / f"seed{seed}.npz"
-        if "--cached" in sys.argv and cache.exists():  # re-label stored per-sequence scores (no forwards)
-            with np.load(cache, allow_pickle=False) as z:
-                per = PerSequence({}, {})
-                for key in z.files:
-                    kind, col = key.split("|", 1)
-                    (per.weights if kind == WEIGHTS else per.by_kind.setdefault(kind, {}))[col] = z[key]
-        else:
-            per = collect(model, probes, types, batch_size=8, progress=False)
-            CACHE.mkdir(parents=True, exist_ok=True)
-            arrays = {f"{k}|{c}": v for k, d in per.by_kind.items() for c, v in d.items()}
-            np.savez(cache, **arrays, **{f"{WEIGHTS}|{c}": v for c, v in per.weights.items()})
-        table, seed_counts = build_table(model, per, types, limits, seed=seed)
-        if counts is None:
-            counts = seed_counts
-        timings[f"census_seed{seed}_s"] = round(time.perf_counter() - start, 1)
-        sources[seed] = {k: list(p.sources) for k, p in probes.items() if p.sources}
-        table.to_csv(OUT / f"census_seed{seed}.csv.tmp", index=False)
-        os.replace(OUT / f"census_seed{seed}.csv.tmp", OUT / f"census_seed{seed}.csv")
-        tables.append(table)
-        pers.append(per)
-        print(f"seed {seed}: {timings[f'census_seed{seed}_s']} s", flush=True)
-    stability = agreement(tables)
-    stability["label_counts_by_seed"] = {s: t["label"].value_counts().to_dict() for s, t in zip(SEEDS, tables)}
-    atomic_text(OUT / "stability.json", json.dumps(stability, indent=2) + "\n")
+    frozen = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
 
-    n_default = {kind: v["_sink"].shape[0] for kind, v in pers[0].by_kind.items()}
+    dev = [load_per(cache_path(f"dev_seed{s}.npz")) for s in DEV_SEEDS]
     rows = []
-    for k in (*SIZES, max(n_default.values())):
-        sub = [build_table(model, subset(p, k), types, limits, seed=s, n_boot=0)[0] for p, s in zip(pers, SEEDS)]
-        rows.append({"sequences_per_kind": k, **{key: v for key, v in agreement(sub).items() if key != "n_heads"}})
-    pd.DataFrame(rows).to_csv(OUT / "sizes.csv", index=False)
+    for sizes in SIZE_GRID:
+        tables = [
+            build_table(model, subset(p, sizes), types, limits, seed=s, n_boot=0)[0]
+            for (p, _, _), s in zip(dev, DEV_SEEDS)
+        ]
+        a = agreement(tables)
+        rows.append({**sizes, "frozen": sizes == frozen, **{k: v for k, v in a.items() if not isinstance(v, dict)}})
+    write_csv(pd.DataFrame(rows), OUT / "dev_sizes.csv")
 
-    rows = []
-    for overrides in SENSITIVITY:
-        alt = _thresholds(types, overrides)
-        sub = [build_table(model, p, types, alt, seed=s, n_boot=0)[0] for p, s in zip(pers, SEEDS)]
-        same = agreement(sub)
-        rows.append(
-            {
-                **{f"{k}_threshold": v for k, v in overrides.items()},
-                "default": all(limits[k] == v for k, v in overrides.items()),
-                "same_label": same["same_label"],
-                "other_share_seed0": float((sub[0]["label"] == "other").mean()),
-            }
-        )
-    pd.DataFrame(rows).to_csv(OUT / "thresholds.csv", index=False)
+    dev_tables = seed_tables(model, DEV_SEEDS, "dev", frozen, limits)
+    fresh_tables = seed_tables(model, FRESH_SEEDS, "fresh", frozen, limits)
+    for seed, table in zip(DEV_SEEDS + FRESH_SEEDS, dev_tables + fresh_tables):
+        write_csv(table, OUT / f"census_seed{seed}.csv")
 
-    counts.to_csv(OUT / "counts.csv", index=False)
+    fresh, development = agreement(fresh_tables), agreement(dev_tables)
+    stability = {
+        "settings": {"sizes": frozen, "thresholds": limits},
+        "fresh_seeds": list(FRESH_SEEDS),
+        "fresh": fresh,
+        "development_seeds": list(DEV_SEEDS),
+        "development": development,
+        "targets": {"same_label": 0.97, "specific_same_label": 0.95},
+        "targets_met_on_fresh_seeds": bool(fresh["same_label"] >= 0.97 and fresh["specific_same_label"] >= 0.95),
+        "label_counts_by_seed": {
+            s: t["label"].value_counts().to_dict() for s, t in zip(DEV_SEEDS + FRESH_SEEDS, dev_tables + fresh_tables)
+        },
+    }
+    write_json(OUT / "stability.json", stability)
+    by_label = pd.DataFrame(
+        [{"seeds": "fresh 3-5", "label": k, **v} for k, v in fresh["by_label"].items()]
+        + [{"seeds": "development 0-2", "label": k, **v} for k, v in development["by_label"].items()]
+    )
+    write_csv(by_label, OUT / "stability_by_label.csv")
 
-    start = time.perf_counter()
-    null_cache = CACHE / "nulls.npz"
-    if "--cached" in sys.argv and null_cache.exists():
-        with np.load(null_cache, allow_pickle=False) as z:
-            nulls = {}
-            for key in z.files:
-                null, col = key.split("|", 1)
-                nulls.setdefault(null, {})[col] = z[key]
-    else:
-        nulls = null_scores(model, default_probes(model, seed=0), seed=0, progress=False)
-        np.savez(null_cache, **{f"{k}|{c}": v for k, d in nulls.items() for c, v in d.items()})
+    sources = {}
+    for prefix, seeds in (("dev", DEV_SEEDS), ("fresh", FRESH_SEEDS)):
+        for seed in seeds:
+            _, src, _ = load_per(cache_path(f"{prefix}_seed{seed}.npz"))
+            sources[str(seed)] = {k: v[: frozen[k]] for k, v in src.items()}
+    write_json(OUT / "sources.json", sources)
+
+    threshold_rows = []
+    grid = {
+        "local": (0.3, 0.4),
+        "first_token": (0.3, 0.4),
+        "closer_to_opener": (0.1, 0.12, 0.15),
+        "bracket_matching": (0.25, 0.3),
+    }
+    for name, values in grid.items():
+        for value in values:
+            alt = _thresholds(types, {name: value})
+            tables = [
+                build_table(model, subset(p, frozen), types, alt, seed=s, n_boot=0)[0]
+                for (p, _, _), s in zip(dev, DEV_SEEDS)
+            ]
+            a = agreement(tables)
+            threshold_rows.append(
+                {
+                    "threshold": name,
+                    "value": value,
+                    "frozen": limits[name] == value,
+                    "same_label": a["same_label"],
+                    "specific_same_label": a["specific_same_label"],
+                    "other_share_seed0": float((tables[0]["label"] == "other").mean()),
+                    "n_label_seed0": int((tables[0]["label"] == name).sum()),
+                }
+            )
+    write_csv(pd.DataFrame(threshold_rows), OUT / "dev_thresholds.csv")
+
+    seed0, counts = build_table(model, subset(dev[0][0], frozen), types, limits, seed=0)
+    write_csv(counts, OUT / "counts.csv")
+
+    with np.load(cache_path("nulls.npz"), allow_pickle=False) as z:
+        nulls = {}
+        for key in z.files:
+            null, col = key.split("|", 1)
+            nulls.setdefault(null, {})[col] = z[key]
     levels = null_levels(nulls)
-    timings["nulls_s"] = round(time.perf_counter() - start, 1)
-    levels.to_csv(OUT / "null.csv", index=False)
+    write_csv(levels, OUT / "null.csv")
 
-    start = time.perf_counter()
-    causal = causal_validation(model, tables[0], n_random=10, n_seqs=4, seed=0, progress=False)
-    timings["causal_s"] = round(time.perf_counter() - start, 1)
-    causal.to_csv(OUT / "causal.csv", index=False)
+    causal = pd.read_csv(cache_path("causal_rows.csv"))
+    order = {lb: i for i, lb in enumerate(LABEL_TASKS)}
+    causal = causal.sort_values("label", key=lambda s: s.map(order)).reset_index(drop=True)
+    write_csv(causal.drop(columns="seconds"), OUT / "causal.csv")
+    paths = pd.read_csv(cache_path("key_path.csv"))
+    write_csv(paths.drop(columns="seconds"), OUT / "key_path.csv")
 
-    other = int((tables[0]["label"] == "other").sum())
-    labelled = set(tables[0]["label"]) - {"other"}
+    timings = {
+        f"census_{p}_seed{s}_s": round(load_per(cache_path(f"{p}_seed{s}.npz"))[2], 1)
+        for p, ss in (("dev", DEV_SEEDS), ("fresh", FRESH_SEEDS))
+        for s in ss
+    }
+    timings["causal_s"] = round(float(pd.read_csv(cache_path("causal_rows.csv"))["seconds"].sum()), 1)
+    rand = paths[paths.kind == "random"]["effect"]
+    target = float(paths[paths.kind == "target"]["effect"].iloc[0])
     summary = {
         "model": "Qwen2.5-Coder-0.5B-Instruct (fp32, CPU)",
-        "probes": {kind: n for kind, n in n_default.items()},
-        "seq_len": int(default_probes.__kwdefaults__["seq_len"]),
-        "stability": {k: v for k, v in stability.items() if k != "label_counts_by_seed"},
-        "other_share": other / len(tables[0]),
-        "labels_clear_null": {r.label: bool(r.clears) for r in levels.itertuples() if r.label in labelled},
+        "sizes": frozen,
+        "seq_len": 128,
+        "stability_fresh_seeds": {k: v for k, v in fresh.items() if k != "by_label"},
+        "stability_development_seeds": {k: v for k, v in development.items() if k != "by_label"},
+        "targets_met_on_fresh_seeds": stability["targets_met_on_fresh_seeds"],
+        "other_share_seed0": float((seed0["label"] == "other").mean()),
+        "labels_clear_null": {r.label: bool(r.clears) for r in levels.itertuples()},
+        "verdicts": dict(zip(causal["label"], causal["verdict"])),
         "causal": {
-            r.label: {"ratio": r.ratio, "lo": r.ratio_lo, "hi": r.ratio_hi, "n_heads": r.n_heads}
+            r.label: {"ratio": r.ratio, "lo": r.ratio_lo, "hi": r.ratio_hi, "n_heads": r.n_heads, "verdict": r.verdict}
             for r in causal.itertuples()
+            if r.verdict != "descriptive"
         },
-        # a --cached run re-labels stored per-sequence scores: its census and null times are not the cost of a census
-        "timings_s_quiet_2_cores": {k: v for k, v in timings.items() if k == "causal_s"}
-        if "--cached" in sys.argv
-        else timings,
+        "previous_token_key_path": {
+            "effect": target,
+            "random_mean": float(rand.mean()),
+            "random_max": float(rand.max()),
+            "p_random_ge": float((rand >= target).mean()),
+        },
+        "timings_s": timings,
         "provenance": {
             **provenance(),
             "torch": torch.__version__,
             "platform": platform.platform(),
             "argv": sys.argv,
-            "probe_sources": sources,
+            "seed_units_shared": shared_units(sources),
         },
     }
-    atomic_text(OUT / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    write_json(OUT / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=2, default=float))
+
+
+def shared_units(sources: dict) -> int:
+    """Windows (file@token) that two seeds share: 0 by construction."""
+    seen, shared = set(), 0
+    for by_kind in sources.values():
+        windows = {w for ws in by_kind.values() for w in ws}
+        shared += len(windows & seen)
+        seen |= windows
+    return shared
+
+
+STEPS = ("dev", "fresh", "null", "causal", "keypath", "write")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step", choices=STEPS, help="one step (default: every missing step, then write)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = load_model()
+    limits = _thresholds(head_types(), None)
+    frozen = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
+    todo = [args.step] if args.step else list(STEPS)
+    for step in todo:
+        if step == "dev":
+            while step_dev(model) and not args.step:
+                pass
+        elif step == "fresh":
+            while step_fresh(model) and not args.step:
+                pass
+        elif step == "null":
+            step_null(model)
+        elif step in ("causal", "keypath"):
+            per, _, _ = load_per(cache_path("dev_seed0.npz"))
+            table = build_table(model, subset(per, frozen), head_types(), limits, seed=0, n_boot=0)[0]
+            run = step_causal if step == "causal" else step_keypath
+            while run(model, table) and not args.step:
+                pass
+        else:
+            write_results(model)
 
 
 if __name__ == "__main__":

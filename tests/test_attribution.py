@@ -113,13 +113,26 @@ def test_ig_arguments(toy_pair):
     summed = per_position.groupby(["layer", "head"])["effect"].sum().to_numpy()
     assert np.allclose(summed, per_head["effect"], atol=1e-5)  # a linear score splits over positions
     for kwargs, match in [
-        ({"method": "atp", "steps": 2}, "steps is for method='ig' only"),
+        ({"method": "atp", "steps": 2}, "steps and alphas are for method='ig' only"),
+        ({"method": "atp*", "alphas": [0.5]}, "steps and alphas are for method='ig' only"),
         ({"method": "ig", "steps": 0}, "whole number >= 1"),
         ({"method": "ig", "steps": 2.5}, "whole number >= 1"),
+        ({"method": "ig", "steps": 2, "alphas": [0.0, 0.5]}, "not both"),
+        ({"method": "ig", "alphas": [0.5, 1.5]}, "distinct numbers in"),
+        ({"method": "ig", "alphas": []}, "distinct numbers in"),
         ({"method": "ig", "grad_drop": True}, "grad_drop goes with"),
     ]:
         with pytest.raises(HeadlensError, match=match):
             attribution_patching(model, pair, activations=["z"], **kwargs)
+    # a grid given as steps and the same points given as alphas are one estimate; a grid without 0 keeps the
+    # corrupted run's own metric (its extra copy at alpha 0 is left out of the average)
+    by_steps = attribution_patching(model, pair, activations=["z"], method="ig", steps=2)
+    by_points = attribution_patching(model, pair, activations=["z"], method="ig", alphas=[0.0, 0.5])
+    assert by_steps.method == by_points.method == "ig2"
+    assert np.allclose(by_steps.table["effect"], by_points.table["effect"], atol=1e-6)
+    middle = attribution_patching(model, pair, activations=["z"], method="ig", alphas=[0.25, 0.75])
+    assert middle.method == "ig[0.25,0.75]" and middle.corrupted == pytest.approx(by_steps.corrupted, abs=1e-6)
+    assert not np.allclose(middle.table["effect"], by_steps.table["effect"])
 
 
 def test_committed_attribution_benchmarks_meet_the_bar_and_match_the_docs():

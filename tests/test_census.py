@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,6 +14,7 @@ from headlens.census import scores
 from headlens.census.registry import HeadType, register, unregister
 from headlens.census.run import COLUMNS, LABELS, THRESHOLDS, CensusResult, label_heads
 from headlens.data.probes import ProbeSet, default_probes, delimiter_mask, natural_text, repeated_tokens
+from headlens.heads import kv_heads
 
 EXPECTED = {
     (0, 0): "previous_token",  # real weights: constant q/k biases, RoPE phase peaked at distance 1
@@ -85,16 +87,28 @@ def planted_model():
 
     model.add_hook("hook_embed", keep_embed, is_permanent=True)
     model.add_hook(utils.get_act_name("attn_scores", 1), plant, is_permanent=True)
-    set_copying_sign(model, 1, 2, +1)  # an induction head must copy what it attends to
     return model
 
 
-def set_copying_sign(model, layer: int, head: int, sign: int) -> None:
-    """Flip W_O of one head so that its OV copying score has ``sign`` (the score is odd in W_O)."""
-    if float(scores.copying(model)[layer, head]) * sign < 0:
-        with torch.no_grad():
-            model.blocks[layer].attn.W_O[head] *= -1
-    assert float(scores.copying(model)[layer, head]) * sign > 0
+def plant_ov(model, layer: int, head: int, sign: int) -> None:
+    """Tie the unembedding to the embedding, silence block 0's outputs (layer-0 patterns, and so every planted
+    label, stay as they are) and give (layer, head) the OV circuit sign * P P^T (P: the first d_head dimensions): it
+    raises (+1) or pushes down (-1) the token it reads."""
+    d, dh = model.cfg.d_model, model.cfg.d_head
+    proj = torch.eye(d)[:, :dh] * 4.0
+    attn = model.blocks[layer].attn
+    with torch.no_grad():
+        for tensor in (
+            model.blocks[0].attn.W_O,
+            model.blocks[0].attn.b_O,
+            model.blocks[0].mlp.W_out,
+            model.blocks[0].mlp.b_out,
+        ):
+            tensor.zero_()
+        model.unembed.W_U.copy_(model.embed.W_E.T)
+        attn._W_V[kv_heads(model)[head]] = proj
+        attn._b_V.zero_()
+        attn.W_O[head] = sign * proj.T
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +177,7 @@ def test_thresholds_override_and_tie_rules(planted_table):
                 "local": 0.99,
                 "entropy": 0.9,
                 "copying": 0.5,
+                "negative_copying": 0.0,
             }
         ]
     )
@@ -172,15 +187,10 @@ def test_thresholds_override_and_tie_rules(planted_table):
     assert label_heads(frame) == ["duplicate_token"]
     frame["duplicate_token"] = 0.0
     assert label_heads(frame) == ["induction"]
-    frame["copying"] = -0.5  # prefix matching without copying: suppression, not induction
+    frame["negative_copying"] = 0.9  # prefix matching by a head that pushes down the token it reads: suppression
+    frame["copying"] = -0.9  # (the same OV measurement, so copying says so too; the label reads negative_copying)
     assert label_heads(frame) == ["copy_suppression"]
-    frame["negative_copying"] = 0.0  # the effective-embedding OV test overrides the eigenvalue sign: it copies
-    assert label_heads(frame) == ["induction"]
-    frame["negative_copying"] = 0.9  # ... or it pushes down the token it reads
-    frame["copying"] = 0.5
-    assert label_heads(frame) == ["copy_suppression"]
-    frame = frame.drop(columns="negative_copying")
-    frame["copying"] = float("nan")  # no copying evidence: neither
+    frame["negative_copying"] = float("nan")  # no copying evidence: neither
     assert label_heads(frame) == ["previous_token"]
     frame.loc[:, ["previous_token", "induction", "duplicate_token"]] = 0.0
     assert label_heads(frame) == ["first_token"]
@@ -209,21 +219,16 @@ def test_planted_heads_are_confident(planted_result):
     assert (back.lo <= back.n_heads).all() and (back.n_heads == back.hi).all()
 
 
-def test_planted_copy_suppression_head(planted, monkeypatch):
-    """The planted induction head with its OV circuit negated suppresses what it attends to (judged by the eigenvalue
-    sign: its random OV gives the effective-embedding test nothing to find, so that type is left out here; the
-    registry, order included, is restored afterwards)."""
-    from headlens.census import registry
-
-    types = registry.head_types()
-    monkeypatch.setattr(registry, "_REGISTRY", {k: t for k, t in types.items() if k != "negative_copying"})
-    set_copying_sign(planted, 1, 2, -1)
-    try:
-        table = run_census(planted, progress=False, n_boot=20).table
-    finally:
-        set_copying_sign(planted, 1, 2, +1)
-    row = table.set_index(["layer", "head"]).loc[(1, 2)]
-    assert row["label"] == "copy_suppression" and row["induction"] > 0.99 and row["copying"] < 0
+def test_planted_copy_suppression_head():
+    """The planted induction head is copy_suppression when its OV circuit pushes down the token it reads, and
+    induction when it raises it: one OV measurement (copying and negative_copying) decides, and both columns say
+    the same."""
+    model = planted_model()
+    for sign, label in ((-1, "copy_suppression"), (+1, "induction")):
+        plant_ov(model, 1, 2, sign)
+        row = run_census(model, progress=False, n_boot=20).table.set_index(["layer", "head"]).loc[(1, 2)]
+        assert row["label"] == label and row["induction"] > 0.99
+        assert np.sign(row["copying"]) == sign and (row["negative_copying"] >= 0.5) == (sign < 0)
 
 
 def sink_previous_model(sink: float = 0.7):

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from headlens.census.code_heads import bracket_by_depth, bracket_matching, code_scores, identifier
-from headlens.census.ov import attention_to_predicted, negative_copying, own_rank_share, predicted_mask, successor_share
+from headlens.census.code_heads import bracket_by_depth, bracket_matching, closer_to_opener, code_scores, identifier
+from headlens.census.ov import (
+    attention_to_predicted,
+    copying_scores,
+    negative_copying,
+    own_rank_share,
+    predicted_mask,
+    successor_share,
+)
 from headlens.census.positional import positional_overlap, positional_scores
 from headlens.data.code import MIN_GAP, REGION, code_probe
 from headlens.heads import kv_heads
@@ -71,21 +78,53 @@ def plant_copy_heads(model):
         attn.W_O[1] = -proj.T
 
 
-def test_planted_negative_copying_head(one_thread):
+def test_planted_copy_and_suppress_heads_score_one_measurement(one_thread):
     model = tiny_model("qwen2", n_layers=2)
     plant_copy_heads(model)
-    neg = negative_copying(model, n=500)
-    assert neg[1, 1] > 0.9  # the suppressing head ranks nearly every token at the bottom of its own output
-    assert neg[1, 0] < 0.02  # its copying twin never does
-    assert neg[0].max() == 0  # layer 0 writes nothing
+    got = copying_scores(model, n=500)
+    neg, copying = got["negative_copying"], got["copying"]
+    assert neg[1, 1] > 0.9 and copying[1, 1] < -0.9  # the suppressing head ranks nearly every token at its bottom
+    assert neg[1, 0] < 0.02 and copying[1, 0] > 0.9  # its copying twin ranks them at its top
+    assert neg[0].max() == 0 and copying[0].abs().max() == 0  # layer 0 writes nothing
+    assert torch.equal(negative_copying(model, n=500), neg)
+
+
+def eigenvalue_share(model, layer: int, head: int) -> float:
+    """The copying score the census read before (Olsson et al.): sum/abs-sum of the eigenvalues of W_E W_V W_O W_U."""
+    attn = model.blocks[layer].attn
+    with torch.no_grad():
+        w_v = attn._W_V[kv_heads(model)[head]].double()
+        lam = torch.linalg.eigvals(attn.W_O[head].double() @ model.W_U.double() @ model.W_E.double() @ w_v)
+    return float(lam.sum().real / lam.abs().sum())
+
+
+def test_copying_and_negative_copying_agree_where_the_eigenvalue_share_did_not(one_thread):
+    """Block 0 writes minus 50x each token's own embedding (first d_head dims), as a head past block 0 may see it: a
+    layer-1 head with OV +P P^T then has all-positive eigenvalues on the raw embedding (the old ``copying`` said it
+    copies) but pushes down the token it reads. Qwen's L23H2 was such a head (eigenvalue share 0.83, negative
+    copying 0.96). The one measurement now says suppression in both columns; the -P P^T head is its mirror."""
+    model = tiny_model("qwen2", n_layers=2)
+    plant_copy_heads(model)
+    d, dh = model.cfg.d_model, model.cfg.d_head
+    proj = torch.eye(d)[:, :dh]
+    with torch.no_grad():
+        block = model.blocks[0]
+        block.mlp.b_out.zero_()
+        block.attn.b_O.zero_()
+        block.attn._W_V[0] = proj
+        block.attn.W_O[0] = -10.0 * proj.T  # input is RMS-normalised (rms ~ 0.2): about -50 e in those dims
+    assert eigenvalue_share(model, 1, 0) > 0.99 and eigenvalue_share(model, 1, 1) < -0.99
+    got = copying_scores(model, n=500)
+    assert got["negative_copying"][1, 0] > 0.9 and got["copying"][1, 0] < -0.9
+    assert got["negative_copying"][1, 1] < 0.02 and got["copying"][1, 1] > 0.9
 
 
 def test_own_rank_share_on_hand_made_logits():
     logits = torch.randn(2, 50, 50, generator=torch.Generator().manual_seed(0))
     logits[0].diagonal().fill_(-100)
     logits[1].diagonal().fill_(100)
-    share = own_rank_share(logits, lowest=0.02)
-    assert share.tolist() == [1.0, 0.0]
+    top, bottom = own_rank_share(logits, lowest=0.02)
+    assert bottom.tolist() == [1.0, 0.0] and top.tolist() == [0.0, 1.0]
 
 
 def test_attention_to_predicted_earlier_token():
@@ -172,6 +211,46 @@ def test_planted_bracket_head_scores_what_it_matches(one_thread):
     assert sum(counts.values()) == int((probe.opener >= 0).sum())
     pooled = sum(by_depth[d][0] * counts[d] for d in counts) / sum(counts.values())
     assert pooled == pytest.approx(want, abs=0.1)
+
+
+def own_opener_expected(probe, model):
+    """What a head that reads only the most recent opener scores as closer_to_opener: at each scored closer, 1 when
+    that opener is the closer's own, else minus 1 / (other openers before the closer)."""
+    values = []
+    for b in range(probe.n_seqs):
+        openers = probe.is_opener[b].nonzero()[:, 0].tolist()
+        for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():
+            c, own = q + 1, int(probe.opener[b, q])
+            before = [k for k in openers if k < c]
+            latest = max(before)
+            values.append(1.0 if latest == own else -1.0 / max(len(before) - 1, 1))
+    return sum(values) / len(values)
+
+
+def test_planted_closer_head_scores_its_ground_truth(one_thread):
+    """The recency head of the bracket test, read at the closers: it scores exactly the closers whose own opener is the
+    most recent one (nested pairs in between count against it), and every other head scores near 0."""
+    model = tiny_model("qwen2", n_layers=1)
+    plant_bracket_head(model)
+    probe = code_probe(model, seq_len=64, n_seqs=12, min_pairs=3)
+    want = own_opener_expected(probe, model)
+    assert 0.3 < want < 0.95
+    table = code_scores(model, probe).set_index(["layer", "head"])
+    assert table.loc[(0, 0), "closer_to_opener"] == pytest.approx(want, abs=0.05)
+    assert table.drop((0, 0))["closer_to_opener"].abs().max() < 0.1
+    opener_ids = set(bracket_ids(model, BRACKETS))
+    for b in range(probe.n_seqs):  # is_opener marks opening brackets that are their own token
+        assert all(int(probe.tokens[b, k]) in opener_ids for k in probe.is_opener[b].nonzero()[:, 0].tolist())
+
+
+def test_closer_to_opener_on_a_hand_made_pattern():
+    opener = torch.tensor([[-1, -1, -1, -1, 1, -1]])  # position 4 predicts the closer at 5, whose opener is 1
+    is_opener = torch.tensor([[False, True, False, True, False, False]])  # another opener at 3
+    pattern = causal_softmax(torch.zeros(1, 3, 6, 6))
+    pattern[0, 1, 5] = torch.tensor([0.0, 0.7, 0.0, 0.1, 0.0, 0.2])  # own opener, a little on the other
+    pattern[0, 2, 5] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # only the other opener
+    got = closer_to_opener(pattern, opener, is_opener)[0]
+    assert got.tolist() == pytest.approx([1 / 6 - 1 / 6, 0.6, -1.0])
 
 
 def test_code_probe_marks_real_brackets_and_names(tiny_qwen):

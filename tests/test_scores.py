@@ -1,13 +1,12 @@
-"""Scores against hand-made patterns with known answers, and the copying score against the explicit OV circuit."""
+"""Scores against hand-made patterns with known answers (OV copying scores: tests/test_head_types.py)."""
 
 import math
 
 import pytest
 import scipy.stats
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from headlens import HeadlensError, tiny_model
+from headlens import HeadlensError
 from headlens.census import scores
 
 
@@ -117,60 +116,3 @@ def test_entropy_matches_scipy_and_its_extremes():
 def test_scores_average_over_batch():
     pattern = torch.cat([heads(PREV, SINK), heads(SINK, SINK)], dim=0)
     assert scores.previous_token(pattern).tolist() == pytest.approx([(1 + 1 / (POS - 1)) / 2, 1 / (POS - 1)])
-
-
-def explicit_copying(model, layer: int, head: int) -> float:
-    """Σλ/Σ|λ| of the explicit vocab x vocab circuit W_E W_V W_O W_U (fine for a small vocab)."""
-    attn = model.blocks[layer].attn
-    group = model.cfg.n_heads // model.cfg.n_key_value_heads
-    w_v = attn._W_V[head // group].double()
-    full = model.W_E.double() @ w_v @ attn.W_O[head].double() @ model.W_U.double()
-    lam = torch.linalg.eigvals(full)
-    return (lam.sum().real / lam.abs().sum()).item()
-
-
-def small_vocab_gqa_model(seed: int = 0) -> HookedTransformer:
-    """Random 2-layer GQA model (4 q heads, 2 kv heads, d_head 8) with a 96-token vocab, so the explicit circuit is cheap."""
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        d_head=8,
-        n_heads=4,
-        n_key_value_heads=2,
-        d_vocab=96,
-        n_ctx=32,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        gated_mlp=True,
-        d_mlp=64,
-        seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
-
-
-def test_copying_matches_the_explicit_ov_circuit_per_q_head():
-    model = small_vocab_gqa_model()
-    got = scores.copying(model)
-    assert got.shape == (2, 4)
-    for layer in range(2):
-        for head in range(4):
-            assert got[layer, head].item() == pytest.approx(explicit_copying(model, layer, head), abs=1e-5)
-    assert len(set(got[0].tolist())) == 4  # heads sharing a kv head still get their own W_O
-    assert got.abs().max() < 0.9  # random heads: neither pure copying nor pure suppression
-
-
-def test_copying_planted_copy_and_suppress_heads():
-    model = tiny_model("qwen2", seed=0)
-    with torch.no_grad():
-        model.W_U.copy_(model.W_E.T)
-        attn = model.blocks[0].attn
-        attn.W_O[0] = attn._W_V[0].T  # head 0 (kv 0): W_E W_V W_V^T W_E^T is positive semi-definite
-        attn.W_O[2] = -attn._W_V[1].T  # head 2 (kv 1): negative semi-definite
-    got = scores.copying(model)
-    assert got[0, 0].item() == pytest.approx(1.0, abs=1e-5)
-    assert got[0, 2].item() == pytest.approx(-1.0, abs=1e-5)

@@ -1,11 +1,13 @@
 """Causal validation and null calibration on a planted tiny model (the real-Qwen numbers live in analyses/)."""
 
 import numpy as np
+import pytest
 from test_census import planted_model
 
+from headlens import HeadlensError
 from headlens.census.calibrate import null_levels, null_scores, random_weights_model
 from headlens.census.run import run_census
-from headlens.census.validate import causal_validation
+from headlens.census.validate import LABEL_TASKS, TASKS, causal_validation, verdict
 from headlens.data.probes import default_probes
 
 
@@ -35,10 +37,26 @@ def test_causal_validation_table():
     model = planted_model()
     table = run_census(model, default_probes(model, seed=0, n_seqs=4, n=16, seq_len=40), progress=False, n_boot=0).table
     result = causal_validation(
-        model, table, labels=["induction", "previous_token"], n_random=3, n_seqs=2, progress=False
+        model, table, labels=["induction", "previous_token", "first_token"], n_random=3, n_seqs=2, progress=False
     )
-    assert result["label"].tolist() == ["induction", "previous_token"]
-    assert (result.n_heads == 1).all() and result["heads"].tolist() == ["L1H2", "L0H0"]
+    assert result["label"].tolist() == ["induction", "previous_token", "first_token"]
+    assert result["heads"].tolist()[:2] == ["L1H2", "L0H0"] and (result.n_heads[:2] == 1).all()
+    assert (result.task[:2] == "repeat_loss").all() and result.behaviour.str.len().gt(10).all()
     row = result.iloc[0]
     assert row.ratio_lo <= row.ratio <= row.ratio_hi or not np.isfinite(row.ratio)
     assert 0.0 <= row.p_random_ge <= 1.0
+    assert set(result.verdict[:2]) <= {"supported", "no evidence"} and result.verdict[2] == "descriptive"
+    assert row.verdict == verdict(row.expected_sign, row.target_effect, np.array([row.random_min, row.random_max]))
+    with pytest.raises(HeadlensError, match="no behaviour is defined"):
+        causal_validation(model, table, labels=["broad"], n_random=3, progress=False)
+
+
+def test_verdict_needs_the_expected_direction_and_every_random_set_beaten():
+    assert verdict(1, 0.5, np.array([0.1, 0.4])) == "supported"
+    assert verdict(1, 0.5, np.array([0.1, 0.5])) == "no evidence"  # a random set as large
+    assert verdict(-1, -0.5, np.array([-0.1, 0.2])) == "supported"
+    assert verdict(-1, 0.5, np.array([0.6, 0.7])) == "no evidence"  # wrong direction
+    assert set(LABEL_TASKS) >= {"previous_token", "closer_to_opener", "bracket_matching", "first_token"}
+    assert LABEL_TASKS["previous_token"].task == "repeat_loss"  # the induction task, not next-token text loss
+    assert LABEL_TASKS["first_token"].task is None  # descriptive: no causal claim
+    assert all(spec.task is None or spec.task in TASKS for spec in LABEL_TASKS.values())

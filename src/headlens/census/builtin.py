@@ -1,7 +1,7 @@
 """The built-in head types, defined in one place and registered by :mod:`headlens.census` when it is imported.
 
 Tier 1 holds the specific behaviours (previous-token, duplicate-token, induction, copy suppression, delimiter,
-successor, bracket matching, identifier), tier 2 the bulk ones (first-token sink, local), tier 3 positional;
+successor, bracket matching, closer-to-opener, identifier), tier 2 the bulk ones (first-token sink, local), tier 3 positional;
 tier 9 types are score columns only (``label=False``). Registration order is the column order of the census.
 """
 
@@ -25,15 +25,13 @@ def _repeat_n(probe, rows: slice) -> Tensor:
 
 
 def _evidence(cols: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(known, suppresses) per head. The effective-embedding OV test (headlens.census.ov.negative_copying: the
-    head pushes down the very token it reads) where it exists; the eigenvalue sign of W_E W_V W_O W_U only for
-    models without it (no tokenizer). The eigenvalue sign alone called Qwen's layer-16 induction heads
-    suppressive, yet ablating them costs 2.5 nats of in-context copying (census_trust, first run)."""
-    eig = np.asarray(cols["copying"], dtype=float)
-    neg = np.asarray(cols.get("negative_copying", np.full_like(eig, np.nan)), dtype=float)
-    use = np.isfinite(neg)
-    known = use | np.isfinite(eig)
-    return known, np.where(use, neg >= s.NEGATIVE_COPYING, eig < 0) & known
+    """(known, suppresses) per head, from the one OV copying measurement (:mod:`headlens.census.ov`): a head
+    suppresses when it ranks at least half the sampled tokens in the bottom 1 % of its own OV output
+    (``negative_copying`` >= 0.5). The eigenvalue sign of W_E W_V W_O W_U, used here before, called Qwen's layer-16
+    induction heads suppressive, yet ablating them costs 2.5 nats of in-context copying (census_trust, first run)."""
+    neg = np.asarray(cols.get("negative_copying", np.full(len(next(iter(cols.values()))), np.nan)), dtype=float)
+    known = np.isfinite(neg)
+    return known, known & (np.nan_to_num(neg) >= s.NEGATIVE_COPYING)
 
 
 def _suppresses(cols: dict) -> np.ndarray:
@@ -68,7 +66,7 @@ def _predicted_score(pattern, probe, rows):
 
 def _not_positional(eff: dict) -> np.ndarray:
     """A bracket head reads where the opener is; a positional head (content-free, e.g. always 6 back) can hit the
-    opener's region by its distance alone, so it is not labelled bracket_matching."""
+    opener (or its region) by its distance alone, so it is labelled neither bracket_matching nor closer_to_opener."""
     score = eff.get("positional")
     if score is None:
         return np.ones(len(next(iter(eff.values()))), dtype=bool)
@@ -123,10 +121,11 @@ def builtin_types() -> list[HeadType]:
         HeadType(
             "copying",
             WEIGHTS,
-            s.copying,
+            lambda m: ov.census_copying(m)["copying"],
             1.0,
             9,
-            "OV circuit eigenvalue share: +1 copies what it attends to, -1 suppresses (a score only)",
+            "share of tokens the OV circuit ranks at the top of its own output minus the share at the bottom: +1"
+            " copies what it attends to, -1 suppresses it (a score only)",
             "#17becf",
             label=False,
         ),
@@ -190,6 +189,18 @@ def builtin_types() -> list[HeadType]:
             requires=_not_positional,
         ),
         HeadType(
+            "closer_to_opener",
+            "code",
+            lambda p, probe, rows: code_heads.closer_to_opener(
+                p, probe.opener[rows], probe.is_opener[rows]
+            ).nan_to_num(),
+            code_heads.THRESHOLDS["closer_to_opener"],
+            1,
+            "a closing bracket -> its own opener, beyond its attention on other openers, on stdlib code",
+            "#17a589",
+            requires=_not_positional,
+        ),
+        HeadType(
             "identifier",
             "code",
             lambda p, probe, rows: code_heads.identifier(p, probe.ident[rows]).nan_to_num(),
@@ -210,7 +221,7 @@ def builtin_types() -> list[HeadType]:
         HeadType(
             "negative_copying",
             WEIGHTS,
-            _needs_tokenizer(lambda m: ov.negative_copying(m, n=ov.CENSUS_COPY_SAMPLE)),
+            lambda m: ov.census_copying(m)["negative_copying"],
             ov.THRESHOLDS["negative_copying"],
             9,
             "share of tokens the OV circuit ranks at the bottom of its own output (a score only)",

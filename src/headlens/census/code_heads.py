@@ -10,6 +10,10 @@ own ``tokenize``). Scores (per sequence, then averaged like the census's):
   closer's own attention to its opener (a head at the closer cannot help predict it), then the opener token alone
   from the token before the closer (on Qwen it labelled L20H4 only, while the layer-20 head that matters most for
   closers, L20H0, reads the callee's name and the opener: about 0.1 on the opener alone, 0.30 on the region).
+- ``closer_to_opener``: attention from a closing bracket to its own opener minus its mean attention on each other
+  opening bracket before it (same window), mean over scored closers: 0 for a head that reads every opener alike or
+  none, up to 1 for one that reads only the matching opener. The query is the closer itself, so what such a head can
+  change is the prediction of the token *after* the closer (its causal check), not the closer.
 - ``identifier``: attention from a use of a name to the earlier occurrences of that name, mean over uses.
 """
 
@@ -25,7 +29,7 @@ from headlens.data.code import REGION, CodeProbe, code_probe
 from headlens.engine.capture import stream_patterns
 from headlens.heads import head_frame
 
-THRESHOLDS = {"bracket_matching": 0.25, "identifier": 0.3}
+THRESHOLDS = {"bracket_matching": 0.25, "identifier": 0.3, "closer_to_opener": 0.1}
 """bracket_matching at 0.25, 3.1x its random-weights null maximum (0.080, three keys): at 0.3 four Qwen heads scoring
 0.26-0.33 changed label between seeds (``analyses/results/census_trust``)."""
 
@@ -53,6 +57,31 @@ def bracket_matching(
     return (_region_attention(pattern, opener) * w).sum(-1) / w.sum(-1)
 
 
+def closer_queries(opener: Int[Tensor, "batch q"]) -> Int[Tensor, "batch q"]:
+    """``opener`` moved to the closer: at position c, the opener of the scored closer at c (-1 elsewhere)."""
+    out = torch.full_like(opener, -1)
+    out[:, 1:] = opener[:, :-1]
+    return out
+
+
+def closer_to_opener(
+    pattern: Float[Tensor, "batch head q k"], opener: Int[Tensor, "batch q"], is_opener: Bool[Tensor, "batch k"]
+) -> Float[Tensor, "batch head"]:
+    """Per sequence: at each scored closer, attention on its own opener minus the mean attention on each other opener
+    before it (0 when there is none), mean over scored closers (NaN for a sequence without one)."""
+    at = closer_queries(opener.to(pattern.device))
+    n_q, n_k = pattern.shape[-2:]
+    own = torch.zeros(at.shape[0], n_q, n_k, dtype=torch.bool, device=pattern.device)
+    own.scatter_(-1, at.clamp_min(0)[..., None], at[..., None] >= 0)
+    before = torch.ones(n_q, n_k, dtype=torch.bool, device=pattern.device).tril(-1)
+    others = is_opener.to(pattern.device)[:, None, :] & before & ~own  # [batch, q, k]
+    on_own = torch.einsum("bhqk,bqk->bhq", pattern, own.to(pattern.dtype))
+    n_other = others.sum(-1).clamp_min(1).to(pattern.dtype)[:, None]
+    on_other = torch.einsum("bhqk,bqk->bhq", pattern, others.to(pattern.dtype)) / n_other
+    w = (at >= 0)[:, None].to(pattern.dtype)
+    return ((on_own - on_other) * w).sum(-1) / w.sum(-1)
+
+
 def identifier(
     pattern: Float[Tensor, "batch head q k"], ident: Bool[Tensor, "batch q k"]
 ) -> Float[Tensor, "batch head"]:
@@ -61,19 +90,26 @@ def identifier(
 
 
 def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, seed: int = 0, progress: bool = False):
-    """Per head: bracket_matching and identifier scores on ``probe`` (default :func:`code_probe` with ``seed``)."""
+    """Per head: bracket_matching, closer_to_opener and identifier scores on ``probe`` (default :func:`code_probe`
+    with ``seed``)."""
     probe = code_probe(model, seed=seed) if probe is None else probe
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("bracket_matching", "identifier")}
+    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("bracket_matching", "closer_to_opener", "identifier")}
 
     def reduce(layer, pattern, rows):
         sums["bracket_matching"][layer] += bracket_matching(pattern, probe.opener[rows]).double().cpu().sum(0)
+        closer = closer_to_opener(pattern, probe.opener[rows], probe.is_opener[rows])
+        sums["closer_to_opener"][layer] += closer.double().cpu().nan_to_num().sum(0)
         sums["identifier"][layer] += identifier(pattern, probe.ident[rows]).double().cpu().nan_to_num().sum(0)
 
     stream_patterns(model, probe.tokens, reduce, progress=progress, desc="code heads")
     n_ident = int((probe.ident.any(-1).any(-1)).sum())
+    n_closer = int((probe.opener >= 0).any(-1).sum())
     return head_frame(
-        model, bracket_matching=sums["bracket_matching"] / probe.n_seqs, identifier=sums["identifier"] / max(n_ident, 1)
+        model,
+        bracket_matching=sums["bracket_matching"] / probe.n_seqs,
+        closer_to_opener=sums["closer_to_opener"] / max(n_closer, 1),
+        identifier=sums["identifier"] / max(n_ident, 1),
     )
 
 

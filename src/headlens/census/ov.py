@@ -10,9 +10,14 @@ itself and MLP 0), RMS-normalised as the head's input is (layer norms are folded
 output for token t is ``norm(eff(t)) W_V W_O`` and its effect on the logits is that times ``W_U``
 (the final norm scales a row and does not change ranks within it).
 
-- ``negative_copying``: over a fixed sample of ordinary word tokens, the share of tokens t whose own logit
-  is in the lowest 1 % of the head's OV output for t over that sample (McDougall et al. 2023 report 85 % of
-  tokens in the bottom 10 of the vocabulary for GPT-2's L10H7).
+- ``copying`` and ``negative_copying``, one measurement: over a fixed sample of ordinary word tokens (any token ids
+  for a model without a tokenizer), the share of tokens t whose own logit is in the highest (``top``) and in the
+  lowest (``negative_copying``) 1 % of the head's OV output for t over that sample; ``copying = top -
+  negative_copying`` in [-1, 1]: +1 the head raises the very token it reads, -1 it pushes it down (McDougall et al.
+  2023 report 85 % of tokens in the bottom 10 of the vocabulary for GPT-2's L10H7). The census used to take
+  ``copying`` from the eigenvalues of W_E W_V W_O W_U instead; that reads the raw embedding, which is not what a
+  head past block 0 sees, and it called L23H2 copying (0.83) while this test called it suppressing (0.96; ablating
+  it lowers the repeated-half loss, as a suppressor's should).
 - ``attention_to_predicted`` (pattern score): on natural text, for each query whose next-token prediction
   (the whole model's top-1) already occurs earlier in the sequence, the attention on those earlier
   occurrences (mean over such queries).
@@ -92,12 +97,17 @@ def ov_logits(
         return (out @ model.W_U[:, targets.to(model.W_U.device)]).float().cpu()
 
 
-def own_rank_share(logits: Float[Tensor, "head n n"], *, lowest: float = 0.01) -> Float[Tensor, " head"]:
-    """Share of rows t whose own entry (column t) is among the ``lowest`` fraction of the row (negative copying)."""
+def own_rank_share(
+    logits: Float[Tensor, "head n n"], *, lowest: float = 0.01
+) -> tuple[Float[Tensor, " head"], Float[Tensor, " head"]]:
+    """Shares of rows t whose own entry (column t) is among the highest / the lowest ``lowest`` fraction of the row
+    (copying / negative copying; ties count against the token)."""
     n = logits.shape[-1]
     own = logits.diagonal(dim1=-2, dim2=-1)[..., None]
-    rank_from_bottom = (logits <= own).sum(-1) - 1  # other targets at or below the token itself (ties count against it)
-    return (rank_from_bottom < max(1, int(round(lowest * n)))).float().mean(-1)
+    cut = max(1, int(round(lowest * n)))
+    from_bottom = (logits <= own).sum(-1) - 1  # other targets at or below the token itself
+    from_top = (logits >= own).sum(-1) - 1  # other targets at or above it
+    return (from_top < cut).float().mean(-1), (from_bottom < cut).float().mean(-1)
 
 
 def successor_share(logits: Float[Tensor, "head n m"], successor: Int[Tensor, " n"]) -> Float[Tensor, " head"]:
@@ -143,21 +153,45 @@ def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
 
 
 def copy_sample(model: HookedTransformer, n: int = 2000, seed: int = 0) -> Int[Tensor, " n"]:
-    """A fixed sample of ordinary word tokens for OV copying scores."""
-    pool = word_token_ids(model)
+    """A fixed sample of ordinary word tokens for OV copying scores (of all token ids without a tokenizer)."""
+    has_tokenizer = getattr(model, "tokenizer", None) is not None
+    pool = word_token_ids(model) if has_tokenizer else torch.arange(model.cfg.d_vocab)
     gen = torch.Generator().manual_seed(seed)
     return pool[torch.randperm(len(pool), generator=gen)[: min(n, len(pool))]].sort().values
+
+
+def copying_scores(
+    model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
+) -> dict[str, Float[Tensor, "layer head"]]:
+    """``{"copying", "negative_copying"}`` of every head from one pass over its OV logits (module docstring)."""
+    ids = copy_sample(model, n, seed)
+    eff = effective_embedding(model, ids)
+    shares = [own_rank_share(ov_logits(model, layer, eff, ids), lowest=lowest) for layer in range(model.cfg.n_layers)]
+    top = torch.stack([t for t, _ in shares])
+    bottom = torch.stack([b for _, b in shares])
+    return {"copying": top - bottom, "negative_copying": bottom}
 
 
 def negative_copying(
     model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
 ) -> Float[Tensor, "layer head"]:
     """Share of sampled word tokens that each head's OV circuit ranks in the lowest ``lowest`` of its own output."""
-    ids = copy_sample(model, n, seed)
-    eff = effective_embedding(model, ids)
-    return torch.stack(
-        [own_rank_share(ov_logits(model, layer, eff, ids), lowest=lowest) for layer in range(model.cfg.n_layers)]
-    )
+    return copying_scores(model, n=n, lowest=lowest, seed=seed)["negative_copying"]
+
+
+_CACHE: dict = {}
+
+
+def census_copying(model: HookedTransformer) -> dict[str, Float[Tensor, "layer head"]]:
+    """copying_scores(model, n=CENSUS_COPY_SAMPLE), computed once per model state (two census columns)."""
+    with torch.inference_mode():
+        tensors = (model.W_E, model.W_V, model.W_O, model.W_U, model.blocks[0].attn.W_O, model.blocks[0].mlp.W_out)
+        fingerprint = tuple(float(f(t.double())) for t in tensors for f in (torch.sum, lambda x: x.abs().sum()))
+    key = (id(model), fingerprint)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = copying_scores(model, n=CENSUS_COPY_SAMPLE)
+    return _CACHE[key]
 
 
 # ---------------------------------------------------------------- attention to the predicted token
@@ -182,10 +216,10 @@ def attention_to_predicted(
 def copy_suppression_scores(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"] | None = None, *, seed: int = 0, progress: bool = False
 ) -> pd.DataFrame:
-    """Per head: attention_to_predicted (on ``tokens``, default 4 x 128 natural-text tokens), negative_copying, and
-    their product copy_suppression (module doc)."""
+    """Per head: attention_to_predicted (on ``tokens``, default 4 x 128 prose tokens of the ``score`` split),
+    negative_copying, and their product copy_suppression (module doc)."""
     if tokens is None:
-        tokens = natural_text(model, seq_len=128, n_seqs=4, seed=seed).tokens
+        tokens = natural_text(model, seq_len=128, n_seqs=4, seed=seed, split="score").tokens
     mask = predicted_mask(tokens, model_predictions(model, tokens))
     L, H = model.cfg.n_layers, model.cfg.n_heads
     sums, weight = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, 1, dtype=torch.float64)

@@ -71,9 +71,10 @@ def _usable_ids(model: HookedTransformer) -> Tensor:
 def natural_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
-    """``n_seqs`` windows of the packaged prose corpus (:func:`headlens.data.probes.natural_text`, seeded)."""
+    """``n_seqs`` windows of prose from the ``score`` split (:func:`headlens.data.probes.natural_text`, seeded): the
+    positional census column is measured where every census score is, never on causal checks' files."""
 
-    return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed).tokens
+    return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score").tokens
 
 
 def random_tokens(

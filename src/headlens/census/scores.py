@@ -24,9 +24,8 @@ Definitions (the same as the README's and docs/head_types.md's):
   queries i > window (those with at least one key outside the window).
 - ``entropy``: Shannon entropy of each query's attention divided by log(#keys) = log(i + 1), queries
   i >= 1; 1 = uniform over the causal prefix, 0 = all on one key.
-- ``copying`` (model-level): Σλ / Σ|λ| over the eigenvalues λ of the full OV circuit W_E·W_V·W_O·W_U
-  (Elhage et al. 2021; Olsson et al. 2022): +1 when all eigenvalues are positive (the head copies the
-  tokens it attends to), -1 when it suppresses them.
+- ``copying`` (model-level) is in :mod:`headlens.census.ov`: the own-token rank test through the effective
+  embedding, one measurement with ``negative_copying``.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from __future__ import annotations
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError
 
@@ -163,20 +161,6 @@ def local(pattern: Float[Tensor, "batch head q k"], window: int = LOCAL_WINDOW) 
 def entropy(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
     """Attention entropy of each query divided by log(#keys), averaged over queries with >= 2 keys."""
     return entropy_seq(pattern).mean(0)
-
-
-def copying(model: HookedTransformer) -> Float[Tensor, "layer head"]:
-    """Copying score Σλ/Σ|λ| of each head's OV circuit W_E W_V W_O W_U, from its d_head x d_head factored form.
-
-    The nonzero eigenvalues of (W_E W_V)(W_O W_U) are those of W_O (W_U W_E) W_V, so only the
-    d_model x d_model product W_U W_E is formed (never vocab x vocab); ``model.OV`` is TL's
-    ``FactoredMatrix`` with per-q-head (GQA-expanded) W_V.
-    """
-    with torch.inference_mode():
-        unembed_embed = model.W_U @ model.W_E
-        eig = (model.OV @ unembed_embed).BA.double()
-        lam = torch.linalg.eigvals(eig)
-        return (lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-30)).float().cpu()
 
 
 def _repeat_offset(pattern: Tensor, n, *, shift: int) -> Tensor:

@@ -2,7 +2,8 @@
 
 Importing this package registers the built-in probe kinds, in the order :func:`headlens.data.probes.default_probes`
 builds them: ``repeated``, ``natural``, ``delimiter``, ``predicted`` (opt-in: it needs a forward with the
-unembedding) and ``code``. The folder also holds the package's data files (``corpus.txt``, the toy checkpoint).
+unembedding) and ``code``. The text kinds draw from the ``score`` split of the corpus, seed ``s`` taking the ``s``-th
+block of its windows (:mod:`headlens.data.corpus`): seeds never share a window, and causal checks read other files. The folder also holds the package's data files (``corpus.txt``, the toy checkpoint).
 """
 
 from headlens.data.code import code_probe_builder
@@ -15,11 +16,11 @@ def _repeated(model, *, seed, n_seqs, seq_len):
 
 
 def _natural(model, *, seed, n_seqs, seq_len):
-    return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed)
+    return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score")
 
 
 def _delimiter(model, *, seed, n_seqs, seq_len):
-    return delimiter_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed)
+    return delimiter_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score")
 
 
 for _kind, _builder in (

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from headlens.data.corpus import disjoint_starts, split_documents, window_block
 from headlens.data.probes import Probe, delimiter_mask
 from headlens.errors import HeadlensError
 
@@ -41,30 +42,8 @@ MIN_GAP = 5
 region (opener + ``REGION``) is beyond the local window of 3 keys."""
 REGION = 1
 """The bracket score counts the keys from opener - REGION to opener + REGION."""
-STDLIB_FILES = (
-    "json/decoder.py",
-    "json/encoder.py",
-    "textwrap.py",
-    "argparse.py",
-    "dataclasses.py",
-    "functools.py",
-    "difflib.py",
-    "pprint.py",
-    "shlex.py",
-    "csv.py",
-    "fractions.py",
-    "heapq.py",
-    "bisect.py",
-    "string.py",
-    "calendar.py",
-    "configparser.py",
-    "ipaddress.py",
-    "statistics.py",
-    "tokenize.py",
-    "ast.py",
-)
 OPEN, CLOSE = "([{", ")]}"
-_FILE_CACHE: dict = {}  # (id(tokenizer), file, length) -> its token ids, offsets, bracket pairs and names
+_FILE_CACHE: dict = {}  # (id(tokenizer), file, length) -> its token ids, offsets, bracket pairs, names and openers
 
 
 @dataclass(frozen=True)
@@ -74,18 +53,18 @@ class CodeProbe(Probe):
     ``opener[b, q]``: when token q + 1 is a scored closing bracket, the position of its opener, else -1;
     ``depth[b, q]``: that pair's nesting depth (0 elsewhere); ``closer[b, q]``: token q + 1 starts with a closing
     bracket whose opener is in the window, >= ``MIN_GAP`` tokens before q (a superset of ``opener >= 0``);
-    ``ident[b, q, k]``: key k is an earlier occurrence of the name used at q; ``files``: ``"file.py@token"``
-    where each window starts.
+    ``is_opener[b, k]``: token k is an opening bracket that is its own token; ``ident[b, q, k]``: key k is an
+    earlier occurrence of the name used at q; ``sources``: ``"file.py@token"`` where each window starts.
     """
 
     opener: Tensor | None = None
     closer: Tensor | None = None
     depth: Tensor | None = None
+    is_opener: Tensor | None = None
     ident: Tensor | None = None
-    files: tuple[str, ...] = ()
 
 
-def stdlib_sources(names=STDLIB_FILES) -> dict[str, str]:
+def stdlib_sources(names) -> dict[str, str]:
     """The named standard-library files' text (the running Python's; recorded with results as ``sys.version``)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out = {}
@@ -139,7 +118,10 @@ def _file_arrays(tokenizer, text: str):
         toks = sorted({char_tok[c] for c in range(a, b) if c in char_tok})
         own = len(toks) == 1 and pieces[toks[0]].strip() == name
         occurrences.append((toks, name, own))
-    return ids, offsets, closers, occurrences
+    openers = sorted(
+        {char_tok[a] for a, _, _ in pairs if char_tok.get(a) is not None and pieces[char_tok[a]].strip() == text[a]}
+    )
+    return ids, offsets, closers, occurrences, openers
 
 
 def code_probe(
@@ -148,13 +130,15 @@ def code_probe(
     seq_len: int = 128,
     n_seqs: int = 8,
     seed: int = 0,
-    files=STDLIB_FILES,
+    split: str = "score",
     min_pairs: int = 2,
-    exclude=(),
 ) -> CodeProbe:
-    """``n_seqs`` windows of stdlib code, each starting at a line start and holding >= ``min_pairs`` bracket pairs (seeded).
+    """``n_seqs`` windows of stdlib code from one held-out ``split``, each starting at a line start and holding
+    >= ``min_pairs`` scored bracket pairs.
 
-    ``exclude``: windows not to draw (``"file.py@token"``, e.g. another probe's ``files``), for held-out data.
+    The split's files come in a fixed order (:func:`headlens.data.corpus.split_documents`), each file's windows are
+    disjoint, and seed ``s`` takes block ``s`` of that order (:func:`headlens.data.corpus.window_block`): two seeds
+    never share a token, two splits never share a file (``eval`` for causal checks, ``reference`` for ablation means).
     """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -163,34 +147,41 @@ def code_probe(
         raise HeadlensError(
             f"code probe: need 8 <= seq_len <= n_ctx={model.cfg.n_ctx} and n_seqs >= 1 (got {seq_len}, {n_seqs})"
         )
-    candidates = []
-    for name, text in stdlib_sources(files).items():
-        key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), name, len(text))
-        if key not in _FILE_CACHE:
-            _FILE_CACHE[key] = _file_arrays(tokenizer, text)
-        ids, offsets, closers, occ = _FILE_CACHE[key]
-        starts = [t for t, (a, _) in enumerate(offsets) if (a == 0 or text[a - 1] == "\n") and t + seq_len <= len(ids)]
-        scored = [(c, o) for c, (o, _, is_scored) in closers.items() if is_scored]
-        opens = np.array([o for _, o in scored])
-        closes = np.array([c for c, _ in scored])
-        for s in starts[:: max(1, len(starts) // 200)]:
-            if f"{name}@{s}" in exclude:
-                continue
-            if int(((opens >= s) & (closes + 1 < s + seq_len)).sum()) >= min_pairs:
-                candidates.append((name, s, ids, closers, occ))
-    if len(candidates) < n_seqs:
-        raise HeadlensError(
-            f"code probe: only {len(candidates)} windows with >= {min_pairs} bracket pairs; lower batch or min_pairs"
-        )
-    gen = torch.Generator().manual_seed(int(seed) * 1000 + 7)
-    chosen = [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:n_seqs].tolist()]
+    arrays = {}
+
+    def candidates():
+        for doc in split_documents("code", split, "code"):
+            key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), doc.name, len(doc.text))
+            if key not in _FILE_CACHE:
+                _FILE_CACHE[key] = _file_arrays(tokenizer, doc.text)
+            ids, offsets, closers, occ, openers = arrays[doc.name] = _FILE_CACHE[key]
+            text = doc.text
+            scored = np.array([(c, o) for c, (o, _, is_scored) in closers.items() if is_scored]).reshape(-1, 2)
+            starts = [
+                t
+                for t, (a, _) in enumerate(offsets)
+                if (a == 0 or text[a - 1] == "\n")
+                and t + seq_len <= len(ids)
+                and int(((scored[:, 1] >= t) & (scored[:, 0] + 1 < t + seq_len)).sum()) >= min_pairs
+            ]
+            yield doc.name, disjoint_starts(starts, seq_len)
+
+    try:
+        chosen = window_block(candidates(), n_seqs=n_seqs, block=seed)
+    except HeadlensError as err:
+        raise HeadlensError(f"code probe ({split} split, >= {min_pairs} bracket pairs per window): {err}") from None
     tokens = torch.zeros(n_seqs, seq_len, dtype=torch.long)
     opener_t = torch.full((n_seqs, seq_len), -1, dtype=torch.long)
     depth_t = torch.zeros(n_seqs, seq_len, dtype=torch.long)
     closer_t = torch.zeros(n_seqs, seq_len, dtype=torch.bool)
+    is_opener = torch.zeros(n_seqs, seq_len, dtype=torch.bool)
     ident = torch.zeros(n_seqs, seq_len, seq_len, dtype=torch.bool)
-    for b, (_, s, ids, closers, occ) in enumerate(chosen):
+    for b, (name, s) in enumerate(chosen):
+        ids, _, closers, occ, openers = arrays[name]
         tokens[b] = torch.tensor(ids[s : s + seq_len])
+        for o in openers:
+            if s <= o < s + seq_len:
+                is_opener[b, o - s] = True
         for c, (o, depth, is_scored) in closers.items():
             if s <= o and c + 1 < s + seq_len:
                 closer_t[b, c - s] = True
@@ -203,18 +194,29 @@ def code_probe(
             if own and seen.get(nm):
                 ident[b, toks[0] - s, seen[nm]] = True
             seen.setdefault(nm, []).extend(t - s for t in toks)
-    files = tuple(f"{c[0]}@{c[1]}" for c in chosen)
+    sources = tuple(f"{name}@{s}" for name, s in chosen)
     mask = delimiter_mask(tokenizer, tokens)
-    return CodeProbe("code", tokens, mask, opener=opener_t, depth=depth_t, closer=closer_t, ident=ident, files=files)
+    return CodeProbe(
+        "code",
+        tokens,
+        mask,
+        sources=sources,
+        opener=opener_t,
+        depth=depth_t,
+        closer=closer_t,
+        is_opener=is_opener,
+        ident=ident,
+    )
 
 
 def code_probe_builder(model: HookedTransformer, *, seed: int, n_seqs: int, seq_len: int) -> CodeProbe:
-    """The census's ``code`` probe: :func:`code_probe` (at least 2 scored bracket pairs per window when they are long).
+    """The census's ``code`` probe: :func:`code_probe` on the ``score`` split, windows with a scored bracket pair.
 
-    Scored pairs are rare (about 300 in the 20 files: most brackets merge into tokens such as ``()`` or ``):``),
-    so of the sampled line-start windows of 128 tokens 168 hold two or more, and 9 hold four.
+    Scored pairs are rare (2,839 in the 416 usable stdlib files for Qwen's tokenizer: most brackets merge into tokens
+    such as ``()`` or ``):``). The score split holds 1,381 disjoint 128-token windows with one or more, but only 332
+    with two or more: too few for seeds that never share a window.
     """
-    return code_probe(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, min_pairs=2 if seq_len >= 96 else 1)
+    return code_probe(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score", min_pairs=1)
 
 
 def python_version() -> str:

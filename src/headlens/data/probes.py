@@ -302,17 +302,35 @@ def word_tokens(tokenizer) -> tuple[int, ...]:
 
 
 def natural_text(
-    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, n_seqs: int = 4, seed: int = 0, text: str | None = None
+    model: HookedTransformer,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    n_seqs: int = 4,
+    seed: int = 0,
+    text: str | None = None,
+    split: str | None = None,
 ) -> Probe:
-    """``n_seqs`` non-overlapping ``seq_len``-token windows of prose: ``text``, or the Python reference docs (seeded)."""
-    return _text_probe(model, "natural", seq_len, n_seqs, seed, text)
+    """``n_seqs`` non-overlapping ``seq_len``-token windows of prose: ``text``, or the Python reference docs (seeded).
+
+    ``split`` (``score``, ``eval``, ``reference``: :mod:`headlens.data.corpus`) draws instead from that held-out split
+    of the reference docs and the stdlib's docstrings, seed ``s`` taking the ``s``-th block of the split's windows:
+    different seeds never share a window, different splits never share a file. Without it windows of two seeds may
+    overlap.
+    """
+    return _text_probe(model, "natural", seq_len, n_seqs, seed, text, split)
 
 
 def delimiter_text(
-    model: HookedTransformer, *, seq_len: int = DEFAULT_SEQ_LEN, n_seqs: int = 4, seed: int = 0, text: str | None = None
+    model: HookedTransformer,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    n_seqs: int = 4,
+    seed: int = 0,
+    text: str | None = None,
+    split: str | None = None,
 ) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
-    return _text_probe(model, "delimiter", seq_len, n_seqs, seed, text)
+    return _text_probe(model, "delimiter", seq_len, n_seqs, seed, text, split)
 
 
 def _check_text(text, kind: str) -> str:
@@ -327,7 +345,9 @@ _TEXT_SOURCES = {"natural": (corpus.prose_documents, 4), "delimiter": (corpus.co
 """Each text kind's documents (seeded) and how many windows one document may give."""
 
 
-def _text_probe(model: HookedTransformer, kind: str, seq_len: int, n_seqs: int, seed: int, text: str | None) -> Probe:
+def _text_probe(
+    model: HookedTransformer, kind: str, seq_len: int, n_seqs: int, seed: int, text: str | None, split: str | None
+) -> Probe:
     documents, per_document = _TEXT_SOURCES[kind]
     if text is None:
         docs = documents(seed=seed)
@@ -339,6 +359,12 @@ def _text_probe(model: HookedTransformer, kind: str, seq_len: int, n_seqs: int, 
         )
     _check_len(model, seq_len, f"{kind} probe")
     tokenizer = _tokenizer(model)
+    if split is not None:
+        if text is not None:
+            raise HeadlensError(f"{kind} probe: give text= or split=, not both")
+        where = ("prose", None) if kind == "natural" else ("code", "delimiter")
+        tokens, sources = split_windows(tokenizer, *where, split, seq_len=int(seq_len), n_seqs=int(n_seqs), seed=seed)
+        return Probe(kind, tokens, delimiter_mask(tokenizer, tokens), sources=sources)
     tokens, sources = corpus.text_windows(
         tokenizer,
         docs,
@@ -349,6 +375,38 @@ def _text_probe(model: HookedTransformer, kind: str, seq_len: int, n_seqs: int, 
         is_delim=lambda ids: delimiter_mask(tokenizer, ids[None])[0],
     )
     return Probe(kind, tokens, delimiter_mask(tokenizer, tokens), sources=sources)
+
+
+_SPLIT_CACHE: dict = {}  # (tokenizer, document, seq_len) -> (token ids, disjoint window starts)
+
+
+def split_windows(
+    tokenizer, kind: str, part: str | None, split: str, *, seq_len: int, n_seqs: int, seed: int
+) -> tuple[Int[Tensor, "batch pos"], tuple[str, ...]]:
+    """Windows of ``seq_len`` tokens from a held-out split (:func:`headlens.data.corpus.split_documents` of ``kind``
+    and ``part``): seed ``s`` takes its own stretch of the split's fixed window order
+    (:func:`headlens.data.corpus.window_block`)."""
+    ids_of = {}
+
+    def candidates():
+        for doc in corpus.split_documents(kind, split, part):
+            key = (id(tokenizer), len(tokenizer), doc.name, len(doc.text), seq_len)
+            if key not in _SPLIT_CACHE:
+                enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+                ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+                starts = []
+                if len(ids) >= seq_len:
+                    delim = delimiter_mask(tokenizer, ids[None])[0]
+                    starts = corpus.disjoint_starts(
+                        corpus.line_starts(doc.text, enc["offset_mapping"], delim, seq_len), seq_len
+                    )
+                _SPLIT_CACHE[key] = (ids, starts)
+            ids_of[doc.name], starts = _SPLIT_CACHE[key]
+            yield doc.name, starts
+
+    chosen = corpus.window_block(candidates(), n_seqs=n_seqs, block=seed)
+    tokens = torch.stack([ids_of[name][t : t + seq_len] for name, t in chosen])
+    return tokens, tuple(f"{name}@{t}" for name, t in chosen)
 
 
 # ---------------------------------------------------------------- delimiters

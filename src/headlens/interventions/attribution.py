@@ -69,7 +69,9 @@ from headlens.interventions.patching import (
 )
 
 METHODS = ("atp", "atp*", "ig")
-IG_STEPS = 2
+IG_ALPHAS = (0.0, 0.5)
+"""The IG screen's default points of the input path (``benchmarks/bench_atp.py --choose`` picks them on development
+pairs only)."""
 
 
 def attribution_patching(
@@ -83,14 +85,16 @@ def attribution_patching(
     method: str = "atp*",
     grad_drop: bool = False,
     steps: int | None = None,
+    alphas: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Estimate every head's patching effect (same table as :func:`headlens.interventions.patching.activation_patching`).
 
     ``method="atp"`` is plain first-order attribution; ``"atp*"`` (default) recomputes the attention softmax
     for query/key patches and for the key path of head outputs (``z``, all positions). ``grad_drop`` adds
-    GradDrop (see the module docstring). ``"ig"`` averages the gradient over ``steps`` points (default
-    ``IG_STEPS``) of the path from the corrupted to the clean input: a screen for the heads that matter, not an
-    estimate of each patch (see the module docstring). ``metric`` in the table is ``corrupted + estimate``.
+    GradDrop (see the module docstring). ``"ig"`` averages the gradient over points of the path from the corrupted
+    to the clean input: ``alphas`` (each in [0, 1]), or the ``steps`` points ``0, 1/steps, ...``; with neither,
+    ``IG_ALPHAS``. A screen for the heads that matter, not an estimate of each patch (see the module docstring).
+    ``metric`` in the table is ``corrupted + estimate``.
     """
     for activation in activations:
         check_head_activation(activation)
@@ -98,16 +102,7 @@ def attribution_patching(
         raise HeadlensError(f"unknown attribution method {method!r}: choose from {', '.join(METHODS)}")
     if not activations:
         raise HeadlensError("give at least one activation to attribute")
-    if method != "ig" and steps is not None:
-        raise HeadlensError(f"steps is for method='ig' only; {method!r} takes its gradient at the corrupted run alone")
-    if method == "ig":
-        steps = IG_STEPS if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
-        if grad_drop:
-            raise HeadlensError("grad_drop goes with method='atp' or 'atp*', not 'ig'")
-        steps = int(steps)
-    alphas = [k / steps for k in range(steps)] if method == "ig" else [0.0]
+    alphas = _path_points(method, steps, alphas, grad_drop)
     metric = metric or pair.metric
     star = method == "atp*"
     with kv_mode(model, ungroup_kv):
@@ -148,8 +143,40 @@ def attribution_patching(
                 else:
                     rows += [(layer, u, None, corrupted + float(v)) for u, v in enumerate(est[layer].sum(0))]
             tables.append(patch_table(model, activation, rows, clean, corrupted, by_position))
-    name = method + ("+graddrop" if grad_drop else "") + (f"{steps}" if method == "ig" else "")
+    name = method + ("+graddrop" if grad_drop else "") + (_grid_name(alphas) if method == "ig" else "")
     return PatchingResult(pd.concat(tables, ignore_index=True), clean, corrupted, name)
+
+
+def _path_points(method: str, steps, alphas, grad_drop: bool) -> list[float]:
+    """The points of the input path where the gradient is taken: [0] for AtP/AtP*, the IG grid otherwise."""
+    if method != "ig":
+        if steps is not None or alphas is not None:
+            raise HeadlensError(
+                f"steps and alphas are for method='ig' only; {method!r} takes its gradient at the corrupted run alone"
+            )
+        return [0.0]
+    if grad_drop:
+        raise HeadlensError("grad_drop goes with method='atp' or 'atp*', not 'ig'")
+    if steps is not None and alphas is not None:
+        raise HeadlensError("give steps (the grid 0, 1/steps, ...) or alphas (the points themselves), not both")
+    if alphas is not None:
+        points = [float(a) for a in alphas] if isinstance(alphas, Sequence) and not isinstance(alphas, str) else []
+        if not points or not all(0.0 <= a <= 1.0 for a in points) or len(set(points)) != len(points):
+            raise HeadlensError(f"alphas must be distinct numbers in [0, 1] (points of the input path), got {alphas!r}")
+        return points
+    if steps is None:
+        return list(IG_ALPHAS)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
+    return [k / int(steps) for k in range(int(steps))]
+
+
+def _grid_name(alphas: Sequence[float]) -> str:
+    """``ig2`` for the grid 0, 1/2 (``steps=2``); the points themselves otherwise (``ig[0.25,0.75]``)."""
+    n = len(alphas)
+    if list(alphas) == [k / n for k in range(n)]:
+        return str(n)
+    return "[" + ",".join(f"{a:g}" for a in alphas) + "]"
 
 
 # ---------------------------------------------------------------- passes
@@ -182,7 +209,8 @@ def _estimate(
 ):
     """One clean pass, one corrupted pass with gradients (and, with GradDrop, one backward per layer). With
     ``alphas`` beyond 0 the corrupted pass holds one copy of the batch per point of the input path (integrated
-    gradients); the gradients are averaged over them.
+    gradients); the gradients are averaged over them. The corrupted run itself (alpha 0) is always the first copy:
+    a grid without 0 gets it as an extra copy that the average leaves out.
 
     Returns per activation a ``[layer, pos, unit]`` tensor of estimated metric changes, and both metrics.
     """
@@ -192,6 +220,8 @@ def _estimate(
     clean_names = set(names) | (
         {_qk_name(model, a, layer) for a in ("q", "k") for layer in range(L)} if need_qk else set()
     )
+    used = [a != 0.0 or 0.0 in alphas for a in [0.0, *(a for a in alphas if a != 0.0)]]
+    alphas = [0.0, *(a for a in alphas if a != 0.0)]  # alpha 0 first: the corrupted run's activations and metric
     if len(alphas) > 1:
         clean_names.add("hook_embed")
     with torch.inference_mode():
@@ -246,8 +276,8 @@ def _estimate(
         values = [metric(logits[k * n_seqs : (k + 1) * n_seqs]) for k in range(steps)]
         value = values[0]
         order = list(names) + [p for p in patterns if p not in names]
-        grads = _grads(sum(values), [saved[n] for n in order], retain=grad_drop)
-        grad = {n: g.view(steps, n_seqs, *g.shape[1:]).mean(0) for n, g in zip(order, grads)}
+        grads = _grads(sum(v for v, u in zip(values, used) if u), [saved[n] for n in order], retain=grad_drop)
+        grad = {n: g.view(steps, n_seqs, *g.shape[1:])[torch.tensor(used)].mean(0) for n, g in zip(order, grads)}
         drop_grads = []
         if grad_drop:
             for layer in range(L):
