@@ -87,7 +87,7 @@ def agreement(tables: list[pd.DataFrame]) -> dict:
         "n_same": int(same.sum()),
         "n_specific_any_seed": int(specific.sum()),
         "n_specific_same": int((same & specific).sum()),
-        "specific_same_label": float(same[specific].mean()) if specific.any() else float("nan"),
+        "specific_same_label": float(same[specific].mean()) if specific.any() else None,
     }
     per = {}
     for label in sorted(set(labels.flatten())):
@@ -102,7 +102,7 @@ def agreement(tables: list[pd.DataFrame]) -> dict:
     if all("confidence" in t and t["confidence"].notna().all() for t in tables):
         confident = np.stack([t["confidence"].to_numpy() >= 0.9 for t in tables]).all(0)
         out["n_confident_all_seeds"] = int(confident.sum())
-        out["same_label_among_confident"] = float(same[confident].mean()) if confident.any() else float("nan")
+        out["same_label_among_confident"] = float(same[confident].mean()) if confident.any() else None
     return out
 
 
@@ -207,6 +207,8 @@ def step_causal(model, table: pd.DataFrame) -> bool:
         write_csv(pd.concat([done, row], ignore_index=True), path)
         print(row.drop(columns=["behaviour", "metric"]).to_string(), flush=True)
         return True
+    if not path.exists():
+        write_csv(pd.DataFrame(columns=["label", "verdict", "seconds"]), path)
     return False
 
 
@@ -217,7 +219,10 @@ def step_keypath(model, table: pd.DataFrame) -> bool:
     senders = [(int(r.layer), int(r.head)) for r in table.itertuples() if r.label == "previous_token"]
     receivers = [(int(r.layer), int(r.head)) for r in table.itertuples() if r.label == "induction"]
     start = time.perf_counter()
-    paths = key_path_effects(model, senders, receivers, n_random=N_RANDOM, n_seqs=CAUSAL_SEQS // 2, seed=0)
+    if senders and receivers:
+        paths = key_path_effects(model, senders, receivers, n_random=N_RANDOM, n_seqs=CAUSAL_SEQS // 2, seed=0)
+    else:  # nothing to send or to receive (not the default Qwen)
+        paths = pd.DataFrame(columns=["kind", "heads", "metric", "effect"])
     write_csv(paths.assign(seconds=time.perf_counter() - start), path)
     print(paths.to_string())
     return True
@@ -256,7 +261,7 @@ def write_results(model) -> None:
         "development_seeds": list(DEV_SEEDS),
         "development": development,
         "targets": {"same_label": 0.97, "specific_same_label": 0.95},
-        "targets_met_on_fresh_seeds": bool(fresh["same_label"] >= 0.97 and fresh["specific_same_label"] >= 0.95),
+        "targets_met_on_fresh_seeds": bool(fresh["same_label"] >= 0.97 and (fresh["specific_same_label"] or 0) >= 0.95),
         "label_counts_by_seed": {
             s: t["label"].value_counts().to_dict() for s, t in zip(DEV_SEEDS + FRESH_SEEDS, dev_tables + fresh_tables)
         },
@@ -328,7 +333,7 @@ def write_results(model) -> None:
     }
     timings["causal_s"] = round(float(pd.read_csv(cache_path("causal_rows.csv"))["seconds"].sum()), 1)
     rand = paths[paths.kind == "random"]["effect"]
-    target = float(paths[paths.kind == "target"]["effect"].iloc[0])
+    target = float(paths[paths.kind == "target"]["effect"].iloc[0]) if len(paths) else None
     summary = {
         "model": "Qwen2.5-Coder-0.5B-Instruct (fp32, CPU)",
         "sizes": frozen,
@@ -349,7 +354,9 @@ def write_results(model) -> None:
             "random_mean": float(rand.mean()),
             "random_max": float(rand.max()),
             "p_random_ge": float((rand >= target).mean()),
-        },
+        }
+        if target is not None
+        else None,
         "timings_s": timings,
         "provenance": {
             **provenance(),

@@ -1,22 +1,25 @@
 """New head types on the default Qwen: scores, labelled heads and a causal check for each type.
 
 Types (definitions in docs/head_types.md): copy_suppression, successor, positional, bracket_matching,
-identifier, retrieval (opt-in long probe). For each: every head's score, the heads at or above the
-threshold (when none: the 5 highest, reported as "absent"), and mean-ablating those heads together vs
-``--n-random`` sets of as many heads drawn from the same layers (``headlens.interventions.ablation.compare_to_random``,
-``match_layers=True``) on the type's task:
+closer_to_opener, identifier, retrieval (opt-in long probe). For each: every head's score (on the ``score`` split of
+the corpus, as the census), the heads at or above the threshold (when none: the 5 highest, reported as "absent"),
+and mean-ablating those heads together vs ``--n-random`` sets of as many heads drawn from the same layers
+(``headlens.interventions.ablation.compare_to_random``, ``match_layers=True``) on the type's task, evaluated on the
+``eval`` split with ablation means from the ``reference`` split (``headlens.census.validate.task_data``: other files
+than the scores', and than each other):
 
 - copy_suppression: probability mass on tokens that already occurred earlier in the text but are not the
-  next token (natural text; ablating copy-suppression heads should RAISE it);
+  next token (held-out prose; ablating copy-suppression heads should RAISE it);
 - successor: log-probability of the next ordinal after three ("Monday Tuesday Wednesday" -> " Thursday");
-- positional: next-token loss on natural text;
-- bracket_matching: log-probability of the correct closing-bracket token (every token that starts with a closer,
-  ``)``, ``):``, ``)\n``..., whose opener is >= MIN_GAP tokens back: ``CodeProbe.closer``) on held-out stdlib code
-  windows (``--code-windows``, default 24);
-- identifier: log-probability of the token after a re-used name on the same windows;
-- retrieval: log-probability of the needle words in 1,024-token needle-in-a-haystack prompts.
+- positional: next-token loss on held-out prose;
+- bracket_matching: log-probability of the correct closing-bracket token on held-out stdlib code windows
+  (``--code-windows``, default 24);
+- closer_to_opener: log-probability of the token after each closing bracket, same windows;
+- identifier: log-probability of the token after a re-used name, same windows;
+- retrieval: log-probability of the needle words in 1,024-token needle-in-a-haystack prompts (other needles and
+  depths than the scoring prompts, the same haystack text: retrieval is no census label).
 
-    python analyses/head_types.py            # ~15 min on 2 CPU cores
+    python analyses/head_types.py            # ~20 min on 2 CPU cores
 
 Writes analyses/results/head_types/: scores.csv, causal.csv, bracket_depth.csv, summary.json.
 """
@@ -24,6 +27,7 @@ Writes analyses/results/head_types/: scores.csv, causal.csv, bracket_depth.csv, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,18 +41,25 @@ import torch
 from headlens import load_model
 from headlens.census.code_heads import THRESHOLDS as CODE_THRESHOLDS
 from headlens.census.code_heads import bracket_by_depth, code_scores
-from headlens.census.ov import THRESHOLDS, copy_suppression_scores, heads_above, ordinal_tokens, successor_scores
+from headlens.census.ov import THRESHOLDS, copy_suppression_scores, heads_above, successor_scores
 from headlens.census.positional import THRESHOLD as POSITIONAL_THRESHOLD
 from headlens.census.positional import positional_scores
 from headlens.census.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
 from headlens.census.retrieval import needle_metric, needle_probe, retrieval_scores
+from headlens.census.validate import strongest, task_data
 from headlens.data.code import code_probe, python_version
-from headlens.data.probes import DEFAULT_SIZES, natural_text
-from headlens.engine.intervene import Metric
-from headlens.interventions.ablation import compare_to_random, custom_metric, loss_metric
+from headlens.data.probes import DEFAULT_SIZES
+from headlens.heads import format_heads
+from headlens.interventions.ablation import compare_to_random, custom_metric
 
 OUT = Path(__file__).resolve().parent / "results" / "head_types"
 SEED = 0
+CODE_TASKS = ("code_closer", "code_after_closer", "code_after_name")
+
+
+def held_out_closers(model, n_seqs: int) -> int:
+    """Closing brackets whose log-prob the bracket check reads (held-out windows)."""
+    return int(code_probe(model, seq_len=128, n_seqs=n_seqs, seed=SEED, split="eval", min_pairs=1).closer[:, :-1].sum())
 
 
 def repeat_earlier_metric(tokens: torch.Tensor):
@@ -63,74 +74,24 @@ def repeat_earlier_metric(tokens: torch.Tensor):
     return custom_metric(tokens, fn, name="prob_on_earlier_wrong_tokens", higher_is_better=False)
 
 
-def successor_metric(model):
-    ids, succ, names = ordinal_tokens(model)
-    prompts, answers = [], []
-    tasks = [n.split(":")[0] for n in names]
-    for i in range(len(ids)):
-        chain = [i]
-        while len(chain) < 4 and succ[chain[-1]] >= 0 and tasks[succ[chain[-1]]] == tasks[i]:
-            chain.append(int(succ[chain[-1]]))
-        if len(chain) == 4:
-            prompts.append([int(ids[j]) for j in chain[:3]])
-            answers.append(int(ids[chain[3]]))
-    tokens = torch.tensor(prompts)
-    target = torch.tensor(answers)
-
-    def fn(logits, toks):
-        return logits[:, -1].log_softmax(-1).gather(-1, target.to(logits.device)[:, None]).mean()
-
-    return custom_metric(tokens, fn, name="successor_logprob", higher_is_better=True)
-
-
-def next_token_logprob(probe, marked, name: str) -> Metric:
-    """Mean log-prob of token q + 1 at the positions q that ``marked[b, q]`` selects; only the positions marked in
-    some sequence are unembedded."""
-    before = marked.clone()
-    before[:, -1] = False  # the last position has no next token
-    positions = before.any(0).nonzero()[:, 0]
-    chosen = before[:, positions]
-
-    def fn(logits, toks):
-        lp = logits.log_softmax(-1).gather(-1, toks[:, positions.to(toks.device) + 1, None])[..., 0]
-        return lp[chosen.to(lp.device)].mean()
-
-    return Metric(name, probe.tokens, fn, True, positions)
-
-
-def bracket_metric(probe):
-    """The closing-bracket tokens (``probe.closer``: position q predicts the closer at q + 1)."""
-    return next_token_logprob(probe, probe.closer, "closing_bracket_logprob")
-
-
-def identifier_metric(probe):
-    """The token after each use of a name seen earlier (``probe.ident``)."""
-    return next_token_logprob(probe, probe.ident.any(-1), "after_identifier_logprob")
-
-
 def copy_suppression_heads(scores):
     """Both halves: attends to earlier copies of the predicted token AND ranks tokens at the bottom of their own OV output."""
     ok = scores[scores.negative_copying >= THRESHOLDS["negative_copying"]]
     return heads_above(ok, "attention_to_predicted", THRESHOLDS["attention_to_predicted"])
 
 
-def per_layer_cap(ranked, cap, total):
-    """The strongest heads, at most ``cap`` per layer, so that every layer keeps as many heads for a layer-matched random set."""
-    out, per = [], {}
-    for layer, head in ranked:
-        if per.get(layer, 0) < cap and len(out) < total:
-            out.append((layer, head))
-            per[layer] = per.get(layer, 0) + 1
-    return out
-
-
-def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_none=5, max_heads=20, found=None):
+def causal(model, name, scores, score_col, threshold, data, n_random, top_if_none=5, max_heads=20, found=None):
+    """Ablate the type's heads (at most ``max_heads``, at most half of a layer) vs layer-matched random sets on the
+    held-out ``data`` (a :class:`headlens.census.validate.TaskData`: metric and ablation reference)."""
     found = heads_above(scores, score_col, threshold) if found is None else found
     ranked = found if found else heads_above(scores, score_col, -float("inf"))
-    heads = per_layer_cap(ranked, model.cfg.n_heads // 2, max_heads if found else top_if_none)
+    frame = pd.DataFrame([{"layer": l, "head": h, "label": "x", "label_score": -i} for i, (l, h) in enumerate(ranked)])
+    heads = strongest(frame, "x", max_heads if found else top_if_none, model.cfg.n_heads)
+    metric = data.metric
     result = compare_to_random(
-        model, metric, heads, n_random=n_random, method="mean", match_layers=True, seed=SEED, progress=False
-    )
+        model, metric, heads, n_random=n_random, method="mean", match_layers=True, reference=data.reference,
+        seed=SEED, progress=False,
+    )  # fmt: skip
     table = result.table
     rand = table[table.kind == "random"]
     target = table[table.kind == "target"].iloc[0]
@@ -140,7 +101,8 @@ def causal(model, name, scores, score_col, threshold, metric, n_random, top_if_n
         "threshold": threshold,
         "n_labelled": len(found),
         "found": bool(found),
-        "heads_ablated": " ".join(f"L{l}H{h}" for l, h in heads),
+        "heads_ablated": format_heads(heads),
+        "eval_windows": len(data.eval_sources),
         "metric": metric.name,
         "clean": round(result.clean, 5),
         "target_effect": round(float(target.effect), 5),
@@ -211,7 +173,7 @@ def main() -> None:
     if args.reuse_scores:  # the scores of an earlier run of this script (same seed), e.g. after a failed causal step
         scores = pd.read_csv(out / "scores.csv")
         rope = pd.read_csv(out / "rope_summary.csv")
-        probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"])
+        probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"], min_pairs=1)
         timings = (
             json.loads((out / "summary.json").read_text()).get("score_seconds", {})
             if (out / "summary.json").exists()
@@ -229,7 +191,7 @@ def main() -> None:
         timings["positional"] = time.perf_counter() - t
         write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
         t = time.perf_counter()
-        probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"])  # as many windows as the census uses
+        probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"], min_pairs=1)  # the census's code probe
         code = code_scores(model, probe)
         timings["code"] = time.perf_counter() - t
         scores = cs.merge(pos, on=["layer", "head"]).merge(code.drop(columns="kv_head"), on=["layer", "head"])
@@ -244,46 +206,28 @@ def main() -> None:
         write_atomic(out / "scores.csv", scores.to_csv(index=False))
 
     rows, tables = [], []
-    held_out_text = natural_text(model, seq_len=96, n_seqs=4, seed=SEED + 1).tokens
-    held_out_code = code_probe(model, seed=SEED + 1, n_seqs=args.code_windows, exclude=set(probe.files))
+    code = {t: task_data(model, t, n_seqs=args.code_windows, seed=SEED) for t in CODE_TASKS}
+    prose = task_data(model, "prose_loss", n_seqs=4, seed=SEED)
+    earlier = dataclasses.replace(prose, metric=repeat_earlier_metric(prose.metric.tokens))
     checks = [
-        (
-            "copy_suppression",
-            "copy_suppression_score",
-            THRESHOLDS["attention_to_predicted"],
-            repeat_earlier_metric(held_out_text),
-            args.n_random,
+        ("copy_suppression", "copy_suppression_score", THRESHOLDS["attention_to_predicted"], earlier, args.n_random),
+        ("successor", "successor", THRESHOLDS["successor"], task_data(model, "successor", seed=SEED), args.n_random),
+        ("positional", "positional", POSITIONAL_THRESHOLD, prose, args.n_random),
+        *(
+            (name, name, CODE_THRESHOLDS[name], code[task], n_random)
+            for name, task, n_random in (
+                ("bracket_matching", "code_closer", args.n_random_bracket),
+                ("closer_to_opener", "code_after_closer", args.n_random_bracket),
+                ("identifier", "code_after_name", args.n_random),
+            )
         ),
-        ("successor", "successor", THRESHOLDS["successor"], successor_metric(model), args.n_random),
-        (
-            "positional",
-            "positional",
-            POSITIONAL_THRESHOLD,
-            loss_metric(model, n_seqs=4, seq_len=64),
-            args.n_random,
-        ),
-        (
-            "bracket_matching",
-            "bracket_matching",
-            CODE_THRESHOLDS["bracket_matching"],
-            bracket_metric(held_out_code),
-            args.n_random_bracket,
-        ),
-        ("identifier", "identifier", CODE_THRESHOLDS["identifier"], identifier_metric(held_out_code), args.n_random),
     ]
     if not args.skip_retrieval:
-        checks.append(
-            (
-                "retrieval",
-                "retrieval",
-                RETRIEVAL_THRESHOLD,
-                needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1)),
-                5,
-            )
-        )
-    for name, col, thr, metric, n_random in checks:
+        needles = needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1))
+        checks.append(("retrieval", "retrieval", RETRIEVAL_THRESHOLD, dataclasses.replace(prose, metric=needles), 5))
+    for name, col, thr, data, n_random in checks:
         found = copy_suppression_heads(scores) if name == "copy_suppression" else None
-        row, table = causal(model, name, scores, col, thr, metric, n_random, found=found)
+        row, table = causal(model, name, scores, col, thr, data, n_random, found=found)
         rows.append(row)
         tables.append(table)
         write_atomic(out / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -302,9 +246,10 @@ def main() -> None:
         "model": "Qwen2.5-Coder-0.5B-Instruct",
         "seed": SEED,
         "python": python_version(),
-        "code_windows": list(probe.files),
-        "held_out_code_windows": list(held_out_code.files),
-        "held_out_closers": int(held_out_code.closer[:, :-1].sum()),
+        "code_windows": list(probe.sources),
+        "held_out_code_windows": list(code["code_closer"].eval_sources),
+        "ablation_reference_code_windows": list(code["code_closer"].reference_sources),
+        "held_out_closers": held_out_closers(model, args.code_windows),
         "thresholds": {
             **THRESHOLDS,
             "positional": POSITIONAL_THRESHOLD,
@@ -321,6 +266,7 @@ def main() -> None:
                 "successor",
                 "positional",
                 "bracket_matching",
+                "closer_to_opener",
                 "identifier",
             )
             + (() if args.skip_retrieval else ("retrieval",))

@@ -165,14 +165,19 @@ def choose(scores: dict) -> str:
     return min(order, key=key)
 
 
-def choose_grid(model) -> None:
-    """Score every grid of ``GRIDS`` on the development pairs; record the pick (resumable per pair)."""
+def choose_grid(model, budget_s: float) -> None:
+    """Score every grid of ``GRIDS`` on the development pairs; record the pick (resumable per pair: no new pair is
+    started after ``budget_s``)."""
     path = RESULTS / "atp_dev_choice.json"
     record = json.loads(path.read_text()) if path.is_file() else {"pairs": {}}
     record.update(model=model.cfg.model_name, k=10, grids=GRIDS, rule=choose.__doc__)
+    begin = time.perf_counter()
     for slug, (pair, table) in dev_pairs(model).items():
         if set(record["pairs"].get(slug, {})) == set(GRIDS):
             continue
+        if time.perf_counter() - begin > budget_s:
+            print("budget spent; run again for the rest")
+            return
         exact, _ = exact_table(model, pair, RESULTS / table, recompute=False)
         names = [head_name(layer, head) for layer, head in zip(exact["layer"], exact["head"])]
         rows = {}
@@ -465,7 +470,7 @@ def main() -> None:
     parser.add_argument("--heldout", action="store_true", help="score the estimators on three more pairs instead")
     parser.add_argument("--choose", action="store_true", help="development: score the IG grids, pick one")
     parser.add_argument("--exact", action="store_true", help="test: compute missing exact tables of the test pairs")
-    parser.add_argument("--budget-s", type=float, default=480, help="--exact: start no new pair after this long")
+    parser.add_argument("--budget-s", type=float, default=300, help="--exact, --choose: no new pair after this long")
     parser.add_argument("--test", action="store_true", help="test: recall and screen + check cost on the test pairs")
     parser.add_argument("--pairs", default="", help="--test: only these pairs (comma-separated), for shorter runs")
     parser.add_argument("--output", default="atp_4x61.json", help="results file name (a second run: another name)")
@@ -476,7 +481,7 @@ def main() -> None:
         heldout(model)
         return
     if args.choose:
-        choose_grid(model)
+        choose_grid(model, args.budget_s)
         return
     if args.exact:
         exact_tables(model, args.budget_s)

@@ -1,5 +1,5 @@
-"""The committed census_trust results (analyses/census_trust.py on the default Qwen) hang together and hold what
-the README states from them."""
+"""The committed census_trust results (analyses/census_trust.py on the default Qwen) hang together and hold what the
+docs state from them: stability measured on fresh seeds 3-5 with the frozen settings, held-out causal verdicts."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from headlens.census.validate import LABEL_TASKS
+
 RESULTS = Path(__file__).parents[1] / "analyses" / "results" / "census_trust"
+BULK = ("first_token", "local", "other")
+
+
+def tables(seeds):
+    return [pd.read_csv(RESULTS / f"census_seed{s}.csv") for s in seeds]
 
 
 def test_counts_are_the_seed0_table_and_lie_in_their_intervals():
@@ -19,33 +26,59 @@ def test_counts_are_the_seed0_table_and_lie_in_their_intervals():
     assert ((counts["lo"] <= counts["n_heads"]) & (counts["n_heads"] <= counts["hi"])).all()
 
 
-def test_stability_of_confident_labels_and_agreement_match_the_seed_tables():
-    tables = [pd.read_csv(RESULTS / f"census_seed{s}.csv") for s in (0, 1, 2)]
-    same = (tables[0]["label"] == tables[1]["label"]) & (tables[0]["label"] == tables[2]["label"])
-    confident = (tables[0]["confidence"] >= 0.9) & (tables[1]["confidence"] >= 0.9) & (tables[2]["confidence"] >= 0.9)
+def test_fresh_seed_stability_is_what_the_seed_tables_say_and_meets_the_targets():
+    """The must-show: at seeds 3, 4, 5 (never used for a choice) >= 97 % of all heads and >= 95 % of the heads with a
+    specific label keep their label; the numbers are recomputed here from the committed tables."""
     stability = json.loads((RESULTS / "stability.json").read_text())
-    assert stability["n_same"] == int(same.sum())
-    assert stability["n_confident_all_seeds"] == int(confident.sum())
-    assert same[confident].mean() >= 0.99
+    assert stability["fresh_seeds"] == [3, 4, 5] and stability["development_seeds"] == [0, 1, 2]
+    for key, seeds in (("fresh", (3, 4, 5)), ("development", (0, 1, 2))):
+        labels = np.stack([t["label"].to_numpy() for t in tables(seeds)])
+        same = (labels == labels[0]).all(0)
+        specific = ~np.isin(labels, BULK).all(0)
+        record = stability[key]
+        assert record["n_same"] == int(same.sum()) and record["n_specific_any_seed"] == int(specific.sum())
+        assert record["n_specific_same"] == int((same & specific).sum())
+        for label, row in record["by_label"].items():
+            assert row["n_any_seed"] == int((labels == label).any(0).sum()), (key, label)
+            assert row["n_every_seed"] == int((labels == label).all(0).sum()), (key, label)
+    fresh = stability["fresh"]
+    assert fresh["same_label"] >= 0.97 and fresh["specific_same_label"] >= 0.95
+    assert stability["targets_met_on_fresh_seeds"]
 
 
-def test_nulls_cleared_and_induction_and_copy_suppression_beat_layer_matched_random_sets():
+def test_seeds_share_no_probe_window():
+    sources = json.loads((RESULTS / "sources.json").read_text())
+    assert sorted(sources, key=int) == ["0", "1", "2", "3", "4", "5"]
+    windows = [w for by_kind in sources.values() for ws in by_kind.values() for w in ws]
+    assert len(windows) == len(set(windows)) > 6 * 100
+    assert json.loads((RESULTS / "summary.json").read_text())["provenance"]["seed_units_shared"] == 0
+
+
+def test_nulls_cleared_and_every_label_has_a_verdict():
     null = pd.read_csv(RESULTS / "null.csv").set_index("label")
-    assert null["clears"].all() and "broad" not in null.index
+    assert null["clears"].all() and "closer_to_opener" in null.index
     causal = pd.read_csv(RESULTS / "causal.csv").set_index("label")
-    induction = causal.loc["induction"]
-    assert induction["target_effect"] > induction["random_max"] and induction["ratio_lo"] > 1
-    suppression = causal.loc["copy_suppression"]  # ablating suppressors helps copying, unlike any random set
-    assert suppression["target_effect"] < min(0, suppression["random_min"])
-
-
-def test_targets_hold_in_the_committed_files():
-    stability = json.loads((RESULTS / "stability.json").read_text())
-    assert stability["same_label"] >= 0.97 and stability["same_label_among_confident"] >= 0.99
     table = pd.read_csv(RESULTS / "census_seed0.csv")
-    assert (table["label"] == "other").mean() <= 0.25
-    sizes = pd.read_csv(RESULTS / "sizes.csv")
-    assert sizes["same_label"].iloc[-1] == stability["same_label"]  # the default sizes are the last row
+    assert set(causal.index) == set(table["label"]) & set(LABEL_TASKS)
+    for label, row in causal.iterrows():
+        if LABEL_TASKS[label].task is None:
+            assert row["verdict"] == "descriptive"
+            continue
+        sign = LABEL_TASKS[label].expected_sign
+        beats = sign * row["target_effect"] > max(0.0, sign * row["random_min"], sign * row["random_max"])
+        assert row["verdict"] == ("supported" if beats else "no evidence"), label
+        assert row["task"] == LABEL_TASKS[label].task and row["n_random"] >= 20
+    assert causal.loc["previous_token", "task"] == "repeat_loss"  # the induction task, not next-token text loss
+
+
+def test_previous_token_heads_feed_induction_keys_more_than_random_sets():
+    """The must-show: previous_token beats layer-matched random sets on the induction task (ratio with interval),
+    and ablating them only on the path into the induction heads' keys does too."""
+    row = pd.read_csv(RESULTS / "causal.csv").set_index("label").loc["previous_token"]
+    assert row["verdict"] == "supported" and row["ratio_lo"] > 1
+    paths = pd.read_csv(RESULTS / "key_path.csv")
+    target = paths.loc[paths.kind == "target", "effect"].iloc[0]
+    assert target > paths.loc[paths.kind == "random", "effect"].max()
 
 
 @pytest.mark.slow
@@ -53,5 +86,19 @@ def test_default_qwen_census_regenerates_the_committed_seed0_table(qwen_census):
     """The committed seed-0 table is what the current code gives (same labels, scores within float noise)."""
     committed = pd.read_csv(RESULTS / "census_seed0.csv")
     assert qwen_census["label"].tolist() == committed["label"].tolist()
-    for column in ("previous_token", "induction", "first_token", "local", "delimiter", "confidence"):
+    for column in ("previous_token", "induction", "first_token", "local", "closer_to_opener", "copying", "confidence"):
         assert np.allclose(qwen_census[column], committed[column], atol=1e-4, equal_nan=True), column
+
+
+@pytest.mark.slow
+def test_previous_token_causal_effect_regenerates(qwen, qwen_census):
+    """One ablation of the committed causal table, recomputed: the previous-token heads on the held-out induction
+    task (same evaluation and reference sequences as analyses/census_trust.py)."""
+    from headlens.census.validate import task_data
+    from headlens.interventions.ablation import ablated_metrics
+
+    row = pd.read_csv(RESULTS / "causal.csv").set_index("label").loc["previous_token"]
+    heads = [(int(r.layer), int(r.head)) for r in qwen_census.itertuples() if r.label == "previous_token"]
+    data = task_data(qwen, "repeat_loss", n_seqs=int(row["eval_sequences"]), seed=0)
+    clean, (value,) = ablated_metrics(qwen, data.metric, [heads], method="mean", reference=data.reference)
+    assert value - clean == pytest.approx(row["target_effect"], abs=1e-3)
