@@ -67,6 +67,8 @@ SIZE_GRID = [
     for t in (48, 64, 80)
     for c in (48, 64, 80)
 ]
+FROZEN = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
+"""The frozen census sizes (the default census's), measured on fresh seeds."""
 BULK = ("first_token", "local", "other")
 CAUSAL_SEQS = 16
 N_RANDOM = 20
@@ -136,12 +138,17 @@ def load_per(path: Path) -> tuple[PerSequence, dict, float]:
     return per, meta["sources"], meta["seconds"]
 
 
+def probes_for(model, seed: int, sizes: dict) -> ProbeSet:
+    """The census probes of ``seed`` with ``sizes[kind]`` sequences per kind."""
+    return ProbeSet(
+        {kind: default_probes(model, seed=seed, n_seqs=n, kinds=[kind])[kind] for kind, n in sizes.items()}, seed=seed
+    )
+
+
 def census_step(model, seed: int, sizes: dict, name: str) -> None:
     """Score the census probes of ``seed`` (``sizes`` sequences per kind) and cache the per-sequence scores."""
     start = time.perf_counter()
-    probes = ProbeSet(
-        {kind: default_probes(model, seed=seed, n_seqs=n, kinds=[kind])[kind] for kind, n in sizes.items()}, seed=seed
-    )
+    probes = probes_for(model, seed, sizes)
     per = collect(model, probes, head_types(), batch_size=8, progress=False)
     sources = {k: list(p.sources) for k, p in probes.items() if p.sources}
     save_per(cache_path(name), per, sources, time.perf_counter() - start)
@@ -161,7 +168,7 @@ def step_dev(model) -> bool:
 
 
 def step_fresh(model) -> bool:
-    sizes = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
+    sizes = FROZEN
     for seed in FRESH_SEEDS:
         name = f"fresh_seed{seed}.npz"
         if not cache_path(name).exists():
@@ -175,7 +182,7 @@ def step_null(model) -> bool:
     if path.exists():
         return False
     start = time.perf_counter()
-    probes = default_probes(model, seed=0)
+    probes = probes_for(model, 0, FROZEN)
     nulls = null_scores(model, probes, seed=0, progress=False)
     np.savez(path.with_suffix(".tmp.npz"), **{f"{k}|{c}": v for k, d in nulls.items() for c, v in d.items()})
     path.with_suffix(".tmp.npz").replace(path)
@@ -235,7 +242,7 @@ def write_results(model) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     types = head_types()
     limits = _thresholds(types, None)
-    frozen = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
+    frozen = FROZEN
 
     dev = [load_per(cache_path(f"dev_seed{s}.npz")) for s in DEV_SEEDS]
     rows = []
@@ -383,14 +390,16 @@ def shared_units(sources: dict) -> int:
 STEPS = ("dev", "fresh", "null", "causal", "keypath", "write")
 
 
-def main() -> None:
+def main(argv=None, model=None) -> None:
+    """Run one step (``--step``) or every missing step, then write; ``model``: default the real Qwen."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", choices=STEPS, help="one step (default: every missing step, then write)")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    model = load_model()
+    args = parser.parse_args(argv)
+    if model is None:
+        torch.set_num_threads(2)
+        model = load_model()
     limits = _thresholds(head_types(), None)
-    frozen = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
+    frozen = FROZEN
     todo = [args.step] if args.step else list(STEPS)
     for step in todo:
         if step == "dev":

@@ -102,3 +102,62 @@ def test_previous_token_causal_effect_regenerates(qwen, qwen_census):
     data = task_data(qwen, "repeat_loss", n_seqs=int(row["eval_sequences"]), seed=0)
     clean, (value,) = ablated_metrics(qwen, data.metric, [heads], method="mean", reference=data.reference)
     assert value - clean == pytest.approx(row["target_effect"], abs=1e-3)
+
+
+# ---------------------------------------------------------------- the script itself, regenerated on a tiny model
+
+PINNED = Path(__file__).parent / "data" / "census_trust_tiny.json"
+TINY = {"repeated": 3, "natural": 3, "delimiter": 3, "code": 3}
+
+
+def load_script():
+    """analyses/census_trust.py as a module (the analyses are scripts, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "analyses" / "census_trust.py"
+    spec = importlib.util.spec_from_file_location("census_trust_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def digest(out: Path) -> dict:
+    """What the tiny regeneration pins: agreement at fresh and development seeds, per-seed label counts, the causal
+    verdicts and effects, which thresholds clear their null."""
+    stability = json.loads((out / "stability.json").read_text())
+    causal = pd.read_csv(out / "causal.csv")
+    return {
+        "fresh": stability["fresh"],
+        "development": stability["development"],
+        "label_counts_by_seed": stability["label_counts_by_seed"],
+        "causal": causal[["label", "verdict", "n_label_heads", "heads"]].fillna("").to_dict("records"),
+        "causal_effects": [round(float(x), 5) for x in causal["target_effect"].fillna(0)],
+        "key_path_effects": [round(float(x), 5) for x in pd.read_csv(out / "key_path.csv")["effect"]],
+        "null_clears": pd.read_csv(out / "null.csv").set_index("label")["clears"].to_dict(),
+        "dev_sizes_same_label": [round(float(x), 6) for x in pd.read_csv(out / "dev_sizes.csv")["same_label"]],
+    }
+
+
+def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monkeypatch):
+    """The whole study (every step, then write) on the planted tiny Qwen (previous-token and induction heads set by
+    hand, ``test_census.planted_model``) with a few sequences per kind: the same numbers as the pinned run, so a
+    change to the script or to what it calls shows here, not only in the Qwen files."""
+    from test_census import planted_model
+
+    script = load_script()
+    monkeypatch.setattr(script, "OUT", tmp_path / "out")
+    monkeypatch.setattr(script, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(script, "DEV_SIZES", {k: v + 1 for k, v in TINY.items()})
+    monkeypatch.setattr(script, "SIZE_GRID", [TINY, {k: v + 1 for k, v in TINY.items()}])
+    monkeypatch.setattr(script, "FROZEN", TINY)
+    monkeypatch.setattr(script, "CAUSAL_SEQS", 2)
+    monkeypatch.setattr(script, "N_RANDOM", 3)
+    script.main([], model=planted_model())
+    got = digest(tmp_path / "out")
+    sources = json.loads((tmp_path / "out" / "sources.json").read_text())
+    windows = [w for by_kind in sources.values() for ws in by_kind.values() for w in ws]
+    assert len(windows) == len(set(windows)) == 6 * 3 * 3  # six seeds, three text kinds, no window twice
+    if not PINNED.exists():  # first run: write the pin (then commit it)
+        PINNED.parent.mkdir(exist_ok=True)
+        PINNED.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert json.loads(json.dumps(got, sort_keys=True)) == json.loads(PINNED.read_text())
