@@ -26,7 +26,7 @@ Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_tr
     python analyses/census_trust.py --step dev       # one development seed per call (0, 1, 2), development sizes
     python analyses/census_trust.py --step fresh     # one fresh seed per call (3, 4, 5), frozen sizes
     python analyses/census_trust.py --step null
-    python analyses/census_trust.py --step causal    # one label per call
+    python analyses/census_trust.py --step causal    # one label per call (--budget-s 300: more while it lasts)
     python analyses/census_trust.py --step keypath
     python analyses/census_trust.py --step write     # every result file from the cached steps (seconds)
     python analyses/census_trust.py                  # all missing steps, then write
@@ -394,7 +394,13 @@ def main(argv=None, model=None) -> None:
     """Run one step (``--step``) or every missing step, then write; ``model``: default the real Qwen."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", choices=STEPS, help="one step (default: every missing step, then write)")
+    parser.add_argument("--budget-s", type=float, default=0, help="--step: repeat it (next seed, label) this long")
     args = parser.parse_args(argv)
+    begin = time.perf_counter()
+
+    def again() -> bool:
+        return not args.step or time.perf_counter() - begin < args.budget_s
+
     if model is None:
         torch.set_num_threads(2)
         model = load_model()
@@ -403,10 +409,10 @@ def main(argv=None, model=None) -> None:
     todo = [args.step] if args.step else list(STEPS)
     for step in todo:
         if step == "dev":
-            while step_dev(model) and not args.step:
+            while step_dev(model) and again():
                 pass
         elif step == "fresh":
-            while step_fresh(model) and not args.step:
+            while step_fresh(model) and again():
                 pass
         elif step == "null":
             step_null(model)
@@ -414,7 +420,7 @@ def main(argv=None, model=None) -> None:
             per, _, _ = load_per(cache_path("dev_seed0.npz"))
             table = build_table(model, subset(per, frozen), head_types(), limits, seed=0, n_boot=0)[0]
             run = step_causal if step == "causal" else step_keypath
-            while run(model, table) and not args.step:
+            while run(model, table) and again():
                 pass
         else:
             write_results(model)
