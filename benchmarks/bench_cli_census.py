@@ -25,7 +25,18 @@ def du(path: Path) -> int:
 
 
 def timed_census(out: Path) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "headlens.cli", "census", "--out", str(out), "--no-progress", *EXTRA]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "headlens.cli",
+        "census",
+        "--out",
+        str(out),
+        "--no-progress",
+        *EXTRA,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode != 0:
@@ -53,7 +64,8 @@ def main() -> None:
             runs.append(timed_census(Path(tmp) / f"run{i}"))
     cache = cache_dir()
     result = {
-        "command": " ".join(["headlens census --out DIR --no-progress", *EXTRA]) + " (default Qwen2.5-Coder-0.5B-Instruct, fp32, CPU, weights cached)",
+        "command": " ".join(["headlens census --out DIR --no-progress", *EXTRA])
+        + " (default Qwen2.5-Coder-0.5B-Instruct, fp32, CPU, weights cached)",
         "runs": runs,
         "wall_s_median": statistics.median(r["wall_s"] for r in runs),
         "wall_s_range": [min(r["wall_s"] for r in runs), max(r["wall_s"] for r in runs)],

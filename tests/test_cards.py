@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from test_report import Chromium, needs_chromium, open_head
 from typer.testing import CliRunner
 
 from headlens import HeadlensError, io
@@ -17,7 +18,6 @@ from headlens.census.run import label_heads, score_columns, table_scores
 from headlens.cli import _census_settings, app, label_summary
 from headlens.render import viz
 from headlens.render.report import label_rows, read_census, write_report
-from test_report import Chromium, needs_chromium, open_head
 
 
 def sink_census() -> pd.DataFrame:
@@ -146,10 +146,14 @@ def test_head_view_shows_the_deciding_score_and_the_verdict(tiny_qwen, tiny_evid
         browser.open(path)
         browser.wait_for("document.querySelector('#head-pattern canvas') !== null", timeout=120)
         open_head(browser, "L0H1", via=".labelmap td")
-        row = browser.eval("Array.from(document.querySelectorAll('#head-scores tr.decides td')).map(c => c.textContent)")
+        row = browser.eval(
+            "Array.from(document.querySelectorAll('#head-scores tr.decides td')).map(c => c.textContent)"
+        )
         assert row[0] == "delimiter" and row[2] == "0.350 [0.330, 0.370]" and row[5].startswith("decides the label")
         assert browser.eval("document.getElementById('head-verdict').textContent").endswith(evidence.DESCRIPTIVE)
-        assert "sink-corrected delimiter score 0.350" in browser.eval("document.getElementById('head-card').textContent")
+        assert "sink-corrected delimiter score 0.350" in browser.eval(
+            "document.getElementById('head-card').textContent"
+        )
         open_head(browser, "L1H0", via="#census-table a")
         verdict = tiny_evidence.verdict("induction")
         assert browser.eval("document.getElementById('head-verdict').textContent").endswith(verdict)
@@ -218,7 +222,9 @@ def test_a_label_registered_later_gets_a_fresh_glyph():
 def test_label_map_cells_carry_glyph_colour_and_legend():
     t = sink_census()
     html = viz.label_grid_html(t)
-    cell = re.search(r'<td class="lab" data-head="L0H1" data-label="delimiter" title="([^"]*)" style="([^"]*)">([^<]*)<', html)
+    cell = re.search(
+        r'<td class="lab" data-head="L0H1" data-label="delimiter" title="([^"]*)" style="([^"]*)">([^<]*)<', html
+    )
     assert cell.group(1) == "L0H1 delimiter (0.35)" and viz.PALETTE["delimiter"] in cell.group(2)
     assert cell.group(3) == "Dl"
     assert 'class="legend"' in html and "delimiter (3)" in html and "induction (1)" in html

@@ -356,7 +356,9 @@ def _cards(model, table, only, *, prompt, evidence, roles, thresholds) -> pd.Ser
             verdict, single = evidence.sentences(row["label"], *lh)
         if roles is not None:
             role = role_sentence(roles, *lh)
-        cards.append(card_text(row, read=read.get(lh), written=written.get(lh), verdict=verdict, single=single, role=role))
+        cards.append(
+            card_text(row, read=read.get(lh), written=written.get(lh), verdict=verdict, single=single, role=role)
+        )
     return pd.Series(cards, index=table.index[why.index], name="card")
 
 

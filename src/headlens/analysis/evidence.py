@@ -124,7 +124,9 @@ def _single_heads(model, table, causal: pd.DataFrame, *, n_seqs, top_k, method, 
         labels = list(group["label"])
         top = []
         for label in labels:
-            part = table[table["label"] == label].sort_values(["label_score", "layer", "head"], ascending=[False, True, True])
+            part = table[table["label"] == label].sort_values(
+                ["label_score", "layer", "head"], ascending=[False, True, True]
+            )
             top += [(label, int(r.layer), int(r.head), float(r.label_score)) for r in part.head(top_k).itertuples()]
         if not top:
             continue

@@ -85,7 +85,9 @@ def task_roles(
     with torch.inference_mode():
         clean_logits, cache = model.run_with_cache(pair.clean, names_filter=lambda n: n in names)
         corrupted_logits = model(pair.corrupted)
-    right, bad = _answers(model, pair, clean_logits[:, positions].cpu(), corrupted_logits[:, positions].cpu(), answer, wrong)
+    right, bad = _answers(
+        model, pair, clean_logits[:, positions].cpu(), corrupted_logits[:, positions].cpu(), answer, wrong
+    )
     scale = cache["ln_final.hook_scale"][:, positions] if "ln_final.hook_scale" in cache else torch.ones(1, 1, 1)
     tokens = pair.clean.cpu()
     # keys holding the answer, at or before each metric position: [batch, n_pos, pos]

@@ -397,7 +397,9 @@ def _effective(means: dict[str, np.ndarray], types) -> dict[str, np.ndarray]:
     return eff
 
 
-def label_ratios(eff: dict[str, np.ndarray], types, limits: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def label_ratios(
+    eff: dict[str, np.ndarray], types, limits: dict[str, float]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per label type: (score / threshold, is a candidate) of every head, from sink-aware scores ``eff``.
 
     A candidate reaches its threshold and meets its ``requires``; :func:`_label` picks among candidates by tier and

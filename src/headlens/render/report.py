@@ -698,12 +698,12 @@ def write_report(
     sections = [
         (key, SECTION_TITLES[key], _frames(key, results))
         for key, results in (
-        ("roles", roles),
-        ("ablation", ablation),
-        ("patching", patching),
-        ("compare", compare),
-        ("rope", rope),
-    )
+            ("roles", roles),
+            ("ablation", ablation),
+            ("patching", patching),
+            ("compare", compare),
+            ("rope", rope),
+        )
         if results is not None
     ]
     out = Path(out_dir)
@@ -729,8 +729,7 @@ def write_report(
         "Head labels",
         table_html(counts)
         + "\n<p>Top heads by the score that decided their label (sink-corrected where the head sinks). Hover a head "
-        "for its label and that score; click it for its view.</p>\n"
-        + viz.label_grid_html(table),
+        "for its label and that score; click it for its view.</p>\n" + viz.label_grid_html(table),
     )
     _causal_section(page, evidence, list(counts["label"]))
     bar.update(1)

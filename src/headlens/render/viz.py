@@ -77,7 +77,9 @@ GLYPHS = {
 
 def label_colors() -> dict[str, str]:
     """Colour of every label: :data:`PALETTE` for the built-in ones, the head type's own colour for a label added later."""
-    return {t.name: PALETTE.get(t.name, t.color) for t in head_types().values() if t.label} | {"other": PALETTE["other"]}
+    return {t.name: PALETTE.get(t.name, t.color) for t in head_types().values() if t.label} | {
+        "other": PALETTE["other"]
+    }
 
 
 def label_glyphs(labels: Iterable[str] = ()) -> dict[str, str]:
@@ -88,14 +90,13 @@ def label_glyphs(labels: Iterable[str] = ()) -> dict[str, str]:
         if label in glyphs:
             continue
         words = label.split("_")
-        options = [words[0][: n].capitalize() for n in range(1, len(words[0]) + 1)] + [
+        options = [words[0][:n].capitalize() for n in range(1, len(words[0]) + 1)] + [
             "".join(w[0] for w in words).upper()
         ]
         glyph = next((o for o in options if o not in used), label)
         glyphs[label] = glyph
         used.add(glyph)
     return glyphs
-
 
 
 def _ink_hex(color: str) -> str:
