@@ -27,6 +27,7 @@ from headlens import load_model, run_census
 from headlens.analysis import cards
 from headlens.analysis.evidence import label_evidence
 from headlens.analysis.roles import task_roles
+from headlens.census import LABEL_SCORE
 from headlens.heads import head_name
 from headlens.interventions.patching import text_pair
 from headlens.io import write_csv, write_json
@@ -78,10 +79,7 @@ def main() -> None:
     layer, head = int(example["layer"]), int(example["head"])
     differ = {}
     for label, part in table[table.label != "other"].groupby("label"):
-        own = cards.explain(part.reset_index(drop=True))["column"].iloc[0]
-        raw = own.removesuffix("_nosink") if isinstance(own, str) else None
-        if raw is None or raw not in part:
-            continue
+        raw = LABEL_SCORE.get(label)
         by_raw = [head_name(r.layer, r.head) for r in part.nlargest(3, raw).itertuples()]
         by_deciding = [head_name(r.layer, r.head) for r in part.nlargest(3, "label_score").itertuples()]
         if by_raw != by_deciding:

@@ -304,3 +304,22 @@ def test_head_command_measures_the_head_in_a_task(census_dir):
 def test_head_command_bad_input(census_dir, args, message):
     result = CliRunner().invoke(app, ["head", *args, "--model", "tiny-qwen2", "--out", str(census_dir)])
     assert result.exit_code != 0 and message in str(result.exception), (result.output, result.exception)
+
+
+@pytest.mark.slow
+def test_head_command_on_qwen_prints_the_deciding_sink_corrected_score_inside_its_interval(qwen, qwen_census, tmp_path):
+    prov = io.provenance(qwen, **_census_settings(0))
+    io.write_csv(qwen_census, tmp_path / "census.csv", provenance=prov)
+    why = cards.explain(qwen_census)
+    nosink = why[why["column"].fillna("").str.endswith("_nosink")]
+    raw = [qwen_census.loc[i, c.removesuffix("_nosink")] for i, c in nosink["column"].items()]
+    r = nosink.assign(gap=nosink["score"] - raw).sort_values("gap").iloc[-1]  # the largest raw vs deciding gap
+    assert r.gap > 0.1 and r.lo <= r.score <= r.hi and r.score >= r.threshold
+    name = viz.head_name(r.layer, r["head"])
+    result = CliRunner().invoke(app, ["head", name, "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"reusing {tmp_path / 'census.csv'}" in out
+    assert f"{name} is a {r.label} head" in out
+    assert f"its sink-corrected {r.label} score {r.score:.3f} [{r.lo:.3f}, {r.hi:.3f}] reaches the threshold" in out
+    assert f"{r.label} " in out and "<- label" in out and "Causal: " in out

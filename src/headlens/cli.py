@@ -424,7 +424,11 @@ def _read_evidence(directory: Path, prov: dict):
     paths = [directory / name for name in CAUSAL_FILES]
     if not all(p.is_file() and mismatch(p, prov) is None for p in paths):
         return None
-    return LabelEvidence(pd.read_csv(paths[0]), pd.read_csv(paths[1]))
+    labels = pd.read_csv(paths[0])
+    settings = (
+        {"n_random": int(labels["n_random"].max())} if "n_random" in labels and labels["n_random"].notna().any() else {}
+    )
+    return LabelEvidence(labels, pd.read_csv(paths[1]), settings)
 
 
 def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress: bool):

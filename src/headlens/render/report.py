@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from transformer_lens import HookedTransformer
 
 from headlens.analysis import cards
-from headlens.analysis.evidence import ALPHA, verdict_table
+from headlens.analysis.evidence import verdict_table
 from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
 from headlens.engine.capture import head_patterns
@@ -652,7 +652,9 @@ def _causal_section(page: _Page, evidence, labels: list[str]) -> None:
             f"<p>Each label's heads are mean-ablated together on the label's task and compared with {s.get('n_random')} "
             f"layer-matched random head sets ({s.get('n_seqs')} sequences per task; ratio = target effect / mean random "
             "effect, 95 % interval over the random draws; p = share of random sets at least as strong). Verdict: "
-            f"<b>supported</b> when the effect has the expected sign and p <= {ALPHA}; labels no task tests are "
+            "<b>supported</b> when the effect has the expected sign and no random set is as strong (p = 0; with "
+            f"{s.get('n_random')} sets a label no different from random passes 1 time in {s.get('n_random', 0) + 1}); "
+            "labels no task tests are "
             "<b>descriptive</b> (they say what a head attends to on a probe, not what it does).</p>",
         )
         if len(evidence.heads):
