@@ -233,7 +233,7 @@ def writes(
             rows = x[[j for j, _ in mine]].to(attn.W_V.device, attn.W_V.dtype)
             v = torch.einsum("nd,nde->ne", rows, attn.W_V[idx]) + attn.b_V[idx]
             written = torch.einsum("ne,ned->nd", v, attn.W_O[idx])
-            logits = (written @ model.W_U[:, :n_vocab]).float().cpu()
+            logits = (written @ model.W_U).float().cpu()[:, :n_vocab]  # slicing W_U first would copy it
             up, down = logits.topk(top_k, -1).indices, (-logits).topk(top_k, -1).indices
             for row, (_, lh) in enumerate(mine):
                 out[lh] = (

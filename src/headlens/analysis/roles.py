@@ -49,20 +49,25 @@ def _answers(
     return right, (other if bool((right != other).all()) else None)
 
 
+def answer_direction(
+    model: HookedTransformer, right: Int[Tensor, "batch n_pos"], wrong: Int[Tensor, "batch n_pos"] | None
+) -> Float[Tensor, "batch n_pos d_model"]:
+    """The unembedding direction right − wrong at each metric position (right − the vocabulary mean without ``wrong``)."""
+    W_U = model.W_U.float()
+    direction = W_U[:, right].permute(1, 2, 0)
+    return direction - (W_U[:, wrong].permute(1, 2, 0) if wrong is not None else W_U.mean(-1))
+
+
 def direct_logit_attribution(
     model: HookedTransformer,
     z: Float[Tensor, "batch n_pos head d_head"],
     layer: int,
     scale: Float[Tensor, "batch n_pos 1"],
-    right: Int[Tensor, "batch n_pos"],
-    wrong: Int[Tensor, "batch n_pos"] | None,
+    direction: Float[Tensor, "batch n_pos d_model"],
 ) -> Float[Tensor, " head"]:
-    """Each head of ``layer``: its output (``z`` through W_O, divided by the final norm's scale) on the logit
-    direction right − wrong (right − the vocabulary mean without ``wrong``), mean over sequences and positions."""
-    W_O, W_U = model.blocks[layer].attn.W_O, model.W_U
-    out = torch.einsum("bphe,hed->bphd", z, W_O) / scale[..., None]
-    direction = W_U[:, right].permute(1, 2, 0)  # [batch, n_pos, d_model]
-    direction = direction - (W_U[:, wrong].permute(1, 2, 0) if wrong is not None else W_U.mean(-1))
+    """Each head of ``layer``: its output (``z`` through W_O, divided by the final norm's scale) on ``direction``
+    (:func:`answer_direction`), mean over sequences and positions."""
+    out = torch.einsum("bphe,hed->bphd", z, model.blocks[layer].attn.W_O.float()) / scale[..., None]
     return torch.einsum("bphd,bpd->h", out, direction) / (z.shape[0] * z.shape[1])
 
 
@@ -96,9 +101,12 @@ def task_roles(
     has = holds.any(-1)
     dla, attn = [], []
     with torch.inference_mode():
+        direction = answer_direction(
+            model, right.to(model.W_U.device), None if bad is None else bad.to(model.W_U.device)
+        )
         for layer in range(L):
             z = cache[f"blocks.{layer}.attn.hook_z"][:, positions].float()
-            dla.append(direct_logit_attribution(model, z, layer, scale.float(), right, bad).cpu())
+            dla.append(direct_logit_attribution(model, z, layer, scale.float(), direction).cpu())
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, positions].float().cpu()  # [b, head, n_pos, pos]
             mass = (pattern * holds[:, None].float()).sum(-1)  # [b, head, n_pos]
             attn.append(mass.permute(1, 0, 2)[:, has].mean(-1) if has.any() else torch.full((H,), float("nan")))

@@ -106,7 +106,9 @@ class CensusResult:
     Fields:
 
     - ``table``: one row per (layer, head): ``layer, head, kv_head``, every registered score (and ``<score>_nosink``),
-      ``label``, ``confidence``, ``label_score``, then the 95 % intervals ``<score>_lo``/``<score>_hi``.
+      ``label``, ``confidence``, ``label_score`` (the score that decided the label: ``<score>_nosink`` where the head
+      sinks), each probe's sink mass ``sink_<kind>`` (what decides raw vs ``_nosink``: :func:`table_scores` reads it
+      back), then the 95 % intervals ``<score>_lo``/``<score>_hi`` and ``label_score_lo``/``_hi``.
     - ``label_counts``: heads per label with the bootstrap's 95 % interval (``label, n_heads, lo, hi``).
     - ``probes``: the :class:`~headlens.data.probes.ProbeSet` that was scored (None for a census read from disk).
     - ``seed``: the probe seed; ``thresholds``: the label thresholds used.
