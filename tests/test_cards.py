@@ -134,6 +134,14 @@ def test_label_evidence_tests_labels_with_a_task_and_calls_the_others_descriptiv
     )
 
 
+def test_label_evidence_gives_causal_validations_numbers_in_one_batched_pass(tiny_qwen, tiny_evidence):
+    from headlens.census.validate import causal_validation
+
+    slow = causal_validation(tiny_qwen, sink_census(), n_random=3, n_seqs=2, progress=False).set_index("label")
+    fast = tiny_evidence.labels.set_index("label").loc[slow.index, slow.columns]
+    pd.testing.assert_frame_equal(fast, slow, check_exact=False, rtol=1e-4, atol=1e-5, check_dtype=False)
+
+
 @needs_chromium
 def test_head_view_shows_the_deciding_score_and_the_verdict(tiny_qwen, tiny_evidence, tmp_path):
     t = sink_census()

@@ -1,8 +1,8 @@
 """Causal evidence for census labels, by default: each label's verdict and its top heads' single-head effects.
 
-A label says what a head looks like on a probe. Whether the heads carrying it matter comes from
-:func:`headlens.census.validate.causal_validation`: the label's heads are ablated together on the label's task and
-compared with layer-matched random head sets. :func:`label_evidence` runs it at sizes that fit the default
+A label says what a head looks like on a probe. Whether the heads carrying it matter is
+:func:`headlens.census.validate.causal_validation`'s test: the label's heads are ablated together on the label's task
+and compared with layer-matched random head sets. :func:`label_evidence` runs it at sizes that fit the default
 ``headlens census`` budget and adds, for the ``top_k`` heads of each tested label (by ``label_score``), the effect of
 ablating that head alone on the same task. A label without a task is *descriptive (no causal claim)*.
 
@@ -22,7 +22,8 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from headlens.census import validate
-from headlens.heads import head_name
+from headlens.errors import HeadlensError
+from headlens.heads import format_heads, head_name, random_heads
 from headlens.interventions.ablation import ablated_metrics
 
 N_RANDOM = 6
@@ -30,8 +31,10 @@ N_RANDOM = 6
 evidence; benchmarks/results/cli_census_evidence.json)."""
 N_SEQS = 2
 """Sequences in each task metric of the default census."""
-TOP_K = 3
+TOP_K = 2
 """Heads per label whose single-head effect the default census measures."""
+BATCH_SIZE = 32
+"""Sequences per stacked forward of the ablated sets (16 sets of 2 sequences)."""
 ALPHA = 0.0
 """Largest share of random sets as strong as the label's heads for a ``supported`` verdict (none of them)."""
 DESCRIPTIVE = "descriptive (no causal claim)"
@@ -96,50 +99,93 @@ def label_evidence(
     method: str = "mean",
     seed: int = 0,
     labels: list[str] | None = None,
+    n_boot: int = 2000,
     progress: bool = True,
 ) -> LabelEvidence:
     """Each label's causal verdict and the single-head effects of its ``top_k`` heads (module docstring); ``labels``
-    restricts it to those labels (``headlens head`` tests just its head's)."""
+    restricts it to those labels (``headlens head`` tests just its head's).
+
+    The test is :func:`headlens.census.validate.causal_validation`'s — its task and metric per label
+    (``validate.TASKS``, ``validate.task_metric``), its expected signs, the same layer-matched random sets (draw
+    ``i`` seeded ``seed * 1000 + i``) and the same columns — but every ablated set of a task runs in one batched
+    pass (:func:`headlens.interventions.ablation.ablated_metrics`: one clean run, each set restarting at its first
+    ablated layer, only the metric's positions unembedded) instead of a full forward per set, which is what lets
+    it run in every ``headlens census``. tests/test_cards.py checks both give the same numbers.
+    """
+    if int(n_random) < 2:
+        raise HeadlensError(f"n_random must be >= 2 for an interval (got {n_random})")
     present = [lb for lb in dict.fromkeys(table["label"]) if lb != "other" and (labels is None or lb in labels)]
-    testable = [lb for lb in present if lb in validate.TASKS]
-    causal = validate.causal_validation(
-        model, table, labels=testable, n_random=n_random, method=method, n_seqs=n_seqs, seed=seed, progress=progress
-    )
-    tested = {r["label"]: r for r in causal.to_dict("records")}
-    rows = []
-    for label in present:
-        if label in tested:
-            rows.append({"label": label, "verdict": verdict(tested[label]), **tested[label]})
-        else:
-            rows.append({"label": label, "verdict": DESCRIPTIVE, "task": ""})
-    heads = _single_heads(model, table, causal, n_seqs=n_seqs, top_k=top_k, method=method, seed=seed)
-    settings = {"n_random": int(n_random), "n_seqs": int(n_seqs), "top_k": int(top_k), "method": method, "seed": seed}
-    table_rows = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["label", "verdict", "task"])
-    return LabelEvidence(table_rows, heads, settings)
-
-
-def _single_heads(model, table, causal: pd.DataFrame, *, n_seqs, top_k, method, seed) -> pd.DataFrame:
-    """The effect of ablating each of the top heads of every tested label alone, on that label's task."""
-    rows = []
-    if causal.empty:
-        return pd.DataFrame(rows, columns=["label", "layer", "head", "task", "label_score", "effect"])
-    for task, group in causal.groupby("task", sort=False):
-        labels = list(group["label"])
-        top = []
-        for label in labels:
-            part = table[table["label"] == label].sort_values(
-                ["label_score", "layer", "head"], ascending=[False, True, True]
-            )
-            top += [(label, int(r.layer), int(r.head), float(r.label_score)) for r in part.head(top_k).itertuples()]
-        if not top:
-            continue
+    tested = [lb for lb in present if lb in validate.TASKS]
+    rows, singles = {}, []
+    for task in dict.fromkeys(validate.TASKS[lb] for lb in tested):
+        plan = []  # (label, kind, heads) of every ablated set of this task, in order
+        for label in (lb for lb in tested if validate.TASKS[lb] == task):
+            part = table[table["label"] == label]
+            heads = [(int(r.layer), int(r.head)) for r in part.itertuples()]
+            plan.append((label, "target", heads))
+            plan += [
+                (label, "random", random_heads(model, len(heads), like=heads, exclude=heads, seed=int(seed) * 1000 + i))
+                for i in range(int(n_random))
+            ]
+            top = part.sort_values(["label_score", "layer", "head"], ascending=[False, True, True]).head(top_k)
+            plan += [(label, "single", [(int(r.layer), int(r.head))]) for r in top.itertuples()]
         metric = validate.task_metric(model, task, n_seqs=n_seqs, seed=seed)
-        clean, values = ablated_metrics(model, metric, [[(l, h)] for _, l, h, _ in top], method=method, seed=seed)
-        rows += [
-            {"label": lb, "layer": l, "head": h, "task": task, "label_score": s, "effect": v - clean}
-            for (lb, l, h, s), v in zip(top, values)
-        ]
-    return pd.DataFrame(rows, columns=["label", "layer", "head", "task", "label_score", "effect"])
+        clean, values = ablated_metrics(
+            model, metric, [hs for _, _, hs in plan], method=method, seed=seed, batch_size=BATCH_SIZE, progress=progress
+        )
+        done = [(lb, kind, hs, v - clean) for (lb, kind, hs), v in zip(plan, values)]
+        for label in dict.fromkeys(lb for lb, _, _, _ in done):
+            mine = [d for d in done if d[0] == label]
+            (_, _, heads, target), rand = mine[0], np.array([e for _, kind, _, e in mine if kind == "random"])
+            rows[label] = _causal_row(label, task, heads, clean, target, rand, seed=seed, n_boot=n_boot)
+            score = table.set_index(["layer", "head"])["label_score"]
+            singles += [
+                {"label": label, "layer": hs[0][0], "head": hs[0][1], "task": task, "label_score": float(score[hs[0]]),
+                 "effect": e}
+                for _, kind, hs, e in mine if kind == "single"
+            ]  # fmt: skip
+    out = [
+        {"label": lb, "verdict": verdict(rows[lb]), **rows[lb]} if lb in rows else {"label": lb, "verdict": DESCRIPTIVE}
+        for lb in present
+    ]
+    settings = {"n_random": int(n_random), "n_seqs": int(n_seqs), "top_k": int(top_k), "method": method, "seed": seed}
+    return LabelEvidence(
+        pd.DataFrame(out, columns=["label", "verdict", *CAUSAL_COLUMNS]),
+        pd.DataFrame(singles, columns=["label", "layer", "head", "task", "label_score", "effect"]),
+        settings,
+    )
+
+
+CAUSAL_COLUMNS = (
+    "task", "n_heads", "clean", "target_effect", "random_mean", "random_min", "random_max", "ratio", "ratio_lo",
+    "ratio_hi", "expected_sign", "p_random_ge", "n_random", "heads",
+)  # fmt: skip
+"""The columns of :func:`headlens.census.validate.causal_validation`, in its order."""
+
+
+def _causal_row(label, task, heads, clean, target, rand: np.ndarray, *, seed: int, n_boot: int) -> dict:
+    """One label's row, computed as ``causal_validation`` computes it (ratio interval: the random draws resampled)."""
+    g = np.random.default_rng(int(seed))
+    boot = rand[g.integers(0, len(rand), (int(n_boot), len(rand)))].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = target / boot
+    sign = validate.EXPECTED_SIGN.get(label, 1)
+    return {
+        "task": task,
+        "n_heads": len(heads),
+        "clean": clean,
+        "target_effect": target,
+        "random_mean": float(rand.mean()),
+        "random_min": float(rand.min()),
+        "random_max": float(rand.max()),
+        "ratio": float(target / rand.mean()) if rand.mean() != 0 else float("nan"),
+        "ratio_lo": float(np.nanpercentile(ratios, 2.5)),
+        "ratio_hi": float(np.nanpercentile(ratios, 97.5)),
+        "expected_sign": sign,
+        "p_random_ge": float((sign * rand >= sign * target).mean()),
+        "n_random": len(rand),
+        "heads": format_heads(heads),
+    }
 
 
 def verdict_table(evidence: LabelEvidence | None, labels) -> pd.DataFrame:
