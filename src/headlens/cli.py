@@ -456,7 +456,7 @@ def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress:
 
 @app.command("head")
 def head_cmd(
-    name: str = typer.Argument(..., help="the head, e.g. L8H7 (or 8.7)"),
+    name: str = typer.Argument(..., metavar="HEAD", help="the head, e.g. L8H7 (or 8.7)"),
     model: str = MODEL,
     adapter: Path = ADAPTER,
     device: str = DEVICE,
