@@ -69,6 +69,7 @@ def main() -> None:
     why["card"] = table["card"]
     OUT.mkdir(parents=True, exist_ok=True)
     write_csv(why, OUT / "cards.csv")
+    write_csv(table, OUT / "census.csv")
     write_csv(evidence.labels, OUT / "causal.csv")
     write_csv(evidence.heads, OUT / "causal_heads.csv")
     write_csv(roles, OUT / "roles.csv")
@@ -119,9 +120,20 @@ def main() -> None:
             for r in top_roles.itertuples()
         ],  # fmt: skip
     }
-    write_json(OUT / "summary.json", summary)
+    write_json(OUT / "summary.json", _finite(summary))
     print(json.dumps({k: summary[k] for k in ("timings_s_quiet_2_cores", "labelled_by_nosink", "verdicts")}, indent=1))
     print(summary["example"]["card"])
+
+
+def _finite(value):
+    """``value`` with every NaN as None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 if __name__ == "__main__":
