@@ -146,3 +146,20 @@ def test_base_vs_lora_notebook_changes_only_the_adapted_layer():
     assert values["jsd0"] == 0 and values["dq0"] == 0 and values["dv"] == 0  # untouched layer and matrices
     assert values["jsd1"] > 0.05 and values["dq1"] > 0 and values["changed"] >= 1
     check_clean(book, elapsed)
+
+
+def test_circuits_notebook_finds_the_previous_token_to_induction_key_edge():
+    values, elapsed, book = execute(
+        "circuits",
+        "dict(prev=prev, ind=ind, comp=[comp_top.sender, comp_top.composition, float(comp_top.z)], "
+        "pp=pp.set_index('input')['delta'].to_dict(), top=top_edges, methods=sorted(summary.method), "
+        "n_circuit=int(result.info['circuit_edges']), edges=len(result.edges))",
+    )
+    assert (values["prev"], values["ind"]) == ("L0H2", "L1H2")
+    assert values["comp"][:2] == ["L0H2", "k"] and values["comp"][2] > 3
+    assert values["pp"]["k"] < -1 and abs(values["pp"]["k"]) > 10 * max(abs(values["pp"]["q"]), abs(values["pp"]["v"]))
+    assert all(tuple(v) == ("L0H2", "k") for v in values["top"].values()) and len(values["top"]) == 3
+    assert values["methods"] == ["eap", "eap-ig", "exact"] and values["edges"] == 81 and 0 < values["n_circuit"] <= 81
+    check_clean(book, elapsed)
+    pages = [p for p in outputs(book, "text/html") if "CircuitsVis.render" in p]
+    assert len(pages) == 1 and "<svg" in pages[0] and "L0H2 → L1H2 [k]" in pages[0]

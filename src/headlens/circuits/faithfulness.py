@@ -175,3 +175,52 @@ def circuit_metric(
         )
     full = setting.clean.metric
     return {"metric": value, "full": full, "empty": empty, "faithfulness": (value - empty) / (full - empty)}
+
+
+def smallest_circuit(
+    model: HookedTransformer,
+    task,
+    scores: Float[Tensor, "sender slot"],
+    low: int,
+    high: int,
+    *,
+    ablation: str = "mean",
+    target: float = TARGET,
+) -> dict:
+    """Bisection between ``low`` edges (faithfulness below ``target``) and ``high`` (at or above) for the smallest top-n
+    circuit of ``scores`` reaching ``target``; assumes f rises with n between the two (it need not: each probe is
+    measured, and the result is a circuit that does reach the target). Returns ``n``, ``faithfulness``, ``probes``."""
+    graph = Graph.of(model)
+    s, r = ranking(graph, scores)
+    pair = task.pair
+    probes = []
+    with split_inputs(model):
+        setting = prepare(
+            model,
+            pair.clean,
+            pair.metric,
+            corrupted=pair.corrupted,
+            mean_tokens=task.mean_tokens,
+            ablation=ablation,
+            graph=graph,
+        )
+        empty = run_edges(model, setting, [mask_run(graph.valid)], progress=False)[0]
+        full = setting.clean.metric
+
+        def f(n: int) -> float:
+            kept = torch.zeros_like(graph.valid)
+            kept[torch.as_tensor(s[:n]), torch.as_tensor(r[:n])] = True
+            value = run_edges(model, setting, [mask_run(graph.valid & ~kept)], progress=False)[0]
+            out = (value - empty) / (full - empty)
+            probes.append((n, out))
+            return out
+
+        best = (high, f(high))
+        while high - low > max(1, low // 20):
+            mid = (low + high) // 2
+            value = f(mid)
+            if value >= target:
+                high, best = mid, (mid, value)
+            else:
+                low = mid
+    return {"n": best[0], "faithfulness": best[1], "probes": probes, "full": full, "empty": empty}

@@ -135,6 +135,7 @@ def find_circuit(
     census: pd.DataFrame | None = None,
     executor=None,
     runs_per_pass: int = 16,
+    scores: dict[str, Tensor] | None = None,
     progress: bool = True,
 ) -> CircuitResult:
     """Score every edge with ``methods`` (for the same ``ablation`` the faithfulness is measured with: ``"mean"``
@@ -143,7 +144,8 @@ def find_circuit(
     edges by |exact| first, then the rest by the primary score).
 
     The circuit is the ranking and k (of ``percents``) that reach faithfulness >= 0.8 with the fewest edges (ties: the
-    higher CPR); when none does, the top ``check`` edges of the primary ranking.
+    higher CPR); when none does, the top ``check`` edges of the primary ranking. ``scores`` reuses edge attributions
+    already computed (method -> ``[sender, slot]``, for the same ``ablation``) instead of recomputing them.
     """
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -153,8 +155,11 @@ def find_circuit(
         raise HeadlensError(f"check must be >= 0 edges (got {check})")
     graph = Graph.of(model)
     timings: dict[str, float] = {}
-    scores: dict[str, Tensor] = {}
+    given, scores = dict(scores or {}), {}
     for method in methods:
+        if method in given:
+            scores[method] = given[method].cpu()
+            continue
         start = time.perf_counter()
         scores[method] = edge_attribution(
             model,
