@@ -13,10 +13,13 @@ circuit reaching faithfulness 0.8 (bisection between grid points), the smallest 
 and the roles of its heads from their attention (END -> IO / S1 / S2; S2 -> S1, S1 + 1) and their place in the graph,
 beside their census labels.
 
-    python analyses/circuits.py                 # both parts, ~20 min on 2 CPU cores (seed 0)
-    python analyses/circuits.py --part ioi      # one part
+    python analyses/circuits.py                 # every part, ~30 min on 2 CPU cores (seed 0)
+    python analyses/circuits.py --part ioi      # one part (toy: seconds; induction ~14 min; ioi ~15 min)
 
-Writes analyses/results/circuits/: induction.json, induction_k_senders.csv, induction_composition.csv,
+The toy part (seconds) runs the trained toy model's circuit with both ablations (toy.json), the worked example of
+docs/circuits.md.
+
+Writes analyses/results/circuits/: toy.json, induction.json, induction_k_senders.csv, induction_composition.csv,
 induction_faithfulness.csv, ioi.json, ioi_edges.csv, ioi_nodes.csv, ioi_faithfulness.csv.
 """
 
@@ -394,13 +397,77 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------- the toy model (ground truth, seconds)
+
+
+def toy_study(seed: int, out: Path) -> dict:
+    """The trained toy model's circuit with both ablations: what the notebook and docs/circuits.md walk through."""
+    from headlens.census import census as run_census
+    from headlens.circuits.paths import path_patching
+    from headlens.toy import circuit_heads, load_induction_model, toy_probes
+
+    model = load_induction_model()
+    table = run_census(model, toy_probes(model, seed=seed), progress=False)
+    prev = "L{}H{}".format(*circuit_heads()["previous_token"])
+    ind = "L{}H{}".format(*circuit_heads()["induction"])
+    task = induction_task(model, n_tokens=12, n_seqs=8, n_mean=16, seed=seed)
+    comp = composition_scores(model, census=table, seed=seed)
+    into = comp[comp.receiver == ind].sort_values("z", ascending=False).head(4)
+    pp = path_patching(model, task, [(prev, ind, kind) for kind in "qkv"], progress=False)
+    out_json = {
+        "previous_token_head": prev,
+        "induction_head": ind,
+        "task": task.info,
+        "composition_baseline": {"mean": _r(comp.attrs["baseline"]), "std": _r(comp.attrs["baseline_std"])},
+        "top_composition_into_induction_head": [
+            {"sender": a, "composition": c, "score": _r(x), "z": _r(z, 2)}
+            for a, c, x, z in into[["sender", "composition", "score", "z"]].itertuples(index=False)
+        ],
+        "path_patching_prev_to_induction": {
+            "clean": _r(pp.attrs["clean_metric"]),
+            "corrupted": _r(pp.attrs["corrupted_metric"]),
+            **{i: _r(d) for i, d in zip(pp.input, pp.delta)},
+        },
+    }
+    for ablation in ("resample", "mean"):
+        result = find_circuit(model, task, check=81, ablation=ablation, census=table, progress=False)
+        edges = result.edges
+        into_ind = edges[edges.receiver == ind]
+        out_json[ablation] = {
+            "clean_metric": _r(result.info["clean_metric"]),
+            "all_edges_ablated_metric": _r(result.info["ablated_metric"]),
+            "top_edge_into_induction_head": {
+                col: f"{into_ind.loc[into_ind[col].abs().idxmax(), 'sender']}[{into_ind.loc[into_ind[col].abs().idxmax(), 'input']}]"
+                for col in ("eap", "eap_ig", "exact")
+            },
+            "top_edges": [
+                {"edge": f"{a} -> {b}[{i}]", "eap": _r(e), "eap_ig": _r(g), "exact": _r(x)}
+                for a, b, i, e, g, x in edges.head(6)[
+                    ["sender", "receiver", "input", "eap", "eap_ig", "exact"]
+                ].itertuples(index=False)
+            ],
+            "faithfulness": _faith_summary(result),
+            "curves": result.faithfulness.pivot_table(index="k", columns="method", values="faithfulness")
+            .round(4)
+            .to_dict(),
+            "circuit": {k: result.info[k] for k in ("circuit_method", "circuit_k", "circuit_edges")},
+        }
+    write_summary(out / "toy.json", out_json)
+    return out_json
+
+
 def main() -> None:
     def extra(parser):
-        parser.add_argument("--part", choices=("induction", "ioi", "all"), default="all")
+        parser.add_argument("--part", choices=("toy", "induction", "ioi", "all"), default="all")
 
     args = study_args(__doc__, out=OUT, extra=extra)
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
+    if args.part in ("toy", "all"):
+        s = toy_study(args.seed, args.out)
+        print(f"toy: top edges into {s['induction_head']}: {s['resample']['top_edge_into_induction_head']}", flush=True)
+        if args.part == "toy":
+            return
     model = load_model(args.model)
     census = pd.read_csv(CENSUS)
     if args.part in ("induction", "all"):
