@@ -8,8 +8,8 @@ Then the faithfulness curves of EAP, EAP-IG and exact (top EAP-IG edges checked 
 ablation (means over 8 other repeated sequences) and with resample ablation.
 
 IOI (8 generated prompts, ABBA/BABA, 6 templates, 15 tokens; metric logit(IO) − logit(S)): EAP, EAP-IG (mean
-ablation over 16 other IOI prompts), exact check of the top 300 EAP-IG edges, faithfulness curves, the smallest edge
-circuit reaching faithfulness 0.8 (bisection between grid points), the smallest circuit of top nodes reaching 0.8,
+ablation over 16 other IOI prompts), exact check of the top 150 EAP-IG edges, faithfulness curves with edges ranked
+by |score| and by signed score, the smallest edge circuit reaching faithfulness 0.8 (bisection between grid points), the smallest circuit of top nodes reaching 0.8,
 and the roles of its heads from their attention (END -> IO / S1 / S2; S2 -> S1, S1 + 1) and their place in the graph,
 beside their census labels.
 
@@ -40,7 +40,13 @@ from _harness import study_args, write_summary  # noqa: E402
 from headlens import load_model  # noqa: E402
 from headlens.circuits.composition import composition_scores  # noqa: E402
 from headlens.circuits.edges import edge_attribution  # noqa: E402
-from headlens.circuits.faithfulness import circuit_metric, node_circuit, smallest_circuit  # noqa: E402
+from headlens.circuits.faithfulness import (  # noqa: E402
+    circuit_metric,
+    exact_key,
+    faithfulness,
+    node_circuit,
+    smallest_circuit,
+)
 from headlens.circuits.graph import Graph, node_head  # noqa: E402
 from headlens.circuits.study import exact_edges, find_circuit, recall_at, receiver_senders  # noqa: E402
 from headlens.circuits.tasks import induction_task, ioi_positions, ioi_task  # noqa: E402
@@ -50,7 +56,7 @@ OUT = Path(__file__).resolve().parent / "results" / "circuits"
 CENSUS = Path(__file__).resolve().parent / "results" / "census_trust" / "census_seed0.csv"
 N_INDUCTION_HEADS = 3
 IG_STEPS = 5
-NODE_GRID = (5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 130, 160, 200, 260, 361)
+NODE_GRID = (5, 10, 20, 30, 40, 60, 80, 120, 160, 240, 361)
 
 
 def _r(x: float, nd: int = 4) -> float:
@@ -280,35 +286,56 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
     task = ioi_task(model, n_seqs=8, n_mean=16, seed=seed)
     timings = {}
     t = time.perf_counter()
-    result = find_circuit(model, task, check=300, ablation="mean", census=census, steps=IG_STEPS, progress=False)
+    result = find_circuit(model, task, check=150, ablation="mean", census=census, steps=IG_STEPS, progress=False)
     timings["find_circuit"] = time.perf_counter() - t
-    write_csv(result.faithfulness, out / "ioi_faithfulness.csv")
-    summary_f = _faith_summary(result)
     full, empty = result.info["clean_metric"], result.info["ablated_metric"]
+    # the same rankings ordered by signed score (edges whose ablation lowers logit(IO) - logit(S) first)
+    checked = ~torch.isnan(result.scores["exact"])
+    signed_rankings = {
+        "eap": result.scores["eap"],
+        "eap-ig": result.scores["eap-ig"],
+        "exact": exact_key(result.scores["eap-ig"], torch.nan_to_num(result.scores["exact"]), checked, signed=True),
+    }
+    t = time.perf_counter()
+    signed = faithfulness(model, task, signed_rankings, ablation="mean", signed=True, progress=False)
+    timings["faithfulness_signed"] = time.perf_counter() - t
+    curves = pd.concat([result.faithfulness.assign(ranking="abs"), signed.assign(ranking="signed")], ignore_index=True)
+    write_csv(curves, out / "ioi_faithfulness.csv")
+    summary_f = {
+        "abs": _faith_summary(result),
+        "signed": {
+            m: {k: (_r(x) if isinstance(x, float) else x) for k, x in v.items()}
+            for m, v in signed.attrs["summary"].items()
+        },
+    }
 
-    # the smallest edge circuit reaching 0.8: bisection below the first grid point that reaches it
-    best = min(
-        (m for m in summary_f if summary_f[m]["n_edges_at_target"] is not None),
-        key=lambda m: summary_f[m]["n_edges_at_target"],
-        default=None,
-    )
+    # the smallest edge circuit reaching 0.8: bisection below the first grid point that reaches it, for the ranking
+    # (method and order) that reaches it with the fewest edges
+    hits = [
+        (v["n_edges_at_target"], order, m)
+        for order, methods in summary_f.items()
+        for m, v in methods.items()
+        if v["n_edges_at_target"] is not None
+    ]
     smallest = None
-    if best is not None:
-        curve = result.faithfulness[result.faithfulness.method == best]
-        high = int(summary_f[best]["n_edges_at_target"])
+    if hits:
+        high, order, best = min(hits)
+        frame = result.faithfulness if order == "abs" else signed
+        curve = frame[frame.method == best]
         below = curve[curve.n_edges < high]
         low = int(below.n_edges.max()) if len(below) else 0
-        ranking_scores = result.scores[best] if best != "exact" else None
-        if ranking_scores is None:
-            from headlens.circuits.faithfulness import exact_key
-
-            checked = ~torch.isnan(result.scores["exact"])
-            ranking_scores = exact_key(result.scores["eap-ig"], torch.nan_to_num(result.scores["exact"]), checked)
+        if order == "signed":
+            key = signed_rankings[best]
+        elif best == "exact":
+            key = exact_key(result.scores["eap-ig"], torch.nan_to_num(result.scores["exact"]), checked)
+        else:
+            key = result.scores[best]
         t = time.perf_counter()
-        found = smallest_circuit(model, task, ranking_scores, low, high, ablation="mean")
+        found = smallest_circuit(model, task, key, low, int(high), ablation="mean", signed=order == "signed")
         timings["bisection"] = time.perf_counter() - t
         smallest = {
             "method": best,
+            "ranking": order,
             "n_edges": found["n"],
             "percent_of_edges": _r(100 * found["n"] / graph.n_edges, 3),
             "faithfulness": _r(found["faithfulness"]),
@@ -342,7 +369,7 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
     table = table.sort_values("abs_score", ascending=False).reset_index(drop=True)
     write_csv(table, out / "ioi_nodes.csv")
     edges = result.edges
-    keep = edges.in_circuit | edges.exact.notna()
+    keep = edges.exact.notna() | (edges["rank"] <= 1000)
     write_csv(edges[keep].reset_index(drop=True), out / "ioi_edges.csv")
     head_rows = table[table.kind == "head"]
     crosstab = pd.crosstab(head_rows.role, head_rows.label)

@@ -570,3 +570,36 @@ def test_exact_checks_on_ray_equal_one_process(toy, toy_task, one_thread):
         ray.shutdown()
     np.testing.assert_array_equal(local, remote)
     assert math.isfinite(float(np.abs(local).max()))
+
+
+def test_brackets_task_swaps_one_opener_and_its_answer(tiny):
+    from headlens.circuits.tasks import brackets_task
+
+    task = brackets_task(tiny, n_seqs=4, n_mean=4, seq_len=24, seed=0)
+    clean, corrupted = task.pair.clean, task.pair.corrupted
+    assert clean.shape == corrupted.shape == task.mean_tokens.shape == (4, 24)
+    assert ((clean != corrupted).sum(1) == 1).all()  # exactly the opener changed
+    pairs = {tiny.to_single_token(a): tiny.to_single_token(b) for a, b in ("()", "[]")}
+    changed = clean[clean != corrupted].tolist()
+    assert set(changed) <= set(pairs)
+    assert not any(torch.equal(m, c) for m in task.mean_tokens for c in clean)  # a separate mean set
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+def test_small_circuits_built_from_the_source_side_equal_the_direct_sum(tiny, ablation):
+    """A run that keeps few edges into a receiver builds its input as source residual + kept edges; the same runs
+    computed edge by edge over the corrupted ones (source_run=None forces that) give the same metric."""
+    g = Graph.of(tiny)
+    task = induction_task(tiny, n_tokens=5, n_seqs=2, n_mean=4, seed=1)
+    scores = edge_attribution(tiny, task, method="eap", ablation=ablation, progress=False)
+    runs = [paths.mask_run(g.valid & ~top_edges(g, scores, n)) for n in (0, 5, 40, g.n_edges // 2)]
+    with paths.split_inputs(tiny):
+        setting = paths.prepare(
+            tiny, task.pair.clean, task.pair.metric, corrupted=task.pair.corrupted, mean_tokens=task.mean_tokens,
+            ablation=ablation, graph=g,
+        )  # fmt: skip
+        fast = paths.run_edges(tiny, setting, runs, runs_per_pass=2, progress=False)
+        setting.source_run = None
+        slow = paths.run_edges(tiny, setting, runs, runs_per_pass=2, progress=False)
+    np.testing.assert_allclose(fast, slow, atol=2e-5)
+    assert fast[0] != pytest.approx(fast[-1], abs=1e-3)  # the circuits differ

@@ -44,7 +44,11 @@ def test_faithfulness_files_agree_with_their_summaries():
     for study, name in (("induction", "induction_faithfulness.csv"), ("ioi", "ioi_faithfulness.csv")):
         curves = pd.read_csv(RESULTS / name)
         summary = _json(f"{study}.json")
-        parts = [("mean", summary["circuits"]["mean"]["faithfulness"])] if study == "induction" else [("mean", summary["faithfulness"])]
+        parts = (
+            [("mean", summary["circuits"]["mean"]["faithfulness"])]
+            if study == "induction"
+            else [("mean", summary["faithfulness"])]
+        )
         for ablation, stats in parts:
             sub = curves if "ablation" not in curves else curves[curves.ablation == ablation]
             for method, values in stats.items():

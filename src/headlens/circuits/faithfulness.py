@@ -1,7 +1,8 @@
 """Circuits and their faithfulness, as MIB's circuit track scores them (Mueller et al. 2025, "MIB: a mechanistic
 interpretability benchmark").
 
-A circuit is the top ``k`` edges of a ranking (by |score|; no pruning of dangling edges), or the edges among the top
+A circuit is the top ``k`` edges of a ranking (by |score|, or with ``signed=True`` most negative score first: the
+edges whose ablation lowers the metric most; no pruning of dangling edges), or the edges among the top
 ``k`` nodes. Everything outside it is corrupted (:mod:`headlens.circuits.paths`): with ``ablation="mean"`` (default)
 each left-out edge carries its sender's mean output over a separate set of prompts of the same task; with
 ``"resample"`` its output on the corrupted prompt. Faithfulness is
@@ -40,17 +41,23 @@ def n_kept(percent: float, n_edges: int) -> int:
     return int(percent / 100 * n_edges)
 
 
-def ranking(graph: Graph, scores: Float[Tensor, "sender slot"]) -> tuple[np.ndarray, np.ndarray]:
-    """(sender, slot) indices of every edge, largest |score| first (stable: ties keep the graph's edge order)."""
+def ranking(
+    graph: Graph, scores: Float[Tensor, "sender slot"], *, signed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sender, slot) indices of every edge, largest |score| first, or with ``signed`` most negative score first (the
+    edges whose ablation lowers the metric most: those that carry the behaviour); stable: ties keep the graph's order."""
     s, r = graph.edge_index()
-    key = scores[torch.as_tensor(s), torch.as_tensor(r)].abs().double().numpy()
+    values = scores[torch.as_tensor(s), torch.as_tensor(r)].double()
+    key = (-values if signed else values.abs()).numpy()
     order = np.argsort(-key, kind="stable")
     return s[order], r[order]
 
 
-def top_edges(graph: Graph, scores: Float[Tensor, "sender slot"], n: int) -> Bool[Tensor, "sender slot"]:
-    """The circuit of the ``n`` edges of largest |score|, as a ``[sender, slot]`` mask."""
-    s, r = ranking(graph, scores)
+def top_edges(
+    graph: Graph, scores: Float[Tensor, "sender slot"], n: int, *, signed: bool = False
+) -> Bool[Tensor, "sender slot"]:
+    """The circuit of the top ``n`` edges of :func:`ranking`, as a ``[sender, slot]`` mask."""
+    s, r = ranking(graph, scores, signed=signed)
     mask = torch.zeros(graph.n_senders, graph.n_slots, dtype=torch.bool)
     mask[torch.as_tensor(s[:n]), torch.as_tensor(r[:n])] = True
     return mask
@@ -68,11 +75,18 @@ def node_circuit(graph: Graph, nodes: Sequence[str]) -> Bool[Tensor, "sender slo
 
 
 def exact_key(
-    primary: Float[Tensor, "sender slot"], exact: Float[Tensor, "sender slot"], checked: Bool[Tensor, "sender slot"]
+    primary: Float[Tensor, "sender slot"],
+    exact: Float[Tensor, "sender slot"],
+    checked: Bool[Tensor, "sender slot"],
+    *,
+    signed: bool = False,
 ) -> Float[Tensor, "sender slot"]:
-    """A ranking key putting the exactly checked edges first (by |exact|), then the rest by |primary|."""
-    top = primary.abs().max() + 1.0
-    return torch.where(checked, top + exact.abs(), primary.abs())
+    """Scores that :func:`ranking` orders with the exactly checked edges first (by their exact score), then the rest
+    by ``primary``."""
+    if not signed:
+        return torch.where(checked, primary.abs().max() + 1.0 + exact.abs(), primary.abs())
+    top = primary.abs().max() + exact.abs().max() + 1.0
+    return torch.where(checked, exact - top, primary)
 
 
 def area(fractions: Sequence[float], values: Sequence[float]) -> float:
@@ -88,6 +102,7 @@ def faithfulness(
     *,
     ablation: str = "mean",
     percents: Sequence[float] = PERCENTS,
+    signed: bool = False,
     runs_per_pass: int = 4,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -119,7 +134,7 @@ def faithfulness(
         valid = graph.valid
         runs, keys = [mask_run(valid)], [("empty", 0.0)]
         for method, scores in rankings.items():
-            s, r = ranking(graph, scores)
+            s, r = ranking(graph, scores, signed=signed)
             for p in grid:
                 n = n_kept(p, total)
                 kept = torch.zeros_like(valid)
@@ -146,7 +161,9 @@ def faithfulness(
             "k_at_target": None if hit.empty else float(hit.k.iloc[0]),
             "n_edges_at_target": None if hit.empty else int(hit.n_edges.iloc[0]),
         }
-    df.attrs.update(full=full, empty=empty, n_edges_total=total, ablation=ablation, summary=summary, target=TARGET)
+    df.attrs.update(
+        full=full, empty=empty, n_edges_total=total, ablation=ablation, summary=summary, target=TARGET, signed=signed
+    )
     return df
 
 
@@ -185,13 +202,14 @@ def smallest_circuit(
     high: int,
     *,
     ablation: str = "mean",
+    signed: bool = False,
     target: float = TARGET,
 ) -> dict:
     """Bisection between ``low`` edges (faithfulness below ``target``) and ``high`` (at or above) for the smallest top-n
     circuit of ``scores`` reaching ``target``; assumes f rises with n between the two (it need not: each probe is
     measured, and the result is a circuit that does reach the target). Returns ``n``, ``faithfulness``, ``probes``."""
     graph = Graph.of(model)
-    s, r = ranking(graph, scores)
+    s, r = ranking(graph, scores, signed=signed)
     pair = task.pair
     probes = []
     with split_inputs(model):

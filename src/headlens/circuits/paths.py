@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import einops
 import numpy as np
@@ -75,12 +75,14 @@ def slot_hook(layer: int, kind: str) -> str:
 
 @dataclass
 class Run:
-    """One forward's metric, the residual stream entering each layer (``resid[n_layers]``: the final one) and every
-    sender's output ``[batch pos sender d_model]``."""
+    """One forward's metric, the residual stream entering each layer (``resid[n_layers]``: the final one), the one
+    entering each MLP (``mid``; empty for attention-only models) and every sender's output
+    ``[batch pos sender d_model]``."""
 
     metric: float
     resid: list[Float[Tensor, "batch pos d_model"]]
     outputs: Float[Tensor, "batch pos sender d_model"]
+    mid: list[Float[Tensor, "batch pos d_model"]] = field(default_factory=list)
 
 
 def head_outputs(
@@ -95,6 +97,10 @@ def record(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch po
     b, p = tokens.shape
     outputs = torch.zeros(b, p, graph.n_senders, model.cfg.d_model, dtype=torch.float32, device=tokens.device)
     resid: list[Tensor] = [None] * (graph.n_layers + 1)
+    mid: list[Tensor] = [None] * graph.n_layers if graph.has_mlp else []
+
+    def keep_mid(act, hook):
+        mid[hook.layer()] = act.detach()
 
     def keep_resid(act, hook):
         layer = hook.layer()
@@ -114,25 +120,35 @@ def record(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch po
     for layer in range(graph.n_layers):
         hooks += [(f"blocks.{layer}.hook_resid_pre", keep_resid), (f"blocks.{layer}.attn.hook_z", keep_z)]
         if graph.has_mlp:
-            hooks.append((f"blocks.{layer}.hook_mlp_out", keep_mlp))
+            hooks += [(f"blocks.{layer}.hook_mlp_out", keep_mlp), (f"blocks.{layer}.hook_resid_mid", keep_mid)]
     with torch.inference_mode():
         final = model.run_with_hooks(tokens, stop_at_layer=graph.n_layers, fwd_hooks=hooks)
         resid[graph.n_layers] = final
         m = float("nan") if metric is None else value(metric(unembed_at(model, final, metric.positions)))
-    return Run(m, resid, outputs)
+    return Run(m, resid, outputs, mid)
+
+
+def mean_run(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "n_seqs pos"], *, batch_size: int = 8) -> Run:
+    """Sender outputs and residual streams averaged over ``tokens`` (a separate set of prompts of the task), per
+    position (batch axis of size 1)."""
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise HeadlensError("mean ablation needs a non-empty [n_seqs, pos] batch of prompts to average over")
+    total = None
+    for start in range(0, len(tokens), batch_size):
+        run = record(model, graph, tokens[start : start + batch_size], None)
+        parts = [run.outputs, *run.resid, *run.mid]
+        sums = [x.float().sum(0, keepdim=True) for x in parts]
+        total = sums if total is None else [a + b for a, b in zip(total, sums)]
+    means = [x / len(tokens) for x in total]
+    n = graph.n_layers + 1
+    return Run(float("nan"), means[1 : 1 + n], means[0], means[1 + n :])
 
 
 def mean_outputs(
     model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "n_seqs pos"], *, batch_size: int = 8
 ) -> Float[Tensor, "1 pos sender d_model"]:
     """Every sender's output averaged over ``tokens`` (a separate set of prompts of the task), per position."""
-    if tokens.ndim != 2 or len(tokens) == 0:
-        raise HeadlensError("mean ablation needs a non-empty [n_seqs, pos] batch of prompts to average over")
-    total = None
-    for start in range(0, len(tokens), batch_size):
-        out = record(model, graph, tokens[start : start + batch_size], None).outputs.sum(0, keepdim=True)
-        total = out if total is None else total + out
-    return total / len(tokens)
+    return mean_run(model, graph, tokens, batch_size=batch_size).outputs
 
 
 # ---------------------------------------------------------------- the setting of a set of runs
@@ -143,7 +159,9 @@ class Setting:
     """What edge runs share: the graph, the clean run, the source of corrupted edges and the metric.
 
     ``source`` is ``[batch pos sender d_model]`` (resample: the corrupted run's outputs) or ``[1 pos sender d_model]``
-    (mean); ``corrupted`` is the metric with every edge corrupted (the corrupted run's metric for resample).
+    (mean); ``source_run`` holds the matching residual streams (the sum of all sources, used when a run keeps fewer
+    edges into a receiver than it corrupts); ``corrupted`` is the metric with every edge corrupted (the corrupted
+    run's metric for resample).
     """
 
     graph: Graph
@@ -152,6 +170,7 @@ class Setting:
     metric: Metric
     ablation: str
     corrupted: float = float("nan")
+    source_run: Run | None = None
 
 
 def prepare(
@@ -175,7 +194,7 @@ def prepare(
         if corrupted.shape != clean.shape:
             raise HeadlensError(f"corrupted tokens {tuple(corrupted.shape)} must match clean {tuple(clean.shape)}")
         other = record(model, graph, corrupted, metric)
-        return Setting(graph, base, other.outputs, metric, ablation, other.metric)
+        return Setting(graph, base, other.outputs, metric, ablation, other.metric, other)
     if mean_tokens is None:
         raise HeadlensError(
             "mean ablation needs a separate set of prompts of the same task to average over (mean_tokens); "
@@ -186,7 +205,8 @@ def prepare(
             f"the mean prompts have {mean_tokens.shape[1]} tokens, the clean ones {clean.shape[1]}: positional means "
             "need prompts of the same length"
         )
-    return Setting(graph, base, mean_outputs(model, graph, mean_tokens.to(clean.device)), metric, ablation)
+    means = mean_run(model, graph, mean_tokens.to(clean.device))
+    return Setting(graph, base, means.outputs, metric, ablation, source_run=means)
 
 
 # ---------------------------------------------------------------- the driver
@@ -260,28 +280,47 @@ def _one_pass(
 ) -> list[float]:
     """``k`` runs restarting at ``layer``, stacked along the batch axis of one forward.
 
-    A receiver's correction is ``sum_s mask[k, s, n] * (source_s - output_s)``. Senders before ``layer`` are the
-    clean run's: their ``early`` differences are shared by all ``k`` runs (``E``, one matrix product for all). Later
-    senders are read in this forward, per run (``L[k]``), only those some run corrupts an edge of.
+    A receiver's correction is ``sum_s mask[k, s, n] * (source_s - output_s)`` over its corrupted edges. Senders before
+    ``layer`` are the clean run's: their ``early`` differences are shared by all ``k`` runs (``E``). Later senders
+    are read in this forward, per run (``L[k]``), only those some run needs. Where a run keeps fewer edges into a
+    receiver than it corrupts (a small circuit), the same input is built from the other side: the source's residual
+    stream plus ``sum over kept edges of (output_s - source_s)``, which costs as many senders as are kept.
     """
     graph, clean, source = setting.graph, setting.clean, setting.source
     k = len(runs)
     b, p, _, d = clean.outputs.shape
     device = clean.outputs.device
+    valid = graph.valid.to(device)
     mask = torch.zeros(k, graph.n_senders, graph.n_slots, dtype=torch.bool, device=device)
     for j, (s, r) in enumerate(runs):
         mask[j, s.to(device), r.to(device)] = True
-    if bool((mask & ~graph.valid.to(device)).any()):
+    if bool((mask & ~valid).any()):
         raise HeadlensError("an edge run names a sender that writes after its receiver reads: not an edge")
     first_late = 1 + layer * graph.per_layer
-    used = torch.nonzero(mask.any(0).any(1)).flatten().tolist()
+    groups = []  # (slot range, hook name or None for the logits, per-head input?, complement?)
+    for l in range(layer, graph.n_layers + 1):
+        for kind in ("q", "k", "v", "mlp") if l < graph.n_layers else (LOGITS,):
+            if kind == "mlp" and not graph.has_mlp:
+                continue
+            sl = graph.layer_slots(l, kind)
+            ablated = int(mask[:, :, sl].sum())
+            if not ablated:
+                continue
+            kept = k * int(valid[:, sl].sum()) - ablated
+            complement = setting.source_run is not None and kept < ablated
+            groups.append((l, kind, sl, complement))
+    # the senders whose differences some group reads: those with a corrupted edge, or with a kept one where the
+    # group is built from the source's side
+    need = torch.zeros(graph.n_senders, dtype=torch.bool, device=device)
+    for _, _, sl, complement in groups:
+        m = (valid[:, sl] & ~mask[:, :, sl]) if complement else mask[:, :, sl]
+        need |= m.any(0).any(1) if m.ndim == 3 else m.any(1)
+    used = torch.nonzero(need).flatten().tolist()
     early_ids = [s for s in used if s < first_late]
     late_ids = [s for s in used if s >= first_late]
     late_pos = {s: j for j, s in enumerate(late_ids)}
     E = einops.rearrange(early[:, :, early_ids], "b p s d -> s (b p d)").float() if early_ids else None
-    mask_e = mask[:, early_ids].float()  # k s_early slot
     L = torch.zeros(k, len(late_ids), b * p * d, device=device) if late_ids else None
-    mask_l = mask[:, late_ids].float()  # k s_late slot
     W_O = [block.attn.W_O for block in model.blocks]
 
     def keep_late(s: int, current: Tensor) -> None:  # current: (k b) p d
@@ -298,25 +337,46 @@ def _one_pass(
     def keep_mlp(act, hook):
         keep_late(graph.mlp_sender(hook.layer()), act)
 
-    def correction(sl: slice) -> Tensor | None:
-        """``[k, b, p, n, d]`` for the slots ``sl``, or None when no run corrupts an edge into them."""
-        upd = None
-        if E is not None and bool(mask_e[:, :, sl].any()):
-            upd = einops.einsum(mask_e[:, :, sl], E, "k s n, s x -> k n x")
-        if L is not None and bool(mask_l[:, :, sl].any()):
-            part = torch.bmm(mask_l[:, :, sl].transpose(1, 2), L)
-            upd = part if upd is None else upd + part
-        if upd is None:
-            return None
-        return einops.rearrange(upd, "k n (b p d) -> k b p n d", b=b, p=p)
+    def weighted(m: Tensor) -> Tensor | None:
+        """``sum_s m[k, s, n] * (source_s - output_s)`` as ``[k, n, (b p d)]`` over the senders used (None: no term)."""
+        out = None
+        if E is not None:
+            me = m[:, early_ids]
+            if bool(me.any()):
+                out = einops.einsum(me.float(), E, "k s n, s x -> k n x")
+        if L is not None:
+            ml = m[:, late_ids]
+            rows = torch.nonzero(ml.any(0).any(1)).flatten()
+            if len(rows):
+                if len(rows) < len(late_ids) // 4:  # few senders: gather them
+                    part = torch.bmm(ml[:, rows].float().transpose(1, 2), L[:, rows])
+                else:
+                    hi = int(rows.max()) + 1  # a prefix view, no copy
+                    part = torch.bmm(ml[:, :hi].float().transpose(1, 2), L[:, :hi])
+                out = part if out is None else out + part
+        return out
 
-    def correct(sl: slice, heads: bool):
+    def correction(l: int, kind: str, sl: slice, complement: bool, act: Tensor) -> Tensor:
+        """The new input of the slots ``sl`` (``[k, b, p, n, d]``) from this run's input ``act`` (same shape)."""
+        if not complement:
+            upd = weighted(mask[:, :, sl])
+            return act + einops.rearrange(upd, "k n (b p d) -> k b p n d", b=b, p=p).to(act.dtype)
+        src = setting.source_run
+        base = src.resid[l] if kind in ("q", "k", "v", LOGITS) else src.mid[l]  # (1|b) p d
+        new = base.to(act.dtype)[None, :, :, None, :].expand_as(act)
+        keep = valid[None, :, sl] & ~mask[:, :, sl]
+        upd = weighted(keep)
+        if upd is None:
+            return new.clone()
+        return new - einops.rearrange(upd, "k n (b p d) -> k b p n d", b=b, p=p).to(act.dtype)
+
+    def correct(l: int, kind: str, sl: slice, complement: bool):
         def hook(act, hook):
-            upd = correction(sl)
-            if upd is None:
-                return act
+            heads = kind in ("q", "k", "v")
             view = act.view(k, b, *act.shape[1:])
-            return (view + (upd if heads else upd[:, :, :, 0]).to(act.dtype)).flatten(0, 1)
+            view = view if heads else view[:, :, :, None, :]
+            new = correction(l, kind, sl, complement, view)
+            return (new if heads else new[:, :, :, 0]).flatten(0, 1)
 
         return hook
 
@@ -326,19 +386,19 @@ def _one_pass(
             hooks.append((f"blocks.{l}.attn.hook_z", keep_z))
         if graph.has_mlp and graph.mlp_sender(l) in late_pos:
             hooks.append((f"blocks.{l}.hook_mlp_out", keep_mlp))
-        for kind in ("q", "k", "v") + (("mlp",) if graph.has_mlp else ()):
-            sl = graph.layer_slots(l, kind)
-            if bool(mask[:, :, sl].any()):
-                hooks.append((slot_hook(l, kind), correct(sl, kind != "mlp")))
+    for l, kind, sl, complement in groups:
+        if kind != LOGITS:
+            hooks.append((slot_hook(l, kind), correct(l, kind, sl, complement)))
     x = einops.repeat(clean.resid[layer], "b p d -> (k b) p d", k=k)
     with torch.inference_mode():
         if layer < graph.n_layers:
             resid = model.run_with_hooks(x, start_at_layer=layer, stop_at_layer=graph.n_layers, fwd_hooks=hooks)
         else:
             resid = x
-        upd = correction(graph.layer_slots(graph.n_layers, LOGITS))
-        if upd is not None:
-            resid = (resid.view(k, b, p, d) + upd[:, :, :, 0].to(resid.dtype)).flatten(0, 1)
+        for l, kind, sl, complement in groups:
+            if kind == LOGITS:
+                view = resid.view(k, b, p, 1, d)
+                resid = correction(l, kind, sl, complement, view)[:, :, :, 0].flatten(0, 1)
         logits = unembed_at(model, resid, setting.metric.positions)
         logits = logits.view(k, b, *logits.shape[1:])
         return [value(setting.metric(logits[j])) for j in range(k)]

@@ -136,6 +136,7 @@ def find_circuit(
     executor=None,
     runs_per_pass: int = 16,
     scores: dict[str, Tensor] | None = None,
+    signed: bool = False,
     progress: bool = True,
 ) -> CircuitResult:
     """Score every edge with ``methods`` (for the same ``ablation`` the faithfulness is measured with: ``"mean"``
@@ -144,7 +145,8 @@ def find_circuit(
     edges by |exact| first, then the rest by the primary score).
 
     The circuit is the ranking and k (of ``percents``) that reach faithfulness >= 0.8 with the fewest edges (ties: the
-    higher CPR); when none does, the top ``check`` edges of the primary ranking. ``scores`` reuses edge attributions
+    higher CPR); when none does, the top ``check`` edges of the primary ranking. ``signed`` ranks edges by score
+    (most negative first: those whose ablation lowers the metric) instead of |score|. ``scores`` reuses edge attributions
     already computed (method -> ``[sender, slot]``, for the same ``ablation``) instead of recomputing them.
     """
     methods = list(dict.fromkeys(methods))
@@ -172,7 +174,7 @@ def find_circuit(
         ).cpu()
         timings[method] = time.perf_counter() - start
     primary = "eap-ig" if "eap-ig" in scores else methods[0]
-    s_rank, r_rank = ranking(graph, scores[primary])
+    s_rank, r_rank = ranking(graph, scores[primary], signed=signed)
     n_check = min(int(check), graph.n_edges)
     start = time.perf_counter()
     exact_values = exact_edges(
@@ -194,11 +196,11 @@ def find_circuit(
         checked[idx] = True
     rankings = dict(scores)
     if n_check:
-        rankings["exact"] = exact_key(scores[primary], torch.nan_to_num(exact), checked)
+        rankings["exact"] = exact_key(scores[primary], torch.nan_to_num(exact), checked, signed=signed)
     start = time.perf_counter()
-    curves = faithfulness(model, task, rankings, ablation=ablation, percents=percents, progress=progress)
+    curves = faithfulness(model, task, rankings, ablation=ablation, percents=percents, signed=signed, progress=progress)
     timings["faithfulness"] = time.perf_counter() - start
-    chosen, k, kept = _choose(graph, curves, rankings, scores[primary], n_check)
+    chosen, k, kept = _choose(graph, curves, rankings, scores[primary], n_check, signed)
     labels = head_labels(census) if census is not None else {}
     cards = head_cards(census) if census is not None else {}
     edges = _edge_table(graph, scores, primary, exact, kept, labels)
@@ -211,6 +213,7 @@ def find_circuit(
         "ig_steps": steps if "eap-ig" in methods else None,
         "checked": n_check,
         "ablation": ablation,
+        "signed": signed,
         "n_edges": graph.n_edges,
         "clean_metric": curves.attrs["full"],
         "ablated_metric": curves.attrs["empty"],
@@ -222,7 +225,7 @@ def find_circuit(
     return CircuitResult(task, graph, {**scores, "exact": exact}, edges, nodes, curves, kept, info)
 
 
-def _choose(graph: Graph, curves: pd.DataFrame, rankings: dict, primary: Tensor, n_check: int):
+def _choose(graph: Graph, curves: pd.DataFrame, rankings: dict, primary: Tensor, n_check: int, signed: bool):
     """(method, k, kept mask) of the smallest circuit reaching the target; else the primary's top ``n_check``."""
     best = None
     for method, stats in curves.attrs["summary"].items():
@@ -233,12 +236,12 @@ def _choose(graph: Graph, curves: pd.DataFrame, rankings: dict, primary: Tensor,
             best = (key, method, stats["k_at_target"])
     if best is None:
         n = max(1, n_check or n_kept(1, graph.n_edges))
-        s, r = ranking(graph, primary)
+        s, r = ranking(graph, primary, signed=signed)
         method, k = None, 100 * n / graph.n_edges
     else:
         _, method, k = best
         n = n_kept(k, graph.n_edges)
-        s, r = ranking(graph, rankings[method])
+        s, r = ranking(graph, rankings[method], signed=signed)
     kept = torch.zeros(graph.n_senders, graph.n_slots, dtype=torch.bool)
     kept[torch.as_tensor(s[:n]), torch.as_tensor(r[:n])] = True
     return method, k, kept
