@@ -41,28 +41,30 @@ def test_induction_results_rank_previous_token_heads_first_into_the_induction_ke
 
 
 def test_faithfulness_files_agree_with_their_summaries():
-    for study, name in (("induction", "induction_faithfulness.csv"), ("ioi", "ioi_faithfulness.csv")):
-        curves = pd.read_csv(RESULTS / name)
-        summary = _json(f"{study}.json")
-        parts = (
-            [("mean", summary["circuits"]["mean"]["faithfulness"])]
-            if study == "induction"
-            else [("mean", summary["faithfulness"])]
-        )
-        for ablation, stats in parts:
-            sub = curves if "ablation" not in curves else curves[curves.ablation == ablation]
-            for method, values in stats.items():
-                c = sub[sub.method == method].sort_values("k")
-                assert area(c.fraction, c.faithfulness) == pytest.approx(values["cpr"], abs=1e-3)
-                assert area(c.fraction, (1 - c.faithfulness).abs()) == pytest.approx(values["cmd"], abs=1e-3)
-                assert c[c.k == 100].faithfulness.iloc[0] == pytest.approx(1.0, abs=1e-4)
+    induction, ioi = _json("induction.json"), _json("ioi.json")
+    frames = {
+        "induction": pd.read_csv(RESULTS / "induction_faithfulness.csv"),
+        "ioi": pd.read_csv(RESULTS / "ioi_faithfulness.csv"),
+    }
+    parts = [("induction", "ablation", a, induction["circuits"][a]["faithfulness"]) for a in ("mean", "resample")]
+    parts += [("ioi", "ranking", order, ioi["faithfulness"][order]) for order in ("abs", "signed")]
+    for study, column, key, stats in parts:
+        sub = frames[study][frames[study][column] == key]
+        for method, values in stats.items():
+            c = sub[sub.method == method].sort_values("k")
+            assert len(c) == 10
+            assert area(c.fraction, c.faithfulness) == pytest.approx(values["cpr"], abs=1e-3)
+            assert area(c.fraction, (1 - c.faithfulness).abs()) == pytest.approx(values["cmd"], abs=1e-3)
+            assert c[c.k == 100].faithfulness.iloc[0] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_ioi_circuit_reaches_the_target_and_carries_census_labels():
     summary = _json("ioi.json")
     nodes = pd.read_csv(RESULTS / "ioi_nodes.csv")
-    assert summary["clean_metric"] > 1 and summary["smallest_edge_circuit"]["faithfulness"] >= 0.8
-    assert summary["smallest_edge_circuit"]["n_edges"] <= summary["n_edges"]
+    smallest = summary["smallest_edge_circuit"]
+    assert summary["clean_metric"] > 1 and smallest["faithfulness"] >= 0.8
+    assert [n for n, f in smallest["probes"] if f >= 0.8 and n < smallest["n_edges"]] == []  # none smaller reached it
+    assert smallest["n_edges"] < 0.01 * summary["n_edges"]
     heads = nodes[nodes.kind == "head"]
     assert heads.label.notna().all() and (heads.card.str.split().str[0] == heads.node).all()
     assert {r["node"] for r in summary["roles"]} == set(heads.node)
