@@ -579,9 +579,13 @@ def test_brackets_task_swaps_one_opener_and_its_answer(tiny):
     clean, corrupted = task.pair.clean, task.pair.corrupted
     assert clean.shape == corrupted.shape == task.mean_tokens.shape == (4, 24)
     assert ((clean != corrupted).sum(1) == 1).all()  # exactly the opener changed
-    pairs = {tiny.to_single_token(a): tiny.to_single_token(b) for a, b in ("()", "[]")}
-    changed = clean[clean != corrupted].tolist()
-    assert set(changed) <= set(pairs)
+    swap = {"(": "[", "[": "("}
+    for before, after in zip(clean[clean != corrupted].tolist(), corrupted[clean != corrupted].tolist()):
+        text = tiny.to_string([before])
+        bracket = next(ch for ch in text if ch in swap)
+        assert tiny.to_string([after]) == text.replace(bracket, swap[bracket], 1)  # the opener's bracket, swapped
+    right = [tiny.to_string([t]).lstrip()[0] for t in task.info["correct"]]
+    assert set(right) <= {")", "]"}
     assert not any(torch.equal(m, c) for m in task.mean_tokens for c in clean)  # a separate mean set
 
 

@@ -9,9 +9,10 @@ task whose mean activations replace what a circuit leaves out.
   length and the same layout (``S2`` and ``END`` at fixed positions). Half the prompts are ABBA ("IO and S ... S"),
   half BABA ("S and IO ... S"). Corrupted: the same sentence with three other names (Wang et al.'s "ABC"
   distribution). Metric: logit(IO) − logit(S) at the last position, mean over prompts. Means: other IOI prompts.
-- ``brackets``: windows of standard-library code ending at the token before a closing ``)`` or ``]`` whose opener is its
-  own token in the window (:func:`headlens.code_heads.code_probe`); corrupted: that opener swapped (``(`` <-> ``[``), which
-  swaps the right closer. Metric: logit(right closer) − logit(the other). Means: other such windows.
+- ``brackets``: windows of standard-library code ending at the token before a closing ``)`` or ``]`` (the closer may
+  share its token: ``):``, ``))``) whose opener is in the window (:func:`bracket_examples`); corrupted: that opener's
+  bracket swapped (``(`` <-> ``[``), which swaps the right closer. Metric: logit(right closer token) − logit(the same
+  token with the other bracket). Means: other such windows.
 - a user pair (:func:`pair_task`): clean and corrupted texts of equal token length with answers
   (:func:`headlens.patching.text_pair`). No separate prompts exist, so only ``ablation="resample"`` applies.
 """
@@ -185,38 +186,55 @@ def ioi_positions(model: HookedTransformer, task: CircuitTask) -> dict[str, Int[
 # ---------------------------------------------------------------- brackets
 
 
-def bracket_examples(
-    model: HookedTransformer, *, n: int, seq_len: int, seed: int, windows: int = 96
-) -> list[tuple[Tensor, int, int, int, int]]:
-    """(window tokens ending at the token before a closer, opener position in it, right closer id, other closer id,
-    the other opener's id): ``n`` examples from ``windows`` stdlib windows (seeded), at most one per window, openers
-    ``(`` or ``[``."""
-    from headlens.code_heads import code_probe
+def _swapped(tokenizer, token_id: int, old: str, new: str) -> int | None:
+    """The id of ``token_id``'s text with its first ``old`` bracket replaced by ``new``, when that is one token."""
+    text = tokenizer.decode([token_id])
+    if old not in text:
+        return None
+    ids = tokenizer.encode(text.replace(old, new, 1), add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
 
-    tok = model.to_tokens
-    ids = {c: tok(c, prepend_bos=False)[0] for c in "()[]"}
-    if any(len(v) != 1 for v in ids.values()):
-        raise HeadlensError("the brackets task needs '(', ')', '[' and ']' to be single tokens for this tokenizer")
-    opens = {int(ids["("][0]): int(ids[")"][0]), int(ids["["][0]): int(ids["]"][0])}
-    probe = code_probe(model, seq_len=max(128, seq_len), batch=windows, seed=seed, min_pairs=1)
-    out = []
-    for b in range(probe.tokens.shape[0]):
-        row = probe.tokens[b]
-        for q in torch.nonzero(probe.opener[b] >= 0).flatten().tolist():
-            o = int(probe.opener[b, q])
-            opener_id = int(row[o])
-            if opener_id not in opens or int(row[q + 1]) != opens[opener_id] or q + 1 < seq_len or o < q + 1 - seq_len:
+
+def bracket_examples(model: HookedTransformer, *, n: int, seq_len: int, seed: int) -> list[tuple]:
+    """``n`` examples (seeded draw) of (window tokens ending at the token before a closer, opener position in the
+    window, right closer id, other closer id, other opener id) from the standard library.
+
+    A closer is a token that starts with ``)`` or ``]`` (``)``, ``):``, ``))`` ...: most closers share their token),
+    its opener a token holding the matching ``(`` or ``[`` (Python's own tokenizer pairs them, so brackets in strings
+    and comments do not count) at least ``MIN_GAP`` tokens back and inside the window. The other closer / opener is
+    the same token with the other bracket, kept only where that is one token too.
+    """
+    from headlens.code_heads import _file_arrays, stdlib_sources
+
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise HeadlensError("the brackets task needs a model with a tokenizer (the toy model has none)")
+    other = {"(": "[", "[": "(", ")": "]", "]": ")"}
+    found = []
+    for name, text in stdlib_sources().items():
+        ids, _, closers, _ = _file_arrays(tokenizer, text)
+        for c, (o, _, _) in sorted(closers.items()):
+            start = c + 1 - seq_len
+            if start < 0 or o < start:
                 continue
-            other_opener = next(k for k in opens if k != opener_id)
-            window = row[q + 1 - seq_len : q + 1].clone()
-            out.append((window, o - (q + 1 - seq_len), opens[opener_id], opens[other_opener], other_opener))
-            break
-    if len(out) < n:
+            closer_text = tokenizer.decode([ids[c + 1]]).lstrip()
+            opener_text = tokenizer.decode([ids[o]])
+            if not closer_text or closer_text[0] not in ")]":
+                continue
+            bracket = closer_text[0]
+            open_char = "(" if bracket == ")" else "["
+            wrong = _swapped(tokenizer, ids[c + 1], bracket, other[bracket])
+            swap = _swapped(tokenizer, ids[o], open_char, other[open_char])
+            if wrong is None or swap is None or open_char not in opener_text:
+                continue
+            found.append((name, c, torch.tensor(ids[start : c + 1]), o - start, int(ids[c + 1]), wrong, swap))
+    if len(found) < n:
         raise HeadlensError(
-            f"only {len(out)} stdlib windows end before a closer whose opener is its own '(' or '[' token within "
-            f"{seq_len} tokens; ask for fewer sequences (n_seqs + n_mean <= {len(out)}) or a longer seq_len"
+            f"only {len(found)} stdlib windows of {seq_len} tokens end before a closing bracket whose opener is inside "
+            f"them; ask for fewer prompts (n_seqs + n_mean <= {len(found)})"
         )
-    return out[:n]
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(int(seed)))[:n].tolist()
+    return [found[i][2:] for i in order]
 
 
 def brackets_task(
@@ -242,6 +260,8 @@ def brackets_task(
         "seq_len": seq_len,
         "seed": seed,
         "metric": "logit(right closer) - logit(other closer) at the last position",
+        "correct": correct[:, 0].tolist(),
+        "wrong": wrong[:, 0].tolist(),
     }
     return CircuitTask("brackets", pair, torch.stack([t for t, *_ in means]).to(device), info)
 
