@@ -13,8 +13,8 @@ by |score| and by signed score, the smallest edge circuit reaching faithfulness 
 and the roles of its heads from their attention (END -> IO / S1 / S2; S2 -> S1, S1 + 1) and their place in the graph,
 beside their census labels.
 
-    python analyses/circuits.py                 # every part, ~30 min on 2 CPU cores (seed 0)
-    python analyses/circuits.py --part ioi      # one part (toy: seconds; induction ~14 min; ioi ~15 min)
+    python analyses/circuits.py                 # every part, ~45 min on 2 shared CPU cores (seed 0)
+    python analyses/circuits.py --part ioi      # one part (toy: seconds; induction ~14 min; ioi ~29 min)
 
 The toy part (seconds) runs the trained toy model's circuit with both ablations (toy.json), the worked example of
 docs/circuits.md.
