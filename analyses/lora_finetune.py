@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import headlens
-from headlens.compare import check_adapter, compare_models, load_tuned, plot_comparison, top_changed
-from headlens.models import DEFAULT_MODEL, cache_dir
-from headlens.rope import distance_profile, plot_distance_curves
+from headlens.analysis.compare import compare_models, top_changed
+from headlens.census.rope import distance_profile
+from headlens.models import DEFAULT_MODEL, cache_dir, check_adapter, load_tuned
+from headlens.render.plots import plot_comparison, plot_distance_curves
 
 OUT = Path(__file__).resolve().parent / "results" / "lora_finetune"
 SEED = 0
@@ -48,9 +49,11 @@ LAG = 2
 RANK = 8
 
 
-def task_batch(pool: torch.Tensor, generator: torch.Generator, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def task_batch(
+    pool: torch.Tensor, generator: torch.Generator, n_seqs: int = BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random pool tokens and the target pool index of every position >= LAG (the token LAG back)."""
-    idx = torch.randint(0, len(pool), (batch, SEQ_LEN), generator=generator)
+    idx = torch.randint(0, len(pool), (n_seqs, SEQ_LEN), generator=generator)
     return pool[idx], idx[:, :-LAG]
 
 
@@ -70,7 +73,7 @@ def train(adapter_dir: Path, directory: Path | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from headlens.probes import word_tokens
+    from headlens.data.probes import word_tokens
 
     if directory is None:
         directory = cache_dir() / DEFAULT_MODEL
@@ -92,7 +95,7 @@ def train(adapter_dir: Path, directory: Path | None = None) -> dict:
     model = get_peft_model(hf, config)
     unembed = hf.lm_head.weight[pool].detach()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    eval_tokens, eval_targets = task_batch(pool, torch.Generator().manual_seed(SEED + 1), batch=16)
+    eval_tokens, eval_targets = task_batch(pool, torch.Generator().manual_seed(SEED + 1), n_seqs=16)
 
     def evaluate():
         with torch.no_grad():
@@ -225,7 +228,7 @@ def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
     lines[6:6] = [answer, ""]
     lines += [
         "",
-        "## Distance profile on random tokens (headlens.rope, 8 x 64 tokens)",
+        "## Distance profile on random tokens (headlens.census.rope, 8 x 64 tokens)",
         "",
         f"- Head with the largest gain of attention at distance 2: L{best2[0]}H{best2[1]} "
         f"({d.loc[best2, ('base', 2)]:.3f} -> {d.loc[best2, ('tuned', 2)]:.3f}).",

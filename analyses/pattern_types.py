@@ -2,7 +2,7 @@
 
 Vig (2019) and Clark et al. (2019) describe heads in BERT that attend to identical words, to the
 next word, to the previous word, to delimiters, to commas/periods, and broadly (bag of words). This
-finds the strongest Qwen head of each type, with scores from ``headlens.census.probe_scores`` on the
+finds the strongest Qwen head of each type, with scores from ``headlens.census.run.probe_scores`` on the
 census probes (seed 0) where the census covers the type, and two extra natural-text scores:
 
 - identical word: census ``duplicate_token`` (repeated random tokens [P A A]), and
@@ -37,8 +37,8 @@ import torch
 from _harness import study_args, write_summary
 from matplotlib.colors import PowerNorm
 
-from headlens import scores
-from headlens.attention_stats import token_match
+from headlens.census import scores
+from headlens.census.attention_stats import token_match
 from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "pattern_types"
@@ -69,7 +69,7 @@ def comma_period_mask(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def natural_extras(model, probe) -> dict[str, torch.Tensor]:
     """``token_match`` and comma/period excess on the natural probe, streamed; each [layer, head]."""
-    from headlens.capture import stream_patterns
+    from headlens.engine.capture import stream_patterns
 
     L, H = model.cfg.n_layers, model.cfg.n_heads
     punct = comma_period_mask(model, probe.tokens)
@@ -96,20 +96,23 @@ def main() -> None:
     args = study_args(__doc__, out=OUT, seed=SEED)
     OUT, SEED, MODEL = args.out, args.seed, args.model
     from headlens import load_model
-    from headlens.census import probe_scores
-    from headlens.models import kv_heads
-    from headlens.probes import default_probes
-    from headlens.viz import CircuitsVisView, ViewSet, head_patterns, view_props
+    from headlens.census.run import probe_scores
+    from headlens.data.probes import default_probes
+    from headlens.engine.capture import head_patterns
+    from headlens.heads import kv_heads
+    from headlens.render.viz import CircuitsVisView, ViewSet, view_props
 
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     model = load_model(MODEL)
-    probes = default_probes(model, seed=SEED)
-    table = {}
-    for probe in probes:
-        table.update(probe_scores(model, probe))
-    table.update(natural_extras(model, probes.natural))
+    probes = default_probes(model, seed=SEED, kinds=["repeated", "natural", "delimiter"])  # the kinds TYPES read
     L, H = model.cfg.n_layers, model.cfg.n_heads
+    table = {}
+    for probe in probes:  # per-sequence scores [seq, layer*head] -> each head's mean [layer, head]; raw scores only
+        for column, per_seq in probe_scores(model, probe).items():
+            if not column.startswith("_") and not column.endswith("_nosink"):
+                table[column] = per_seq.mean(0).reshape(L, H)
+    table.update(natural_extras(model, probes.natural))
     groups = kv_heads(model)
     df = pd.DataFrame(
         [

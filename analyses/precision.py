@@ -1,6 +1,6 @@
 """bf16 vs fp32 census scores on the default Qwen (CPU): how far do reduced-precision weights move them?
 
-The census scores patterns in float32 whatever the model's dtype (``headlens.census.batch_sums``), so
+The census scores patterns in float32 whatever the model's dtype (``headlens.census.run.batch_sums``), so
 the difference measured here is the model's own: weights rounded to bf16, activations and
 attention computed in bf16. Default census probes, seed 0, batch size 8. Per score: max and mean
 |Δ| over the 336 heads; label agreement; the heads whose label changes, with their fp32 scores.
@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 import headlens
-from headlens.census import SCORES
+from headlens.census.run import SCORES
 from headlens.io import write_csv, write_json
 
 OUT = Path(__file__).parent / "results" / "precision"
@@ -33,7 +33,7 @@ def main(dtypes=("bfloat16",)) -> dict:
     for dtype in ("float32", *dtypes):
         model = headlens.load_model(dtype=dtype)
         start = time.perf_counter()
-        tables[dtype] = headlens.census(model, seed=0, progress=False)
+        tables[dtype] = headlens.run_census(model, seed=0, progress=False).table
         seconds[dtype] = time.perf_counter() - start
         del model
     ref = tables["float32"]

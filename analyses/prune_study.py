@@ -1,6 +1,6 @@
 """What fraction of Qwen2.5-Coder-0.5B's attention heads can be removed at <= 1% loss increase, and which go last?
 
-Greedy pruning (headlens.prune.prune_curve): zero-ablate heads in order of least Michel et al. gate-gradient
+Greedy pruning (headlens.interventions.prune.prune_curve): zero-ablate heads in order of least Michel et al. gate-gradient
 importance, re-estimated after every step of 21 heads (1/16 of the 336), next-token loss on the packaged
 natural-text corpus; the gap after the last grid point within tolerance is bisected to the exact count.
 The pruned set is then checked on held-out corpus tokens and on in-context copying (repeated random tokens).
@@ -21,9 +21,10 @@ import torch
 from _harness import study_args, write_summary
 
 from headlens import load_model
-from headlens.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
+from headlens.interventions.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
+from headlens.interventions.prune import prune_curve
 from headlens.models import DEFAULT_MODEL
-from headlens.prune import prune_curve
+from headlens.render.plots import plot_prune_curve
 
 OUT = Path(__file__).resolve().parent / "results" / "prune_study"
 MODEL = DEFAULT_MODEL
@@ -75,7 +76,9 @@ def main() -> None:
     result = prune_curve(model, fit, tolerance=TOLERANCE, steps=STEPS, order="gradient", reestimate=True, seed=SEED)
     result.curve.to_csv(OUT / "prune_curve.csv", index=False)
     result.order.to_csv(OUT / "prune_order.csv", index=False)
-    result.plot(OUT / "prune_curve.png", title="Qwen2.5-Coder-0.5B: greedy pruning (gradient order, zero abl.)")
+    plot_prune_curve(
+        result, OUT / "prune_curve.png", title="Qwen2.5-Coder-0.5B: greedy pruning (gradient order, zero abl.)"
+    )
     removal_rank_figure(result.order, model.cfg.n_layers, model.cfg.n_heads, OUT / "removal_rank.png")
 
     pruned = [(int(r.layer), int(r["head"])) for _, r in result.order.head(result.max_removed).iterrows()]

@@ -2,7 +2,7 @@
 
 Similarity of two heads = similarity of their attention patterns flattened over every visible
 (query, key) pair of every sequence; a layer's diversity = the mean over its distinct head pairs.
-Three metrics (``headlens.attention_stats.pattern_similarity``): ``cosine`` of the raw weights,
+Three metrics (``headlens.census.attention_stats.pattern_similarity``): ``cosine`` of the raw weights,
 ``pearson`` (each head's mean removed) and ``centered`` (cosine of the deviations from uniform causal
 attention, about 0 for unrelated heads), each with and without the first key (the attention sink).
 
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from _harness import study_args, write_summary
 
-from headlens.attention_stats import (
+from headlens.census.attention_stats import (
     attention_mask,
     group_contrast_table,
     head_similarity,
@@ -85,12 +85,12 @@ def part_a() -> pd.DataFrame:
 
 def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
     from headlens import load_model
-    from headlens.models import kv_heads
-    from headlens.probes import natural_text
+    from headlens.data.probes import natural_text
+    from headlens.heads import kv_heads
 
     torch.manual_seed(SEED)
     model = load_model(MODEL)
-    tokens = natural_text(model, seq_len=128, batch=8, seed=SEED).tokens
+    tokens = natural_text(model, seq_len=128, n_seqs=8, seed=SEED).tokens
     groups = kv_heads(model)
     sims = {}
     for drop in (0, 1):

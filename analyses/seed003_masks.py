@@ -4,7 +4,7 @@ Each mask is drawn as the pattern it allows when every score is equal (uniform o
 keys): a matplotlib PNG and a CircuitsVis ``AttentionPatterns`` page with the JS bundle inlined (opens
 offline). Then the real Qwen2.5-Coder-0.5B (causal, no sliding window) is asked how much of its
 attention a causal local window of 3 would keep: per head, the attention mass on keys i-3..i
-(``headlens.scores.local``) on 8 x 128 tokens of natural text.
+(``headlens.census.scores.local``) on 8 x 128 tokens of natural text.
 
 Run: ``flock /tmp/headlens-qwen.lock python analyses/seed003_masks.py`` (under a minute).
 """
@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 from _harness import study_args, write_summary
 
-from headlens.attention_stats import attention_mask, mask_pattern, query_entropy
+from headlens.census.attention_stats import attention_mask, mask_pattern, query_entropy
 from headlens.models import DEFAULT_MODEL
-from headlens.viz import CircuitsVisView, ViewSet, view_props
+from headlens.render.viz import CircuitsVisView, ViewSet, view_props
 
 OUT = Path(__file__).parent / "results" / "seed003_masks"
 MODEL = DEFAULT_MODEL
@@ -92,14 +92,14 @@ def render(n: int) -> None:
 
 def qwen_locality() -> tuple[pd.DataFrame, dict]:
     from headlens import load_model
-    from headlens.capture import stream_patterns
-    from headlens.models import kv_heads
-    from headlens.probes import natural_text
-    from headlens.scores import first_token, local
+    from headlens.census.scores import first_token, local
+    from headlens.data.probes import natural_text
+    from headlens.engine.capture import stream_patterns
+    from headlens.heads import kv_heads
 
     torch.manual_seed(SEED)
     model = load_model(MODEL)
-    tokens = natural_text(model, seq_len=128, batch=8, seed=SEED).tokens
+    tokens = natural_text(model, seq_len=128, n_seqs=8, seed=SEED).tokens
     sums = {}
 
     def reducer(layer, pattern, rows):

@@ -3,7 +3,7 @@
 Part A reproduces the user's toy table with random Gaussian queries and keys (entropy vs d_k, with
 and without 1/sqrt(d_k)). Part B measures the same thing on the real Qwen2.5-Coder-0.5B: each head's
 queries and keys after RoPE (``hook_rot_q``/``hook_rot_k``) on 8 windows of 128 tokens of the packaged
-natural-text corpus (``headlens.probes.natural_text``, seed 0),
+natural-text corpus (``headlens.data.probes.natural_text``, seed 0),
 softmaxed with the model's own scale (T=1), without scaling, and at temperatures 0.5 and 2.
 
 Run: ``flock /tmp/headlens-qwen.lock python analyses/seed003_scaling.py`` (about a minute).
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from _harness import study_args, write_summary
 
-from headlens.attention_stats import query_entropy, scale_entropy_table
+from headlens.census.attention_stats import query_entropy, scale_entropy_table
 from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "seed003_scaling"
@@ -109,12 +109,12 @@ def part_a() -> pd.DataFrame:
 
 def part_b() -> tuple[pd.DataFrame, dict]:
     from headlens import load_model
-    from headlens.probes import natural_text
+    from headlens.data.probes import natural_text
 
     t0 = time.time()
     torch.manual_seed(SEED)
     model = load_model(MODEL)
-    tokens = natural_text(model, seq_len=QWEN_SEQ, batch=QWEN_BATCH, seed=SEED).tokens
+    tokens = natural_text(model, seq_len=QWEN_SEQ, n_seqs=QWEN_BATCH, seed=SEED).tokens
     t1 = time.time()
     table = scale_entropy_table(model, tokens, temperatures=(0.5, 1.0, 2.0), unscaled=True, batch_size=8)
     t2 = time.time()

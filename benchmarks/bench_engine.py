@@ -24,23 +24,23 @@ import torch
 
 def run(label: str, out: Path, layers: list[int]) -> None:
     from headlens import load_model
-    from headlens.ablation import ablation_sweep, loss_metric, repeat_loss_metric
-    from headlens.patching import activation_patching, induction_pair
+    from headlens.interventions.ablation import ablation_sweep, loss_metric, repeat_loss_metric
+    from headlens.interventions.patching import activation_patching, induction_pair
 
     torch.manual_seed(0)
     model = load_model()
     loss = loss_metric(model, n_seqs=2, seq_len=16)
     repeat = repeat_loss_metric(model, n_seqs=2, half_len=16, seed=0)
-    pair = induction_pair(model, n_tokens=8, batch=1, seed=0)
+    pair = induction_pair(model, n_tokens=8, n_seqs=1, seed=0)
     ablation_sweep(model, loss, layers=[model.cfg.n_layers - 1], progress=False)  # warm-up
     result = {"label": label, "threads": torch.get_num_threads(), "layers": layers}
     for name, fn in [
         ("ablation_loss", lambda: ablation_sweep(model, loss, layers=layers, batch_size=28, progress=False)),
         ("ablation_repeat", lambda: ablation_sweep(model, repeat, layers=layers, batch_size=28, progress=False)),
-        ("patching_z", lambda: activation_patching(model, pair, activation="z", batch_size=32, progress=False)),
+        ("patching_z", lambda: activation_patching(model, pair, activation="z", runs_per_pass=32, progress=False)),
     ]:
         start = time.perf_counter()
-        table = fn()
+        table = fn().table  # SweepResult / PatchingResult
         result[f"{name}_s"] = round(time.perf_counter() - start, 2)
         result[f"{name}_metric"] = [float(v) for v in table["metric"]]
         print(f"{label} {name}: {result[f'{name}_s']} s", flush=True)

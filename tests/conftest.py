@@ -10,7 +10,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 # The engine's modules for now; census/scores et al. reject bad shapes with their own HeadlensErrors, which a
 # jaxtyping TypeCheckError would pre-empt (their bad-input tests expect those messages).
-CHECKED = ["headlens.heads", "headlens.intervene", "headlens.ablation", "headlens.patching", "headlens.prune"]
+CHECKED = [
+    "headlens.heads",
+    "headlens.engine.intervene",
+    "headlens.interventions.ablation",
+    "headlens.interventions.patching",
+    "headlens.interventions.prune",
+]
 jaxtyping.install_import_hook(CHECKED, "shapecheck.shapes_only")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,10 +34,10 @@ def qwen():
 
 @pytest.fixture(scope="session")
 def qwen_census(qwen):
-    """The default census of the real Qwen at seed 0 (about 90 s), computed once per test session."""
-    from headlens import census
+    """The default census table of the real Qwen at seed 0 (about 90 s), computed once per test session."""
+    from headlens import run_census
 
-    return census(qwen, seed=0, progress=False)
+    return run_census(qwen, seed=0, progress=False).table
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 from headlens import HeadlensError, tiny_model
-from headlens.ablation import (
+from headlens.interventions.ablation import (
     METHODS,
     ablated_metric,
     ablation_hooks,
@@ -21,7 +21,8 @@ from headlens.ablation import (
     repeat_loss_metric,
     run_ablated,
 )
-from headlens.prune import prune_curve
+from headlens.interventions.prune import prune_curve
+from headlens.render.plots import plot_prune_curve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,8 +45,8 @@ def loss(tiny):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("unit", ["head", "kv_group"])
 def test_fast_sweep_equals_naive_loop(tiny, loss, method, unit):
-    fast = ablation_sweep(tiny, loss, method=method, unit=unit, batch_size=5, progress=False)
-    naive = ablation_sweep(tiny, loss, method=method, unit=unit, strategy="naive", progress=False)
+    fast = ablation_sweep(tiny, loss, method=method, unit=unit, batch_size=5, progress=False).table
+    naive = ablation_sweep(tiny, loss, method=method, unit=unit, strategy="naive", progress=False).table
     n_units = 2 * (4 if unit == "head" else 2)
     assert len(fast) == len(naive) == n_units
     assert (fast.metric - naive.metric).abs().max() <= 1e-4
@@ -67,8 +68,8 @@ def test_fast_sweep_equals_naive_on_repeat_and_logit_diff(tiny, method):
     repeat = repeat_loss_metric(tiny, n_seqs=2, half_len=8, seed=3)
     diff = logit_diff_metric(tiny, ["the cat sat on", "it is a test of the"], [(" the", " a"), (" of", " and")])
     for metric in (repeat, diff):
-        fast = ablation_sweep(tiny, metric, method=method, batch_size=3, progress=False)
-        naive = ablation_sweep(tiny, metric, method=method, strategy="naive", progress=False)
+        fast = ablation_sweep(tiny, metric, method=method, batch_size=3, progress=False).table
+        naive = ablation_sweep(tiny, metric, method=method, strategy="naive", progress=False).table
         assert (fast.metric - naive.metric).abs().max() <= 1e-4
 
 
@@ -134,10 +135,10 @@ def test_ablating_nothing_changes_nothing(tiny, loss):
     # resampling from a reference whose sequences are all identical to the batch's leaves z unchanged
     same = loss.tokens[:1].repeat(3, 1)
     metric = custom_metric(same, loss.fn)
-    sweep = ablation_sweep(tiny, metric, method="resample", progress=False)
+    sweep = ablation_sweep(tiny, metric, method="resample", progress=False).table
     assert sweep.effect.abs().max() == 0
     # the gated forward of the importance pass (all gates 1) is the clean model
-    assert head_importance(tiny, loss).attrs["value"] == pytest.approx(clean, abs=1e-6)
+    assert head_importance(tiny, loss).clean == pytest.approx(clean, abs=1e-6)
     # the prune curve starts at the clean metric
     result = prune_curve(tiny, loss, steps=2, progress=False)
     assert result.curve.metric.iloc[0] == clean
@@ -184,7 +185,7 @@ def _gated_metric(model, metric, layer, head, xi, method, rows=slice(None)):
 @pytest.mark.parametrize("method", ["zero", "mean"])
 def test_gradient_importance_matches_finite_differences(tiny64, method):
     metric = loss_metric(tiny64, n_seqs=3, seq_len=16)
-    table = head_importance(tiny64, metric, method=method).set_index(["layer", "head"])
+    table = head_importance(tiny64, metric, method=method).table.set_index(["layer", "head"])
     eps = 1e-4
     for layer, head in [(0, 0), (0, 3), (1, 1), (1, 2)]:
         fd = (
@@ -206,7 +207,7 @@ def test_gradient_importance_matches_finite_differences(tiny64, method):
 def test_gradient_predicts_small_ablation_effects(tiny64):
     """-gradient is the first-order effect of ablating: check against a half-way gate (ξ = 0.99)."""
     metric = repeat_loss_metric(tiny64, n_seqs=2, half_len=8)
-    table = head_importance(tiny64, metric).set_index(["layer", "head"])
+    table = head_importance(tiny64, metric).table.set_index(["layer", "head"])
     base = clean_metric(tiny64, metric)
     moved = _gated_metric(tiny64, metric, 1, 0, 0.99, "zero")
     assert (moved - base) == pytest.approx(-0.01 * table.loc[(1, 0), "gradient"], rel=1e-2)
@@ -227,18 +228,18 @@ def test_prune_curve_greedy_order_and_refinement(tiny, loss):
     bigger = curve[curve.n_removed > result.max_removed]
     assert not bigger.empty and not bigger.within_tolerance.any()
     # first step ranks by the full model's gradient importance
-    imp = head_importance(tiny, loss).sort_values(["importance", "layer", "head"])
+    imp = head_importance(tiny, loss).table.sort_values(["importance", "layer", "head"])
     assert list(zip(order.layer, order["head"]))[:4] == list(zip(imp.layer, imp["head"]))[:4]
 
 
 def test_prune_plot_and_orders(tiny, loss, tmp_path):
     a = prune_curve(tiny, loss, steps=4, order="ablation", progress=False)
-    sweep = ablation_sweep(tiny, loss, progress=False).sort_values(["worsening", "layer", "head"])
+    sweep = ablation_sweep(tiny, loss, progress=False).table.sort_values(["worsening", "layer", "head"])
     assert list(zip(a.order.layer, a.order["head"])) == list(zip(sweep.layer, sweep["head"]))
     b = prune_curve(tiny, loss, steps=4, reestimate=False, progress=False)
-    imp = head_importance(tiny, loss).sort_values(["importance", "layer", "head"])
+    imp = head_importance(tiny, loss).table.sort_values(["importance", "layer", "head"])
     assert list(zip(b.order.layer, b.order["head"])) == list(zip(imp.layer, imp["head"]))
-    b.plot(tmp_path / "curve.png")
+    plot_prune_curve(b, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "removable within" in b.summary()
 
@@ -253,8 +254,8 @@ def test_compare_to_random_and_determinism(tiny):
     assert all("L1H0" not in h and "L1H3" not in h for h in t1.heads[1:])
     assert t1.metric.iloc[0] == pytest.approx(ablated_metric(tiny, metric, [(1, 0), (1, 3)]))
     assert random_heads(tiny, 2, like=[(1, 0), (1, 3)], exclude=[(1, 0), (1, 3)], seed=0) == [(1, 1), (1, 2)]
-    s1 = ablation_sweep(tiny, metric, method="resample", seed=5, progress=False)
-    s2 = ablation_sweep(tiny, metric, method="resample", seed=5, progress=False)
+    s1 = ablation_sweep(tiny, metric, method="resample", seed=5, progress=False).table
+    s2 = ablation_sweep(tiny, metric, method="resample", seed=5, progress=False).table
     assert s1.equals(s2)
 
 
@@ -271,9 +272,9 @@ def test_compare_to_random_and_determinism(tiny):
         (lambda m, t: ablation_hooks(m, [(0, 1)], method="average", reference=t), "unknown ablation method"),
         (lambda m, t: ablated_metric(m, lambda logits, toks: logits.mean(), [(0, 1)]), "needs tokens"),
         (lambda m, t: ablated_metric(m, lambda logits, toks: logits, [(0, 1)], tokens=t), "scalar"),
-        (lambda m, t: ablation_sweep(m, custom_metric(t, lambda lg, tk: lg.mean()), unit="group"), "unit"),
-        (lambda m, t: ablation_sweep(m, custom_metric(t, lambda lg, tk: lg.mean()), layers=[5]), "out of range"),
-        (lambda m, t: ablation_sweep(m, custom_metric(t, lambda lg, tk: lg.mean()), strategy="slow"), "strategy"),
+        (lambda m, t: ablation_sweep(m, custom_metric(t, lambda lg, tk: lg.mean()), unit="group").table, "unit"),
+        (lambda m, t: ablation_sweep(m, custom_metric(t, lambda lg, tk: lg.mean()), layers=[5]).table, "out of range"),
+        (lambda m, t: ablation_sweep(m, custom_metric(t, lambda lg, tk: lg.mean()), strategy="slow").table, "strategy"),
         (lambda m, t: kv_group_heads(m, 0, 2), "kv head 2"),
         (lambda m, t: custom_metric(t.float(), lambda lg, tk: lg.mean()), "integer token"),
         (lambda m, t: run_ablated(m, t, [(0, 0)], method="resample", reference=t[:, :5]), "positions"),
@@ -310,7 +311,7 @@ def test_cli_ablate_and_prune_write_files(tmp_path, capsys, monkeypatch):
             "--n-seqs",
             "3",
             "--no-progress",
-            "--top",
+            "--top-k",
             "3",
         ],
     )
@@ -354,10 +355,10 @@ def test_cli_ablate_and_prune_write_files(tmp_path, capsys, monkeypatch):
 def test_qwen_sweep_parity_and_induction_heads_matter(qwen):
     """Real Qwen: fast == naive on kv groups of two layers; top induction-score heads vs random heads."""
     metric = repeat_loss_metric(qwen, n_seqs=2, half_len=16, seed=0)
-    fast = ablation_sweep(qwen, metric, unit="kv_group", method="mean", layers=[0, 23], progress=False)
+    fast = ablation_sweep(qwen, metric, unit="kv_group", method="mean", layers=[0, 23], progress=False).table
     naive = ablation_sweep(
         qwen, metric, unit="kv_group", method="mean", layers=[0, 23], strategy="naive", progress=False
-    )
+    ).table
     assert (fast.metric - naive.metric).abs().max() <= 1e-4
 
     half = 16
@@ -386,7 +387,7 @@ def test_prune_answer_agrees_with_its_curve_and_plot_ticks_read_as_percent(tiny,
         result = prune_curve(tiny, loss, tolerance=tolerance, steps=8, order="ablation", progress=False)
         upto = result.curve[result.curve.n_removed <= result.max_removed]
         assert upto.within_tolerance.all(), (tolerance, result.curve)
-    fig = result.plot()
+    fig = plot_prune_curve(result)
     fig.canvas.draw()
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels and all(

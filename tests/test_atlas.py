@@ -3,8 +3,9 @@
 import pytest
 
 import headlens
-from headlens.atlas import atlas, atlas_html, parse_sources, write_atlas
-from headlens.toy import circuit_heads
+from headlens.analysis.atlas import atlas, parse_sources
+from headlens.analysis.toy import circuit_heads
+from headlens.render.atlas import atlas_html, write_atlas
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_counts_have_a_seed_interval_and_add_up(result):
     assert (counts["min"] <= counts["n_heads"]).all() and (counts["n_heads"] <= counts["max"]).all()
     assert counts.groupby("model").n_heads.sum().to_dict() == {"tiny-qwen2": 8, "toy": 8}
     assert (counts.n_seeds == 2).all()
-    seed0 = headlens.census(headlens.tiny_model("qwen2"), seed=0, progress=False)
+    seed0 = headlens.run_census(headlens.tiny_model("qwen2"), seed=0, progress=False).table
     assert result.census["tiny-qwen2"]["induction"].tolist() == seed0["induction"].tolist()
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from headlens import HeadlensError, scores
-from headlens.attention_stats import (
+from headlens import HeadlensError
+from headlens.census import scores
+from headlens.census.attention_stats import (
     attention_mask,
     attention_scores,
     entropy_by_scale,
@@ -299,7 +300,7 @@ def test_cli_stats_writes_tables(tmp_path):
     from headlens.cli import app
 
     result = CliRunner().invoke(
-        app, ["stats", "-m", "tiny-qwen2", "--out", str(tmp_path), "--seq-len", "32", "--batch", "2", "--no-progress"]
+        app, ["stats", "-m", "tiny-qwen2", "--out", str(tmp_path), "--seq-len", "32", "--n-seqs", "2", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
     entropy = pd.read_csv(tmp_path / "entropy.csv")

@@ -7,22 +7,22 @@ import pytest
 import torch
 
 from headlens import HeadlensError, attribution_patching
-from headlens.attribution import estimate_quality
-from headlens.patching import PromptPair, activation_patching, logprob
-from headlens.patching import attribution_patching as old_import
-from headlens.toy import load_induction_model
+from headlens.analysis.toy import load_induction_model
+from headlens.interventions.attribution import attribution_patching as old_import
+from headlens.interventions.attribution import estimate_quality
+from headlens.interventions.patching import PromptPair, activation_patching, logprob
 
 
 def test_old_import_paths_still_work():
-    import headlens.attribution
+    import headlens.interventions.attribution
 
-    assert attribution_patching is headlens.attribution.attribution_patching and callable(old_import)
+    assert attribution_patching is headlens.interventions.attribution.attribution_patching and callable(old_import)
 
 
 def test_estimate_quality_counts_recall_and_correlations():
     exact = [5.0, -4.0, 3.0, 0.1, 0.0, 0.2]
     estimate = [5.0, 0.0, 3.0, 0.1, 0.0, 0.2]  # misses the second-largest head
-    q = estimate_quality(exact, estimate, k=2)
+    q = estimate_quality(exact, estimate, top_k=2)
     assert q["recall_top2_in_4"] == 0.5 and q["missed"] == [1]
     assert q["pearson"] == pytest.approx(np.corrcoef(exact, estimate)[0, 1])
     with pytest.raises(HeadlensError):
@@ -43,19 +43,20 @@ def toy_pair():
 def test_atp_star_recomputes_the_softmax_for_key_patches(toy_pair):
     """On the trained toy induction model, patching keys moves saturated induction attention: AtP* tracks it."""
     model, pair = toy_pair
-    exact = activation_patching(model, pair, activation="k", progress=False)["effect"]
-    plain = attribution_patching(model, pair, activations=["k"], method="atp")["effect"]
-    star = attribution_patching(model, pair, activations=["k"])["effect"]
+    exact = activation_patching(model, pair, activation="k", progress=False).table["effect"]
+    plain = attribution_patching(model, pair, activations=["k"], method="atp").table["effect"]
+    star = attribution_patching(model, pair, activations=["k"]).table["effect"]
     err_plain, err_star = np.abs(exact - plain).max(), np.abs(exact - star).max()
     assert err_star < 0.5 * err_plain
-    assert estimate_quality(exact, star, k=3)["pearson"] > 0.85 > estimate_quality(exact, plain, k=3)["pearson"]
+    assert estimate_quality(exact, star, top_k=3)["pearson"] > 0.85 > estimate_quality(exact, plain, top_k=3)["pearson"]
 
 
 def test_grad_drop_keeps_signs_and_reports_magnitudes(toy_pair):
     model, pair = toy_pair
-    star = attribution_patching(model, pair, activations=["z"])
-    dropped = attribution_patching(model, pair, activations=["z"], grad_drop=True)
-    assert dropped.attrs["method"] == "atp*+graddrop"
+    star = attribution_patching(model, pair, activations=["z"]).table
+    result = attribution_patching(model, pair, activations=["z"], grad_drop=True)
+    assert result.method == "atp*+graddrop"
+    dropped = result.table
     same_sign = (np.sign(dropped["effect"]) == np.sign(star["effect"])) | (star["effect"].abs() < 1e-6)
     assert same_sign.all()
     with pytest.raises(HeadlensError, match="unknown attribution method"):
@@ -91,11 +92,11 @@ def test_ig_screens_the_head_whose_patch_acts_through_a_saturated_softmax():
     pair = PromptPair(
         torch.cat([first, first], 1), corrupted, torch.arange(20, 39), partial(logprob, targets=first[:, 1:])
     )
-    exact = activation_patching(model, pair, activation="z", progress=False)["effect"].to_numpy()
-    plain = attribution_patching(model, pair, activations=["z"], method="atp")["effect"].to_numpy()
+    exact = activation_patching(model, pair, activation="z", progress=False).table["effect"].to_numpy()
+    plain = attribution_patching(model, pair, activations=["z"], method="atp").table["effect"].to_numpy()
     ig = attribution_patching(model, pair, activations=["z"], method="ig")
-    assert ig.attrs["method"] == "ig2"
-    ig = ig["effect"].to_numpy()
+    assert ig.method == "ig2"
+    ig = ig.table["effect"].to_numpy()
 
     def top(values, k=4):
         return set(np.argsort(-np.abs(values), kind="stable")[:k].tolist())
@@ -107,8 +108,8 @@ def test_ig_screens_the_head_whose_patch_acts_through_a_saturated_softmax():
 
 def test_ig_arguments(toy_pair):
     model, pair = toy_pair
-    per_head = attribution_patching(model, pair, activations=["z"], method="ig")
-    per_position = attribution_patching(model, pair, activations=["z"], method="ig", by_position=True)
+    per_head = attribution_patching(model, pair, activations=["z"], method="ig").table
+    per_position = attribution_patching(model, pair, activations=["z"], method="ig", by_position=True).table
     summed = per_position.groupby(["layer", "head"])["effect"].sum().to_numpy()
     assert np.allclose(summed, per_head["effect"], atol=1e-5)  # a linear score splits over positions
     for kwargs, match in [

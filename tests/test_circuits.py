@@ -23,7 +23,7 @@ from headlens.circuits.graph import Graph
 from headlens.circuits.study import exact_edges, find_circuit, recall_at, receiver_senders
 from headlens.circuits.tasks import CircuitTask, induction_task
 from headlens.errors import HeadlensError
-from headlens.patching import PromptPair, induction_pair
+from headlens.interventions.patching import PromptPair, induction_pair
 
 # ---------------------------------------------------------------- fixtures
 
@@ -36,12 +36,12 @@ def tiny(one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny):
-    return induction_pair(tiny, n_tokens=5, batch=2, seed=1)
+    return induction_pair(tiny, n_tokens=5, n_seqs=2, seed=1)
 
 
 @pytest.fixture(scope="module")
 def toy(one_thread):
-    from headlens.toy import load_induction_model
+    from headlens.analysis.toy import load_induction_model
 
     return load_induction_model()
 
@@ -160,7 +160,7 @@ def test_all_edges_out_of_a_head_equal_transformerlens_head_patching(tiny, tiny_
     clean run with the head's z from the corrupted cache."""
     g = Graph.of(tiny)
     heads = [f"L{l}H{h}" for l in range(3) for h in range(4)]
-    ours = paths.sender_patching(tiny, tiny_pair, heads, progress=False)
+    ours = paths.sender_patching(tiny, tiny_pair, heads, progress=False).table
     with torch.inference_mode():
         _, corrupted_cache = tiny.run_with_cache(tiny_pair.corrupted)
         tl = tl_patching.get_act_patch_attn_head_out_all_pos(
@@ -222,7 +222,7 @@ def test_single_edge_path_patching_equals_a_hand_written_hook_version(tiny, tiny
         ("L2H1", "logits", "logits"),
         ("embed", "L0H2", "k"),
     ]
-    table = paths.path_patching(tiny, tiny_pair, edges, progress=False)
+    table = paths.path_patching(tiny, tiny_pair, edges, progress=False).table
     hand = [_hand_path_patch(tiny, tiny_pair, *e) for e in edges]
     np.testing.assert_allclose(table["metric"].to_numpy(), hand, atol=2e-5)
     assert table["delta"].abs().max() > 1e-3  # the edges do something
@@ -325,7 +325,7 @@ def test_composition_matches_transformerlens_on_a_gqa_model(tiny):
         np.testing.assert_allclose(part.score.to_numpy(), ref.numpy(), rtol=1e-4, atol=1e-6)
     assert len(table) == 3 * (4 * 4 + 8 * 4)  # pairs (earlier sender, later receiver) x q/k/v
     mean, std = random_baseline(64, 16, n_random=200, seed=0)
-    assert 0 < std < mean < 1 and table.attrs["baseline"] == pytest.approx(random_baseline(64, 16, n_random=50)[0])
+    assert 0 < std < mean < 1 and table["baseline"].iloc[0] == pytest.approx(random_baseline(64, 16, n_random=50)[0])
 
 
 def test_composition_applies_an_unfolded_layernorm(toy):
@@ -384,7 +384,7 @@ def test_toy_previous_token_to_induction_key_edge_is_the_top_edge_by_every_metho
     """The trained toy model's known circuit: its previous-token head feeds its induction head through K. Path
     patching (corrupted = first half resampled), EAP and EAP-IG all rank that edge first among edges into the
     induction head, and K-composition ranks the pair first among the induction head's senders."""
-    from headlens.toy import circuit_heads
+    from headlens.analysis.toy import circuit_heads
 
     heads = circuit_heads()
     prev, ind = "L{}H{}".format(*heads["previous_token"]), "L{}H{}".format(*heads["induction"])
@@ -407,15 +407,16 @@ def test_area_and_faithfulness_bounds(toy, toy_task):
     assert area([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75)
     g = Graph.of(toy)
     scores = edge_attribution(toy, toy_task, method="eap-ig", ablation="mean", progress=False)
-    curves = faithfulness(
+    result = faithfulness(
         toy, toy_task, {"eap-ig": scores, "zero": torch.zeros_like(scores)}, percents=(10, 50, 100), progress=False
     )
+    curves = result.table
     full = curves[curves.k == 100]
     assert np.allclose(full.faithfulness, 1.0) and (full.n_edges == g.n_edges).all()
-    assert set(curves.attrs["summary"]) == {"eap-ig", "zero"} and curves.attrs["ablation"] == "mean"
+    assert set(result.summary) == {"eap-ig", "zero"} and result.ablation == "mean"
     with torch.inference_mode():
         full_metric = float(toy_task.pair.metric.full(toy(toy_task.pair.clean)))
-    assert curves.attrs["full"] == pytest.approx(full_metric, abs=1e-5)
+    assert result.full == pytest.approx(full_metric, abs=1e-5)
     # the ranking beats a ranking that knows nothing (every score 0: ties keep the graph's order) at half the edges
     half = curves[curves.k == 50].set_index("method").faithfulness
     assert half["eap-ig"] > half["zero"] + 0.3
@@ -425,10 +426,10 @@ def test_area_and_faithfulness_bounds(toy, toy_task):
 
 
 def test_find_circuit_on_the_toy_model_ties_scores_exact_checks_and_labels(toy, toy_task):
-    from headlens.census import census
-    from headlens.toy import toy_probes
+    from headlens.analysis.toy import toy_probes
+    from headlens.census import run_census
 
-    table = census(toy, toy_probes(toy, seed=0), progress=False)
+    table = run_census(toy, toy_probes(toy, seed=0), progress=False).table
     result = find_circuit(
         toy, toy_task, check=30, ablation="resample", census=table, percents=(5, 20, 50, 100), progress=False
     )
@@ -521,19 +522,19 @@ def test_circuit_cli_on_the_toy_model_writes_every_file(tmp_path):
 def test_circuit_html_escapes_token_strings(toy, toy_task):
     """A token string that looks like markup reaches the page only escaped (CircuitsVis 'heads' draws on a canvas and
     gets raw text inside JSON that cannot close the script)."""
-    from headlens.circuits.html import circuit_html
+    from headlens.render.circuit import circuit_html
 
     result = find_circuit(
         toy, toy_task, methods=("eap",), check=5, ablation="resample", percents=(50, 100), progress=False
     )
-    import headlens.viz as viz
+    import headlens.engine.capture as capture
 
-    original = viz.str_tokens
-    viz.str_tokens = lambda model, ids: ["<script>alert(1)</script>" for _ in ids]
+    original = capture.str_tokens
+    capture.str_tokens = lambda model, ids: ["<script>alert(1)</script>" for _ in ids]
     try:
         page = circuit_html(result, toy)
     finally:
-        viz.str_tokens = original
+        capture.str_tokens = original
     assert "<script>alert(1)</script>" not in page and "\\u003cscript\\u003ealert(1)" in page
 
 
@@ -549,7 +550,7 @@ def test_exact_checks_on_ray_equal_one_process(toy, toy_task, one_thread):
     ray = pytest.importorskip("ray")
     import sys
 
-    from headlens.executor import RayExecutor
+    from headlens.engine.executor import RayExecutor
 
     pair = toy_task.pair
     picklable = CircuitTask(

@@ -85,7 +85,7 @@ def test_path_patching_regenerates_committed_k_sender_effects(qwen):
     part = senders[senders.receiver == "L9H8"].sort_values("exact_rank").iloc[[0, 1, -1]]
     task = induction_task(qwen, n_tokens=10, n_seqs=4, n_mean=8, seed=0)
     torch.set_num_threads(2)
-    table = path_patching(qwen, task, [(s, "L9H8", "k") for s in part.sender], progress=False)
+    table = path_patching(qwen, task, [(s, "L9H8", "k") for s in part.sender], progress=False).table
     np.testing.assert_allclose(table.delta.to_numpy(), part.exact.to_numpy(), atol=2e-4)
 
 

@@ -140,8 +140,8 @@ def test_heads_option_takes_both_spellings():
 
 
 def test_choices_match_the_library():
-    from headlens.ablation import METHODS, METRICS
-    from headlens.patching import ACTIVATIONS
+    from headlens.interventions.ablation import METHODS, METRICS
+    from headlens.interventions.patching import ACTIVATIONS
 
     assert tuple(m.value for m in cli.MetricName) == METRICS
     assert tuple(m.value for m in cli.MethodName) == METHODS

@@ -265,10 +265,10 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_census_thresholds_must_be_numbers(tiny_qwen):
-    from headlens import HeadlensError, census
+    from headlens import HeadlensError, run_census
 
     with pytest.raises(HeadlensError, match="must be a number"):
-        census(tiny_qwen, thresholds={"induction": "0.5"}, progress=False)
+        run_census(tiny_qwen, thresholds={"induction": "0.5"}, progress=False)
 
 
 # ---------------------------------------------------------------- right answers where there used to be errors

@@ -9,15 +9,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 from headlens import HeadlensError, compare_models
-from headlens.compare import (
-    attention_divergence,
-    check_adapter,
-    js_divergence,
-    load_tuned,
-    relative_change,
-    weight_changes,
-)
-from headlens.models import hooked_from_hf, merge_adapter, tiny_hf_model, tiny_model
+from headlens.analysis.compare import attention_divergence, js_divergence, relative_change, weight_changes
+from headlens.models import check_adapter, hooked_from_hf, load_tuned, merge_adapter, tiny_hf_model, tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -76,9 +69,9 @@ def test_relative_change():
 
 @pytest.fixture(scope="module")
 def small_probes(base3):
-    from headlens.probes import default_probes
+    from headlens.data.probes import default_probes
 
-    return default_probes(base3, batch=2, n=16, seq_len=32)
+    return default_probes(base3, n_seqs=2, n=16, seq_len=32)
 
 
 def test_self_comparison_is_all_zero(base3, small_probes):

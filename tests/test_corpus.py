@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from headlens import HeadlensError, corpus
+from headlens import HeadlensError
+from headlens.data import corpus
 
 
 def test_file_list_is_sorted_and_leaves_out_tests_and_tables():
@@ -28,11 +29,11 @@ def test_provenance_records_the_python_version():
 
 def test_windows_are_disjoint_slices(tiny_qwen):
     docs = [corpus.Document("a", "first line here\n" * 60), corpus.Document("b", "second doc line\n" * 60)]
-    tokens, names = corpus.text_windows(tiny_qwen.tokenizer, docs, seq_len=20, batch=4, seed=0, per_document=2)
+    tokens, names = corpus.text_windows(tiny_qwen.tokenizer, docs, seq_len=20, n_seqs=4, seed=0, per_document=2)
     assert tokens.shape == (4, 20) and [n.split("@")[0] for n in names] == ["a", "a", "b", "b"]
     starts = [int(n.split("@")[1]) for n in names[:2]]
     assert abs(starts[0] - starts[1]) >= 20
     with pytest.raises(HeadlensError, match="non-overlapping windows"):
-        corpus.text_windows(tiny_qwen.tokenizer, docs, seq_len=20, batch=5, per_document=2)
-    again, _ = corpus.text_windows(tiny_qwen.tokenizer, docs, seq_len=20, batch=4, seed=0, per_document=2)
+        corpus.text_windows(tiny_qwen.tokenizer, docs, seq_len=20, n_seqs=5, per_document=2)
+    again, _ = corpus.text_windows(tiny_qwen.tokenizer, docs, seq_len=20, n_seqs=4, seed=0, per_document=2)
     assert torch.equal(tokens, again)

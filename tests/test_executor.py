@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import headlens
-from headlens import executor as X
-from headlens.census import SCORES
+from headlens.census.run import SCORES
+from headlens.data.probes import default_probes
+from headlens.engine import executor as X
 from headlens.models import resolve_device, resolve_dtype
-from headlens.probes import default_probes
 
 BF16_TOLERANCE = 0.02
 """Documented in README "Scaling": bf16 census scores stay within this of fp32 (measured max on Qwen: see analyses/results/precision)."""
@@ -42,8 +42,8 @@ def test_bf16_census_is_within_tolerance_of_fp32(tiny):
     bf16 = headlens.load_model("tiny-qwen2", dtype="bfloat16")
     assert bf16.cfg.dtype == torch.bfloat16 and next(bf16.parameters()).dtype == torch.bfloat16
     assert bf16.headlens_spec.build().cfg.dtype == torch.bfloat16  # the recipe Ray workers use keeps the dtype
-    a = headlens.census(tiny, progress=False)
-    b = headlens.census(bf16, progress=False)
+    a = headlens.run_census(tiny, progress=False).table
+    b = headlens.run_census(bf16, progress=False).table
     for score in SCORES:
         assert b[score].dtype == "float64"
         assert (a[score] - b[score]).abs().max() <= BF16_TOLERANCE, score
@@ -51,11 +51,11 @@ def test_bf16_census_is_within_tolerance_of_fp32(tiny):
 
 
 def test_local_executor_equals_the_default_path(tiny):
-    a = headlens.census(tiny, batch_size=3, progress=False)
+    a = headlens.run_census(tiny, batch_size=3, progress=False).table
     ex = X.LocalExecutor()
-    b = headlens.census(tiny, batch_size=3, progress=False, executor=ex)
+    b = headlens.run_census(tiny, batch_size=3, progress=False, executor=ex).table
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    sizes = [p.batch for p in default_probes(tiny)]  # every registered probe kind (head types add their own)
+    sizes = [p.n_seqs for p in default_probes(tiny)]  # every registered probe kind (head types add their own)
     assert ex.computed == sum(-(-n // 3) for n in sizes)  # each probe in batches of 3 sequences
 
 
@@ -74,38 +74,41 @@ class _Interrupted(X.LocalExecutor):
 
 
 def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
-    full = headlens.census(tiny, batch_size=1, progress=False)
+    full = headlens.run_census(tiny, batch_size=1, progress=False).table
     with pytest.raises(KeyboardInterrupt):
-        headlens.census(tiny, batch_size=1, progress=False, executor=_Interrupted(tmp_path, after=5))
+        headlens.run_census(tiny, batch_size=1, progress=False, executor=_Interrupted(tmp_path, after=5))
     (job,) = [d for d in tmp_path.iterdir() if d.is_dir()]
     assert len(list(job.glob("shard-*.safetensors"))) == 5 and not list(job.glob("*.partial"))
     resumed = X.LocalExecutor(tmp_path)
-    table = headlens.census(tiny, batch_size=1, progress=False, executor=resumed)
-    n_seqs = sum(p.batch for p in default_probes(tiny))
+    table = headlens.run_census(tiny, batch_size=1, progress=False, executor=resumed).table
+    n_seqs = sum(p.n_seqs for p in default_probes(tiny))
     assert resumed.computed == n_seqs - 5
     pd.testing.assert_frame_equal(full, table, check_exact=True)
     other = X.LocalExecutor(tmp_path)  # another job (seed) never reuses these shards
-    headlens.census(tiny, batch_size=1, seed=1, progress=False, executor=other)
+    headlens.run_census(tiny, batch_size=1, seed=1, progress=False, executor=other)
     assert other.computed == n_seqs and len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
 
 
 def test_sharded_sweep_and_patching_equal_the_plain_functions(tiny):
-    from headlens.ablation import ablation_sweep, repeat_loss_metric
-    from headlens.patching import activation_patching, induction_pair
+    from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
+    from headlens.interventions.patching import activation_patching, induction_pair
 
     metric = repeat_loss_metric(tiny, n_seqs=3, half_len=8)
     for method in ("zero", "mean"):
-        pd.testing.assert_frame_equal(
-            ablation_sweep(tiny, metric, method=method, progress=False),
-            X.ablation_sweep(tiny, metric, method=method, progress=False),
-            check_exact=True,
+        plain = ablation_sweep(tiny, metric, method=method, progress=False)
+        sharded = ablation_sweep(tiny, metric, method=method, progress=False, executor=X.LocalExecutor())
+        pd.testing.assert_frame_equal(plain.table, sharded.table, check_exact=True)
+        assert (plain.metric, plain.method, plain.unit, plain.clean) == (
+            sharded.metric,
+            sharded.method,
+            sharded.unit,
+            sharded.clean,
         )
-    pair = induction_pair(tiny, n_tokens=5, batch=2)
-    pd.testing.assert_frame_equal(
-        activation_patching(tiny, pair, activation="v", progress=False),
-        X.activation_patching(tiny, pair, activation="v", progress=False),
-        check_exact=True,
-    )
+    pair = induction_pair(tiny, n_tokens=5, n_seqs=2)
+    plain = activation_patching(tiny, pair, activation="v", progress=False)
+    sharded = activation_patching(tiny, pair, activation="v", progress=False, executor=X.LocalExecutor())
+    pd.testing.assert_frame_equal(plain.table, sharded.table, check_exact=True)
+    assert (plain.clean, plain.corrupted) == (sharded.clean, sharded.corrupted)
 
 
 def test_hand_built_models_have_no_recipe_for_workers(tiny):
@@ -113,9 +116,9 @@ def test_hand_built_models_have_no_recipe_for_workers(tiny):
 
     with pytest.raises(headlens.HeadlensError, match="no loading recipe"):
         X.spec_of(HookedTransformer(tiny.cfg))
-    from headlens.toy import load_induction_model
+    from headlens.analysis.toy import load_induction_model
 
-    assert X.spec_of(load_induction_model()).loader == "headlens.toy:load_induction_model"
+    assert X.spec_of(load_induction_model()).loader == "headlens.analysis.toy:load_induction_model"
 
 
 def test_clear_errors_when_ray_is_missing_or_unreachable(monkeypatch):

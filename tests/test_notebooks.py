@@ -117,7 +117,7 @@ def test_ablation_notebook_ranks_the_induction_circuit_first():
 def test_patching_notebook_recovers_the_clean_run_through_the_circuit():
     values, elapsed, book = execute(
         "patching",
-        "dict(clean=exact.attrs['clean_metric'], corrupted=exact.attrs['corrupted_metric'], "
+        "dict(clean=result.clean, corrupted=result.corrupted, "
         "top=table.sort_values('effect').iloc[-1][['layer', 'head', 'label']].tolist(), "
         "corr=float(rank_correlation(table['effect'], table['effect_attribution'])), n=len(table), by_pos=len(by_pos), "
         "largest=table.loc[table['effect'].abs().idxmax(), ['layer', 'head']].tolist(), "
@@ -152,7 +152,7 @@ def test_circuits_notebook_finds_the_previous_token_to_induction_key_edge():
     values, elapsed, book = execute(
         "circuits",
         "dict(prev=prev, ind=ind, comp=[comp_top.sender, comp_top.composition, float(comp_top.z)], "
-        "pp=pp.set_index('input')['delta'].to_dict(), top=top_edges, methods=sorted(summary.method), "
+        "pp=pp.table.set_index('input')['delta'].to_dict(), top=top_edges, methods=sorted(summary.method), "
         "n_circuit=int(result.info['circuit_edges']), edges=len(result.edges))",
     )
     assert (values["prev"], values["ind"]) == ("L0H2", "L1H2")

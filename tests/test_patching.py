@@ -8,17 +8,9 @@ import transformer_lens.patching as tlp
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from headlens import HeadlensError, tiny_model
-from headlens.patching import (
-    PromptPair,
-    activation_patching,
-    attribution_patching,
-    compare_patching,
-    induction_pair,
-    logit_diff,
-    rank_correlation,
-    text_pair,
-)
-from headlens.probes import word_tokens
+from headlens.data.probes import word_tokens
+from headlens.interventions.attribution import attribution_patching, compare_patching, rank_correlation
+from headlens.interventions.patching import PromptPair, activation_patching, induction_pair, logit_diff, text_pair
 
 ALL_POS = {
     "z": tlp.get_act_patch_attn_head_out_all_pos,
@@ -67,59 +59,60 @@ def _as_tl_layout(df: pd.DataFrame, activation: str, by_position: bool) -> torch
 
 @pytest.mark.parametrize("activation", ["z", "q", "k", "v", "pattern"])
 def test_exact_matches_transformerlens_all_pos_gqa(tiny_qwen, activation):
-    pair = induction_pair(tiny_qwen, n_tokens=6, batch=2, seed=0)
+    pair = induction_pair(tiny_qwen, n_tokens=6, n_seqs=2, seed=0)
     ref = _tl_reference(tiny_qwen, pair, ALL_POS[activation])
-    df = activation_patching(tiny_qwen, pair, activation=activation, batch_size=3, progress=False)
-    ours = _as_tl_layout(df, activation, by_position=False)
+    result = activation_patching(tiny_qwen, pair, activation=activation, runs_per_pass=3, progress=False)
+    ours = _as_tl_layout(result.table, activation, by_position=False)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours.float(), ref.float(), atol=1e-5, rtol=0)
-    assert (ref - df.attrs["corrupted_metric"]).abs().max() > 1e-3  # the patches do something
+    assert (ref - result.corrupted).abs().max() > 1e-3  # the patches do something
 
 
 @pytest.mark.parametrize("activation", ["z", "pattern"])
 def test_exact_matches_transformerlens_by_pos_gqa(tiny_qwen, activation):
-    pair = induction_pair(tiny_qwen, n_tokens=4, batch=1, seed=1)
+    pair = induction_pair(tiny_qwen, n_tokens=4, n_seqs=1, seed=1)
     ref = _tl_reference(tiny_qwen, pair, BY_POS[activation])
-    df = activation_patching(tiny_qwen, pair, activation=activation, by_position=True, progress=False)
+    df = activation_patching(tiny_qwen, pair, activation=activation, by_position=True, progress=False).table
     ours = _as_tl_layout(df, activation, by_position=True)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours.float(), ref.float(), atol=1e-5, rtol=0)
 
 
 def test_exact_matches_transformerlens_mha(mha_qwen):
-    pair = induction_pair(mha_qwen, n_tokens=3, batch=1, seed=2)
+    pair = induction_pair(mha_qwen, n_tokens=3, n_seqs=1, seed=2)
     for by_position in (False, True):
         ref = _tl_reference(mha_qwen, pair, (BY_POS if by_position else ALL_POS)["z"])
-        df = activation_patching(mha_qwen, pair, activation="z", by_position=by_position, progress=False)
+        df = activation_patching(mha_qwen, pair, activation="z", by_position=by_position, progress=False).table
         torch.testing.assert_close(_as_tl_layout(df, "z", by_position).float(), ref.float(), atol=1e-5, rtol=0)
     ref_v = _tl_reference(mha_qwen, pair, ALL_POS["v"])
-    df_v = activation_patching(mha_qwen, pair, activation="v", progress=False)
+    df_v = activation_patching(mha_qwen, pair, activation="v", progress=False).table
     assert df_v["head"].notna().all() and len(df_v) == 2 * 4
     torch.testing.assert_close(_as_tl_layout(df_v, "v", False).float(), ref_v.float(), atol=1e-5, rtol=0)
 
 
 def test_table_columns_and_normalisation(tiny_qwen):
-    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=0)
-    df = activation_patching(tiny_qwen, pair, activation="z", progress=False)
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=2, seed=0)
+    result = activation_patching(tiny_qwen, pair, activation="z", progress=False)
+    df = result.table
     assert list(df.columns) == ["activation", "layer", "head", "kv_head", "metric", "effect"]
     assert len(df) == tiny_qwen.cfg.n_layers * tiny_qwen.cfg.n_heads
     assert df["kv_head"].tolist() == [0, 0, 1, 1] * 2
-    clean, corrupted = df.attrs["clean_metric"], df.attrs["corrupted_metric"]
+    clean, corrupted = result.clean, result.corrupted
     with torch.no_grad():
         assert clean == pytest.approx(float(pair.metric_logits(tiny_qwen(pair.clean))), abs=1e-5)
         assert corrupted == pytest.approx(float(pair.metric_logits(tiny_qwen(pair.corrupted))), abs=1e-5)
     np.testing.assert_allclose(df["effect"], (df["metric"] - corrupted) / (clean - corrupted))
     flipped = activation_patching(
-        tiny_qwen, pair, activation="z", metric=lambda logits: -pair.metric(logits), batch_size=1, progress=False
-    )
+        tiny_qwen, pair, activation="z", metric=lambda logits: -pair.metric(logits), runs_per_pass=1, progress=False
+    ).table
     np.testing.assert_allclose(flipped["metric"], -df["metric"], atol=1e-5)
     np.testing.assert_allclose(flipped["effect"], df["effect"], atol=1e-4)
-    k = activation_patching(tiny_qwen, pair, activation="k", progress=False)
+    k = activation_patching(tiny_qwen, pair, activation="k", progress=False).table
     assert k["head"].isna().all() and k["kv_head"].tolist() == [0, 1, 0, 1]
 
 
 def test_ungrouped_kv_is_per_q_head_and_matches_transformerlens(tiny_qwen):
-    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=3)
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=2, seed=3)
     with torch.no_grad():
         grouped = tiny_qwen(pair.clean)
         tiny_qwen.cfg.ungroup_grouped_query_attention = True
@@ -139,18 +132,20 @@ def test_ungrouped_kv_is_per_q_head_and_matches_transformerlens(tiny_qwen):
         finally:
             tiny_qwen.cfg.ungroup_grouped_query_attention = False
     torch.testing.assert_close(ungrouped, grouped, atol=1e-5, rtol=0)
-    df = activation_patching(tiny_qwen, pair, activation="k", ungroup_kv=True, progress=False)
+    df = activation_patching(tiny_qwen, pair, activation="k", ungroup_kv=True, progress=False).table
     assert tiny_qwen.cfg.ungroup_grouped_query_attention is False
     assert df["head"].tolist() == [0, 1, 2, 3] * 2 and df["kv_head"].tolist() == [0, 0, 1, 1] * 2
     np.testing.assert_allclose(df["metric"].to_numpy(), ref.cpu().numpy(), atol=1e-5)
-    grouped_k = activation_patching(tiny_qwen, pair, activation="k", progress=False)
+    grouped_k = activation_patching(tiny_qwen, pair, activation="k", progress=False).table
     assert not np.allclose(grouped_k["metric"].to_numpy(), df["metric"].to_numpy()[::2])
 
 
 def test_qkv_patching_equals_split_input_patching(tiny_qwen):
     """Patching hook_q/k/v of a head equals patching its split q/k/v input (use_split_qkv_input)."""
-    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=4)
-    ours = {a: activation_patching(tiny_qwen, pair, activation=a, progress=False)["metric"].to_numpy() for a in "qkv"}
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=2, seed=4)
+    ours = {
+        a: activation_patching(tiny_qwen, pair, activation=a, progress=False).table["metric"].to_numpy() for a in "qkv"
+    }
     tiny_qwen.set_use_split_qkv_input(True)
     try:
         _, cache = tiny_qwen.run_with_cache(pair.clean)
@@ -205,11 +200,11 @@ def test_one_means_full_recovery():
     pair = PromptPair(
         clean, corrupted, torch.tensor([5]), partial(logit_diff, correct=torch.tensor([[1]]), wrong=torch.tensor([[2]]))
     )
-    df = activation_patching(model, pair, progress=False)
+    df = activation_patching(model, pair, progress=False).table
     assert df["effect"].tolist() == pytest.approx([1.0], abs=1e-5)
-    by_pos = activation_patching(model, pair, by_position=True, progress=False)
+    by_pos = activation_patching(model, pair, by_position=True, progress=False).table
     assert by_pos["effect"].tolist() == pytest.approx([0, 0, 0, 0, 0, 1], abs=1e-5)
-    pattern = activation_patching(model, pair, activation="pattern", by_position=True, progress=False)
+    pattern = activation_patching(model, pair, activation="pattern", by_position=True, progress=False).table
     assert pattern["effect"].iloc[:5].abs().max() < 1e-5 and abs(pattern["effect"].iloc[5]) > 1e-3
 
 
@@ -230,9 +225,9 @@ def test_attribution_equals_exact_when_metric_is_linear(by_position):
     correct, wrong = torch.randint(0, 40, (2, 3, 1), generator=gen)
     pair = PromptPair(clean, corrupted, torch.tensor([7]), partial(logit_diff, correct=correct, wrong=wrong))
     activations = ["z", "v", "pattern"]
-    attr = attribution_patching(model, pair, activations=activations, by_position=by_position)
+    attr = attribution_patching(model, pair, activations=activations, by_position=by_position).table
     for activation in activations:
-        exact = activation_patching(model, pair, activation=activation, by_position=by_position, progress=False)
+        exact = activation_patching(model, pair, activation=activation, by_position=by_position, progress=False).table
         estimate = attr[attr["activation"] == activation].reset_index(drop=True)
         assert exact["layer"].equals(estimate["layer"]) and exact["kv_head"].equals(estimate["kv_head"])
         np.testing.assert_allclose(estimate["metric"], exact["metric"], atol=1e-5)
@@ -240,32 +235,33 @@ def test_attribution_equals_exact_when_metric_is_linear(by_position):
         assert exact["effect"].abs().max() > 0.05
     model.requires_grad_(False)
     with torch.inference_mode():
-        frozen = attribution_patching(model, pair, activations=activations, by_position=by_position)
+        frozen = attribution_patching(model, pair, activations=activations, by_position=by_position).table
     np.testing.assert_allclose(frozen["effect"], attr["effect"], atol=1e-6)
     # q/k act through the softmax: plain AtP linearises it and is not exact; AtP* recomputes it and is
     for activation in ("q", "k"):
-        exact = activation_patching(model, pair, activation=activation, by_position=by_position, progress=False)
-        plain = attribution_patching(model, pair, activations=[activation], by_position=by_position, method="atp")
-        star = attribution_patching(model, pair, activations=[activation], by_position=by_position)
+        exact = activation_patching(model, pair, activation=activation, by_position=by_position, progress=False).table
+        plain = attribution_patching(model, pair, activations=[activation], by_position=by_position, method="atp").table
+        star = attribution_patching(model, pair, activations=[activation], by_position=by_position).table
         assert np.abs(exact["effect"] - plain["effect"]).max() > 1e-3
         np.testing.assert_allclose(star["effect"], exact["effect"], atol=1e-4)
 
 
 def test_compare_patching_reports_spearman(tiny_qwen):
-    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=0)
-    df = compare_patching(tiny_qwen, pair, top=5, progress=False)
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=2, seed=0)
+    result = compare_patching(tiny_qwen, pair, top_k=5, progress=False)
+    df, quality = result.table, result.quality
     assert {"exact", "attribution"} <= set(df.columns)
     assert df["exact"].abs().is_monotonic_decreasing
-    assert df.attrs["spearman"] == pytest.approx(rank_correlation(df["exact"], df["attribution"]))
-    assert -1 <= df.attrs["spearman_top"] <= 1
-    assert -1 <= df.attrs["pearson"] <= 1 and 0 <= df.attrs["recall"] <= 1 and df.attrs["recall_k"] == 2
+    assert quality["spearman"] == pytest.approx(rank_correlation(df["exact"], df["attribution"]))
+    assert -1 <= quality["spearman_top"] <= 1
+    assert -1 <= quality["pearson"] <= 1 and 0 <= quality["recall"] <= 1 and quality["recall_k"] == 2
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert rank_correlation([1, -5, 3, 4], [9, 3, 2, 1], top=3) == pytest.approx(-1.0)
+    assert rank_correlation([1, -5, 3, 4], [9, 3, 2, 1], top_k=3) == pytest.approx(-1.0)
 
 
 def test_induction_pair_is_deterministic_and_well_formed(tiny_qwen):
-    a = induction_pair(tiny_qwen, n_tokens=6, batch=3, seed=7)
-    b = induction_pair(tiny_qwen, n_tokens=6, batch=3, seed=7)
+    a = induction_pair(tiny_qwen, n_tokens=6, n_seqs=3, seed=7)
+    b = induction_pair(tiny_qwen, n_tokens=6, n_seqs=3, seed=7)
     assert torch.equal(a.clean, b.clean) and torch.equal(a.corrupted, b.corrupted)
     assert a.clean.shape == (3, 13)
     assert torch.equal(a.clean[:, 1:7], a.clean[:, 7:]) and torch.equal(a.corrupted[:, 7:], a.clean[:, 7:])
@@ -274,7 +270,7 @@ def test_induction_pair_is_deterministic_and_well_formed(tiny_qwen):
         assert len(set(clean[:7].tolist()) | set(corrupted[1:7].tolist())) == 13  # P, A and B all distinct
     assert a.positions.tolist() == list(range(7, 12))
     assert set(a.clean.flatten().tolist()) <= set(word_tokens(tiny_qwen.tokenizer))
-    assert not torch.equal(a.clean, induction_pair(tiny_qwen, n_tokens=6, batch=3, seed=8).clean)
+    assert not torch.equal(a.clean, induction_pair(tiny_qwen, n_tokens=6, n_seqs=3, seed=8).clean)
 
 
 def test_mismatched_lengths_raise(tiny_qwen):
@@ -292,11 +288,11 @@ def test_mismatched_lengths_raise(tiny_qwen):
 
 
 def test_bad_inputs_raise(tiny_qwen):
-    pair = induction_pair(tiny_qwen, n_tokens=5, batch=1)
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=1)
     with pytest.raises(HeadlensError, match="unknown activation 'resid'"):
         activation_patching(tiny_qwen, pair, activation="resid", progress=False)
-    with pytest.raises(HeadlensError, match="batch_size must be >= 1"):
-        activation_patching(tiny_qwen, pair, batch_size=0, progress=False)
+    with pytest.raises(HeadlensError, match="runs_per_pass must be >= 1"):
+        activation_patching(tiny_qwen, pair, runs_per_pass=0, progress=False)
     with pytest.raises(HeadlensError, match="layer 9 is out of range"):
         activation_patching(tiny_qwen, pair, layers=[9], progress=False)
     same = PromptPair(pair.clean, pair.clean, pair.positions, pair.metric)
@@ -358,7 +354,7 @@ def test_cli_patch_writes_csvs(tmp_path):
             "5",
             "--activations",
             "z,k",
-            "--top",
+            "--top-k",
             "3",
             "--attribution-method",
             "ig",
@@ -394,11 +390,12 @@ def test_qwen_induction_pair_top_heads_are_census_induction_heads(qwen, qwen_cen
     table = qwen_census
     induction_heads = {(r.layer, r.head) for r in table.itertuples() if r.label == "induction"}
     assert induction_heads
-    pair = induction_pair(qwen, n_tokens=8, batch=2, seed=0)
-    df = activation_patching(qwen, pair, progress=False)
-    assert df.attrs["clean_metric"] > df.attrs["corrupted_metric"] + 2  # the clean run does induction
+    pair = induction_pair(qwen, n_tokens=8, n_seqs=2, seed=0)
+    result = activation_patching(qwen, pair, progress=False)
+    df = result.table
+    assert result.clean > result.corrupted + 2  # the clean run does induction
     top = df.nlargest(10, "effect").merge(table[["layer", "head", "induction", "label"]], on=["layer", "head"])
-    print(f"\nclean {df.attrs['clean_metric']:.3f}, corrupted {df.attrs['corrupted_metric']:.3f}\n{top.to_string()}")
+    print(f"\nclean {result.clean:.3f}, corrupted {result.corrupted:.3f}\n{top.to_string()}")
     top_heads = {(r.layer, r.head) for r in top.itertuples()}
     assert len(top_heads & induction_heads) >= 3, (sorted(top_heads), sorted(induction_heads))
     assert top["induction"].mean() > 3 * table["induction"].mean()
@@ -416,15 +413,18 @@ def test_layer_patching_matches_transformerlens(tiny_qwen, activation, fn):
     """Per-layer, per-position patching of the residual stream / block outputs on the engine == TL's
     get_act_patch_{resid_pre,attn_out,mlp_out} ([layer, pos] of metric values); all positions at once of
     resid_pre recovers the clean run exactly."""
-    pair = induction_pair(tiny_qwen, n_tokens=5, batch=2, seed=3)
-    ours = activation_patching(tiny_qwen, pair, activation=activation, by_position=True, batch_size=5, progress=False)
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=2, seed=3)
+    result = activation_patching(
+        tiny_qwen, pair, activation=activation, by_position=True, runs_per_pass=5, progress=False
+    )
+    ours = result.table
     assert list(ours.columns) == ["activation", "layer", "pos", "metric", "effect"]
     theirs = _tl_reference(tiny_qwen, pair, fn)
     grid = torch.tensor(ours.pivot(index="layer", columns="pos", values="metric").to_numpy())
     assert grid.shape == theirs.shape
     assert (grid - theirs.double()).abs().max() < 1e-5
-    assert (grid - ours.attrs["corrupted_metric"]).abs().max() > 1e-3  # the patches do something
-    whole = activation_patching(tiny_qwen, pair, activation=activation, progress=False)
+    assert (grid - result.corrupted).abs().max() > 1e-3  # the patches do something
+    whole = activation_patching(tiny_qwen, pair, activation=activation, progress=False).table
     assert len(whole) == tiny_qwen.cfg.n_layers
     if activation == "resid_pre":
         assert whole["effect"].tolist() == pytest.approx([1.0] * tiny_qwen.cfg.n_layers, abs=1e-5)
@@ -432,9 +432,9 @@ def test_layer_patching_matches_transformerlens(tiny_qwen, activation, fn):
 
 def test_patching_chosen_heads_gives_their_rows_of_the_full_table(tiny_qwen):
     """Verifying an attribution screen: patching just some heads reproduces their rows of the full run."""
-    pair = induction_pair(tiny_qwen, n_tokens=6, batch=2, seed=0)
-    full = activation_patching(tiny_qwen, pair, activation="z", progress=False).set_index(["layer", "head"])
-    some = activation_patching(tiny_qwen, pair, activation="z", heads=["L1H2", (0, 1)], progress=False)
+    pair = induction_pair(tiny_qwen, n_tokens=6, n_seqs=2, seed=0)
+    full = activation_patching(tiny_qwen, pair, activation="z", progress=False).table.set_index(["layer", "head"])
+    some = activation_patching(tiny_qwen, pair, activation="z", heads=["L1H2", (0, 1)], progress=False).table
     assert list(zip(some["layer"], some["head"])) == [(0, 1), (1, 2)]
     assert np.allclose(some["effect"], full.loc[[(0, 1), (1, 2)], "effect"], atol=1e-5)
     for kwargs, match in [

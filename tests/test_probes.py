@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headlens import HeadlensError
-from headlens.probes import (
+from headlens.data.probes import (
     ProbeSet,
     check_probes,
     corpus_sections,
@@ -36,14 +36,14 @@ def test_same_seed_same_probes(tiny_qwen):
     c = default_probes(tiny_qwen, seed=4)
     assert all(not torch.equal(pa.tokens, pc.tokens) for pa, pc in zip(a, c))
     assert [p.kind for p in a] == ["repeated", "natural", "delimiter", "code"]  # predicted is opt-in (size 0)
-    assert [p.batch for p in a] == [24, 48, 48, 48]
-    opt_in = default_probes(tiny_qwen, seed=3, batch=2, kinds=["predicted"])
-    assert [p.kind for p in opt_in] == ["predicted"] and opt_in.predicted.batch == 2
+    assert [p.n_seqs for p in a] == [24, 48, 48, 48]
+    opt_in = default_probes(tiny_qwen, seed=3, n_seqs=2, kinds=["predicted"])
+    assert [p.kind for p in opt_in] == ["predicted"] and opt_in.predicted.n_seqs == 2
 
 
-def check_repeated(model, probe, n, prefix, batch):
+def check_repeated(model, probe, n, prefix, n_seqs):
     tok = model.tokenizer
-    assert probe.tokens.shape == (batch, prefix + 2 * n) and probe.n == n and probe.prefix == prefix
+    assert probe.tokens.shape == (n_seqs, prefix + 2 * n) and probe.n == n and probe.prefix == prefix
     first, second = probe.tokens[:, prefix : prefix + n], probe.tokens[:, prefix + n :]
     assert torch.equal(first, second)
     special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
@@ -55,13 +55,13 @@ def check_repeated(model, probe, n, prefix, batch):
     assert not probe.is_delim.any()
 
 
-@pytest.mark.parametrize("n, prefix, batch", [(2, 0, 1), (30, 1, 3), (40, 5, 2)])
-def test_repeated_tokens(tiny_qwen, n, prefix, batch):
-    check_repeated(tiny_qwen, repeated_tokens(tiny_qwen, n=n, prefix=prefix, batch=batch, seed=1), n, prefix, batch)
+@pytest.mark.parametrize("n, prefix, n_seqs", [(2, 0, 1), (30, 1, 3), (40, 5, 2)])
+def test_repeated_tokens(tiny_qwen, n, prefix, n_seqs):
+    check_repeated(tiny_qwen, repeated_tokens(tiny_qwen, n=n, prefix=prefix, n_seqs=n_seqs, seed=1), n, prefix, n_seqs)
 
 
 def _document(name: str) -> str:
-    from headlens import corpus
+    from headlens.data import corpus
 
     if name.startswith("pydoc_data/topics.py:"):
         return {d.name: d.text for d in corpus.prose_documents()}[name]
@@ -71,7 +71,7 @@ def _document(name: str) -> str:
 def test_text_windows_start_at_lines_do_not_overlap_and_carry_the_delimiter_mask(tiny_qwen):
     tok = tiny_qwen.tokenizer
     for make in (natural_text, delimiter_text):
-        probe = make(tiny_qwen, seq_len=50, batch=5, seed=2)
+        probe = make(tiny_qwen, seq_len=50, n_seqs=5, seed=2)
         assert probe.tokens.shape == (5, 50) and probe.n is None and len(probe.sources) == 5
         taken = set()
         for row, mask, source in zip(probe.tokens.tolist(), probe.is_delim.tolist(), probe.sources):
@@ -92,22 +92,22 @@ def test_text_windows_start_at_lines_do_not_overlap_and_carry_the_delimiter_mask
 
 
 def test_probes_are_deterministic_and_seeds_differ(tiny_qwen):
-    a, b = natural_text(tiny_qwen, seq_len=40, batch=3, seed=1), natural_text(tiny_qwen, seq_len=40, batch=3, seed=1)
+    a, b = natural_text(tiny_qwen, seq_len=40, n_seqs=3, seed=1), natural_text(tiny_qwen, seq_len=40, n_seqs=3, seed=1)
     assert torch.equal(a.tokens, b.tokens) and a.sources == b.sources
-    assert a.sources != natural_text(tiny_qwen, seq_len=40, batch=3, seed=2).sources
-    rep = repeated_tokens(tiny_qwen, n=20, n_min=5, batch=6, seed=0)
+    assert a.sources != natural_text(tiny_qwen, seq_len=40, n_seqs=3, seed=2).sources
+    rep = repeated_tokens(tiny_qwen, n=20, n_min=5, n_seqs=6, seed=0)
     n = rep.n_per_seq
     assert len(set(n.tolist())) > 1 and ((rep.prefix_per_seq + 2 * n) == rep.seq_len).all()
     for row, k in zip(rep.tokens, n.tolist()):
         assert torch.equal(row[-k:], row[-2 * k : -k]) and len(set(row[: rep.seq_len - k].tolist())) == rep.seq_len - k
-    shuffled = repeated_tokens(tiny_qwen, n=20, batch=2, seed=0, shuffled=True)
+    shuffled = repeated_tokens(tiny_qwen, n=20, n_seqs=2, seed=0, shuffled=True)
     first, second = shuffled.tokens[:, 1:21], shuffled.tokens[:, 21:]
     assert (first.sort(-1).values == second.sort(-1).values).all() and not torch.equal(first, second)
 
 
 def test_text_probe_on_user_text(tiny_qwen):
     text = "alpha beta, gamma; delta.\n" * 20
-    probe = natural_text(tiny_qwen, text=text, seq_len=30, batch=2)
+    probe = natural_text(tiny_qwen, text=text, seq_len=30, n_seqs=2)
     assert probe.tokens.shape == (2, 30) and probe.is_delim.any()
 
 
@@ -166,7 +166,7 @@ def test_bad_input(tiny_qwen):
         delimiter_text(tiny_qwen, seq_len=n_ctx + 1)
     with pytest.raises(HeadlensError, match="empty"):
         check_probes(tiny_qwen, ProbeSet())
-    good = repeated_tokens(tiny_qwen, n=4, batch=1)
+    good = repeated_tokens(tiny_qwen, n=4, n_seqs=1)
     bad = type(good)("repeated", good.tokens, good.is_delim, n=5, prefix=1)
     with pytest.raises(HeadlensError, match="prefix"):
         check_probes(tiny_qwen, ProbeSet(repeated=bad))
@@ -177,6 +177,6 @@ def test_bad_input(tiny_qwen):
 
 @pytest.mark.slow
 def test_repeated_tokens_on_qwen_are_ordinary(qwen):
-    probe = repeated_tokens(qwen, n=64, batch=4, seed=0)
+    probe = repeated_tokens(qwen, n=64, n_seqs=4, seed=0)
     check_repeated(qwen, probe, 64, 1, 4)
     assert int(probe.tokens.max()) < 151643  # below Qwen's special/added tokens and its padding ids

@@ -13,9 +13,9 @@ import torch
 ray = pytest.importorskip("ray")
 
 import headlens  # noqa: E402
-from headlens import executor as X  # noqa: E402
-from headlens.ablation import ablation_sweep, repeat_loss_metric  # noqa: E402
-from headlens.patching import activation_patching, induction_pair  # noqa: E402
+from headlens.engine import executor as X  # noqa: E402
+from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric  # noqa: E402
+from headlens.interventions.patching import activation_patching, induction_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,12 @@ def tiny(one_thread):
 
 
 def test_census_on_ray_equals_single_process(ray_executor, tiny):
-    local = headlens.census(tiny, batch_size=1, progress=False)
-    remote = headlens.census(tiny, batch_size=1, progress=False, executor=ray_executor)
+    local = headlens.run_census(tiny, batch_size=1, progress=False).table
+    remote = headlens.run_census(tiny, batch_size=1, progress=False, executor=ray_executor).table
     pd.testing.assert_frame_equal(local, remote, check_exact=True)
-    from headlens.probes import default_probes
+    from headlens.data.probes import default_probes
 
-    assert ray_executor.computed == sum(p.batch for p in default_probes(tiny))  # one shard per sequence
+    assert ray_executor.computed == sum(p.n_seqs for p in default_probes(tiny))  # one shard per sequence
     assert len({t.pid for t in ray_executor.timings}) == 2 and os.getpid() not in {t.pid for t in ray_executor.timings}
 
 
@@ -58,11 +58,11 @@ def _logprob_of_token_0(logits, tokens):
 def _picklable(tiny):
     from dataclasses import replace
 
-    from headlens.ablation import custom_metric
-    from headlens.intervene import Metric
+    from headlens.engine.intervene import Metric
+    from headlens.interventions.ablation import custom_metric
 
     metric = custom_metric(repeat_loss_metric(tiny, n_seqs=3, half_len=8).tokens, _second_half_loss)
-    pair = induction_pair(tiny, n_tokens=5, batch=2)
+    pair = induction_pair(tiny, n_tokens=5, n_seqs=2)
     pair = replace(pair, metric=Metric("lp0", pair.metric.tokens, _logprob_of_token_0, True, pair.metric.positions))
     return metric, pair
 
@@ -71,13 +71,18 @@ def test_ablation_sweep_and_exact_patching_on_ray_equal_single_process(ray_execu
     metric, pair = _picklable(tiny)
     for method in ("zero", "resample"):
         local = ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False)
-        remote = X.ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False, executor=ray_executor)
-        pd.testing.assert_frame_equal(local, remote, check_exact=True)
-        assert remote.attrs == local.attrs
-    local = activation_patching(tiny, pair, activation="z", batch_size=5, progress=False)
-    remote = X.activation_patching(tiny, pair, activation="z", batch_size=5, progress=False, executor=ray_executor)
-    pd.testing.assert_frame_equal(local, remote, check_exact=True)
-    assert remote.attrs == local.attrs
+        remote = ablation_sweep(tiny, metric, method=method, batch_size=8, progress=False, executor=ray_executor)
+        pd.testing.assert_frame_equal(local.table, remote.table, check_exact=True)
+        assert (remote.metric, remote.method, remote.unit, remote.clean) == (
+            local.metric,
+            local.method,
+            local.unit,
+            local.clean,
+        )
+    local = activation_patching(tiny, pair, activation="z", runs_per_pass=5, progress=False)
+    remote = activation_patching(tiny, pair, activation="z", runs_per_pass=5, progress=False, executor=ray_executor)
+    pd.testing.assert_frame_equal(local.table, remote.table, check_exact=True)
+    assert (remote.clean, remote.corrupted, remote.method) == (local.clean, local.corrupted, local.method)
 
 
 def _die_once(fn, marker, model, shard):
@@ -101,10 +106,10 @@ class _KillingExecutor(X.RayExecutor):
 
 
 def test_killed_worker_mid_run_gives_the_same_table(ray_executor, tiny, tmp_path):
-    local = headlens.census(tiny, batch_size=1, progress=False)
+    local = headlens.run_census(tiny, batch_size=1, progress=False).table
     before = set(ray_executor.worker_pids(tiny))
     killing = _KillingExecutor(ray_executor, tmp_path / "killed")
-    remote = headlens.census(tiny, batch_size=1, progress=False, executor=killing)
+    remote = headlens.run_census(tiny, batch_size=1, progress=False, executor=killing).table
     assert (tmp_path / "killed").exists()  # a worker did die mid-shard
     after = set(ray_executor.worker_pids(tiny))
     assert len(before - after) == 1  # ... and Ray restarted it (new process) and re-ran its shard
@@ -113,11 +118,11 @@ def test_killed_worker_mid_run_gives_the_same_table(ray_executor, tiny, tmp_path
 
 def test_shard_errors_come_back_as_headlens_errors(ray_executor, tiny):
     with pytest.raises(headlens.HeadlensError, match="unknown ablation method 'bogus'"):  # raised inside a worker
-        X.ablation_sweep(tiny, _picklable(tiny)[0], method="bogus", executor=ray_executor, progress=False)
+        ablation_sweep(tiny, _picklable(tiny)[0], method="bogus", executor=ray_executor, progress=False)
 
 
 def test_atlas_on_ray_equals_single_process(ray_executor):
-    from headlens.atlas import atlas
+    from headlens.analysis.atlas import atlas
 
     local = atlas("tiny-llama,toy", seeds=2, progress=False)
     remote = atlas("tiny-llama,toy", seeds=2, progress=False, executor=ray_executor)

@@ -15,9 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from headlens import HeadlensError, viz
+from headlens import HeadlensError
+from headlens.census import CensusResult
 from headlens.cli import app
-from headlens.report import label_counts, read_census, write_report
+from headlens.render import viz
+from headlens.render.report import label_rows, read_census, write_report
 
 CHROMIUM = "/usr/bin/chromium"
 XSS_PROMPT = 'Hi <script>alert(1)</script> and <img src=x onerror="alert(2)"> & </script> done.'
@@ -45,7 +47,7 @@ def fake_census(n_layers=2, n_heads=4, n_kv_heads=2, *, seed=0):
 
 
 def results(census):
-    """Result tables shaped like headlens.ablation / patching / compare / rope output."""
+    """Result tables shaped like headlens.interventions.ablation / patching / compare / rope output."""
     heads = census[["layer", "head", "kv_head"]]
     n = len(heads)
     ablation = heads.assign(metric=np.linspace(2, 3, n), clean=2.5, effect=np.linspace(-0.5, 0.5, n))
@@ -287,7 +289,7 @@ def test_harness_sees_requests_and_dialogs(chromium, tmp_path):
 @needs_chromium
 def test_report_renders_in_chromium_with_no_network_and_no_script_injection(chromium, report, tiny_qwen):
     path, census = report
-    gallery = viz.top_heads(census, k=2)
+    gallery = viz.top_heads_by_label(census, top_k=2)
     labels = list(dict.fromkeys(gallery["label"]))
     chromium.open(path)
     chromium.wait_for(rendered(len(labels) + 1))  # one AttentionHeads per label + the chosen heads' AttentionHeads
@@ -405,7 +407,7 @@ def test_a_link_to_a_head_opens_its_view(chromium, report):
 def test_every_head_in_the_page_is_named_LxHy(chromium, report):
     path, census = report
     chromium.open(path)
-    chromium.wait_for(rendered(len(set(viz.top_heads(census, k=2)["label"])) + 1))
+    chromium.wait_for(rendered(len(set(viz.top_heads_by_label(census, top_k=2)["label"])) + 1))
     text = chromium.eval("document.body.innerText")
     assert not re.search(r"\bHead \d", text)
     named = chromium.eval("Array.from(document.querySelectorAll('[data-head]')).map(e => e.dataset.head)")
@@ -470,7 +472,9 @@ def test_notebook_html_renders_offline_and_tokens_stay_text(chromium, tiny_qwen,
 def test_report_files(report):
     path, census = report
     assert path.name == "report.html"
-    pd.testing.assert_frame_equal(read_census(path.parent / "census.csv"), census)
+    assert not (
+        path.parent / "census.csv"
+    ).exists()  # the report writes the page and its figures; census.csv is the CLI's
     figures = sorted(p.name for p in (path.parent / "figures").iterdir())
     assert figures == [
         "ablation.png",
@@ -487,7 +491,7 @@ def test_bundle_is_inlined_once_and_no_script_can_be_closed_early(report):
     text = report[0].read_text(encoding="utf-8")
     assert text.count(viz.bundle_js()[:400]) == 1
     assert text.count("var CircuitsVis=") == 1
-    n_views = len(set(viz.top_heads(report[1], k=2)["label"])) + 1
+    n_views = len(set(viz.top_heads_by_label(report[1], top_k=2)["label"])) + 1
     assert text.count("CircuitsVis.render(") == n_views + 1  # + the head view's, rendered on demand
     # five script elements (bundle, render calls, head data JSON, head view, table sorting); nothing inside can end one early
     assert text.replace(viz.bundle_js(), "").count("<script") == 5
@@ -517,7 +521,7 @@ def test_prompt_is_escaped_in_the_html(report):
 def test_label_counts():
     n = len(viz.LABELS)
     census = fake_census(2, n, 1)  # labels cycle: two heads of each
-    counts = label_counts(census, k=1)
+    counts = label_rows(CensusResult.from_table(census), top_k=1)
     assert counts["label"].tolist() == list(viz.LABELS)
     assert counts["heads"].tolist() == [2] * n and counts["share"].tolist() == pytest.approx([1 / n] * n)
     best = census[census["label"] == "induction"].sort_values("induction").iloc[-1]
@@ -560,7 +564,7 @@ def test_cli_report_reuses_census_csv(tmp_path, monkeypatch):
     def no_census(*args, **kwargs):
         raise AssertionError("the census ran although census.csv exists")
 
-    monkeypatch.setattr(importlib.import_module("headlens.census"), "census", no_census)
+    monkeypatch.setattr(importlib.import_module("headlens.census"), "run_census", no_census)
     from headlens import io, load_model
     from headlens.cli import _census_settings
 
@@ -584,13 +588,13 @@ def test_cli_report_reuses_census_csv(tmp_path, monkeypatch):
 
 def test_cli_report_runs_the_census_when_missing(tmp_path):
     from headlens import tiny_model
-    from headlens.census import census
+    from headlens.census.run import run_census
 
     result = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path / "new")])
     assert result.exit_code == 0, result.output
     written = read_census(tmp_path / "new" / "census.csv")
     pd.testing.assert_frame_equal(
-        written, census(tiny_model("qwen2"), progress=False), check_exact=False, rtol=0, atol=1e-12
+        written, run_census(tiny_model("qwen2"), progress=False).table, check_exact=False, rtol=0, atol=1e-12
     )
     bad = CliRunner().invoke(app, ["report", "--model", "tiny-qwen2", "--out", str(tmp_path), "--heads", "1:2"])
     assert isinstance(bad.exception, HeadlensError) and "bad head '1:2'" in str(bad.exception)
@@ -604,7 +608,7 @@ def test_cli_report_runs_the_census_when_missing(tmp_path):
 def test_qwen_report_renders(qwen, tmp_path, chromium):
     census = fake_census(24, 14, 2)
     path = write_report(tmp_path, model=qwen, census=census, heads=[(5, 3)], figures=False)
-    n_labels = len(set(viz.top_heads(census, k=3)["label"]))  # one gallery view per label with heads
+    n_labels = len(set(viz.top_heads_by_label(census, top_k=3)["label"]))  # one gallery view per label with heads
     chromium.open(path)
     chromium.wait_for(rendered(n_labels + 1), timeout=180)
     components = chromium.eval(COMPONENTS)
@@ -621,6 +625,6 @@ def test_head_view_opens_on_the_top_labelled_head_by_default(tiny_qwen, tmp_path
     data = json.loads(
         re.search(r'<script type="application/json" id="head-data">(.*?)</script>', path.read_text()).group(1)
     )
-    best = viz.top_heads(census, k=1).iloc[0]
+    best = viz.top_heads_by_label(census, top_k=1).iloc[0]
     assert data["first"] == viz.head_name(best["layer"], best["head"])
     assert set(data["heads"]) == {viz.head_name(l, h) for l, h in zip(census["layer"], census["head"])}

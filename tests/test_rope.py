@@ -6,16 +6,10 @@ import torch
 from transformer_lens import utils
 
 from headlens import HeadlensError, distance_profile, rope_summary
-from headlens.models import kv_heads, tiny_model
-from headlens.rope import (
-    constant_tokens,
-    distance_profiles,
-    distance_sums,
-    excess_sums,
-    plot_distance_curves,
-    plot_distance_heatmap,
-    uniform_profile,
-)
+from headlens.census.rope import constant_tokens, distance_profiles, distance_sums, excess_sums, uniform_profile
+from headlens.heads import kv_heads
+from headlens.models import tiny_model
+from headlens.render.plots import plot_distance_curves, plot_distance_heatmap
 
 
 def causal_softmax(scores):
@@ -120,7 +114,7 @@ def test_excess_sums_match_naive_loop():
 
 @pytest.mark.slow
 def test_random_and_constant_pools_exclude_control_and_placeholder_ids(qwen):
-    from headlens.rope import _usable_ids
+    from headlens.census.rope import _usable_ids
 
     ids = set(_usable_ids(qwen).tolist())
     tok = qwen.tokenizer

@@ -7,12 +7,13 @@ import scipy.stats
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from headlens import HeadlensError, scores, tiny_model
+from headlens import HeadlensError, tiny_model
+from headlens.census import scores
 
 
-def causal_uniform(batch: int, heads: int, pos: int) -> torch.Tensor:
+def causal_uniform(n_seqs: int, heads: int, pos: int) -> torch.Tensor:
     mask = torch.ones(pos, pos).tril()
-    return (mask / mask.sum(-1, keepdim=True)).expand(batch, heads, pos, pos).clone()
+    return (mask / mask.sum(-1, keepdim=True)).expand(n_seqs, heads, pos, pos).clone()
 
 
 def one_hot(targets: list[int], pos: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The toy attention-only model: induction heads form abruptly, and the census finds the circuit.
 
 Ground truth comes from the packaged checkpoint (trained by ``analyses/induction_phase_change.py``
-with ``headlens.toy.TRAIN_DEFAULTS``) and the history recorded while it trained; a short re-run of
+with ``headlens.analysis.toy.TRAIN_DEFAULTS``) and the history recorded while it trained; a short re-run of
 the same training must reproduce that history exactly, which ties the packaged files to the code.
 """
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformer_lens import utils
 
-from headlens import scores, toy
+from headlens.analysis import toy
+from headlens.census import scores
 from headlens.errors import HeadlensError
 
 
@@ -142,7 +143,7 @@ def test_same_seed_same_history_other_seed_differs():
 
 def test_training_batch_repeats_spans_at_varying_offsets():
     gen = torch.Generator().manual_seed(0)
-    tokens = toy.training_batch(batch=64, seq_len=64, d_vocab=64, generator=gen)
+    tokens = toy.training_batch(n_seqs=64, seq_len=64, d_vocab=64, generator=gen)
     offsets, per_row = set(), []
     for row in tokens.tolist():
         found = 0
@@ -157,10 +158,10 @@ def test_training_batch_repeats_spans_at_varying_offsets():
 
 
 def test_census_labels_the_toy_circuit(model, circuit):
-    pytest.importorskip("headlens.census")
-    from headlens.census import census
+    pytest.importorskip("headlens.census.run")
+    from headlens.census.run import run_census
 
-    table = census(model, toy.toy_probes(model, seed=0), progress=False)
+    table = run_census(model, toy.toy_probes(model, seed=0), progress=False).table
     layer, head = circuit["induction"]
     row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
     assert row["label"] == "induction"
@@ -182,4 +183,4 @@ def test_bad_input_raises_headlens_error(tmp_path, history):
     with pytest.raises(HeadlensError, match=">= 3 recorded steps"):
         toy.phase_change(history.head(2))
     with pytest.raises(HeadlensError, match="distinct tokens"):
-        toy.repeated_tokens(100, batch=1, d_vocab=64, generator=torch.Generator())
+        toy.repeated_tokens(100, n_seqs=1, d_vocab=64, generator=torch.Generator())

@@ -3,10 +3,10 @@
 import numpy as np
 from test_census import planted_model
 
-from headlens.calibrate import null_levels, null_scores, random_weights_model
-from headlens.census import census
-from headlens.probes import default_probes
-from headlens.validate import causal_validation
+from headlens.census.calibrate import null_levels, null_scores, random_weights_model
+from headlens.census.run import run_census
+from headlens.census.validate import causal_validation
+from headlens.data.probes import default_probes
 
 
 def test_random_weights_model_has_the_same_shape_and_new_weights():
@@ -20,7 +20,7 @@ def test_random_weights_model_has_the_same_shape_and_new_weights():
 
 def test_planted_thresholds_clear_the_nulls():
     model = planted_model()
-    probes = default_probes(model, seed=0, batch=4, n=16, seq_len=40)
+    probes = default_probes(model, seed=0, n_seqs=4, n=16, seq_len=40)
     levels = null_levels(null_scores(model, probes, progress=False)).set_index("label")
     assert {"induction", "previous_token", "delimiter", "first_token"} <= set(levels.index)
     assert "shuffled_max" in levels.columns and np.isfinite(levels.loc["induction", "shuffled_max"])
@@ -33,7 +33,7 @@ def test_planted_thresholds_clear_the_nulls():
 
 def test_causal_validation_table():
     model = planted_model()
-    table = census(model, default_probes(model, seed=0, batch=4, n=16, seq_len=40), progress=False, n_boot=0)
+    table = run_census(model, default_probes(model, seed=0, n_seqs=4, n=16, seq_len=40), progress=False, n_boot=0).table
     result = causal_validation(
         model, table, labels=["induction", "previous_token"], n_random=3, n_seqs=2, progress=False
     )

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from headlens import HeadlensError, viz
+from headlens import HeadlensError
+from headlens.render import viz
 
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
 
@@ -174,7 +175,7 @@ def test_check_census_rejects_bad_tables(tiny_qwen):
 
 
 def test_top_heads_ranks_by_the_label_score():
-    top = viz.top_heads(planted_census(), k=2)
+    top = viz.top_heads_by_label(planted_census(), top_k=2)
     assert top.to_dict("records") == [
         {"label": "previous_token", "layer": 0, "head": 0, "score": top.loc[0, "score"]},
         {"label": "induction", "layer": 1, "head": 2, "score": 0.9},
@@ -182,19 +183,21 @@ def test_top_heads_ranks_by_the_label_score():
         {"label": "first_token", "layer": 0, "head": 3, "score": 0.8},
         {"label": "first_token", "layer": 0, "head": 2, "score": 0.6},
     ]
-    assert viz.top_heads(planted_census(), k=5, labels=["induction"])[["layer", "head"]].values.tolist() == [
+    assert viz.top_heads_by_label(planted_census(), top_k=5, labels=["induction"])[
+        ["layer", "head"]
+    ].values.tolist() == [
         [1, 2],
         [1, 3],
         [0, 1],
     ]
     with pytest.raises(HeadlensError, match="k must be at least 1"):
-        viz.top_heads(planted_census(), k=0)
+        viz.top_heads_by_label(planted_census(), top_k=0)
     with pytest.raises(HeadlensError, match=r"unknown labels \['inductoin'\]"):
-        viz.top_heads(planted_census(), labels=["inductoin"])
+        viz.top_heads_by_label(planted_census(), labels=["inductoin"])
 
 
 def test_gallery_shows_each_labels_top_heads(tiny_qwen):
-    views = viz.gallery(tiny_qwen, planted_census(), PROMPT, k=2)
+    views = viz.gallery(tiny_qwen, planted_census(), PROMPT, top_k=2)
     assert [v.title for v in views] == ["previous_token: L0H0", "induction: L1H2, L1H3", "first_token: L0H3, L0H2"]
     induction = views.views[1]
     assert induction.name == "AttentionHeads"

@@ -1,5 +1,9 @@
 """headlens: find out what the attention heads of Qwen models do.
 
+The package is built in floors; a lower floor never imports a higher one (checked by import-linter in CI):
+
+    errors, progress -> io, heads -> data -> models -> engine -> interventions -> census -> analysis -> render -> cli
+
 The public names below load on first use (PEP 562), so ``import headlens`` and the ``headlens`` command's
 ``--help`` do not pay for torch, TransformerLens and transformers until something needs them.
 """
@@ -7,8 +11,6 @@ The public names below load on first use (PEP 562), so ``import headlens`` and t
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 import warnings
 
 from headlens.errors import HeadlensError
@@ -18,39 +20,61 @@ from headlens.errors import HeadlensError
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 _EXPORTS = {
+    # models
     "load_model": "models",
     "model_info": "models",
     "tiny_model": "models",
-    "census": "census",
+    # heads and data
     "Head": "heads",
     "parse_heads": "heads",
     "heads_with_label": "heads",
     "random_heads": "heads",
-    "ablated_metric": "ablation",
-    "ablation_hooks": "ablation",
-    "ablation_sweep": "ablation",
-    "compare_to_random": "ablation",
-    "head_importance": "ablation",
-    "logit_diff_metric": "ablation",
-    "loss_metric": "ablation",
-    "repeat_loss_metric": "ablation",
-    "prune_curve": "prune",
-    "activation_patching": "patching",
-    "attribution_patching": "attribution",
-    "compare_patching": "patching",
-    "induction_pair": "patching",
-    "text_pair": "patching",
-    "compare_models": "compare",
-    "distance_profile": "rope",
-    "distance_profiles": "rope",
-    "rope_summary": "rope",
-    "head_similarity": "attention_stats",
-    "scale_entropy_table": "attention_stats",
-    "attention_view": "viz",
-    "gallery": "viz",
-    "head_heatmaps": "viz",
-    "score_heatmaps": "viz",
-    "write_report": "report",
+    "Probe": "data.probes",
+    "ProbeSet": "data.probes",
+    "default_probes": "data.probes",
+    # engine
+    "Metric": "engine.intervene",
+    "Site": "engine.intervene",
+    "Executor": "engine.executor",
+    "LocalExecutor": "engine.executor",
+    "RayExecutor": "engine.executor",
+    # interventions
+    "ablated_metric": "interventions.ablation",
+    "ablation_hooks": "interventions.ablation",
+    "ablation_sweep": "interventions.ablation",
+    "SweepResult": "interventions.ablation",
+    "compare_to_random": "interventions.ablation",
+    "RandomComparison": "interventions.ablation",
+    "head_importance": "interventions.ablation",
+    "logit_diff_metric": "interventions.ablation",
+    "loss_metric": "interventions.ablation",
+    "repeat_loss_metric": "interventions.ablation",
+    "prune_curve": "interventions.prune",
+    "PromptPair": "interventions.patching",
+    "induction_pair": "interventions.patching",
+    "text_pair": "interventions.patching",
+    "activation_patching": "interventions.patching",
+    "PatchingResult": "interventions.patching",
+    "attribution_patching": "interventions.attribution",
+    "compare_patching": "interventions.attribution",
+    # census
+    "run_census": "census",
+    "CensusResult": "census",
+    "HeadType": "census.registry",
+    "register": "census.registry",
+    "distance_profile": "census.rope",
+    "distance_profiles": "census.rope",
+    "rope_summary": "census.rope",
+    "head_similarity": "census.attention_stats",
+    "scale_entropy_table": "census.attention_stats",
+    # analysis
+    "compare_models": "analysis.compare",
+    # render
+    "attention_view": "render.viz",
+    "gallery": "render.viz",
+    "head_heatmaps": "render.viz",
+    "score_heatmaps": "render.viz",
+    "write_report": "render.report",
 }
 
 __all__ = ["HeadlensError", *_EXPORTS]
@@ -66,15 +90,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _Package(types.ModuleType):
-    """Keeps ``headlens.census`` the function when the submodule of the same name gets imported."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and value.__name__ == f"headlens.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -23,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no markup eats "[ray]", no box truncates option names
     help="Find out what the attention heads of Qwen models do.",
 )
 
@@ -93,13 +94,13 @@ PROGRESS = typer.Option(
 METRIC = typer.Option(
     MetricName.loss, "--metric", help="loss (corpus text), repeat (repeated random tokens) or logit-diff"
 )
-TOP = typer.Option(10, "--top", help="how many heads to print")
+TOP_K = typer.Option(10, "--top-k", help="how many heads to print")
 CENSUS_CSV = typer.Option(
     None, "--census", help="census.csv whose labels to print beside heads (default: run the census on the model)"
 )
 
 
-POSITIVE = ("top", "top_k", "batch", "batch_size", "n_seqs", "seq_len", "n_tokens", "steps", "n_random", "workers")
+POSITIVE = ("top_k", "batch_size", "runs_per_pass", "n_seqs", "seq_len", "n_tokens", "steps", "n_random", "workers")
 TEXTS = ("prompt", "clean", "corrupted", "answer", "wrong", "correct")
 MAX_SEED = 2**32 - 1
 
@@ -158,13 +159,22 @@ def _out(help: str):
 
 
 def _start(progress: bool) -> None:
-    """Apply the options every command shares (before anything heavy is imported)."""
+    """Apply the options every command shares (before anything heavy is imported).
+
+    Deprecation notices of the libraries underneath (transformers, peft, TransformerLens) are for their callers'
+    code, not for a user of this command, so they are kept out of its output."""
+    import warnings
+
+    for module in ("transformers", "peft", "transformer_lens", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     _progress.set_enabled(progress)
 
 
 def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32", heads=(), texts=()):
     """Load the model; ``heads`` are checked against it right away, before any computation."""
-    from headlens.models import check_head, load_model, resolve_device, resolve_dtype
+    from headlens.heads import check_head
+    from headlens.models import load_model, resolve_device, resolve_dtype
 
     resolve_device(device), resolve_dtype(dtype)  # fail before any slow loading
     where = "" if (device, dtype) == ("cpu", "float32") else f" on {device} in {dtype}"
@@ -181,20 +191,9 @@ def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: s
 
 def _executor(workers: int | None, ray_address: str | None, out: Path):
     """Local, or Ray with --workers/--ray-address; finished shards are kept under OUT/.shards until the run succeeds."""
-    from headlens.executor import executor_from_options
+    from headlens.engine.executor import executor_from_options
 
     return executor_from_options(workers, ray_address, checkpoint=out / ".shards")
-
-
-def _sharded(fn, name: str, executor, on: bool):
-    """``fn`` itself, or with Ray its :mod:`headlens.executor` twin (one shard per layer; the same table)."""
-    if not on:
-        return fn
-    from functools import partial
-
-    from headlens import executor as sharded
-
-    return partial(getattr(sharded, name), executor=executor)
 
 
 def _done(executor, out: Path) -> None:
@@ -214,13 +213,13 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 def _labels(hooked, census_csv: Path | None, seed: int, progress: bool) -> dict[tuple[int, int], str]:
     """The census label of every head: from ``census_csv`` when given, else a census run on ``hooked``."""
     if census_csv is not None:
-        from headlens.report import read_census
+        from headlens.render.report import read_census
 
         table = read_census(census_csv)
     else:
-        from headlens.census import census
+        from headlens.census import run_census
 
-        table = census(hooked, seed=seed, progress=progress)
+        table = run_census(hooked, seed=seed, progress=progress).table
     return {(int(r.layer), int(r.head)): str(r.label) for r in table.itertuples(index=False)}
 
 
@@ -274,7 +273,7 @@ def census_cmd(
     out: Path = _out("directory for census.csv, census.parquet, report.html and figures/"),
     seed: int = SEED,
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
-    top: int = typer.Option(5, "--top", help="top heads to print per label"),
+    top_k: int = typer.Option(5, "--top-k", help="top heads to print per label"),
     progress: bool = PROGRESS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
@@ -285,23 +284,20 @@ def census_cmd(
     """
     _validate(locals())
     _start(progress)
-    from headlens.census import census
-    from headlens.report import write_report
+    from headlens.census import run_census
+    from headlens.render.report import write_report
 
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the census")
     hooked = _load(model, adapter, device, dtype)
     executor = _executor(workers, ray_address, out)
-    table = census(hooked, seed=seed, batch_size=batch_size, progress=progress, executor=executor)
+    result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress, executor=executor)
     _done(executor, out)
     out.mkdir(parents=True, exist_ok=True)
-    prov = provenance(hooked, **_census_settings(seed))
-    table.attrs["provenance"] = prov
-    write_csv(table, out / "census.csv", provenance=prov)
-    write_parquet(table, out / "census.parquet", provenance=prov)
-    report = write_report(out, model=hooked, census=table, seed=seed, progress=progress)
+    table = result.table
+    write_csv(table, out / "census.csv", provenance=result.provenance)
+    write_parquet(table, out / "census.parquet", provenance=result.provenance)
+    report = write_report(out, model=hooked, census=result, progress=progress)
     typer.echo(f"{len(table)} heads: {hooked.cfg.n_layers} layers x {hooked.cfg.n_heads} heads; seed {seed}")
-    _print_table(label_summary(table, k=top), {"share": ".1%"})
+    _print_table(label_summary(result, top_k=top_k), {"share": ".1%"})
     typer.echo(f"wrote {out / 'census.csv'}, {out / 'census.parquet'} and {report}")
 
 
@@ -310,18 +306,19 @@ def _census_settings(seed: int) -> dict:
     return {"seed": int(seed), "probes": "default", "thresholds": "default"}
 
 
-def label_summary(table, *, k: int = 5):
-    """Per label: heads, share and the ``k`` top heads with their label score, e.g. ``L9H8 0.97``."""
+def label_summary(census, *, top_k: int = 5):
+    """Per label: heads, share and the ``top_k`` top heads with their label score, e.g. ``L9H8 0.97``."""
     import pandas as pd
 
-    from headlens.census import LABEL_SCORE, LABELS, label_counts
+    from headlens.census import LABEL_SCORE, LABELS
 
-    intervals = label_counts(table).set_index("label")
+    table = census.table
+    intervals = census.label_counts.set_index("label")
     rows = []
     for label in [lb for lb in LABELS if (table["label"] == lb).any()]:
         part = table[table["label"] == label]
         score = "label_score" if "label_score" in part.columns else LABEL_SCORE.get(label, label)
-        top = part.dropna(subset=[score]).nlargest(k, score) if score in part.columns else part.head(0)
+        top = part.dropna(subset=[score]).nlargest(top_k, score) if score in part.columns else part.head(0)
         names = " ".join(f"{head_name(r.layer, r.head)} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
         rows.append(
             {
@@ -329,7 +326,7 @@ def label_summary(table, *, k: int = 5):
                 "heads": len(part),
                 "heads 95%": f"{intervals.loc[label, 'lo']}-{intervals.loc[label, 'hi']}",
                 "share": len(part) / len(table),
-                "score": score if score in part.columns else "",
+                "score": LABEL_SCORE.get(label, label),
                 "top heads (score)": names,
             }
         )
@@ -355,7 +352,7 @@ def report(
     ),
     top_k: int = typer.Option(3, "--top-k", help="heads per label in the gallery"),
     seed: int = SEED,
-    batch_size: int = typer.Option(8, "--batch-size", help="census batch size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="census: sequences per forward pass"),
     progress: bool = PROGRESS,
 ):
     """Write a self-contained offline HTML report (DIR/report.html) and PNG figures; runs the census if needed.
@@ -373,44 +370,44 @@ def report(
         raise HeadlensError(f"unknown --with section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if "compare" in sections and not tuned:
         raise HeadlensError("--with compare needs --tuned (a LoRA adapter directory or a fine-tuned model)")
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the report")
-    from headlens.report import read_census, write_report
-    from headlens.viz import DEFAULT_PROMPT
+    from headlens.render.report import read_census, write_report
+    from headlens.render.viz import DEFAULT_PROMPT
 
     hooked = _load(model, adapter, device, dtype, heads=chosen, texts=[prompt])
     csv = out / "census.csv"
     prov = provenance(hooked, **_census_settings(seed))
     why = mismatch(csv, prov) if csv.exists() else None
+    from headlens.census import CensusResult, run_census
+
     if csv.exists() and why is None:
         typer.echo(f"reusing {csv} (same model, seed and probes)", err=True)
-        table = read_census(csv)
+        result = CensusResult.from_table(read_census(csv), seed=seed, provenance=prov)
     else:
-        from headlens.census import census
-
         if why is not None:
             typer.echo(f"recomputing the census: {why}", err=True)
-        table = census(hooked, seed=seed, batch_size=batch_size, progress=progress)
-    table.attrs["provenance"] = prov
+        result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(result.table, csv, provenance=result.provenance)
     extra = {}
     if "ablation" in sections:
-        from headlens.ablation import ablation_sweep, build_metric
+        from headlens.interventions.ablation import ablation_sweep, build_metric
 
         extra["ablation"] = ablation_sweep(
             hooked, build_metric(hooked, "repeat", seed=seed), method="zero", seed=seed, progress=progress
-        )
+        ).table
     if "patching" in sections:
-        from headlens.patching import activation_patching, induction_pair
+        from headlens.interventions.patching import activation_patching, induction_pair
 
         extra["patching"] = activation_patching(
             hooked, induction_pair(hooked, seed=seed), activation="z", progress=progress
-        )
+        ).table
     if "rope" in sections:
-        from headlens.rope import rope_profile
+        from headlens.census.rope import rope_profile
 
         extra["rope"] = list(rope_profile(hooked, seed=seed, progress=progress))
     if "compare" in sections:
-        from headlens.compare import compare_models, load_tuned
+        from headlens.analysis.compare import compare_models
+        from headlens.models import load_tuned
 
         typer.echo(f"loading tuned {tuned} ...", err=True)
         extra["compare"] = compare_models(
@@ -419,11 +416,10 @@ def report(
     path = write_report(
         out,
         model=hooked,
-        census=table,
+        census=result,
         prompt=prompt or DEFAULT_PROMPT,
         heads=chosen or None,
         top_k=top_k,
-        seed=seed,
         progress=progress,
         **extra,
     )
@@ -451,11 +447,11 @@ def patch(
         help="atp, atp* (softmax recomputed) or ig (integrated gradients, 2 steps: a screen, see docs/attribution.md)",
     ),
     n_tokens: int = typer.Option(10, "--n-tokens", help="induction pair: length of the repeated half"),
-    batch: int = typer.Option(4, "--batch", help="induction pair: number of sequences"),
+    n_seqs: int = typer.Option(4, "--n-seqs", help="induction pair: number of sequences"),
     seed: int = SEED,
-    batch_size: int = typer.Option(32, "--batch-size", help="patched runs per forward pass"),
+    runs_per_pass: int = typer.Option(32, "--runs-per-pass", help="patched runs stacked in one forward pass"),
     census_csv: Path = CENSUS_CSV,
-    top: int = TOP,
+    top_k: int = TOP_K,
     progress: bool = PROGRESS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
@@ -474,17 +470,15 @@ def patch(
         )
     if (clean is None) != (corrupted is None):
         raise HeadlensError("give both --clean and --corrupted, or neither for the built-in induction pair")
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the CSV files")
     import pandas as pd
 
-    from headlens.attribution import quality_attrs
-    from headlens.patching import activation_patching, attribution_patching, induction_pair, rank_correlation, text_pair
+    from headlens.interventions.attribution import attribution_patching, quality_summary, rank_correlation
+    from headlens.interventions.patching import activation_patching, induction_pair, text_pair
 
     hooked = _load(model, adapter, device, dtype, texts=[clean, corrupted])
     labels = _labels(hooked, census_csv, seed, progress)
     if clean is None:
-        pair = induction_pair(hooked, n_tokens=n_tokens, batch=batch, seed=seed)
+        pair = induction_pair(hooked, n_tokens=n_tokens, n_seqs=n_seqs, seed=seed)
     else:
         pair = text_pair(hooked, clean, corrupted, answer=answer, wrong=wrong)
     out.mkdir(parents=True, exist_ok=True)
@@ -499,32 +493,32 @@ def patch(
             ungroup_kv=ungroup_kv,
             method=attribution_method.value,
         )
+        attr = attr.table
         write_csv(attr, out / "attribution.csv")
     tokens = hooked.to_str_tokens(pair.clean[0])
     typer.echo(
-        f"pair: {pair.name}, tokens {tuple(pair.clean.shape)} (batch x positions), metric: {pair.info.get('metric', 'user metric')}"
+        f"pair: {pair.name}, tokens {tuple(pair.clean.shape)} (sequences x positions), metric: {pair.info.get('metric', 'user metric')}"
     )
     executor = _executor(workers, ray_address, out)
-    exact_patching = _sharded(activation_patching, "activation_patching", executor, workers or ray_address)
     for name in names:
-        exact = exact_patching(
+        result = activation_patching(
             hooked,
             pair,
             activation=name,
             by_position=by_position,
             ungroup_kv=ungroup_kv,
-            batch_size=batch_size,
+            runs_per_pass=runs_per_pass,
             progress=progress,
+            executor=executor if workers or ray_address else None,
         )
+        exact = result.table
         write_csv(exact, out / f"patch_{name}.csv")
         if name == names[0]:
-            typer.echo(
-                f"metric: clean {exact.attrs['clean_metric']:.4f}, corrupted {exact.attrs['corrupted_metric']:.4f}"
-            )
+            typer.echo(f"metric: clean {result.clean:.4f}, corrupted {result.corrupted:.4f}")
         shown = exact.copy()
         if attr is not None:
             shown["attribution"] = attr.loc[attr["activation"] == name, "effect"].to_numpy()
-        ranked = shown.reindex(shown["effect"].abs().sort_values(ascending=False).index).head(top)
+        ranked = shown.reindex(shown["effect"].abs().sort_values(ascending=False).index).head(top_k)
         rows = []
         for r in ranked.itertuples():
             row = {
@@ -542,7 +536,7 @@ def patch(
         typer.echo(f"\ntop {len(rows)} by |exact effect| of patching {name} (1 = full recovery of the clean metric)")
         _print_table(pd.DataFrame(rows), {"exact effect": "+.3f", "attribution": "+.3f"})
         if attr is not None and len(exact) > 2:
-            quality = quality_attrs(shown["effect"], shown["attribution"], top=2 * min(10, len(exact) // 2))
+            quality = quality_summary(shown["effect"], shown["attribution"], top_k=2 * min(10, len(exact) // 2))
             k = quality["recall_k"]
             typer.echo(
                 f"{attribution_method.value} vs exact over all {len(exact)} units: spearman "
@@ -554,7 +548,7 @@ def patch(
 
 
 def _ablation_metric(hooked, metric: MetricName, n_seqs: int, seq_len: int, seed: int, prompt, correct, wrong):
-    from headlens.ablation import build_metric
+    from headlens.interventions.ablation import build_metric
 
     return build_metric(
         hooked, metric.value, n_seqs=n_seqs, seq_len=seq_len, seed=seed, prompt=prompt, correct=correct, wrong=wrong
@@ -592,7 +586,7 @@ def ablate(
     batch_size: int = typer.Option(16, "--batch-size", help="max sequences per stacked forward pass"),
     seed: int = SEED,
     census_csv: Path = CENSUS_CSV,
-    top: int = TOP,
+    top_k: int = TOP_K,
     progress: bool = PROGRESS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
@@ -604,12 +598,11 @@ def ablate(
     _validate(locals())
     _start(progress)
     chosen = _parse_heads(heads)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the ablation results")
     import pandas as pd
 
-    from headlens.ablation import ablation_sweep, compare_to_random, plot_sweep
     from headlens.heads import format_heads, head_name, kv_group_heads, unit_name
+    from headlens.interventions.ablation import ablation_sweep, compare_to_random
+    from headlens.render.plots import plot_sweep
 
     hooked = _load(model, adapter, device, dtype, heads=chosen)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
@@ -634,7 +627,7 @@ def ablate(
         return
     labels = _labels(hooked, census_csv, seed, progress) if unit is UnitName.head else {}
     executor = _executor(workers, ray_address, out)
-    table = _sharded(ablation_sweep, "ablation_sweep", executor, workers or ray_address)(
+    sweep = ablation_sweep(
         hooked,
         m,
         method=method.value,
@@ -643,17 +636,19 @@ def ablate(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        executor=executor if workers or ray_address else None,
     )
     _done(executor, out)
     out.mkdir(parents=True, exist_ok=True)
+    table = sweep.table
     write_csv(table, out / "ablation.csv")
-    plot_sweep(table, out / "ablation.png")
+    plot_sweep(sweep, out / "ablation.png")
     typer.echo(
-        f"{m.name} ({units}): clean {table.attrs['clean']:.4f}, tokens {tuple(m.tokens.shape)} (batch x positions), "
+        f"{m.name} ({units}): clean {sweep.clean:.4f}, tokens {tuple(m.tokens.shape)} (sequences x positions), "
         f"{method.value} ablation of each {unit.value}"
     )
     rows = []
-    for r in table.sort_values("worsening", ascending=False).head(top).itertuples():
+    for r in table.sort_values("worsening", ascending=False).head(top_k).itertuples():
         row = (
             {"head": head_name(r.layer, r.head), "kv": r.kv_head, "label": labels.get((r.layer, r.head), "")}
             if unit is UnitName.head
@@ -701,11 +696,10 @@ def prune(
     """Prune heads greedily, least important first; writes the curve (CSV + PNG) and the removal order."""
     _validate(locals())
     _start(progress)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the pruning results")
     import pandas as pd
 
-    from headlens.prune import prune_curve
+    from headlens.interventions.prune import prune_curve
+    from headlens.render.plots import plot_prune_curve
 
     hooked = _load(model, adapter, device, dtype)
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
@@ -723,7 +717,7 @@ def prune(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result.curve, out / "prune_curve.csv")
     write_csv(result.order, out / "prune_order.csv")
-    result.plot(out / "prune_curve.png")
+    plot_prune_curve(result, out / "prune_curve.png")
     typer.echo(result.summary())
     units = _metric_unit(m.name)
     grid = result.curve.sort_values("n_removed")
@@ -744,7 +738,9 @@ def prune(
 @app.command("compare")
 def compare_cmd(
     base: str = typer.Option(
-        ..., "--base", help=f"base model: {MODEL_NAMES}; or a local HF directory, .gguf file or cached hub id"
+        "qwen2.5-coder-0.5b",
+        "--base",
+        help=f"base model: {MODEL_NAMES}; or a local HF directory, .gguf file or cached hub id",
     ),
     tuned: str = typer.Option(
         ..., "--tuned", help="PEFT LoRA adapter directory (merged into --base) or a full fine-tuned model"
@@ -754,15 +750,15 @@ def compare_cmd(
     device: str = DEVICE,
     dtype: str = DTYPE,
     seed: int = SEED,
-    top: int = typer.Option(10, "--top", help="how many most-changed heads to print"),
+    top_k: int = typer.Option(10, "--top-k", help="how many most-changed heads to print"),
     progress: bool = PROGRESS,
 ):
     """Compare a fine-tune with its base head by head: attention change (JSD, bits), weight change, census deltas."""
     _validate(locals())
     _start(progress)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the comparison")
-    from headlens.compare import compare_models, load_tuned, plot_comparison, top_changed
+    from headlens.analysis.compare import compare_models, top_changed
+    from headlens.models import load_tuned
+    from headlens.render.plots import plot_comparison
 
     base_model = _load(base, None, device, dtype)
     typer.echo(f"loading tuned {tuned} ...", err=True)
@@ -771,7 +767,7 @@ def compare_cmd(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(df, out / "compare.csv")
     save_figure(plot_comparison(df), out / "compare.png", dpi=110)
-    shown = top_changed(df, top).copy()
+    shown = top_changed(df, top_k).copy()
     shown.insert(0, "head name", [head_name(r.layer, r.head) for r in shown.itertuples()])
     cols = [
         c
@@ -799,7 +795,7 @@ def stats(
         "0.5,1,2", "--temperatures", help="comma list; T=1 is the model's own 1/sqrt(d_head) scaling"
     ),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per natural-text window"),
-    batch: int = typer.Option(8, "--batch", help="natural-text windows"),
+    n_seqs: int = typer.Option(8, "--n-seqs", help="natural-text windows"),
     seed: int = SEED,
     progress: bool = PROGRESS,
 ):
@@ -808,18 +804,18 @@ def stats(
     _start(progress)
     temps = _temperatures(temperatures)
 
-    from headlens.attention_stats import (
+    from headlens.census.attention_stats import (
         group_contrast_table,
         head_similarity,
         scale_entropy_table,
         scale_settings,
     )
-    from headlens.models import kv_heads
-    from headlens.probes import natural_text
+    from headlens.data.probes import natural_text
+    from headlens.heads import kv_heads
 
     scale_settings(1.0, temperatures=temps)
     hooked = _load(model, adapter, device, dtype)
-    tokens = natural_text(hooked, seq_len=seq_len, batch=batch, seed=seed).tokens
+    tokens = natural_text(hooked, seq_len=seq_len, n_seqs=n_seqs, seed=seed).tokens
     entropy = scale_entropy_table(hooked, tokens, temperatures=temps, progress=progress)
     sims = head_similarity(hooked, tokens, metrics=("cosine", "centered"), progress=progress)
     similarity = group_contrast_table(sims, kv_heads(hooked))
@@ -829,7 +825,7 @@ def stats(
     by_layer = entropy.pivot_table(index="layer", columns="setting", values="entropy")[
         list(dict.fromkeys(entropy.setting))
     ]
-    typer.echo(f"mean attention entropy (nats) per layer, {batch} x {seq_len} tokens of natural text:")
+    typer.echo(f"mean attention entropy (nats) per layer, {n_seqs} x {seq_len} tokens of natural text:")
     typer.echo(by_layer.round(3).to_string())
     typer.echo(f"wrote {out / 'entropy.csv'} and {out / 'similarity.csv'}")
 
@@ -853,13 +849,12 @@ def atlas_cmd(
     """Census of several models side by side: label shares by relative depth, where induction / previous-token / sink heads sit."""
     _validate(locals())
     _start(progress)
-    from headlens.atlas import atlas, parse_sources, write_atlas
+    from headlens.analysis.atlas import atlas, parse_sources
     from headlens.models import resolve_device, resolve_dtype
+    from headlens.render.atlas import write_atlas
 
     sources = parse_sources(models)
     resolve_device(device), resolve_dtype(dtype)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the atlas")
     executor = _executor(workers, ray_address, out)
     result = atlas(
         sources, seeds=seeds, batch_size=batch_size, device=device, dtype=dtype, executor=executor, progress=progress
@@ -953,7 +948,7 @@ def circuit_cmd(
     ),
     seed: int = SEED,
     census_csv: Path = CENSUS_CSV,
-    top: int = typer.Option(10, "--top", help="how many top edges to print"),
+    top_k: int = typer.Option(10, "--top-k", help="how many top edges to print"),
     max_edges: int = typer.Option(40, "--max-edges", help="edges drawn in circuit.html"),
     progress: bool = PROGRESS,
     workers: int = WORKERS,
@@ -970,17 +965,15 @@ def circuit_cmd(
     if ablation is None:
         ablation = AblationName.resample if clean is not None else AblationName.mean
     names = _circuit_args(task, clean, corrupted, correct, wrong, model, ablation, methods, check, max_edges)
-    if out.exists() and not out.is_dir():
-        raise HeadlensError(f"{out} is a file: pass a directory for the circuit")
-    from headlens.circuits.html import write_circuit_html
     from headlens.circuits.study import find_circuit
     from headlens.circuits.tasks import build_task, pair_task
+    from headlens.render.circuit import write_circuit_html
 
     if model == "toy":
         import torch
 
+        from headlens.analysis.toy import load_induction_model
         from headlens.models import resolve_device, resolve_dtype
-        from headlens.toy import load_induction_model
 
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         typer.echo("loading the toy induction model ...", err=True)
@@ -995,18 +988,18 @@ def circuit_cmd(
     else:
         circuit_task = build_task(hooked, task.value, n_seqs=n_seqs, seed=seed)
     if census_csv is not None:
-        from headlens.report import read_census
+        from headlens.render.report import read_census
 
         table = read_census(census_csv)
     elif model == "toy":
-        from headlens.census import census
-        from headlens.toy import toy_probes
+        from headlens.analysis.toy import toy_probes
+        from headlens.census import run_census
 
-        table = census(hooked, toy_probes(hooked, seed=seed), progress=progress)
+        table = run_census(hooked, toy_probes(hooked, seed=seed), progress=progress).table
     else:
-        from headlens.census import census
+        from headlens.census import run_census
 
-        table = census(hooked, seed=seed, progress=progress)
+        table = run_census(hooked, seed=seed, progress=progress).table
     executor = _executor(workers, ray_address, out) if (workers or ray_address) else None
     result = find_circuit(
         hooked,
@@ -1024,12 +1017,12 @@ def circuit_cmd(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result.edges, out / "edges.csv")
     write_csv(result.nodes, out / "nodes.csv")
-    write_csv(result.faithfulness, out / "faithfulness.csv")
+    write_csv(result.faithfulness.table, out / "faithfulness.csv")
     from headlens.io import write_json
 
     write_json(
         out / "circuit.json",
-        {**result.info, "summary": result.faithfulness.attrs["summary"], "provenance": provenance(hooked, seed=seed)},
+        {**result.info, "summary": result.faithfulness.summary, "provenance": provenance(hooked, seed=seed)},
     )
     write_circuit_html(result, hooked, out / "circuit.html", max_edges=max_edges)
     info = result.info
@@ -1038,7 +1031,9 @@ def circuit_cmd(
         f"{info['ablated_metric']:.4f}; {info['checked']} top edges checked exactly"
     )
     _print_table(result.summary(), {"cpr": ".3f", "cmd": ".3f"})
-    shown = result.edges.head(top)[["sender", "receiver", "input", "score", "exact", "sender_label", "receiver_label"]]
+    shown = result.edges.head(top_k)[
+        ["sender", "receiver", "input", "score", "exact", "sender_label", "receiver_label"]
+    ]
     typer.echo(
         f"top {len(shown)} edges by |{info['primary']}| (score, exact: change of the metric when the edge alone is ablated):"
     )
@@ -1065,7 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("HEADLENS_DEBUG", "") not in ("", "0")
-    args = [a for a in args if a != "--debug"]
+    args = _renamed([a for a in args if a != "--debug"])
     try:
         for arg in args:
             arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
@@ -1080,6 +1075,28 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+OLD_FLAGS = {
+    "--top": (("census", "patch", "ablate", "compare", "circuit"), "--top-k"),
+    "--batch": (("patch", "stats"), "--n-seqs"),
+    "--batch-size": (("patch",), "--runs-per-pass"),
+}
+"""Flags renamed to the one vocabulary (n_seqs, batch_size, top_k), still accepted for one release (hidden)."""
+
+
+def _renamed(args: list[str]) -> list[str]:
+    """``args`` with the old flags of :data:`OLD_FLAGS` replaced by their new names (a note on stderr for each)."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    out = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        commands, new = OLD_FLAGS.get(flag, ((), None))
+        if command in commands:
+            typer.echo(f"note: {flag} is now {new}", err=True)
+            arg = new + eq + value
+        out.append(arg)
+    return out
 
 
 def _expected(err: BaseException, args: list[str]) -> str | None:

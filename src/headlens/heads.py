@@ -127,6 +127,24 @@ def kv_heads(model: HookedTransformer) -> list[int]:
     return [h // group for h in range(n_heads)]
 
 
+def head_frame(model: HookedTransformer, **columns) -> pd.DataFrame:
+    """One row per (layer, head) with its ``kv_head``, plus ``columns`` (``[layer, head]`` tensors, rounded to 1e-6)."""
+    import numpy as np
+    import pandas as pd
+
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    out = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(L), H),
+            "head": np.tile(np.arange(H), L),
+            "kv_head": np.tile(np.asarray(kv_heads(model)), L),
+        }
+    )
+    for name, value in columns.items():
+        out[name] = value.double().flatten().numpy().round(6)
+    return out
+
+
 def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[Head]:
     """The q heads of ``layer`` that read kv head ``kv_head`` (ablating the group = ablating these)."""
     n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads

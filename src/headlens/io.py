@@ -58,7 +58,8 @@ def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[P
 
 
 def check_output_dir(path: Path, what: str = "output") -> Path:
-    """Fail early when ``path`` cannot be an output directory (a file, or not writable); create it if missing."""
+    """Fail early when ``path`` cannot be an output directory (a file, or not writable); it is created later, by the
+    first write into it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HeadlensError(f"--out {path} is a file: pass a directory for the {what}")
@@ -163,6 +164,24 @@ def headlens_version() -> str:
         return "unknown"
 
 
+def tensor_bytes(tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 and float16 included: numpy has no bfloat16, so the bytes are
+    read through a uint8 view). The one way every weights digest reads a tensor."""
+    import torch
+
+    flat = tensor.detach().reshape(-1).cpu().contiguous()
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's processed state dict (names and raw bytes, in order, whatever the dtype)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
 def weights_fingerprint(model) -> str:
     """A cheap content hash of a model: every parameter's name, shape and a strided sample of its values.
 
@@ -176,7 +195,7 @@ def weights_fingerprint(model) -> str:
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // 997)
         digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+        digest.update(tensor_bytes(flat[::step].to(torch.float32)))
     return digest.hexdigest()[:32]
 
 

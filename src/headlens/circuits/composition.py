@@ -36,6 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import FactoredMatrix, HookedTransformer
 
+from headlens.circuits.labels import head_labels
 from headlens.errors import HeadlensError
 from headlens.heads import head_name, kv_heads
 
@@ -124,7 +125,7 @@ def composition_scores(
 
     Columns: ``sender, receiver, composition`` (q/k/v), ``sender_layer, sender_head, receiver_layer, receiver_head,
     receiver_kv_head, score, baseline, baseline_std, z, ratio``; with ``census`` also ``sender_label`` and
-    ``receiver_label``. ``attrs``: the baseline and ``n_random``.
+    ``receiver_label``. The baseline (mean and std over ``n_random`` random matrix pairs) is in every row.
     """
     unknown = [k for k in kinds if k not in COMPOSITIONS]
     if unknown or not kinds:
@@ -161,12 +162,9 @@ def composition_scores(
     df["z"] = (df["score"] - mean) / std
     df["ratio"] = df["score"] / mean
     if census is not None:
-        from headlens.circuits.labels import head_labels
-
         labels = head_labels(census)
         df["sender_label"] = [labels.get((l, h), "") for l, h in zip(df.sender_layer, df.sender_head)]
         df["receiver_label"] = [labels.get((l, h), "") for l, h in zip(df.receiver_layer, df.receiver_head)]
-    df.attrs.update(baseline=mean, baseline_std=std, n_random=n_random, seed=seed)
     return df
 
 

@@ -36,8 +36,8 @@ from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import LOGITS, Graph
 from headlens.circuits.paths import ABLATIONS, mean_outputs, record, slot_hook, split_inputs
+from headlens.engine.intervene import Metric, unembed_at
 from headlens.errors import HeadlensError
-from headlens.intervene import Metric, unembed_at
 from headlens.progress import tqdm
 
 METHODS = ("eap", "eap-ig")
@@ -62,7 +62,7 @@ def edge_attribution(
 ) -> Float[Tensor, "sender slot"]:
     """Estimated effect of corrupting each edge, ``[sender, slot]`` (0 where there is no edge; see :class:`Graph`).
 
-    ``pair``: a :class:`headlens.patching.PromptPair` or a :class:`headlens.circuits.tasks.CircuitTask`;
+    ``pair``: a :class:`headlens.interventions.patching.PromptPair` or a :class:`headlens.circuits.tasks.CircuitTask`;
     ``method``: ``"eap"`` (gradient at the clean run) or ``"eap-ig"`` (``steps`` points, default :data:`IG_STEPS`);
     ``ablation``: ``"resample"`` (the corrupted prompt) or ``"mean"`` (``mean_tokens``, by default the task's).
     """

@@ -19,6 +19,7 @@ linear axis the 50–100 % interval weighs half of either area, so the smallest 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -95,6 +96,27 @@ def area(fractions: Sequence[float], values: Sequence[float]) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
+@dataclass
+class FaithfulnessResult:
+    """What :func:`faithfulness` returns.
+
+    - ``table``: one row per method and k: ``method, k`` (percent), ``fraction`` (edges kept / all), ``n_edges, metric,
+      faithfulness``;
+    - ``full``, ``empty``: m(full model), m(∅: every edge ablated); ``n_edges_total``; ``ablation``; ``signed``;
+    - ``summary``: per method ``cpr``, ``cmd``, ``k_at_target`` and ``n_edges_at_target`` (the smallest k with
+      faithfulness >= ``target``, or None).
+    """
+
+    table: pd.DataFrame
+    full: float
+    empty: float
+    n_edges_total: int
+    ablation: str
+    summary: dict
+    target: float
+    signed: bool
+
+
 def faithfulness(
     model: HookedTransformer,
     task,
@@ -105,13 +127,11 @@ def faithfulness(
     signed: bool = False,
     runs_per_pass: int = 4,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> FaithfulnessResult:
     """The faithfulness curve of each ranking (a ``[sender, slot]`` score matrix, e.g. EAP, EAP-IG, exact).
 
-    ``task``: a :class:`headlens.circuits.tasks.CircuitTask` (its ``mean_tokens`` for mean ablation). Returns one row
-    per method and k: ``method, k`` (percent), ``fraction`` (edges kept / all), ``n_edges, metric, faithfulness``;
-    ``attrs``: ``full``, ``empty`` (m(full), m(∅)), ``n_edges_total``, ``ablation`` and ``summary`` (per method:
-    ``cpr``, ``cmd``, ``k_at_target``: the smallest k with f ≥ 0.8, or None).
+    ``task``: a :class:`headlens.circuits.tasks.CircuitTask` (its ``mean_tokens`` for mean ablation); see
+    :class:`FaithfulnessResult` for what comes back.
     """
     if not rankings:
         raise HeadlensError("give at least one ranking (method -> [sender, slot] scores)")
@@ -161,10 +181,7 @@ def faithfulness(
             "k_at_target": None if hit.empty else float(hit.k.iloc[0]),
             "n_edges_at_target": None if hit.empty else int(hit.n_edges.iloc[0]),
         }
-    df.attrs.update(
-        full=full, empty=empty, n_edges_total=total, ablation=ablation, summary=summary, target=TARGET, signed=signed
-    )
-    return df
+    return FaithfulnessResult(df, full, empty, total, ablation, summary, TARGET, signed)
 
 
 def circuit_metric(

@@ -1,11 +1,12 @@
 """Census labels for circuit outputs: every head in an edge, node or composition table carries its census label and a
 one-line card (label, its score, confidence, kv group), joined from a census table (``headlens census`` output or
-:func:`headlens.census.census`)."""
+:func:`headlens.census.run.census`)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from headlens.circuits.graph import node_head, node_kind
 from headlens.errors import HeadlensError
 from headlens.heads import head_name
 
@@ -48,7 +49,6 @@ def head_cards(census: pd.DataFrame) -> dict[tuple[int, int], str]:
 
 def node_label(name: str, labels: dict[tuple[int, int], str]) -> str:
     """A node's label: the head's census label, or ``embed`` / ``mlp`` / ``logits`` for the other nodes."""
-    from headlens.circuits.graph import node_head, node_kind
 
     head = node_head(name)
     if head is None:

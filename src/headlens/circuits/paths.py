@@ -14,7 +14,7 @@ separate set of prompts of the same task (``ablation="mean"``, per position). Fo
 everywhere (TransformerLens' ``get_act_patch_attn_head_out_all_pos`` from the corrupted cache into the clean run);
 corrupting every edge reproduces the corrupted (or the mean) run.
 
-The driver follows :func:`headlens.intervene.run_interventions`: the clean run's ``resid_pre`` of every layer is
+The driver follows :func:`headlens.engine.intervene.run_interventions`: the clean run's ``resid_pre`` of every layer is
 cached once, runs are grouped by the first layer they touch and restarted there (``start_at_layer``), ``k`` runs are
 stacked along the batch axis of one forward, and only the metric's positions are unembedded. Senders that write
 before the restart layer are the clean run's (cached, ``[batch pos sender d_model]``); later senders are read in the
@@ -36,8 +36,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import LOGITS, Graph
+from headlens.engine.intervene import LOGITS_BUDGET, Metric, unembed_at, value
 from headlens.errors import HeadlensError
-from headlens.intervene import LOGITS_BUDGET, Metric, unembed_at, value
 from headlens.progress import tqdm
 
 ABLATIONS = ("resample", "mean")
@@ -237,7 +237,7 @@ def run_edges(
     """The metric after each run's corrupted edges (see the module docstring); split-input mode expected.
 
     Runs restarting at the same layer share a forward, ``runs_per_pass`` at most, fewer where the logits
-    (:data:`headlens.intervene.LOGITS_BUDGET`) or the stacked activations (:data:`ACT_BUDGET`) say so.
+    (:data:`headlens.engine.intervene.LOGITS_BUDGET`) or the stacked activations (:data:`ACT_BUDGET`) say so.
     """
     if int(runs_per_pass) < 1:
         raise HeadlensError(f"runs per pass must be >= 1 (got {runs_per_pass})")
@@ -275,7 +275,7 @@ def run_edges(
     return out
 
 
-def _one_pass(
+def _one_pass(  # noqa: C901 - one stacked forward and the hooks that share its tensors (split, they would pass 9 arrays)
     model: HookedTransformer, setting: Setting, runs: list[EdgeRun], layer: int, early: Tensor
 ) -> list[float]:
     """``k`` runs restarting at ``layer``, stacked along the batch axis of one forward.
@@ -439,6 +439,22 @@ def _edges_arg(graph: Graph, edges) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s for s, _ in pairs]), np.array([r for _, r in pairs])
 
 
+@dataclass
+class PathPatchingResult:
+    """What :func:`path_patching` and :func:`sender_patching` return.
+
+    - ``table``: one row per edge (``sender, receiver, input, metric, delta``) or per sender (``node, metric,
+      delta``), ``delta`` = patched − clean metric;
+    - ``clean``, ``corrupted``: the metric on the clean run and on the run with everything corrupted;
+    - ``ablation``: what replaced the corrupted edges (``resample``: the corrupted prompt; ``mean``).
+    """
+
+    table: pd.DataFrame
+    clean: float
+    corrupted: float
+    ablation: str
+
+
 def path_patching(
     model: HookedTransformer,
     pair,
@@ -448,13 +464,13 @@ def path_patching(
     mean_tokens: Tensor | None = None,
     runs_per_pass: int = 16,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> PathPatchingResult:
     """The exact effect of corrupting each edge alone (path patching; see the module docstring).
 
-    ``pair`` is a :class:`headlens.patching.PromptPair` (or a :class:`headlens.circuits.tasks.CircuitTask`);
+    ``pair`` is a :class:`headlens.interventions.patching.PromptPair` (or a :class:`headlens.circuits.tasks.CircuitTask`);
     ``edges`` a list of ``(sender, receiver, input)``, e.g. ``[("L0H2", "L1H2", "k")]``, or (sender index, slot
-    index) arrays of :class:`Graph`. Returns ``sender, receiver, input, metric, delta`` with ``delta`` = patched −
-    clean metric; ``attrs`` carry ``clean_metric`` and ``corrupted_metric``.
+    index) arrays of :class:`Graph`. The result's table: ``sender, receiver, input, metric, delta`` with ``delta`` =
+    patched − clean metric.
     """
     pair, mean_tokens = _unwrap(pair, mean_tokens)
     graph = Graph.of(model)
@@ -477,12 +493,12 @@ def path_patching(
             progress=progress,
             desc="path patching",
         )
-    return _edge_table(graph, s, r, values, setting)
+    return PathPatchingResult(_edge_table(graph, s, r, values, setting), *_metrics(setting))
 
 
 def sender_patching(
     model: HookedTransformer, pair, senders: Sequence[str], *, runs_per_pass: int = 16, progress: bool = True
-) -> pd.DataFrame:
+) -> PathPatchingResult:
     """Corrupt every edge out of each sender (its output patched wherever it is read): ``node, metric, delta``."""
     pair, _ = _unwrap(pair, None)
     graph = Graph.of(model)
@@ -495,8 +511,11 @@ def sender_patching(
         values = run_edges(model, setting, sender_runs(graph, idx), runs_per_pass=runs_per_pass, progress=progress)
     df = pd.DataFrame({"node": [graph.senders[i] for i in idx], "metric": values})
     df["delta"] = df["metric"] - setting.clean.metric
-    df.attrs.update(clean_metric=setting.clean.metric, corrupted_metric=setting.corrupted)
-    return df
+    return PathPatchingResult(df, *_metrics(setting))
+
+
+def _metrics(setting: Setting) -> tuple[float, float, str]:
+    return setting.clean.metric, setting.corrupted, setting.ablation
 
 
 def _unwrap(pair, mean_tokens):
@@ -517,5 +536,4 @@ def _edge_table(graph: Graph, s: np.ndarray, r: np.ndarray, values: list[float],
         }
     )
     df["delta"] = df["metric"] - setting.clean.metric
-    df.attrs.update(clean_metric=setting.clean.metric, corrupted_metric=setting.corrupted, ablation=setting.ablation)
     return df

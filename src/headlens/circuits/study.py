@@ -1,7 +1,7 @@
 """One call from a task to a circuit: edge attribution (EAP, EAP-IG), an exact path-patching check of the top edges,
 faithfulness curves for every ranking, the circuit, and edge/node tables that carry census labels.
 
-The exact check runs on :mod:`headlens.executor` (locally, or on Ray workers with one model copy each): one shard per
+The exact check runs on :mod:`headlens.engine.executor` (locally, or on Ray workers with one model copy each): one shard per
 receiver layer, each re-recording the clean and corrupted runs (cheap next to the patched runs), results in shard
 order, so the table is the same wherever it ran.
 """
@@ -20,10 +20,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.circuits.edges import IG_STEPS, METHODS, edge_attribution
-from headlens.circuits.faithfulness import PERCENTS, exact_key, faithfulness, n_kept, ranking
+from headlens.circuits.faithfulness import PERCENTS, FaithfulnessResult, exact_key, faithfulness, n_kept, ranking
 from headlens.circuits.graph import Graph, node_head, node_kind
 from headlens.circuits.labels import head_cards, head_labels, node_label
 from headlens.circuits.paths import prepare, run_edges, single_edges, split_inputs
+from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError
 from headlens.heads import kv_heads
 
@@ -66,7 +67,6 @@ def exact_edges(
     """Exact path-patching delta (patched − clean metric) of each edge alone, its sender's output taken from the
     corrupted prompt (``ablation="resample"``) or the task's mean set (``"mean"``); one shard per receiver layer on
     ``executor`` (None: this process)."""
-    from headlens.executor import resolve
 
     graph = Graph.of(model)
     senders, slots = np.asarray(senders, dtype=int), np.asarray(slots, dtype=int)
@@ -99,7 +99,8 @@ class CircuitResult:
     - ``nodes``: one row per node: ``node, kind, layer, head, kv_head, label, card, score`` (sum of the primary
       scores of its outgoing edges: about the effect of corrupting the node's output everywhere), ``abs_score`` (sum
       of |...|), ``in_circuit``;
-    - ``faithfulness``: :func:`headlens.circuits.faithfulness.faithfulness`'s table (``attrs["summary"]``: CPR, CMD);
+    - ``faithfulness``: :func:`headlens.circuits.faithfulness.faithfulness`'s :class:`FaithfulnessResult` (its
+      ``summary``: CPR, CMD per method);
     - ``scores``: method -> ``[sender, slot]`` tensor; ``circuit``: the kept-edge mask; ``info``: settings, metrics,
       timings and which ranking and k made the circuit.
     """
@@ -115,7 +116,7 @@ class CircuitResult:
 
     def summary(self) -> pd.DataFrame:
         """Per method: CPR, CMD and the smallest k (percent of edges) with faithfulness >= 0.8."""
-        rows = [{"method": m, **v} for m, v in self.faithfulness.attrs["summary"].items()]
+        rows = [{"method": m, **v} for m, v in self.faithfulness.summary.items()]
         return pd.DataFrame(rows)
 
     def circuit_edges(self) -> pd.DataFrame:
@@ -215,8 +216,8 @@ def find_circuit(
         "ablation": ablation,
         "signed": signed,
         "n_edges": graph.n_edges,
-        "clean_metric": curves.attrs["full"],
-        "ablated_metric": curves.attrs["empty"],
+        "clean_metric": curves.full,
+        "ablated_metric": curves.empty,
         "circuit_method": chosen,
         "circuit_k": k,
         "circuit_edges": int(kept.sum()),
@@ -225,10 +226,10 @@ def find_circuit(
     return CircuitResult(task, graph, {**scores, "exact": exact}, edges, nodes, curves, kept, info)
 
 
-def _choose(graph: Graph, curves: pd.DataFrame, rankings: dict, primary: Tensor, n_check: int, signed: bool):
+def _choose(graph: Graph, curves: FaithfulnessResult, rankings: dict, primary: Tensor, n_check: int, signed: bool):
     """(method, k, kept mask) of the smallest circuit reaching the target; else the primary's top ``n_check``."""
     best = None
-    for method, stats in curves.attrs["summary"].items():
+    for method, stats in curves.summary.items():
         if stats["k_at_target"] is None:
             continue
         key = (stats["n_edges_at_target"], -stats["cpr"])

@@ -1,7 +1,7 @@
 """Tasks circuits are found on: a clean/corrupted prompt pair with a metric, and a separate set of prompts of the same
 task whose mean activations replace what a circuit leaves out.
 
-- ``induction``: repeated random tokens ``[P A A]`` vs ``[P B A]`` (:func:`headlens.patching.induction_pair`); metric:
+- ``induction``: repeated random tokens ``[P A A]`` vs ``[P B A]`` (:func:`headlens.interventions.patching.induction_pair`); metric:
   mean log-prob of the next token over the second half. Means: other repeated sequences (another seed).
 - ``ioi``: indirect-object identification (Wang et al. 2022), generated here: "Then, Mary and John went to the store.
   John gave a drink to" -> " Mary". Names, places and objects are ones that are ONE token with their leading space
@@ -14,7 +14,7 @@ task whose mean activations replace what a circuit leaves out.
   bracket swapped (``(`` <-> ``[``), which swaps the right closer. Metric: logit(right closer token) − logit(the same
   token with the other bracket). Means: other such windows.
 - a user pair (:func:`pair_task`): clean and corrupted texts of equal token length with answers
-  (:func:`headlens.patching.text_pair`). No separate prompts exist, so only ``ablation="resample"`` applies.
+  (:func:`headlens.interventions.patching.text_pair`). No separate prompts exist, so only ``ablation="resample"`` applies.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from headlens.data.code import _file_arrays, stdlib_sources
 from headlens.errors import HeadlensError
-from headlens.patching import PromptPair, induction_pair, logit_diff, text_pair
+from headlens.interventions.patching import PromptPair, induction_pair, logit_diff, text_pair
 
 TASKS = ("induction", "ioi", "brackets")
 
@@ -77,8 +78,8 @@ def induction_task(
     model: HookedTransformer, *, n_tokens: int = 10, n_seqs: int = 4, n_mean: int = 8, prefix: int = 1, seed: int = 0
 ) -> CircuitTask:
     """Repeated random tokens (see the module docstring); the mean set is ``n_mean`` sequences of another seed."""
-    pair = induction_pair(model, n_tokens=n_tokens, batch=n_seqs, prefix=prefix, seed=seed)
-    means = induction_pair(model, n_tokens=n_tokens, batch=n_mean, prefix=prefix, seed=seed + 10_000).clean
+    pair = induction_pair(model, n_tokens=n_tokens, n_seqs=n_seqs, prefix=prefix, seed=seed)
+    means = induction_pair(model, n_tokens=n_tokens, n_seqs=n_mean, prefix=prefix, seed=seed + 10_000).clean
     info = dict(pair.info, task="induction", n_seqs=n_seqs, n_mean=n_mean, mean_seed=seed + 10_000)
     return CircuitTask("induction", pair, means, info)
 
@@ -204,7 +205,6 @@ def bracket_examples(model: HookedTransformer, *, n: int, seq_len: int, seed: in
     and comments do not count) at least ``MIN_GAP`` tokens back and inside the window. The other closer / opener is
     the same token with the other bracket, kept only where that is one token too.
     """
-    from headlens.code_heads import _file_arrays, stdlib_sources
 
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -272,7 +272,7 @@ def brackets_task(
 def pair_task(
     model: HookedTransformer, clean, corrupted, *, correct=None, wrong=None, name: str = "pair"
 ) -> CircuitTask:
-    """A user pair (texts of equal token length; answers as in :func:`headlens.patching.text_pair`); no mean set."""
+    """A user pair (texts of equal token length; answers as in :func:`headlens.interventions.patching.text_pair`); no mean set."""
     pair = text_pair(model, clean, corrupted, answer=correct, wrong=wrong)
     return CircuitTask(name, pair, None, dict(pair.info, task=name))
 

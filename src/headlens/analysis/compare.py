@@ -1,0 +1,239 @@
+"""Base model vs fine-tuned model, head by head.
+
+Per head: how much the attention pattern moved on the same probes (Jensen-Shannon divergence,
+averaged over queries), how much its weights moved (relative Frobenius norm of the change of
+W_Q, W_K, W_V, W_O), and — from the census — how each score and the label changed.
+
+Streaming: for each small batch the base model's patterns of every layer are kept (one batch's
+worth, e.g. 2 x 24 x 14 x 128^2 floats = 44 MB for Qwen at 128 tokens), then the tuned model runs on
+the same batch with a reducer that turns each layer's pattern into per-head JSD sums and drops both.
+
+GQA: TransformerLens keeps keys/values per kv head (``attn._W_K``/``_W_V``, shape
+[n_kv_heads, d_model, d_head]); ``W_K``/``W_V`` are the same matrices repeated for every q head. The
+W_K/W_V change is measured per kv head and shown on each q head that reads it, so q heads of one
+kv group carry the same ``dW_K``/``dW_V``. Weights are compared after TransformerLens processing
+(RMSNorm scale folded into W_Q/W_K/W_V); a LoRA never touches the norm, so an unchanged head reads 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from headlens.census.run import run_census
+from headlens.data.probes import ProbeSet, check_probes, default_probes
+from headlens.engine.capture import stream_patterns
+from headlens.errors import HeadlensError
+from headlens.heads import kv_heads
+from headlens.models import check_compatible
+from headlens.progress import tqdm
+
+MAX_PROBE_TOKENS = 256
+SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:
+    """Jensen-Shannon divergence in bits (0 = identical, 1 = disjoint) between distributions on the last axis."""
+    p, q = p.double(), q.double()
+    m = (p + q) / 2
+    kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
+    kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return ((kl_pm + kl_qm) / (2 * np.log(2))).clamp_min(0)
+
+
+def relative_change(w_base: Float[Tensor, "head ..."], w_tuned: Float[Tensor, "head ..."]) -> Float[Tensor, " head"]:
+    """||W_tuned - W_base||_F / ||W_base||_F per leading (head) index."""
+    diff = (w_tuned.double() - w_base.double()).flatten(1).norm(dim=1)
+    return diff / w_base.double().flatten(1).norm(dim=1).clamp_min(1e-30)
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _as_batches(model: HookedTransformer, probes, seed: int = 0) -> list[Tensor]:
+    """Token batches of ``probes``: a ProbeSet (None = the census default probes), a token tensor, or text(s)."""
+
+    if probes is None:
+        probes = default_probes(model, seed=seed)
+    if isinstance(probes, ProbeSet):
+        check_probes(model, probes)
+        batches = [p.tokens for p in probes]
+    elif isinstance(probes, Tensor):
+        tokens = probes[None] if probes.ndim == 1 else probes
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise HeadlensError(
+                f"probes must be a [batch, pos] token tensor with at least 2 positions, got shape {tuple(probes.shape)}"
+            )
+        batches = [tokens.long()]
+    elif isinstance(probes, str) or (
+        isinstance(probes, (list, tuple)) and probes and all(isinstance(t, str) for t in probes)
+    ):
+        if model.tokenizer is None:
+            raise HeadlensError("text probes need a model with a tokenizer; pass token ids instead")
+        batches = [
+            model.to_tokens(text, prepend_bos=False) for text in ([probes] if isinstance(probes, str) else probes)
+        ]
+        if any(b.shape[1] < 2 for b in batches):
+            raise HeadlensError("every text probe must be at least 2 tokens long")
+    else:
+        raise HeadlensError(
+            f"probes must be a ProbeSet, a [batch, pos] token tensor, or text(s); got {type(probes).__name__}"
+        )
+    for b in batches:
+        if b.shape[1] > MAX_PROBE_TOKENS:
+            raise HeadlensError(
+                f"probes are limited to {MAX_PROBE_TOKENS} tokens (got {b.shape[1]}): both models' patterns of a batch are held at once"
+            )
+        if int(b.min()) < 0 or int(b.max()) >= model.cfg.d_vocab:
+            raise HeadlensError(f"probe token ids must lie in 0..{model.cfg.d_vocab - 1}")
+    return batches
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def attention_divergence(
+    base: HookedTransformer,
+    tuned: HookedTransformer,
+    probes=None,
+    *,
+    batch_size: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per head: mean Jensen-Shannon divergence (bits) between base and tuned attention over queries 1.. of ``probes``.
+
+    Query 0 sees one key only, so it is left out. ``probes``: a :class:`headlens.data.probes.ProbeSet`
+    (None = the census default probes for ``seed``), a token tensor [batch, pos], or text(s); at most 256 tokens. Columns: layer, head, kv_head, jsd, jsd_max
+    (the largest per-query divergence seen).
+    """
+    check_compatible(base, tuned)
+    if int(batch_size) < 1:
+        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    L, H = base.cfg.n_layers, base.cfg.n_heads
+    sums = torch.zeros(L, H, dtype=torch.float64)
+    peak = torch.zeros(L, H, dtype=torch.float64)
+    n_queries = 0
+
+    chunks = [b[i : i + batch_size] for b in _as_batches(base, probes, seed) for i in range(0, b.shape[0], batch_size)]
+    for chunk in tqdm(chunks, desc="compare", disable=not progress, leave=False):
+        stored: dict[int, Tensor] = {}
+
+        def keep(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
+            stored[layer] = pattern.detach().clone()  # noqa: B023
+
+        def compare(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
+            jsd = js_divergence(stored.pop(layer), pattern)[:, :, 1:]  # noqa: B023
+            sums[layer] += jsd.sum((0, 2)).cpu()
+            peak[layer] = torch.maximum(peak[layer], jsd.amax((0, 2)).cpu())
+
+        stream_patterns(base, chunk, keep, batch_size=chunk.shape[0], progress=False)
+        stream_patterns(tuned, chunk, compare, batch_size=chunk.shape[0], progress=False)
+        n_queries += chunk.shape[0] * (chunk.shape[1] - 1)
+    mean = (sums / n_queries).numpy()
+    kv = kv_heads(base)
+    return pd.DataFrame(
+        [
+            {"layer": l, "head": h, "kv_head": kv[h], "jsd": mean[l, h], "jsd_max": peak[l, h].item()}
+            for l in range(L)
+            for h in range(H)
+        ]
+    )
+
+
+def weight_changes(base: HookedTransformer, tuned: HookedTransformer) -> pd.DataFrame:
+    """Per head: relative Frobenius norm of the change of W_Q, W_K, W_V, W_O (0 where the weights are identical).
+
+    W_K/W_V are measured per kv head (``_W_K``/``_W_V`` under GQA) and repeated on the q heads that read them.
+    """
+    check_compatible(base, tuned)
+    kv = kv_heads(base)
+    rows = []
+    for layer, (a, b) in enumerate(zip(base.blocks, tuned.blocks)):
+        a, b = a.attn, b.attn
+        dq = relative_change(a.W_Q, b.W_Q)
+        do = relative_change(a.W_O, b.W_O)
+        dk = relative_change(getattr(a, "_W_K", a.W_K), getattr(b, "_W_K", b.W_K))
+        dv = relative_change(getattr(a, "_W_V", a.W_V), getattr(b, "_W_V", b.W_V))
+        grouped = dk.shape[0] != dq.shape[0]
+        for h in range(base.cfg.n_heads):
+            g = kv[h] if grouped else h
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "kv_head": kv[h],
+                    "dW_Q": dq[h].item(),
+                    "dW_K": dk[g].item(),
+                    "dW_V": dv[g].item(),
+                    "dW_O": do[h].item(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def census_deltas(census_base: pd.DataFrame, census_tuned: pd.DataFrame) -> pd.DataFrame:
+    """Per head: tuned minus base for every census score (``d_<score>``), both labels and whether the label changed."""
+    keys = ["layer", "head"]
+    scores = [
+        c
+        for c in census_base.columns
+        if c in SCORES or (c not in keys + ["kv_head", "label"] and pd.api.types.is_numeric_dtype(census_base[c]))
+    ]
+    merged = census_base.merge(census_tuned, on=keys, suffixes=("_base", "_tuned"))
+    out = merged[keys].copy()
+    for s in scores:
+        out[f"d_{s}"] = merged[f"{s}_tuned"] - merged[f"{s}_base"]
+    if "label" in census_base.columns:
+        out["label_base"] = merged["label_base"]
+        out["label_tuned"] = merged["label_tuned"]
+        out["label_changed"] = merged["label_base"] != merged["label_tuned"]
+    return out
+
+
+def compare_models(
+    base: HookedTransformer,
+    tuned: HookedTransformer,
+    probes=None,
+    *,
+    census: bool = True,
+    seed: int = 0,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Head-by-head comparison of ``base`` and ``tuned`` (same architecture, e.g. base + merged LoRA).
+
+    Columns: layer, head, kv_head, jsd, jsd_max (attention change in bits, see :func:`attention_divergence`),
+    dW_Q, dW_K, dW_V, dW_O (relative weight change, see :func:`weight_changes`), and with ``census=True``
+    ``d_<score>`` for every census score plus label_base, label_tuned, label_changed. ``probes`` defaults
+    to the census probes (:func:`headlens.data.probes.default_probes` with ``seed``); the census runs on the
+    same ProbeSet when one is given, else on its defaults.
+    """
+    check_compatible(base, tuned)
+
+    if probes is None:
+        probes = default_probes(base, seed=seed)
+    df = attention_divergence(base, tuned, probes, batch_size=batch_size, seed=seed, progress=progress)
+    df = df.merge(weight_changes(base, tuned), on=["layer", "head", "kv_head"])
+    if census:
+        census_probes = probes if isinstance(probes, ProbeSet) else None
+        deltas = census_deltas(
+            run_census(base, census_probes, seed=seed, progress=progress).table,
+            run_census(tuned, census_probes, seed=seed, progress=progress).table,
+        )
+        df = df.merge(deltas, on=["layer", "head"])
+    return df
+
+
+def top_changed(df: pd.DataFrame, n: int = 10, by: str = "jsd") -> pd.DataFrame:
+    """The ``n`` heads with the largest ``by`` (default: attention change)."""
+    if by not in df.columns:
+        raise HeadlensError(f"no column {by!r} in the comparison (columns: {', '.join(df.columns)})")
+    return df.sort_values(by, ascending=False).head(n).reset_index(drop=True)

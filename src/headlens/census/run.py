@@ -1,0 +1,485 @@
+"""Head census: score every (layer, head) on seeded probes, label each head, and say how sure the label is.
+
+What is scored comes from the head-type registry (:mod:`headlens.census.registry`): every registered type
+with a score function adds a column, measured on the probe kind it names (or on the weights). The
+built-in columns: ``previous_token``, ``first_token``, ``local`` and ``entropy`` on natural text (the
+Python reference docs); ``delimiter`` on the Python standard library's code; ``duplicate_token`` and
+``induction`` on repeated random tokens whose half-length varies per sequence; ``copying`` from the
+weights. Patterns are reduced inside the attention hooks (``headlens.engine.capture``), one batch and one
+layer at a time, to one number per *sequence*, so memory is one layer's pattern, never a cache.
+
+Sink. Qwen prepends no BOS, yet most heads park attention on position 0. Each type registered with
+``nosink=True`` also gets a ``<name>_nosink`` column: the score on the pattern with key 0 removed and
+every query row renormalised over its other keys (TransformerLens' ``exclude_bos``). A head *sinks*
+on a probe when its mean attention to position 0 there is at least ``SINK`` (0.3); labels then use the
+``_nosink`` score, unless the head puts less than ``MIN_NONSINK`` (5 %) of its attention elsewhere
+(then there is nothing left to read and the raw score is used).
+
+Labels. A head is a *candidate* for every label whose (sink-aware) score reaches its threshold and
+whose ``requires`` holds (``copy_suppression`` is prefix matching by a head whose OV circuit pushes down the
+token it reads — ``negative_copying`` >= 0.5, or a negative eigenvalue copying score for models without a
+tokenizer — and ``induction`` is prefix matching by any other head). The lowest tier holding a candidate decides; inside it the
+largest score/threshold ratio wins (ties: the type registered first). No candidate: ``other``.
+
+Confidence. Sequences are resampled with replacement (``n_boot`` times, per probe kind, no extra
+forwards): ``confidence`` is the share of resamples that give the head the same label;
+``<score>_lo``/``<score>_hi`` are 95 % percentile intervals; ``label_counts`` gives counts with intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from headlens.census import scores
+from headlens.census.registry import WEIGHTS, HeadType, head_types
+from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
+from headlens.engine.capture import stream_patterns
+from headlens.engine.executor import resolve
+from headlens.errors import HeadlensError
+from headlens.heads import format_heads, kv_heads
+from headlens.io import provenance
+
+SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
+"""The eight built-in score columns (values unchanged since the first version, except ``delimiter``: key 0 no longer
+counts and its uniform baseline spreads over keys 1..i)."""
+SINK = 0.3
+MIN_NONSINK = 0.05
+N_BOOT = 200
+
+
+def score_columns(types: dict[str, HeadType] | None = None) -> list[str]:
+    """Score columns of a census over ``types`` (default: the registry), in registration order."""
+    types = head_types() if types is None else types
+    cols = []
+    for t in types.values():
+        if t.score is not None:
+            cols.append(t.name)
+            if t.nosink:
+                cols.append(f"{t.name}_nosink")
+    return cols
+
+
+def label_names(types: dict[str, HeadType] | None = None) -> tuple[str, ...]:
+    """Labels in tier order (registration order inside a tier), then ``other``."""
+    types = head_types() if types is None else types
+    named = sorted((t for t in types.values() if t.label), key=lambda t: t.tier)
+    return (*(t.name for t in named), "other")
+
+
+def columns(types: dict[str, HeadType] | None = None) -> tuple[str, ...]:
+    """The leading columns of a census table (interval columns ``<score>_lo/_hi`` follow them)."""
+    return ("layer", "head", "kv_head", *score_columns(types), "label", "confidence", "label_score")
+
+
+COLUMNS = columns()
+LABELS = label_names()
+THRESHOLDS = {t.name: t.threshold for t in head_types().values() if t.label}
+"""Built-in label thresholds (docs/head_types.md and analyses/results/census_trust/null.csv say why each sits where
+it does)."""
+LABEL_SCORE = {t.name: t.column for t in head_types().values() if t.label}
+"""The score column each built-in label is decided by (its own, except ``copy_suppression``, which reads ``induction``)."""
+TIERS = tuple(
+    tuple(t.name for t in head_types().values() if t.label and t.tier == tier)
+    for tier in sorted({t.tier for t in head_types().values() if t.label})
+)
+"""Built-in labels by tier (see :func:`headlens.census.registry.head_types` for what is registered now)."""
+
+
+@dataclass
+class PerSequence:
+    """Per-sequence scores ``{column: [seq, layer*head]}`` per probe kind, the weights scores, and each kind's sink mass."""
+
+    by_kind: dict[str, dict[str, np.ndarray]]
+    weights: dict[str, np.ndarray]
+
+
+@dataclass
+class CensusResult:
+    """What :func:`run_census` returns: the census table and what it was computed from.
+
+    Fields:
+
+    - ``table``: one row per (layer, head): ``layer, head, kv_head``, every registered score (and ``<score>_nosink``),
+      ``label``, ``confidence``, ``label_score``, then the 95 % intervals ``<score>_lo``/``<score>_hi``.
+    - ``label_counts``: heads per label with the bootstrap's 95 % interval (``label, n_heads, lo, hi``).
+    - ``probes``: the :class:`~headlens.data.probes.ProbeSet` that was scored (None for a census read from disk).
+    - ``seed``: the probe seed; ``thresholds``: the label thresholds used.
+    - ``provenance``: the model's identity and the settings (:func:`headlens.io.provenance`), what the CLI checks
+      before it reuses a census file.
+    """
+
+    table: pd.DataFrame
+    label_counts: pd.DataFrame
+    probes: ProbeSet | None
+    seed: int
+    thresholds: dict[str, float]
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, *, seed: int = 0, provenance: dict | None = None) -> CensusResult:
+        """A result for a census table read back from disk (counts approximated from ``confidence``)."""
+        return cls(table, label_counts(table), None, int(seed), dict(THRESHOLDS), dict(provenance or {}))
+
+    def summary(self) -> pd.DataFrame:
+        """Per label: how many heads (with the 95 % interval) and the heads themselves, ordered by layer."""
+        counts = self.label_counts.set_index("label")
+        frame = self.table
+        rows = []
+        names = label_names()
+        for label in [lb for lb in names if lb in counts.index] + sorted(set(counts.index) - set(names)):
+            part = frame[frame["label"] == label]
+            rows.append(
+                {
+                    "label": label,
+                    "n_heads": len(part),
+                    "lo": int(counts.loc[label, "lo"]),
+                    "hi": int(counts.loc[label, "hi"]),
+                    "heads": format_heads(zip(part["layer"], part["head"])),
+                }
+            )
+        return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi", "heads"])
+
+
+def run_census(
+    model: HookedTransformer,
+    probes: ProbeSet | None = None,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    thresholds: dict[str, float] | None = None,
+    progress: bool = True,
+    n_boot: int = N_BOOT,
+    executor=None,
+) -> CensusResult:
+    """Score and label every head; see :class:`CensusResult` for what comes back.
+
+    ``probes`` defaults to :func:`headlens.data.probes.default_probes` with ``seed`` (the kinds the registered
+    types need); scores of kinds the set lacks are NaN. ``thresholds`` overrides label thresholds.
+    ``batch_size`` sequences go through one forward. ``executor`` (:mod:`headlens.engine.executor`, e.g. a
+    ``RayExecutor``) runs the probe batches; the table is the same whichever runs them.
+    """
+    types = head_types()
+    limits = _thresholds(types, thresholds)
+    if int(batch_size) < 1:
+        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    if int(n_boot) < 0:
+        raise HeadlensError(f"n_boot must be >= 0 (got {n_boot})")
+    settings = {
+        "seed": int(seed),
+        "probes": "default" if probes is None else "custom",
+        "thresholds": "default" if not thresholds else limits,
+    }
+    if probes is None:
+        needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}
+        probes = default_probes(model, seed=seed, kinds=[k for k in probe_kinds() if k in needed])
+    check_probes(model, probes)
+    per_seq = collect(model, probes, types, batch_size=batch_size, progress=progress, executor=executor)
+    table, counts = build_table(model, per_seq, types, limits, seed=seed, n_boot=n_boot)
+    return CensusResult(table, counts, probes, int(seed), limits, provenance(model, **settings))
+
+
+def collect(
+    model: HookedTransformer,
+    probes: ProbeSet,
+    types: dict[str, HeadType],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    executor=None,
+) -> PerSequence:
+    """Stream every probe once and keep each type's per-sequence scores (plus the weights scores).
+
+    The probes are cut into shards of ``batch_size`` sequences that ``executor`` (:mod:`headlens.engine.executor`;
+    default: in this process) scores in any order; shards are joined in order, so the table is the same.
+    """
+
+    items = list(probes.items())
+    shards = [(kind, sub) for kind, p in items for sub in probe_batches(p, int(batch_size))]
+    wanted = {k: {n: t for n, t in types.items() if t.probe == k and t.score is not None} for k, _ in items}
+    parts = resolve(executor).map(
+        partial(_shard_scores, wanted=wanted, progress=progress),
+        model,
+        [sub for _, sub in shards],
+        key="headlens.census.run.batch_scores:" + ",".join(types),
+        desc="census",
+        progress=progress,
+    )
+    by_kind = {}
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    for kind, _ in items:
+        mine = [part for (k, _), part in zip(shards, parts) if k == kind]
+        by_kind[kind] = {c: torch.cat([m[c] for m in mine]).reshape(-1, L * H).numpy() for c in mine[0]}
+    weights = {
+        n: t.score(model).double().flatten().cpu().numpy()
+        for n, t in types.items()
+        if t.probe == WEIGHTS and t.score is not None
+    }
+    return PerSequence(by_kind, weights)
+
+
+def probe_batches(probe: Probe, batch_size: int) -> list[Probe]:
+    """``probe`` cut into consecutive sub-probes of at most ``batch_size`` sequences (the census's shards).
+
+    Every per-sequence field is cut — tensors and tuples whose first dimension is the batch — so probe kinds
+    with their own metadata (``headlens.data.code.CodeProbe``, ...) shard too."""
+
+    def cut(value, rows):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == probe.n_seqs:
+            return value[rows]
+        if isinstance(value, tuple) and len(value) == probe.n_seqs:
+            return value[rows]
+        return value
+
+    out = []
+    for i in range(0, probe.n_seqs, batch_size):
+        rows = slice(i, i + batch_size)
+        out.append(replace(probe, **{f.name: cut(getattr(probe, f.name), rows) for f in fields(probe) if f.init}))
+    return out
+
+
+def _shard_scores(
+    model: HookedTransformer, probe: Probe, *, wanted: dict, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    return batch_scores(model, probe, wanted[probe.kind], progress=progress)
+
+
+def probe_scores(
+    model: HookedTransformer,
+    probe: Probe,
+    types: dict[str, HeadType] | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-sequence scores ``{column: [seq, layer*head]}`` of the ``types`` measured on ``probe`` (+ ``_sink``)."""
+    if types is None:
+        types = {n: t for n, t in head_types().items() if t.probe == probe.kind and t.score is not None}
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    parts = [batch_scores(model, sub, types, progress=progress) for sub in probe_batches(probe, int(batch_size))]
+    return {c: torch.cat([p[c] for p in parts]).reshape(-1, L * H).numpy() for c in parts[0]}
+
+
+def batch_scores(
+    model: HookedTransformer, probe: Probe, types: dict[str, HeadType], *, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """One forward over ``probe``: per-sequence scores ``{column: [seq, layer, head]}`` float64 (+ ``_sink``).
+
+    Patterns are scored in float32 whatever the model's dtype.
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    cols = ["_sink", *(c for n, t in types.items() for c in ([n, f"{n}_nosink"] if t.nosink else [n]))]
+    out = {c: torch.zeros(probe.n_seqs, L, H, dtype=torch.float64) for c in cols}
+    any_nosink = any(t.nosink for t in types.values())
+
+    def reducer(layer, pattern, rows):
+        pattern = pattern.float()
+        out["_sink"][rows, layer] = scores.first_token_seq(pattern).double().cpu()
+        clean = scores.without_sink(pattern) if any_nosink else None
+        for name, t in types.items():
+            out[name][rows, layer] = _checked(t.score(pattern, probe, rows), pattern, name).double().cpu()
+            if t.nosink:
+                out[f"{name}_nosink"][rows, layer] = t.score(clean, probe, rows).double().cpu()
+
+    stream_patterns(
+        model, probe.tokens, reducer, batch_size=probe.n_seqs, progress=progress, desc=f"census {probe.kind}"
+    )
+    return out
+
+
+def _checked(value, pattern, name):
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(pattern.shape[:2]):
+        raise HeadlensError(
+            f"head type {name!r}: score must return a [batch, head] tensor (got "
+            f"{getattr(value, 'shape', type(value).__name__)}) — one number per sequence and head"
+        )
+    return value
+
+
+def build_table(
+    model: HookedTransformer,
+    per_seq: PerSequence,
+    types: dict[str, HeadType],
+    limits: dict[str, float],
+    *,
+    seed: int = 0,
+    n_boot: int = N_BOOT,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The census table from per-sequence scores (means, labels, bootstrap confidence and intervals) and its
+    label counts with bootstrap intervals."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    cols = score_columns(types)
+    means = _means(per_seq, types, {k: None for k in per_seq.by_kind}, L * H)
+    label_idx = _label(means, types, limits)
+    names = np.array(label_names(types))
+    frame = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(L), H),
+            "head": np.tile(np.arange(H), L),
+            "kv_head": np.tile(np.asarray(kv_heads(model)), L),
+            **{c: means[c].round(6) for c in cols},
+        }
+    )
+    frame["label"] = names[label_idx]
+    eff = _effective(means, types)
+    own = np.array([_label_column(types, lb) for lb in frame["label"]], dtype=object)
+    frame["label_score"] = np.array([eff[c][i] if c else np.nan for i, c in enumerate(own)]).round(6)
+    rng = np.random.default_rng(int(seed) + 12345)
+    boots_label, boots = [], {c: [] for c in cols}
+    boots_eff = []
+    for _ in range(int(n_boot)):
+        picks = {k: rng.integers(0, v["_sink"].shape[0], v["_sink"].shape[0]) for k, v in per_seq.by_kind.items()}
+        m = _means(per_seq, types, picks, L * H)
+        boots_label.append(_label(m, types, limits))
+        e = _effective(m, types)
+        boots_eff.append(np.array([e[c][i] if c else np.nan for i, c in enumerate(own)]))
+        for c in cols:
+            boots[c].append(m[c])
+    if n_boot:
+        stack = np.stack(boots_label)
+        frame["confidence"] = (stack == label_idx[None]).mean(0).round(4)
+        eff_stack = np.stack(boots_eff)
+        eff_stack = np.where(np.isfinite(eff_stack).all(0, keepdims=True), eff_stack, np.nan)
+        with np.errstate(invalid="ignore"):
+            lo_hi = {
+                "label_score_lo": np.percentile(eff_stack, 2.5, axis=0),
+                "label_score_hi": np.percentile(eff_stack, 97.5, axis=0),
+            }
+        for c in cols:
+            arr = np.stack(boots[c])
+            frame[f"{c}_lo"] = np.percentile(arr, 2.5, axis=0).round(6)
+            frame[f"{c}_hi"] = np.percentile(arr, 97.5, axis=0).round(6)
+        for k, v in lo_hi.items():
+            frame[k] = np.round(v, 6)
+        boot_counts = np.stack([(stack == i).sum(1) for i in range(len(names))], axis=1)  # [boot, label]
+        counts = _count_table(names, np.bincount(label_idx, minlength=len(names)), boot_counts)
+    else:
+        frame["confidence"] = np.nan
+    lead = list(columns(types))
+    frame = frame[lead + [c for c in frame.columns if c not in lead]]
+    return frame, (label_counts(frame) if not n_boot else counts[counts.n_heads > 0].reset_index(drop=True))
+
+
+def _label_column(types, label: str) -> str | None:
+    t = types.get(label)
+    return t.column if t is not None else None
+
+
+def _means(per_seq: PerSequence, types, picks: dict, n: int) -> dict[str, np.ndarray]:
+    """Column means over (resampled) sequences; ``_sink:<kind>`` holds each kind's sink mass."""
+    out = {c: np.full(n, np.nan) for c in score_columns(types)}
+    for kind, cols in per_seq.by_kind.items():
+        idx = picks.get(kind)
+        for c, v in cols.items():
+            value = (v if idx is None else v[idx]).mean(0)
+            out[f"_sink:{kind}" if c == "_sink" else c] = value
+    out.update(per_seq.weights)
+    return out
+
+
+def _effective(means: dict[str, np.ndarray], types) -> dict[str, np.ndarray]:
+    """Each score column as labels read it: the ``_nosink`` score where the head sinks on that probe (module docstring)."""
+    eff = dict(means)
+    for name, t in types.items():
+        if t.nosink and t.score is not None:
+            sink = means.get(f"_sink:{t.probe}")
+            if sink is None:
+                continue
+            use = (sink >= SINK) & (1.0 - sink >= MIN_NONSINK) & np.isfinite(means[f"{name}_nosink"])
+            eff[name] = np.where(use, means[f"{name}_nosink"], means[name])
+    return eff
+
+
+def _label(means: dict[str, np.ndarray], types, limits: dict[str, float]) -> np.ndarray:
+    """Index into :func:`label_names` of each head's label (vectorised over heads)."""
+    eff = _effective(means, types)
+    names = label_names(types)
+    n = len(next(iter(means.values())))
+    out = np.full(n, len(names) - 1)
+    decided = np.zeros(n, dtype=bool)
+    labelled = [t for t in types.values() if t.label]
+    for tier in sorted({t.tier for t in labelled}):
+        best = np.full(n, -np.inf)
+        best_idx = np.full(n, -1)
+        for t in (t for t in labelled if t.tier == tier):
+            score = eff.get(t.column)
+            if score is None:
+                continue
+            with np.errstate(invalid="ignore"):
+                ratio = score / limits[t.name]
+                ok = np.isfinite(ratio) & (ratio >= 1.0)
+                if t.requires is not None:
+                    ok &= np.asarray(t.requires(eff), dtype=bool)
+            better = ok & (ratio > best)
+            best = np.where(better, ratio, best)
+            best_idx = np.where(better, names.index(t.name), best_idx)
+        take = ~decided & (best_idx >= 0)
+        out[take] = best_idx[take]
+        decided |= take
+    return out
+
+
+def _count_table(names, counts: np.ndarray, boot: np.ndarray) -> pd.DataFrame:
+    lo, hi = np.percentile(boot, 2.5, axis=0).round(), np.percentile(boot, 97.5, axis=0).round()
+    rows = [
+        {"label": str(n), "n_heads": int(c), "lo": int(a), "hi": int(b)} for n, c, a, b in zip(names, counts, lo, hi)
+    ]
+    return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi"])
+
+
+def label_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Heads per label of a census table with an approximate 95 % interval: ``label, n_heads, lo, hi``.
+
+    For a table read back from disk (a fresh :class:`CensusResult` carries the bootstrap's ``label_counts``): each
+    head keeps its label with probability ``confidence`` (losses only, normal approximation), so ``hi`` is the
+    count itself.
+    """
+    if "label" not in table.columns:
+        raise HeadlensError("label_counts needs a census table with a 'label' column")
+    rows = []
+    order = [lb for lb in LABELS if lb in set(table.label)] + sorted(set(table.label) - set(LABELS))
+    for lb in order:
+        part = table[table.label == lb]
+        conf = part["confidence"].to_numpy(dtype=float) if "confidence" in part else np.ones(len(part))
+        conf = np.nan_to_num(conf, nan=1.0)
+        mean, sd = conf.sum(), np.sqrt((conf * (1 - conf)).sum())
+        rows.append({"label": lb, "n_heads": len(part), "lo": int(max(0, np.floor(mean - 1.96 * sd))), "hi": len(part)})
+    return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi"])
+
+
+def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> list[str]:
+    """The label of each row of a census table (sink-aware scores, requirements, tiers; see the module docstring).
+
+    Rows lacking ``_sink`` information are labelled on the ``_nosink`` columns where present (a table read back
+    from CSV has lost the per-probe sink mass; ``first_token`` stands in for it).
+    """
+    types = head_types()
+    limits = _thresholds(types, thresholds)
+    means = {c: frame[c].to_numpy(dtype=float) for c in frame.columns if c in set(score_columns(types))}
+    if "first_token" in frame:
+        for kind in {t.probe for t in types.values()}:
+            means.setdefault(f"_sink:{kind}", frame["first_token"].to_numpy(dtype=float))
+    n = len(frame)
+    for c in score_columns(types):
+        means.setdefault(c, np.full(n, np.nan))
+    if n == 0:
+        return []
+    return np.array(label_names(types))[_label(means, types, limits)].tolist()
+
+
+def _thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:
+    limits = {n: t.threshold for n, t in types.items() if t.label}
+    for name, value in (overrides or {}).items():
+        if name not in limits:
+            raise HeadlensError(f"unknown threshold {name!r}; known: {', '.join(limits)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise HeadlensError(f"threshold {name!r} must be a number, got {type(value).__name__} {value!r}")
+        if not np.isfinite(value) or value <= 0:
+            raise HeadlensError(f"threshold {name!r} must be a positive number (got {value})")
+        limits[name] = float(value)
+    return limits

@@ -1,0 +1,102 @@
+"""Stream attention patterns through per-layer reductions, one batch and one layer at a time.
+
+A hook on ``blocks.{l}.attn.hook_pattern`` hands the pattern to a reducer and drops it, so memory
+is one layer's attention, never a full cache. The forward stops after the last hooked layer
+(``stop_at_layer``), which also skips the unembedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer, utils
+
+from headlens.errors import HeadlensError
+from headlens.heads import check_head, parse_head
+from headlens.progress import tqdm
+
+Reducer = Callable[[int, Float[Tensor, "batch head q k"], slice], None]
+
+
+def stream_patterns(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    reducer: Reducer,
+    *,
+    layers: Iterable[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "attention",
+) -> None:
+    """Call ``reducer(layer, pattern, rows)`` for every layer's pattern of every batch of ``tokens``.
+
+    ``rows`` is the slice of ``tokens`` the batch covers, so a reducer can look up per-sequence metadata.
+    """
+    layers = sorted(range(model.cfg.n_layers) if layers is None else set(layers))
+    tokens = tokens.to(model.cfg.device)
+    starts = range(0, tokens.shape[0], batch_size)
+    # the bar moves once per (batch, layer): a probe that is a single batch still shows progress
+    with tqdm(total=len(starts) * len(layers), desc=desc, unit="layer", disable=not progress, leave=False) as bar:
+        for start in starts:
+            rows = slice(start, min(start + batch_size, tokens.shape[0]))
+
+            def hook(pattern, hook, rows=rows):
+                reducer(hook.layer(), pattern, rows)
+                bar.update(1)
+
+            hooks = [(utils.get_act_name("pattern", layer), hook) for layer in layers]
+            with torch.inference_mode():
+                model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
+
+
+def str_tokens(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
+    """Each token id as text (``t17`` for a model without a tokenizer, e.g. the toy model)."""
+    if model.tokenizer is None:
+        return [f"t{int(t)}" for t in ids]
+    return [model.tokenizer.decode([int(t)]) for t in ids]
+
+
+def head_patterns(
+    model: HookedTransformer,
+    prompt: str | Int[Tensor, " pos"],
+    heads: Sequence[tuple[int, int]],
+    *,
+    max_tokens: int = 128,
+) -> tuple[list[str], Float[Tensor, "head q k"]]:
+    """String tokens of ``prompt`` (text, or token ids for a model without a tokenizer) and the attention pattern
+    of each ``(layer, head)`` on it, in the order given.
+
+    One forward, stopped after the last layer needed; each hook keeps only the chosen heads' rows.
+    """
+    heads = [parse_head(h) for h in heads]  # "L9H8", (9, 8) or Head(9, 8), in the order given
+    if not heads:
+        raise HeadlensError("no heads given: pass heads as a list of (layer, head) pairs, e.g. [(5, 3)]")
+    for layer, head in heads:
+        check_head(model, layer, head)
+    if isinstance(prompt, Tensor):
+        if prompt.ndim != 1 or prompt.numel() == 0:
+            raise HeadlensError(f"pass token ids as one non-empty 1-d tensor, got shape {tuple(prompt.shape)}")
+        tokens = prompt.long()[None].to(model.cfg.device)
+    elif not isinstance(prompt, str) or not prompt:
+        raise HeadlensError("the prompt is empty: pass a non-empty string")
+    else:
+        if model.tokenizer is None:
+            raise HeadlensError("this model has no tokenizer: pass the prompt as a 1-d tensor of token ids")
+        tokens = model.to_tokens(prompt, prepend_bos=False)
+    if tokens.shape[1] > max_tokens:
+        raise HeadlensError(
+            f"the prompt is {tokens.shape[1]} tokens; attention views take at most max_tokens={max_tokens} "
+            "(pass a shorter prompt or a larger max_tokens)"
+        )
+    kept: dict[int, Float[Tensor, "head q k"]] = {}
+    wanted = sorted({layer for layer, _ in heads})
+
+    def keep(layer, pattern, rows):
+        kept[layer] = pattern[0].detach().float().cpu().clone()
+
+    stream_patterns(model, tokens, keep, layers=wanted, batch_size=1, progress=False)
+    patterns = torch.stack([kept[layer][head] for layer, head in heads])
+    return str_tokens(model, tokens[0].tolist()), patterns

@@ -1,0 +1,457 @@
+"""Where the expensive loops run: in this process, or fanned out to Ray actors that each hold one model.
+
+A job is ``fn(model, shard) -> result`` over an ordered list of shards (census probe batches, the
+layers of an ablation sweep or of exact patching, one model of an atlas). :meth:`Executor.map`
+returns the results in shard order, so whatever ran where and when, the caller merges them the same
+way and the output equals the single-process one (the single-process path runs the very same shard
+function through :class:`LocalExecutor`).
+
+- :class:`LocalExecutor`: shards one after another in this process, on the model passed in.
+- :class:`RayExecutor` (``pip install 'headlens[ray]'``): ``workers`` Ray actors, each loading its
+  OWN copy of the model from the local cache by its recipe (:class:`ModelSpec`, recorded by
+  :func:`headlens.load_model`, :func:`headlens.tiny_model` and :func:`headlens.analysis.toy.load_induction_model`) —
+  weights never travel through the object store. Shards are handed to whichever actor is free.
+  A worker that dies mid-shard is restarted by Ray (``max_restarts``) and its shard re-run
+  (``max_task_retries``, then again on a fresh actor here).
+- ``checkpoint=DIR`` (both): each finished shard's result is written atomically under
+  ``DIR/<job fingerprint>/``; a re-run of the same job (same function, model recipe and shards)
+  loads them and computes only the rest. A different job gets a different folder: nothing stale is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headlens.errors import HeadlensError
+from headlens.io import write_bytes
+from headlens.models import ModelSpec, spec_of
+from headlens.progress import tqdm
+
+ShardFn = Callable[[Any, Any], Any]
+
+
+# ---------------------------------------------------------------- executors
+
+
+@dataclass
+class ShardTiming:
+    """Wall time of one shard and the process that ran it (for scaling projections and fault tests)."""
+
+    index: int
+    seconds: float
+    pid: int
+
+
+class Executor:
+    """Ordered ``map`` of a shard function over shards, with optional per-shard checkpoints (see module docstring)."""
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None):
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.timings: list[ShardTiming] = []
+        self.computed = 0
+
+    def map(
+        self,
+        fn: ShardFn,
+        model,
+        shards: Sequence,
+        *,
+        key: str | None = None,
+        desc: str = "shards",
+        progress: bool = True,
+    ) -> list:
+        """``[fn(model, s) for s in shards]``, computed here or elsewhere, returned in shard order.
+
+        ``key`` names the job in checkpoint fingerprints (default: the function's qualified name).
+        """
+        shards = list(shards)
+        store = _ShardStore(self.checkpoint, key or _qualname(fn), model, shards) if self.checkpoint else None
+        results: list = [None] * len(shards)
+        todo = []
+        for i in range(len(shards)):
+            if store is not None and store.has(i):
+                results[i] = store.load(i)
+            else:
+                todo.append(i)
+        self.timings, self.computed = [], 0
+        with tqdm(
+            total=len(shards), initial=len(shards) - len(todo), desc=desc, disable=not progress, leave=False
+        ) as bar:
+            for i, result, timing in self._run(fn, model, shards, todo):
+                results[i] = result
+                self.timings.append(timing)
+                self.computed += 1
+                if store is not None:
+                    store.save(i, result)
+                bar.update()
+        return results
+
+    def _run(self, fn: ShardFn, model, shards: list, todo: list[int]):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers (no-op here)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Run shards one after another in this process, on the model passed to :meth:`map`."""
+
+    def _run(self, fn, model, shards, todo):
+        for i in todo:
+            start = time.perf_counter()
+            result = fn(model, shards[i])
+            yield i, result, ShardTiming(i, time.perf_counter() - start, os.getpid())
+
+
+def resolve(executor: Executor | None) -> Executor:
+    """``None`` -> a :class:`LocalExecutor`; an executor is returned as is."""
+    if executor is None:
+        return LocalExecutor()
+    if not isinstance(executor, Executor) and not callable(getattr(executor, "map", None)):
+        raise HeadlensError(
+            f"executor must be a headlens.engine.executor.Executor (LocalExecutor, RayExecutor), got {type(executor).__name__}"
+        )
+    return executor
+
+
+def executor_from_options(
+    workers: int | None = None,
+    ray_address: str | None = None,
+    *,
+    threads: int = 1,
+    checkpoint: str | os.PathLike | None = None,
+) -> Executor:
+    """The executor the CLI options ask for: Ray when ``workers`` or ``ray_address`` is given, else local."""
+    if workers is None and not ray_address:
+        return LocalExecutor(checkpoint=checkpoint)
+    return RayExecutor(workers or 2, address=ray_address, threads=threads, checkpoint=checkpoint)
+
+
+class _Worker:
+    """A Ray actor: one model copy, loaded here from the local cache by its recipe, reused for every shard."""
+
+    def __init__(self, spec: ModelSpec | None, threads: int):
+        torch.set_num_threads(max(1, int(threads)))
+        device = None
+        if spec is not None and spec.device.startswith("cuda"):
+            import ray
+
+            device = (
+                "cuda" if ray.get_gpu_ids() else spec.device
+            )  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+        self.model = None if spec is None else spec.build(device=device)
+
+    def run(self, fn: ShardFn, shard):
+        start = time.perf_counter()
+        result = fn(self.model, shard)
+        return result, time.perf_counter() - start, os.getpid()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor(Executor):
+    """Fan shards out to ``workers`` Ray actors (each holding one model copy); see the module docstring.
+
+    ``address``: an existing cluster ('HOST:PORT', 'ray://HOST:PORT' or 'auto'); without it a local Ray
+    with ``workers * threads`` CPUs starts (or the one this process already started is reused).
+    ``threads``: torch threads (= Ray CPUs) per worker. ``gpus_per_worker``: defaults to 1 for a model on
+    cuda when the cluster has a GPU per worker, else an equal share of its GPUs.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        address: str | None = None,
+        threads: int = 1,
+        gpus_per_worker: float | None = None,
+        max_restarts: int = 3,
+        max_task_retries: int = 3,
+        checkpoint: str | os.PathLike | None = None,
+    ):
+        super().__init__(checkpoint)
+        if int(workers) < 1:
+            raise HeadlensError(f"--workers must be >= 1 (got {workers})")
+        if int(threads) < 1:
+            raise HeadlensError(f"threads per worker must be >= 1 (got {threads})")
+        self.workers, self.threads, self.address = int(workers), int(threads), address
+        self.gpus_per_worker, self.max_restarts, self.max_task_retries = gpus_per_worker, max_restarts, max_task_retries
+        self.ray = _import_ray()
+        self._started = False
+        if not self.ray.is_initialized():
+            if address and address != "auto":
+                _check_reachable(address)
+            kwargs = (
+                {"address": address}
+                if address
+                else {"num_cpus": self.workers * self.threads, "object_store_memory": 256 * 2**20}
+            )
+            try:
+                self.ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise HeadlensError(
+                    f"could not start or reach Ray at {address or 'a new local cluster'}: {_first_line(err)}"
+                ) from None
+            self._started = True
+        self._pools: dict[ModelSpec | None, list] = {}
+
+    def _gpus(self, spec: ModelSpec | None) -> float:
+        if spec is None or not spec.device.startswith("cuda"):
+            return 0.0
+        if self.gpus_per_worker is not None:
+            return float(self.gpus_per_worker)
+        total = float(self.ray.cluster_resources().get("GPU", 0))
+        if total <= 0:
+            raise HeadlensError(
+                "the model is on cuda but the Ray cluster has no GPUs: start Ray on GPU machines or use --device cpu"
+            )
+        return 1.0 if total >= self.workers else total / self.workers
+
+    def _new_actor(self, spec: ModelSpec | None):
+        cls = self.ray.remote(_Worker).options(
+            num_cpus=self.threads,
+            num_gpus=self._gpus(spec),
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_task_retries,
+        )
+        return cls.remote(spec, self.threads)
+
+    def pool(self, model) -> list:
+        """The actors holding ``model`` (one copy each), started on first use; the model's recipe is their key."""
+        spec = None if model is None else spec_of(model)
+        if spec not in self._pools:
+            self._kill_pools()  # actors hold their CPUs/GPUs: one pool at a time, or a new one could never be placed
+            self._pools[spec] = [self._new_actor(spec) for _ in range(self.workers)]
+        return self._pools[spec]
+
+    def worker_pids(self, model) -> list[int]:
+        """Process ids of the actors holding ``model`` (waits until they have loaded it)."""
+        return self.ray.get([a.pid.remote() for a in self.pool(model)])
+
+    def _run(self, fn, model, shards, todo):
+        ray = self.ray
+        actors = self.pool(model)
+        fn_ref = ray.put(fn)
+        queue, idle = deque(todo), deque(actors)
+        pending: dict = {}
+        failures: dict[int, int] = {}
+        while queue or pending:
+            while queue and idle:
+                actor, i = idle.popleft(), queue.popleft()
+                pending[actor.run.remote(fn_ref, shards[i])] = (i, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i, actor = pending.pop(ref)
+                try:
+                    result, seconds, pid = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    failures[i] = failures.get(i, 0) + 1
+                    if failures[i] > self.max_task_retries:
+                        raise HeadlensError(
+                            f"shard {i} failed {failures[i]} times because its Ray worker died: {_first_line(err)}"
+                        ) from None
+                    fresh = self._new_actor(None if model is None else spec_of(model))
+                    self._pools[None if model is None else spec_of(model)][actors.index(actor)] = fresh
+                    actors[actors.index(actor)] = fresh
+                    queue.appendleft(i)
+                    idle.append(fresh)
+                    continue
+                except ray.exceptions.RayTaskError as err:
+                    cause = err.as_instanceof_cause()
+                    if isinstance(cause, HeadlensError):
+                        raise HeadlensError(
+                            str(cause).splitlines()[-1].removeprefix("headlens.errors.HeadlensError: ")
+                        ) from None
+                    raise
+                idle.append(actor)
+                yield i, result, ShardTiming(i, seconds, pid)
+
+    def _kill_pools(self) -> None:
+        for actors in self._pools.values():
+            for actor in actors:
+                self.ray.kill(actor)
+        self._pools = {}
+
+    def close(self) -> None:
+        """Kill this executor's actors (and the local Ray it started)."""
+        self._kill_pools()
+        if self._started and self.ray.is_initialized():
+            self.ray.shutdown()
+            self._started = False
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise HeadlensError(
+            "Ray is not installed: pip install 'headlens[ray]' (or pip install ray), or run without --workers"
+        ) from None
+    return ray
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail fast (instead of Ray's long retry loop) when HOST:PORT does not answer."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise HeadlensError(f"bad Ray address {address!r}: use HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise HeadlensError(
+            f"the Ray cluster at {address} is unreachable ({err.strerror or err}); start it with "
+            "`ray start --head` there, or drop --ray-address to use a local Ray"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _qualname(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+# ---------------------------------------------------------------- per-shard checkpoints
+
+
+def fingerprint(obj) -> str:
+    """A stable sha256 of nested shards: tensors by dtype/shape/bytes, dataclasses by fields, functions by code and closure."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(type(obj).__qualname__.encode())
+        for f in dataclasses.fields(obj):
+            h.update(f.name.encode())
+            _feed(h, getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        h.update(f"{type(obj).__name__}[".encode())
+        for item in items:
+            _feed(h, item)
+        h.update(b"]")
+    elif callable(obj) and hasattr(obj, "__code__"):
+        h.update(_qualname(obj).encode())
+        h.update(obj.__code__.co_code)
+        _feed(h, [c.cell_contents for c in (obj.__closure__ or ())])
+        _feed(h, obj.__defaults__ or ())
+    elif hasattr(obj, "func") and hasattr(obj, "args"):  # functools.partial
+        _feed(h, (obj.func, obj.args, obj.keywords))
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+class _ShardStore:
+    """One folder per job (fingerprint of key + model recipe + shards); one atomically written file per shard."""
+
+    def __init__(self, root: Path, key: str, model, shards: list):
+        spec = getattr(model, "headlens_spec", None) if model is not None else None
+        if model is not None and spec is None:
+            raise HeadlensError(
+                "checkpointed runs need a model with a loading recipe (headlens.load_model / tiny_model)"
+            )
+        job = fingerprint((key, spec, shards))
+        self.dir = Path(root) / f"{key.rsplit('.', 1)[-1]}-{job[:16]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.dir / "job.json"
+        if not manifest.is_file():
+            write_bytes(
+                manifest,
+                json.dumps({"key": key, "fingerprint": job, "n_shards": len(shards), "model": repr(spec)}).encode(),
+            )
+
+    def _files(self, i: int) -> list[Path]:
+        return sorted(self.dir.glob(f"shard-{i:05d}.*"))
+
+    def has(self, i: int) -> bool:
+        return bool(self._files(i))
+
+    def load(self, i: int):
+        (path,) = self._files(i)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path)
+        return json.loads(path.read_text())
+
+    def save(self, i: int, result) -> None:
+        import pandas as pd
+
+        base = self.dir / f"shard-{i:05d}"
+        if isinstance(result, dict) and result and all(isinstance(v, torch.Tensor) for v in result.values()):
+            from safetensors.torch import save
+
+            write_bytes(
+                base.with_suffix(".safetensors"), save({k: v.detach().cpu().contiguous() for k, v in result.items()})
+            )
+        elif isinstance(result, pd.DataFrame):
+            import io
+
+            buf = io.BytesIO()
+            result.to_parquet(buf, index=False)
+            write_bytes(base.with_suffix(".parquet"), buf.getvalue())
+        else:
+            try:
+                data = json.dumps(result).encode()
+            except TypeError:
+                raise HeadlensError(f"cannot checkpoint a shard result of type {type(result).__name__}") from None
+            write_bytes(base.with_suffix(".json"), data)
+
+
+# ---------------------------------------------------------------- per-layer jobs
+
+
+def map_layers(
+    fn: ShardFn, model, first, layers, *, executor: Executor | None, key: str, progress: bool, kwargs: dict
+) -> list:
+    """``fn(model, (first, layer, kwargs))`` for each layer of ``layers`` (None = all) on ``executor``, in layer order.
+
+    The per-layer form of :meth:`Executor.map` that sweeps and patching use to spread their layers over workers.
+    """
+    layers = sorted({int(layer) for layer in (range(model.cfg.n_layers) if layers is None else layers)})
+    if not layers:
+        raise HeadlensError("no layers to run: pass layers=None for all, or a non-empty list")
+    for layer in layers:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{model.cfg.n_layers - 1}")
+    shards = [(first, layer, kwargs) for layer in layers]
+    return resolve(executor).map(fn, model, shards, key=key, desc=key.rsplit(".", 1)[-1], progress=progress)
