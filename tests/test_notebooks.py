@@ -173,3 +173,20 @@ def test_head_cards_qwen_notebook_shows_a_card_a_verdict_and_a_task_role():
     stderr = "\n".join(outputs(book, "stderr"))
     assert "Warning" not in stderr and "Traceback" not in stderr, stderr
     assert elapsed < 240
+
+
+def test_circuits_notebook_finds_the_previous_token_to_induction_key_edge():
+    values, elapsed, book = execute(
+        "circuits",
+        "dict(prev=prev, ind=ind, comp=[comp_top.sender, comp_top.composition, float(comp_top.z)], "
+        "pp=pp.table.set_index('input')['delta'].to_dict(), top=top_edges, methods=sorted(summary.method), "
+        "n_circuit=int(result.info['circuit_edges']), edges=len(result.edges))",
+    )
+    assert (values["prev"], values["ind"]) == ("L0H2", "L1H2")
+    assert values["comp"][:2] == ["L0H2", "k"] and values["comp"][2] > 3
+    assert values["pp"]["k"] < -1 and abs(values["pp"]["k"]) > 10 * max(abs(values["pp"]["q"]), abs(values["pp"]["v"]))
+    assert all(tuple(v) == ("L0H2", "k") for v in values["top"].values()) and len(values["top"]) == 3
+    assert values["methods"] == ["eap", "eap-ig", "exact"] and values["edges"] == 81 and 0 < values["n_circuit"] <= 81
+    check_clean(book, elapsed)
+    pages = [p for p in outputs(book, "text/html") if "CircuitsVis.render" in p]
+    assert len(pages) == 1 and "<svg" in pages[0] and "L0H2 → L1H2 [k]" in pages[0]

@@ -1088,6 +1088,184 @@ def atlas_cmd(
     typer.echo(f"wrote {page} and the tables beside it")
 
 
+# ---------------------------------------------------------------- circuit (issue 26)
+
+
+class CircuitTaskName(str, Enum):
+    induction = "induction"
+    ioi = "ioi"
+    brackets = "brackets"
+
+
+class AblationName(str, Enum):
+    mean = "mean"
+    resample = "resample"
+
+
+CIRCUIT_METHODS = ("eap", "eap-ig")
+
+
+def _circuit_args(
+    task, clean, corrupted, correct, wrong, model: str, ablation, methods: str, check: int, max_edges: int
+) -> list[str]:
+    """Check the circuit command's arguments before anything is loaded; returns the methods."""
+    if (clean is None) != (corrupted is None):
+        raise HeadlensError("give both --clean and --corrupted (a user pair), or neither and a --task")
+    if task is not None and clean is not None:
+        raise HeadlensError("give either --task or a --clean/--corrupted pair, not both")
+    if task is None and clean is None:
+        raise HeadlensError("give --task induction|ioi|brackets, or a --clean/--corrupted pair with --correct/--wrong")
+    if clean is None and (correct is not None or wrong is not None):
+        raise HeadlensError(
+            "--correct/--wrong go with a --clean/--corrupted pair; the built-in tasks define their answers"
+        )
+    if clean is not None and ablation is AblationName.mean:
+        raise HeadlensError(
+            "a user pair has no separate prompts of its task to take means over: pass --ablation resample"
+        )
+    if model == "toy" and (clean is not None or task is not CircuitTaskName.induction):
+        raise HeadlensError("the toy model has no tokenizer: it takes --task induction only")
+    if check < 0:
+        raise HeadlensError(f"--check must be at least 0 (got {check})")
+    if max_edges < 1:
+        raise HeadlensError(f"--max-edges must be at least 1 (got {max_edges})")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in CIRCUIT_METHODS]
+    if unknown or not names:
+        raise HeadlensError(
+            f"unknown method(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(CIRCUIT_METHODS)}"
+        )
+    return names
+
+
+@app.command("circuit")
+def circuit_cmd(
+    task: CircuitTaskName = typer.Option(None, "--task", help="built-in task: induction, ioi or brackets"),
+    clean: str = typer.Option(None, "--clean", help="a user pair: the clean prompt"),
+    corrupted: str = typer.Option(None, "--corrupted", help="a user pair: the corrupted prompt, same token length"),
+    correct: str = typer.Option(None, "--correct", help="a user pair: the correct next token (default: clean top)"),
+    wrong: str = typer.Option(None, "--wrong", help="a user pair: the wrong next token (logit-difference metric)"),
+    model: str = typer.Option(
+        "qwen2.5-coder-0.5b",
+        "--model",
+        "-m",
+        help=f"model: {MODEL_NAMES}, toy (the trained toy induction model); or a path",
+    ),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    out: Path = _out("directory for edges.csv, nodes.csv, faithfulness.csv, circuit.json and circuit.html"),
+    ablation: AblationName = typer.Option(
+        None, "--ablation", help="what replaces edges outside the circuit: mean (task's mean set; default) or resample"
+    ),
+    methods: str = typer.Option("eap,eap-ig", "--methods", help="edge attribution methods, comma list of eap, eap-ig"),
+    steps: int = typer.Option(5, "--steps", help="EAP-IG: gradient points on the input path"),
+    check: int = typer.Option(100, "--check", help="edges of the EAP-IG ranking checked by exact path patching"),
+    n_seqs: int = typer.Option(
+        None, "--n-seqs", help="prompts of the task (default: the task's: induction 4, ioi 8, brackets 8)"
+    ),
+    seed: int = SEED,
+    census_csv: Path = CENSUS_CSV,
+    top_k: int = typer.Option(10, "--top-k", help="how many top edges to print"),
+    max_edges: int = typer.Option(40, "--max-edges", help="edges drawn in circuit.html"),
+    progress: bool = PROGRESS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+):
+    """Find the circuit of a task: EAP/EAP-IG over every edge, exact path patching of the top edges, faithfulness curves.
+
+    Edges are sender output -> receiver q/k/v/mlp input or -> logits; score = estimated change of the metric when the
+    edge alone is ablated. Faithfulness f(k) = (m(circuit) - m(none)) / (m(full) - m(none)) over k = 0.1 .. 100 % of
+    edges, with CPR (area under f) and CMD (area under |1 - f|); see docs/circuits.md.
+    """
+    _validate(locals())
+    _start(progress)
+    if ablation is None:
+        ablation = AblationName.resample if clean is not None else AblationName.mean
+    names = _circuit_args(task, clean, corrupted, correct, wrong, model, ablation, methods, check, max_edges)
+    from headlens.circuits.study import find_circuit
+    from headlens.circuits.tasks import build_task, pair_task
+    from headlens.render.circuit import write_circuit_html
+
+    if model == "toy":
+        import torch
+
+        from headlens.analysis.toy import load_induction_model
+        from headlens.models import resolve_device, resolve_dtype
+
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        typer.echo("loading the toy induction model ...", err=True)
+        hooked = load_induction_model()
+        if (dev, dt) != ("cpu", torch.float32):
+            hooked = hooked.to(dev).to(dt)
+            hooked.cfg.device = dev
+    else:
+        hooked = _load(model, None, device, dtype, texts=[clean, corrupted])
+    if clean is not None:
+        circuit_task = pair_task(hooked, clean, corrupted, correct=correct, wrong=wrong)
+    else:
+        circuit_task = build_task(hooked, task.value, n_seqs=n_seqs, seed=seed)
+    if census_csv is not None:
+        from headlens.render.report import read_census
+
+        table = read_census(census_csv)
+    elif model == "toy":
+        from headlens.analysis.toy import toy_probes
+        from headlens.census import run_census
+
+        table = run_census(hooked, toy_probes(hooked, seed=seed), progress=progress).table
+    else:
+        from headlens.census import run_census
+
+        table = run_census(hooked, seed=seed, progress=progress).table
+    executor = _executor(workers, ray_address, out) if (workers or ray_address) else None
+    result = find_circuit(
+        hooked,
+        circuit_task,
+        methods=names,
+        steps=steps,
+        check=check,
+        ablation=ablation.value,
+        census=table,
+        executor=executor,
+        progress=progress,
+    )
+    if executor is not None:
+        _done(executor, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(result.edges, out / "edges.csv")
+    write_csv(result.nodes, out / "nodes.csv")
+    write_csv(result.faithfulness.table, out / "faithfulness.csv")
+    from headlens.io import write_json
+
+    write_json(
+        out / "circuit.json",
+        {**result.info, "summary": result.faithfulness.summary, "provenance": provenance(hooked, seed=seed)},
+    )
+    write_circuit_html(result, hooked, out / "circuit.html", max_edges=max_edges)
+    info = result.info
+    typer.echo(
+        f"{info['task']}: metric clean {info['clean_metric']:.4f}, all {info['n_edges']} edges ablated ({info['ablation']}) "
+        f"{info['ablated_metric']:.4f}; {info['checked']} top edges checked exactly"
+    )
+    _print_table(result.summary(), {"cpr": ".3f", "cmd": ".3f"})
+    shown = result.edges.head(top_k)[
+        ["sender", "receiver", "input", "score", "exact", "sender_label", "receiver_label"]
+    ]
+    typer.echo(
+        f"top {len(shown)} edges by |{info['primary']}| (score, exact: change of the metric when the edge alone is ablated):"
+    )
+    _print_table(shown, {"score": "+.4f", "exact": "+.4f"})
+    chosen = info["circuit_method"]
+    typer.echo(
+        f"circuit: {info['circuit_edges']} edges"
+        + (f" ({chosen}, k = {info['circuit_k']:g} %, faithfulness >= 0.8)" if chosen else " (no ranking reached 0.8)")
+    )
+    typer.echo(f"wrote {out / 'edges.csv'}, nodes.csv, faithfulness.csv, circuit.json and circuit.html")
+
+
+# ---------------------------------------------------------------- end of circuit (issue 26)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every expected failure (bad input, bad files, OS errors) is one ``error: ...`` line and exit status 1
     (2 when the command line does not parse: unknown option, not an integer, not a choice).
@@ -1117,7 +1295,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 OLD_FLAGS = {
-    "--top": (("census", "patch", "ablate", "compare"), "--top-k"),
+    "--top": (("census", "patch", "ablate", "compare", "circuit"), "--top-k"),
     "--batch": (("patch", "stats"), "--n-seqs"),
     "--batch-size": (("patch",), "--runs-per-pass"),
 }
