@@ -299,6 +299,50 @@ def test_head_command_measures_the_head_in_a_task(census_dir):
     assert "Causal: " in " ".join(result.output.split())  # its induction label was tested (no saved evidence)
 
 
+def test_circuit_sentence_names_what_a_head_feeds_and_what_feeds_it_strongest_exact_first():
+    from headlens.analysis.cards import circuit_sentence
+
+    edges = pd.DataFrame(
+        {
+            "sender": ["L0H2", "L0H2", "embed", "L0H2", "L0H1"],
+            "receiver": ["L1H2", "L1H3", "L0H2", "L1H0", "L1H1"],
+            "input": ["k", "v", "v", "q", "k"],
+            "score": [-0.5, 0.9, 0.2, 0.05, 0.3],
+            "exact": [-1.2, np.nan, 0.1, np.nan, 0.3],
+            "in_circuit": [True, True, True, False, False],
+        }
+    )
+    text = circuit_sentence(edges, 0, 2)
+    # the exact change ranks L1H2's k (|-1.2|) above the unchecked score of L1H3's v (0.9); edges cut off are left out
+    assert text == (
+        "In the circuit: L0H2 feeds L1H2 [k] (exact -1.200), L1H3 [v] (score +0.900); it is fed by embed [v] (exact +0.100)"
+    )
+    assert circuit_sentence(edges, 0, 1) == "In the circuit: L0H1 is not part of it (its edges rank below the cut)"
+    assert circuit_sentence(edges, 1, 5) is None
+    with pytest.raises(HeadlensError, match="lacks column"):
+        circuit_sentence(edges.drop(columns="input"), 0, 2)
+
+
+def test_head_command_places_the_head_in_the_circuit_of_the_same_model(census_dir, tmp_path):
+    circuit = tmp_path / "circuit"
+    args = ["--task", "induction", "--out", str(circuit), "--census", str(census_dir / "census.csv"), "--no-progress"]
+    made = CliRunner().invoke(app, ["circuit", "--model", "tiny-qwen2", *args])
+    assert made.exit_code == 0, made.output
+    edges = pd.read_csv(circuit / "edges.csv")
+    kept = edges[edges["in_circuit"]]
+    head = next(n for n in kept["receiver"] if n.startswith("L"))
+    result = CliRunner().invoke(
+        app,
+        ["head", head, "--model", "tiny-qwen2", "--out", str(census_dir), "--circuit", str(circuit), "--no-causal"],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"In the circuit: {head} " in " ".join(result.output.split())
+    other = CliRunner().invoke(app, ["head", head, "--model", "tiny-llama", "--circuit", str(circuit), "--no-causal"])
+    assert other.exit_code != 0 and "made with model 'tiny-qwen2', not 'tiny-llama'" in str(other.exception)
+    missing = CliRunner().invoke(app, ["head", head, "--model", "tiny-qwen2", "--circuit", str(tmp_path)])
+    assert missing.exit_code != 0 and "give --circuit the --out directory" in str(missing.exception)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -469,6 +469,9 @@ def head_cmd(
     answer: str = typer.Option(None, "--answer", help="correct next token (default: the clean run's top token)"),
     wrong: str = typer.Option(None, "--wrong", help="wrong next token (default: the corrupted run's top token)"),
     task: TaskName = typer.Option(None, "--task", help="a built-in task instead of a prompt pair: induction"),
+    circuit: Path = typer.Option(
+        None, "--circuit", help="output directory of `headlens circuit` (same model): the head's place in that circuit"
+    ),
     causal: bool = typer.Option(
         True, "--causal/--no-causal", help="test the head's label causally when no saved evidence has it"
     ),
@@ -494,7 +497,18 @@ def head_cmd(
     from headlens.analysis.roles import task_roles
 
     (layer, head_), *_ = heads
+    edges_csv = None if circuit is None else circuit / "edges.csv"
+    if edges_csv is not None and not edges_csv.is_file():
+        raise HeadlensError(f"{edges_csv} does not exist: give --circuit the --out directory of `headlens circuit`")
     hooked = _load(model, adapter, device, dtype, heads=heads, texts=[clean, corrupted])
+    edges = None
+    if edges_csv is not None:
+        why = mismatch(edges_csv, provenance(hooked), keys=("model", "source", "adapter", "weights"))
+        if why is not None:
+            raise HeadlensError(f"{why}: run `headlens circuit` on this model, or give its --out directory")
+        import pandas as pd
+
+        edges = pd.read_csv(edges_csv)
     pair = _prompt_pair(hooked, clean, corrupted, answer, wrong, task, seed)
     result, place = _find_census(hooked, out, seed, batch_size, progress)
     table = result.table
@@ -509,7 +523,8 @@ def head_cmd(
         roles = task_roles(hooked, pair, answer=answer, wrong=wrong, heads=heads, progress=progress)
     import textwrap
 
-    typer.echo(textwrap.fill(head_card(hooked, table, layer, head_, evidence=evidence, roles=roles), width=110))
+    card = head_card(hooked, table, layer, head_, evidence=evidence, roles=roles, circuit=edges)
+    typer.echo(textwrap.fill(card, width=110))
     typer.echo("\nevidence (every registered score; read = the value the label rule compares with the threshold):")
     shown = score_table(table, layer, head_)
     shown["decides"] = ["<- label" if d else "" for d in shown["decides"]]
@@ -1232,14 +1247,15 @@ def circuit_cmd(
     if executor is not None:
         _done(executor, out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(result.edges, out / "edges.csv")
+    prov = provenance(hooked, seed=seed)
+    write_csv(result.edges, out / "edges.csv", provenance=prov)
     write_csv(result.nodes, out / "nodes.csv")
     write_csv(result.faithfulness.table, out / "faithfulness.csv")
     from headlens.io import write_json
 
     write_json(
         out / "circuit.json",
-        {**result.info, "summary": result.faithfulness.summary, "provenance": provenance(hooked, seed=seed)},
+        {**result.info, "summary": result.faithfulness.summary, "provenance": prov},
     )
     write_circuit_html(result, hooked, out / "circuit.html", max_edges=max_edges)
     info = result.info

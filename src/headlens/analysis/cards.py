@@ -266,6 +266,7 @@ def card_text(
     verdict: str | None = None,
     single: str | None = None,
     role: str | None = None,
+    circuit: str | None = None,
 ) -> str:
     """The card of one head from its row of :func:`explain` and the optional evidence sentences."""
     name = head_name(why["layer"], why["head"])
@@ -296,7 +297,7 @@ def card_text(
                 f"{', '.join(map(_q, down))}"
             )
         parts.append(text + ".")
-    for sentence in (verdict, single, role):
+    for sentence in (verdict, single, role, circuit):
         if sentence:
             parts.append(sentence.rstrip(".") + ".")
     return " ".join(parts)
@@ -309,6 +310,7 @@ def head_cards(
     prompt: str | torch.Tensor | None = None,
     evidence=None,
     roles: pd.DataFrame | None = None,
+    circuit: pd.DataFrame | None = None,
     thresholds: dict[str, float] | None = None,
 ) -> pd.Series:
     """The card of every head of ``table`` (a Series aligned with it): store it as ``table["card"]``.
@@ -316,9 +318,12 @@ def head_cards(
     ``prompt`` (default :data:`READ_PROMPT`; token ids for a model without a tokenizer) is what the heads are seen
     reading; ``evidence`` a :class:`headlens.analysis.evidence.LabelEvidence` (each label's causal verdict and the
     top heads' single-head effects); ``roles`` a :func:`headlens.analysis.roles.task_roles` table (each head's
-    patching effect, direct logit attribution and attention to the answer on a task).
+    patching effect, direct logit attribution and attention to the answer on a task); ``circuit`` an edge table of
+    :func:`headlens.circuits.find_circuit` (``edges.csv`` of ``headlens circuit``: each head's place in the circuit).
     """
-    return _cards(model, table, None, prompt=prompt, evidence=evidence, roles=roles, thresholds=thresholds)
+    return _cards(
+        model, table, None, prompt=prompt, evidence=evidence, roles=roles, circuit=circuit, thresholds=thresholds
+    )
 
 
 def head_card(
@@ -330,15 +335,25 @@ def head_card(
     prompt: str | torch.Tensor | None = None,
     evidence=None,
     roles: pd.DataFrame | None = None,
+    circuit: pd.DataFrame | None = None,
     thresholds: dict[str, float] | None = None,
 ) -> str:
     """The card of one head (what ``headlens head`` prints): :func:`head_cards` for that head alone, in seconds."""
     score_table(table, layer, head)  # a clear error for a head the table lacks
-    cards = _cards(model, table, (layer, head), prompt=prompt, evidence=evidence, roles=roles, thresholds=thresholds)
+    cards = _cards(
+        model,
+        table,
+        (layer, head),
+        prompt=prompt,
+        evidence=evidence,
+        roles=roles,
+        circuit=circuit,
+        thresholds=thresholds,
+    )
     return str(cards.iloc[0])
 
 
-def _cards(model, table, only, *, prompt, evidence, roles, thresholds) -> pd.Series:
+def _cards(model, table, only, *, prompt, evidence, roles, circuit, thresholds) -> pd.Series:
     why = explain(table, thresholds=thresholds)
     if only is not None:
         why = why[(why["layer"] == only[0]) & (why["head"] == only[1])]
@@ -351,13 +366,23 @@ def _cards(model, table, only, *, prompt, evidence, roles, thresholds) -> pd.Ser
     cards = []
     for _, row in why.iterrows():
         lh = (int(row["layer"]), int(row["head"]))
-        verdict = single = role = None
+        verdict = single = role = place = None
         if evidence is not None:
             verdict, single = evidence.sentences(row["label"], *lh)
         if roles is not None:
             role = role_sentence(roles, *lh)
+        if circuit is not None:
+            place = circuit_sentence(circuit, *lh)
         cards.append(
-            card_text(row, read=read.get(lh), written=written.get(lh), verdict=verdict, single=single, role=role)
+            card_text(
+                row,
+                read=read.get(lh),
+                written=written.get(lh),
+                verdict=verdict,
+                single=single,
+                role=role,
+                circuit=place,
+            )
         )
     return pd.Series(cards, index=table.index[why.index], name="card")
 
@@ -377,3 +402,43 @@ def role_sentence(roles: pd.DataFrame, layer: int, head: int) -> str | None:
         text += f"patching it alone restores {r['patching']:+.1%} of the clean-corrupted gap{among}; "
     dla_rank = int((roles["dla"].abs() > abs(r["dla"])).sum()) + 1
     return text + f"direct logit attribution {r['dla']:+.2f} (rank {dla_rank} of {len(roles)} by size){attn}"
+
+
+def _edge_value(edge) -> float:
+    """An edge's measured effect: the exact path-patching change where it was checked, else its attribution score."""
+    exact = edge.get("exact", np.nan)
+    return float(exact) if np.isfinite(exact) else float(edge["score"])
+
+
+def _edge_list(edges: pd.DataFrame, end: str, top_k: int) -> str:
+    rows = edges.assign(value=[_edge_value(e) for _, e in edges.iterrows()])
+    rows = rows.reindex(rows["value"].abs().sort_values(ascending=False).index).head(top_k)
+    named = []
+    for _, e in rows.iterrows():
+        kind = "exact" if np.isfinite(e.get("exact", np.nan)) else "score"
+        named.append(f"{e[end]} [{e['input']}] ({kind} {e['value']:+.3f})")
+    more = f" and {len(edges) - top_k} more" if len(edges) > top_k else ""
+    return ", ".join(named) + more
+
+
+def circuit_sentence(edges: pd.DataFrame, layer: int, head: int, *, top_k: int = 3) -> str | None:
+    """One sentence on a head's place in a circuit, from an edge table (``sender, receiver, input, score`` and, when
+    present, ``exact`` and ``in_circuit``): whose q/k/v inputs it feeds and what feeds it, strongest edges first.
+    None when the table has no edge at this head."""
+    missing = [c for c in ("sender", "receiver", "input", "score") if c not in edges.columns]
+    if missing:
+        raise HeadlensError(
+            f"the circuit edge table lacks column(s) {', '.join(missing)} (use edges.csv of headlens circuit)"
+        )
+    name = head_name(layer, head)
+    kept = edges[edges["in_circuit"].astype(bool)] if "in_circuit" in edges.columns else edges
+    out, into = kept[kept["sender"] == name], kept[kept["receiver"] == name]
+    if out.empty and into.empty:
+        touched = ((edges["sender"] == name) | (edges["receiver"] == name)).any()
+        return f"In the circuit: {name} is not part of it (its edges rank below the cut)" if touched else None
+    parts = []
+    if not out.empty:
+        parts.append(f"feeds {_edge_list(out, 'receiver', top_k)}")
+    if not into.empty:
+        parts.append(f"is fed by {_edge_list(into, 'sender', top_k)}")
+    return f"In the circuit: {name} " + "; it ".join(parts)

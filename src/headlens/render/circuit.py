@@ -27,14 +27,14 @@ from headlens.circuits.graph import node_head
 from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError
 from headlens.io import write_text
-from headlens.render.viz import LABEL_COLORS, CircuitsVisView, ViewSet, view_props
+from headlens.render.viz import CircuitsVisView, ViewSet, label_colors, view_props
 
 INPUT_COLORS = {"q": "#e377c2", "k": "#ff7f0e", "v": "#2ca02c", "mlp": "#8c564b", "logits": "#444444"}
 NODE_COLORS = {"embed": "#bdbdbd", "mlp": "#d9c3a5", "logits": "#444444", "": "#ffffff"}
 
 
 def _label_colors() -> dict[str, str]:
-    return {**LABEL_COLORS, **NODE_COLORS}
+    return {**label_colors(), **NODE_COLORS}
 
 
 def drawn_edges(result, max_edges: int) -> pd.DataFrame:
