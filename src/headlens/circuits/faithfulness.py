@@ -29,7 +29,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import EMBED, LOGITS, Graph
-from headlens.circuits.paths import mask_run, prepare, run_edges, split_inputs
+from headlens.circuits.paths import mask_run, prepare_pair, run_edges, split_inputs
 from headlens.errors import HeadlensError
 
 PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
@@ -142,15 +142,7 @@ def faithfulness(
     if not grid or any(not 0 < p <= 100 for p in grid) or sorted(grid) != grid:
         raise HeadlensError(f"percents must increase within (0, 100], got {list(percents)}")
     with split_inputs(model):
-        setting = prepare(
-            model,
-            pair.clean,
-            pair.metric,
-            corrupted=pair.corrupted,
-            mean_tokens=task.mean_tokens,
-            ablation=ablation,
-            graph=graph,
-        )
+        setting = prepare_pair(model, pair, mean_tokens=task.mean_tokens, ablation=ablation, graph=graph)
         valid = graph.valid
         runs, keys = [mask_run(valid)], [("empty", 0.0)]
         for method, scores in rankings.items():
@@ -191,15 +183,7 @@ def circuit_metric(
     graph = Graph.of(model)
     pair = task.pair
     with split_inputs(model):
-        setting = prepare(
-            model,
-            pair.clean,
-            pair.metric,
-            corrupted=pair.corrupted,
-            mean_tokens=task.mean_tokens,
-            ablation=ablation,
-            graph=graph,
-        )
+        setting = prepare_pair(model, pair, mean_tokens=task.mean_tokens, ablation=ablation, graph=graph)
         empty, value = run_edges(
             model,
             setting,
@@ -230,15 +214,7 @@ def smallest_circuit(
     pair = task.pair
     probes = []
     with split_inputs(model):
-        setting = prepare(
-            model,
-            pair.clean,
-            pair.metric,
-            corrupted=pair.corrupted,
-            mean_tokens=task.mean_tokens,
-            ablation=ablation,
-            graph=graph,
-        )
+        setting = prepare_pair(model, pair, mean_tokens=task.mean_tokens, ablation=ablation, graph=graph)
         empty = run_edges(model, setting, [mask_run(graph.valid)], progress=False)[0]
         full = setting.clean.metric
 

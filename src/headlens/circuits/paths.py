@@ -173,6 +173,21 @@ class Setting:
     source_run: Run | None = None
 
 
+def prepare_pair(
+    model: HookedTransformer, pair, *, mean_tokens=None, ablation: str = "resample", graph=None
+) -> Setting:
+    """:func:`prepare` for a prompt pair (``clean``, ``corrupted``, ``metric``): what every edge-ablation study starts from."""
+    return prepare(
+        model,
+        pair.clean,
+        pair.metric,
+        corrupted=pair.corrupted,
+        mean_tokens=mean_tokens,
+        ablation=ablation,
+        graph=graph,
+    )
+
+
 def prepare(
     model: HookedTransformer,
     clean: Int[Tensor, "batch pos"],
@@ -476,15 +491,7 @@ def path_patching(
     graph = Graph.of(model)
     s, r = _edges_arg(graph, edges)
     with split_inputs(model):
-        setting = prepare(
-            model,
-            pair.clean,
-            pair.metric,
-            corrupted=pair.corrupted,
-            mean_tokens=mean_tokens,
-            ablation=ablation,
-            graph=graph,
-        )
+        setting = prepare_pair(model, pair, mean_tokens=mean_tokens, ablation=ablation, graph=graph)
         values = run_edges(
             model,
             setting,
@@ -507,7 +514,7 @@ def sender_patching(
         s, _ = graph.edge(name, "logits", LOGITS)
         idx.append(s)
     with split_inputs(model):
-        setting = prepare(model, pair.clean, pair.metric, corrupted=pair.corrupted, graph=graph)
+        setting = prepare_pair(model, pair, graph=graph)
         values = run_edges(model, setting, sender_runs(graph, idx), runs_per_pass=runs_per_pass, progress=progress)
     df = pd.DataFrame({"node": [graph.senders[i] for i in idx], "metric": values})
     df["delta"] = df["metric"] - setting.clean.metric

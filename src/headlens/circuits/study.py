@@ -23,7 +23,7 @@ from headlens.circuits.edges import IG_STEPS, METHODS, edge_attribution
 from headlens.circuits.faithfulness import PERCENTS, FaithfulnessResult, exact_key, faithfulness, n_kept, ranking
 from headlens.circuits.graph import Graph, node_head, node_kind
 from headlens.circuits.labels import head_cards, head_labels, node_label
-from headlens.circuits.paths import prepare, run_edges, single_edges, split_inputs
+from headlens.circuits.paths import prepare_pair, run_edges, single_edges, split_inputs
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError
 from headlens.heads import kv_heads
@@ -40,15 +40,7 @@ def _exact_shard(model: HookedTransformer, shard) -> list[float]:
     graph = Graph.of(model)
     pair = task.pair
     with split_inputs(model):
-        setting = prepare(
-            model,
-            pair.clean,
-            pair.metric,
-            corrupted=pair.corrupted,
-            mean_tokens=task.mean_tokens,
-            ablation=ablation,
-            graph=graph,
-        )
+        setting = prepare_pair(model, pair, mean_tokens=task.mean_tokens, ablation=ablation, graph=graph)
         values = run_edges(model, setting, single_edges(graph, s, r), runs_per_pass=runs_per_pass, progress=False)
     return [v - setting.clean.metric for v in values]
 
