@@ -95,6 +95,7 @@ def test_console_csv_report_and_card_agree(tiny_qwen, tmp_path):
     card = cards.head_cards(tiny_qwen, back).iloc[1]
     assert card.startswith("L0H1 is a delimiter head, confidence 1.00: its sink-corrected delimiter score 0.350 ")
     assert "[0.330, 0.370] reaches the threshold 0.3" in card
+    assert cards.head_cards(tiny_qwen, back).iloc[4].startswith("L1H0 is an induction head")
 
 
 def test_explain_names_the_runner_up_and_why_it_lost():
@@ -372,6 +373,6 @@ def test_head_command_on_qwen_prints_the_deciding_sink_corrected_score_inside_it
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert f"reusing {tmp_path / 'census.csv'}" in out
-    assert f"{name} is a {r.label} head" in out
+    assert re.search(rf"{name} is an? {r.label} head", out)
     assert f"its sink-corrected {r.label} score {r.score:.3f} [{r.lo:.3f}, {r.hi:.3f}] reaches the threshold" in out
     assert f"{r.label} " in out and "<- label" in out and "Causal: " in out

@@ -162,7 +162,10 @@ def test_head_cards_qwen_notebook_shows_a_card_a_verdict_and_a_task_role():
     # a head labelled by its sink-corrected score: the card names that score, inside its interval, over the threshold
     assert values["column"].endswith("_nosink") and values["raw"] < values["score"]
     assert values["lo"] <= values["score"] <= values["hi"] and values["score"] >= values["threshold"]
-    assert f"is a {values['label']} head" in values["card"] and f"sink-corrected {values['label']}" in values["card"]
+    assert (
+        f"{values['label']} head, confidence" in values["card"]
+        and f"sink-corrected {values['label']}" in values["card"]
+    )
     assert f"score {values['score']:.3f} [{values['lo']:.3f}, {values['hi']:.3f}]" in values["card"]
     assert values["verdict"] in ("supported", "not supported")
     # the head that restores most of the user's answer, with its role in the card

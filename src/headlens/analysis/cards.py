@@ -258,6 +258,10 @@ def _score_text(column: str, score: float, lo: float, hi: float) -> str:
     return f"{kind}{name} score {score:.3f}{interval}"
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def card_text(
     why: pd.Series,
     *,
@@ -275,7 +279,7 @@ def card_text(
         first = f"{name} has no label ('other'{conf}): no score reaches its threshold"
     else:
         first = (
-            f"{name} is a {why['label']} head{conf}: its "
+            f"{name} is {_article(why['label'])} {why['label']} head{conf}: its "
             f"{_score_text(why['column'], why['score'], why['lo'], why['hi'])} reaches the threshold {why['threshold']:g}"
         )
     if why["runner_up"]:
