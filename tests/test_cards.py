@@ -376,3 +376,21 @@ def test_head_command_on_qwen_prints_the_deciding_sink_corrected_score_inside_it
     assert re.search(rf"{name} is an? {r.label} head", out)
     assert f"its sink-corrected {r.label} score {r.score:.3f} [{r.lo:.3f}, {r.hi:.3f}] reaches the threshold" in out
     assert f"{r.label} " in out and "<- label" in out and "Causal: " in out
+
+
+@pytest.mark.slow
+def test_committed_head_cards_summary_is_what_the_census_gives_now(qwen_census):
+    """docs/head_cards.md quotes analyses/results/head_cards/summary.json: it must match today's census of Qwen."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "analyses" / "results" / "head_cards"
+    summary = json.loads((results / "summary.json").read_text())
+    why = cards.explain(qwen_census)
+    nosink = why[why["column"].fillna("").str.endswith("_nosink")]
+    assert summary["labelled_by_nosink"] == len(nosink) and summary["n_heads"] == len(qwen_census)
+    example = summary["example"]
+    row = why[[viz.head_name(r.layer, r.head) == example["head"] for r in why.itertuples()]].iloc[0]
+    assert (row["label"], row["column"]) == (example["label"], example["column"])
+    assert row["score"] == pytest.approx(example["score"], abs=1e-4)
+    saved = pd.read_csv(results / "cards.csv")
+    assert list(saved["label"]) == list(why["label"])
