@@ -243,34 +243,40 @@ def write_results(model) -> None:
     types = head_types()
     limits = _thresholds(types, None)
     frozen = FROZEN
+    dev_seeds = tuple(s for s in DEV_SEEDS if cache_path(f"dev_seed{s}.npz").exists())
+    complete = dev_seeds == DEV_SEEDS  # development comparisons need all three development seeds
 
-    dev = [load_per(cache_path(f"dev_seed{s}.npz")) for s in DEV_SEEDS]
+    dev = [load_per(cache_path(f"dev_seed{s}.npz")) for s in dev_seeds]
     rows = []
     for sizes in SIZE_GRID:
         tables = [
             build_table(model, subset(p, sizes), types, limits, seed=s, n_boot=0)[0]
-            for (p, _, _), s in zip(dev, DEV_SEEDS)
+            for (p, _, _), s in zip(dev, dev_seeds)
         ]
         a = agreement(tables)
         rows.append({**sizes, "frozen": sizes == frozen, **{k: v for k, v in a.items() if not isinstance(v, dict)}})
-    write_csv(pd.DataFrame(rows), OUT / "dev_sizes.csv")
+    if complete:
+        write_csv(pd.DataFrame(rows), OUT / "dev_sizes.csv")
 
-    dev_tables = seed_tables(model, DEV_SEEDS, "dev", frozen, limits)
+    dev_tables = seed_tables(model, dev_seeds, "dev", frozen, limits)
     fresh_tables = seed_tables(model, FRESH_SEEDS, "fresh", frozen, limits)
-    for seed, table in zip(DEV_SEEDS + FRESH_SEEDS, dev_tables + fresh_tables):
+    for seed, table in zip(dev_seeds + FRESH_SEEDS, dev_tables + fresh_tables):
         write_csv(table, OUT / f"census_seed{seed}.csv")
 
-    fresh, development = agreement(fresh_tables), agreement(dev_tables)
+    fresh = agreement(fresh_tables)
+    development = (
+        agreement(dev_tables) if complete else {"by_label": {}, "note": f"development seeds cached: {dev_seeds}"}
+    )
     stability = {
         "settings": {"sizes": frozen, "thresholds": limits},
         "fresh_seeds": list(FRESH_SEEDS),
         "fresh": fresh,
-        "development_seeds": list(DEV_SEEDS),
+        "development_seeds": list(dev_seeds),
         "development": development,
         "targets": {"same_label": 0.97, "specific_same_label": 0.95},
         "targets_met_on_fresh_seeds": bool(fresh["same_label"] >= 0.97 and (fresh["specific_same_label"] or 0) >= 0.95),
         "label_counts_by_seed": {
-            s: t["label"].value_counts().to_dict() for s, t in zip(DEV_SEEDS + FRESH_SEEDS, dev_tables + fresh_tables)
+            s: t["label"].value_counts().to_dict() for s, t in zip(dev_seeds + FRESH_SEEDS, dev_tables + fresh_tables)
         },
     }
     write_json(OUT / "stability.json", stability)
@@ -281,7 +287,7 @@ def write_results(model) -> None:
     write_csv(by_label, OUT / "stability_by_label.csv")
 
     sources = {}
-    for prefix, seeds in (("dev", DEV_SEEDS), ("fresh", FRESH_SEEDS)):
+    for prefix, seeds in (("dev", dev_seeds), ("fresh", FRESH_SEEDS)):
         for seed in seeds:
             _, src, _ = load_per(cache_path(f"{prefix}_seed{seed}.npz"))
             sources[str(seed)] = {k: v[: frozen[k]] for k, v in src.items()}
@@ -299,7 +305,7 @@ def write_results(model) -> None:
             alt = _thresholds(types, {name: value})
             tables = [
                 build_table(model, subset(p, frozen), types, alt, seed=s, n_boot=0)[0]
-                for (p, _, _), s in zip(dev, DEV_SEEDS)
+                for (p, _, _), s in zip(dev, dev_seeds)
             ]
             a = agreement(tables)
             threshold_rows.append(
@@ -313,7 +319,8 @@ def write_results(model) -> None:
                     "n_label_seed0": int((tables[0]["label"] == name).sum()),
                 }
             )
-    write_csv(pd.DataFrame(threshold_rows), OUT / "dev_thresholds.csv")
+    if complete:
+        write_csv(pd.DataFrame(threshold_rows), OUT / "dev_thresholds.csv")
 
     seed0, counts = build_table(model, subset(dev[0][0], frozen), types, limits, seed=0)
     write_csv(counts, OUT / "counts.csv")
@@ -335,7 +342,7 @@ def write_results(model) -> None:
 
     timings = {
         f"census_{p}_seed{s}_s": round(load_per(cache_path(f"{p}_seed{s}.npz"))[2], 1)
-        for p, ss in (("dev", DEV_SEEDS), ("fresh", FRESH_SEEDS))
+        for p, ss in (("dev", dev_seeds), ("fresh", FRESH_SEEDS))
         for s in ss
     }
     timings["causal_s"] = round(float(pd.read_csv(cache_path("causal_rows.csv"))["seconds"].sum()), 1)

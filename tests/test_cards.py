@@ -114,23 +114,36 @@ def test_explain_names_the_runner_up_and_why_it_lost():
         cards.score_table(t, 5, 0)
 
 
+def evidence_census() -> pd.DataFrame:
+    """The planted census with L1H2 relabelled ``positional``, a label with no causal claim."""
+    t = sink_census()
+    t.loc[(t.layer == 1) & (t["head"] == 2), "label"] = "positional"
+    return t
+
+
 @pytest.fixture(scope="module")
 def tiny_evidence(tiny_qwen):
-    """Real causal evidence on tiny-qwen2 for the planted census (its induction label is tested, delimiter is not)."""
-    return evidence.label_evidence(tiny_qwen, sink_census(), n_random=3, n_seqs=2, top_k=2, progress=False)
+    """Real causal evidence on tiny-qwen2 for the planted census: induction and delimiter are tested (on their tasks
+    of ``validate.LABEL_TASKS``), positional is descriptive."""
+    return evidence.label_evidence(tiny_qwen, evidence_census(), n_random=3, n_seqs=2, top_k=2, progress=False)
 
 
 def test_label_evidence_tests_labels_with_a_task_and_calls_the_others_descriptive(tiny_evidence):
     labels = tiny_evidence.labels.set_index("label")
-    assert labels.loc["delimiter", "verdict"] == evidence.DESCRIPTIVE
-    assert labels.loc["induction", "verdict"] in ("supported", "not supported")
+    assert labels.loc["positional", "verdict"] == evidence.DESCRIPTIVE
+    assert labels.loc["induction", "verdict"] in ("supported", "no evidence")
     assert labels.loc["induction", "task"] == "repeat_loss" and labels.loc["induction", "n_heads"] == 1
+    assert labels.loc["delimiter", "task"] == "code_loss" and labels.loc["delimiter", "n_heads"] == 2
     single = tiny_evidence.heads
-    assert single[["label", "layer", "head"]].values.tolist() == [["induction", 1, 0]]
+    assert single[["label", "layer", "head"]].values.tolist() == [
+        ["delimiter", 0, 1],
+        ["delimiter", 0, 2],
+        ["induction", 1, 0],
+    ]
     verdict, alone = tiny_evidence.sentences("induction", 1, 0)
     assert verdict.startswith(f"Causal: {labels.loc['induction', 'verdict']}") and alone.startswith("Ablating L1H0")
-    assert tiny_evidence.sentences("delimiter", 0, 1) == (
-        f"Causal: {evidence.DESCRIPTIVE}; no task tests the delimiter label",
+    assert tiny_evidence.sentences("positional", 1, 2) == (
+        f"Causal: {evidence.DESCRIPTIVE}; no task tests the positional label",
         None,
     )
 
@@ -138,7 +151,9 @@ def test_label_evidence_tests_labels_with_a_task_and_calls_the_others_descriptiv
 def test_label_evidence_gives_causal_validations_numbers_in_one_batched_pass(tiny_qwen, tiny_evidence):
     from headlens.census.validate import causal_validation
 
-    slow = causal_validation(tiny_qwen, sink_census(), n_random=3, n_seqs=2, progress=False).set_index("label")
+    tested = ["induction", "delimiter"]
+    slow = causal_validation(tiny_qwen, evidence_census(), labels=tested, n_random=3, n_seqs=2, progress=False)
+    slow = slow.set_index("label")
     fast = tiny_evidence.labels.set_index("label").loc[slow.index, slow.columns]
     pd.testing.assert_frame_equal(fast, slow, check_exact=False, rtol=1e-4, atol=1e-5, check_dtype=False)
 
@@ -159,7 +174,9 @@ def test_head_view_shows_the_deciding_score_and_the_verdict(tiny_qwen, tiny_evid
             "Array.from(document.querySelectorAll('#head-scores tr.decides td')).map(c => c.textContent)"
         )
         assert row[0] == "delimiter" and row[2] == "0.350 [0.330, 0.370]" and row[5].startswith("decides the label")
-        assert browser.eval("document.getElementById('head-verdict').textContent").endswith(evidence.DESCRIPTIVE)
+        assert browser.eval("document.getElementById('head-verdict').textContent").endswith(
+            tiny_evidence.verdict("delimiter")
+        )
         assert "sink-corrected delimiter score 0.350" in browser.eval(
             "document.getElementById('head-card').textContent"
         )
@@ -168,7 +185,8 @@ def test_head_view_shows_the_deciding_score_and_the_verdict(tiny_qwen, tiny_evid
         assert browser.eval("document.getElementById('head-verdict').textContent").endswith(verdict)
         shown = browser.eval("document.getElementById('head-evidence').innerText")
         assert "Single-head effect on its label's task" in shown
-        assert f"{tiny_evidence.heads.effect.iloc[0]:.3f}" in shown
+        alone = tiny_evidence.heads.set_index("label").loc["induction", "effect"]
+        assert f"{alone:.3f}" in shown
         assert browser.eval("document.getElementById('causal').innerText").count(verdict) >= 1
         assert browser.problems() == [] and browser.dialogs() == []
     finally:

@@ -167,7 +167,7 @@ def test_head_cards_qwen_notebook_shows_a_card_a_verdict_and_a_task_role():
         and f"sink-corrected {values['label']}" in values["card"]
     )
     assert f"score {values['score']:.3f} [{values['lo']:.3f}, {values['hi']:.3f}]" in values["card"]
-    assert values["verdict"] in ("supported", "not supported")
+    assert values["verdict"] in ("supported", "no evidence")
     # the head that restores most of the user's answer, with its role in the card
     assert abs(values["mover_patching"]) == values["max_patching"] > 0.05
     assert (

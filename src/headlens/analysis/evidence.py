@@ -6,9 +6,11 @@ and compared with layer-matched random head sets. :func:`label_evidence` runs it
 ``headlens census`` budget and adds, for the ``top_k`` heads of each tested label (by ``label_score``), the effect of
 ablating that head alone on the same task. A label without a task is *descriptive (no causal claim)*.
 
-Verdicts: ``supported`` when the target effect has the expected sign and no random set reaches it (``p_random_ge`` = 0:
-with :data:`N_RANDOM` = 6 sets a label whose heads are no different from random ones still passes 1 time in 7),
-``not supported`` otherwise, ``descriptive (no causal claim)`` for a label no task tests. The default sizes are small
+Tasks, heads, random sets, held-out data and verdicts are :mod:`headlens.census.validate`'s (one table,
+:data:`~headlens.census.validate.LABEL_TASKS`): ``supported`` when the target effect has the expected sign and no
+random set reaches it (``p_random_ge`` = 0: with :data:`N_RANDOM` = 6 sets a label whose heads are no different from
+random ones still passes 1 time in 7), ``no evidence`` otherwise, ``descriptive (no causal claim)`` for a label no
+task tests. The default sizes are small
 because the test runs in every ``headlens census``; ``causal_validation(..., n_random=20, n_seqs=8)`` is the study
 size.
 """
@@ -23,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.census import validate
 from headlens.errors import HeadlensError
-from headlens.heads import format_heads, head_name, random_heads
+from headlens.heads import head_name
 from headlens.interventions.ablation import ablated_metrics
 
 N_RANDOM = 6
@@ -35,8 +37,6 @@ TOP_K = 2
 """Heads per label whose single-head effect the default census measures."""
 BATCH_SIZE = 32
 """Sequences per stacked forward of the ablated sets (16 sets of 2 sequences)."""
-ALPHA = 0.0
-"""Largest share of random sets as strong as the label's heads for a ``supported`` verdict (none of them)."""
 DESCRIPTIVE = "descriptive (no causal claim)"
 
 
@@ -82,13 +82,6 @@ class LabelEvidence:
         return verdict, single
 
 
-def verdict(row) -> str:
-    """``supported`` or ``not supported`` for one row of ``causal_validation`` (module docstring)."""
-    sign = int(row.get("expected_sign", 1) or 1)
-    effect, p = float(row["target_effect"]), float(row["p_random_ge"])
-    return "supported" if sign * effect > 0 and p <= ALPHA else "not supported"
-
-
 def label_evidence(
     model: HookedTransformer,
     table: pd.DataFrame,
@@ -105,9 +98,9 @@ def label_evidence(
     """Each label's causal verdict and the single-head effects of its ``top_k`` heads (module docstring); ``labels``
     restricts it to those labels (``headlens head`` tests just its head's).
 
-    The test is :func:`headlens.census.validate.causal_validation`'s — its task and metric per label
-    (``validate.TASKS``, ``validate.task_metric``), its expected signs, the same layer-matched random sets (draw
-    ``i`` seeded ``seed * 1000 + i``) and the same columns — but every ablated set of a task runs in one batched
+    The test is :func:`headlens.census.validate.causal_validation`'s — its task per label (``LABEL_TASKS``), the
+    held-out evaluation data and reference-split ablation means (``task_data``), the same heads and layer-matched
+    random sets (``label_plan``) and the same row (``causal_row``) — but every ablated set of a task runs in one batched
     pass (:func:`headlens.interventions.ablation.ablated_metrics`: one clean run, each set restarting at its first
     ablated layer, only the metric's positions unembedded) instead of a full forward per set, which is what lets
     it run in every ``headlens census``. tests/test_cards.py checks both give the same numbers.
@@ -115,77 +108,57 @@ def label_evidence(
     if int(n_random) < 2:
         raise HeadlensError(f"n_random must be >= 2 for an interval (got {n_random})")
     present = [lb for lb in dict.fromkeys(table["label"]) if lb != "other" and (labels is None or lb in labels)]
-    tested = [lb for lb in present if lb in validate.TASKS]
+    tested = [lb for lb in present if lb in validate.LABEL_TASKS and validate.LABEL_TASKS[lb].task]
+    score = table.set_index(["layer", "head"])["label_score"]
     rows, singles = {}, []
-    for task in dict.fromkeys(validate.TASKS[lb] for lb in tested):
+    for task in dict.fromkeys(validate.LABEL_TASKS[lb].task for lb in tested):
         plan = []  # (label, kind, heads) of every ablated set of this task, in order
-        for label in (lb for lb in tested if validate.TASKS[lb] == task):
-            part = table[table["label"] == label]
-            heads = [(int(r.layer), int(r.head)) for r in part.itertuples()]
-            plan.append((label, "target", heads))
-            plan += [
-                (label, "random", random_heads(model, len(heads), like=heads, exclude=heads, seed=int(seed) * 1000 + i))
-                for i in range(int(n_random))
-            ]
-            top = part.sort_values(["label_score", "layer", "head"], ascending=[False, True, True]).head(top_k)
+        for label in (lb for lb in tested if validate.LABEL_TASKS[lb].task == task):
+            heads, drawn = validate.label_plan(model, table, label, n_random, seed)
+            plan += [(label, "target", heads), *((label, "random", hs) for hs in drawn)]
+            top = table[table["label"] == label]
+            top = top.sort_values(["label_score", "layer", "head"], ascending=[False, True, True]).head(top_k)
             plan += [(label, "single", [(int(r.layer), int(r.head))]) for r in top.itertuples()]
-        metric = validate.task_metric(model, task, n_seqs=n_seqs, seed=seed)
+        data = validate.task_data(model, task, n_seqs=n_seqs, seed=seed)
         clean, values = ablated_metrics(
-            model, metric, [hs for _, _, hs in plan], method=method, seed=seed, batch_size=BATCH_SIZE, progress=progress
-        )
+            model, data.metric, [hs for _, _, hs in plan], method=method, reference=data.reference, seed=seed,
+            batch_size=BATCH_SIZE, progress=progress,
+        )  # fmt: skip
         done = [(lb, kind, hs, v - clean) for (lb, kind, hs), v in zip(plan, values)]
         for label in dict.fromkeys(lb for lb, _, _, _ in done):
             mine = [d for d in done if d[0] == label]
             (_, _, heads, target), rand = mine[0], np.array([e for _, kind, _, e in mine if kind == "random"])
-            rows[label] = _causal_row(label, task, heads, clean, target, rand, seed=seed, n_boot=n_boot)
-            score = table.set_index(["layer", "head"])["label_score"]
+            rows[label] = validate.causal_row(label, heads, clean, target, rand, data, seed=seed, n_boot=n_boot)
             singles += [
                 {"label": label, "layer": hs[0][0], "head": hs[0][1], "task": task, "label_score": float(score[hs[0]]),
                  "effect": e}
                 for _, kind, hs, e in mine if kind == "single"
             ]  # fmt: skip
     out = [
-        {"label": lb, "verdict": verdict(rows[lb]), **rows[lb]} if lb in rows else {"label": lb, "verdict": DESCRIPTIVE}
+        {
+            "label": lb,
+            "task": validate.LABEL_TASKS[lb].task,
+            "behaviour": validate.LABEL_TASKS[lb].behaviour,
+            "n_label_heads": int((table["label"] == lb).sum()),
+            **rows[lb],
+        }
+        if lb in rows
+        else {"label": lb, "verdict": DESCRIPTIVE}
         for lb in present
     ]
     settings = {"n_random": int(n_random), "n_seqs": int(n_seqs), "top_k": int(top_k), "method": method, "seed": seed}
     return LabelEvidence(
-        pd.DataFrame(out, columns=["label", "verdict", *CAUSAL_COLUMNS]),
+        pd.DataFrame(out, columns=["label", "verdict", "task", *CAUSAL_COLUMNS]),
         pd.DataFrame(singles, columns=["label", "layer", "head", "task", "label_score", "effect"]),
         settings,
     )
 
 
 CAUSAL_COLUMNS = (
-    "task", "n_heads", "clean", "target_effect", "random_mean", "random_min", "random_max", "ratio", "ratio_lo",
-    "ratio_hi", "expected_sign", "p_random_ge", "n_random", "heads",
+    "behaviour", "n_label_heads", "metric", "n_heads", "clean", "target_effect", "random_mean", "random_min", "random_max", "ratio", "ratio_lo",
+    "ratio_hi", "expected_sign", "p_random_ge", "n_random", "heads", "eval_sequences", "eval_files",
 )  # fmt: skip
-"""The columns of :func:`headlens.census.validate.causal_validation`, in its order."""
-
-
-def _causal_row(label, task, heads, clean, target, rand: np.ndarray, *, seed: int, n_boot: int) -> dict:
-    """One label's row, computed as ``causal_validation`` computes it (ratio interval: the random draws resampled)."""
-    g = np.random.default_rng(int(seed))
-    boot = rand[g.integers(0, len(rand), (int(n_boot), len(rand)))].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = target / boot
-    sign = validate.EXPECTED_SIGN.get(label, 1)
-    return {
-        "task": task,
-        "n_heads": len(heads),
-        "clean": clean,
-        "target_effect": target,
-        "random_mean": float(rand.mean()),
-        "random_min": float(rand.min()),
-        "random_max": float(rand.max()),
-        "ratio": float(target / rand.mean()) if rand.mean() != 0 else float("nan"),
-        "ratio_lo": float(np.nanpercentile(ratios, 2.5)),
-        "ratio_hi": float(np.nanpercentile(ratios, 97.5)),
-        "expected_sign": sign,
-        "p_random_ge": float((sign * rand >= sign * target).mean()),
-        "n_random": len(rand),
-        "heads": format_heads(heads),
-    }
+"""The columns of :func:`headlens.census.validate.causal_validation` after ``label, verdict, task``."""
 
 
 def verdict_table(evidence: LabelEvidence | None, labels) -> pd.DataFrame:

@@ -256,6 +256,60 @@ def verdict(sign: int, target: float, random: np.ndarray) -> str:
     return "supported" if sign * target > 0 and bool((sign * target > sign * random).all()) else "no evidence"
 
 
+def causal_row(
+    label: str,
+    heads,
+    clean: float,
+    target: float,
+    rand: np.ndarray,
+    task: TaskData,
+    *,
+    seed: int = 0,
+    n_boot: int = 2000,
+) -> dict:
+    """The test's columns for one label: its ablated heads' ``target`` effect vs the random sets' effects ``rand``
+    (both: ablated metric - ``clean``), ratio with its interval (the random draws resampled), ``p_random_ge``,
+    ``verdict``, and what the task evaluated on. :func:`causal_validation` and ``headlens.analysis.evidence`` (which
+    batches the same ablations) both build their rows here."""
+    spec = LABEL_TASKS[label]
+    rand = np.asarray(rand, dtype=float)
+    g = np.random.default_rng(int(seed))
+    boot = rand[g.integers(0, len(rand), (int(n_boot), len(rand)))].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = target / boot
+    sign = spec.expected_sign
+    return {
+        "metric": TASKS[spec.task],
+        "n_heads": len(heads),
+        "clean": clean,
+        "target_effect": target,
+        "random_mean": float(rand.mean()),
+        "random_min": float(rand.min()),
+        "random_max": float(rand.max()),
+        "ratio": float(target / rand.mean()) if rand.mean() != 0 else float("nan"),
+        "ratio_lo": float(np.nanpercentile(ratios, 2.5)),
+        "ratio_hi": float(np.nanpercentile(ratios, 97.5)),
+        "expected_sign": sign,
+        "p_random_ge": float((sign * rand >= sign * target).mean()),
+        "n_random": len(rand),
+        "verdict": verdict(sign, target, rand),
+        "heads": format_heads(heads),
+        "eval_sequences": int(task.metric.tokens.shape[0]),
+        "eval_files": len({document_unit(s) for s in task.eval_sources}),
+    }
+
+
+def label_plan(model: HookedTransformer, table: pd.DataFrame, label: str, n_random: int, seed: int = 0):
+    """A tested label's heads (:func:`strongest`, at most ``max_heads``) and its ``n_random`` layer-matched random
+    sets (draw ``i`` seeded ``seed * 1000 + i``)."""
+    heads = strongest(table, label, LABEL_TASKS[label].max_heads, model.cfg.n_heads)
+    drawn = [
+        random_heads(model, len(heads), like=heads, exclude=heads, seed=int(seed) * 1000 + i)
+        for i in range(int(n_random))
+    ]
+    return heads, drawn
+
+
 def causal_validation(
     model: HookedTransformer,
     table: pd.DataFrame,
@@ -292,46 +346,16 @@ def causal_validation(
         if spec.task is None:
             rows.append({**row, "metric": "", "verdict": "descriptive"})
             continue
-        heads = strongest(table, label, spec.max_heads, model.cfg.n_heads)
+        heads, drawn = label_plan(model, table, label, n_random, seed)
         if spec.task not in data:
             data[spec.task] = task_data(model, spec.task, n_seqs=n_seqs, seed=seed)
         task = data[spec.task]
-        drawn = [
-            random_heads(model, len(heads), like=heads, exclude=heads, seed=int(seed) * 1000 + i)
-            for i in range(int(n_random))
-        ]
         clean, values = ablated_metrics(  # one set per forward: each restarts at its first layer from the clean run
             model, task.metric, [heads, *drawn], method=method, reference=task.reference, seed=seed,
             batch_size=task.metric.tokens.shape[0], progress=progress,
         )  # fmt: skip
         target, rand = values[0] - clean, np.asarray(values[1:]) - clean
-        g = np.random.default_rng(int(seed))
-        boot = rand[g.integers(0, len(rand), (int(n_boot), len(rand)))].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = target / boot
-        sign = spec.expected_sign
-        rows.append(
-            {
-                **row,
-                "metric": TASKS[spec.task],
-                "n_heads": len(heads),
-                "clean": clean,
-                "target_effect": target,
-                "random_mean": float(rand.mean()),
-                "random_min": float(rand.min()),
-                "random_max": float(rand.max()),
-                "ratio": float(target / rand.mean()) if rand.mean() != 0 else float("nan"),
-                "ratio_lo": float(np.nanpercentile(ratios, 2.5)),
-                "ratio_hi": float(np.nanpercentile(ratios, 97.5)),
-                "expected_sign": sign,
-                "p_random_ge": float((sign * rand >= sign * target).mean()),
-                "n_random": int(n_random),
-                "verdict": verdict(sign, target, rand),
-                "heads": format_heads(heads),
-                "eval_sequences": int(task.metric.tokens.shape[0]),
-                "eval_files": len({document_unit(s) for s in task.eval_sources}),
-            }
-        )
+        rows.append({**row, **causal_row(label, heads, clean, target, rand, task, seed=seed, n_boot=n_boot)})
         if progress:
             tqdm.write(
                 f"{label}: {rows[-1]['verdict']} (target {target:+.3f}, random {rand.min():+.3f}..{rand.max():+.3f})"

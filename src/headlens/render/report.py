@@ -136,7 +136,7 @@ HEAD_JS = """
     document.getElementById("head-card").textContent = h.card || "";
     var verdict = document.getElementById("head-verdict");
     verdict.textContent = h.verdict ? "Causal verdict of its label: " + h.verdict : "";
-    verdict.className = h.verdict === "supported" ? "verdict-supported" : (h.verdict === "not supported" ? "verdict-not" : "muted");
+    verdict.className = h.verdict === "supported" ? "verdict-supported" : (h.verdict === "no evidence" ? "verdict-not" : "muted");
     var scores = document.getElementById("head-scores"), st = table(data.score_columns, h.scores);
     if (h.decides >= 0) st.tBodies[0].rows[h.decides].className = "decides";
     scores.replaceChildren(st);
