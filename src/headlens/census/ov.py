@@ -24,7 +24,7 @@ output for token t is ``norm(eff(t)) W_V W_O`` and its effect on the logits is t
 - copy-suppression heads: attention_to_predicted >= 0.3 AND negative_copying >= 0.5 — the head attends to
   the token about to be predicted and pushes that token down (``copy_suppression_score``, their product,
   ranks heads). The census's ``copy_suppression`` label is the cheaper rule on repeated tokens (prefix
-  matching + negative OV eigenvalues); the two score columns here sit next to it in the census table.
+  matching + ``negative_copying`` >= 0.5); the two score columns here sit next to it in the census table.
 - ``successor`` (Gould et al. 2023): over ordinal sequences (digits, number words, ordinals, days, months,
   letters; single tokens only), the share of tokens t whose successor has the top OV logit for t among all
   ordinal tokens.
