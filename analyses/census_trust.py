@@ -158,23 +158,22 @@ def census_step(model, seed: int, sizes: dict, name: str) -> None:
 # ---------------------------------------------------------------- steps
 
 
-def step_dev(model) -> bool:
-    for seed in DEV_SEEDS:
-        name = f"dev_seed{seed}.npz"
-        if not cache_path(name).exists():
-            census_step(model, seed, DEV_SIZES, name)
-            return True
-    return False
-
-
-def step_fresh(model) -> bool:
-    sizes = FROZEN
-    for seed in FRESH_SEEDS:
-        name = f"fresh_seed{seed}.npz"
+def step_seeds(model, prefix: str, seeds, sizes: dict) -> bool:
+    """Score the next seed of ``seeds`` whose cache is missing (False: none left)."""
+    for seed in seeds:
+        name = f"{prefix}_seed{seed}.npz"
         if not cache_path(name).exists():
             census_step(model, seed, sizes, name)
             return True
     return False
+
+
+def step_dev(model) -> bool:
+    return step_seeds(model, "dev", DEV_SEEDS, DEV_SIZES)
+
+
+def step_fresh(model) -> bool:
+    return step_seeds(model, "fresh", FRESH_SEEDS, FROZEN)
 
 
 def step_null(model) -> bool:
