@@ -70,6 +70,8 @@ SIZE_GRID = [
 FROZEN = {k: DEFAULT_SIZES[k] for k in DEV_SIZES}
 """The frozen census sizes (the default census's), measured on fresh seeds."""
 BULK = ("first_token", "local", "other")
+CAUSAL_FIRST = ("previous_token", "closer_to_opener", "bracket_matching", "induction", "delimiter")
+"""The causal step's order (each label is a resumable unit of a few minutes): the issue's must-show labels first."""
 CAUSAL_SEQS = 16
 N_RANDOM = 20
 
@@ -202,7 +204,9 @@ def seed_tables(model, seeds, prefix: str, sizes: dict, limits, n_boot: int = 20
 def step_causal(model, table: pd.DataFrame) -> bool:
     path = cache_path("causal_rows.csv")
     done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["label"])
-    for label in LABEL_TASKS:
+    for label in sorted(
+        LABEL_TASKS, key=lambda lb: CAUSAL_FIRST.index(lb) if lb in CAUSAL_FIRST else len(CAUSAL_FIRST)
+    ):
         if label in set(done["label"]) or label not in set(table["label"]):
             continue
         start = time.perf_counter()
