@@ -185,7 +185,7 @@ _CACHE: dict = {}
 def census_copying(model: HookedTransformer) -> dict[str, Float[Tensor, "layer head"]]:
     """copying_scores(model, n=CENSUS_COPY_SAMPLE), computed once per model state (two census columns)."""
     with torch.inference_mode():
-        tensors = (model.W_E, model.W_V, model.W_O, model.W_U, model.blocks[0].attn.W_O, model.blocks[0].mlp.W_out)
+        tensors = (model.W_E, model.W_V, model.W_O, model.W_U, *model.blocks[0].parameters())  # block 0 may lack an MLP
         fingerprint = tuple(float(f(t.double())) for t in tensors for f in (torch.sum, lambda x: x.abs().sum()))
     key = (id(model), fingerprint)
     if key not in _CACHE:
