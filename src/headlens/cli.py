@@ -17,7 +17,7 @@ import typer
 from headlens import progress as _progress
 from headlens.errors import HeadlensError
 from headlens.heads import head_name, unit_name
-from headlens.io import mismatch, provenance, save_figure, write_csv, write_parquet
+from headlens.io import check_outputs, mismatch, provenance, save_figure, write_csv, write_parquet
 
 app = typer.Typer(
     add_completion=False,
@@ -149,9 +149,7 @@ def _validate(params: dict) -> None:
     out = params.get("out")
     if out is not None:
         check_output_dir(out)
-        csv = Path(out) / "census.csv"
-        if csv.exists() and not csv.is_file():
-            raise HeadlensError(f"{csv} is not a file: remove it or pass another --out")
+        check_outputs(out, dirs=(".shards",))
 
 
 def _out(help: str):
@@ -171,8 +169,9 @@ def _start(progress: bool) -> None:
     _progress.set_enabled(progress)
 
 
-def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32", heads=(), texts=()):
-    """Load the model; ``heads`` are checked against it right away, before any computation."""
+def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32", heads=(), texts=None):
+    """Load the model; ``heads`` and ``texts`` (``{"--option": text}``) are checked against it right away, before
+    any computation: a text longer than the context is an error naming the option that fixes it."""
     from headlens.heads import check_head
     from headlens.models import load_model, resolve_device, resolve_dtype
 
@@ -182,11 +181,33 @@ def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: s
     hooked = load_model(model, adapter=adapter, device=device, dtype=dtype)
     for layer, head in heads:
         check_head(hooked, layer, head)
-    for text in texts:  # too long for the context: say so now, not after the computation
+    for option, text in (texts or {}).items():  # too long for the context: say so now, not after the computation
         if text is not None:
-            hooked.to_tokens(text)
+            _check_length(hooked, option, text, hooked.cfg.n_ctx, f"{hooked.cfg.model_name} takes")
     _progress.set_enabled(_progress.enabled())  # libraries imported by the load obey the switch too
     return hooked
+
+
+def _check_length(hooked, option: str, text: str, limit: int, what: str) -> None:
+    """``text`` (the value of ``option``) must be at most ``limit`` tokens; the error names the option to shorten."""
+    n_tokens = len(hooked.tokenizer(text, add_special_tokens=False)["input_ids"]) if hooked.tokenizer is not None else 0
+    if n_tokens > limit:
+        raise HeadlensError(f"{option} is {n_tokens} tokens long but {what} at most {limit}: shorten {option}")
+
+
+def _census_of(hooked, path: Path):
+    """The census table at ``path`` (``--census``), refused unless its provenance says it was made for this model
+    (same source, adapter, dtype and weights digest) and its content is as written (the rules `report` reuses by)."""
+    from headlens.io import IDENTITY
+    from headlens.render.report import read_census
+
+    why = mismatch(path, provenance(hooked), keys=IDENTITY)
+    if why is not None:
+        raise HeadlensError(
+            f"--census {path} is not a census of this model: {why}; pass the census.csv that `headlens census` "
+            "wrote for this model (same --model, --adapter and --dtype), or leave --census out"
+        )
+    return read_census(path)
 
 
 def _executor(workers: int | None, ray_address: str | None, out: Path):
@@ -207,15 +228,16 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
     """--heads "L5H3,12.0" -> heads (headlens.heads.parse_heads: duplicates and bad spellings are errors)."""
     from headlens.heads import parse_heads
 
-    return parse_heads(text)
+    heads = parse_heads(text)
+    if text.strip() and not heads:
+        raise HeadlensError(f"--heads {text!r} names no head: give heads such as L5H3,12.0 (or leave --heads out)")
+    return heads
 
 
 def _labels(hooked, census_csv: Path | None, seed: int, progress: bool) -> dict[tuple[int, int], str]:
     """The census label of every head: from ``census_csv`` when given, else a census run on ``hooked``."""
     if census_csv is not None:
-        from headlens.render.report import read_census
-
-        table = read_census(census_csv)
+        table = _census_of(hooked, census_csv)
     else:
         from headlens.census import run_census
 
@@ -283,6 +305,7 @@ def census_cmd(
     Prints, per label, how many heads carry it and its top heads with their scores.
     """
     _validate(locals())
+    check_outputs(out, ("census.csv", "census.parquet", "report.html"), ("figures",))
     _start(progress)
     from headlens.census import run_census
     from headlens.render.report import write_report
@@ -302,8 +325,10 @@ def census_cmd(
 
 
 def _census_settings(seed: int) -> dict:
-    """What a CLI census depends on besides the model: the seed and the (default) probes and thresholds."""
-    return {"seed": int(seed), "probes": "default", "thresholds": "default"}
+    """What a CLI census depends on besides the model: the seed, the default probes and thresholds, the head types."""
+    from headlens.census.run import census_settings
+
+    return census_settings(seed)
 
 
 def label_summary(census, *, top_k: int = 5):
@@ -362,6 +387,7 @@ def report(
     --with compare the head-by-head comparison with --tuned.
     """
     _validate(locals())
+    check_outputs(out, ("census.csv", "report.html"), ("figures",))
     _start(progress)
     chosen = _parse_heads(heads)
     sections = [s.strip() for s in with_.split(",") if s.strip()]
@@ -370,10 +396,13 @@ def report(
         raise HeadlensError(f"unknown --with section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if "compare" in sections and not tuned:
         raise HeadlensError("--with compare needs --tuned (a LoRA adapter directory or a fine-tuned model)")
+    from headlens.engine.capture import VIEW_TOKENS
     from headlens.render.report import read_census, write_report
     from headlens.render.viz import DEFAULT_PROMPT
 
-    hooked = _load(model, adapter, device, dtype, heads=chosen, texts=[prompt])
+    hooked = _load(model, adapter, device, dtype, heads=chosen, texts={"--prompt": prompt})
+    if prompt is not None:
+        _check_length(hooked, "--prompt", prompt, VIEW_TOKENS, "the report's attention views show")
     csv = out / "census.csv"
     prov = provenance(hooked, **_census_settings(seed))
     why = mismatch(csv, prov) if csv.exists() else None
@@ -411,7 +440,10 @@ def report(
 
         typer.echo(f"loading tuned {tuned} ...", err=True)
         extra["compare"] = compare_models(
-            hooked, load_tuned(hooked, tuned, base_source=model), seed=seed, progress=progress
+            hooked,
+            load_tuned(hooked, tuned, base_source=model, device=device, dtype=dtype),
+            seed=seed,
+            progress=progress,
         )
     path = write_report(
         out,
@@ -470,12 +502,13 @@ def patch(
         )
     if (clean is None) != (corrupted is None):
         raise HeadlensError("give both --clean and --corrupted, or neither for the built-in induction pair")
+    check_outputs(out, ["attribution.csv"] + [f"patch_{name}.csv" for name in names])
     import pandas as pd
 
     from headlens.interventions.attribution import attribution_patching, quality_summary, rank_correlation
     from headlens.interventions.patching import activation_patching, induction_pair, text_pair
 
-    hooked = _load(model, adapter, device, dtype, texts=[clean, corrupted])
+    hooked = _load(model, adapter, device, dtype, texts={"--clean": clean, "--corrupted": corrupted})
     labels = _labels(hooked, census_csv, seed, progress)
     if clean is None:
         pair = induction_pair(hooked, n_tokens=n_tokens, n_seqs=n_seqs, seed=seed)
@@ -596,6 +629,7 @@ def ablate(
     effect = ablated - clean metric; worsening = effect / |clean| towards worse (+1 % = 1 % more loss).
     """
     _validate(locals())
+    check_outputs(out, ("ablation.csv", "ablation.png", "ablation_vs_random.csv"))
     _start(progress)
     chosen = _parse_heads(heads)
     import pandas as pd
@@ -604,7 +638,7 @@ def ablate(
     from headlens.interventions.ablation import ablation_sweep, compare_to_random
     from headlens.render.plots import plot_sweep
 
-    hooked = _load(model, adapter, device, dtype, heads=chosen)
+    hooked = _load(model, adapter, device, dtype, heads=chosen, texts={"--prompt": prompt})
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
@@ -695,13 +729,14 @@ def prune(
 ):
     """Prune heads greedily, least important first; writes the curve (CSV + PNG) and the removal order."""
     _validate(locals())
+    check_outputs(out, ("prune_curve.csv", "prune_order.csv", "prune_curve.png"))
     _start(progress)
     import pandas as pd
 
     from headlens.interventions.prune import prune_curve
     from headlens.render.plots import plot_prune_curve
 
-    hooked = _load(model, adapter, device, dtype)
+    hooked = _load(model, adapter, device, dtype, texts={"--prompt": prompt})
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     result = prune_curve(
         hooked,
@@ -755,6 +790,7 @@ def compare_cmd(
 ):
     """Compare a fine-tune with its base head by head: attention change (JSD, bits), weight change, census deltas."""
     _validate(locals())
+    check_outputs(out, ("compare.csv", "compare.png"))
     _start(progress)
     from headlens.analysis.compare import compare_models, top_changed
     from headlens.models import load_tuned
@@ -801,6 +837,7 @@ def stats(
 ):
     """Attention entropy with and without sqrt(d_k) scaling, and head similarity within vs across GQA groups."""
     _validate(locals())
+    check_outputs(out, ("entropy.csv", "similarity.csv"))
     _start(progress)
     temps = _temperatures(temperatures)
 
@@ -851,10 +888,12 @@ def atlas_cmd(
     _start(progress)
     from headlens.analysis.atlas import atlas, parse_sources
     from headlens.models import resolve_device, resolve_dtype
-    from headlens.render.atlas import write_atlas
+    from headlens.render.atlas import census_files, write_atlas
 
     sources = parse_sources(models)
     resolve_device(device), resolve_dtype(dtype)
+    tables = ("counts.csv", "depth_shares.csv", "positions.csv", "settings.json", "atlas.html")
+    check_outputs(out, (*tables, *census_files(sources).values()))
     executor = _executor(workers, ray_address, out)
     result = atlas(
         sources, seeds=seeds, batch_size=batch_size, device=device, dtype=dtype, executor=executor, progress=progress
@@ -887,6 +926,8 @@ def main(argv: list[str] | None = None) -> None:
         for arg in args:
             arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
         result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
+        if result == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below
+            raise KeyboardInterrupt
     except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback) below
         message = None if debug else _expected(err, args)
         if message is None:
@@ -894,7 +935,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {message}", err=True)
         sys.exit(2 if _is_usage(err) else 1)  # 2: the command line itself is wrong (click's convention)
     except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
+        typer.echo("error: interrupted; no file was left half-written (a rerun resumes from finished shards)", err=True)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
 
@@ -923,7 +964,9 @@ def _renamed(args: list[str]) -> list[str]:
 
 def _expected(err: BaseException, args: list[str]) -> str | None:
     """The one-line message for an expected failure, or None for a bug (shown with its traceback)."""
-    import errno
+    import os
+
+    from headlens.io import STORAGE_HINTS, storage_errno, target_of
 
     if isinstance(err, HeadlensError):
         return str(err)
@@ -935,16 +978,12 @@ def _expected(err: BaseException, args: list[str]) -> str | None:
         return f"argument {bad.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text: pass text and paths in UTF-8"
     if isinstance(err, UnicodeError):
         return f"a file or text is not valid UTF-8 ({err}); pass UTF-8 text"
-    if isinstance(err, OSError):
-        where = f" {err.filename}" if err.filename else ""
-        hints = {
-            errno.ENOSPC: "free some disk space",
-            errno.EACCES: "choose a writable location",
-            errno.EROFS: "the file system is read-only: choose another location",
-            errno.EDQUOT: "free some space",
-        }
-        hint = hints.get(err.errno, "check the path")
-        return f"{err.strerror or err}:{where} ({hint}); nothing half-written was left behind"
+    code = storage_errno(err)
+    if isinstance(err, OSError) or code is not None:  # what the writers did not already turn into one line
+        where = getattr(err, "filename", None)
+        reason = os.strerror(code) if code is not None else str(err)
+        hint = STORAGE_HINTS.get(code, "check the path")
+        return f"{reason}: {target_of(where) if where else 'a file of this command'} ({hint})"
     if isinstance(err, MemoryError):
         return "out of memory: use a smaller --batch-size or shorter inputs"
     if type(err).__module__.startswith("pandas") and isinstance(err, ValueError):  # ParserError, EmptyDataError

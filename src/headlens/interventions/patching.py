@@ -55,6 +55,7 @@ from headlens.engine.intervene import (
     Site,
     cached_run,
     check_activation,
+    check_distinct_answers,
     final_logits,
     resid_names,
     run_interventions,
@@ -263,6 +264,7 @@ def text_pair(
             metric, text = partial(logprob, targets=correct), f"log-prob of {answer!r}"
         else:
             bad = _answer_tokens(model, wrong, n_seqs, "wrong")
+            check_distinct_answers(correct, bad, [answer] * n_seqs if isinstance(answer, str) else list(answer))
             metric, text = partial(logit_diff, correct=correct, wrong=bad), f"logit diff {answer!r} − {wrong!r}"
     return PromptPair(clean_tokens, corrupted_tokens, positions, metric, name="text", info={"metric": text})
 

@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
-from headlens.engine.capture import head_patterns
+from headlens.engine.capture import VIEW_TOKENS, head_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import unit_name
 from headlens.io import headlens_version, weights_sha256, write_bytes, write_text
@@ -595,7 +595,7 @@ def write_report(
     compare: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
     rope: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
     top_k: int = 3,
-    max_tokens: int = 128,
+    max_tokens: int = VIEW_TOKENS,
     title: str | None = None,
     dpi: int = 150,
     figures: bool = True,
