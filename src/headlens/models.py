@@ -149,7 +149,7 @@ def check_weights(model: HookedTransformer, what: str = "the model") -> None:
     activations are not finite (named by the first hook that produces them, e.g. an adapter with a huge lora_alpha,
     or float16 overflowing). Costs one pass over the weights and an 8-token forward."""
     for tensor_name, tensor in model.named_parameters():
-        if not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):  # NaN propagates; no tensor-sized copy
             bad = int((~torch.isfinite(tensor)).sum())
             raise HeadlensError(
                 f"{what}: weights {tensor_name} hold {bad} NaN/inf value(s) after loading"
