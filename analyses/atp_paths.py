@@ -22,8 +22,8 @@ import torch
 from transformer_lens import utils
 
 from headlens import load_model
-from headlens.io import write_json
 from headlens.interventions.patching import induction_pair
+from headlens.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "atp_paths"
 HEADS = ((3, 0), (8, 7), (9, 8))

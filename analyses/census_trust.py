@@ -29,11 +29,11 @@ import torch
 
 from headlens import load_model
 from headlens.census.calibrate import null_levels, null_scores
-from headlens.census.run import PerSequence, _thresholds, build_table, collect, label_counts
+from headlens.census.registry import WEIGHTS, head_types
+from headlens.census.run import PerSequence, _thresholds, build_table, collect
+from headlens.census.validate import causal_validation
 from headlens.data.corpus import provenance
 from headlens.data.probes import default_probes
-from headlens.census.registry import WEIGHTS, head_types
-from headlens.census.validate import causal_validation
 
 OUT = Path(__file__).parent / "results" / "census_trust"
 SEEDS = (0, 1, 2)
@@ -73,6 +73,7 @@ def main() -> None:
     types = head_types()
     limits = _thresholds(types, None)
     tables, pers, timings, sources = [], [], {}, {}
+    counts = None  # heads per label at seed 0, from the census bootstrap
     for seed in SEEDS:
         start = time.perf_counter()
         probes = default_probes(model, seed=seed)
@@ -88,7 +89,9 @@ def main() -> None:
             CACHE.mkdir(parents=True, exist_ok=True)
             arrays = {f"{k}|{c}": v for k, d in per.by_kind.items() for c, v in d.items()}
             np.savez(cache, **arrays, **{f"{WEIGHTS}|{c}": v for c, v in per.weights.items()})
-        table = build_table(model, per, types, limits, seed=seed)
+        table, seed_counts = build_table(model, per, types, limits, seed=seed)
+        if counts is None:
+            counts = seed_counts
         timings[f"census_seed{seed}_s"] = round(time.perf_counter() - start, 1)
         sources[seed] = {k: list(p.sources) for k, p in probes.items() if p.sources}
         table.to_csv(OUT / f"census_seed{seed}.csv.tmp", index=False)
@@ -103,14 +106,14 @@ def main() -> None:
     n_default = {kind: v["_sink"].shape[0] for kind, v in pers[0].by_kind.items()}
     rows = []
     for k in (*SIZES, max(n_default.values())):
-        sub = [build_table(model, subset(p, k), types, limits, seed=s, n_boot=0) for p, s in zip(pers, SEEDS)]
+        sub = [build_table(model, subset(p, k), types, limits, seed=s, n_boot=0)[0] for p, s in zip(pers, SEEDS)]
         rows.append({"sequences_per_kind": k, **{key: v for key, v in agreement(sub).items() if key != "n_heads"}})
     pd.DataFrame(rows).to_csv(OUT / "sizes.csv", index=False)
 
     rows = []
     for overrides in SENSITIVITY:
         alt = _thresholds(types, overrides)
-        sub = [build_table(model, p, types, alt, seed=s, n_boot=0) for p, s in zip(pers, SEEDS)]
+        sub = [build_table(model, p, types, alt, seed=s, n_boot=0)[0] for p, s in zip(pers, SEEDS)]
         same = agreement(sub)
         rows.append(
             {
@@ -122,7 +125,6 @@ def main() -> None:
         )
     pd.DataFrame(rows).to_csv(OUT / "thresholds.csv", index=False)
 
-    counts = label_counts(tables[0])
     counts.to_csv(OUT / "counts.csv", index=False)
 
     start = time.perf_counter()

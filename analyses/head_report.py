@@ -22,16 +22,16 @@ from _harness import study_args, write_summary
 from headlens import (
     ablation_sweep,
     activation_patching,
-    census,
     distance_profiles,
     induction_pair,
     load_model,
     repeat_loss_metric,
     rope_summary,
+    run_census,
     write_report,
 )
 from headlens.models import DEFAULT_MODEL
-from headlens.render.viz import top_heads
+from headlens.render.viz import top_heads_by_label
 
 OUT = Path(__file__).resolve().parent / "results" / "head_report"
 MODEL = DEFAULT_MODEL
@@ -44,9 +44,10 @@ def main() -> None:
     OUT, SEED, MODEL = args.out, args.seed, args.model
     start = time.perf_counter()
     model = load_model(MODEL)
-    table = census(model, seed=SEED)
-    sweep = ablation_sweep(model, repeat_loss_metric(model, n_seqs=2, half_len=16, seed=SEED), method="zero")
-    patch = activation_patching(model, induction_pair(model, seed=SEED), activation="z")
+    result = run_census(model, seed=SEED)
+    table = result.table
+    sweep = ablation_sweep(model, repeat_loss_metric(model, n_seqs=2, half_len=16, seed=SEED), method="zero").table
+    patch = activation_patching(model, induction_pair(model, seed=SEED), activation="z").table
     profile = distance_profiles(model, probes=("natural", "constant"), n_seqs=4, seq_len=64, seed=SEED)
     summary = rope_summary(profile[profile.probe == "constant"])
 
@@ -57,20 +58,19 @@ def main() -> None:
         .merge(patch[["layer", "head", "effect"]].rename(columns={"effect": "patching_recovery"}), on=["layer", "head"])
         .merge(summary[["layer", "head", "peak_distance", "positional_score"]], on=["layer", "head"])
     )
-    named = top_heads(table, k=3).merge(evidence, on=["layer", "head"])
+    named = top_heads_by_label(table, top_k=3).merge(evidence, on=["layer", "head"])
     per_layer = pd.crosstab(table.layer, table.label)
 
     OUT.mkdir(parents=True, exist_ok=True)
     write_report(
         OUT,
         model=model,
-        census=table,
+        census=result,
         ablation=sweep[["layer", "head", "effect"]].rename(columns={"effect": "repeat_loss_increase"}),
         patching=patch[["layer", "head", "effect"]].rename(columns={"effect": "induction_pair_recovery"}),
         rope=profile,
     )
-    # after the report: write_report writes the plain census.csv; the richer table (census + per-head
-    # ablation, patching and RoPE evidence) must be the one that stays
+    # census.csv is the richer table: census + per-head ablation, patching and RoPE evidence (write_report writes no CSV)
     evidence.to_csv(OUT / "census.csv", index=False)
     per_layer.to_csv(OUT / "labels_per_layer.csv")
     named.to_csv(OUT / "named_heads.csv", index=False)

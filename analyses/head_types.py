@@ -35,16 +35,17 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.interventions.ablation import compare_to_random, custom_metric, loss_metric
 from headlens.census.code_heads import THRESHOLDS as CODE_THRESHOLDS
 from headlens.census.code_heads import bracket_by_depth, code_scores
-from headlens.data.code import code_probe, python_version
 from headlens.census.ov import THRESHOLDS, copy_suppression_scores, heads_above, ordinal_tokens, successor_scores
+from headlens.census.positional import THRESHOLD as POSITIONAL_THRESHOLD
 from headlens.census.positional import positional_scores
-from headlens.engine.intervene import Metric
-from headlens.data.probes import DEFAULT_SIZES, natural_text
 from headlens.census.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
 from headlens.census.retrieval import needle_metric, needle_probe, retrieval_scores
+from headlens.data.code import code_probe, python_version
+from headlens.data.probes import DEFAULT_SIZES, natural_text
+from headlens.engine.intervene import Metric
+from headlens.interventions.ablation import compare_to_random, custom_metric, loss_metric
 
 OUT = Path(__file__).resolve().parent / "results" / "head_types"
 SEED = 0
@@ -254,7 +255,13 @@ def main() -> None:
             args.n_random,
         ),
         ("successor", "successor", THRESHOLDS["successor"], successor_metric(model), args.n_random),
-        ("positional", "positional", THRESHOLDS["positional"], loss_metric(model, n_seqs=4, seq_len=64), args.n_random),
+        (
+            "positional",
+            "positional",
+            POSITIONAL_THRESHOLD,
+            loss_metric(model, n_seqs=4, seq_len=64),
+            args.n_random,
+        ),
         (
             "bracket_matching",
             "bracket_matching",
@@ -298,7 +305,12 @@ def main() -> None:
         "code_windows": list(probe.files),
         "held_out_code_windows": list(held_out_code.files),
         "held_out_closers": int(held_out_code.closer[:, :-1].sum()),
-        "thresholds": {**THRESHOLDS, **CODE_THRESHOLDS, "retrieval": RETRIEVAL_THRESHOLD},
+        "thresholds": {
+            **THRESHOLDS,
+            "positional": POSITIONAL_THRESHOLD,
+            **CODE_THRESHOLDS,
+            "retrieval": RETRIEVAL_THRESHOLD,
+        },
         "counts": {r["type"]: r["n_labelled"] for r in rows},
         "top_heads": {
             col: [f"L{r.layer}H{r.head} ({getattr(r, col):.2f})" for r in scores.nlargest(3, col).itertuples()]

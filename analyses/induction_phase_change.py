@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from headlens.analysis import toy
+
 OUT = Path(__file__).resolve().parent / "results" / "induction_phase_change"
 
 
@@ -86,11 +87,11 @@ def main() -> None:
     history.to_csv(args.out / "history.csv", index=False)
     plot(history, found, args.out / "phase_change.png")
 
-    from headlens.census.run import THRESHOLDS, census
+    from headlens.census import THRESHOLDS, run_census
 
     CENSUS_INDUCTION = THRESHOLDS["induction"]
 
-    table = census(model, toy.toy_probes(model, seed=args.seed), progress=False)
+    table = run_census(model, toy.toy_probes(model, seed=args.seed), progress=False).table
     table.to_csv(args.out / "census.csv", index=False)
     final = history.iloc[-1]
     ind_cols = toy.head_columns(history, kind="induction")

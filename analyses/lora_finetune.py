@@ -33,11 +33,9 @@ import torch.nn.functional as F
 
 import headlens
 from headlens.analysis.compare import compare_models, top_changed
-from headlens.render.plots import plot_comparison
-from headlens.models import check_adapter, load_tuned
-from headlens.models import DEFAULT_MODEL, cache_dir
 from headlens.census.rope import distance_profile
-from headlens.render.plots import plot_distance_curves
+from headlens.models import DEFAULT_MODEL, cache_dir, check_adapter, load_tuned
+from headlens.render.plots import plot_comparison, plot_distance_curves
 
 OUT = Path(__file__).resolve().parent / "results" / "lora_finetune"
 SEED = 0
@@ -51,7 +49,9 @@ LAG = 2
 RANK = 8
 
 
-def task_batch(pool: torch.Tensor, generator: torch.Generator, n_seqs: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def task_batch(
+    pool: torch.Tensor, generator: torch.Generator, n_seqs: int = BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random pool tokens and the target pool index of every position >= LAG (the token LAG back)."""
     idx = torch.randint(0, len(pool), (n_seqs, SEQ_LEN), generator=generator)
     return pool[idx], idx[:, :-LAG]

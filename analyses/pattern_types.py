@@ -97,19 +97,22 @@ def main() -> None:
     OUT, SEED, MODEL = args.out, args.seed, args.model
     from headlens import load_model
     from headlens.census.run import probe_scores
-    from headlens.heads import kv_heads
     from headlens.data.probes import default_probes
-    from headlens.render.viz import CircuitsVisView, ViewSet, head_patterns, view_props
+    from headlens.engine.capture import head_patterns
+    from headlens.heads import kv_heads
+    from headlens.render.viz import CircuitsVisView, ViewSet, view_props
 
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     model = load_model(MODEL)
-    probes = default_probes(model, seed=SEED)
-    table = {}
-    for probe in probes:
-        table.update(probe_scores(model, probe))
-    table.update(natural_extras(model, probes.natural))
+    probes = default_probes(model, seed=SEED, kinds=["repeated", "natural", "delimiter"])  # the kinds TYPES read
     L, H = model.cfg.n_layers, model.cfg.n_heads
+    table = {}
+    for probe in probes:  # per-sequence scores [seq, layer*head] -> each head's mean [layer, head]; raw scores only
+        for column, per_seq in probe_scores(model, probe).items():
+            if not column.startswith("_") and not column.endswith("_nosink"):
+                table[column] = per_seq.mean(0).reshape(L, H)
+    table.update(natural_extras(model, probes.natural))
     groups = kv_heads(model)
     df = pd.DataFrame(
         [

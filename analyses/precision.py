@@ -33,7 +33,7 @@ def main(dtypes=("bfloat16",)) -> dict:
     for dtype in ("float32", *dtypes):
         model = headlens.load_model(dtype=dtype)
         start = time.perf_counter()
-        tables[dtype] = headlens.census(model, seed=0, progress=False)
+        tables[dtype] = headlens.run_census(model, seed=0, progress=False).table
         seconds[dtype] = time.perf_counter() - start
         del model
     ref = tables["float32"]

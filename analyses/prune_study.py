@@ -22,8 +22,9 @@ from _harness import study_args, write_summary
 
 from headlens import load_model
 from headlens.interventions.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
-from headlens.models import DEFAULT_MODEL
 from headlens.interventions.prune import prune_curve
+from headlens.models import DEFAULT_MODEL
+from headlens.render.plots import plot_prune_curve
 
 OUT = Path(__file__).resolve().parent / "results" / "prune_study"
 MODEL = DEFAULT_MODEL
@@ -75,7 +76,9 @@ def main() -> None:
     result = prune_curve(model, fit, tolerance=TOLERANCE, steps=STEPS, order="gradient", reestimate=True, seed=SEED)
     result.curve.to_csv(OUT / "prune_curve.csv", index=False)
     result.order.to_csv(OUT / "prune_order.csv", index=False)
-    result.plot(OUT / "prune_curve.png", title="Qwen2.5-Coder-0.5B: greedy pruning (gradient order, zero abl.)")
+    plot_prune_curve(
+        result, OUT / "prune_curve.png", title="Qwen2.5-Coder-0.5B: greedy pruning (gradient order, zero abl.)"
+    )
     removal_rank_figure(result.order, model.cfg.n_layers, model.cfg.n_heads, OUT / "removal_rank.png")
 
     pruned = [(int(r.layer), int(r["head"])) for _, r in result.order.head(result.max_removed).iterrows()]

@@ -85,8 +85,8 @@ def part_a() -> pd.DataFrame:
 
 def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
     from headlens import load_model
-    from headlens.heads import kv_heads
     from headlens.data.probes import natural_text
+    from headlens.heads import kv_heads
 
     torch.manual_seed(SEED)
     model = load_model(MODEL)

@@ -92,10 +92,10 @@ def render(n: int) -> None:
 
 def qwen_locality() -> tuple[pd.DataFrame, dict]:
     from headlens import load_model
+    from headlens.census.scores import first_token, local
+    from headlens.data.probes import natural_text
     from headlens.engine.capture import stream_patterns
     from headlens.heads import kv_heads
-    from headlens.data.probes import natural_text
-    from headlens.census.scores import first_token, local
 
     torch.manual_seed(SEED)
     model = load_model(MODEL)

@@ -45,10 +45,10 @@ def main() -> None:
 
     ablation_sweep(model, metric, layers=[model.cfg.n_layers - 1], progress=False)  # warm-up
     t0 = time.perf_counter()
-    fast = ablation_sweep(model, metric, strategy="fast", batch_size=args.batch_size, **common)
+    fast = ablation_sweep(model, metric, strategy="fast", batch_size=args.batch_size, **common).table
     fast_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    naive = ablation_sweep(model, metric, strategy="naive", **common)
+    naive = ablation_sweep(model, metric, strategy="naive", **common).table
     naive_s = time.perf_counter() - t0
 
     delta = float((fast.metric - naive.metric).abs().max())

@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 
 from headlens import load_model
-from headlens.interventions.attribution import attribution_patching, estimate_quality
 from headlens.heads import head_name
-from headlens.io import write_csv, write_json
+from headlens.interventions.attribution import attribution_patching, estimate_quality
 from headlens.interventions.patching import activation_patching, induction_pair, text_pair
+from headlens.io import write_csv, write_json
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {
@@ -73,7 +73,7 @@ def score(exact: pd.DataFrame, table: pd.DataFrame, names: list[str]) -> dict:
     """Recall/correlations of one estimate against the exact table, plus sign agreement on the exact top 10."""
     assert np.array_equal(table[["layer", "head"]].to_numpy(dtype=int), exact[["layer", "head"]].to_numpy(dtype=int))
     estimate, effect = table["effect"].to_numpy(), exact["effect"].to_numpy()
-    quality = estimate_quality(effect, estimate, k=10)
+    quality = estimate_quality(effect, estimate, top_k=10)
     quality["missed"] = [names[i] for i in quality["missed"]]
     top = np.argsort(-np.abs(effect), kind="stable")[:10]
     quality["sign_agrees_top10"] = float(np.mean(np.sign(estimate[top]) == np.sign(effect[top])))
@@ -86,7 +86,7 @@ def heldout(model) -> None:
         exact, _ = exact_table(model, pair, RESULTS / f"atp_exact_{slug}.csv", recompute=False)
         names = [head_name(layer, head) for layer, head in zip(exact["layer"], exact["head"])]
         rows = {
-            name: score(exact, attribution_patching(model, pair, activations=["z"], **kwargs), names)
+            name: score(exact, attribution_patching(model, pair, activations=["z"], **kwargs).table, names)
             for name, kwargs in METHODS.items()
         }
         top = exact["effect"].abs().sort_values(ascending=False).index[:10]
@@ -117,8 +117,9 @@ def exact_table(model, pair, path: Path, recompute: bool) -> tuple[pd.DataFrame,
         if info.get("pair_hash") == token_hash(pair) and info.get("model") == model.cfg.model_name:
             return pd.read_csv(path), info["seconds"]
     start = time.perf_counter()
-    exact = activation_patching(model, pair, activation="z", batch_size=32, progress=False)
+    result = activation_patching(model, pair, activation="z", runs_per_pass=32, progress=False)
     seconds = time.perf_counter() - start
+    exact = result.table
     write_csv(exact, path)
     write_json(
         meta,
@@ -127,8 +128,8 @@ def exact_table(model, pair, path: Path, recompute: bool) -> tuple[pd.DataFrame,
             "pair_hash": token_hash(pair),
             "seconds": seconds,
             "threads": torch.get_num_threads(),
-            "clean_metric": exact.attrs["clean_metric"],
-            "corrupted_metric": exact.attrs["corrupted_metric"],
+            "clean_metric": result.clean,
+            "corrupted_metric": result.corrupted,
         },
     )
     return exact, seconds
@@ -163,7 +164,7 @@ def main() -> None:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            table = attribution_patching(model, pair, activations=["z"], **METHODS[name])
+            table = attribution_patching(model, pair, activations=["z"], **METHODS[name]).table
             times.append(time.perf_counter() - start)
         estimates[name] = table["effect"].to_numpy()
         quality = score(exact, table, names)
@@ -199,7 +200,7 @@ def main() -> None:
     # restart depth matches the whole model's, scaled to all layers
     layers = [0, 8, 16, 23]
     start = time.perf_counter()
-    subset = activation_patching(model, pair, activation="z", layers=layers, batch_size=32, progress=False)
+    subset = activation_patching(model, pair, activation="z", layers=layers, runs_per_pass=32, progress=False).table
     t_subset = time.perf_counter() - start
     mine = exact[exact["layer"].isin(layers)]["effect"].to_numpy()
     assert np.abs(subset["effect"].to_numpy() - mine).max() < 1e-4, "the saved exact table does not reproduce"
@@ -221,11 +222,11 @@ def main() -> None:
     print(f"wrote {output}")
     # the workflow docs/attribution.md recommends: the IG screen, then exact patching of its top 20 heads
     start = time.perf_counter()
-    table = attribution_patching(model, pair, activations=["z"], **METHODS["ig2"])
+    table = attribution_patching(model, pair, activations=["z"], **METHODS["ig2"]).table
     top = table.reindex(table["effect"].abs().sort_values(ascending=False).index).head(20)
     verified = activation_patching(
-        model, pair, activation="z", heads=list(zip(top["layer"], top["head"])), batch_size=32, progress=False
-    )
+        model, pair, activation="z", heads=list(zip(top["layer"], top["head"])), runs_per_pass=32, progress=False
+    ).table
     seconds = time.perf_counter() - start
     by_head = exact.set_index(["layer", "head"])["effect"]
     values = verified.set_index(["layer", "head"])["effect"]
@@ -245,7 +246,7 @@ def main() -> None:
     print(f"ig2 + exact patching of its top 20: {seconds:.1f} s, {t_exact_now / seconds:.1f}x cheaper than exact")
     if args.grad_drop:  # one backward pass per layer: measured last
         start = time.perf_counter()
-        table = attribution_patching(model, pair, activations=["z"], method="atp*", grad_drop=True)
+        table = attribution_patching(model, pair, activations=["z"], method="atp*", grad_drop=True).table
         seconds = time.perf_counter() - start
         quality = score(exact, table, names)
         record["methods"]["atp*+graddrop"] = {

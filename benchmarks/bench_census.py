@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from headlens import load_model
-from headlens.census.run import census
-from headlens.data.probes import ProbeSet, corpus_sections, default_probes, natural_text
+from headlens.census import run_census
 from headlens.census.scores import copying
+from headlens.data.probes import ProbeSet, corpus_sections, default_probes, natural_text
 
 RESULTS = Path(__file__).parent / "results" / "census.json"
 
@@ -89,7 +89,7 @@ def main() -> None:
     prose = corpus_sections()["prose"]
     long_text = prose * (1 + args.mem_tokens // max(1, len(model.tokenizer(prose)["input_ids"])))
     long_probe = ProbeSet(natural=natural_text(model, text=long_text, seq_len=args.mem_tokens, n_seqs=1))
-    mem_census_s, mem_census = peak_over_baseline(lambda: census(model, long_probe, batch_size=1, progress=False))
+    mem_census_s, mem_census = peak_over_baseline(lambda: run_census(model, long_probe, batch_size=1, progress=False))
     mem_forward_s, mem_forward = peak_over_baseline(lambda: plain_forward(model, long_probe, 1))
 
     start = time.perf_counter()
@@ -105,7 +105,7 @@ def main() -> None:
         plain_forward(model, probes, args.batch_size, stop_at_layer=L)
         trunk_runs.append(time.perf_counter() - start)
         start = time.perf_counter()
-        table = census(model, probes, batch_size=args.batch_size, progress=False)
+        table = run_census(model, probes, batch_size=args.batch_size, progress=False).table
         census_runs.append(time.perf_counter() - start)
     best_census, best_forward = min(census_runs), min(forward_runs)
 

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 RUNS = int(os.environ.get("RUNS", "3"))
+RESULT = os.environ.get("RESULT", "cli_census.json")  # file name under benchmarks/results/
+EXTRA = os.environ.get("EXTRA", "").split()  # extra census options, e.g. --no-causal
 
 
 def du(path: Path) -> int:
@@ -23,7 +25,18 @@ def du(path: Path) -> int:
 
 
 def timed_census(out: Path) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "headlens.cli", "census", "--out", str(out), "--no-progress"]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "headlens.cli",
+        "census",
+        "--out",
+        str(out),
+        "--no-progress",
+        *EXTRA,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode != 0:
@@ -51,7 +64,8 @@ def main() -> None:
             runs.append(timed_census(Path(tmp) / f"run{i}"))
     cache = cache_dir()
     result = {
-        "command": "headlens census --out DIR --no-progress (default Qwen2.5-Coder-0.5B-Instruct, fp32, CPU, weights cached)",
+        "command": " ".join(["headlens census --out DIR --no-progress", *EXTRA])
+        + " (default Qwen2.5-Coder-0.5B-Instruct, fp32, CPU, weights cached)",
         "runs": runs,
         "wall_s_median": statistics.median(r["wall_s"] for r in runs),
         "wall_s_range": [min(r["wall_s"] for r in runs), max(r["wall_s"] for r in runs)],
@@ -68,7 +82,7 @@ def main() -> None:
         ),
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / "cli_census.json"
+    out = Path(__file__).parent / "results" / RESULT
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -37,10 +37,10 @@ def run(label: str, out: Path, layers: list[int]) -> None:
     for name, fn in [
         ("ablation_loss", lambda: ablation_sweep(model, loss, layers=layers, batch_size=28, progress=False)),
         ("ablation_repeat", lambda: ablation_sweep(model, repeat, layers=layers, batch_size=28, progress=False)),
-        ("patching_z", lambda: activation_patching(model, pair, activation="z", batch_size=32, progress=False)),
+        ("patching_z", lambda: activation_patching(model, pair, activation="z", runs_per_pass=32, progress=False)),
     ]:
         start = time.perf_counter()
-        table = fn()
+        table = fn().table  # SweepResult / PatchingResult
         result[f"{name}_s"] = round(time.perf_counter() - start, 2)
         result[f"{name}_metric"] = [float(v) for v in table["metric"]]
         print(f"{label} {name}: {result[f'{name}_s']} s", flush=True)

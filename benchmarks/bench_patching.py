@@ -25,20 +25,20 @@ import torch
 import transformer_lens.patching as tl_patching
 
 from headlens import load_model
-from headlens.interventions.patching import activation_patching, induction_pair
 from headlens.interventions.attribution import attribution_patching, rank_correlation
+from headlens.interventions.patching import activation_patching, induction_pair
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--n-tokens", type=int, default=8, help="length of the repeated half")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32, help="patched runs per forward (headlens)")
+    parser.add_argument("--n-seqs", type=int, default=1, help="sequences in the induction pair")
+    parser.add_argument("--runs-per-pass", type=int, default=32, help="patched runs per forward (headlens)")
     parser.add_argument(
         "--tl-layers", default="0,8,16,23", help="layers whose heads TransformerLens patches ('all' for every layer)"
     )
-    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "patching.json")
     args = parser.parse_args()
@@ -53,8 +53,8 @@ def main() -> None:
 
     start = time.perf_counter()
     ours_subset = activation_patching(
-        model, pair, activation="z", layers=layers, batch_size=args.batch_size, progress=False
-    )
+        model, pair, activation="z", layers=layers, runs_per_pass=args.runs_per_pass, progress=False
+    ).table
     t_ours_subset = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -73,11 +73,12 @@ def main() -> None:
     max_diff = float((torch.tensor(ours_subset["metric"].to_numpy()) - theirs.cpu()).abs().max())
 
     start = time.perf_counter()
-    exact = activation_patching(model, pair, activation="z", batch_size=args.batch_size, progress=False)
+    exact_result = activation_patching(model, pair, activation="z", runs_per_pass=args.runs_per_pass, progress=False)
     t_exact = time.perf_counter() - start
     start = time.perf_counter()
-    attr = attribution_patching(model, pair, activations=["z"])
+    attr = attribution_patching(model, pair, activations=["z"]).table
     t_attr = time.perf_counter() - start
+    exact = exact_result.table
 
     ranked = exact.assign(attribution=attr["effect"].to_numpy()).reindex(
         exact["effect"].abs().sort_values(ascending=False).index
@@ -87,8 +88,8 @@ def main() -> None:
         "device": str(model.cfg.device),
         "threads": torch.get_num_threads(),
         "tokens": list(pair.clean.shape),
-        "clean_metric": exact.attrs["clean_metric"],
-        "corrupted_metric": exact.attrs["corrupted_metric"],
+        "clean_metric": exact_result.clean,
+        "corrupted_metric": exact_result.corrupted,
         "tl_comparison_layers": layers,
         "tl_comparison_heads": len(index),
         "transformerlens_exact_s": t_tl,
@@ -100,7 +101,7 @@ def main() -> None:
         "attribution_all_heads_s": t_attr,
         "attribution_speedup_vs_exact": t_exact / t_attr,
         "spearman_all": rank_correlation(exact["effect"], attr["effect"]),
-        f"spearman_top{args.top}": rank_correlation(exact["effect"], attr["effect"], top=args.top),
+        f"spearman_top{args.top_k}": rank_correlation(exact["effect"], attr["effect"], top_k=args.top_k),
         "top_heads": [
             {
                 "layer": int(r.layer),
@@ -108,7 +109,7 @@ def main() -> None:
                 "exact": round(float(r.effect), 4),
                 "attribution": round(float(r.attribution), 4),
             }
-            for r in ranked.head(args.top).itertuples()
+            for r in ranked.head(args.top_k).itertuples()
         ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def main() -> None:
     print(f"  headlens exact patching        {t_exact:8.2f} s")
     print(f"  headlens attribution patching  {t_attr:8.2f} s   {t_exact / t_attr:5.1f}x faster than exact")
     print(
-        f"  Spearman(exact, attribution): all heads {results['spearman_all']:.3f}, top-{args.top} {results[f'spearman_top{args.top}']:.3f}"
+        f"  Spearman(exact, attribution): all heads {results['spearman_all']:.3f}, top-{args.top_k} {results[f'spearman_top{args.top_k}']:.3f}"
     )
     print(f"wrote {args.out}")
 

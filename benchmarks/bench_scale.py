@@ -44,9 +44,8 @@ def main(source: str = "qwen2.5-coder-0.5b", results: Path = RESULTS) -> dict:
     import ray
 
     import headlens
-    from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
     from headlens.engine.executor import LocalExecutor, RayExecutor
-    from headlens.engine.executor import ablation_sweep as sharded_sweep
+    from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
 
     torch.set_num_threads(2)
     model = headlens.load_model(source)
@@ -58,11 +57,11 @@ def main(source: str = "qwen2.5-coder-0.5b", results: Path = RESULTS) -> dict:
     }
 
     t = time.perf_counter()
-    headlens.census(model, seed=0, progress=False)  # warm-up: first-call costs (page-in, allocator) on neither side
+    headlens.run_census(model, seed=0, progress=False)  # warm-up: first-call costs (page-in, allocator) on neither side
     census_first = time.perf_counter() - t
     local = LocalExecutor()
     t = time.perf_counter()
-    single = headlens.census(model, seed=0, progress=False, executor=local)
+    single = headlens.run_census(model, seed=0, progress=False, executor=local).table
     census_local = time.perf_counter() - t
     shard_costs = [s.seconds for s in sorted(local.timings, key=lambda s: s.index)]
 
@@ -72,10 +71,10 @@ def main(source: str = "qwen2.5-coder-0.5b", results: Path = RESULTS) -> dict:
     ex.worker_pids(model)  # start both workers and let them load Qwen
     startup = time.perf_counter() - t
     t = time.perf_counter()
-    cold_table = headlens.census(model, seed=0, progress=False, executor=ex)
+    cold_table = headlens.run_census(model, seed=0, progress=False, executor=ex).table
     census_ray_after_start = time.perf_counter() - t
     t = time.perf_counter()
-    warm_table = headlens.census(model, seed=0, progress=False, executor=ex)
+    warm_table = headlens.run_census(model, seed=0, progress=False, executor=ex).table
     census_ray_warm = time.perf_counter() - t
     ray_shard_costs = [s.seconds for s in sorted(ex.timings, key=lambda s: s.index)]
     scores = [c for c in single.columns if single[c].dtype.kind == "f"]
@@ -98,10 +97,10 @@ def main(source: str = "qwen2.5-coder-0.5b", results: Path = RESULTS) -> dict:
     layers = sorted({0, model.cfg.n_layers // 2, model.cfg.n_layers - 1})
     ablation_sweep(model, metric, layers=[model.cfg.n_layers - 1], progress=False)  # warm-up
     t = time.perf_counter()
-    plain = ablation_sweep(model, metric, layers=layers, progress=False)
+    plain = ablation_sweep(model, metric, layers=layers, progress=False).table
     sweep_plain = time.perf_counter() - t
     t = time.perf_counter()
-    remote = sharded_sweep(model, metric, layers=layers, progress=False, executor=ex)
+    remote = ablation_sweep(model, metric, layers=layers, progress=False, executor=ex).table
     sweep_ray = time.perf_counter() - t
     out["ablation_sweep"] = {
         "layers": layers,

@@ -28,8 +28,8 @@ def main() -> None:
     model = load_model()
     committed = pd.read_csv(ROOT / "analyses" / "results" / "head_report" / "named_heads.csv")
     start = time.perf_counter()
-    sweep = ablation_sweep(model, repeat_loss_metric(model, n_seqs=2, half_len=16, seed=0), method="zero")
-    patch = activation_patching(model, induction_pair(model, seed=0), activation="z")
+    sweep = ablation_sweep(model, repeat_loss_metric(model, n_seqs=2, half_len=16, seed=0), method="zero").table
+    patch = activation_patching(model, induction_pair(model, seed=0), activation="z").table
     seconds = time.perf_counter() - start
     new = committed[["layer", "head", "ablation_repeat_loss", "patching_recovery"]].merge(
         sweep[["layer", "head", "effect"]].astype({"head": int}).rename(columns={"effect": "ablation_new"}),

@@ -1,6 +1,6 @@
 """The README's patching sentence, from committed results: largest effect and census labels of the top heads.
 
-Reads ``benchmarks/results/patching_4x21.json`` (``bench_patching.py --n-tokens 10 --batch 4``: the default
+Reads ``benchmarks/results/patching_4x21.json`` (``bench_patching.py --n-tokens 10 --n-seqs 4``: the default
 induction pair of ``headlens patch``) and the census labels in ``analyses/results/head_report/census.csv``
 (``analyses/head_report.py``); writes ``benchmarks/results/patch_default_summary.json``.
 

@@ -15,7 +15,7 @@ import pytest
 
 from headlens import cli
 
-COMMANDS = ["info", "census", "report", "patch", "ablate", "prune", "compare", "stats", "atlas"]
+COMMANDS = ["info", "census", "head", "report", "patch", "ablate", "prune", "compare", "stats", "atlas", "circuit"]
 HEAVY = ("torch", "transformer_lens", "transformers", "pandas", "numpy", "matplotlib", "circuitsvis", "ray")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -146,3 +146,50 @@ def test_base_vs_lora_notebook_changes_only_the_adapted_layer():
     assert values["jsd0"] == 0 and values["dq0"] == 0 and values["dv"] == 0  # untouched layer and matrices
     assert values["jsd1"] > 0.05 and values["dq1"] > 0 and values["changed"] >= 1
     check_clean(book, elapsed)
+
+
+@pytest.mark.slow
+def test_head_cards_qwen_notebook_shows_a_card_a_verdict_and_a_task_role():
+    values, elapsed, book = execute(
+        "head_cards_qwen",
+        "dict(n=len(table), card=cards.head_card(model, table, layer, head), label=example.label, column=example.column, "
+        "score=float(example.score), lo=float(example.lo), hi=float(example.hi), raw=float(example.raw), "
+        "threshold=float(example.threshold), verdict=evidence.verdict('induction'), n_roles=len(roles), "
+        "mover=cards.head_card(model, table, int(mover.layer), int(mover['head']), roles=roles), "
+        "mover_patching=float(mover.patching), max_patching=float(roles.patching.abs().max()))",
+    )
+    assert values["n"] == values["n_roles"] == 24 * 14
+    # a head labelled by its sink-corrected score: the card names that score, inside its interval, over the threshold
+    assert values["column"].endswith("_nosink") and values["raw"] < values["score"]
+    assert values["lo"] <= values["score"] <= values["hi"] and values["score"] >= values["threshold"]
+    assert (
+        f"{values['label']} head, confidence" in values["card"]
+        and f"sink-corrected {values['label']}" in values["card"]
+    )
+    assert f"score {values['score']:.3f} [{values['lo']:.3f}, {values['hi']:.3f}]" in values["card"]
+    assert values["verdict"] in ("supported", "not supported")
+    # the head that restores most of the user's answer, with its role in the card
+    assert abs(values["mover_patching"]) == values["max_patching"] > 0.05
+    assert (
+        "On the task (text: logit diff" in values["mover"] and "clean-corrupted gap, rank 1 of 336" in values["mover"]
+    )
+    stderr = "\n".join(outputs(book, "stderr"))
+    assert "Warning" not in stderr and "Traceback" not in stderr, stderr
+    assert elapsed < 240
+
+
+def test_circuits_notebook_finds_the_previous_token_to_induction_key_edge():
+    values, elapsed, book = execute(
+        "circuits",
+        "dict(prev=prev, ind=ind, comp=[comp_top.sender, comp_top.composition, float(comp_top.z)], "
+        "pp=pp.table.set_index('input')['delta'].to_dict(), top=top_edges, methods=sorted(summary.method), "
+        "n_circuit=int(result.info['circuit_edges']), edges=len(result.edges))",
+    )
+    assert (values["prev"], values["ind"]) == ("L0H2", "L1H2")
+    assert values["comp"][:2] == ["L0H2", "k"] and values["comp"][2] > 3
+    assert values["pp"]["k"] < -1 and abs(values["pp"]["k"]) > 10 * max(abs(values["pp"]["q"]), abs(values["pp"]["v"]))
+    assert all(tuple(v) == ("L0H2", "k") for v in values["top"].values()) and len(values["top"]) == 3
+    assert values["methods"] == ["eap", "eap-ig", "exact"] and values["edges"] == 81 and 0 < values["n_circuit"] <= 81
+    check_clean(book, elapsed)
+    pages = [p for p in outputs(book, "text/html") if "CircuitsVis.render" in p]
+    assert len(pages) == 1 and "<svg" in pages[0] and "L0H2 → L1H2 [k]" in pages[0]

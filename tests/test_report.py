@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from headlens import HeadlensError
 from headlens.census import CensusResult
+from headlens.census.registry import head_types as registered
 from headlens.cli import app
 from headlens.render import viz
 from headlens.render.report import label_rows, read_census, write_report
@@ -363,7 +364,9 @@ def test_clicking_a_head_opens_its_pattern_and_evidence(chromium, report, tiny_q
         scores = chromium.eval(
             "Array.from(document.querySelectorAll('#head-scores tbody tr')).map(r => [r.cells[0].textContent, r.cells[1].textContent])"
         )
-        assert scores == [[s, f"{row[s]:.3f}"] for s in viz.SCORES]
+        # every registered score the table has, in registration order (types that label by another column say which)
+        shown = [(t.name if t.column == t.name else f"{t.name} ({t.column})", t.column) for t in registered().values()]
+        assert scores == [[name, f"{row[c]:.3f}"] for name, c in shown if c in census.columns]
         # the pattern: CircuitsVis AttentionHeads named after the head, one row of buttons... and the head's own numbers
         assert name in chromium.eval("document.getElementById('head-pattern').innerText")
         shown = chromium.eval(

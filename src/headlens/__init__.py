@@ -69,6 +69,10 @@ _EXPORTS = {
     "scale_entropy_table": "census.attention_stats",
     # analysis
     "compare_models": "analysis.compare",
+    "head_card": "analysis.cards",
+    "head_cards": "analysis.cards",
+    "label_evidence": "analysis.evidence",
+    "task_roles": "analysis.roles",
     # render
     "attention_view": "render.viz",
     "gallery": "render.viz",

@@ -58,6 +58,10 @@ class StrategyName(str, Enum):
     naive = "naive"
 
 
+class TaskName(str, Enum):
+    induction = "induction"
+
+
 class OrderName(str, Enum):
     gradient = "gradient"
     ablation = "ablation"
@@ -296,17 +300,27 @@ def census_cmd(
     seed: int = SEED,
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     top_k: int = typer.Option(5, "--top-k", help="top heads to print per label"),
+    causal: bool = typer.Option(
+        True,
+        "--causal/--no-causal",
+        help="test each label causally (its heads ablated on the label's task vs layer-matched random sets, and its "
+        "top heads alone); --no-causal skips it",
+    ),
     progress: bool = PROGRESS,
     workers: int = WORKERS,
     ray_address: str = RAY_ADDRESS,
 ):
-    """Score and label every head; writes DIR/census.csv, DIR/census.parquet and the HTML report DIR/report.html.
+    """Score and label every head, test each label causally and write a card per head; writes DIR/census.csv (with a
+    card column), DIR/census.parquet, DIR/causal.csv, DIR/causal_heads.csv and the HTML report DIR/report.html.
 
-    Prints, per label, how many heads carry it and its top heads with their scores.
+    Prints, per label, how many heads carry it, its top heads by the score that decided their label, and its causal
+    verdict. `headlens head L8H7` then explains one head in seconds from this census.
     """
     _validate(locals())
-    check_outputs(out, ("census.csv", "census.parquet", "report.html"), ("figures",))
+    check_outputs(out, ("census.csv", "census.parquet", *CAUSAL_FILES, "report.html"), ("figures",))
     _start(progress)
+    from headlens.analysis.cards import head_cards
+    from headlens.analysis.evidence import label_evidence
     from headlens.census import run_census
     from headlens.render.report import write_report
 
@@ -314,14 +328,54 @@ def census_cmd(
     executor = _executor(workers, ray_address, out)
     result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress, executor=executor)
     _done(executor, out)
+    evidence = label_evidence(hooked, result.table, seed=seed, progress=progress) if causal else None
+    result.table["card"] = head_cards(hooked, result.table, evidence=evidence)
     out.mkdir(parents=True, exist_ok=True)
     table = result.table
-    write_csv(table, out / "census.csv", provenance=result.provenance)
+    # census.parquet and census.csv share one sidecar (census.provenance.json): the csv, which the other commands read
+    # back, is written last so that the sidecar vouches for it
     write_parquet(table, out / "census.parquet", provenance=result.provenance)
-    report = write_report(out, model=hooked, census=result, progress=progress)
+    write_csv(table, out / "census.csv", provenance=result.provenance)
+    if evidence is not None:
+        write_csv(evidence.labels, out / "causal.csv", provenance=result.provenance)
+        write_csv(evidence.heads, out / "causal_heads.csv", provenance=result.provenance)
+    _share_census(out, result.provenance)
+    report = write_report(out, model=hooked, census=result, evidence=evidence, progress=progress)
     typer.echo(f"{len(table)} heads: {hooked.cfg.n_layers} layers x {hooked.cfg.n_heads} heads; seed {seed}")
-    _print_table(label_summary(result, top_k=top_k), {"share": ".1%"})
-    typer.echo(f"wrote {out / 'census.csv'}, {out / 'census.parquet'} and {report}")
+    _print_table(label_summary(result, top_k=top_k, evidence=evidence, causal=causal), {"share": ".1%"})
+    wrote = ", ".join(str(out / f) for f in ("census.csv", "census.parquet", *(("causal.csv",) if causal else ())))
+    typer.echo(f"wrote {wrote} and {report}")
+
+
+CAUSAL_FILES = ("causal.csv", "causal_heads.csv")
+
+
+def _census_cache(prov: dict) -> Path:
+    """The shared census cache of a model and seed: HEADLENS_CACHE/census/<model>-<weights>/seed<N>/."""
+    from headlens.models import cache_dir
+
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in str(prov["model"]))
+    return cache_dir() / "census" / f"{name}-{prov['weights'][:12]}" / f"seed{prov['settings']['seed']}"
+
+
+def _share_census(out: Path, prov: dict) -> None:
+    """Copy DIR's census (and causal evidence) into the shared cache, so `headlens head` finds it without --out."""
+    import shutil
+
+    from headlens.io import atomic_path, sidecar
+
+    cache = _census_cache(prov)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in ("census.csv", *CAUSAL_FILES):
+            if not (out / name).is_file():
+                (cache / name).unlink(missing_ok=True)
+                continue
+            for src in (sidecar(out / name), out / name):  # the sidecar last: it vouches for the file
+                with atomic_path(cache / src.name) as tmp:
+                    shutil.copyfile(src, tmp)
+    except OSError as err:  # a read-only cache costs a later `headlens head` a recomputation, nothing else
+        typer.echo(f"note: could not share the census in {cache} ({err.strerror})", err=True)
 
 
 def _census_settings(seed: int) -> dict:
@@ -331,31 +385,189 @@ def _census_settings(seed: int) -> dict:
     return census_settings(seed)
 
 
-def label_summary(census, *, top_k: int = 5):
-    """Per label: heads, share and the ``top_k`` top heads with their label score, e.g. ``L9H8 0.97``."""
+def label_summary(census, *, top_k: int = 5, evidence=None, causal: bool = True):
+    """Per label: heads, share and the ``top_k`` top heads by the score that decided their label (``label_score``,
+    the ranking every view shares: :func:`headlens.render.viz.top_heads_by_label`), e.g. ``L9H8 0.97``; with
+    ``causal``, the label's causal verdict from ``evidence`` (:mod:`headlens.analysis.evidence`)."""
     import pandas as pd
 
+    from headlens.analysis.evidence import verdict_table
     from headlens.census import LABEL_SCORE, LABELS
+    from headlens.render.viz import top_heads_by_label
 
     table = census.table
     intervals = census.label_counts.set_index("label")
+    labels = [lb for lb in LABELS if (table["label"] == lb).any()]
+    top = top_heads_by_label(table, top_k=top_k, labels=labels)
+    verdicts = verdict_table(evidence, labels).set_index("label")["causal verdict"] if causal else {}
     rows = []
-    for label in [lb for lb in LABELS if (table["label"] == lb).any()]:
+    for label in labels:
         part = table[table["label"] == label]
-        score = "label_score" if "label_score" in part.columns else LABEL_SCORE.get(label, label)
-        top = part.dropna(subset=[score]).nlargest(top_k, score) if score in part.columns else part.head(0)
-        names = " ".join(f"{head_name(r.layer, r.head)} {getattr(r, score):.2f}" for r in top.itertuples(index=False))
-        rows.append(
-            {
-                "label": label,
-                "heads": len(part),
-                "heads 95%": f"{intervals.loc[label, 'lo']}-{intervals.loc[label, 'hi']}",
-                "share": len(part) / len(table),
-                "score": LABEL_SCORE.get(label, label),
-                "top heads (score)": names,
-            }
-        )
+        names = " ".join(f"{head_name(r.layer, r.head)} {r.score:.2f}" for r in top[top["label"] == label].itertuples())
+        row = {
+            "label": label,
+            "heads": len(part),
+            "heads 95%": f"{intervals.loc[label, 'lo']}-{intervals.loc[label, 'hi']}",
+            "share": len(part) / len(table),
+            "score": LABEL_SCORE.get(label, label),
+            "top heads (deciding score)": names,
+        }
+        if causal:
+            row["causal"] = verdicts.get(label, "")
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _prompt_pair(hooked, clean, corrupted, answer, wrong, task, seed):
+    """The task of --clean/--corrupted(/--answer/--wrong) or --task, or None."""
+    if clean is not None:
+        from headlens.interventions.patching import text_pair
+
+        return text_pair(hooked, clean, corrupted, answer=answer, wrong=wrong)
+    if task is not None:
+        from headlens.interventions.patching import induction_pair
+
+        return induction_pair(hooked, seed=seed)
+    return None
+
+
+def _check_pair_options(clean, corrupted, answer, wrong, task) -> None:
+    if (clean is None) != (corrupted is None):
+        raise HeadlensError("give both --clean and --corrupted (a prompt pair of equal token length), or neither")
+    if clean is not None and task is not None:
+        raise HeadlensError("give a prompt pair (--clean/--corrupted) or a built-in --task, not both")
+    if clean is None and (answer is not None or wrong is not None):
+        raise HeadlensError("--answer and --wrong belong to a prompt pair: give --clean and --corrupted too")
+
+
+def _read_evidence(directory: Path, prov: dict):
+    """The causal evidence saved beside a census (causal.csv, causal_heads.csv), or None when absent or stale."""
+    import pandas as pd
+
+    from headlens.analysis.evidence import LabelEvidence
+
+    paths = [directory / name for name in CAUSAL_FILES]
+    if not all(p.is_file() and mismatch(p, prov) is None for p in paths):
+        return None
+    labels = pd.read_csv(paths[0])
+    settings = (
+        {"n_random": int(labels["n_random"].max())} if "n_random" in labels and labels["n_random"].notna().any() else {}
+    )
+    return LabelEvidence(labels, pd.read_csv(paths[1]), settings)
+
+
+def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress: bool):
+    """(census result, its directory): DIR/census.csv or the shared cache when their provenance matches, else a fresh
+    census written to both."""
+    from headlens.census import CensusResult, run_census
+    from headlens.render.report import read_census
+
+    prov = provenance(hooked, **_census_settings(seed))
+    places = [p for p in (out, _census_cache(prov)) if p is not None]
+    for place in places:
+        csv = place / "census.csv"
+        if csv.is_file() and mismatch(csv, prov) is None:
+            typer.echo(f"reusing {csv}", err=True)
+            return CensusResult.from_table(read_census(csv), seed=seed, provenance=prov), place
+    typer.echo("no census of this model and seed yet: computing it (once; later calls reuse it)", err=True)
+    result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
+    place = out or places[-1]
+    place.mkdir(parents=True, exist_ok=True)
+    write_csv(result.table, place / "census.csv", provenance=result.provenance)
+    if out is not None:
+        _share_census(out, result.provenance)
+    return result, place
+
+
+@app.command("head")
+def head_cmd(
+    name: str = typer.Argument(..., metavar="HEAD", help="the head, e.g. L8H7 (or 8.7)"),
+    model: str = MODEL,
+    adapter: Path = ADAPTER,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    out: Path = typer.Option(
+        None, "--out", "-o", help="census directory to read DIR/census.csv from (default: the shared census cache)"
+    ),
+    clean: str = typer.Option(None, "--clean", help="clean prompt of a task of your own"),
+    corrupted: str = typer.Option(None, "--corrupted", help="corrupted prompt, same token length as --clean"),
+    answer: str = typer.Option(None, "--answer", help="correct next token (default: the clean run's top token)"),
+    wrong: str = typer.Option(None, "--wrong", help="wrong next token (default: the corrupted run's top token)"),
+    task: TaskName = typer.Option(None, "--task", help="a built-in task instead of a prompt pair: induction"),
+    circuit: Path = typer.Option(
+        None, "--circuit", help="output directory of `headlens circuit` (same model): the head's place in that circuit"
+    ),
+    causal: bool = typer.Option(
+        True, "--causal/--no-causal", help="test the head's label causally when no saved evidence has it"
+    ),
+    seed: int = SEED,
+    batch_size: int = typer.Option(8, "--batch-size", help="census (only when none is cached): sequences per forward"),
+    progress: bool = PROGRESS,
+):
+    """Explain one head: its card (label and the score that decided it, runner-up, what it reads and writes, causal
+    verdict, role in a task) and the evidence table of every score against its threshold.
+
+    Reads the census of `headlens census` (DIR/census.csv with --out, else the shared cache under HEADLENS_CACHE) and
+    computes only what is missing. With --clean/--corrupted (or --task induction) it also measures the head's role in
+    that task: patching effect, direct logit attribution and attention to the answer.
+    """
+    _validate(locals())
+    _check_pair_options(clean, corrupted, answer, wrong, task)
+    heads = _parse_heads(name)
+    if len(heads) != 1:
+        raise HeadlensError(f"give one head, e.g. L8H7 (got {len(heads)}: {name!r})")
+    _start(progress)
+    from headlens.analysis.cards import head_card, score_table
+    from headlens.analysis.evidence import label_evidence, verdict_table
+    from headlens.analysis.roles import task_roles
+
+    (layer, head_), *_ = heads
+    edges_csv = None if circuit is None else circuit / "edges.csv"
+    if edges_csv is not None and not edges_csv.is_file():
+        raise HeadlensError(f"{edges_csv} does not exist: give --circuit the --out directory of `headlens circuit`")
+    hooked = _load(model, adapter, device, dtype, heads=heads, texts={"--clean": clean, "--corrupted": corrupted})
+    edges = None
+    if edges_csv is not None:
+        why = mismatch(edges_csv, provenance(hooked), keys=("model", "source", "adapter", "weights"))
+        if why is not None:
+            raise HeadlensError(f"{why}: run `headlens circuit` on this model, or give its --out directory")
+        import pandas as pd
+
+        edges = pd.read_csv(edges_csv)
+    pair = _prompt_pair(hooked, clean, corrupted, answer, wrong, task, seed)
+    result, place = _find_census(hooked, out, seed, batch_size, progress)
+    table = result.table
+    label = str(table.loc[(table["layer"] == layer) & (table["head"] == head_), "label"].iloc[0])
+    evidence = _read_evidence(place, result.provenance) if causal else None
+    if causal and evidence is None and label != "other":
+        typer.echo(f"testing the {label} label causally ...", err=True)
+        evidence = label_evidence(hooked, table, labels=[label], seed=seed, progress=progress)
+    roles = None
+    if pair is not None:
+        typer.echo("measuring the head's role in the task ...", err=True)
+        roles = task_roles(hooked, pair, answer=answer, wrong=wrong, heads=heads, progress=progress)
+    import textwrap
+
+    card = head_card(hooked, table, layer, head_, evidence=evidence, roles=roles, circuit=edges)
+    typer.echo(textwrap.fill(card, width=110))
+    typer.echo("\nevidence (every registered score; read = the value the label rule compares with the threshold):")
+    shown = score_table(table, layer, head_)
+    shown["decides"] = ["<- label" if d else "" for d in shown["decides"]]
+    shown["candidate"] = ["yes" if c else "" for c in shown["candidate"]]
+    fmt = {c: ".3f" for c in ("raw", "raw_lo", "raw_hi", "nosink", "nosink_lo", "nosink_hi", "ratio")}
+    _print_table(shown, fmt)
+    if label != "other":
+        typer.echo("")
+        _print_table(verdict_table(evidence, [label]) if causal else verdict_table(None, [label]))
+    if roles is not None:
+        r = roles[(roles["layer"] == layer) & (roles["head"] == head_)]
+        typer.echo(f"\nrole in the task ({r['task'].iloc[0]}):")
+        _print_table(
+            r[["patching", "dla", "attn_answer"]].rename(
+                columns={"patching": "patching effect", "dla": "direct logit attr.", "attn_answer": "attn to answer"}
+            ),
+            {"patching effect": "+.3f", "direct logit attr.": "+.3f", "attn to answer": ".3f"},
+        )
 
 
 @app.command()
@@ -375,6 +587,11 @@ def report(
     tuned: str = typer.Option(
         None, "--tuned", help="with compare: PEFT LoRA adapter directory or fine-tuned model to compare with --model"
     ),
+    clean: str = typer.Option(None, "--clean", help="task roles: clean prompt of a task of your own"),
+    corrupted: str = typer.Option(None, "--corrupted", help="task roles: corrupted prompt, same token length"),
+    answer: str = typer.Option(None, "--answer", help="task roles: correct next token (default: clean top token)"),
+    wrong: str = typer.Option(None, "--wrong", help="task roles: wrong next token (default: corrupted top token)"),
+    task: TaskName = typer.Option(None, "--task", help="task roles on a built-in task instead: induction"),
     top_k: int = typer.Option(3, "--top-k", help="heads per label in the gallery"),
     seed: int = SEED,
     batch_size: int = typer.Option(8, "--batch-size", help="census: sequences per forward pass"),
@@ -382,12 +599,16 @@ def report(
 ):
     """Write a self-contained offline HTML report (DIR/report.html) and PNG figures; runs the census if needed.
 
+    Reuses DIR/census.csv and the causal evidence beside it (DIR/causal.csv) when they fit the model and seed.
+    --clean/--corrupted (with --answer/--wrong) or --task induction add a task-roles section: every head's patching
+    effect, direct logit attribution and attention to the answer on that task, also in each head's card.
     --with ablation adds a zero-ablation sweep of every head on the repeated-token loss, --with patching activation
     patching of every head's z on the built-in induction pair, --with rope attention vs relative distance, and
     --with compare the head-by-head comparison with --tuned.
     """
     _validate(locals())
-    check_outputs(out, ("census.csv", "report.html"), ("figures",))
+    check_outputs(out, ("census.csv", "causal.csv", "report.html"), ("figures",))
+    _check_pair_options(clean, corrupted, answer, wrong, task)
     _start(progress)
     chosen = _parse_heads(heads)
     sections = [s.strip() for s in with_.split(",") if s.strip()]
@@ -400,9 +621,11 @@ def report(
     from headlens.render.report import read_census, write_report
     from headlens.render.viz import DEFAULT_PROMPT
 
-    hooked = _load(model, adapter, device, dtype, heads=chosen, texts={"--prompt": prompt})
+    texts = {"--prompt": prompt, "--clean": clean, "--corrupted": corrupted}
+    hooked = _load(model, adapter, device, dtype, heads=chosen, texts=texts)
     if prompt is not None:
         _check_length(hooked, "--prompt", prompt, VIEW_TOKENS, "the report's attention views show")
+    pair = _prompt_pair(hooked, clean, corrupted, answer, wrong, task, seed)
     csv = out / "census.csv"
     prov = provenance(hooked, **_census_settings(seed))
     why = mismatch(csv, prov) if csv.exists() else None
@@ -417,7 +640,16 @@ def report(
         result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(result.table, csv, provenance=result.provenance)
+    evidence = _read_evidence(out, prov)
     extra = {}
+    if pair is not None:
+        from headlens.analysis.roles import task_roles
+
+        extra["roles"] = task_roles(hooked, pair, answer=answer, wrong=wrong, progress=progress)
+    if pair is not None or "card" not in result.table.columns:
+        from headlens.analysis.cards import head_cards
+
+        result.table["card"] = head_cards(hooked, result.table, evidence=evidence, roles=extra.get("roles"))
     if "ablation" in sections:
         from headlens.interventions.ablation import ablation_sweep, build_metric
 
@@ -452,6 +684,7 @@ def report(
         prompt=prompt or DEFAULT_PROMPT,
         heads=chosen or None,
         top_k=top_k,
+        evidence=evidence,
         progress=progress,
         **extra,
     )
@@ -910,6 +1143,184 @@ def atlas_cmd(
     typer.echo(f"wrote {page} and the tables beside it")
 
 
+# ---------------------------------------------------------------- circuit (issue 26)
+
+
+class CircuitTaskName(str, Enum):
+    induction = "induction"
+    ioi = "ioi"
+    brackets = "brackets"
+
+
+class AblationName(str, Enum):
+    mean = "mean"
+    resample = "resample"
+
+
+CIRCUIT_METHODS = ("eap", "eap-ig")
+
+
+def _circuit_args(
+    task, clean, corrupted, correct, wrong, model: str, ablation, methods: str, check: int, max_edges: int
+) -> list[str]:
+    """Check the circuit command's arguments before anything is loaded; returns the methods."""
+    if (clean is None) != (corrupted is None):
+        raise HeadlensError("give both --clean and --corrupted (a user pair), or neither and a --task")
+    if task is not None and clean is not None:
+        raise HeadlensError("give either --task or a --clean/--corrupted pair, not both")
+    if task is None and clean is None:
+        raise HeadlensError("give --task induction|ioi|brackets, or a --clean/--corrupted pair with --correct/--wrong")
+    if clean is None and (correct is not None or wrong is not None):
+        raise HeadlensError(
+            "--correct/--wrong go with a --clean/--corrupted pair; the built-in tasks define their answers"
+        )
+    if clean is not None and ablation is AblationName.mean:
+        raise HeadlensError(
+            "a user pair has no separate prompts of its task to take means over: pass --ablation resample"
+        )
+    if model == "toy" and (clean is not None or task is not CircuitTaskName.induction):
+        raise HeadlensError("the toy model has no tokenizer: it takes --task induction only")
+    if check < 0:
+        raise HeadlensError(f"--check must be at least 0 (got {check})")
+    if max_edges < 1:
+        raise HeadlensError(f"--max-edges must be at least 1 (got {max_edges})")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in CIRCUIT_METHODS]
+    if unknown or not names:
+        raise HeadlensError(
+            f"unknown method(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(CIRCUIT_METHODS)}"
+        )
+    return names
+
+
+@app.command("circuit")
+def circuit_cmd(
+    task: CircuitTaskName = typer.Option(None, "--task", help="built-in task: induction, ioi or brackets"),
+    clean: str = typer.Option(None, "--clean", help="a user pair: the clean prompt"),
+    corrupted: str = typer.Option(None, "--corrupted", help="a user pair: the corrupted prompt, same token length"),
+    correct: str = typer.Option(None, "--correct", help="a user pair: the correct next token (default: clean top)"),
+    wrong: str = typer.Option(None, "--wrong", help="a user pair: the wrong next token (logit-difference metric)"),
+    model: str = typer.Option(
+        "qwen2.5-coder-0.5b",
+        "--model",
+        "-m",
+        help=f"model: {MODEL_NAMES}, toy (the trained toy induction model); or a path",
+    ),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    out: Path = _out("directory for edges.csv, nodes.csv, faithfulness.csv, circuit.json and circuit.html"),
+    ablation: AblationName = typer.Option(
+        None, "--ablation", help="what replaces edges outside the circuit: mean (task's mean set; default) or resample"
+    ),
+    methods: str = typer.Option("eap,eap-ig", "--methods", help="edge attribution methods, comma list of eap, eap-ig"),
+    steps: int = typer.Option(5, "--steps", help="EAP-IG: gradient points on the input path"),
+    check: int = typer.Option(100, "--check", help="edges of the EAP-IG ranking checked by exact path patching"),
+    n_seqs: int = typer.Option(
+        None, "--n-seqs", help="prompts of the task (default: the task's: induction 4, ioi 8, brackets 8)"
+    ),
+    seed: int = SEED,
+    census_csv: Path = CENSUS_CSV,
+    top_k: int = typer.Option(10, "--top-k", help="how many top edges to print"),
+    max_edges: int = typer.Option(40, "--max-edges", help="edges drawn in circuit.html"),
+    progress: bool = PROGRESS,
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+):
+    """Find the circuit of a task: EAP/EAP-IG over every edge, exact path patching of the top edges, faithfulness curves.
+
+    Edges are sender output -> receiver q/k/v/mlp input or -> logits; score = estimated change of the metric when the
+    edge alone is ablated. Faithfulness f(k) = (m(circuit) - m(none)) / (m(full) - m(none)) over k = 0.1 .. 100 % of
+    edges, with CPR (area under f) and CMD (area under |1 - f|); see docs/circuits.md.
+    """
+    _validate(locals())
+    _start(progress)
+    if ablation is None:
+        ablation = AblationName.resample if clean is not None else AblationName.mean
+    names = _circuit_args(task, clean, corrupted, correct, wrong, model, ablation, methods, check, max_edges)
+    check_outputs(out, ("edges.csv", "nodes.csv", "faithfulness.csv", "circuit.json", "circuit.html"))
+    from headlens.circuits.study import find_circuit
+    from headlens.circuits.tasks import build_task, pair_task
+    from headlens.render.circuit import write_circuit_html
+
+    if model == "toy":
+        import torch
+
+        from headlens.analysis.toy import load_induction_model
+        from headlens.models import resolve_device, resolve_dtype
+
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        typer.echo("loading the toy induction model ...", err=True)
+        hooked = load_induction_model()
+        if (dev, dt) != ("cpu", torch.float32):
+            hooked = hooked.to(dev).to(dt)
+            hooked.cfg.device = dev
+    else:
+        hooked = _load(model, None, device, dtype, texts={"--clean": clean, "--corrupted": corrupted})
+    if clean is not None:
+        circuit_task = pair_task(hooked, clean, corrupted, correct=correct, wrong=wrong)
+    else:
+        circuit_task = build_task(hooked, task.value, n_seqs=n_seqs, seed=seed)
+    if census_csv is not None:
+        table = _census_of(hooked, census_csv)
+    elif model == "toy":
+        from headlens.analysis.toy import toy_probes
+        from headlens.census import run_census
+
+        table = run_census(hooked, toy_probes(hooked, seed=seed), progress=progress).table
+    else:
+        from headlens.census import run_census
+
+        table = run_census(hooked, seed=seed, progress=progress).table
+    executor = _executor(workers, ray_address, out) if (workers or ray_address) else None
+    result = find_circuit(
+        hooked,
+        circuit_task,
+        methods=names,
+        steps=steps,
+        check=check,
+        ablation=ablation.value,
+        census=table,
+        executor=executor,
+        progress=progress,
+    )
+    if executor is not None:
+        _done(executor, out)
+    out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(hooked, seed=seed)
+    write_csv(result.edges, out / "edges.csv", provenance=prov)
+    write_csv(result.nodes, out / "nodes.csv")
+    write_csv(result.faithfulness.table, out / "faithfulness.csv")
+    from headlens.io import write_json
+
+    write_json(
+        out / "circuit.json",
+        {**result.info, "summary": result.faithfulness.summary, "provenance": prov},
+    )
+    write_circuit_html(result, hooked, out / "circuit.html", max_edges=max_edges)
+    info = result.info
+    typer.echo(
+        f"{info['task']}: metric clean {info['clean_metric']:.4f}, all {info['n_edges']} edges ablated ({info['ablation']}) "
+        f"{info['ablated_metric']:.4f}; {info['checked']} top edges checked exactly"
+    )
+    _print_table(result.summary(), {"cpr": ".3f", "cmd": ".3f"})
+    shown = result.edges.head(top_k)[
+        ["sender", "receiver", "input", "score", "exact", "sender_label", "receiver_label"]
+    ]
+    typer.echo(
+        f"top {len(shown)} edges by |{info['primary']}| (score, exact: change of the metric when the edge alone is ablated):"
+    )
+    _print_table(shown, {"score": "+.4f", "exact": "+.4f"})
+    chosen = info["circuit_method"]
+    typer.echo(
+        f"circuit: {info['circuit_edges']} edges"
+        + (f" ({chosen}, k = {info['circuit_k']:g} %, faithfulness >= 0.8)" if chosen else " (no ranking reached 0.8)")
+    )
+    typer.echo(f"wrote {out / 'edges.csv'}, nodes.csv, faithfulness.csv, circuit.json and circuit.html")
+
+
+# ---------------------------------------------------------------- end of circuit (issue 26)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every expected failure (bad input, bad files, OS errors) is one ``error: ...`` line and exit status 1
     (2 when the command line does not parse: unknown option, not an integer, not a choice).
@@ -941,7 +1352,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 OLD_FLAGS = {
-    "--top": (("census", "patch", "ablate", "compare"), "--top-k"),
+    "--top": (("census", "patch", "ablate", "compare", "circuit"), "--top-k"),
     "--batch": (("patch", "stats"), "--n-seqs"),
     "--batch-size": (("patch",), "--runs-per-pass"),
 }

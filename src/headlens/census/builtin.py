@@ -17,7 +17,6 @@ from transformer_lens import HookedTransformer
 from headlens.census import code_heads, ov, positional
 from headlens.census import scores as s
 from headlens.census.registry import WEIGHTS, HeadType, head_types, register
-from headlens.data.predicted import PredictedProbe  # noqa: F401 (the probe kind the copy-suppression column reads)
 
 
 def _repeat_n(probe, rows: slice) -> Tensor:

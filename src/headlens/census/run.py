@@ -106,7 +106,9 @@ class CensusResult:
     Fields:
 
     - ``table``: one row per (layer, head): ``layer, head, kv_head``, every registered score (and ``<score>_nosink``),
-      ``label``, ``confidence``, ``label_score``, then the 95 % intervals ``<score>_lo``/``<score>_hi``.
+      ``label``, ``confidence``, ``label_score`` (the score that decided the label: ``<score>_nosink`` where the head
+      sinks), each probe's sink mass ``sink_<kind>`` (what decides raw vs ``_nosink``: :func:`table_scores` reads it
+      back), then the 95 % intervals ``<score>_lo``/``<score>_hi`` and ``label_score_lo``/``_hi``.
     - ``label_counts``: heads per label with the bootstrap's 95 % interval (``label, n_heads, lo, hi``).
     - ``probes``: the :class:`~headlens.data.probes.ProbeSet` that was scored (None for a census read from disk).
     - ``seed``: the probe seed; ``thresholds``: the label thresholds used.
@@ -338,6 +340,8 @@ def build_table(
     eff = _effective(means, types)
     own = np.array([_label_column(types, lb) for lb in frame["label"]], dtype=object)
     frame["label_score"] = np.array([eff[c][i] if c else np.nan for i, c in enumerate(own)]).round(6)
+    for kind in per_seq.by_kind:  # each probe's sink mass: what decides raw vs _nosink (table_scores reads it back)
+        frame[f"sink_{kind}"] = means[f"_sink:{kind}"].round(6)
     rng = np.random.default_rng(int(seed) + 12345)
     boots_label, boots = [], {c: [] for c in cols}
     boots_eff = []
@@ -404,6 +408,27 @@ def _effective(means: dict[str, np.ndarray], types) -> dict[str, np.ndarray]:
     return eff
 
 
+def label_ratios(
+    eff: dict[str, np.ndarray], types, limits: dict[str, float]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per label type: (score / threshold, is a candidate) of every head, from sink-aware scores ``eff``.
+
+    A candidate reaches its threshold and meets its ``requires``; :func:`_label` picks among candidates by tier and
+    ratio, and the head cards (``headlens.analysis.cards``) read the same numbers to say why a runner-up lost."""
+    out = {}
+    for t in (t for t in types.values() if t.label):
+        score = eff.get(t.column)
+        if score is None:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.asarray(score, dtype=float) / limits[t.name]
+            ok = np.isfinite(ratio) & (ratio >= 1.0)
+            if t.requires is not None:
+                ok &= np.asarray(t.requires(eff), dtype=bool)
+        out[t.name] = (ratio, ok)
+    return out
+
+
 def _label(means: dict[str, np.ndarray], types, limits: dict[str, float]) -> np.ndarray:
     """Index into :func:`label_names` of each head's label (vectorised over heads)."""
     eff = _effective(means, types)
@@ -411,19 +436,13 @@ def _label(means: dict[str, np.ndarray], types, limits: dict[str, float]) -> np.
     n = len(next(iter(means.values())))
     out = np.full(n, len(names) - 1)
     decided = np.zeros(n, dtype=bool)
+    ratios = label_ratios(eff, types, limits)
     labelled = [t for t in types.values() if t.label]
     for tier in sorted({t.tier for t in labelled}):
         best = np.full(n, -np.inf)
         best_idx = np.full(n, -1)
-        for t in (t for t in labelled if t.tier == tier):
-            score = eff.get(t.column)
-            if score is None:
-                continue
-            with np.errstate(invalid="ignore"):
-                ratio = score / limits[t.name]
-                ok = np.isfinite(ratio) & (ratio >= 1.0)
-                if t.requires is not None:
-                    ok &= np.asarray(t.requires(eff), dtype=bool)
+        for t in (t for t in labelled if t.tier == tier and t.name in ratios):
+            ratio, ok = ratios[t.name]
             better = ok & (ratio > best)
             best = np.where(better, ratio, best)
             best_idx = np.where(better, names.index(t.name), best_idx)
@@ -461,24 +480,33 @@ def label_counts(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi"])
 
 
-def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> list[str]:
-    """The label of each row of a census table (sink-aware scores, requirements, tiers; see the module docstring).
+def table_scores(frame: pd.DataFrame, types: dict[str, HeadType] | None = None) -> dict[str, np.ndarray]:
+    """The score columns of a census table as the labels read them (``label_score`` is one of these).
 
-    Rows lacking ``_sink`` information are labelled on the ``_nosink`` columns where present (a table read back
-    from CSV has lost the per-probe sink mass; ``first_token`` stands in for it).
-    """
-    types = head_types()
-    limits = _thresholds(types, thresholds)
-    means = {c: frame[c].to_numpy(dtype=float) for c in frame.columns if c in set(score_columns(types))}
-    if "first_token" in frame:
-        for kind in {t.probe for t in types.values()}:
-            means.setdefault(f"_sink:{kind}", frame["first_token"].to_numpy(dtype=float))
+    Each probe's sink mass comes from the ``sink_<kind>`` columns; a table without them (written before they
+    existed) lets ``first_token`` stand in for every probe's sink mass, an approximation."""
+    types = head_types() if types is None else types
     n = len(frame)
+    means = {c: frame[c].to_numpy(dtype=float) for c in frame.columns if c in set(score_columns(types))}
+    for kind in {t.probe for t in types.values()}:
+        if f"sink_{kind}" in frame:
+            means[f"_sink:{kind}"] = frame[f"sink_{kind}"].to_numpy(dtype=float)
+        elif "first_token" in frame:
+            means[f"_sink:{kind}"] = frame["first_token"].to_numpy(dtype=float)
     for c in score_columns(types):
         means.setdefault(c, np.full(n, np.nan))
-    if n == 0:
+    return _effective(means, types)
+
+
+def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> list[str]:
+    """The label of each row of a census table (sink-aware scores, requirements, tiers; see the module docstring),
+    through :func:`table_scores`."""
+    types = head_types()
+    limits = _thresholds(types, thresholds)
+    if len(frame) == 0:
         return []
-    return np.array(label_names(types))[_label(means, types, limits)].tolist()
+    eff = table_scores(frame, types)
+    return np.array(label_names(types))[_label(eff, types, limits)].tolist()
 
 
 def _thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:

@@ -15,7 +15,7 @@ from headlens.analysis.atlas import WHERE, Atlas
 from headlens.census import LABELS
 from headlens.errors import HeadlensError
 from headlens.io import write_csv, write_json, write_text
-from headlens.render.viz import LABEL_COLORS, figure_img
+from headlens.render.viz import figure_img, label_colors, label_glyphs, label_legend_html
 
 
 def write_atlas(result: Atlas, out_dir: str | os.PathLike) -> Path:
@@ -56,6 +56,7 @@ def _slug(source: str) -> str:
 def _figures(result: Atlas) -> tuple[str, str]:
     models = list(result.census)
     shares = result.depth_shares
+    colors, glyphs = label_colors(), label_glyphs(LABELS)
     fig = Figure(figsize=(2.6 * len(models) + 1.2, 3.2))
     axes = fig.subplots(1, len(models), sharey=True, squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -66,10 +67,10 @@ def _figures(result: Atlas) -> tuple[str, str]:
                 part.index,
                 part[label],
                 bottom=bottom,
-                color=LABEL_COLORS.get(label, "#bcbd22"),
+                color=colors.get(label, "#888888"),
                 edgecolor="#555",
                 linewidth=0.3,
-                label=label,
+                label=f"{glyphs.get(label) or '·'}  {label}",
             )
             bottom += part[label].to_numpy()
         n_bins = len(part)
@@ -93,11 +94,11 @@ def _figures(result: Atlas) -> tuple[str, str]:
             ax.scatter(
                 heads.relative_depth + spread,
                 np.full(len(heads), y + offsets[label]),
-                s=14,
-                color=LABEL_COLORS[label],
+                s=40,
+                marker=f"${glyphs[label]}$",
+                color=colors[label],
                 label=label if y == 0 else None,
-                edgecolor="#333",
-                linewidth=0.3,
+                linewidth=0,
             )
     ax.set_yticks(range(len(models)), models, fontsize=7)
     ax.invert_yaxis()
@@ -123,7 +124,7 @@ def atlas_html(result: Atlas) -> str:
             r = counts[(counts.model == model) & (counts.label == label)].iloc[0]
             interval = f" [{r['min']}–{r['max']}]" if r["n_seeds"] > 1 else ""
             cells.append(f"<td>{r['n_heads']}{interval} <small>({r['share']:.0%})</small></td>")
-        body.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+        body.append(f"<tr><th>{label_legend_html(labels=[label])}</th>{''.join(cells)}</tr>")
     sizes = "".join(
         f"<td>{int(result.census[m].n_layers.iloc[0])} × {len(result.census[m]) // int(result.census[m].n_layers.iloc[0])}</td>"
         for m in models
@@ -138,7 +139,10 @@ def atlas_html(result: Atlas) -> str:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>headlens atlas: {html.escape(", ".join(models))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}} img{{max-width:100%}}</style></head>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}} img{{max-width:100%}}
+.legend{{margin:0}} .key{{margin-right:12px;white-space:nowrap}}
+.swatch{{display:inline-block;min-width:20px;height:18px;margin-right:4px;text-align:center;font:bold 11px/18px system-ui;
+border:1px solid #555;vertical-align:middle}}</style></head>
 <body><h1>Head atlas</h1>
 <p>Census of {len(models)} models (probe seeds 0–{s.get("seeds", 1) - 1}, batch size {s.get("batch_size")},
 {html.escape(str(s.get("device")))}, {html.escape(str(s.get("dtype")))}). Counts are at seed 0; [min–max] over the probe seeds.</p>

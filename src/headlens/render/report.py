@@ -23,6 +23,8 @@ import torch
 from matplotlib.figure import Figure
 from transformer_lens import HookedTransformer
 
+from headlens.analysis import cards
+from headlens.analysis.evidence import verdict_table
 from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
 from headlens.engine.capture import VIEW_TOKENS, head_patterns
@@ -59,7 +61,12 @@ table.heatmap td { width: 14px; height: 12px; padding: 0; border: 0; cursor: poi
 table.heatmap td.kv { box-shadow: -1px 0 0 #444; }
 table.heatmap td.na { background: #fafafa; cursor: default; }
 table.heatmap td:hover { outline: 2px solid #000; }
-table.labels td { width: 20px; height: 16px; font-size: 9px; }
+table.labels td { width: 26px; height: 22px; font: 600 11px/22px system-ui, sans-serif; }
+.legend .swatch { width: auto; min-width: 20px; height: 18px; text-align: center; font: 600 11px/18px system-ui, sans-serif; border: 1px solid #555; }
+#head-card { max-width: 900px; }
+#head-scores tr.decides td { font-weight: 700; background: #fff3c4; }
+.verdict-supported { color: #117733; font-weight: 600; }
+.verdict-not { color: #882255; font-weight: 600; }
 figure.grid { display: inline-block; margin: 4px 12px 12px 0; vertical-align: top; }
 figure.grid figcaption { font-weight: 600; }
 .scale { display: flex; align-items: center; gap: 4px; font-size: 10px; color: #555; }
@@ -126,8 +133,13 @@ HEAD_JS = """
     if (!h) return;
     select.value = name;
     document.getElementById("head-title").textContent = name + ": " + h.label + " (kv head " + h.kv_head + ")";
-    var scores = document.getElementById("head-scores");
-    scores.replaceChildren(table(["score", "value", "label threshold"], h.scores));
+    document.getElementById("head-card").textContent = h.card || "";
+    var verdict = document.getElementById("head-verdict");
+    verdict.textContent = h.verdict ? "Causal verdict of its label: " + h.verdict : "";
+    verdict.className = h.verdict === "supported" ? "verdict-supported" : (h.verdict === "not supported" ? "verdict-not" : "muted");
+    var scores = document.getElementById("head-scores"), st = table(data.score_columns, h.scores);
+    if (h.decides >= 0) st.tBodies[0].rows[h.decides].className = "decides";
+    scores.replaceChildren(st);
     var old = document.getElementById("head-pattern"), div = el("div");
     div.id = "head-pattern"; div.className = "cv-head"; old.replaceWith(div);
     try {
@@ -142,7 +154,7 @@ HEAD_JS = """
       box.appendChild(table(h.evidence[key].columns, h.evidence[key].rows));
       ev.appendChild(box);
     });
-    if (!Object.keys(h.evidence).length) ev.appendChild(el("p", "No ablation, patching, comparison or RoPE results in this report."));
+    if (!Object.keys(h.evidence).length) ev.appendChild(el("p", "No single-head effect, task role, ablation, patching, comparison or RoPE result for this head in this report (headlens census measures the top heads of each label; headlens report --clean/--corrupted adds a task, --with adds sections)."));
     if (scroll) {
       document.getElementById("head").scrollIntoView();
       try { history.replaceState(null, "", "#head=" + name); } catch (e) {}  // a link to this head
@@ -420,8 +432,10 @@ def _methods_section(page: _Page, model: HookedTransformer, info: dict, census: 
     page.section("methods", "Methods", body)
 
 
-def label_rows(census: CensusResult, *, top_k: int = 3) -> pd.DataFrame:
-    """Heads per label (``LABELS`` order, then any other label) with their 95 % interval, share and top heads."""
+def label_rows(census: CensusResult, *, top_k: int = 3, evidence=None) -> pd.DataFrame:
+    """Heads per label (``LABELS`` order, then any other label) with their 95 % interval, share, top heads (by the
+    deciding score, :func:`headlens.render.viz.top_heads_by_label`) and causal verdict (``evidence``, from
+    :func:`headlens.analysis.evidence.label_evidence`; "not run" without it)."""
     table = census.table
     counts = table["label"].value_counts()
     order = [lb for lb in viz.LABELS if lb in counts.index] + sorted(set(counts.index) - set(viz.LABELS))
@@ -437,9 +451,12 @@ def label_rows(census: CensusResult, *, top_k: int = 3) -> pd.DataFrame:
                 "heads 95% interval": f"{bounds[label][0]}-{bounds[label][1]}" if label in bounds else "",
                 "share": float(counts[label] / len(table)),
                 "top heads": " ".join(f"{viz.head_name(r.layer, r.head)} ({r.score:.2f})" for r in names.itertuples()),
+                "causal verdict": ""
+                if label == "other"
+                else (evidence.verdict(label) if evidence is not None else "not run"),
             }
         )
-    return pd.DataFrame(rows, columns=["label", "heads", "heads 95% interval", "share", "top heads"])
+    return pd.DataFrame(rows, columns=["label", "heads", "heads 95% interval", "share", "top heads", "causal verdict"])
 
 
 def _frames(key: str, results) -> list[pd.DataFrame]:
@@ -503,6 +520,8 @@ def _results_section(
 
 
 SECTION_TITLES = {
+    "single": "Single-head effect on its label's task",
+    "roles": "Task roles",
     "ablation": "Ablation",
     "patching": "Activation patching",
     "compare": "Fine-tune comparison",
@@ -541,28 +560,60 @@ def _quantized_tril(pattern: np.ndarray) -> str:
     return base64.urlsafe_b64encode(data.tobytes()).decode("ascii")
 
 
-def _head_view(page: _Page, census: pd.DataFrame, tokens: list[str], patterns, frames: dict, first: str) -> None:
-    """The per-head view: a picker, scores vs thresholds, the pattern on the prompt, and the evidence of each section.
+SCORE_COLUMNS = ["score", "raw [95% interval]", "sink-corrected [95% interval]", "threshold", "read / threshold", ""]
+
+
+def _interval(value: float, lo: float, hi: float) -> str:
+    if not np.isfinite(value):
+        return ""
+    return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+
+
+def head_scores(census: pd.DataFrame, layer: int, head: int) -> tuple[list[list[str]], int]:
+    """The head view's score rows (every registered score, raw and sink-corrected, against its threshold; the value
+    the label rule read in bold by its row) and the index of the row that decided the label (-1: none)."""
+    rows, decides = [], -1
+    for i, r in enumerate(cards.score_table(census, layer, head).itertuples(index=False)):
+        read = r.nosink if r.read == "nosink" else r.raw
+        mark = ("decides the label, " if r.decides else "") + ("sink-corrected read" if r.read == "nosink" else "")
+        rows.append(
+            [
+                r.score,
+                _interval(r.raw, r.raw_lo, r.raw_hi),
+                _interval(r.nosink, r.nosink_lo, r.nosink_hi),
+                "" if not np.isfinite(r.threshold) else f"{r.threshold:g}",
+                "" if not np.isfinite(r.ratio) else f"{read:.3f} / {r.threshold:g} = {r.ratio:.2f}",
+                mark.strip(", "),
+            ]
+        )
+        if r.decides:
+            decides = i
+    return rows, decides
+
+
+def _head_view(
+    page: _Page, census: pd.DataFrame, tokens: list[str], patterns, frames: dict, first: str, evidence
+) -> None:
+    """The per-head view: a picker, the head's card, its causal verdict, every score against its threshold (the deciding
+    one marked), the pattern on the prompt, and its rows of each evidence section.
 
     ``patterns``: every head's pattern on the prompt, in the table's (layer, head) order."""
     heads = list(zip(census["layer"].astype(int), census["head"].astype(int)))
-    limits = {t["score"]: t["threshold"] for t in head_types() if t["label"]}
     data_heads = {}
     for (layer, head), (_, row), pattern in zip(heads, census.iterrows(), patterns.numpy()):
         name = viz.head_name(layer, head)
-        scores = []
-        for s in (s for s in viz.SCORES if s in census.columns):
-            value = _cell(row[s])[0]
-            if f"{s}_lo" in census.columns and pd.notna(row[f"{s}_lo"]):
-                value += f" [{row[f'{s}_lo']:.3f}, {row[f'{s}_hi']:.3f}]"
-            scores.append([s, value, "" if limits.get(s) is None else f"{limits[s]}"])
+        scores, decides = head_scores(census, layer, head)
         label = str(row["label"])
+        title = label
         if "confidence" in census.columns and pd.notna(row["confidence"]):
-            label += f", confidence {row['confidence']:.2f}"
+            title += f", confidence {row['confidence']:.2f}"
         data_heads[name] = {
-            "label": label,
+            "label": title,
             "kv_head": int(row["kv_head"]),
+            "card": str(row["card"]) if "card" in census.columns and isinstance(row["card"], str) else "",
+            "verdict": "" if label == "other" else (evidence.verdict(label) if evidence is not None else "not run"),
             "scores": scores,
+            "decides": decides,
             "pattern": _quantized_tril(pattern),
             "evidence": head_evidence(frames, layer, head),
         }
@@ -570,17 +621,46 @@ def _head_view(page: _Page, census: pd.DataFrame, tokens: list[str], patterns, f
         "tokens": [str(t) for t in tokens],
         "heads": data_heads,
         "first": first,
+        "score_columns": SCORE_COLUMNS,
         "sections": {k: SECTION_TITLES.get(k, k) for k in frames},
     }
     options = "".join(f'<option value="{n}">{n} {_e(h["label"].split(",")[0])}</option>' for n, h in data_heads.items())
     body = (
         f'<p>Pick a head <select id="head-select">{options}</select> or click one in the label map, a heatmap or a table. '
-        "Pattern on the report's prompt (rounded to 1/255), census scores against the label thresholds, and the head's rows "
-        "from the ablation / patching / comparison / RoPE sections.</p>"
-        '<div id="head-view"><h3 id="head-title"></h3><div class="evidence"><div id="head-scores"></div>'
+        "Its card (generated from the numbers below), the causal verdict of its label, every census score against its "
+        "label threshold (raw and sink-corrected; the row that decided the label is highlighted, and the label rule "
+        "reads the sink-corrected score where the head parks at least 30 % of its attention on the first token), the "
+        "pattern on the report's prompt (rounded to 1/255), and the head's rows from the other sections.</p>"
+        '<div id="head-view"><h3 id="head-title"></h3><p id="head-card"></p><p id="head-verdict"></p>'
+        '<div class="evidence"><div id="head-scores"></div>'
         '<div id="head-evidence" class="evidence"></div></div><div id="head-pattern" class="cv-head"></div></div>'
     )
     page.section("head", "Head view", body)
+
+
+def _causal_section(page: _Page, evidence, labels: list[str]) -> None:
+    """Each label's causal verdict, and the single-head effects of its top heads."""
+    verdicts = verdict_table(evidence, labels)
+    parts = [table_html(verdicts, head_links=False)]
+    if evidence is None:
+        parts.insert(0, '<p class="muted">Not run: <code>headlens census</code> tests each label by default '
+                        "(<code>--no-causal</code> skips it).</p>")  # fmt: skip
+    else:
+        s = evidence.settings
+        parts.insert(
+            0,
+            f"<p>Each label's heads are mean-ablated together on the label's task and compared with {s.get('n_random')} "
+            f"layer-matched random head sets ({s.get('n_seqs')} sequences per task; ratio = target effect / mean random "
+            "effect, 95 % interval over the random draws; p = share of random sets at least as strong). Verdict: "
+            "<b>supported</b> when the effect has the expected sign and no random set is as strong (p = 0; with "
+            f"{s.get('n_random')} sets a label no different from random passes 1 time in {s.get('n_random', 0) + 1}); "
+            "labels no task tests are "
+            "<b>descriptive</b> (they say what a head attends to on a probe, not what it does).</p>",
+        )
+        if len(evidence.heads):
+            parts.append("<h3>Single-head effects (top heads of each tested label, ablated alone)</h3>")
+            parts.append(table_html(evidence.heads, sortable=True))
+    page.section("causal", "Causal evidence", "\n".join(parts))
 
 
 def write_report(
@@ -594,6 +674,8 @@ def write_report(
     patching: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
     compare: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
     rope: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
+    roles: pd.DataFrame | None = None,
+    evidence=None,
     top_k: int = 3,
     max_tokens: int = VIEW_TOKENS,
     title: str | None = None,
@@ -617,7 +699,13 @@ def write_report(
     viz.check_census(census.table, model)
     sections = [
         (key, SECTION_TITLES[key], _frames(key, results))
-        for key, results in (("ablation", ablation), ("patching", patching), ("compare", compare), ("rope", rope))
+        for key, results in (
+            ("roles", roles),
+            ("ablation", ablation),
+            ("patching", patching),
+            ("compare", compare),
+            ("rope", rope),
+        )
         if results is not None
     ]
     out = Path(out_dir)
@@ -636,16 +724,16 @@ def write_report(
     _methods_section(page, model, info, census, prompt)
     _model_section(page, info)
     bar.update(1)
-    counts = label_rows(census, top_k=top_k)
+    counts = label_rows(census, top_k=top_k, evidence=evidence)
     page.save(viz.label_map(table), "head_labels")
-    colors = {t["name"]: t["color"] for t in head_types()}
     page.section(
         "labels",
         "Head labels",
         table_html(counts)
-        + "\n<p>Hover a head for its label and score; click it for its view.</p>\n"
-        + viz.label_grid_html(table, colors),
+        + "\n<p>Top heads by the score that decided their label (sink-corrected where the head sinks). Hover a head "
+        "for its label and that score; click it for its view.</p>\n" + viz.label_grid_html(table),
     )
+    _causal_section(page, evidence, list(counts["label"]))
     bar.update(1)
     page.save(viz.score_heatmaps(table), "census_scores")
     kv_group = n_heads // info["n_kv_heads"] if info["n_kv_heads"] and info["n_kv_heads"] < n_heads else None
@@ -661,24 +749,27 @@ def write_report(
         "click it for the head's view; a dark left edge starts a new kv group (GQA).</p>\n" + grids,
     )
     options = "".join(f'<option value="{_e(lb)}">{_e(lb)}</option>' for lb in counts["label"])
-    label_col = list(_with_names(table).columns).index("label")
+    shown = table.drop(columns=[c for c in ("card",) if c in table.columns])  # cards are in the head view
+    label_col = list(_with_names(shown).columns).index("label")
     page.section(
         "census",
         "Census table",
         f'<p>Click a column to sort, a head name for its view. Label: <select data-filter="census-table" data-col="{label_col}">'
         f'<option value="">all</option>{options}</select></p>\n'
-        f'<div class="scroll">{table_html(table, table_id="census-table", sortable=True)}</div>',
+        f'<div class="scroll">{table_html(shown, table_id="census-table", sortable=True)}</div>',
     )
     bar.update(1)
 
     frames = {key: fs for key, _, fs in sections}
+    if evidence is not None and len(evidence.heads):
+        frames = {"single": [evidence.heads.drop(columns=["label_score"])], **frames}
     top = viz.top_heads_by_label(table, top_k=1)
     first = (
         viz.head_name(*heads[0])
         if heads
         else (viz.head_name(top.iloc[0]["layer"], top.iloc[0]["head"]) if len(top) else "L0H0")
     )
-    _head_view(page, table, tokens, patterns, frames, first)
+    _head_view(page, table, tokens, patterns, frames, first, evidence)
     bar.update(1)
 
     text = prompt if isinstance(prompt, str) else " ".join(tokens)

@@ -41,17 +41,70 @@ from headlens.errors import HeadlensError
 from headlens.heads import head_name, parse_head
 
 CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
-LABEL_COLORS = {t.name: t.color for t in head_types().values() if t.label} | {"other": "#f0f0f0"}
-LABEL_CODES = {
+PALETTE = {
+    "previous_token": "#332288",  # Tol indigo
+    "duplicate_token": "#CC79A7",  # Okabe-Ito reddish purple
+    "induction": "#882255",  # Tol wine
+    "copy_suppression": "#000000",  # Okabe-Ito black
+    "first_token": "#BBBBBB",  # Tol grey: the bulk sink
+    "delimiter": "#117733",  # Tol green
+    "local": "#88CCEE",  # Tol cyan
+    "successor": "#F0E442",  # Okabe-Ito yellow
+    "bracket_matching": "#009E73",  # Okabe-Ito bluish green
+    "identifier": "#999933",  # Tol olive
+    "positional": "#AA4499",  # Tol purple
+    "other": "#F2F2F2",
+}
+"""Label colours from the Okabe-Ito and Paul Tol (muted) palettes, chosen so that every pair stays apart (CAM02-UCS
+distance >= 13) in normal vision and in simulated deuteranopia, protanopia and tritanopia (tests/test_cards.py checks
+it with colorspacious). A label registered later takes its head type's own colour."""
+GLYPHS = {
     "previous_token": "P",
-    "induction": "I",
     "duplicate_token": "D",
-    "delimiter": "Dl",
+    "induction": "I",
+    "copy_suppression": "C",
     "first_token": "F",
+    "delimiter": "Dl",
     "local": "L",
-    "copy_suppression": "CS",
+    "successor": "Sc",
+    "bracket_matching": "B",
+    "identifier": "Id",
+    "positional": "Ps",
     "other": "",
 }
+"""One distinct glyph per label (the colour is a second cue, never the only one)."""
+
+
+def label_colors() -> dict[str, str]:
+    """Colour of every label: :data:`PALETTE` for the built-in ones, the head type's own colour for a label added later."""
+    return {t.name: PALETTE.get(t.name, t.color) for t in head_types().values() if t.label} | {
+        "other": PALETTE["other"]
+    }
+
+
+def label_glyphs(labels: Iterable[str] = ()) -> dict[str, str]:
+    """A distinct glyph per label: :data:`GLYPHS`, and for a label added later the shortest unused prefix of its name."""
+    glyphs = dict(GLYPHS)
+    used = set(glyphs.values())
+    for label in [t.name for t in head_types().values() if t.label] + list(labels):
+        if label in glyphs:
+            continue
+        words = label.split("_")
+        options = [words[0][:n].capitalize() for n in range(1, len(words[0]) + 1)] + [
+            "".join(w[0] for w in words).upper()
+        ]
+        glyph = next((o for o in options if o not in used), label)
+        glyphs[label] = glyph
+        used.add(glyph)
+    return glyphs
+
+
+def _ink_hex(color: str) -> str:
+    """Black or white glyph ink, whichever reads on ``color`` (a #rrggbb string)."""
+    r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff"
+
+
 DEFAULT_PROMPT = (
     "The cat sat on the mat, and the dog sat on the log. The cat sat on the mat, and the dog sat on the log.\n"
     "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n"
@@ -123,10 +176,23 @@ def reset_notebook_bundle() -> None:
     _BUNDLE_SHOWN = False
 
 
-def _wait_for_bundle(calls: list[str]) -> str:
-    """Render calls that wait until the bundle (inlined by an earlier cell's output) has defined ``CircuitsVis``."""
+MISSING_BUNDLE = (
+    "This CircuitsVis view needs the bundle that an earlier output of this notebook inlined, and this page does not "
+    "have it (cleared output, a view shown alone, an exported cell). Run "
+    "headlens.render.viz.reset_notebook_bundle() and display the view again: it then carries the bundle itself."
+)
+
+
+def _wait_for_bundle(calls: list[str], ids: list[str]) -> str:
+    """Render calls that wait until the bundle (inlined by an earlier cell's output) has defined ``CircuitsVis``; after
+    3 s without it each view's div says so and names the one call that fixes it (:data:`MISSING_BUNDLE`)."""
     body = "\n".join(calls)
-    return f"(function go() {{ if (!window.CircuitsVis) {{ setTimeout(go, 50); return; }}\n{body}\n}})();"
+    missing = script_json(MISSING_BUNDLE)
+    return (
+        f"(function go(tries) {{ if (!window.CircuitsVis) {{ if (tries > 60) {{ {script_json(ids)}.forEach(function (id) "
+        f"{{ var d = document.getElementById(id); if (d) d.textContent = {missing}; }}); return; }} "
+        f"setTimeout(function () {{ go(tries + 1); }}, 50); return; }}\n{body}\n}})(0);"
+    )
 
 
 @dataclass
@@ -145,15 +211,16 @@ class ViewSet:
         """Titles and divs (ids ``{prefix}-{i}``, random prefix by default), then the bundle once (unless ``bundle``
         is False: the page already has it), then the render calls."""
         prefix = prefix or f"headlens-cv-{uuid.uuid4().hex[:12]}"
-        parts, calls = [], []
+        parts, calls, ids = [], [], []
         for i, view in enumerate(self.views):
             div_id = f"{prefix}-{i}"
             if view.title:
                 parts.append(f"<h4>{html.escape(view.title)}</h4>")
             parts.append(view.div(div_id))
             calls.append(render_call(div_id, view.name, view.props))
+            ids.append(div_id)
         scripts = [f"<script>{bundle_js()}</script>"] if bundle else []
-        return "\n".join([*parts, *scripts, "<script>" + _wait_for_bundle(calls) + "</script>"])
+        return "\n".join([*parts, *scripts, "<script>" + _wait_for_bundle(calls, ids) + "</script>"])
 
     def _repr_html_(self) -> str:
         """Notebook display: the first view of a kernel inlines the bundle, later ones reuse it (one copy per notebook)."""
@@ -254,9 +321,11 @@ def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -
 
 
 def top_heads_by_label(census: pd.DataFrame, *, top_k: int = 3, labels: Iterable[str] | None = None) -> pd.DataFrame:
-    """The ``top_k`` highest-scoring heads of each label (by the label's own score column).
+    """The ``top_k`` highest-scoring heads of each label, by the score that decided their label (``label_score``: the
+    sink-corrected score where the head sinks); the label's own score column for a table without ``label_score``.
 
-    Columns ``label, layer, head, score``, labels in ``LABELS`` order; 'other' and empty labels are left out.
+    Columns ``label, layer, head, score``, labels in ``LABELS`` order; 'other' and empty labels are left out. The
+    console, the report, the gallery and the head cards all rank by this one score.
     """
     check_census(census)
     if top_k < 1:
@@ -269,7 +338,7 @@ def top_heads_by_label(census: pd.DataFrame, *, top_k: int = 3, labels: Iterable
     for label in wanted:
         if label not in LABEL_SCORE:
             continue
-        score = LABEL_SCORE[label]
+        score = "label_score" if "label_score" in census.columns else LABEL_SCORE[label]
         group = census[census["label"] == label]
         if group.empty or score not in census.columns:  # a registered type this table was not scored with
             continue
@@ -537,47 +606,47 @@ def distance_plot(
     return fig
 
 
+def _known_labels(census: pd.DataFrame) -> list[str]:
+    return list(LABELS) + sorted(set(census["label"]) - set(LABELS))
+
+
 def label_map(census: pd.DataFrame) -> Figure:
-    """Layer x head map coloured by census label, each cell marked with the label's code (P, I, D, Dl, F, L, B)."""
+    """Layer x head map coloured by census label, each cell marked with the label's glyph (:func:`label_glyphs`), with a
+    legend of glyph, colour, label and head count."""
     check_census(census)
     n_layers, n_heads = int(census["layer"].max()) + 1, int(census["head"].max()) + 1
-    known = list(LABELS) + sorted(set(census["label"]) - set(LABELS))
+    known = _known_labels(census)
+    glyphs, palette = label_glyphs(known), label_colors()
     codes = {label: i for i, label in enumerate(known)}
     grid = np.full((n_layers, n_heads), np.nan)
     grid[census["layer"].to_numpy(int), census["head"].to_numpy(int)] = census["label"].map(codes).to_numpy(float)
-    colors = [LABEL_COLORS.get(label, "#bcbd22") for label in known]
-    width, height = _panel_size(n_layers, n_heads)
-    fig = Figure(figsize=(width + 1.6, height), layout="constrained")
+    colors = [palette.get(label, "#888888") for label in known]
+    fig = Figure(figsize=(2.2 + 0.42 * n_heads + 2.4, 1.2 + 0.34 * n_layers), layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(
         grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(colors), vmin=-0.5, vmax=len(known) - 0.5
     )
     for row in census.itertuples(index=False):
-        code = LABEL_CODES.get(row.label, "?")
-        if code:
-            ax.text(
-                row.head,
-                row.layer,
-                code,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if row.label != "other" else "black",
-            )
+        glyph = glyphs.get(row.label, "?")
+        if glyph:
+            color = palette.get(row.label, "#888888")
+            ax.text(row.head, row.layer, glyph, ha="center", va="center", fontsize=8, color=_ink_hex(color))
     ax.set_title("head labels", fontsize=10)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
-    ax.set_yticks(range(0, n_layers, max(1, n_layers // 12)))
+    ax.set_xticks(range(0, n_heads, max(1, n_heads // 14)))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 24)))
     counts = census["label"].value_counts()
     handles = [
         Patch(
-            color=LABEL_COLORS.get(lb, "#bcbd22"), label=f"{LABEL_CODES.get(lb, '?') or '·'} {lb} ({counts.get(lb, 0)})"
+            facecolor=palette.get(lb, "#888888"),
+            edgecolor="#555",
+            label=f"{glyphs.get(lb) or '·'} {lb} ({counts.get(lb, 0)})",
         )
         for lb in known
         if counts.get(lb, 0)
     ]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return fig
 
 
@@ -665,11 +734,26 @@ def grid_html(
     )
 
 
-def label_grid_html(census: pd.DataFrame, colors: dict[str, str] | None = None) -> str:
-    """The label map as an HTML table: one cell per head, coloured by label, code inside, tooltip with label and
-    score, click opens the head's view."""
+def label_legend_html(counts: dict[str, int] | None = None, labels: Iterable[str] | None = None) -> str:
+    """The label legend as HTML: glyph on its colour, the label and (with ``counts``) how many heads carry it."""
+    labels = list(labels if labels is not None else (counts or {}))
+    glyphs, palette = label_glyphs(labels), label_colors()
+    keys = []
+    for lb in labels:
+        color = palette.get(lb, "#888888")
+        n = f" ({counts[lb]})" if counts is not None else ""
+        keys.append(
+            f'<span class="key"><span class="swatch" style="background:{color};color:{_ink_hex(color)}">'
+            f"{html.escape(glyphs.get(lb) or '·')}</span>{html.escape(lb)}{n}</span>"
+        )
+    return '<p class="legend">' + "".join(keys) + "</p>"
+
+
+def label_grid_html(census: pd.DataFrame) -> str:
+    """The label map as an HTML table: one cell per head, coloured by label with its glyph inside, tooltip with label
+    and deciding score, click opens the head's view; a legend below."""
     check_census(census)
-    colors = {**LABEL_COLORS, **(colors or {})}
+    palette, glyphs = label_colors(), label_glyphs(_known_labels(census))
     n_layers, n_heads = int(census["layer"].max()) + 1, int(census["head"].max()) + 1
     by_head = {(int(r.layer), int(r.head)): r for r in census.itertuples(index=False)}
     rows = []
@@ -681,21 +765,20 @@ def label_grid_html(census: pd.DataFrame, colors: dict[str, str] | None = None) 
                 cells.append('<td class="na"></td>')
                 continue
             name, label = head_name(layer, head), str(r.label)
-            score = LABEL_SCORE.get(label) if LABEL_SCORE.get(label) in census.columns else None
-            tip = f"{name} {label}" + (f" ({score} {getattr(r, score):.2f})" if score else "")
-            bg = colors.get(label, "#bcbd22")
-            ink = "#000" if label == "other" else "#fff"
+            score = "label_score" if "label_score" in census.columns else LABEL_SCORE.get(label)
+            value = getattr(r, score) if score in census.columns else None
+            tip = f"{name} {label}" + (f" ({value:.2f})" if value is not None and value == value else "")
+            bg = palette.get(label, "#888888")
             cells.append(
-                f'<td class="lab" data-head="{name}" title="{html.escape(tip)}" style="background:{bg};color:{ink}">'
-                f"{html.escape(LABEL_CODES.get(label, '?'))}</td>"
+                f'<td class="lab" data-head="{name}" data-label="{html.escape(label)}" title="{html.escape(tip)}" '
+                f'style="background:{bg};color:{_ink_hex(bg)}">{html.escape(glyphs.get(label, "?"))}</td>'
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
     header = "<tr><th>layer \\ head</th>" + "".join(f"<th>{h}</th>" for h in range(n_heads)) + "</tr>"
     counts = census["label"].value_counts()
-    known = [lb for lb in LABELS if counts.get(lb, 0)] + sorted(set(counts.index) - set(LABELS))
-    legend = "".join(
-        f'<span class="key"><span class="swatch" style="background:{colors.get(lb, "#bcbd22")}"></span>'
-        f"{html.escape(LABEL_CODES.get(lb, '?') or '·')} {html.escape(lb)} ({counts[lb]})</span>"
-        for lb in known
+    known = [lb for lb in _known_labels(census) if counts.get(lb, 0)]
+    legend = label_legend_html({lb: int(counts[lb]) for lb in known})
+    return (
+        f'<div class="labelmap"><table class="heatmap labels"><thead>{header}</thead><tbody>{"".join(rows)}</tbody>'
+        f"</table>{legend}</div>"
     )
-    return f'<div class="labelmap"><table class="heatmap labels"><thead>{header}</thead><tbody>{"".join(rows)}</tbody></table><p>{legend}</p></div>'
