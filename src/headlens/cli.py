@@ -332,8 +332,7 @@ def census_cmd(
     result.table["card"] = head_cards(hooked, result.table, evidence=evidence)
     out.mkdir(parents=True, exist_ok=True)
     table = result.table
-    # census.parquet and census.csv share one sidecar (census.provenance.json): the csv, which the other commands read
-    # back, is written last so that the sidecar vouches for it
+    # each table has its own sidecar (census.csv.provenance.json, ...) holding its content digest
     write_parquet(table, out / "census.parquet", provenance=result.provenance)
     write_csv(table, out / "census.csv", provenance=result.provenance)
     if evidence is not None:
@@ -374,8 +373,8 @@ def _share_census(out: Path, prov: dict) -> None:
             for src in (sidecar(out / name), out / name):  # the sidecar last: it vouches for the file
                 with atomic_path(cache / src.name) as tmp:
                     shutil.copyfile(src, tmp)
-    except OSError as err:  # a read-only cache costs a later `headlens head` a recomputation, nothing else
-        typer.echo(f"note: could not share the census in {cache} ({err.strerror})", err=True)
+    except (OSError, HeadlensError) as err:  # a read-only cache costs a later `headlens head` a recomputation only
+        typer.echo(f"note: could not share the census in {cache} ({getattr(err, 'strerror', None) or err})", err=True)
 
 
 def _census_settings(seed: int) -> dict:
