@@ -76,6 +76,8 @@ def check_outputs(command: str, out: Path) -> None:
         nan = frame.select_dtypes("number").isna()
         if "label" in frame:  # a head labelled `other` has no label score: NaN there by design
             nan.loc[frame["label"] == "other", [c for c in nan if c.startswith("label_score")]] = False
+        # undefined on a tiny random model in every dtype (float32 too): not what this matrix looks for
+        nan = nan.drop(columns=[c for c in nan if c.startswith("attention_to_predicted")])
         assert not nan.all().any(), f"{table}: a column of NaN"
 
 
