@@ -145,7 +145,7 @@ def test_scale_entropy_table_errors(tiny_qwen):
         scale_entropy_table(tiny_qwen, tokens, layers=[5], progress=False)
     with pytest.raises(HeadlensError, match="pos >= 2"):
         scale_entropy_table(tiny_qwen, tokens[:, :1], progress=False)
-    with pytest.raises(HeadlensError, match="positive"):
+    with pytest.raises(HeadlensError, match=r"must lie in 0\.001\.\.1000"):
         scale_settings(8.0, temperatures=(0.0,))
     cfg = HookedTransformerConfig(
         n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, attn_only=True, act_fn="relu"

@@ -139,6 +139,10 @@ def test_full_model_directory_equals_adapter(tmp_path, adapter_layer1):
 
 
 def test_streaming_matches_full_cache(base3, tuned3):
+    from headlens.analysis.compare import first_changed_layer
+
+    # the adapter changes layer 1 only: the tuned model starts there, from the base model's residual stream
+    assert (first_changed_layer(base3, tuned3), first_changed_layer(base3, base3)) == (1, None)
     tokens = torch.randint(1, 1000, (3, 20), generator=torch.Generator().manual_seed(0))
     df = attention_divergence(base3, tuned3, tokens, batch_size=2, progress=False)
     _, ca = base3.run_with_cache(tokens, names_filter=lambda n: n.endswith("pattern"))
@@ -244,6 +248,9 @@ def test_qwen_lora_changes_only_tuned_layers(qwen):
     info = check_adapter(qwen, ADAPTER)
     assert info["layers"] == list(range(12, 24)) and info["modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     tuned = load_tuned(qwen, ADAPTER, base_source="qwen2.5-coder-0.5b")
+    from headlens.analysis.compare import first_changed_layer
+
+    assert first_changed_layer(qwen, tuned) == 12  # the tuned model's passes start at layer 12
     tokens = torch.randint(1000, 20000, (2, 24), generator=torch.Generator().manual_seed(0))
     df = compare_models(qwen, tuned, tokens, census=False, progress=False)
     low, high = df[df["layer"] < 12], df[df["layer"] >= 12]

@@ -89,6 +89,28 @@ def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
     assert other.computed == n_seqs and len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
 
 
+def test_shards_are_reused_by_content_not_by_name(tiny, tmp_path):
+    """A shard file edited on disk is recomputed; a model whose weights changed (same recipe) is another job."""
+    import copy
+
+    full = headlens.run_census(tiny, batch_size=1, progress=False, executor=X.LocalExecutor(tmp_path)).table
+    (job,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    shard = sorted(job.glob("shard-00003.*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF  # one byte of a stored score, the file's size unchanged
+    shard.write_bytes(bytes(data))
+    again = X.LocalExecutor(tmp_path)
+    pd.testing.assert_frame_equal(full, headlens.run_census(tiny, batch_size=1, progress=False, executor=again).table)
+    assert again.computed == 1
+    edited = copy.deepcopy(tiny)
+    with torch.no_grad():
+        edited.blocks[0].attn.W_Q[0, 0, 0] += 1.0  # same recipe (headlens_spec), other weights
+    assert edited.headlens_spec == tiny.headlens_spec
+    changed = X.LocalExecutor(tmp_path)
+    headlens.run_census(edited, batch_size=1, progress=False, executor=changed)
+    assert changed.computed == sum(p.n_seqs for p in default_probes(tiny))
+
+
 def test_sharded_sweep_and_patching_equal_the_plain_functions(tiny):
     from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
     from headlens.interventions.patching import activation_patching, induction_pair

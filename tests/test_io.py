@@ -61,11 +61,14 @@ def test_provenance_matches_only_the_same_model_and_settings(tmp_path):
     a, b = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
     path = tmp_path / "census.csv"
     io.write_csv(pd.DataFrame({"x": [1]}), path, provenance=io.provenance(a, seed=0))
-    assert io.sidecar(path).name == "census.provenance.json"
+    assert io.sidecar(path).name == "census.csv.provenance.json"  # census.parquet has its own
     assert io.matches(path, io.provenance(a, seed=0))
     assert "weights" in io.mismatch(path, io.provenance(b, seed=0))
     assert "settings" in io.mismatch(path, io.provenance(a, seed=1))
     path.write_text("x\n1\n2\n")  # edited by hand after it was written
+    assert "changed" in io.mismatch(path, io.provenance(a, seed=0))
+    io.write_csv(pd.DataFrame({"x": [1]}), path, provenance=io.provenance(a, seed=0))
+    path.write_text(path.read_text().replace("1", "2"))  # the same size: the content digest tells
     assert "changed" in io.mismatch(path, io.provenance(a, seed=0))
     io.sidecar(path).unlink()
     assert "no provenance" in io.mismatch(path, io.provenance(a, seed=0))

@@ -217,3 +217,26 @@ def test_smollm2_loads_as_llama():
     )
     hf_model = AutoModelForCausalLM.from_pretrained(cache_dir() / "smollm2-135m-instruct", dtype=torch.float32)
     assert max_logprob_gap(model, hf_model) <= 1e-3
+
+
+@pytest.mark.slow
+def test_real_qwen_cache_carries_and_checks_digests(qwen):
+    """The cached processed weights hold one sha256 per tensor, written when the file was built; the loaded model
+    matches them (checked at load, so the model's weights digest is already known and free to ask for)."""
+    import time
+
+    from safetensors import safe_open
+
+    from headlens.io import tensor_sha256, weights_sha256
+    from headlens.models import DIGEST_PREFIX, ENTRY_DIGESTS
+
+    entry = cache_dir() / "qwen2.5-coder-0.5b"
+    with safe_open(str(entry / "hooked-float32.safetensors"), framework="pt") as f:
+        recorded = {k.removeprefix(DIGEST_PREFIX): v for k, v in (f.metadata() or {}).items()}
+    params = dict(qwen.named_parameters())
+    assert set(recorded) == set(params)
+    assert all(tensor_sha256(params[k]) == recorded[k] for k in list(params)[:3] + list(params)[-3:])
+    start = time.perf_counter()
+    weights_sha256(qwen)
+    assert time.perf_counter() - start < 1.0  # remembered from the check at load: the buffers alone are hashed
+    assert (entry / ENTRY_DIGESTS).is_file()

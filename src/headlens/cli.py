@@ -17,7 +17,7 @@ import typer
 from headlens import progress as _progress
 from headlens.errors import HeadlensError
 from headlens.heads import head_name, unit_name
-from headlens.io import mismatch, provenance, save_figure, write_csv, write_parquet
+from headlens.io import check_outputs, mismatch, provenance, save_figure, write_csv, write_parquet
 
 app = typer.Typer(
     add_completion=False,
@@ -153,9 +153,7 @@ def _validate(params: dict) -> None:
     out = params.get("out")
     if out is not None:
         check_output_dir(out)
-        csv = Path(out) / "census.csv"
-        if csv.exists() and not csv.is_file():
-            raise HeadlensError(f"{csv} is not a file: remove it or pass another --out")
+        check_outputs(out, dirs=(".shards",))
 
 
 def _out(help: str):
@@ -175,8 +173,9 @@ def _start(progress: bool) -> None:
     _progress.set_enabled(progress)
 
 
-def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32", heads=(), texts=()):
-    """Load the model; ``heads`` are checked against it right away, before any computation."""
+def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: str = "float32", heads=(), texts=None):
+    """Load the model; ``heads`` and ``texts`` (``{"--option": text}``) are checked against it right away, before
+    any computation: a text longer than the context is an error naming the option that fixes it."""
     from headlens.heads import check_head
     from headlens.models import load_model, resolve_device, resolve_dtype
 
@@ -186,11 +185,33 @@ def _load(model: str, adapter: Path | None = None, device: str = "cpu", dtype: s
     hooked = load_model(model, adapter=adapter, device=device, dtype=dtype)
     for layer, head in heads:
         check_head(hooked, layer, head)
-    for text in texts:  # too long for the context: say so now, not after the computation
+    for option, text in (texts or {}).items():  # too long for the context: say so now, not after the computation
         if text is not None:
-            hooked.to_tokens(text)
+            _check_length(hooked, option, text, hooked.cfg.n_ctx, f"{hooked.cfg.model_name} takes")
     _progress.set_enabled(_progress.enabled())  # libraries imported by the load obey the switch too
     return hooked
+
+
+def _check_length(hooked, option: str, text: str, limit: int, what: str) -> None:
+    """``text`` (the value of ``option``) must be at most ``limit`` tokens; the error names the option to shorten."""
+    n_tokens = len(hooked.tokenizer(text, add_special_tokens=False)["input_ids"]) if hooked.tokenizer is not None else 0
+    if n_tokens > limit:
+        raise HeadlensError(f"{option} is {n_tokens} tokens long but {what} at most {limit}: shorten {option}")
+
+
+def _census_of(hooked, path: Path):
+    """The census table at ``path`` (``--census``), refused unless its provenance says it was made for this model
+    (same source, adapter, dtype and weights digest) and its content is as written (the rules `report` reuses by)."""
+    from headlens.io import IDENTITY
+    from headlens.render.report import read_census
+
+    why = mismatch(path, provenance(hooked), keys=IDENTITY)
+    if why is not None:
+        raise HeadlensError(
+            f"--census {path} is not a census of this model: {why}; pass the census.csv that `headlens census` "
+            "wrote for this model (same --model, --adapter and --dtype), or leave --census out"
+        )
+    return read_census(path)
 
 
 def _executor(workers: int | None, ray_address: str | None, out: Path):
@@ -211,15 +232,16 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
     """--heads "L5H3,12.0" -> heads (headlens.heads.parse_heads: duplicates and bad spellings are errors)."""
     from headlens.heads import parse_heads
 
-    return parse_heads(text)
+    heads = parse_heads(text)
+    if text.strip() and not heads:
+        raise HeadlensError(f"--heads {text!r} names no head: give heads such as L5H3,12.0 (or leave --heads out)")
+    return heads
 
 
 def _labels(hooked, census_csv: Path | None, seed: int, progress: bool) -> dict[tuple[int, int], str]:
     """The census label of every head: from ``census_csv`` when given, else a census run on ``hooked``."""
     if census_csv is not None:
-        from headlens.render.report import read_census
-
-        table = read_census(census_csv)
+        table = _census_of(hooked, census_csv)
     else:
         from headlens.census import run_census
 
@@ -295,6 +317,7 @@ def census_cmd(
     verdict. `headlens head L8H7` then explains one head in seconds from this census.
     """
     _validate(locals())
+    check_outputs(out, ("census.csv", "census.parquet", *CAUSAL_FILES, "report.html"), ("figures",))
     _start(progress)
     from headlens.analysis.cards import head_cards
     from headlens.analysis.evidence import label_evidence
@@ -309,8 +332,7 @@ def census_cmd(
     result.table["card"] = head_cards(hooked, result.table, evidence=evidence)
     out.mkdir(parents=True, exist_ok=True)
     table = result.table
-    # census.parquet and census.csv share one sidecar (census.provenance.json): the csv, which the other commands read
-    # back, is written last so that the sidecar vouches for it
+    # each table has its own sidecar (census.csv.provenance.json, ...) holding its content digest
     write_parquet(table, out / "census.parquet", provenance=result.provenance)
     write_csv(table, out / "census.csv", provenance=result.provenance)
     if evidence is not None:
@@ -351,13 +373,15 @@ def _share_census(out: Path, prov: dict) -> None:
             for src in (sidecar(out / name), out / name):  # the sidecar last: it vouches for the file
                 with atomic_path(cache / src.name) as tmp:
                     shutil.copyfile(src, tmp)
-    except OSError as err:  # a read-only cache costs a later `headlens head` a recomputation, nothing else
-        typer.echo(f"note: could not share the census in {cache} ({err.strerror})", err=True)
+    except (OSError, HeadlensError) as err:  # a read-only cache costs a later `headlens head` a recomputation only
+        typer.echo(f"note: could not share the census in {cache} ({getattr(err, 'strerror', None) or err})", err=True)
 
 
 def _census_settings(seed: int) -> dict:
-    """What a CLI census depends on besides the model: the seed and the (default) probes and thresholds."""
-    return {"seed": int(seed), "probes": "default", "thresholds": "default"}
+    """What a CLI census depends on besides the model: the seed, the default probes and thresholds, the head types."""
+    from headlens.census.run import census_settings
+
+    return census_settings(seed)
 
 
 def label_summary(census, *, top_k: int = 5, evidence=None, causal: bool = True):
@@ -500,7 +524,7 @@ def head_cmd(
     edges_csv = None if circuit is None else circuit / "edges.csv"
     if edges_csv is not None and not edges_csv.is_file():
         raise HeadlensError(f"{edges_csv} does not exist: give --circuit the --out directory of `headlens circuit`")
-    hooked = _load(model, adapter, device, dtype, heads=heads, texts=[clean, corrupted])
+    hooked = _load(model, adapter, device, dtype, heads=heads, texts={"--clean": clean, "--corrupted": corrupted})
     edges = None
     if edges_csv is not None:
         why = mismatch(edges_csv, provenance(hooked), keys=("model", "source", "adapter", "weights"))
@@ -582,6 +606,7 @@ def report(
     --with compare the head-by-head comparison with --tuned.
     """
     _validate(locals())
+    check_outputs(out, ("census.csv", "causal.csv", "report.html"), ("figures",))
     _check_pair_options(clean, corrupted, answer, wrong, task)
     _start(progress)
     chosen = _parse_heads(heads)
@@ -591,10 +616,14 @@ def report(
         raise HeadlensError(f"unknown --with section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if "compare" in sections and not tuned:
         raise HeadlensError("--with compare needs --tuned (a LoRA adapter directory or a fine-tuned model)")
+    from headlens.engine.capture import VIEW_TOKENS
     from headlens.render.report import read_census, write_report
     from headlens.render.viz import DEFAULT_PROMPT
 
-    hooked = _load(model, adapter, device, dtype, heads=chosen, texts=[prompt, clean, corrupted])
+    texts = {"--prompt": prompt, "--clean": clean, "--corrupted": corrupted}
+    hooked = _load(model, adapter, device, dtype, heads=chosen, texts=texts)
+    if prompt is not None:
+        _check_length(hooked, "--prompt", prompt, VIEW_TOKENS, "the report's attention views show")
     pair = _prompt_pair(hooked, clean, corrupted, answer, wrong, task, seed)
     csv = out / "census.csv"
     prov = provenance(hooked, **_census_settings(seed))
@@ -642,7 +671,10 @@ def report(
 
         typer.echo(f"loading tuned {tuned} ...", err=True)
         extra["compare"] = compare_models(
-            hooked, load_tuned(hooked, tuned, base_source=model), seed=seed, progress=progress
+            hooked,
+            load_tuned(hooked, tuned, base_source=model, device=device, dtype=dtype),
+            seed=seed,
+            progress=progress,
         )
     path = write_report(
         out,
@@ -702,12 +734,13 @@ def patch(
         )
     if (clean is None) != (corrupted is None):
         raise HeadlensError("give both --clean and --corrupted, or neither for the built-in induction pair")
+    check_outputs(out, ["attribution.csv"] + [f"patch_{name}.csv" for name in names])
     import pandas as pd
 
     from headlens.interventions.attribution import attribution_patching, quality_summary, rank_correlation
     from headlens.interventions.patching import activation_patching, induction_pair, text_pair
 
-    hooked = _load(model, adapter, device, dtype, texts=[clean, corrupted])
+    hooked = _load(model, adapter, device, dtype, texts={"--clean": clean, "--corrupted": corrupted})
     labels = _labels(hooked, census_csv, seed, progress)
     if clean is None:
         pair = induction_pair(hooked, n_tokens=n_tokens, n_seqs=n_seqs, seed=seed)
@@ -828,6 +861,7 @@ def ablate(
     effect = ablated - clean metric; worsening = effect / |clean| towards worse (+1 % = 1 % more loss).
     """
     _validate(locals())
+    check_outputs(out, ("ablation.csv", "ablation.png", "ablation_vs_random.csv"))
     _start(progress)
     chosen = _parse_heads(heads)
     import pandas as pd
@@ -836,7 +870,7 @@ def ablate(
     from headlens.interventions.ablation import ablation_sweep, compare_to_random
     from headlens.render.plots import plot_sweep
 
-    hooked = _load(model, adapter, device, dtype, heads=chosen)
+    hooked = _load(model, adapter, device, dtype, heads=chosen, texts={"--prompt": prompt})
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
@@ -927,13 +961,14 @@ def prune(
 ):
     """Prune heads greedily, least important first; writes the curve (CSV + PNG) and the removal order."""
     _validate(locals())
+    check_outputs(out, ("prune_curve.csv", "prune_order.csv", "prune_curve.png"))
     _start(progress)
     import pandas as pd
 
     from headlens.interventions.prune import prune_curve
     from headlens.render.plots import plot_prune_curve
 
-    hooked = _load(model, adapter, device, dtype)
+    hooked = _load(model, adapter, device, dtype, texts={"--prompt": prompt})
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     result = prune_curve(
         hooked,
@@ -987,6 +1022,7 @@ def compare_cmd(
 ):
     """Compare a fine-tune with its base head by head: attention change (JSD, bits), weight change, census deltas."""
     _validate(locals())
+    check_outputs(out, ("compare.csv", "compare.png"))
     _start(progress)
     from headlens.analysis.compare import compare_models, top_changed
     from headlens.models import load_tuned
@@ -1033,6 +1069,7 @@ def stats(
 ):
     """Attention entropy with and without sqrt(d_k) scaling, and head similarity within vs across GQA groups."""
     _validate(locals())
+    check_outputs(out, ("entropy.csv", "similarity.csv"))
     _start(progress)
     temps = _temperatures(temperatures)
 
@@ -1083,10 +1120,12 @@ def atlas_cmd(
     _start(progress)
     from headlens.analysis.atlas import atlas, parse_sources
     from headlens.models import resolve_device, resolve_dtype
-    from headlens.render.atlas import write_atlas
+    from headlens.render.atlas import census_files, write_atlas
 
     sources = parse_sources(models)
     resolve_device(device), resolve_dtype(dtype)
+    tables = ("counts.csv", "depth_shares.csv", "positions.csv", "settings.json", "atlas.html")
+    check_outputs(out, (*tables, *census_files(sources).values()))
     executor = _executor(workers, ray_address, out)
     result = atlas(
         sources, seeds=seeds, batch_size=batch_size, device=device, dtype=dtype, executor=executor, progress=progress
@@ -1197,6 +1236,7 @@ def circuit_cmd(
     if ablation is None:
         ablation = AblationName.resample if clean is not None else AblationName.mean
     names = _circuit_args(task, clean, corrupted, correct, wrong, model, ablation, methods, check, max_edges)
+    check_outputs(out, ("edges.csv", "nodes.csv", "faithfulness.csv", "circuit.json", "circuit.html"))
     from headlens.circuits.study import find_circuit
     from headlens.circuits.tasks import build_task, pair_task
     from headlens.render.circuit import write_circuit_html
@@ -1214,15 +1254,13 @@ def circuit_cmd(
             hooked = hooked.to(dev).to(dt)
             hooked.cfg.device = dev
     else:
-        hooked = _load(model, None, device, dtype, texts=[clean, corrupted])
+        hooked = _load(model, None, device, dtype, texts={"--clean": clean, "--corrupted": corrupted})
     if clean is not None:
         circuit_task = pair_task(hooked, clean, corrupted, correct=correct, wrong=wrong)
     else:
         circuit_task = build_task(hooked, task.value, n_seqs=n_seqs, seed=seed)
     if census_csv is not None:
-        from headlens.render.report import read_census
-
-        table = read_census(census_csv)
+        table = _census_of(hooked, census_csv)
     elif model == "toy":
         from headlens.analysis.toy import toy_probes
         from headlens.census import run_census
@@ -1298,6 +1336,8 @@ def main(argv: list[str] | None = None) -> None:
         for arg in args:
             arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
         result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
+        if result == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below
+            raise KeyboardInterrupt
     except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback) below
         message = None if debug else _expected(err, args)
         if message is None:
@@ -1305,7 +1345,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {message}", err=True)
         sys.exit(2 if _is_usage(err) else 1)  # 2: the command line itself is wrong (click's convention)
     except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
+        typer.echo("error: interrupted; no file was left half-written (a rerun resumes from finished shards)", err=True)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
 
@@ -1334,7 +1374,9 @@ def _renamed(args: list[str]) -> list[str]:
 
 def _expected(err: BaseException, args: list[str]) -> str | None:
     """The one-line message for an expected failure, or None for a bug (shown with its traceback)."""
-    import errno
+    import os
+
+    from headlens.io import STORAGE_HINTS, storage_errno, target_of
 
     if isinstance(err, HeadlensError):
         return str(err)
@@ -1346,16 +1388,12 @@ def _expected(err: BaseException, args: list[str]) -> str | None:
         return f"argument {bad.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text: pass text and paths in UTF-8"
     if isinstance(err, UnicodeError):
         return f"a file or text is not valid UTF-8 ({err}); pass UTF-8 text"
-    if isinstance(err, OSError):
-        where = f" {err.filename}" if err.filename else ""
-        hints = {
-            errno.ENOSPC: "free some disk space",
-            errno.EACCES: "choose a writable location",
-            errno.EROFS: "the file system is read-only: choose another location",
-            errno.EDQUOT: "free some space",
-        }
-        hint = hints.get(err.errno, "check the path")
-        return f"{err.strerror or err}:{where} ({hint}); nothing half-written was left behind"
+    code = storage_errno(err)
+    if isinstance(err, OSError) or code is not None:  # what the writers did not already turn into one line
+        where = getattr(err, "filename", None)
+        reason = os.strerror(code) if code is not None else str(err)
+        hint = STORAGE_HINTS.get(code, "check the path")
+        return f"{reason}: {target_of(where) if where else 'a file of this command'} ({hint})"
     if isinstance(err, MemoryError):
         return "out of memory: use a smaller --batch-size or shorter inputs"
     if type(err).__module__.startswith("pandas") and isinstance(err, ValueError):  # ParserError, EmptyDataError

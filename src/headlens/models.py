@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,16 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from headlens.data.probes import corpus_text
 from headlens.errors import HeadlensError
 from headlens.heads import kv_heads
-from headlens.io import pid_alive, remove_stale_temporaries, write_json
+from headlens.io import (
+    file_sha256,
+    path_sha256,
+    pid_alive,
+    remove_stale_temporaries,
+    storage_message,
+    tensor_digests,
+    write_json,
+)
+from headlens.progress import note
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -111,39 +121,59 @@ def load_model(
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     name = ALIASES.get(str(source), str(source))
     label = Path(name).name
-    if name in TINY:
-        hf_model, tokenizer = _tiny_hf(name.removeprefix("tiny-"))
-    else:
-        directory = _cached_directory(name)
-        if directory is not None and adapter is None:
-            model = _load_hooked_cache(directory, name=label, dtype=torch.float32, device="cpu", n_ctx=n_ctx)
-            model = _recipe(
-                _placed(model, device, dtype),
-                "headlens.models:load_model",
-                source=_portable(source),
-                dtype=dtype,
-                device=device,
-                n_ctx=n_ctx,
-            )
-            return _mark(model, name, None)
-        hf_model, tokenizer = _load_hf(name, torch.float32, directory)
+    directory = None if name in TINY else _cached_directory(name)
     if adapter is not None:
-        from types import SimpleNamespace
-
-        check_adapter(SimpleNamespace(cfg=hooked_config(hf_model.config)), adapter)
-        hf_model = merge_adapter(hf_model, adapter)
-    model = hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
-    spec_adapter = None if adapter is None else str(Path(adapter).expanduser().resolve())
+        adapter = Path(adapter).expanduser()
+    if directory is not None and adapter is None:
+        model = _placed(_load_hooked_cache(directory, name=label, n_ctx=n_ctx), device, dtype)
+    else:
+        if name in TINY:
+            hf_model, tokenizer = _tiny_hf(name.removeprefix("tiny-"))
+        else:
+            hf_model, tokenizer = _load_hf(name, torch.float32, directory)
+        if adapter is not None:
+            hf_model = merge_adapter(hf_model, adapter)
+        model = hooked_from_hf(hf_model, tokenizer, name=label, dtype=dtype, device=device, n_ctx=n_ctx)
+    spec_adapter = None if adapter is None else str(adapter.resolve())
+    kwargs = {"adapter": spec_adapter} if adapter is not None else {}
     model = _recipe(
-        model,
-        "headlens.models:load_model",
-        source=_portable(source),
-        dtype=dtype,
-        device=device,
-        adapter=spec_adapter,
-        n_ctx=n_ctx,
+        model, "headlens.models:load_model", source=_portable(source), dtype=dtype, device=device, n_ctx=n_ctx, **kwargs
     )
+    what = f"{source}" + (f" + adapter {adapter}" if adapter is not None else "")
+    check_weights(model, what)
     return _mark(model, name, adapter)
+
+
+def check_weights(model: HookedTransformer, what: str = "the model") -> None:
+    """Refuse weights that cannot give numbers: any NaN or inf (named by tensor), or a short test forward whose
+    activations are not finite (named by the first hook that produces them, e.g. an adapter with a huge lora_alpha,
+    or float16 overflowing). Costs one pass over the weights and an 8-token forward."""
+    for tensor_name, tensor in model.named_parameters():
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):  # NaN propagates; no tensor-sized copy
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise HeadlensError(
+                f"{what}: weights {tensor_name} hold {bad} NaN/inf value(s) after loading"
+                f"{' and merging' if '+ adapter' in what else ''}; the weights file or adapter is damaged"
+            )
+    first: list[str] = []
+
+    def watch(act: torch.Tensor, hook) -> None:
+        if not first and act.is_floating_point() and not bool(torch.isfinite(act).all()):
+            first.append(hook.name)
+
+    tokens = torch.arange(8, device=model.cfg.device)[None] % model.cfg.d_vocab
+    hooks = [(name, watch) for name in model.hook_dict if not name.endswith("attn_scores")]  # masked scores are -inf
+    with torch.inference_mode():  # unembedded by hand: TransformerLens' Unembed copies W_U (545 MB for Qwen)
+        resid = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=model.cfg.n_layers)
+        logits = model.ln_final(resid) @ model.unembed.W_U + model.unembed.b_U
+    if first or not bool(torch.isfinite(logits).all()):
+        where = first[0] if first else "the logits"
+        dtype = str(model.cfg.dtype).removeprefix("torch.")
+        hint = " (float16 overflows here: use --dtype bfloat16 or float32)" if dtype == "float16" else ""
+        raise HeadlensError(
+            f"{what}: a test forward gives NaN/inf at {where} in {dtype}{hint}; the weights are not usable "
+            "(a damaged file, or an adapter whose scale, lora_alpha / r, is far too large)"
+        )
 
 
 DTYPES = {
@@ -201,12 +231,14 @@ def _recipe(model: HookedTransformer, loader: str, **kwargs) -> HookedTransforme
 
 
 def _mark(model: HookedTransformer, name: str, adapter) -> HookedTransformer:
-    """Remember where a model came from (for provenance sidecars, see :mod:`headlens.io`)."""
+    """Remember where a model came from (for provenance sidecars, see :mod:`headlens.io`): the source, the adapter
+    directory and the digest of the adapter's files."""
     path = Path(name).expanduser()
     source = str(path.resolve()) if path.exists() else name
     model.headlens_source = {
         "source": source,
         "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
+        "adapter_sha256": path_sha256(Path(adapter).expanduser()) if adapter else None,
     }
     return model
 
@@ -325,30 +357,63 @@ def hooked_from_hf(
     return _placed(model, device, dtype)
 
 
-def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx: int) -> HookedTransformer:
-    """Load TransformerLens-processed weights cached next to the HF ones, writing them on first use."""
-    from safetensors.torch import load_file, save_file
+DIGEST_PREFIX = "headlens.sha256:"
+"""safetensors metadata key of a cached tensor's sha256 (one per tensor, written when the cache file is built)."""
+ENTRY_DIGESTS = "sha256.json"
+"""The file of a cache entry that holds the sha256 of its ``model.safetensors``, written when the entry is built."""
+
+
+def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int) -> HookedTransformer:
+    """Load the TransformerLens-processed float32 weights cached next to the HF ones, writing them on first use.
+
+    Every tensor's sha256 is written into the file's metadata when it is built and checked when it is loaded (one
+    read of the weights, on threads); a file without digests or with a tensor that does not match them is rebuilt
+    from the entry's ``model.safetensors`` (itself checked against the digest written when the entry was built).
+    """
+    cached = directory / "hooked-float32.safetensors"
+    if cached.is_file():
+        model, why = _read_hooked(directory, cached, name=name, n_ctx=n_ctx)
+        if model is not None:
+            return model
+        if not _writable(directory):
+            raise HeadlensError(
+                f"the cached weights {cached} {why}; the cache is read-only: delete that file to rebuild it"
+            )
+        note(f"rebuilding {cached}: it {why}")
+    hf_model, tokenizer = _load_hf(str(directory), torch.float32, directory)
+    model = hooked_from_hf(hf_model, tokenizer, name=name, n_ctx=n_ctx)
+    del hf_model
+    if _writable(directory):  # a read-only cache still loads, just without the processed copy
+        _write_hooked(model, cached)
+    return model
+
+
+def _write_hooked(model: HookedTransformer, cached: Path) -> None:
+    """Write ``model``'s parameters to ``cached`` atomically, with each tensor's sha256 in the metadata."""
+    from safetensors.torch import save_file
+
+    params = {k: v.contiguous() for k, v in model.named_parameters()}
+    metadata = {DIGEST_PREFIX + k: v for k, v in tensor_digests(params).items()}
+    handle, partial = tempfile.mkstemp(dir=cached.parent, prefix=f".hooked-{os.getpid()}-", suffix=".partial")
+    os.close(handle)
+    try:
+        save_file(params, partial, metadata=metadata)
+        os.replace(partial, cached)
+    except Exception as err:  # noqa: BLE001 - safetensors wraps a full disk in its own error type
+        message = storage_message(err, cached)
+        if message is None:
+            raise
+        raise HeadlensError(message) from None
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def _read_hooked(directory: Path, cached: Path, *, name: str, n_ctx: int) -> tuple[HookedTransformer | None, str]:
+    """The model from a cache file whose every tensor matches its recorded sha256, or (None, what is wrong)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    cached = directory / f"hooked-{str(dtype).removeprefix('torch.')}.safetensors"
-    if not cached.is_file():
-        hf_model, tokenizer = _load_hf(str(directory), dtype, directory)
-        model = hooked_from_hf(hf_model, tokenizer, name=name, dtype=dtype, device="cpu", n_ctx=n_ctx)
-        del hf_model
-        if _writable(directory):  # a read-only cache still loads, just without the processed copy
-            params = {k: v.contiguous() for k, v in model.named_parameters()}
-            handle, partial = tempfile.mkstemp(dir=directory, prefix=f".hooked-{os.getpid()}-", suffix=".partial")
-            os.close(handle)
-            try:
-                save_file(params, partial)
-                os.replace(partial, cached)
-            except OSError as err:
-                raise HeadlensError(
-                    f"could not write the processed weights to {directory}: {err.strerror} (free some disk space)"
-                ) from None
-            finally:
-                Path(partial).unlink(missing_ok=True)
-        return _placed(model, device)
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -358,20 +423,50 @@ def _load_hooked_cache(directory: Path, *, name: str, dtype, device: str, n_ctx:
         raise HeadlensError(
             f"the cache entry {directory} is damaged ({_first_line(err)}); delete that directory to rebuild it"
         ) from None
-    cfg = hooked_config(config, dtype=dtype, device=device, n_ctx=n_ctx, name=name)
+    cfg = hooked_config(config, n_ctx=n_ctx, name=name)
     cfg.normalization_type = "RMSPre"
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
     try:
+        with safe_open(str(cached), framework="pt") as f:
+            metadata = f.metadata() or {}
         state = load_file(str(cached))
-    except Exception as err:  # noqa: BLE001 - a damaged cache file: say how to rebuild it
-        raise HeadlensError(
-            f"the cached weights {cached} are damaged ({_first_line(err)}); delete that file to rebuild it"
-        ) from None
+    except Exception as err:  # noqa: BLE001 - a damaged cache file: rebuild it
+        return None, f"is damaged ({_first_line(err)})"
+    expected = {k.removeprefix(DIGEST_PREFIX): v for k, v in metadata.items() if k.startswith(DIGEST_PREFIX)}
+    if not expected:
+        return None, "carries no content digests (written by an older headlens)"
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     buffers = {k for k, _ in model.named_buffers()}
-    if unexpected or set(missing) - buffers:
-        raise HeadlensError(f"the cached weights {cached} do not fit this model; delete that file to rebuild it")
-    return _placed(model, device)
+    if unexpected or set(missing) - buffers or set(expected) != set(state):
+        return None, "does not fit this model"
+    params = dict(model.named_parameters())
+    digests = tensor_digests(params)  # remembered on the parameters: the model's weights digest costs nothing more
+    bad = [k for k in params if digests[k] != expected[k]]
+    if bad:
+        return None, f"is damaged: tensor {bad[0]} does not match the sha256 written when it was built"
+    return model, ""
+
+
+def verify_entry_weights(directory: Path) -> None:
+    """Check a cache entry's ``model.safetensors`` against the sha256 written when the entry was built.
+
+    An entry built before headlens wrote digests gets one now (from the file as it is: trusted on first use)."""
+    weights, record = directory / "model.safetensors", directory / ENTRY_DIGESTS
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8")).get("model.safetensors") if record.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    digest = file_sha256(weights)
+    if saved is None:
+        if _writable(directory):
+            with contextlib.suppress(OSError, HeadlensError):
+                write_json(record, {"model.safetensors": digest})
+        return
+    if saved != digest:
+        raise HeadlensError(
+            f"the cached weights {weights} are damaged (their sha256 differs from the one written when the entry was "
+            f"built): delete {directory} to rebuild it"
+        )
 
 
 def _placed(model: HookedTransformer, device: str, dtype: torch.dtype = torch.float32) -> HookedTransformer:
@@ -412,19 +507,13 @@ def strict_context(model: HookedTransformer, *, truncate: bool = False) -> Hooke
 
 
 def merge_adapter(hf_model, adapter: str | os.PathLike):
-    """Merge a PEFT LoRA adapter directory into ``hf_model``'s weights."""
+    """Merge a PEFT LoRA adapter directory into ``hf_model``'s weights, after :func:`check_adapter` accepts it."""
+    from types import SimpleNamespace
+
     from peft import PeftModel
 
     path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
-    config = _read_json(path / "adapter_config.json")
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise HeadlensError(
-            f"adapter {path} is a {config.get('peft_type')!r} adapter, not LoRA: headlens merges LoRA adapters only"
-        )
+    check_adapter(SimpleNamespace(cfg=hooked_config(hf_model.config)), path)
     try:
         merged = PeftModel.from_pretrained(hf_model, str(path), is_trainable=False).merge_and_unload()
     except Exception as err:  # noqa: BLE001 - a damaged or mismatched adapter is the user's file: one line
@@ -462,6 +551,8 @@ def _load_hf(name: str, dtype, directory: Path | None = None):
             )
         else:
             return _load_cached_hub(name, dtype)
+    if _in_cache(directory):
+        verify_entry_weights(directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, use_safetensors=True, local_files_only=True
@@ -475,7 +566,7 @@ def _load_hf(name: str, dtype, directory: Path | None = None):
     return model, tokenizer
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, what: str = "a model config") -> dict:
     """A JSON object from ``path``, or a HeadlensError that says what is wrong with the file."""
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
@@ -486,7 +577,7 @@ def _read_json(path: Path) -> dict:
     except OSError as err:
         raise HeadlensError(f"cannot read {path}: {err.strerror}") from None
     if not isinstance(value, dict):
-        raise HeadlensError(f"{path} holds a JSON {type(value).__name__}, not an object: it is not a model config")
+        raise HeadlensError(f"{path} holds a JSON {type(value).__name__}, not an object: it is not {what}")
     return value
 
 
@@ -685,10 +776,13 @@ def ensure_gguf_cache(parts: list[Path], *, expected_sha256: str | None = None, 
             except OSError:
                 if not _complete(target):
                     raise
-    except OSError as err:
-        raise HeadlensError(
-            f"could not build the cache entry in {root}: {err.strerror or err} (free disk space or set HEADLENS_CACHE)"
-        ) from None
+    except HeadlensError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a full disk arrives as OSError or as safetensors' own error type
+        message = storage_message(err, root / key if key else root)
+        if message is None:
+            raise
+        raise HeadlensError(f"{message}; set HEADLENS_CACHE to a disk with room for the cache") from None
     if key is None and len(parts) == 1:
         _record_source(target, parts[0], digest)
     return target
@@ -706,6 +800,7 @@ def _dequantize(gguf: Path, out: Path) -> None:
     hooked_config(model.config)
     out.mkdir()
     save_model(model, str(out / "model.safetensors"))
+    write_json(out / ENTRY_DIGESTS, {"model.safetensors": file_sha256(out / "model.safetensors")})
     model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -817,8 +912,13 @@ def spec_of(model) -> ModelSpec:
 
 
 def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
-    """Raise HeadlensError unless both models have the same layers, heads, widths and vocabulary."""
-    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_head", "d_model", "d_vocab")
+    """Raise HeadlensError unless both models have the same architecture, layers, heads, widths and vocabulary."""
+    if base.cfg.original_architecture != tuned.cfg.original_architecture:
+        raise HeadlensError(
+            f"the tuned model is a {tuned.cfg.original_architecture}, the base a {base.cfg.original_architecture}: "
+            "another architecture is not a fine-tune of this model; compare a fine-tune of the same model"
+        )
+    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_head", "d_model", "d_mlp", "d_vocab")
     diffs = [
         f"{f} {getattr(base.cfg, f)} vs {getattr(tuned.cfg, f)}"
         for f in fields
@@ -851,45 +951,95 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
-    """Check a PEFT LoRA adapter directory against ``base`` before merging: target modules, layers, shapes.
+    """Check a PEFT LoRA adapter directory against ``base`` before merging: architecture, target modules, layers,
+    that every targeted module has both halves (PEFT fills a missing ``lora_A`` with random values and merges them),
+    shapes and rank.
 
     Returns ``{"modules": [...], "layers": [...], "rank": r}``; raises HeadlensError naming the first mismatch.
     """
-    from safetensors import safe_open
-
     path = Path(adapter)
     config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file():
         raise HeadlensError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
     if not weights.is_file():
         raise HeadlensError(f"{path} has no adapter_model.safetensors (pickled adapters are not loaded)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise HeadlensError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    config = _read_json(config_file, "a PEFT adapter config")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise HeadlensError(
             f"adapter {path} is a {config.get('peft_type')} adapter; headlens merges LoRA adapters only"
         )
+    _check_adapter_base(base, path, config)
     shapes = _module_shapes(base.cfg)
-    targets = config.get("target_modules") or []
-    if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(shapes) - {"lm_head", "embed_tokens"})
-        if unknown:
+    pairs = _adapter_pairs(base, path, weights, shapes)
+    expected = _adapter_targets(base, path, config, shapes)
+    for (layer, module), halves in sorted(pairs.items()):
+        where = f"layers.{layer}.{module}"
+        if set(halves) != {"A", "B"}:
+            have, lack = next(iter(halves)), ({"A", "B"} - set(halves)).pop()
             raise HeadlensError(
-                f"adapter {path} targets modules {unknown} that the base model does not have "
-                f"(its blocks have {', '.join(shapes)}): it was trained for another architecture"
+                f"adapter {path} has lora_{have} but no lora_{lack} for {where}: PEFT would fill the missing half "
+                "with random values and merge them; the adapter file is incomplete"
             )
+        if (layer, module) not in expected:
+            raise HeadlensError(
+                f"adapter {path} holds weights for {where}, which its adapter_config.json does not target "
+                "(PEFT would drop them silently): the config and the weights do not belong together"
+            )
+        rank, want = halves["A"][0], _adapter_rank(config, layer, module)
+        if halves["B"][1] != rank or (want is not None and rank != want):
+            raise HeadlensError(
+                f"adapter {path}: {where} has lora_A rank {rank} and lora_B rank {halves['B'][1]}, its config says r = "
+                f"{want}: the adapter file does not match its config"
+            )
+    missing = sorted(expected - set(pairs))
+    if missing:
+        layer, module = missing[0]
+        raise HeadlensError(
+            f"adapter {path} targets layers.{layer}.{module} ({len(missing)} module(s) in all) but holds no weights "
+            "for it: PEFT would initialise them itself; the adapter file is incomplete"
+        )
+    if not pairs:
+        raise HeadlensError(f"adapter {path} holds no LoRA weights of attention/MLP blocks")
+    ranks = {halves["A"][0] for halves in pairs.values()}
+    return {
+        "modules": sorted({m for _, m in pairs}),
+        "layers": sorted({layer for layer, _ in pairs}),
+        "rank": max(ranks),
+    }
+
+
+def _check_adapter_base(base, path: Path, config: dict) -> None:
+    """The adapter's own record of its base (PEFT's ``auto_mapping``, or a local ``base_model_name_or_path`` with a
+    config.json) must name the base's architecture; ``lora_alpha`` must be a finite number."""
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise HeadlensError(f"adapter {path}: lora_alpha must be a finite number (got {alpha!r})")
+    mapping = config.get("auto_mapping")
+    recorded = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    base_dir = config.get("base_model_name_or_path")
+    if recorded is None and isinstance(base_dir, str) and base_dir and (Path(base_dir) / "config.json").is_file():
+        with contextlib.suppress(HeadlensError):
+            kind = _read_json(Path(base_dir) / "config.json").get("model_type")
+            recorded = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(kind, kind)
+    architecture = getattr(base.cfg, "original_architecture", None)
+    if isinstance(recorded, str) and architecture and recorded != architecture:
+        raise HeadlensError(
+            f"adapter {path} was trained on a {recorded} model, but the base is a {architecture}: "
+            "merge it into the model it was trained on"
+        )
+
+
+def _adapter_pairs(base, path: Path, weights: Path, shapes: dict) -> dict[tuple[int, str], dict[str, tuple]]:
+    """``{(layer, module): {"A": shape, "B": shape}}`` of the adapter file's LoRA weights, shapes checked."""
+    from safetensors import safe_open
+
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes_of = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as err:  # noqa: BLE001 - a damaged file is the user's; say so in one line
-        raise HeadlensError(
-            f"could not read {weights}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
-        ) from None
+        raise HeadlensError(f"could not read {weights}: {_first_line(err)}") from None
     pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
-    modules, layers, rank = set(), set(), None
-    keys = list(shapes_of)
+    pairs: dict[tuple[int, str], dict[str, tuple]] = {}
     for key, shape in shapes_of.items():
         m = pattern.search(key)
         if m is None:
@@ -904,20 +1054,53 @@ def check_adapter(base: HookedTransformer, adapter: str | os.PathLike) -> dict:
                 f"adapter {path} targets module {module!r} that the base model does not have (it has {', '.join(shapes)})"
             )
         fan_in, fan_out = shapes[module]
-        expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[1])
-        if shape != expected:
+        expected = (shape[0], fan_in) if ab == "A" else (fan_out, shape[-1])
+        if len(shape) != 2 or shape != expected:
             raise HeadlensError(
                 f"adapter {path} does not match the base model: {key} has shape {list(shape)}, "
                 f"the base's {module} (in {fan_in}, out {fan_out}) needs {list(expected)}; it was trained on another model"
             )
-        rank = shape[0] if ab == "A" else shape[1]
-        modules.add(module)
-        layers.add(layer)
-    if not modules:
-        raise HeadlensError(
-            f"adapter {path} holds no LoRA weights of attention/MLP blocks (keys: {', '.join(keys[:3]) or 'none'})"
-        )
-    return {"modules": sorted(modules), "layers": sorted(layers), "rank": rank}
+        pairs.setdefault((layer, module), {})[ab] = shape
+    return pairs
+
+
+def _adapter_targets(base, path: Path, config: dict, shapes: dict) -> set[tuple[int, str]]:
+    """The (layer, module) pairs PEFT would give LoRA weights, from ``target_modules`` (a list of names, a regex or
+    'all-linear'), ``layers_to_transform`` and ``exclude_modules``."""
+    targets, exclude = config.get("target_modules") or [], config.get("exclude_modules") or []
+    layers = config.get("layers_to_transform")
+    layers = set(range(base.cfg.n_layers)) if layers is None else {layers} if isinstance(layers, int) else set(layers)
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - set(shapes) - {"lm_head", "embed_tokens"})
+        if unknown:
+            raise HeadlensError(
+                f"adapter {path} targets modules {unknown} that the base model does not have "
+                f"(its blocks have {', '.join(shapes)}): it was trained for another architecture"
+            )
+    elif not isinstance(targets, str):
+        raise HeadlensError(f"adapter {path}: target_modules must be a list of names or a regex (got {targets!r})")
+
+    def chosen(rule, layer: int, module: str) -> bool:
+        name = f"model.layers.{layer}.{'mlp' if module.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{module}"
+        if isinstance(rule, str):
+            return rule == "all-linear" or re.fullmatch(rule, name) is not None
+        return module in rule
+
+    return {
+        (layer, module)
+        for layer in layers
+        for module in shapes
+        if chosen(targets, layer, module) and not (exclude and chosen(exclude, layer, module))
+    }
+
+
+def _adapter_rank(config: dict, layer: int, module: str) -> int | None:
+    """The rank PEFT would build for this module: a matching ``rank_pattern`` entry, else ``r``."""
+    for key, rank in (config.get("rank_pattern") or {}).items():
+        if re.search(rf"(^|\.){key}$", f"layers.{layer}.{module}") or key == module:
+            return rank
+    rank = config.get("r", 8)
+    return rank if isinstance(rank, int) else None
 
 
 def load_tuned(

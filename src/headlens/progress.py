@@ -114,3 +114,9 @@ def bar(
 ):
     """A headlens progress bar (``disable`` for a caller's ``progress=False``)."""
     return tqdm(iterable, desc=desc, total=total, disable=disable, leave=leave, unit=unit)
+
+
+def note(message: str) -> None:
+    """Tell the user, on one stderr line (``note: ...``), something headlens decided for them: a cache file rebuilt,
+    ``--workers`` capped. Shown whatever the progress switch says; written between bar updates, never into one."""
+    _tqdm.write(f"note: {message}", file=sys.stderr)

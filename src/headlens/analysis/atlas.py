@@ -30,6 +30,7 @@ from headlens.analysis.toy import load_induction_model, toy_probes
 from headlens.census.run import LABELS, run_census
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError
+from headlens.io import path_sha256
 from headlens.models import _placed, load_model, resolve_device, resolve_dtype
 
 WHERE = ("induction", "previous_token", "first_token")
@@ -46,6 +47,17 @@ class AtlasShard:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"
+    files: str | None = None
+    """Digest of the source's local files (model directory or file, adapter): a checkpointed shard of a file replaced
+    at the same path is not reused."""
+
+
+def source_files_digest(source: str) -> str | None:
+    """sha256 of the local files a source names (a model directory or file, an adapter directory), None for named
+    sources (their weights are checked by the cache)."""
+    paths = [Path(part).expanduser() for part in source.split("+")]
+    local = [p for p in paths if p.exists()]
+    return "+".join(path_sha256(p) for p in local) if local else None
 
 
 @dataclass
@@ -120,7 +132,10 @@ def atlas(
         raise HeadlensError(f"seeds and bins must be >= 1 (got {seeds}, {bins})")
     resolve_device(device)
     dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
-    shards = [AtlasShard(s, seed, int(batch_size), device, dtype) for s in sources for seed in range(int(seeds))]
+    files = {s: source_files_digest(s) for s in sources}
+    shards = [
+        AtlasShard(s, seed, int(batch_size), device, dtype, files[s]) for s in sources for seed in range(int(seeds))
+    ]
     try:
         tables = resolve(executor).map(
             census_shard, None, shards, key="headlens.analysis.atlas.census_shard", desc="atlas", progress=progress

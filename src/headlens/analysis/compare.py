@@ -4,9 +4,11 @@ Per head: how much the attention pattern moved on the same probes (Jensen-Shanno
 averaged over queries), how much its weights moved (relative Frobenius norm of the change of
 W_Q, W_K, W_V, W_O), and — from the census — how each score and the label changed.
 
-Streaming: for each small batch the base model's patterns of every layer are kept (one batch's
-worth, e.g. 2 x 24 x 14 x 128^2 floats = 44 MB for Qwen at 128 tokens), then the tuned model runs on
-the same batch with a reducer that turns each layer's pattern into per-head JSD sums and drops both.
+Streaming: for each batch the base model's patterns are kept (one batch's worth, e.g. 8 x 24 x 14 x 128^2 floats =
+176 MB for Qwen at 128 tokens), then the tuned model runs on the same batch with a reducer that turns each layer's
+pattern into per-head JSD sums and drops both. Layers below the first block whose weights differ compute the same
+activations in both models: the tuned model starts at that block from the base model's residual stream (a LoRA of
+layers 12-23 costs the tuned model half a forward), and their divergence is 0 exactly.
 
 GQA: TransformerLens keeps keys/values per kv head (``attn._W_K``/``_W_V``, shape
 [n_kv_heads, d_model, d_head]); ``W_K``/``W_V`` are the same matrices repeated for every q head. The
@@ -22,11 +24,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, utils
 
 from headlens.census.run import run_census
 from headlens.data.probes import ProbeSet, check_probes, default_probes
-from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import kv_heads
 from headlens.models import check_compatible
@@ -99,12 +100,38 @@ def _as_batches(model: HookedTransformer, probes, seed: int = 0) -> list[Tensor]
 # ---------------------------------------------------------------- comparisons
 
 
+def first_changed_layer(base: HookedTransformer, tuned: HookedTransformer) -> int | None:
+    """The first block whose weights differ (bitwise; 0 when the embeddings or the attention settings do), None when
+    no block differs. Below it both models compute the very same activations, so the tuned model can start there from
+    the base model's residual stream: a LoRA of the upper half costs half a forward."""
+    same_cfg = all(
+        getattr(base.cfg, f) == getattr(tuned.cfg, f)
+        for f in (
+            "dtype",
+            "rotary_base",
+            "rotary_dim",
+            "attn_scale",
+            "use_attn_scale",
+            "n_ctx",
+            "positional_embedding_type",
+        )
+    )
+    a, b = base.state_dict(), tuned.state_dict()
+    if not same_cfg or set(a) != set(b) or any(not torch.equal(a[k], b[k]) for k in a if k.startswith("embed.")):
+        return 0
+    for layer in range(base.cfg.n_layers):
+        prefix = f"blocks.{layer}."
+        if any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix)):
+            return layer
+    return None
+
+
 def attention_divergence(
     base: HookedTransformer,
     tuned: HookedTransformer,
     probes=None,
     *,
-    batch_size: int = 2,
+    batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -113,6 +140,10 @@ def attention_divergence(
     Query 0 sees one key only, so it is left out. ``probes``: a :class:`headlens.data.probes.ProbeSet`
     (None = the census default probes for ``seed``), a token tensor [batch, pos], or text(s); at most 256 tokens. Columns: layer, head, kv_head, jsd, jsd_max
     (the largest per-query divergence seen).
+
+    Per batch the base model runs once, keeping the patterns of the layers from :func:`first_changed_layer` on and
+    the residual stream entering it; the tuned model starts there (layers below have the same weights, so the same
+    patterns: their divergence is 0 exactly) and each of its patterns is reduced against the base's and dropped.
     """
     check_compatible(base, tuned)
     if int(batch_size) < 1:
@@ -121,22 +152,39 @@ def attention_divergence(
     sums = torch.zeros(L, H, dtype=torch.float64)
     peak = torch.zeros(L, H, dtype=torch.float64)
     n_queries = 0
-
+    first = first_changed_layer(base, tuned)
     chunks = [b[i : i + batch_size] for b in _as_batches(base, probes, seed) for i in range(0, b.shape[0], batch_size)]
     for chunk in tqdm(chunks, desc="compare", disable=not progress, leave=False):
+        n_queries += chunk.shape[0] * (chunk.shape[1] - 1)
+        if first is None:
+            continue
         stored: dict[int, Tensor] = {}
 
-        def keep(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
-            stored[layer] = pattern.detach().clone()  # noqa: B023
+        def keep(pattern: Float[Tensor, "batch head q k"], hook) -> None:
+            stored[hook.layer()] = pattern  # noqa: B023
 
-        def compare(layer: int, pattern: Float[Tensor, "batch head q k"], rows: slice) -> None:
+        def compare(pattern: Float[Tensor, "batch head q k"], hook) -> None:
+            layer = hook.layer()
             jsd = js_divergence(stored.pop(layer), pattern)[:, :, 1:]  # noqa: B023
             sums[layer] += jsd.sum((0, 2)).cpu()
             peak[layer] = torch.maximum(peak[layer], jsd.amax((0, 2)).cpu())
 
-        stream_patterns(base, chunk, keep, batch_size=chunk.shape[0], progress=False)
-        stream_patterns(tuned, chunk, compare, batch_size=chunk.shape[0], progress=False)
-        n_queries += chunk.shape[0] * (chunk.shape[1] - 1)
+        names = [utils.get_act_name("pattern", layer) for layer in range(first, L)]
+        start = utils.get_act_name("resid_pre", first)
+        with torch.inference_mode():
+            resid = base.run_with_hooks(
+                chunk.to(base.cfg.device),
+                fwd_hooks=[(name, keep) for name in names]
+                + [(start, lambda act, hook: stored.__setitem__("resid", act))],  # noqa: B023
+                stop_at_layer=L,
+            )
+            del resid
+            tuned.run_with_hooks(
+                stored.pop("resid").to(tuned.cfg.device),
+                start_at_layer=first,
+                stop_at_layer=L,
+                fwd_hooks=[(name, compare) for name in names],
+            )
     mean = (sums / n_queries).numpy()
     kv = kv_heads(base)
     return pd.DataFrame(
@@ -205,7 +253,7 @@ def compare_models(
     *,
     census: bool = True,
     seed: int = 0,
-    batch_size: int = 2,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Head-by-head comparison of ``base`` and ``tuned`` (same architecture, e.g. base + merged LoRA).

@@ -137,6 +137,10 @@ def entropy_by_scale(
     }
 
 
+TEMPERATURE_RANGE = (1e-3, 1e3)
+"""Softmax temperatures :func:`scale_settings` takes: scores times 1 / (T * sqrt(d_head)) stay finite in float32."""
+
+
 def scale_settings(
     attn_scale: float, *, temperatures: Sequence[float] = (0.5, 1.0, 2.0), unscaled: bool = True
 ) -> dict[str, float]:
@@ -145,10 +149,16 @@ def scale_settings(
     ``attn_scale`` is the model's divisor (``model.cfg.attn_scale``, sqrt(d_head) for Qwen), so ``T=1``
     is the model's own scaling, ``T=0.5`` sharper, ``T=2`` flatter.
     """
-    if any(t <= 0 for t in temperatures):
-        raise HeadlensError(f"temperatures must be positive, got {list(temperatures)}")
+    low, high = TEMPERATURE_RANGE
+    if not all(low <= t <= high for t in temperatures):  # NaN fails too
+        raise HeadlensError(
+            f"temperatures must lie in {low:g}..{high:g} (got {list(temperatures)}): outside, float32 attention scores "
+            "overflow or every pattern is uniform"
+        )
     settings = {"unscaled": 1.0} if unscaled else {}
     settings.update({f"T={t:g}": 1.0 / (t * attn_scale) for t in temperatures})
+    if len(settings) != len(temperatures) + bool(unscaled):
+        raise HeadlensError(f"temperatures repeat a value (to 6 significant digits): {list(temperatures)}")
     return settings
 
 

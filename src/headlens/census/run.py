@@ -148,6 +148,19 @@ class CensusResult:
         return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi", "heads"])
 
 
+def census_settings(seed: int = 0, probes: ProbeSet | None = None, thresholds: dict | None = None) -> dict:
+    """What a census depends on besides the model and the code (both in its provenance): the seed, whether the probes
+    are the defaults, the thresholds in force and the registered head types, so a census is reused only by a run
+    that would compute the same table."""
+    types = head_types()
+    return {
+        "seed": int(seed),
+        "probes": "default" if probes is None else "custom",
+        "thresholds": _thresholds(types, thresholds),
+        "types": list(types),
+    }
+
+
 def run_census(
     model: HookedTransformer,
     probes: ProbeSet | None = None,
@@ -172,11 +185,7 @@ def run_census(
         raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
     if int(n_boot) < 0:
         raise HeadlensError(f"n_boot must be >= 0 (got {n_boot})")
-    settings = {
-        "seed": int(seed),
-        "probes": "default" if probes is None else "custom",
-        "thresholds": "default" if not thresholds else limits,
-    }
+    settings = census_settings(seed, probes, thresholds)
     if probes is None:
         needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}
         probes = default_probes(model, seed=seed, kinds=[k for k in probe_kinds() if k in needed])

@@ -18,6 +18,9 @@ from headlens.errors import HeadlensError
 from headlens.heads import check_head, parse_head
 from headlens.progress import tqdm
 
+VIEW_TOKENS = 128
+"""The longest prompt an attention view (CircuitsVis pattern, report head view) shows."""
+
 Reducer = Callable[[int, Float[Tensor, "batch head q k"], slice], None]
 
 
@@ -64,7 +67,7 @@ def head_patterns(
     prompt: str | Int[Tensor, " pos"],
     heads: Sequence[tuple[int, int]],
     *,
-    max_tokens: int = 128,
+    max_tokens: int = VIEW_TOKENS,
 ) -> tuple[list[str], Float[Tensor, "head q k"]]:
     """String tokens of ``prompt`` (text, or token ids for a model without a tokenizer) and the attention pattern
     of each ``(layer, head)`` on it, in the order given.

@@ -14,8 +14,12 @@ function through :class:`LocalExecutor`).
   A worker that dies mid-shard is restarted by Ray (``max_restarts``) and its shard re-run
   (``max_task_retries``, then again on a fresh actor here).
 - ``checkpoint=DIR`` (both): each finished shard's result is written atomically under
-  ``DIR/<job fingerprint>/``; a re-run of the same job (same function, model recipe and shards)
-  loads them and computes only the rest. A different job gets a different folder: nothing stale is reused.
+  ``DIR/<job fingerprint>/``, its file named by its own sha256; a re-run of the same job (same function and its
+  code, model recipe, the model's exact weights digest, shards and headlens code) loads the shards whose content
+  still matches their digest and computes only the rest. A different job (an adapter replaced at the same path
+  included) gets a different folder: nothing stale is reused.
+- ``workers`` is capped at what a job can use: the cores of a local Ray (one torch thread each) and the shards of
+  the job; a note says so when it caps.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from typing import Any
 import torch
 
 from headlens.errors import HeadlensError
-from headlens.io import write_bytes
+from headlens.io import code_version, weights_sha256, write_bytes
 from headlens.models import ModelSpec, spec_of
-from headlens.progress import tqdm
+from headlens.progress import note, tqdm
 
 ShardFn = Callable[[Any, Any], Any]
 
@@ -148,7 +152,7 @@ def executor_from_options(
 class _Worker:
     """A Ray actor: one model copy, loaded here from the local cache by its recipe, reused for every shard."""
 
-    def __init__(self, spec: ModelSpec | None, threads: int):
+    def __init__(self, spec: ModelSpec | None, threads: int, digest: str | None = None):
         torch.set_num_threads(max(1, int(threads)))
         device = None
         if spec is not None and spec.device.startswith("cuda"):
@@ -157,9 +161,20 @@ class _Worker:
             device = (
                 "cuda" if ray.get_gpu_ids() else spec.device
             )  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
-        self.model = None if spec is None else spec.build(device=device)
+        self.error = None
+        try:
+            self.model = None if spec is None else spec.build(device=device)
+        except HeadlensError as err:  # said when a shard is asked for, as the caller's error
+            self.model, self.error = None, str(err)
+        if self.model is not None and digest is not None and weights_sha256(self.model) != digest:
+            self.error = (
+                "a Ray worker loaded different weights than this process (the model or adapter files changed on disk "
+                "since the run started): rerun"
+            )
 
     def run(self, fn: ShardFn, shard):
+        if self.error is not None:
+            raise HeadlensError(self.error)
         start = time.perf_counter()
         result = fn(self.model, shard)
         return result, time.perf_counter() - start, os.getpid()
@@ -194,6 +209,14 @@ class RayExecutor(Executor):
         if int(threads) < 1:
             raise HeadlensError(f"threads per worker must be >= 1 (got {threads})")
         self.workers, self.threads, self.address = int(workers), int(threads), address
+        cores = os.cpu_count() or 1
+        if not address and self.workers * self.threads > cores:
+            capped = max(1, cores // self.threads)
+            note(
+                f"--workers {self.workers} capped at {capped}: this machine has {cores} cores "
+                f"({self.threads} torch thread(s) per worker)"
+            )
+            self.workers = capped
         self.gpus_per_worker, self.max_restarts, self.max_task_retries = gpus_per_worker, max_restarts, max_task_retries
         self.ray = _import_ray()
         self._started = False
@@ -213,6 +236,7 @@ class RayExecutor(Executor):
                 ) from None
             self._started = True
         self._pools: dict[ModelSpec | None, list] = {}
+        self._capped_note = False
 
     def _gpus(self, spec: ModelSpec | None) -> float:
         if spec is None or not spec.device.startswith("cuda"):
@@ -226,22 +250,30 @@ class RayExecutor(Executor):
             )
         return 1.0 if total >= self.workers else total / self.workers
 
-    def _new_actor(self, spec: ModelSpec | None):
+    def _new_actor(self, model):
+        spec = None if model is None else spec_of(model)
         cls = self.ray.remote(_Worker).options(
             num_cpus=self.threads,
             num_gpus=self._gpus(spec),
             max_restarts=self.max_restarts,
             max_task_retries=self.max_task_retries,
         )
-        return cls.remote(spec, self.threads)
+        return cls.remote(spec, self.threads, None if model is None else weights_sha256(model))
 
-    def pool(self, model) -> list:
-        """The actors holding ``model`` (one copy each), started on first use; the model's recipe is their key."""
+    def pool(self, model, n_shards: int | None = None) -> list:
+        """The actors holding ``model`` (one copy each), started on first use and grown up to ``workers`` (or fewer
+        when a job has fewer shards: an actor without a shard would only hold memory); the recipe is their key."""
         spec = None if model is None else spec_of(model)
         if spec not in self._pools:
             self._kill_pools()  # actors hold their CPUs/GPUs: one pool at a time, or a new one could never be placed
-            self._pools[spec] = [self._new_actor(spec) for _ in range(self.workers)]
-        return self._pools[spec]
+            self._pools[spec] = []
+        want = self.workers if n_shards is None else max(1, min(self.workers, int(n_shards)))
+        actors = self._pools[spec]
+        if want < self.workers and not self._capped_note:
+            note(f"--workers {self.workers} capped at {want}: the job has {n_shards} shard(s) to run")
+            self._capped_note = True
+        actors += [self._new_actor(model) for _ in range(want - len(actors))]
+        return actors
 
     def worker_pids(self, model) -> list[int]:
         """Process ids of the actors holding ``model`` (waits until they have loaded it)."""
@@ -249,7 +281,7 @@ class RayExecutor(Executor):
 
     def _run(self, fn, model, shards, todo):
         ray = self.ray
-        actors = self.pool(model)
+        actors = list(self.pool(model, len(todo)))
         fn_ref = ray.put(fn)
         queue, idle = deque(todo), deque(actors)
         pending: dict = {}
@@ -269,8 +301,9 @@ class RayExecutor(Executor):
                         raise HeadlensError(
                             f"shard {i} failed {failures[i]} times because its Ray worker died: {_first_line(err)}"
                         ) from None
-                    fresh = self._new_actor(None if model is None else spec_of(model))
-                    self._pools[None if model is None else spec_of(model)][actors.index(actor)] = fresh
+                    fresh = self._new_actor(model)
+                    pool = self._pools[None if model is None else spec_of(model)]
+                    pool[pool.index(actor)] = fresh
                     actors[actors.index(actor)] = fresh
                     queue.appendleft(i)
                     idle.append(fresh)
@@ -377,7 +410,11 @@ def _feed(h, obj) -> None:
 
 
 class _ShardStore:
-    """One folder per job (fingerprint of key + model recipe + shards); one atomically written file per shard."""
+    """One folder per job, one atomically written file per shard named by its own sha256.
+
+    The job's fingerprint covers the key (and the shard function's code, through ``shards`` and ``key``), the model
+    recipe, the model's exact weights digest (so a file replaced at the same path is a different job), the shards and
+    the headlens code version."""
 
     def __init__(self, root: Path, key: str, model, shards: list):
         spec = getattr(model, "headlens_spec", None) if model is not None else None
@@ -385,28 +422,35 @@ class _ShardStore:
             raise HeadlensError(
                 "checkpointed runs need a model with a loading recipe (headlens.load_model / tiny_model)"
             )
-        job = fingerprint((key, spec, shards))
+        weights = None if model is None else weights_sha256(model)
+        job = fingerprint((key, spec, weights, shards, code_version()))
         self.dir = Path(root) / f"{key.rsplit('.', 1)[-1]}-{job[:16]}"
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "job.json"
         if not manifest.is_file():
-            write_bytes(
-                manifest,
-                json.dumps({"key": key, "fingerprint": job, "n_shards": len(shards), "model": repr(spec)}).encode(),
-            )
+            record = {"key": key, "fingerprint": job, "n_shards": len(shards), "model": repr(spec), "weights": weights}
+            write_bytes(manifest, json.dumps(record).encode())
 
-    def _files(self, i: int) -> list[Path]:
-        return sorted(self.dir.glob(f"shard-{i:05d}.*"))
+    def _file(self, i: int) -> Path | None:
+        """The shard's file whose content matches the digest in its name; others (damaged, edited) are removed."""
+        found = None
+        for path in sorted(self.dir.glob(f"shard-{i:05d}.*")):
+            digest = path.name.split(".")[1]
+            if found is None and digest == hashlib.sha256(path.read_bytes()).hexdigest()[:16]:
+                found = path
+            else:
+                path.unlink(missing_ok=True)
+        return found
 
     def has(self, i: int) -> bool:
-        return bool(self._files(i))
+        return self._file(i) is not None
 
     def load(self, i: int):
-        (path,) = self._files(i)
+        path = self._file(i)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            return load_file(str(path))
+            return load(path.read_bytes())
         if path.suffix == ".parquet":
             import pandas as pd
 
@@ -416,25 +460,22 @@ class _ShardStore:
     def save(self, i: int, result) -> None:
         import pandas as pd
 
-        base = self.dir / f"shard-{i:05d}"
         if isinstance(result, dict) and result and all(isinstance(v, torch.Tensor) for v in result.values()):
             from safetensors.torch import save
 
-            write_bytes(
-                base.with_suffix(".safetensors"), save({k: v.detach().cpu().contiguous() for k, v in result.items()})
-            )
+            data, suffix = save({k: v.detach().cpu().contiguous() for k, v in result.items()}), "safetensors"
         elif isinstance(result, pd.DataFrame):
             import io
 
             buf = io.BytesIO()
             result.to_parquet(buf, index=False)
-            write_bytes(base.with_suffix(".parquet"), buf.getvalue())
+            data, suffix = buf.getvalue(), "parquet"
         else:
             try:
-                data = json.dumps(result).encode()
+                data, suffix = json.dumps(result).encode(), "json"
             except TypeError:
                 raise HeadlensError(f"cannot checkpoint a shard result of type {type(result).__name__}") from None
-            write_bytes(base.with_suffix(".json"), data)
+        write_bytes(self.dir / f"shard-{i:05d}.{hashlib.sha256(data).hexdigest()[:16]}.{suffix}", data)
 
 
 # ---------------------------------------------------------------- per-layer jobs

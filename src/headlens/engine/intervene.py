@@ -81,6 +81,19 @@ class Metric:
         return Metric(self.name, tokens, self.fn, self.higher_is_better, self.positions)
 
 
+def check_distinct_answers(correct: Int[Tensor, "..."], wrong: Int[Tensor, "..."], texts: Sequence[str]) -> None:
+    """Refuse a logit difference of a token with itself (0 whatever the model does): ``texts[i]`` names prompt i's
+    correct answer. One rule for every command that takes a correct and a wrong answer (ablate, prune, patch)."""
+    same = (correct.reshape(-1) == wrong.reshape(-1)).nonzero()
+    if len(same):
+        i = int(same[0])
+        raise HeadlensError(
+            f"the correct and the wrong answer are the same token {texts[i]!r}"
+            + (f" (prompt {i})" if len(correct.reshape(-1)) > 1 else "")
+            + ": their logit difference is 0 whatever the model does; give two different tokens"
+        )
+
+
 def _at_least_float32(logits: Tensor) -> Tensor:
     """Metrics in float32 at least, whatever the model's dtype (float64 stays float64)."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

@@ -72,6 +72,7 @@ from headlens.engine.intervene import (
     Site,
     Source,
     cached_run,
+    check_distinct_answers,
     embed,
     resid_names,
     run_interventions,
@@ -183,6 +184,7 @@ def logit_diff_metric(
     last = torch.tensor([s.numel() - 1 for s in seqs])
     correct = torch.tensor([one_token(c) for c, _ in answers])
     wrong = torch.tensor([one_token(w) for _, w in answers])
+    check_distinct_answers(correct, wrong, [c for c, _ in answers])
 
     def fn(logits, toks):
         rows = torch.arange(logits.shape[0], device=logits.device)

@@ -55,6 +55,7 @@ from headlens.engine.intervene import (
     Site,
     cached_run,
     check_activation,
+    check_distinct_answers,
     final_logits,
     resid_names,
     run_interventions,
@@ -263,6 +264,7 @@ def text_pair(
             metric, text = partial(logprob, targets=correct), f"log-prob of {answer!r}"
         else:
             bad = _answer_tokens(model, wrong, n_seqs, "wrong")
+            check_distinct_answers(correct, bad, [answer] * n_seqs if isinstance(answer, str) else list(answer))
             metric, text = partial(logit_diff, correct=correct, wrong=bad), f"logit diff {answer!r} − {wrong!r}"
     return PromptPair(clean_tokens, corrupted_tokens, positions, metric, name="text", info={"metric": text})
 
@@ -374,8 +376,9 @@ def activation_patching(
             _patch_shard, model, pair, layers, executor=executor, key="headlens.activation_patching",
             progress=progress, kwargs=kwargs,
         )  # fmt: skip
-        table = pd.concat([part.table for part in parts], ignore_index=True)
-        return PatchingResult(table, parts[0].clean, parts[0].corrupted, "exact")
+        table = pd.concat(parts, ignore_index=True)
+        clean, corrupted = (float(table[c].iloc[0]) for c in SHARD_METRICS)
+        return PatchingResult(table.drop(columns=list(SHARD_METRICS)), clean, corrupted, "exact")
     check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
     if int(runs_per_pass) < 1:
         raise HeadlensError(f"runs_per_pass must be >= 1 (got {runs_per_pass})")
@@ -418,9 +421,16 @@ def activation_patching(
         )
 
 
+SHARD_METRICS = ("shard_clean_metric", "shard_corrupted_metric")
+"""Columns a patching shard's table carries its clean and corrupted metrics in: a shard result is a plain table, so
+``OUT/.shards`` can checkpoint it."""
+
+
 def _patch_shard(model: HookedTransformer, shard) -> pd.DataFrame:
     pair, layer, kwargs = shard
     if kwargs.get("heads") is not None:
         kwargs = dict(kwargs, heads=[h for h in check_heads(model, kwargs["heads"]) if h.layer == layer])
-        return activation_patching(model, pair, progress=False, **kwargs)
-    return activation_patching(model, pair, layers=[layer], progress=False, **kwargs)
+        result = activation_patching(model, pair, progress=False, **kwargs)
+    else:
+        result = activation_patching(model, pair, layers=[layer], progress=False, **kwargs)
+    return result.table.assign(**dict(zip(SHARD_METRICS, (result.clean, result.corrupted))))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,9 @@ def write_atlas(result: Atlas, out_dir: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the atlas")
     out.mkdir(parents=True, exist_ok=True)
+    names = census_files(result.census)
     for model, table in result.census.items():
-        write_csv(table, out / f"census_{_slug(model)}.csv")
+        write_csv(table, out / names[model])
     write_csv(result.counts, out / "counts.csv")
     write_csv(result.depth_shares, out / "depth_shares.csv")
     write_csv(result.positions, out / "positions.csv")
@@ -31,8 +34,22 @@ def write_atlas(result: Atlas, out_dir: str | os.PathLike) -> Path:
     return write_text(out / "atlas.html", atlas_html(result))
 
 
-def _slug(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name.replace("+", "_")).name or name)
+def census_files(sources) -> dict[str, str]:
+    """The census file of each source, one per source: ``census_<model>[_<adapter folder>].csv``; sources that would
+    share a name (two adapters in folders of one name) get a digest of their full source string too."""
+    slugs = {source: _slug(source) for source in sources}
+    counts = Counter(slugs.values())
+    names = {
+        source: slug if counts[slug] == 1 else f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+        for source, slug in slugs.items()
+    }
+    return {source: f"census_{name}.csv" for source, name in names.items()}
+
+
+def _slug(source: str) -> str:
+    base, _, adapter = source.partition("+")
+    parts = [Path(base).name or base] + ([Path(adapter.rstrip("/")).name or adapter] if adapter else [])
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in "_".join(parts))
     return keep.strip("._") or "model"
 
 

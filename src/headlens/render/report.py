@@ -27,7 +27,7 @@ from headlens.analysis import cards
 from headlens.analysis.evidence import verdict_table
 from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
-from headlens.engine.capture import head_patterns
+from headlens.engine.capture import VIEW_TOKENS, head_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import unit_name
 from headlens.io import headlens_version, weights_sha256, write_bytes, write_text
@@ -677,7 +677,7 @@ def write_report(
     roles: pd.DataFrame | None = None,
     evidence=None,
     top_k: int = 3,
-    max_tokens: int = 128,
+    max_tokens: int = VIEW_TOKENS,
     title: str | None = None,
     dpi: int = 150,
     figures: bool = True,

@@ -36,7 +36,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.census.registry import head_types
 from headlens.census.run import LABEL_SCORE, LABELS, SCORES
-from headlens.engine.capture import head_patterns
+from headlens.engine.capture import VIEW_TOKENS, head_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import head_name, parse_head
 
@@ -268,7 +268,7 @@ def attention_view(
     *,
     component: Component = "heads",
     title: str = "",
-    max_tokens: int = 128,
+    max_tokens: int = VIEW_TOKENS,
 ) -> CircuitsVisView:
     """An offline CircuitsVis view of chosen heads on ``prompt``.
 
@@ -357,7 +357,7 @@ def gallery(
     *,
     top_k: int = 3,
     labels: Iterable[str] | None = None,
-    max_tokens: int = 128,
+    max_tokens: int = VIEW_TOKENS,
 ) -> ViewSet:
     """One CircuitsVis ``AttentionHeads`` view per label, showing its ``top_k`` top heads on ``prompt`` (one forward)."""
     check_census(census, model)
