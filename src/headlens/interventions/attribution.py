@@ -420,26 +420,26 @@ def _key_path_fix(model, clean_cache, saved, stash, grad, shape, *, chunk: int =
     L, n_pos, n_heads = shape
     result = torch.zeros(shape)
     dz = [
-        clean_cache[utils.get_act_name("z", layer)] - saved[utils.get_act_name("z", layer)].detach()
+        (clean_cache[utils.get_act_name("z", layer)] - saved[utils.get_act_name("z", layer)].detach()).float()
         for layer in range(L)
     ]
     norm = model.cfg.normalization_type
-    W_O = model.W_O.detach()  # [layer, head, d_head, d_model]
+    W_O = model.W_O.detach().float()  # in float32 whatever the model's dtype; [layer, head, d_head, d_model]
     if norm in ("LN", "LNPre"):  # layer norm centres its input: centre the written directions (linear)
         W_O = W_O - W_O.mean(-1, keepdim=True)
     rotary = model.cfg.positional_embedding_type == "rotary"
     for target in range(1, L):
         attn = model.blocks[target].attn
         W_K = attn._W_K if hasattr(attn, "_W_K") and not model.cfg.ungroup_grouped_query_attention else attn.W_K
-        W_K = W_K.detach()  # [kv, d_model, d_head]
+        W_K = W_K.detach().float()  # [kv, d_model, d_head]
         if norm in ("LN", "RMS"):  # an unfolded norm weight scales the input of W_K
-            W_K = W_K * model.blocks[target].ln1.w.detach()[None, :, None]
-        q = stash[_qk_name(model, "q", target)]  # [b, pos, head, d]
-        scores = stash[utils.get_act_name("attn_scores", target)]  # [b, head, q, k], masked
-        pattern = saved[utils.get_act_name("pattern", target)].detach()
-        g = grad[utils.get_act_name("pattern", target)]
+            W_K = W_K * model.blocks[target].ln1.w.detach().float()[None, :, None]
+        q = stash[_qk_name(model, "q", target)].float()  # [b, pos, head, d]
+        scores = stash[utils.get_act_name("attn_scores", target)].float()  # [b, head, q, k], masked
+        pattern = saved[utils.get_act_name("pattern", target)].detach().float()
+        g = grad[utils.get_act_name("pattern", target)].float()
         scale = (
-            stash[f"blocks.{target}.ln1.hook_scale"] if norm is not None else torch.ones(q.shape[:2] + (1,))
+            stash[f"blocks.{target}.ln1.hook_scale"].float() if norm is not None else torch.ones(q.shape[:2] + (1,))
         )  # [b, pos, 1]
         idx = _kv_index(model, W_K.shape[0])
         for source in range(target):
