@@ -51,6 +51,7 @@ PALETTE = {
     "local": "#88CCEE",  # Tol cyan
     "successor": "#F0E442",  # Okabe-Ito yellow
     "bracket_matching": "#009E73",  # Okabe-Ito bluish green
+    "closer_to_opener": "#442200",  # dark brown: the colour farthest from all the others in every vision (a search)
     "identifier": "#999933",  # Tol olive
     "positional": "#AA4499",  # Tol purple
     "other": "#F2F2F2",
@@ -68,6 +69,7 @@ GLYPHS = {
     "local": "L",
     "successor": "Sc",
     "bracket_matching": "B",
+    "closer_to_opener": "Cl",
     "identifier": "Id",
     "positional": "Ps",
     "other": "",
