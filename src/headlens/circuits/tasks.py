@@ -48,6 +48,29 @@ IOI_NAMES = (
     "Dan Jim Ann Joe Tim Eric Ryan Adam Alex Chris Matt Nick Sean Mike George Henry Grace Rose Helen Frank Bill Fred "
     "Greg"
 ).split()
+BRACKET_FILES = (
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "argparse.py",
+    "dataclasses.py",
+    "functools.py",
+    "difflib.py",
+    "pprint.py",
+    "shlex.py",
+    "csv.py",
+    "fractions.py",
+    "heapq.py",
+    "bisect.py",
+    "string.py",
+    "calendar.py",
+    "configparser.py",
+    "ipaddress.py",
+    "statistics.py",
+    "tokenize.py",
+    "ast.py",
+)
+"""Standard-library files the brackets task draws its windows from (a fixed set, recorded with results)."""
 IOI_PLACES = "store garden park school office house market station beach restaurant hospital library kitchen".split()
 IOI_OBJECTS = "drink book ring bone apple ball kiss gift pen key letter basket".split()
 
@@ -211,8 +234,8 @@ def bracket_examples(model: HookedTransformer, *, n: int, seq_len: int, seed: in
         raise HeadlensError("the brackets task needs a model with a tokenizer (the toy model has none)")
     other = {"(": "[", "[": "(", ")": "]", "]": ")"}
     found = []
-    for name, text in stdlib_sources().items():
-        ids, _, closers, _ = _file_arrays(tokenizer, text)
+    for name, text in stdlib_sources(BRACKET_FILES).items():
+        ids, _, closers, *_ = _file_arrays(tokenizer, text)
         for c, (o, _, _) in sorted(closers.items()):
             start = c + 1 - seq_len
             if start < 0 or o < start:
