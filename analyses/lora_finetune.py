@@ -315,7 +315,7 @@ def main() -> None:
     base = headlens.load_model()
     print("adapter:", check_adapter(base, adapter_dir), flush=True)
     tuned = load_tuned(base, adapter_dir, base_source=DEFAULT_MODEL)
-    df = compare_models(base, tuned, seed=SEED, batch_size=2)
+    df = compare_models(base, tuned, seed=SEED, n_seqs=None, batch_size=2)  # the full census probe set
     df.round(6).to_csv(OUT / "compare.csv", index=False)
     prof = pd.concat(
         [

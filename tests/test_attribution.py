@@ -95,7 +95,7 @@ def test_ig_screens_the_head_whose_patch_acts_through_a_saturated_softmax():
     exact = activation_patching(model, pair, activation="z", progress=False).table["effect"].to_numpy()
     plain = attribution_patching(model, pair, activations=["z"], method="atp").table["effect"].to_numpy()
     ig = attribution_patching(model, pair, activations=["z"], method="ig")
-    assert ig.method == "ig2"
+    assert ig.method == "ig4"  # the default grid 0, 1/4, 1/2, 3/4
     ig = ig.table["effect"].to_numpy()
 
     def top(values, k=4):

@@ -9,8 +9,18 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 from headlens import HeadlensError, compare_models
-from headlens.analysis.compare import attention_divergence, js_divergence, relative_change, weight_changes
-from headlens.models import check_adapter, hooked_from_hf, load_tuned, merge_adapter, tiny_hf_model, tiny_model
+from headlens.analysis.compare import N_SEQS, attention_divergence, js_divergence, relative_change, weight_changes
+from headlens.data.probes import default_probes
+from headlens.models import (
+    check_adapter,
+    hooked_from_hf,
+    load_tuned,
+    merge_adapter,
+    merge_into_hooked,
+    plain_lora,
+    tiny_hf_model,
+    tiny_model,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -138,6 +148,40 @@ def test_full_model_directory_equals_adapter(tmp_path, adapter_layer1):
     assert (a[a["layer"] == 0]["jsd"] == 0).all() and (a[a["layer"] == 1]["jsd"] > 0).all()
 
 
+def test_lora_added_to_the_hooked_model_equals_merging_through_peft(tmp_path):
+    """merge_into_hooked (the cached default Qwen's adapter path) gives the weights of PEFT's merge + conversion,
+    layer norms folded: norms that are not all ones, every projection targeted, GQA."""
+    all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = make_adapter(tmp_path / "ad", layers=[0, 1], n_layers=2, targets=all_modules)
+
+    def hf_with_norms():
+        hf, tok = tiny_hf_model(n_layers=2)
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "layernorm" in name:
+                    p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+        return hf, tok
+
+    hf, tok = hf_with_norms()
+    hf.save_pretrained(tmp_path / "base")
+    assert plain_lora(adapter, tmp_path / "base")
+    got = merge_into_hooked(hooked_from_hf(hf, tok), adapter, tmp_path / "base").state_dict()
+    hf, tok = hf_with_norms()
+    expected = hooked_from_hf(merge_adapter(hf, adapter), tok).state_dict()
+    assert set(got) == set(expected)
+    changed = 0
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5, msg=name)
+        changed += (
+            not torch.equal(got[name], hooked_from_hf(*hf_with_norms()).state_dict()[name]) if "W_" in name else 0
+        )
+    assert changed >= 14  # every targeted projection of both layers moved
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    assert not plain_lora(adapter, tmp_path / "base")  # another scale: merged through PEFT instead
+
+
 def test_streaming_matches_full_cache(base3, tuned3):
     from headlens.analysis.compare import first_changed_layer
 
@@ -154,6 +198,18 @@ def test_streaming_matches_full_cache(base3, tuned3):
         expected = ((kl(p) + kl(q)) / (2 * np.log(2)))[:, :, 1:].mean((0, 2))
         got = torch.tensor(df[df["layer"] == layer].sort_values("head")["jsd"].to_numpy())
         torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-6)
+
+
+def test_n_seqs_sets_the_probe_sequences_per_kind(base3, tuned3):
+    """Without probes the attention change reads N_SEQS sequences of each census probe kind (n_seqs=None: all)."""
+
+    def jsd(**kwargs):
+        return attention_divergence(base3, tuned3, progress=False, **kwargs)["jsd"].to_numpy()
+
+    assert np.array_equal(jsd(), jsd(probes=default_probes(base3, seed=0, n_seqs=N_SEQS)))
+    assert np.array_equal(jsd(n_seqs=2), jsd(probes=default_probes(base3, seed=0, n_seqs=2)))
+    assert np.array_equal(jsd(n_seqs=None), jsd(probes=default_probes(base3, seed=0)))
+    assert not np.array_equal(jsd(n_seqs=2), jsd())
 
 
 def test_incompatible_models_raise(base3):
@@ -257,3 +313,15 @@ def test_qwen_lora_changes_only_tuned_layers(qwen):
     assert (low[["jsd", "dW_Q", "dW_K", "dW_V", "dW_O"]].to_numpy() == 0).all()
     assert (high[["dW_Q", "dW_K", "dW_V", "dW_O"]].to_numpy() > 0).all()
     assert high["jsd"].max() > 1e-3
+    # the adapter was added to the cached hooked weights (merge_into_hooked): the same model as PEFT's merge of the
+    # HF weights, converted
+    from headlens.models import _load_hf, cache_dir, plain_lora
+
+    directory = cache_dir() / "qwen2.5-coder-0.5b"
+    assert plain_lora(ADAPTER, directory)
+    hf, tok = _load_hf(str(directory), torch.float32, directory)
+    via_peft = hooked_from_hf(merge_adapter(hf, ADAPTER), tok)
+    del hf
+    with torch.inference_mode():
+        gap = (tuned(tokens) - via_peft(tokens)).abs().max().item()
+    assert gap < 1e-3, gap

@@ -240,3 +240,25 @@ def test_real_qwen_cache_carries_and_checks_digests(qwen):
     weights_sha256(qwen)
     assert time.perf_counter() - start < 1.0  # remembered from the check at load: the buffers alone are hashed
     assert (entry / ENTRY_DIGESTS).is_file()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_weights_sit_in_the_layout_transformer_lens_multiplies_and_give_the_same_logits(family):
+    """linear_layout: TL's GatedMLP multiplies by W.T.contiguous() and its attention by rearranged W_Q/W_O; stored
+    that way those copies are free, and the logits equal TL's own layout bit for bit."""
+    import einops
+
+    model = tiny_model(family, seed=3)
+    block = model.blocks[0]
+    assert all(getattr(block.mlp, n).T.is_contiguous() for n in ("W_gate", "W_in", "W_out"))
+    assert einops.rearrange(block.attn.W_O, "h d m -> m (h d)").is_contiguous()
+    assert block.attn.W_Q.transpose(1, 2).is_contiguous()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = model(tokens)
+        for b in model.blocks:  # TransformerLens' own layout: every weight contiguous as TL shapes it
+            for module, names in ((b.mlp, ("W_gate", "W_in", "W_out")), (b.attn, ("W_Q", "W_O"))):
+                for name in names:
+                    setattr(module, name, torch.nn.Parameter(getattr(module, name).contiguous(), requires_grad=False))
+        assert not block.mlp.W_in.T.is_contiguous()
+        assert torch.equal(model(tokens), ours)

@@ -708,7 +708,7 @@ def patch(
     attribution_method: AttributionName = typer.Option(
         AttributionName.atp_star,
         "--attribution-method",
-        help="atp, atp* (softmax recomputed) or ig (integrated gradients, 2 steps: a screen, see docs/attribution.md)",
+        help="atp, atp* (softmax recomputed) or ig (integrated gradients at 0, 1/4, 1/2, 3/4: a screen, see docs/attribution.md)",
     ),
     n_tokens: int = typer.Option(10, "--n-tokens", help="induction pair: length of the repeated half"),
     n_seqs: int = typer.Option(4, "--n-seqs", help="induction pair: number of sequences"),
@@ -1014,6 +1014,9 @@ def compare_cmd(
     ),
     out: Path = _out("directory for compare.csv and compare.png"),
     census: bool = typer.Option(True, "--census/--no-census", help="also compare census scores and labels"),
+    n_seqs: int = typer.Option(
+        12, "--n-seqs", help="probe sequences per kind behind the attention change (the census's probes hold 48)"
+    ),
     device: str = DEVICE,
     dtype: str = DTYPE,
     seed: int = SEED,
@@ -1031,7 +1034,7 @@ def compare_cmd(
     base_model = _load(base, None, device, dtype)
     typer.echo(f"loading tuned {tuned} ...", err=True)
     tuned_model = load_tuned(base_model, tuned, base_source=base, device=device, dtype=dtype)
-    df = compare_models(base_model, tuned_model, seed=seed, census=census, progress=progress)
+    df = compare_models(base_model, tuned_model, seed=seed, census=census, n_seqs=n_seqs, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(df, out / "compare.csv")
     save_figure(plot_comparison(df), out / "compare.png", dpi=110)

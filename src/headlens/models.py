@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import einops
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -126,6 +127,9 @@ def load_model(
         adapter = Path(adapter).expanduser()
     if directory is not None and adapter is None:
         model = _placed(_load_hooked_cache(directory, name=label, n_ctx=n_ctx), device, dtype)
+    elif adapter is not None and plain_lora(adapter, directory):
+        model = merge_into_hooked(_load_hooked_cache(directory, name=label, n_ctx=n_ctx), adapter, directory)
+        model = _placed(model, device, dtype)
     else:
         if name in TINY:
             hf_model, tokenizer = _tiny_hf(name.removeprefix("tiny-"))
@@ -475,8 +479,33 @@ def _placed(model: HookedTransformer, device: str, dtype: torch.dtype = torch.fl
         model.to(dtype, print_details=False)
     if str(device) != "cpu":
         model.to(str(device), print_details=False)
+    linear_layout(model)
     strict_context(model)
     return model.eval()
+
+
+def linear_layout(model: HookedTransformer) -> HookedTransformer:
+    """Store the weights TransformerLens multiplies by a copy in the layout that makes the copy free.
+
+    TransformerLens' ``GatedMLP.forward`` multiplies by ``W.T.contiguous()`` (``W_gate``, ``W_in``, ``W_out``) and its
+    attention by ``rearrange(W_Q, "h m d -> (h d) m")`` and ``rearrange(W_O, "h d m -> m (h d)").contiguous()``: with
+    the weights stored as TL stores them, every forward copies them all (3 x 17 MB + 2 x 3 MB per block for Qwen 0.5B,
+    two thirds of a 14-token forward's time on CPU). Stored as a permuted view of those contiguous operands, the copies
+    are no-ops and the operands bit-identical, so every number stays the same (benchmarks/bench_layout.py). Values,
+    shapes and names are unchanged; only strides differ (call ``.contiguous()`` before a ``.view``).
+    """
+    orders = {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0), "W_Q": (0, 2, 1), "W_O": (2, 0, 1)}
+    with torch.no_grad():
+        for block in model.blocks:
+            gated = type(getattr(block, "mlp", None)).__name__ == "GatedMLP"
+            for module in (block.attn, block.mlp) if gated else (block.attn,):
+                for name, order in orders.items():
+                    w = module._parameters.get(name)
+                    if w is None or w.permute(order).is_contiguous():
+                        continue
+                    stored = w.permute(order).contiguous().permute(*torch.tensor(order).argsort().tolist())
+                    setattr(module, name, torch.nn.Parameter(stored, requires_grad=w.requires_grad))
+    return model
 
 
 def strict_context(model: HookedTransformer, *, truncate: bool = False) -> HookedTransformer:
@@ -519,6 +548,92 @@ def merge_adapter(hf_model, adapter: str | os.PathLike):
     except Exception as err:  # noqa: BLE001 - a damaged or mismatched adapter is the user's file: one line
         raise HeadlensError(f"could not merge adapter {path} into this model: {_first_line(err)}") from None
     return merged
+
+
+PLAIN_LORA_KEYS = {
+    "peft_type", "task_type", "r", "lora_alpha", "target_modules", "layers_to_transform", "layers_pattern",
+    "exclude_modules", "base_model_name_or_path", "auto_mapping", "revision", "inference_mode", "lora_dropout",
+    "init_lora_weights", "fan_in_fan_out", "bias", "peft_version",
+}  # fmt: skip
+"""Adapter config keys a plain LoRA may set (any other key away from PEFT's default: merged through PEFT instead)."""
+HOOKED_DELTAS = {  # PEFT module -> (TransformerLens parameter, delta [out, in] -> that parameter's layout, norm)
+    "q_proj": ("attn.W_Q", "(n h) m -> n m h", "input_layernorm"),
+    "k_proj": ("attn._W_K", "(n h) m -> n m h", "input_layernorm"),
+    "v_proj": ("attn._W_V", "(n h) m -> n m h", "input_layernorm"),
+    "o_proj": ("attn.W_O", "m (n h) -> n h m", None),
+    "gate_proj": ("mlp.W_gate", "o m -> m o", "post_attention_layernorm"),
+    "up_proj": ("mlp.W_in", "o m -> m o", "post_attention_layernorm"),
+    "down_proj": ("mlp.W_out", "m o -> o m", None),
+}
+
+
+def plain_lora(adapter: Path, directory: Path | None) -> bool:
+    """Whether ``adapter`` is LoRA ``W + alpha / r * B @ A`` on attention/MLP projections and nothing else, and
+    ``directory`` holds the single HF weights file its layer norms are read from (:func:`merge_into_hooked`)."""
+    from safetensors import safe_open
+
+    if directory is None or not (directory / "model.safetensors").is_file() or not is_adapter_dir(adapter):
+        return False
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - not plain; PEFT's path gives the error that says what is wrong
+        return False
+    if not isinstance(config, dict):
+        return False
+    from peft import LoraConfig
+
+    defaults = LoraConfig()  # a key left at PEFT's default changes nothing (megatron_core, qalora_group_size, ...)
+    extra = [k for k, v in config.items() if k not in PLAIN_LORA_KEYS and v != getattr(defaults, k, None)]
+    modules = {m.group(1) for key in keys if (m := LORA_KEY.search(key))}
+    return (
+        not extra
+        and config.get("peft_type") == "LORA"
+        and config.get("bias", "none") == "none"
+        and not config.get("fan_in_fan_out")
+        and bool(modules)
+        and modules <= set(HOOKED_DELTAS)
+        and all(LORA_KEY.search(key) for key in keys)
+    )
+
+
+LORA_KEY = re.compile(r"layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.(?:\w+\.)?weight$")
+
+
+def merge_into_hooked(model: HookedTransformer, adapter: Path, directory: Path) -> HookedTransformer:
+    """Add a plain LoRA adapter's ``alpha / r * B @ A`` (:func:`plain_lora`) to the float32 ``HookedTransformer`` of
+    the HF weights in ``directory``, in place, after :func:`check_adapter` accepts it.
+
+    The same weights as merging into the HF model and converting (layer norms folded: the delta of a projection that
+    reads a norm's output is scaled by that norm's weight, read from ``directory``), without building the model in HF
+    form a second time: less than half the peak memory of :func:`merge_adapter` + conversion (tests/test_compare.py
+    checks both give the same weights).
+    """
+    from safetensors import safe_open
+
+    check_adapter(model, adapter)
+    config = _read_json(adapter / "adapter_config.json", "a PEFT adapter config")
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.", key)
+            pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = f.get_tensor(key).float()
+    gqa = hasattr(model.blocks[0].attn, "_W_K")
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f, torch.no_grad():
+        for (layer, module), ab in sorted(pairs.items()):
+            name, layout, norm = HOOKED_DELTAS[module]
+            if not gqa:
+                name = name.replace("._W_", ".W_")
+            kv = name.endswith(("_K", "_V"))
+            n = (model.cfg.n_key_value_heads or model.cfg.n_heads) if kv else model.cfg.n_heads
+            delta = (config.get("lora_alpha", 8) / ab["A"].shape[0]) * (ab["B"] @ ab["A"])
+            delta = einops.rearrange(delta, layout, **({"n": n} if " n " in f" {layout} " else {}))
+            if norm:
+                scale = f.get_tensor(f"model.layers.{layer}.{norm}.weight").float()
+                delta = delta * (scale[None, :, None] if delta.ndim == 3 else scale[:, None])
+            model.blocks[layer].get_parameter(name).add_(delta)
+    return model
 
 
 # ---------------------------------------------------------------- Hugging Face sources
