@@ -167,3 +167,27 @@ def test_committed_attribution_benchmarks_meet_the_bar_and_match_the_docs():
         line = next(line for line in docs.splitlines() if line.startswith(f"| {label} |"))
         shown = [float(x) for x in re.findall(r"\d\.\d\d", line)]
         assert shown == [round(heldout[slug]["methods"][m]["recall_top10_in_20"], 2) for m in heldout[slug]["methods"]]
+
+
+def test_ig_default_comes_from_development_pairs_and_its_test_set_matches_the_docs():
+    """The IG default is the development choice; the 11 test pairs are disjoint from the development pairs; the
+    summary, the recommendation and docs/attribution.md's test-set table are what the per-pair results say."""
+    import json
+    from pathlib import Path
+
+    from headlens.interventions.attribution import IG_ALPHAS
+
+    root = Path(__file__).parents[1]
+    dev = json.loads((root / "benchmarks" / "results" / "atp_dev_choice.json").read_text())
+    test = json.loads((root / "benchmarks" / "results" / "atp_test.json").read_text())
+    assert len(dev["pairs"]) == 4 and tuple(dev["chosen"]["alphas"]) == IG_ALPHAS == tuple(test["ig_alphas"])
+    assert len(test["pairs"]) >= 10 and not set(test["pairs"]) & set(dev["pairs"])
+    docs = (root / "docs" / "attribution.md").read_text().split("## The test set")[1]
+    means = {}
+    for name, label in (("atp", "AtP"), ("atp*", "AtP*"), ("ig", "IG, α = 0, ¼, ½, ¾")):
+        recalls = [p["methods"][name]["recall_top10_in_20"] for p in test["pairs"].values()]
+        means[name] = np.mean(recalls)
+        assert test["summary"][name]["mean_recall"] == pytest.approx(means[name])
+        row = next(line for line in docs.splitlines() if line.replace("**", "").startswith(f"| {label} |"))
+        assert f"{means[name]:.3f} ({min(recalls):.2f})" in row.replace("**", "")
+    assert test["recommended"] == max(means, key=means.get) == "ig"
