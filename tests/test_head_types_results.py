@@ -15,6 +15,7 @@ def test_every_type_has_a_causal_row_and_the_readme_verdicts_hold():
         "successor",
         "positional",
         "bracket_matching",
+        "closer_to_opener",
         "identifier",
         "retrieval",
     }
@@ -24,6 +25,7 @@ def test_every_type_has_a_causal_row_and_the_readme_verdicts_hold():
         "successor": True,
         "positional": False,
         "bracket_matching": True,
+        "closer_to_opener": False,
         "identifier": False,
         "retrieval": True,
     }

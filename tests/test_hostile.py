@@ -482,14 +482,26 @@ def test_workers_capped_at_cores(monkeypatch):
 def test_ctrl_c_prints_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "HEADLENS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "headlens.cli", "census", "-m", "tiny-qwen2", "-o", str(tmp_path / "out")],
+        # one sequence per forward: long enough to be interrupted mid-run however fast the machine
+        [
+            sys.executable,
+            "-m",
+            "headlens.cli",
+            "census",
+            "-m",
+            "tiny-qwen2",
+            "--batch-size",
+            "1",
+            "-o",
+            str(tmp_path / "out"),
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         env=env,
     )
     first = proc.stderr.readline()  # "loading tiny-qwen2 ...": the command is running
     assert b"loading" in first
-    time.sleep(2)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     err = (first + proc.stderr.read()).decode()
     assert proc.wait(timeout=60) == 130

@@ -85,6 +85,39 @@ def test_gguf_file_loads_and_is_cached(isolated_cache):
     again = load_model(path)
     tokens = torch.tensor([[1, 500, 900, 20, 7]])
     assert torch.equal(model(tokens), again(tokens))
+    assert again.blocks[0].mlp.W_in.T.is_contiguous()  # read back in linear_layout's layout, not copied into it
+
+
+def test_cache_written_before_the_layout_is_rewritten_once(isolated_cache, capsys):
+    """A cache file of logical (contiguous) weights still loads, and is rewritten once in the stored layout."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from headlens.io import tensor_digests, weights_sha256
+    from headlens.models import DIGEST_PREFIX, ORDER_PREFIX
+
+    spec = find_spec("tinycoder")
+    path = Path(spec.submodule_search_locations[0]) / "models" / "tiny.gguf"
+    digest = weights_sha256(load_model(path))
+    [entry] = [p for p in isolated_cache.iterdir() if p.name.startswith("gguf-")]
+    cached = entry / "hooked-float32.safetensors"
+    with safe_open(str(cached), framework="pt") as f:
+        orders = {
+            k.removeprefix(ORDER_PREFIX): v for k, v in (f.metadata() or {}).items() if k.startswith(ORDER_PREFIX)
+        }
+    assert orders  # the MLP and W_Q/W_O weights are stored as their contiguous storage
+    state = load_file(str(cached))
+    for k, order in orders.items():
+        inverse = torch.tensor([int(i) for i in order.split(",")]).argsort().tolist()
+        state[k] = state[k].permute(*inverse).contiguous()
+    save_file(state, cached, metadata={DIGEST_PREFIX + k: v for k, v in tensor_digests(state).items()})
+    capsys.readouterr()
+    old = load_model(path)
+    assert "rewriting" in capsys.readouterr().err and weights_sha256(old) == digest
+    new = load_model(path)
+    assert "rewriting" not in capsys.readouterr().err and weights_sha256(new) == digest
+    with safe_open(str(cached), framework="pt") as f:
+        assert any(k.startswith(ORDER_PREFIX) for k in f.metadata())
 
 
 def test_hub_id_from_local_cache_and_unknown_name(tmp_path, monkeypatch):
@@ -223,19 +256,24 @@ def test_smollm2_loads_as_llama():
 def test_real_qwen_cache_carries_and_checks_digests(qwen):
     """The cached processed weights hold one sha256 per tensor, written when the file was built; the loaded model
     matches them (checked at load, so the model's weights digest is already known and free to ask for)."""
+    import hashlib
     import time
 
     from safetensors import safe_open
 
-    from headlens.io import tensor_sha256, weights_sha256
-    from headlens.models import DIGEST_PREFIX, ENTRY_DIGESTS
+    from headlens.io import tensor_buffer, tensor_sha256, weights_sha256
+    from headlens.models import DIGEST_PREFIX, ENTRY_DIGESTS, LOGICAL_PREFIX
 
     entry = cache_dir() / "qwen2.5-coder-0.5b"
     with safe_open(str(entry / "hooked-float32.safetensors"), framework="pt") as f:
-        recorded = {k.removeprefix(DIGEST_PREFIX): v for k, v in (f.metadata() or {}).items()}
+        meta = f.metadata() or {}
+    recorded = {k.removeprefix(DIGEST_PREFIX): v for k, v in meta.items() if k.startswith(DIGEST_PREFIX)}
+    logical = {k: meta.get(LOGICAL_PREFIX + k, v) for k, v in recorded.items()}
     params = dict(qwen.named_parameters())
     assert set(recorded) == set(params)
-    assert all(tensor_sha256(params[k]) == recorded[k] for k in list(params)[:3] + list(params)[-3:])
+    sample = list(params)[:3] + list(params)[-3:] + ["blocks.5.mlp.W_in", "blocks.5.attn.W_O"]
+    assert all(hashlib.sha256(tensor_buffer(params[k])).hexdigest() == logical[k] for k in sample)
+    assert all(tensor_sha256(params[k]) == logical[k] for k in sample)
     start = time.perf_counter()
     weights_sha256(qwen)
     assert time.perf_counter() - start < 1.0  # remembered from the check at load: the buffers alone are hashed

@@ -264,6 +264,14 @@ def tensor_sha256(tensor) -> str:
     return digest
 
 
+def remember_sha256(tensor, digest: str) -> None:
+    """Remember ``digest`` as ``tensor``'s sha256 (:func:`tensor_sha256`), for bytes already verified another way."""
+    key = _tensor_key(tensor)
+    if key is not None:
+        with contextlib.suppress(AttributeError, RuntimeError):
+            tensor._headlens_sha256 = (key, digest)
+
+
 def tensor_digests(tensors: dict) -> dict[str, str]:
     """``{name: tensor_sha256}`` of many tensors, hashed on threads (hashlib releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -31,6 +31,7 @@ from headlens.io import (
     file_sha256,
     path_sha256,
     pid_alive,
+    remember_sha256,
     remove_stale_temporaries,
     storage_message,
     tensor_digests,
@@ -363,6 +364,12 @@ def hooked_from_hf(
 
 DIGEST_PREFIX = "headlens.sha256:"
 """safetensors metadata key of a cached tensor's sha256 (one per tensor, written when the cache file is built)."""
+ORDER_PREFIX = "headlens.order:"
+"""safetensors metadata key of a weight stored as the contiguous storage of :func:`linear_layout`'s layout."""
+LOGICAL_PREFIX = "headlens.logical_sha256:"
+"""... and the sha256 of that weight's logical bytes."""
+LAYOUT_ORDERS = {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0), "W_Q": (0, 2, 1), "W_O": (2, 0, 1)}
+""":func:`linear_layout`: the permutation of each weight that TransformerLens multiplies as a contiguous tensor."""
 ENTRY_DIGESTS = "sha256.json"
 """The file of a cache entry that holds the sha256 of its ``model.safetensors``, written when the entry is built."""
 
@@ -377,6 +384,9 @@ def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int) -> HookedTrans
     cached = directory / "hooked-float32.safetensors"
     if cached.is_file():
         model, why = _read_hooked(directory, cached, name=name, n_ctx=n_ctx)
+        if model is not None and why and _writable(directory):  # verified, in the old layout: rewrite it once
+            note(f"rewriting {cached}: it {why}")
+            _write_hooked(linear_layout(model), cached)
         if model is not None:
             return model
         if not _writable(directory):
@@ -393,11 +403,25 @@ def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int) -> HookedTrans
 
 
 def _write_hooked(model: HookedTransformer, cached: Path) -> None:
-    """Write ``model``'s parameters to ``cached`` atomically, with each tensor's sha256 in the metadata."""
+    """Write ``model``'s parameters to ``cached`` atomically, with each tensor's sha256 in the metadata.
+
+    A weight in :func:`linear_layout`'s layout is written as its contiguous storage (``ORDER_PREFIX`` records the
+    permutation; no copy), so a load maps it straight back into that layout: no second copy of the MLP weights
+    next to the memory-mapped file. ``DIGEST_PREFIX`` digests are of the bytes as stored; ``LOGICAL_PREFIX`` digests
+    of a permuted weight are of its logical bytes (the model's weights digest, see :func:`headlens.io.weights_sha256`).
+    """
     from safetensors.torch import save_file
 
-    params = {k: v.contiguous() for k, v in model.named_parameters()}
-    metadata = {DIGEST_PREFIX + k: v for k, v in tensor_digests(params).items()}
+    params, metadata = {}, {}
+    for k, v in model.named_parameters():
+        order = LAYOUT_ORDERS.get(k.rsplit(".", 1)[-1])
+        if order is not None and not v.is_contiguous() and v.permute(order).is_contiguous():
+            params[k] = v.detach().permute(order)
+            metadata[ORDER_PREFIX + k] = ",".join(map(str, order))
+            metadata[LOGICAL_PREFIX + k] = tensor_digests({k: v})[k]
+        else:
+            params[k] = v.detach().contiguous()
+    metadata |= {DIGEST_PREFIX + k: v for k, v in tensor_digests(params).items()}
     handle, partial = tempfile.mkstemp(dir=cached.parent, prefix=f".hooked-{os.getpid()}-", suffix=".partial")
     os.close(handle)
     try:
@@ -439,15 +463,24 @@ def _read_hooked(directory: Path, cached: Path, *, name: str, n_ctx: int) -> tup
     expected = {k.removeprefix(DIGEST_PREFIX): v for k, v in metadata.items() if k.startswith(DIGEST_PREFIX)}
     if not expected:
         return None, "carries no content digests (written by an older headlens)"
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    buffers = {k for k, _ in model.named_buffers()}
-    if unexpected or set(missing) - buffers or set(expected) != set(state):
+    if set(expected) != set(state):
         return None, "does not fit this model"
-    params = dict(model.named_parameters())
-    digests = tensor_digests(params)  # remembered on the parameters: the model's weights digest costs nothing more
-    bad = [k for k in params if digests[k] != expected[k]]
+    digests = tensor_digests(state)  # the bytes as stored: no copy
+    bad = [k for k in state if digests[k] != expected[k]]
     if bad:
         return None, f"is damaged: tensor {bad[0]} does not match the sha256 written when it was built"
+    orders = {k.removeprefix(ORDER_PREFIX): v for k, v in metadata.items() if k.startswith(ORDER_PREFIX)}
+    for k, order in orders.items():  # back to the logical shape: a view of the stored (mapped) bytes
+        state[k] = state[k].permute(*torch.tensor([int(i) for i in order.split(",")]).argsort().tolist())
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    buffers = {k for k, _ in model.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        return None, "does not fit this model"
+    logical = {k: metadata.get(LOGICAL_PREFIX + k, digests[k]) for k in state}
+    for k, param in model.named_parameters():  # the weights digest of these verified bytes costs nothing more
+        remember_sha256(param, logical[k])
+    if not orders and any(k.rsplit(".", 1)[-1] in LAYOUT_ORDERS for k in state):
+        return model, "was written before the weight layout"
     return model, ""
 
 
@@ -494,7 +527,7 @@ def linear_layout(model: HookedTransformer) -> HookedTransformer:
     are no-ops and the operands bit-identical, so every number stays the same (benchmarks/bench_layout.py). Values,
     shapes and names are unchanged; only strides differ (call ``.contiguous()`` before a ``.view``).
     """
-    orders = {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0), "W_Q": (0, 2, 1), "W_O": (2, 0, 1)}
+    orders = LAYOUT_ORDERS
     with torch.no_grad():
         for block in model.blocks:
             gated = type(getattr(block, "mlp", None)).__name__ == "GatedMLP"
