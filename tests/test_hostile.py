@@ -498,6 +498,8 @@ def test_ctrl_c_prints_one_line(tmp_path):
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         env=env,
+        # a shell that started us in the background hands down SIGINT ignored: give the command the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first = proc.stderr.readline()  # "loading tiny-qwen2 ...": the command is running
     assert b"loading" in first
