@@ -471,7 +471,7 @@ def _read_hooked(directory: Path, cached: Path, *, name: str, n_ctx: int) -> tup
         return None, f"is damaged: tensor {bad[0]} does not match the sha256 written when it was built"
     orders = {k.removeprefix(ORDER_PREFIX): v for k, v in metadata.items() if k.startswith(ORDER_PREFIX)}
     for k, order in orders.items():  # back to the logical shape: a view of the stored (mapped) bytes
-        state[k] = state[k].permute(*torch.tensor([int(i) for i in order.split(",")]).argsort().tolist())
+        state[k] = state[k].permute(*_inverse([int(i) for i in order.split(",")]))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     buffers = {k for k, _ in model.named_buffers()}
     if unexpected or set(missing) - buffers:
@@ -517,6 +517,11 @@ def _placed(model: HookedTransformer, device: str, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
+def _inverse(order) -> list[int]:
+    """The permutation that undoes ``order``."""
+    return torch.tensor(order).argsort().tolist()
+
+
 def linear_layout(model: HookedTransformer) -> HookedTransformer:
     """Store the weights TransformerLens multiplies by a copy in the layout that makes the copy free.
 
@@ -527,16 +532,15 @@ def linear_layout(model: HookedTransformer) -> HookedTransformer:
     are no-ops and the operands bit-identical, so every number stays the same (benchmarks/bench_layout.py). Values,
     shapes and names are unchanged; only strides differ (call ``.contiguous()`` before a ``.view``).
     """
-    orders = LAYOUT_ORDERS
     with torch.no_grad():
         for block in model.blocks:
             gated = type(getattr(block, "mlp", None)).__name__ == "GatedMLP"
             for module in (block.attn, block.mlp) if gated else (block.attn,):
-                for name, order in orders.items():
+                for name, order in LAYOUT_ORDERS.items():
                     w = module._parameters.get(name)
                     if w is None or w.permute(order).is_contiguous():
                         continue
-                    stored = w.permute(order).contiguous().permute(*torch.tensor(order).argsort().tolist())
+                    stored = w.permute(order).contiguous().permute(*_inverse(order))
                     setattr(module, name, torch.nn.Parameter(stored, requires_grad=w.requires_grad))
     return model
 
@@ -583,6 +587,8 @@ def merge_adapter(hf_model, adapter: str | os.PathLike):
     return merged
 
 
+LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
+"""A PEFT LoRA weight's key: (layer, module, A or B)."""
 PLAIN_LORA_KEYS = {
     "peft_type", "task_type", "r", "lora_alpha", "target_modules", "layers_to_transform", "layers_pattern",
     "exclude_modules", "base_model_name_or_path", "auto_mapping", "revision", "inference_mode", "lora_dropout",
@@ -619,7 +625,7 @@ def plain_lora(adapter: Path, directory: Path | None) -> bool:
 
     defaults = LoraConfig()  # a key left at PEFT's default changes nothing (megatron_core, qalora_group_size, ...)
     extra = [k for k, v in config.items() if k not in PLAIN_LORA_KEYS and v != getattr(defaults, k, None)]
-    modules = {m.group(1) for key in keys if (m := LORA_KEY.search(key))}
+    modules = {m.group(2) for key in keys if (m := LORA_KEY.search(key))}
     return (
         not extra
         and config.get("peft_type") == "LORA"
@@ -629,9 +635,6 @@ def plain_lora(adapter: Path, directory: Path | None) -> bool:
         and modules <= set(HOOKED_DELTAS)
         and all(LORA_KEY.search(key) for key in keys)
     )
-
-
-LORA_KEY = re.compile(r"layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.(?:\w+\.)?weight$")
 
 
 def merge_into_hooked(model: HookedTransformer, adapter: Path, directory: Path) -> HookedTransformer:
@@ -650,7 +653,7 @@ def merge_into_hooked(model: HookedTransformer, adapter: Path, directory: Path) 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
-            m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.", key)
+            m = LORA_KEY.search(key)
             pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = f.get_tensor(key).float()
     gqa = hasattr(model.blocks[0].attn, "_W_K")
     with safe_open(str(directory / "model.safetensors"), framework="pt") as f, torch.no_grad():
@@ -1186,10 +1189,9 @@ def _adapter_pairs(base, path: Path, weights: Path, shapes: dict) -> dict[tuple[
             shapes_of = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as err:  # noqa: BLE001 - a damaged file is the user's; say so in one line
         raise HeadlensError(f"could not read {weights}: {_first_line(err)}") from None
-    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.(?:\w+\.)?weight$")
     pairs: dict[tuple[int, str], dict[str, tuple]] = {}
     for key, shape in shapes_of.items():
-        m = pattern.search(key)
+        m = LORA_KEY.search(key)
         if m is None:
             continue
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
