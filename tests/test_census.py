@@ -404,3 +404,36 @@ def test_ablating_census_induction_heads_hurts_repeats_more_than_random_heads(qw
     )
     assert comparison.p_random_ge == 0.0  # every random draw of as many heads hurts less
     assert target > 0 and ratio > 2
+
+
+def test_weights_scores_are_stored_under_a_key_of_weights_tokenizer_and_code(tmp_path, monkeypatch):
+    """The built-in weights scores are read back from the headlens cache for the same weights (the stored file is
+    what is returned), recomputed after an in-place weight edit, and a damaged file is recomputed and replaced."""
+    from headlens.census.registry import head_types
+    from headlens.census.run import weights_scores
+
+    monkeypatch.setenv("HEADLENS_CACHE", str(tmp_path))
+    model = tiny_model("qwen2", seed=3)
+    types = head_types()
+    first = weights_scores(model, types)
+    (stored,) = (tmp_path / "scores").glob("*.npz")
+    assert set(first) == {n for n, t in types.items() if t.probe == "weights" and t.score is not None}
+    with np.load(stored) as z:
+        assert sorted(z.files) == sorted(first)
+    marked = {n: np.full_like(v, 0.125) for n, v in first.items()}
+    np.savez(stored, **marked)
+    again = weights_scores(model, types)
+    assert all(np.array_equal(again[n], marked[n]) for n in first)  # read from the file, not recomputed
+
+    before = model.blocks[0].attn.W_O.detach().clone()
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.add_(0.01)  # new weights: a new key, computed afresh
+    edited = weights_scores(model, types)
+    assert len(list((tmp_path / "scores").glob("*.npz"))) == 2
+    assert not np.array_equal(edited["copying"], marked["copying"])
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.copy_(before)
+    stored.write_bytes(b"not an npz")
+    assert all(np.allclose(weights_scores(model, types)[n], first[n], equal_nan=True) for n in first)
+    with np.load(stored) as z:  # rewritten
+        assert np.allclose(z["copying"], first["copying"])

@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer
 from headlens.census import validate
 from headlens.errors import HeadlensError
 from headlens.heads import head_name
-from headlens.interventions.ablation import ablated_metrics
+from headlens.interventions.ablation import Replacement, ablated_metrics
 
 N_RANDOM = 6
 """Random head sets per label in the default census (the budget: the whole CLI census within 1.5x its time before
@@ -110,25 +110,27 @@ def label_evidence(
     present = [lb for lb in dict.fromkeys(table["label"]) if lb != "other" and (labels is None or lb in labels)]
     tested = [lb for lb in present if lb in validate.LABEL_TASKS and validate.LABEL_TASKS[lb].task]
     score = table.set_index(["layer", "head"])["label_score"]
-    rows, singles = {}, []
+    rows, singles, plans, data = {}, [], {}, {}
     for task in dict.fromkeys(validate.LABEL_TASKS[lb].task for lb in tested):
-        plan = []  # (label, kind, heads) of every ablated set of this task, in order
+        plan = plans[task] = []  # (label, kind, heads) of every ablated set of this task, in order
         for label in (lb for lb in tested if validate.LABEL_TASKS[lb].task == task):
             heads, drawn = validate.label_plan(model, table, label, n_random, seed)
             plan += [(label, "target", heads), *((label, "random", hs) for hs in drawn)]
             top = table[table["label"] == label]
             top = top.sort_values(["label_score", "layer", "head"], ascending=[False, True, True]).head(top_k)
             plan += [(label, "single", [(int(r.layer), int(r.head))]) for r in top.itertuples()]
-        data = validate.task_data(model, task, n_seqs=n_seqs, seed=seed)
+        data[task] = validate.task_data(model, task, n_seqs=n_seqs, seed=seed)
+    replacements = _shared_replacements(model, data, plans, method, seed)
+    for task, plan in plans.items():
         clean, values = ablated_metrics(
-            model, data.metric, [hs for _, _, hs in plan], method=method, reference=data.reference, seed=seed,
-            batch_size=BATCH_SIZE, progress=progress,
+            model, data[task].metric, [hs for _, _, hs in plan], method=method, seed=seed, batch_size=BATCH_SIZE,
+            progress=progress, replacement=replacements[task],
         )  # fmt: skip
         done = [(lb, kind, hs, v - clean) for (lb, kind, hs), v in zip(plan, values)]
         for label in dict.fromkeys(lb for lb, _, _, _ in done):
             mine = [d for d in done if d[0] == label]
             (_, _, heads, target), rand = mine[0], np.array([e for _, kind, _, e in mine if kind == "random"])
-            rows[label] = validate.causal_row(label, heads, clean, target, rand, data, seed=seed, n_boot=n_boot)
+            rows[label] = validate.causal_row(label, heads, clean, target, rand, data[task], seed=seed, n_boot=n_boot)
             singles += [
                 {"label": label, "layer": hs[0][0], "head": hs[0][1], "task": task, "label_score": float(score[hs[0]]),
                  "effect": e}
@@ -152,6 +154,22 @@ def label_evidence(
         pd.DataFrame(singles, columns=["label", "layer", "head", "task", "label_score", "effect"]),
         settings,
     )
+
+
+def _shared_replacements(model, data: dict, plans: dict, method: str, seed: int) -> dict[str, Replacement]:
+    """One :class:`~headlens.interventions.ablation.Replacement` per distinct reference (the three code tasks share
+    theirs, as do prose and successor), covering the layers of every task that uses it: one reference forward
+    each instead of one per task; the values are the same."""
+    groups: dict[tuple, list[str]] = {}
+    for task, d in data.items():
+        ref = d.reference
+        groups.setdefault((tuple(ref.shape), tuple(ref.flatten().tolist())), []).append(task)
+    out = {}
+    for tasks in groups.values():
+        layers = {layer for t in tasks for _, _, heads in plans[t] for layer, _ in heads}
+        shared = Replacement(model, method, data[tasks[0]].reference, layers, seed=seed)
+        out |= dict.fromkeys(tasks, shared)
+    return out
 
 
 CAUSAL_COLUMNS = (

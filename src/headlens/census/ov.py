@@ -44,6 +44,7 @@ from headlens.data.probes import natural_text, word_token_ids
 from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import head_frame
+from headlens.io import weights_sha256
 
 THRESHOLDS = {
     "attention_to_predicted": 0.3,
@@ -183,11 +184,9 @@ _CACHE: dict = {}
 
 
 def census_copying(model: HookedTransformer) -> dict[str, Float[Tensor, "layer head"]]:
-    """copying_scores(model, n=CENSUS_COPY_SAMPLE), computed once per model state (two census columns)."""
-    with torch.inference_mode():
-        tensors = (model.W_E, model.W_V, model.W_O, model.W_U, *model.blocks[0].parameters())  # block 0 may lack an MLP
-        fingerprint = tuple(float(f(t.double())) for t in tensors for f in (torch.sum, lambda x: x.abs().sum()))
-    key = (id(model), fingerprint)
+    """copying_scores(model, n=CENSUS_COPY_SAMPLE), computed once per model state (two census columns): the key
+    is the weights digest, free after a cached load and remembered per tensor until an in-place edit."""
+    key = (id(model), weights_sha256(model))
     if key not in _CACHE:
         _CACHE.clear()
         _CACHE[key] = copying_scores(model, n=CENSUS_COPY_SAMPLE)

@@ -14,6 +14,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.census.rope import distance_profiles, rope_summary
+from headlens.io import weights_sha256
 
 THRESHOLD = 0.5
 """Set before the default Qwen was scored (docs/head_types.md); clears the random-weights null (census_trust/null.csv)."""
@@ -65,10 +66,9 @@ _CACHE: dict = {}
 
 
 def positional_table(model: HookedTransformer) -> pd.DataFrame:
-    """positional_scores(model), computed once per model state (the score and the offset are two census columns)."""
-    with torch.inference_mode():
-        fingerprint = tuple(float(t.double().abs().sum()) for t in (model.W_Q, model.W_K, model.b_Q, model.b_K))
-    key = (id(model), fingerprint)
+    """positional_scores(model), computed once per model state (the score and the offset are two census columns;
+    the key is the weights digest: every weight shapes the patterns it measures)."""
+    key = (id(model), weights_sha256(model))
     if key not in _CACHE:
         _CACHE.clear()
         _CACHE[key] = positional_scores(model)

@@ -28,8 +28,14 @@ forwards): ``confidence`` is the share of resamples that give the head the same 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import zipfile
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,7 +49,7 @@ from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError
 from headlens.heads import format_heads, kv_heads
-from headlens.io import provenance
+from headlens.io import atomic_path, file_sha256, provenance, weights_sha256
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
 """The eight built-in score columns (values unchanged since the first version, except ``delimiter``: key 0 no longer
@@ -226,12 +232,68 @@ def collect(
     for kind, _ in items:
         mine = [part for (k, _), part in zip(shards, parts) if k == kind]
         by_kind[kind] = {c: torch.cat([m[c] for m in mine]).reshape(-1, L * H).numpy() for c in mine[0]}
-    weights = {
-        n: t.score(model).double().flatten().cpu().numpy()
-        for n, t in types.items()
-        if t.probe == WEIGHTS and t.score is not None
-    }
-    return PerSequence(by_kind, weights)
+    return PerSequence(by_kind, weights_scores(model, types))
+
+
+def weights_scores(model: HookedTransformer, types: dict[str, HeadType]) -> dict[str, np.ndarray]:
+    """``{name: [layer * head]}`` of the ``types`` scored on the weights alone.
+
+    They depend on nothing but the weights, the tokenizer and headlens' code, so the built-in ones are kept in the
+    headlens cache (``HEADLENS_CACHE/scores/<key>.npz``) under a key of exactly those: the weights digest, the
+    tokenizer's digest and the digest of every headlens source file. A census of the same model computes them once
+    (about 20 s for Qwen); a type of the user's own is computed every time.
+    """
+    wanted = {n: t for n, t in types.items() if t.probe == WEIGHTS and t.score is not None}
+    stored = {n for n, t in wanted.items() if getattr(t.score, "__module__", "").startswith("headlens.")}
+    path = _scores_path(model, sorted(stored)) if stored else None
+    out = _read_scores(path, stored, model.cfg.n_layers * model.cfg.n_heads) if path else {}
+    missing = {n: wanted[n].score(model).double().flatten().cpu().numpy() for n in wanted if n not in out}
+    if path and set(missing) & stored:
+        with contextlib.suppress(OSError), atomic_path(path) as tmp:  # a read-only cache only costs a recomputation
+            np.savez(tmp, **{n: v for n, v in {**out, **missing}.items() if n in stored})
+    return {n: out[n] if n in out else missing[n] for n in wanted}
+
+
+def _scores_path(model: HookedTransformer, names: list[str]):
+    from headlens.models import cache_dir
+
+    key = hashlib.sha256()
+    tokenizer = getattr(model, "tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+        if tokenizer
+        else ""
+    )
+    for part in (weights_sha256(model), hashlib.sha256(vocab.encode()).hexdigest(), _code_digest(), *names):
+        key.update(f"{part}\n".encode())
+    try:
+        return cache_dir() / "scores" / f"{key.hexdigest()}.npz"
+    except HeadlensError:  # an unusable HEADLENS_CACHE: compute, as without a cache
+        return None
+
+
+@functools.cache
+def _code_digest() -> str:
+    """sha256 of every headlens source file (any change to any score's code makes a new key)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(f"{file.relative_to(root).as_posix()}|{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_scores(path, names: set[str], size: int) -> dict[str, np.ndarray]:
+    """The stored scores, or {} when the file is missing, unreadable or not what this key needs (recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {n: z[n] for n in names if n in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}
+    ok = len(out) == len(names) and all(v.shape == (size,) and v.dtype == np.float64 for v in out.values())
+    return out if ok else {}
 
 
 def probe_batches(probe: Probe, batch_size: int) -> list[Probe]:

@@ -121,10 +121,13 @@ class TaskData:
 
 def next_token_logprob(tokens: Tensor, marked: Bool[Tensor, "batch pos"], name: str) -> Metric:
     """Mean log-prob of token q + 1 at the positions q that ``marked[b, q]`` selects; only the positions marked in
-    some sequence are unembedded."""
+    some sequence are unembedded, and the tokens end at the last one's next token (a causal model's logits there
+    do not depend on later tokens, so the forwards are shorter and the metric is the same)."""
     before = marked.clone()
     before[:, -1] = False  # the last position has no next token
     positions = before.any(0).nonzero()[:, 0]
+    if len(positions):
+        tokens = tokens[:, : int(positions[-1]) + 2]
     chosen = before[:, positions]
 
     def fn(logits, toks):
@@ -158,7 +161,8 @@ def successor_metric(model: HookedTransformer) -> Metric:
     def fn(logits, toks):
         return logits[:, -1].log_softmax(-1).gather(-1, target.to(logits.device)[:, None]).mean()
 
-    return Metric("successor_logprob", torch.tensor(prompts), fn, True)
+    tokens = torch.tensor(prompts)  # only the last position is read: only it is unembedded
+    return Metric("successor_logprob", tokens, fn, True, torch.tensor([tokens.shape[1] - 1]))
 
 
 def _repeated(model: HookedTransformer, n_seqs: int, seed: int):

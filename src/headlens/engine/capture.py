@@ -1,12 +1,13 @@
 """Stream attention patterns through per-layer reductions, one batch and one layer at a time.
 
 A hook on ``blocks.{l}.attn.hook_pattern`` hands the pattern to a reducer and drops it, so memory
-is one layer's attention, never a full cache. The forward stops after the last hooked layer
-(``stop_at_layer``), which also skips the unembedding.
+is one layer's attention, never a full cache. The forward stops at the last hooked layer's pattern: the rest of
+that block (its attention output and MLP), the blocks after it and the unembedding never run.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -22,6 +23,10 @@ VIEW_TOKENS = 128
 """The longest prompt an attention view (CircuitsVis pattern, report head view) shows."""
 
 Reducer = Callable[[int, Float[Tensor, "batch head q k"], slice], None]
+
+
+class _Done(Exception):
+    """Raised by the last layer's hook: nothing after its pattern is needed."""
 
 
 def stream_patterns(
@@ -49,9 +54,11 @@ def stream_patterns(
             def hook(pattern, hook, rows=rows):
                 reducer(hook.layer(), pattern, rows)
                 bar.update(1)
+                if hook.layer() == layers[-1]:
+                    raise _Done
 
             hooks = [(utils.get_act_name("pattern", layer), hook) for layer in layers]
-            with torch.inference_mode():
+            with torch.inference_mode(), contextlib.suppress(_Done):
                 model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
 
 

@@ -238,7 +238,8 @@ class Replacement:
     ):
         if method not in METHODS:
             raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
-        self.method, self.seed = method, seed
+        layers = sorted(set(layers))
+        self.method, self.seed, self.layers = method, seed, set(layers)
         self.n_heads, self.d_head = model.cfg.n_heads, model.cfg.d_head
         self.dtype, self.device = model.cfg.dtype, model.cfg.device
         if method == "zero":
@@ -248,7 +249,6 @@ class Replacement:
         reference = _check_tokens(reference, "reference")
         if method == "resample" and reference.shape[0] < 2:
             raise HeadlensError("resample ablation needs a reference with at least 2 sequences")
-        layers = sorted(set(layers))
         with torch.inference_mode():
             _, cache = model.run_with_cache(
                 reference.to(model.cfg.device),
@@ -340,12 +340,17 @@ def ablated_metrics(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    replacement: Replacement | None = None,
 ) -> tuple[float, list[float]]:
     """(clean metric, metric with each set ablated together): one clean forward caches ``resid_pre``, each set
-    restarts at its first layer, ``batch_size // batch`` sets per stacked forward."""
+    restarts at its first layer, ``batch_size // batch`` sets per stacked forward. ``replacement``: values
+    computed once for several calls that ablate with the same method and reference (it must cover their layers)."""
     sets = [_sites(check_heads(model, hs)) for hs in head_sets]
     layers = sorted({s.layer for sites in sets for s in sites})
-    replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
+    if replacement is None:
+        replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
+    elif replacement.method != method or not set(layers) <= replacement.layers:
+        raise HeadlensError(f"the replacement given is for {replacement.method} ablation of other layers")
     toks = metric.tokens.to(model.cfg.device)
     with torch.inference_mode():
         clean, cache = cached_run(model, toks, resid_names(layers), metric)
