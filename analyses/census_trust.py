@@ -10,6 +10,7 @@ the ``eval`` split (other files) with ablation means from the ``reference`` spli
 Writes analyses/results/census_trust/:
 - dev_sizes.csv             development seeds 0-2: agreement at each number of sequences per probe kind
 - dev_thresholds.csv        development seeds 0-2: agreement and `other` share at other thresholds
+- dev_rules.csv             development seeds 0-2: agreement of other labelling rules (RULES) at code sizes 48-80
 - census_seed{0..5}.csv     the census at the frozen settings (seeds 0-2 development, 3-5 fresh)
 - stability.json            fresh seeds 3-5 (and, for comparison, development seeds 0-2): labels kept, over all heads,
                             over heads with a specific label, per label, bulk labels separately
@@ -48,7 +49,16 @@ import torch
 from headlens import load_model
 from headlens.census.calibrate import null_levels, null_scores
 from headlens.census.registry import WEIGHTS, head_types
-from headlens.census.run import PerSequence, _thresholds, build_table, collect
+from headlens.census.run import (
+    PerSequence,
+    _effective,
+    _means,
+    _thresholds,
+    build_table,
+    collect,
+    label_names,
+    label_ratios,
+)
 from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects
 from headlens.data.corpus import provenance
 from headlens.data.probes import DEFAULT_SIZES, ProbeSet, default_probes
@@ -108,6 +118,69 @@ def agreement(tables: list[pd.DataFrame]) -> dict:
         out["n_confident_all_seeds"] = int(confident.sum())
         out["same_label_among_confident"] = float(same[confident].mean()) if confident.any() else None
     return out
+
+
+RULES = ("point", "modal", "interval")
+"""Labelling rules compared on development seeds only (``dev_rules.csv``): ``point`` is the census's (the label of the
+mean scores); ``modal`` the label most bootstrap resamples give; ``interval`` lets a type be a candidate only where the
+2.5th percentile of its (sink-aware) score over resamples reaches the threshold."""
+
+
+def _rule_label(eff: dict, types, limits, names, extra: dict | None = None) -> np.ndarray:
+    """The census's tier/ratio rule (``headlens.census.run``) with optional extra candidate masks per type."""
+    ratios = label_ratios(eff, types, limits)
+    n = len(next(iter(eff.values())))
+    out, decided = np.full(n, len(names) - 1), np.zeros(n, dtype=bool)
+    labelled = [t for t in types.values() if t.label and t.name in ratios]
+    for tier in sorted({t.tier for t in labelled}):
+        best, idx = np.full(n, -np.inf), np.full(n, -1)
+        for t in (t for t in labelled if t.tier == tier):
+            ratio, ok = ratios[t.name]
+            ok = ok & extra[t.name] if extra is not None and t.name in extra else ok
+            better = ok & (ratio > best)
+            best, idx = np.where(better, ratio, best), np.where(better, names.index(t.name), idx)
+        take = ~decided & (idx >= 0)
+        out[take], decided = idx[take], decided | take
+    return out
+
+
+def rule_labels(per: PerSequence, types, limits, *, seed: int, L: int, H: int, n_boot: int = 200) -> dict:
+    """``{rule: label per head}`` for :data:`RULES` (the bootstrap is the census's: same generator and resamples)."""
+    names = list(label_names(types))
+    eff = _effective(_means(per, types, {k: None for k in per.by_kind}, L * H), types)
+    rng = np.random.default_rng(int(seed) + 12345)
+    boots, effs = [], []
+    for _ in range(n_boot):
+        picks = {k: rng.integers(0, v["_sink"].shape[0], v["_sink"].shape[0]) for k, v in per.by_kind.items()}
+        e = _effective(_means(per, types, picks, L * H), types)
+        boots.append(_rule_label(e, types, limits, names))
+        effs.append(e)
+    boots = np.stack(boots)
+    clears = {
+        t.name: np.percentile(np.stack([e[t.column] for e in effs]), 2.5, axis=0) >= limits[t.name]
+        for t in types.values()
+        if t.label and t.column in eff
+    }
+    out = {
+        "point": _rule_label(eff, types, limits, names),
+        "modal": np.array([np.bincount(boots[:, i], minlength=len(names)).argmax() for i in range(L * H)]),
+        "interval": _rule_label(eff, types, limits, names, clears),
+    }
+    return {rule: np.asarray(names)[v] for rule, v in out.items()}
+
+
+def dev_rules(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:
+    """Development seeds only: agreement across seeds of each rule at code probe sizes 48, 64 and 80 (other kinds at
+    the frozen sizes). Groundwork for the next frozen settings, which must then be measured on seeds never seen."""
+    rows = []
+    for code in (48, 64, 80):
+        sizes = dict(FROZEN, code=code)
+        by_seed = [rule_labels(subset(p, sizes), types, limits, seed=s, L=L, H=H) for (p, _, _), s in zip(dev, seeds)]
+        for rule in RULES:
+            a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
+            rows.append({"code": code, "rule": rule, "frozen": code == FROZEN["code"] and rule == "point",
+                         **{k: v for k, v in a.items() if not isinstance(v, dict)}})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def subset(per: PerSequence, sizes: dict) -> PerSequence:
@@ -324,6 +397,9 @@ def write_results(model) -> None:
             )
     if complete:
         write_csv(pd.DataFrame(threshold_rows), OUT / "dev_thresholds.csv")
+        write_csv(
+            dev_rules(dev, dev_seeds, types, limits, L=model.cfg.n_layers, H=model.cfg.n_heads), OUT / "dev_rules.csv"
+        )
 
     seed0, counts = build_table(model, subset(dev[0][0], frozen), types, limits, seed=0)
     write_csv(counts, OUT / "counts.csv")

@@ -398,3 +398,19 @@ def test_prune_answer_agrees_with_its_curve_and_plot_ticks_read_as_percent(tiny,
 def test_metric_repr_shows_the_token_shape_not_the_tokens(tiny, loss):
     text = repr(loss)
     assert text.startswith(f"Metric({loss.name!r}, tokens {tuple(loss.tokens.shape)}") and "tensor(" not in text
+
+
+def test_stacked_runs_give_the_same_metrics_whatever_the_budgets(tiny_qwen, monkeypatch):
+    """How many runs share a forward (TOKENS_BUDGET) and how many are unembedded at once (LOGITS_BUDGET) change
+    nothing but speed and memory."""
+    from headlens.engine import intervene
+    from headlens.interventions.ablation import ablated_metrics
+
+    metric = loss_metric(tiny_qwen, n_seqs=3, seq_len=24)
+    sets = [[(0, 0)], [(0, 1), (1, 2)], [(1, 3)], [(0, 2), (1, 0)], [(1, 1)]]
+    base = ablated_metrics(tiny_qwen, metric, sets, method="mean", reference=metric.tokens, batch_size=64)
+    monkeypatch.setattr(intervene, "TOKENS_BUDGET", 1)  # one run per forward
+    monkeypatch.setattr(intervene, "LOGITS_BUDGET", 1)  # one run unembedded at a time
+    one = ablated_metrics(tiny_qwen, metric, sets, method="mean", reference=metric.tokens, batch_size=64)
+    assert one[0] == pytest.approx(base[0], abs=1e-6)
+    assert one[1] == pytest.approx(base[1], abs=1e-5)

@@ -60,3 +60,24 @@ def test_verdict_needs_the_expected_direction_and_every_random_set_beaten():
     assert LABEL_TASKS["previous_token"].task == "repeat_loss"  # the induction task, not next-token text loss
     assert LABEL_TASKS["first_token"].task is None  # descriptive: no causal claim
     assert all(spec.task is None or spec.task in TASKS for spec in LABEL_TASKS.values())
+
+
+def test_position_metrics_end_at_their_last_position_and_keep_their_value():
+    """next_token_logprob cuts the tokens after the last marked position's next token: on a causal model the value is
+    the log-prob computed on the full sequence by hand; successor reads (and unembeds) only the last position."""
+    import torch
+
+    from headlens import tiny_model
+    from headlens.census.validate import next_token_logprob
+
+    model = tiny_model("qwen2", seed=1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 20), generator=torch.Generator().manual_seed(0))
+    marked = torch.zeros(3, 20, dtype=torch.bool)
+    marked[0, 4], marked[1, 9], marked[2, 2], marked[2, 11] = True, True, True, True
+    metric = next_token_logprob(tokens, marked, "x")
+    assert metric.tokens.shape == (3, 13)  # up to position 11's next token
+    with torch.inference_mode():
+        full = model(tokens).log_softmax(-1)
+        expected = torch.stack([full[b, q, tokens[b, q + 1]] for b, q in ((0, 4), (1, 9), (2, 2), (2, 11))]).mean()
+        got = metric.full(model(metric.tokens))
+    assert float(got) == pytest.approx(float(expected), abs=1e-5)

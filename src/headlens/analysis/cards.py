@@ -131,41 +131,56 @@ def score_table(table: pd.DataFrame, layer: int, head: int, *, thresholds: dict[
     this head: ``raw`` or ``nosink``), ``threshold`` (NaN for a score that labels nothing), ``ratio`` (read /
     threshold), ``candidate`` (reaches the threshold and meets the type's condition) and ``decides`` (the row whose
     score gave the head its label). Types that label by another type's column (``copy_suppression`` reads
-    ``induction``) show that column's values.
+    ``induction``) show that column's values. :func:`score_tables` gives every head's (the report's head view).
     """
-    match = np.flatnonzero((table["layer"].to_numpy() == layer) & (table["head"].to_numpy() == head))
-    if len(match) != 1:
-        raise HeadlensError(f"the census table has no head {head_name(layer, head)}")
-    i = int(match[0])
+    return score_tables(table, thresholds=thresholds)(layer, head)
+
+
+def score_tables(table: pd.DataFrame, *, thresholds: dict[str, float] | None = None):
+    """``(layer, head) -> score_table(table, layer, head)`` with the table-wide work (sink-aware scores, ratios, the
+    columns as arrays) done once, not once per head."""
     types = head_types()
     limits = _limits(table, thresholds)
     eff = table_scores(table, types)
     ratios = label_ratios(eff, types, limits)
-    label = str(table["label"].iloc[i])
-    rows = []
-    for name, t in types.items():
-        column = t.column
-        if column not in table.columns:
-            continue
-        deciding = _deciding(table, eff, column, i)
-        ratio, ok = ratios.get(name, (None, None))
-        rows.append(
-            {
-                "score": name if column == name else f"{name} ({column})",
-                "raw": _value(table, column, i),
-                "raw_lo": _value(table, f"{column}_lo", i),
-                "raw_hi": _value(table, f"{column}_hi", i),
-                "nosink": _value(table, f"{column}_nosink", i),
-                "nosink_lo": _value(table, f"{column}_nosink_lo", i),
-                "nosink_hi": _value(table, f"{column}_nosink_hi", i),
-                "read": "nosink" if deciding.endswith("_nosink") else "raw",
-                "threshold": limits[name] if t.label else np.nan,
-                "ratio": float(ratio[i]) if ratio is not None else np.nan,
-                "candidate": bool(ok[i]) if ok is not None else False,
-                "decides": name == label,
-            }
-        )
-    return pd.DataFrame(rows)
+    cols = {c: table[c].to_numpy(dtype=float) for c in table.columns if c not in ("label", "card")}
+    cols = {c: v for c, v in cols.items() if v.dtype.kind == "f"}
+    layers, heads, labels = table["layer"].to_numpy(), table["head"].to_numpy(), table["label"].astype(str).to_numpy()
+
+    def value(column: str, i: int) -> float:
+        return float(cols[column][i]) if column in cols else np.nan
+
+    def one(layer: int, head: int) -> pd.DataFrame:
+        match = np.flatnonzero((layers == layer) & (heads == head))
+        if len(match) != 1:
+            raise HeadlensError(f"the census table has no head {head_name(layer, head)}")
+        i = int(match[0])
+        rows = []
+        for name, t in types.items():
+            column = t.column
+            if column not in table.columns:
+                continue
+            deciding = _deciding(table, eff, column, i)
+            ratio, ok = ratios.get(name, (None, None))
+            rows.append(
+                {
+                    "score": name if column == name else f"{name} ({column})",
+                    "raw": value(column, i),
+                    "raw_lo": value(f"{column}_lo", i),
+                    "raw_hi": value(f"{column}_hi", i),
+                    "nosink": value(f"{column}_nosink", i),
+                    "nosink_lo": value(f"{column}_nosink_lo", i),
+                    "nosink_hi": value(f"{column}_nosink_hi", i),
+                    "read": "nosink" if deciding.endswith("_nosink") else "raw",
+                    "threshold": limits[name] if t.label else np.nan,
+                    "ratio": float(ratio[i]) if ratio is not None else np.nan,
+                    "candidate": bool(ok[i]) if ok is not None else False,
+                    "decides": name == labels[i],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    return one
 
 
 # ---------------------------------------------------------------- what a head reads and writes

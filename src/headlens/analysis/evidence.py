@@ -30,7 +30,7 @@ from headlens.interventions.ablation import Replacement, ablated_metrics
 
 N_RANDOM = 6
 """Random head sets per label in the default census (the budget: the whole CLI census within 1.5x its time before
-evidence; benchmarks/results/cli_census_evidence.json)."""
+evidence; benchmarks/results/cli_census_evidence_ab.json)."""
 N_SEQS = 2
 """Sequences in each task metric of the default census."""
 TOP_K = 2

@@ -184,7 +184,9 @@ def unembed_at(
         resid = resid[:, positions.to(resid.device)]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    logits = resid @ model.unembed.W_U + model.unembed.b_U
+    logits = resid @ model.unembed.W_U
+    if model.unembed.b_U.any():  # most models have none: adding zeros is a pass over every logit
+        logits = logits + model.unembed.b_U
     cap = model.cfg.output_logits_soft_cap
     logits = _at_least_float32(logits)
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits

@@ -569,11 +569,13 @@ def _interval(value: float, lo: float, hi: float) -> str:
     return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
-def head_scores(census: pd.DataFrame, layer: int, head: int) -> tuple[list[list[str]], int]:
+def head_scores(census: pd.DataFrame, layer: int, head: int, *, tables=None) -> tuple[list[list[str]], int]:
     """The head view's score rows (every registered score, raw and sink-corrected, against its threshold; the value
-    the label rule read in bold by its row) and the index of the row that decided the label (-1: none)."""
+    the label rule read in bold by its row) and the index of the row that decided the label (-1: none); ``tables``:
+    :func:`headlens.analysis.cards.score_tables` of ``census``, made once for every head."""
     rows, decides = [], -1
-    for i, r in enumerate(cards.score_table(census, layer, head).itertuples(index=False)):
+    table = (tables or cards.score_tables(census))(layer, head)
+    for i, r in enumerate(table.itertuples(index=False)):
         read = r.nosink if r.read == "nosink" else r.raw
         mark = ("decides the label, " if r.decides else "") + ("sink-corrected read" if r.read == "nosink" else "")
         rows.append(
@@ -600,9 +602,10 @@ def _head_view(
     ``patterns``: every head's pattern on the prompt, in the table's (layer, head) order."""
     heads = list(zip(census["layer"].astype(int), census["head"].astype(int)))
     data_heads = {}
+    tables = cards.score_tables(census)
     for (layer, head), (_, row), pattern in zip(heads, census.iterrows(), patterns.numpy()):
         name = viz.head_name(layer, head)
-        scores, decides = head_scores(census, layer, head)
+        scores, decides = head_scores(census, layer, head, tables=tables)
         label = str(row["label"])
         title = label
         if "confidence" in census.columns and pd.notna(row["confidence"]):
