@@ -11,6 +11,8 @@ Writes analyses/results/census_trust/:
 - dev_sizes.csv             development seeds 0-2: agreement at each number of sequences per probe kind
 - dev_thresholds.csv        development seeds 0-2: agreement and `other` share at other thresholds
 - dev_rules.csv             development seeds 0-2: agreement of other labelling rules (RULES) at code sizes 48-80
+- rule_check.csv            the census's rule and the rule development picked (CANDIDATE_RULE) on fresh seeds 3-5 and
+                            on seeds 6-8, scored only after that choice (step unseen)
 - census_seed{0..5}.csv     the census at the frozen settings (seeds 0-2 development, 3-5 fresh)
 - stability.json            fresh seeds 3-5 (and, for comparison, development seeds 0-2): labels kept, over all heads,
                             over heads with a specific label, per label, bulk labels separately
@@ -26,6 +28,7 @@ Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_tr
 
     python analyses/census_trust.py --step dev       # one development seed per call (0, 1, 2), development sizes
     python analyses/census_trust.py --step fresh     # one fresh seed per call (3, 4, 5), frozen sizes
+    python analyses/census_trust.py --step unseen    # one seed per call (6, 7, 8), frozen sizes: the rule check
     python analyses/census_trust.py --step null
     python analyses/census_trust.py --step causal    # one label per call (--budget-s 300: more while it lasts)
     python analyses/census_trust.py --step keypath
@@ -68,6 +71,11 @@ OUT = Path(__file__).parent / "results" / "census_trust"
 CACHE = Path("/tmp/headlens_census_trust")  # per-sequence scores and partial results (not committed)
 DEV_SEEDS = (0, 1, 2)
 FRESH_SEEDS = (3, 4, 5)
+UNSEEN_SEEDS = (6, 7, 8)
+"""Seeds scored only to check a labelling rule chosen on the development seeds (``rule_check.csv``), after the choice."""
+CANDIDATE_RULE = "interval"
+"""The rule ``dev_rules.csv`` picks by the criterion fixed before it ran: the highest agreement over specifically
+labelled heads at the frozen sizes on development seeds (ties: the census's ``point``). Not the census default yet."""
 DEV_SIZES = {"repeated": 48, "natural": 80, "delimiter": 80, "code": 80}
 """Development runs score this many sequences per kind; the sizes tried are their leading subsets (the same windows
 a smaller census at that seed draws)."""
@@ -173,14 +181,18 @@ def dev_rules(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:
     """Development seeds only: agreement across seeds of each rule at code probe sizes 48, 64 and 80 (other kinds at
     the frozen sizes). Groundwork for the next frozen settings, which must then be measured on seeds never seen."""
     rows = []
-    for code in (48, 64, 80):
+    for code in sorted({FROZEN["code"], 64, 80}):
         sizes = dict(FROZEN, code=code)
         by_seed = [rule_labels(subset(p, sizes), types, limits, seed=s, L=L, H=H) for (p, _, _), s in zip(dev, seeds)]
         for rule in RULES:
             a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
             rows.append({"code": code, "rule": rule, "frozen": code == FROZEN["code"] and rule == "point",
                          **{k: v for k, v in a.items() if not isinstance(v, dict)}})  # fmt: skip
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    # the criterion fixed before the run: best specific-label agreement at the frozen sizes, ties to the census's rule
+    at = out[out["code"] == FROZEN["code"]].sort_values("rule", key=lambda r: r != "point", kind="stable")
+    out["picked"] = out.index == at["specific_same_label"].fillna(-1).idxmax()
+    return out
 
 
 def subset(per: PerSequence, sizes: dict) -> PerSequence:
@@ -249,6 +261,30 @@ def step_dev(model) -> bool:
 
 def step_fresh(model) -> bool:
     return step_seeds(model, "fresh", FRESH_SEEDS, FROZEN)
+
+
+def step_unseen(model) -> bool:
+    return step_seeds(model, "unseen", UNSEEN_SEEDS, FROZEN)
+
+
+def rule_check(types, limits, *, L: int, H: int) -> pd.DataFrame:
+    """The census's rule and :data:`CANDIDATE_RULE` on seeds no choice saw: fresh 3-5 and unseen 6-8 (frozen sizes)."""
+    rows = []
+    for prefix, seeds in (("fresh", FRESH_SEEDS), ("unseen", UNSEEN_SEEDS)):
+        if not all(cache_path(f"{prefix}_seed{s}.npz").exists() for s in seeds):
+            continue
+        by_seed = [
+            rule_labels(
+                subset(load_per(cache_path(f"{prefix}_seed{s}.npz"))[0], FROZEN), types, limits, seed=s, L=L, H=H
+            )
+            for s in seeds
+        ]
+        for rule in ("point", CANDIDATE_RULE):
+            a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
+            rows.append({"seeds": f"{prefix} {seeds[0]}-{seeds[-1]}", "rule": rule,
+                         **{k: v for k, v in a.items() if not isinstance(v, dict)},
+                         "meets_97_95": bool(a["same_label"] >= 0.97 and (a["specific_same_label"] or 0) >= 0.95)})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def step_null(model) -> bool:
@@ -363,7 +399,8 @@ def write_results(model) -> None:
     write_csv(by_label, OUT / "stability_by_label.csv")
 
     sources = {}
-    for prefix, seeds in (("dev", dev_seeds), ("fresh", FRESH_SEEDS)):
+    unseen = UNSEEN_SEEDS if all(cache_path(f"unseen_seed{s}.npz").exists() for s in UNSEEN_SEEDS) else ()
+    for prefix, seeds in (("dev", dev_seeds), ("fresh", FRESH_SEEDS), ("unseen", unseen)):
         for seed in seeds:
             _, src, _ = load_per(cache_path(f"{prefix}_seed{seed}.npz"))
             sources[str(seed)] = {k: v[: frozen[k]] for k, v in src.items()}
@@ -400,6 +437,9 @@ def write_results(model) -> None:
         write_csv(
             dev_rules(dev, dev_seeds, types, limits, L=model.cfg.n_layers, H=model.cfg.n_heads), OUT / "dev_rules.csv"
         )
+    check = rule_check(types, limits, L=model.cfg.n_layers, H=model.cfg.n_heads)
+    if len(check):
+        write_csv(check, OUT / "rule_check.csv")
 
     seed0, counts = build_table(model, subset(dev[0][0], frozen), types, limits, seed=0)
     write_csv(counts, OUT / "counts.csv")
@@ -482,7 +522,7 @@ def shared_units(sources: dict) -> int:
     return shared
 
 
-STEPS = ("dev", "fresh", "null", "causal", "keypath", "write")
+STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write")
 
 
 def main(argv=None, model=None) -> None:
@@ -508,6 +548,9 @@ def main(argv=None, model=None) -> None:
                 pass
         elif step == "fresh":
             while step_fresh(model) and again():
+                pass
+        elif step == "unseen":
+            while step_unseen(model) and again():
                 pass
         elif step == "null":
             step_null(model)

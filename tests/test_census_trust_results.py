@@ -64,7 +64,7 @@ def test_fresh_seed_stability_meets_the_targets():
 
 def test_seeds_share_no_probe_window():
     sources = json.loads((RESULTS / "sources.json").read_text())
-    assert {"0", "3", "4", "5"} <= set(sources) <= {"0", "1", "2", "3", "4", "5"}
+    assert {"0", "3", "4", "5"} <= set(sources) <= {str(s) for s in range(9)}
     windows = [w for by_kind in sources.values() for ws in by_kind.values() for w in ws]
     assert len(windows) == len(set(windows)) == len(sources) * 3 * 48
     assert json.loads((RESULTS / "summary.json").read_text())["provenance"]["seed_units_shared"] == 0
@@ -176,8 +176,45 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
     got = digest(tmp_path / "out")
     sources = json.loads((tmp_path / "out" / "sources.json").read_text())
     windows = [w for by_kind in sources.values() for ws in by_kind.values() for w in ws]
-    assert len(windows) == len(set(windows)) == 6 * 3 * 3  # six seeds, three text kinds, no window twice
+    assert len(windows) == len(set(windows)) == 9 * 3 * 3  # nine seeds, three text kinds, no window twice
+    rules = pd.read_csv(tmp_path / "out" / "dev_rules.csv")
+    assert rules["picked"].sum() == 1 and set(pd.read_csv(tmp_path / "out" / "rule_check.csv")["rule"]) == {
+        "point",
+        script.CANDIDATE_RULE,
+    }
     if not PINNED.exists():  # first run: write the pin (then commit it)
         PINNED.parent.mkdir(exist_ok=True)
         PINNED.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     assert json.loads(json.dumps(got, sort_keys=True)) == json.loads(PINNED.read_text())
+
+
+def test_point_rule_is_the_census_label_rule():
+    """census_trust's rule comparison re-implements the census's tier/ratio rule to add candidate masks: with none,
+    its ``point`` labels are build_table's labels (planted tiny Qwen), so the comparison measures the census's rule."""
+    from test_census import planted_model
+
+    from headlens.census.registry import head_types
+    from headlens.census.run import _thresholds, build_table, collect
+    from headlens.data.probes import default_probes
+
+    script = load_script()
+    model = planted_model()
+    types = head_types()
+    limits = _thresholds(types, None)
+    per = collect(model, default_probes(model, seed=0, n_seqs=3, n=16, seq_len=40), types, progress=False)
+    table = build_table(model, per, types, limits, seed=0, n_boot=0)[0]
+    rules = script.rule_labels(per, types, limits, seed=0, L=model.cfg.n_layers, H=model.cfg.n_heads, n_boot=20)
+    assert list(rules["point"]) == list(table["label"])
+    assert set(rules) == set(script.RULES)
+
+
+def test_rule_check_file_holds_what_the_tables_say():
+    """rule_check.csv (the rule development picked, on seeds no choice saw) is written with its own verdict."""
+    check = pd.read_csv(RESULTS / "rule_check.csv")
+    rules = pd.read_csv(RESULTS / "dev_rules.csv")
+    assert rules.loc[rules["picked"], "rule"].tolist() == [load_script().CANDIDATE_RULE]
+    for r in check.itertuples():
+        assert r.meets_97_95 == (r.same_label >= 0.97 and r.specific_same_label >= 0.95)
+    point = check[(check["rule"] == "point") & (check["seeds"] == "fresh 3-5")].iloc[0]
+    stability = json.loads((RESULTS / "stability.json").read_text())["fresh"]
+    assert point["same_label"] == pytest.approx(stability["same_label"])  # the census's rule: the stability file
