@@ -44,6 +44,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.census import scores
 from headlens.census.registry import WEIGHTS, HeadType, head_types
+from headlens.data.corpus import provenance as corpus_provenance
 from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
 from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
@@ -238,10 +239,11 @@ def collect(
 def weights_scores(model: HookedTransformer, types: dict[str, HeadType]) -> dict[str, np.ndarray]:
     """``{name: [layer * head]}`` of the ``types`` scored on the weights alone.
 
-    They depend on nothing but the weights, the tokenizer and headlens' code, so the built-in ones are kept in the
-    headlens cache (``HEADLENS_CACHE/scores/<key>.npz``) under a key of exactly those: the weights digest, the
-    tokenizer's digest and the digest of every headlens source file. A census of the same model computes them once
-    (about 20 s for Qwen); a type of the user's own is computed every time.
+    They depend on nothing but the weights, the tokenizer, the text corpus (the Python standard library the
+    positional score reads) and headlens' code, so the built-in ones are kept in the headlens cache
+    (``HEADLENS_CACHE/scores/<key>.npz``) under a key of exactly those: the weights digest, the tokenizer's digest, the
+    corpus's Python version and place, and the digest of every headlens source file. A census of the same model
+    computes them once (about 14 s for Qwen); a type of the user's own is computed every time.
     """
     wanted = {n: t for n, t in types.items() if t.probe == WEIGHTS and t.score is not None}
     stored = {n for n, t in wanted.items() if getattr(t.score, "__module__", "").startswith("headlens.")}
@@ -267,7 +269,8 @@ def _scores_path(model: HookedTransformer, names: list[str]):
         if tokenizer
         else ""
     )
-    for part in (weights_sha256(model), hashlib.sha256(vocab.encode()).hexdigest(), _code_digest(), *names):
+    corpus = json.dumps(corpus_provenance(), sort_keys=True)
+    for part in (weights_sha256(model), hashlib.sha256(vocab.encode()).hexdigest(), corpus, _code_digest(), *names):
         key.update(f"{part}\n".encode())
     try:
         return cache_dir() / "scores" / f"{key.hexdigest()}.npz"
