@@ -12,8 +12,9 @@ from headlens.census.validate import TASKS, check_held_out, spans, task_data
 from headlens.data import corpus
 from headlens.data.probes import DEFAULT_SIZES, default_probes
 
-SEEDS = range(6)
-"""The seeds of the census study (development 0-2, fresh 3-5); the fast tests take the first three."""
+SEEDS = range(9)
+"""The seeds of the census study (development 0-2, fresh 3-5, the rule check's 6-8); the fast tests take the first
+three."""
 RESULTS = Path(__file__).parents[1] / "analyses" / "results" / "census_trust"
 
 
