@@ -143,8 +143,7 @@ def score_tables(table: pd.DataFrame, *, thresholds: dict[str, float] | None = N
     limits = _limits(table, thresholds)
     eff = table_scores(table, types)
     ratios = label_ratios(eff, types, limits)
-    cols = {c: table[c].to_numpy(dtype=float) for c in table.columns if c not in ("label", "card")}
-    cols = {c: v for c, v in cols.items() if v.dtype.kind == "f"}
+    cols = {c: table[c].to_numpy(dtype=float) for c in table.select_dtypes("number").columns}
     layers, heads, labels = table["layer"].to_numpy(), table["head"].to_numpy(), table["label"].astype(str).to_numpy()
 
     def value(column: str, i: int) -> float:
