@@ -55,12 +55,12 @@ from headlens.census.registry import WEIGHTS, head_types
 from headlens.census.run import (
     PerSequence,
     _effective,
+    _label,
     _means,
     _thresholds,
     build_table,
     collect,
     label_names,
-    label_ratios,
 )
 from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects
 from headlens.data.corpus import provenance
@@ -134,35 +134,18 @@ mean scores); ``modal`` the label most bootstrap resamples give; ``interval`` le
 2.5th percentile of its (sink-aware) score over resamples reaches the threshold."""
 
 
-def _rule_label(eff: dict, types, limits, names, extra: dict | None = None) -> np.ndarray:
-    """The census's tier/ratio rule (``headlens.census.run``) with optional extra candidate masks per type."""
-    ratios = label_ratios(eff, types, limits)
-    n = len(next(iter(eff.values())))
-    out, decided = np.full(n, len(names) - 1), np.zeros(n, dtype=bool)
-    labelled = [t for t in types.values() if t.label and t.name in ratios]
-    for tier in sorted({t.tier for t in labelled}):
-        best, idx = np.full(n, -np.inf), np.full(n, -1)
-        for t in (t for t in labelled if t.tier == tier):
-            ratio, ok = ratios[t.name]
-            ok = ok & extra[t.name] if extra is not None and t.name in extra else ok
-            better = ok & (ratio > best)
-            best, idx = np.where(better, ratio, best), np.where(better, names.index(t.name), idx)
-        take = ~decided & (idx >= 0)
-        out[take], decided = idx[take], decided | take
-    return out
-
-
 def rule_labels(per: PerSequence, types, limits, *, seed: int, L: int, H: int, n_boot: int = 200) -> dict:
     """``{rule: label per head}`` for :data:`RULES` (the bootstrap is the census's: same generator and resamples)."""
-    names = list(label_names(types))
-    eff = _effective(_means(per, types, {k: None for k in per.by_kind}, L * H), types)
+    names = np.asarray(label_names(types))
+    means = _means(per, types, {k: None for k in per.by_kind}, L * H)
+    eff = _effective(means, types)
     rng = np.random.default_rng(int(seed) + 12345)
     boots, effs = [], []
     for _ in range(n_boot):
         picks = {k: rng.integers(0, v["_sink"].shape[0], v["_sink"].shape[0]) for k, v in per.by_kind.items()}
-        e = _effective(_means(per, types, picks, L * H), types)
-        boots.append(_rule_label(e, types, limits, names))
-        effs.append(e)
+        m = _means(per, types, picks, L * H)
+        boots.append(_label(m, types, limits))
+        effs.append(_effective(m, types))
     boots = np.stack(boots)
     clears = {
         t.name: np.percentile(np.stack([e[t.column] for e in effs]), 2.5, axis=0) >= limits[t.name]
@@ -170,11 +153,11 @@ def rule_labels(per: PerSequence, types, limits, *, seed: int, L: int, H: int, n
         if t.label and t.column in eff
     }
     out = {
-        "point": _rule_label(eff, types, limits, names),
+        "point": _label(means, types, limits),
         "modal": np.array([np.bincount(boots[:, i], minlength=len(names)).argmax() for i in range(L * H)]),
-        "interval": _rule_label(eff, types, limits, names, clears),
+        "interval": _label(means, types, limits, clears),
     }
-    return {rule: np.asarray(names)[v] for rule, v in out.items()}
+    return {rule: names[v] for rule, v in out.items()}
 
 
 def dev_rules(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:

@@ -258,9 +258,7 @@ def tensor_sha256(tensor) -> str:
     if key is not None and memo is not None and memo[0] == key:
         return memo[1]
     digest = hashlib.sha256(tensor_buffer(tensor)).hexdigest()
-    if key is not None:
-        with contextlib.suppress(AttributeError, RuntimeError):
-            tensor._headlens_sha256 = (key, digest)
+    remember_sha256(tensor, digest)
     return digest
 
 

@@ -261,14 +261,12 @@ def _scores_path(model: HookedTransformer, names: list[str]):
 
     key = hashlib.sha256()
     tokenizer = getattr(model, "tokenizer", None)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = (
-        backend.to_str()
-        if backend is not None
-        else json.dumps(sorted(tokenizer.get_vocab().items()))
-        if tokenizer
-        else ""
-    )
+    if tokenizer is None:
+        vocab = ""
+    elif getattr(tokenizer, "backend_tokenizer", None) is not None:  # a fast tokenizer: its whole definition
+        vocab = tokenizer.backend_tokenizer.to_str()
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     corpus = json.dumps(corpus_provenance(), sort_keys=True)
     for part in (weights_sha256(model), hashlib.sha256(vocab.encode()).hexdigest(), corpus, _code_digest(), *names):
         key.update(f"{part}\n".encode())
@@ -494,8 +492,11 @@ def label_ratios(
     return out
 
 
-def _label(means: dict[str, np.ndarray], types, limits: dict[str, float]) -> np.ndarray:
-    """Index into :func:`label_names` of each head's label (vectorised over heads)."""
+def _label(
+    means: dict[str, np.ndarray], types, limits: dict[str, float], candidates: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Index into :func:`label_names` of each head's label (vectorised over heads); ``candidates``: an extra mask per
+    type that a candidate must also meet (analyses/census_trust.py compares labelling rules with it)."""
     eff = _effective(means, types)
     names = label_names(types)
     n = len(next(iter(means.values())))
@@ -508,6 +509,8 @@ def _label(means: dict[str, np.ndarray], types, limits: dict[str, float]) -> np.
         best_idx = np.full(n, -1)
         for t in (t for t in labelled if t.tier == tier and t.name in ratios):
             ratio, ok = ratios[t.name]
+            if candidates is not None and t.name in candidates:
+                ok = ok & candidates[t.name]
             better = ok & (ratio > best)
             best = np.where(better, ratio, best)
             best_idx = np.where(better, names.index(t.name), best_idx)
