@@ -11,11 +11,13 @@ Writes analyses/results/census_trust/:
 - dev_sizes.csv             development seeds 0-2: agreement at each number of sequences per probe kind
 - dev_thresholds.csv        development seeds 0-2: agreement and `other` share at other thresholds
 - dev_rules.csv             development seeds 0-2: agreement of other labelling rules (RULES) at code sizes 48-80
+- dev_scaling.csv           development seeds 0-2: labels that change across seeds at 0.25-1.67x the frozen sizes
 - rule_check.csv            the census's rule and the rule development picked (CANDIDATE_RULE) on fresh seeds 3-5 and
                             on seeds 6-8, scored only after that choice (step unseen)
-- census_seed{0..5}.csv     the census at the frozen settings (seeds 0-2 development, 3-5 fresh)
-- stability.json            fresh seeds 3-5 (and, for comparison, development seeds 0-2): labels kept, over all heads,
-                            over heads with a specific label, per label, bulk labels separately
+- census_seed{0..8}.csv     the census at the frozen settings (seeds 0-2 development, 3-5 fresh, 6-8 unseen)
+- stability.json            fresh seeds 3-5 (and development seeds 0-2, unseen seeds 6-8): labels kept, over all heads,
+                            over heads with a specific label, per label, bulk labels separately, and what a
+                            confident label promises at another seed (confident_kept)
 - stability_by_label.csv    the per-label part of stability.json as a table
 - sources.json              every probe window of every seed (file@token)
 - counts.csv                heads per label at seed 0 with 95 % bootstrap intervals
@@ -125,7 +127,31 @@ def agreement(tables: list[pd.DataFrame]) -> dict:
         confident = np.stack([t["confidence"].to_numpy() >= 0.9 for t in tables]).all(0)
         out["n_confident_all_seeds"] = int(confident.sum())
         out["same_label_among_confident"] = float(same[confident].mean()) if confident.any() else None
+        out.update(confident_kept(tables))
     return out
+
+
+def confident_kept(tables: list[pd.DataFrame], level: float = 0.9) -> dict:
+    """What a confident label promises on other data: over ordered pairs of seeds (a, b), the heads whose label at
+    ``a`` has confidence >= ``level``, and the share of them with the same label at ``b`` (all such heads, and those
+    whose label at ``a`` is specific). Unlike ``same_label_among_confident`` it does not pick heads by the outcome."""
+    kept, n, kept_specific, n_specific = 0, 0, 0, 0
+    for i, a in enumerate(tables):
+        for j, b in enumerate(tables):
+            if i == j:
+                continue
+            sure = a["confidence"].to_numpy() >= level
+            specific = sure & ~np.isin(a["label"].to_numpy(), BULK)
+            agree = a["label"].to_numpy() == b["label"].to_numpy()
+            kept, n = kept + int((agree & sure).sum()), n + int(sure.sum())
+            kept_specific, n_specific = kept_specific + int((agree & specific).sum()), n_specific + int(specific.sum())
+    return {
+        "confident_level": level,
+        "n_confident_pairs": n,
+        "confident_kept_pairwise": kept / n if n else None,
+        "n_confident_specific_pairs": n_specific,
+        "confident_specific_kept_pairwise": kept_specific / n_specific if n_specific else None,
+    }
 
 
 RULES = ("point", "modal", "interval")
@@ -175,6 +201,40 @@ def dev_rules(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:
     # the criterion fixed before the run: best specific-label agreement at the frozen sizes, ties to the census's rule
     at = out[out["code"] == FROZEN["code"]].sort_values("rule", key=lambda r: r != "point", kind="stable")
     out["picked"] = out.index == at["specific_same_label"].fillna(-1).idxmax()
+    return out
+
+
+SCALES = (0.25, 0.5, 0.75, 1.0, 1.33, 1.67)
+"""Probe sizes tried by :func:`dev_scaling`, as multiples of the frozen sizes (capped at ``DEV_SIZES``)."""
+
+
+def dev_scaling(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:
+    """Development seeds only: heads whose label changes across seeds when every probe kind gets ``scale`` times its
+    frozen number of sequences (the leading windows of each seed), under the census's rule and the candidate rule.
+    Says how far more probe data alone moves agreement: sampling noise shrinks like 1/sqrt(sequences)."""
+    rows = []
+    for scale in SCALES:
+        sizes = {k: min(DEV_SIZES[k], round(FROZEN[k] * scale)) for k in FROZEN}
+        by_seed = [rule_labels(subset(p, sizes), types, limits, seed=s, L=L, H=H) for (p, _, _), s in zip(dev, seeds)]
+        for rule in ("point", CANDIDATE_RULE):
+            a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
+            rows.append({"scale": scale, **sizes, "rule": rule, "n_changed": a["n_heads"] - a["n_same"],
+                         "n_specific_changed": a["n_specific_any_seed"] - a["n_specific_same"],
+                         **{k: v for k, v in a.items() if not isinstance(v, dict)}})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def scaling_fit(scaling: pd.DataFrame) -> dict:
+    """Per rule, least squares of changed heads (all; specific) on 1/sqrt(scale): ``[intercept, slope]``. Sampling
+    noise alone would give an intercept near 0 (no changes at unlimited data); a larger one is what more data of the
+    same kind cannot remove."""
+    out = {}
+    for rule, part in scaling.groupby("rule", sort=False):
+        x = np.c_[np.ones(len(part)), 1 / np.sqrt(part["scale"].to_numpy(dtype=float))]
+        out[rule] = {
+            col: [round(float(v), 2) for v in np.linalg.lstsq(x, part[col].to_numpy(dtype=float), rcond=None)[0]]
+            for col in ("n_changed", "n_specific_changed")
+        }
     return out
 
 
@@ -355,7 +415,9 @@ def write_results(model) -> None:
 
     dev_tables = seed_tables(model, dev_seeds, "dev", frozen, limits)
     fresh_tables = seed_tables(model, FRESH_SEEDS, "fresh", frozen, limits)
-    for seed, table in zip(dev_seeds + FRESH_SEEDS, dev_tables + fresh_tables):
+    unseen = UNSEEN_SEEDS if all(cache_path(f"unseen_seed{s}.npz").exists() for s in UNSEEN_SEEDS) else ()
+    unseen_tables = seed_tables(model, unseen, "unseen", frozen, limits)
+    for seed, table in zip(dev_seeds + FRESH_SEEDS + unseen, dev_tables + fresh_tables + unseen_tables):
         write_csv(table, OUT / f"census_seed{seed}.csv")
 
     fresh = agreement(fresh_tables)
@@ -368,6 +430,8 @@ def write_results(model) -> None:
         "fresh": fresh,
         "development_seeds": list(dev_seeds),
         "development": development,
+        "unseen_seeds": list(unseen),  # scored after every choice, the labelling rule's included: a second fresh triple
+        "unseen": agreement(unseen_tables) if unseen else {"by_label": {}, "note": "unseen seeds not scored"},
         "targets": {"same_label": 0.97, "specific_same_label": 0.95},
         "targets_met_on_fresh_seeds": bool(fresh["same_label"] >= 0.97 and (fresh["specific_same_label"] or 0) >= 0.95),
         "label_counts_by_seed": {
@@ -382,7 +446,6 @@ def write_results(model) -> None:
     write_csv(by_label, OUT / "stability_by_label.csv")
 
     sources = {}
-    unseen = UNSEEN_SEEDS if all(cache_path(f"unseen_seed{s}.npz").exists() for s in UNSEEN_SEEDS) else ()
     for prefix, seeds in (("dev", dev_seeds), ("fresh", FRESH_SEEDS), ("unseen", unseen)):
         for seed in seeds:
             _, src, _ = load_per(cache_path(f"{prefix}_seed{seed}.npz"))
@@ -417,9 +480,10 @@ def write_results(model) -> None:
             )
     if complete:
         write_csv(pd.DataFrame(threshold_rows), OUT / "dev_thresholds.csv")
-        write_csv(
-            dev_rules(dev, dev_seeds, types, limits, L=model.cfg.n_layers, H=model.cfg.n_heads), OUT / "dev_rules.csv"
-        )
+        L, H = model.cfg.n_layers, model.cfg.n_heads
+        write_csv(dev_rules(dev, dev_seeds, types, limits, L=L, H=H), OUT / "dev_rules.csv")
+        scaling = dev_scaling(dev, dev_seeds, types, limits, L=L, H=H)
+        write_csv(scaling, OUT / "dev_scaling.csv")
     check = rule_check(types, limits, L=model.cfg.n_layers, H=model.cfg.n_heads)
     if len(check):
         write_csv(check, OUT / "rule_check.csv")
@@ -465,7 +529,9 @@ def write_results(model) -> None:
         "seq_len": 128,
         "stability_fresh_seeds": {k: v for k, v in fresh.items() if k != "by_label"},
         "stability_development_seeds": {k: v for k, v in development.items() if k != "by_label"},
+        "stability_unseen_seeds": {k: v for k, v in stability["unseen"].items() if k != "by_label"},
         "targets_met_on_fresh_seeds": stability["targets_met_on_fresh_seeds"],
+        "dev_scaling_fit": scaling_fit(scaling) if complete else None,
         "other_share_seed0": float((seed0["label"] == "other").mean()),
         "labels_clear_null": {r.label: bool(r.clears) for r in levels.itertuples()},
         "verdicts": dict(zip(causal["label"], causal["verdict"])),

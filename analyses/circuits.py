@@ -322,7 +322,7 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
     smallest = None
     if hits:
         high, order, best = min(hits)
-        frame = result.faithfulness if order == "abs" else signed
+        frame = (result.faithfulness if order == "abs" else signed).table
         curve = frame[frame.method == best]
         below = curve[curve.n_edges < high]
         low = int(below.n_edges.max()) if len(below) else 0
@@ -476,7 +476,7 @@ def toy_study(seed: int, out: Path) -> dict:
                 ].itertuples(index=False)
             ],
             "faithfulness": _faith_summary(result),
-            "curves": result.faithfulness.pivot_table(index="k", columns="method", values="faithfulness")
+            "curves": result.faithfulness.table.pivot_table(index="k", columns="method", values="faithfulness")
             .round(4)
             .to_dict(),
             "circuit": {k: result.info[k] for k in ("circuit_method", "circuit_k", "circuit_edges")},

@@ -27,12 +27,14 @@ def test_counts_are_the_seed0_table_and_lie_in_their_intervals():
 
 
 def test_fresh_seed_stability_is_what_the_seed_tables_say():
-    """Stability at seeds 3, 4, 5 (never used for a choice) and at the development seeds, recomputed here from the
-    committed tables: all heads, heads with a specific label, per label."""
+    """Stability at seeds 3, 4, 5 (never used for a choice), at the development seeds and at seeds 6-8 (scored after
+    every choice), recomputed here from the committed tables: all heads, heads with a specific label, per label, and
+    what a confident label promises at another seed."""
     stability = json.loads((RESULTS / "stability.json").read_text())
     assert stability["fresh_seeds"] == [3, 4, 5] and stability["development_seeds"][:1] == [0]
     development = tuple(stability["development_seeds"])
-    for key, seeds in (("fresh", (3, 4, 5)), ("development", development)):
+    assert stability["unseen_seeds"] == [6, 7, 8]
+    for key, seeds in (("fresh", (3, 4, 5)), ("development", development), ("unseen", (6, 7, 8))):
         if len(seeds) < 3:  # development seeds 1 and 2 not scored yet: no development comparison was written
             assert "note" in stability[key]
             continue
@@ -45,6 +47,8 @@ def test_fresh_seed_stability_is_what_the_seed_tables_say():
         for label, row in record["by_label"].items():
             assert row["n_any_seed"] == int((labels == label).any(0).sum()), (key, label)
             assert row["n_every_seed"] == int((labels == label).all(0).sum()), (key, label)
+        kept = load_script().confident_kept(tables(seeds))
+        assert {k: record[k] for k in kept} == pytest.approx(kept)
     fresh = stability["fresh"]
     met = fresh["same_label"] >= 0.97 and fresh["specific_same_label"] >= 0.95
     assert stability["targets_met_on_fresh_seeds"] == met
@@ -182,10 +186,25 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
         "point",
         script.CANDIDATE_RULE,
     }
+    check_dev_scaling(tmp_path / "out")
     if not PINNED.exists():  # first run: write the pin (then commit it)
         PINNED.parent.mkdir(exist_ok=True)
         PINNED.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     assert json.loads(json.dumps(got, sort_keys=True)) == json.loads(PINNED.read_text())
+
+
+def check_dev_scaling(out: Path) -> None:
+    """dev_scaling.csv at scale 1 under the census's rule is the development agreement at the frozen sizes."""
+    scaling = pd.read_csv(out / "dev_scaling.csv")
+    development = json.loads((out / "stability.json").read_text())["development"]
+    at_frozen = scaling[(scaling["scale"] == 1.0) & (scaling["rule"] == "point")].iloc[0]
+    assert at_frozen["n_same"] == development["n_same"]
+    assert at_frozen["n_specific_same"] == development["n_specific_same"]
+    assert (scaling["n_changed"] == scaling["n_heads"] - scaling["n_same"]).all()
+
+
+def test_committed_dev_scaling_holds_the_development_agreement():
+    check_dev_scaling(RESULTS)
 
 
 def test_point_rule_is_the_census_label_rule():
@@ -218,3 +237,13 @@ def test_rule_check_file_holds_what_the_tables_say():
     point = check[(check["rule"] == "point") & (check["seeds"] == "fresh 3-5")].iloc[0]
     stability = json.loads((RESULTS / "stability.json").read_text())["fresh"]
     assert point["same_label"] == pytest.approx(stability["same_label"])  # the census's rule: the stability file
+
+
+def test_confident_kept_reads_each_ordered_pair_of_seeds_from_the_first_seeds_confidence():
+    """A head counts for the pair (a, b) when its label at a is confident, whatever happens at b."""
+    a = pd.DataFrame({"label": ["induction", "local", "other"], "confidence": [0.95, 0.95, 0.5]})
+    b = pd.DataFrame({"label": ["induction", "first_token", "other"], "confidence": [0.5, 0.99, 0.99]})
+    got = load_script().confident_kept([a, b])
+    # a -> b: heads 0 and 1 are confident at a, head 0 keeps its label; b -> a: heads 1 and 2, head 2 keeps it
+    assert got["n_confident_pairs"] == 4 and got["confident_kept_pairwise"] == 0.5
+    assert got["n_confident_specific_pairs"] == 1 and got["confident_specific_kept_pairwise"] == 1.0

@@ -608,3 +608,35 @@ def test_small_circuits_built_from_the_source_side_equal_the_direct_sum(tiny, ab
         slow = paths.run_edges(tiny, setting, runs, runs_per_pass=2, progress=False)
     np.testing.assert_allclose(fast, slow, atol=2e-5)
     assert fast[0] != pytest.approx(fast[-1], abs=1e-3)  # the circuits differ
+
+
+def _close(got, want, path=""):
+    """JSON values equal, floats to 1e-3 (the committed file is rounded to 4 places)."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            _close(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, abs=1e-3), path
+    else:
+        assert got == want, path
+
+
+def test_circuits_script_regenerates_the_committed_toy_results(tmp_path):
+    """analyses/circuits.py --part toy (the trained toy model's circuit, seconds) writes what is committed: the
+    script's Qwen parts share its code paths, so an API change that breaks them shows here too."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "analyses" / "circuits.py"
+    spec = importlib.util.spec_from_file_location("circuits_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.toy_study(0, tmp_path)
+    committed = json.loads((path.parent / "results" / "circuits" / "toy.json").read_text())
+    _close(json.loads((tmp_path / "toy.json").read_text()), committed)

@@ -101,3 +101,25 @@ def test_ioi_prompts_are_one_length_with_one_token_names(qwen):
     diff = logits[torch.arange(12), io] - logits[torch.arange(12), s]
     assert (diff > 0).float().mean() >= 0.9  # the model does IOI on these prompts
     assert task.info["examples"][0].split()[1] != task.info["examples"][1].split()[1]  # ABBA then BABA
+
+
+def test_circuit_results_carry_the_committed_census_labels():
+    """Every census label the circuit results print is the label of the census they read (census_seed0.csv): a
+    census change that relabels heads must regenerate them (analyses/circuits.py --part induction / ioi)."""
+    census = pd.read_csv(CENSUS)
+    label = {f"L{a}H{b}": lab for a, b, lab in zip(census.layer, census["head"], census.label)}
+    for name, node, col in (
+        ("induction_composition.csv", "sender", "sender_label"),
+        ("induction_composition.csv", "receiver", "receiver_label"),
+        ("induction_k_senders.csv", "sender", "sender_label"),
+        ("ioi_nodes.csv", "node", "label"),
+        ("ioi_edges.csv", "sender", "sender_label"),
+        ("ioi_edges.csv", "receiver", "receiver_label"),
+    ):
+        table = pd.read_csv(RESULTS / name)
+        heads = table[table[node].isin(label)]
+        assert len(heads), name
+        stale = heads[heads[col] != heads[node].map(label)]
+        assert stale.empty, (name, stale[[node, col]].head().to_dict("records"))
+    roles = _json("ioi.json")["roles"]
+    assert all(r["census_label"] == label[r["node"]] for r in roles)

@@ -81,3 +81,26 @@ def test_check_output_dir(tmp_path):
     with pytest.raises(HeadlensError, match="is a file"):
         io.check_output_dir(tmp_path / "file" / "sub")
     assert io.check_output_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+
+
+def test_once_per_weights_recomputes_after_an_in_place_edit_and_for_another_model():
+    """Weights-only census scores are computed once per model state: asked twice, once; after an in-place edit of
+    a weight (what ablation studies do) or for another model, again."""
+    import torch
+
+    calls = []
+
+    @io.once_per_weights
+    def total(model):
+        calls.append(1)
+        return sum(float(p.detach().sum()) for p in model.parameters())
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    first = total(a)
+    assert total(a) == first and len(calls) == 1
+    with torch.no_grad():
+        a.weight.add_(1.0)
+    assert total(a) == pytest.approx(first + 6.0) and len(calls) == 2
+    total(b)
+    assert len(calls) == 3

@@ -299,6 +299,22 @@ def weights_sha256(model) -> str:
     return combine_digests(tensors, tensor_digests(tensors))
 
 
+def once_per_weights(fn):
+    """``fn(model)`` computed once per model state: the last result is kept under the model and its weights digest
+    (free after a cached load, and changed by an in-place edit), for weights-only scores a census reads twice."""
+    memo: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(model):
+        key = (id(model), weights_sha256(model))
+        if key not in memo:
+            memo.clear()
+            memo[key] = fn(model)
+        return memo[key]
+
+    return wrapper
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file's bytes."""
     digest = hashlib.sha256()

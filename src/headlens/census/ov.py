@@ -44,7 +44,7 @@ from headlens.data.probes import natural_text, word_token_ids
 from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError
 from headlens.heads import head_frame
-from headlens.io import weights_sha256
+from headlens.io import once_per_weights
 
 THRESHOLDS = {
     "attention_to_predicted": 0.3,
@@ -180,17 +180,10 @@ def negative_copying(
     return copying_scores(model, n=n, lowest=lowest, seed=seed)["negative_copying"]
 
 
-_CACHE: dict = {}
-
-
+@once_per_weights
 def census_copying(model: HookedTransformer) -> dict[str, Float[Tensor, "layer head"]]:
-    """copying_scores(model, n=CENSUS_COPY_SAMPLE), computed once per model state (two census columns): the key
-    is the weights digest, free after a cached load and remembered per tensor until an in-place edit."""
-    key = (id(model), weights_sha256(model))
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = copying_scores(model, n=CENSUS_COPY_SAMPLE)
-    return _CACHE[key]
+    """copying_scores(model, n=CENSUS_COPY_SAMPLE), computed once per model state (two census columns)."""
+    return copying_scores(model, n=CENSUS_COPY_SAMPLE)
 
 
 # ---------------------------------------------------------------- attention to the predicted token

@@ -14,7 +14,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.census.rope import distance_profiles, rope_summary
-from headlens.io import weights_sha256
+from headlens.io import once_per_weights
 
 THRESHOLD = 0.5
 """Set before the default Qwen was scored (docs/head_types.md); clears the random-weights null (census_trust/null.csv)."""
@@ -62,14 +62,8 @@ def positional_overlap(
     return float(over.sum() / n_pairs[0]), int(over.argmax())
 
 
-_CACHE: dict = {}
-
-
+@once_per_weights
 def positional_table(model: HookedTransformer) -> pd.DataFrame:
     """positional_scores(model), computed once per model state (the score and the offset are two census columns;
-    the key is the weights digest: every weight shapes the patterns it measures)."""
-    key = (id(model), weights_sha256(model))
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = positional_scores(model)
-    return _CACHE[key]
+    every weight shapes the patterns it measures)."""
+    return positional_scores(model)

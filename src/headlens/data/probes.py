@@ -178,11 +178,12 @@ def probe_kinds() -> tuple[str, ...]:
 DEFAULT_BATCH = 16
 DEFAULT_SEQ_LEN = 128
 DEFAULT_SIZES = {"repeated": 24, "natural": 48, "delimiter": 48, "code": 48, "predicted": 0}
-"""Sequences per probe kind in the default census (other kinds: ``DEFAULT_BATCH``; 0: the kind is left out). Measured
-on the default Qwen (``analyses/census_trust.py``, ``sizes.csv``): the text kinds carry most label changes between
-seeds, so they get the most sequences; ``code`` too, because scored bracket pairs are rare (2-3 per window).
-``predicted`` feeds only a score column (``attention_to_predicted``) and needs an extra full forward with the
-unembedding, so it is opt-in: ``default_probes(model, batch=8, kinds=["predicted"])`` builds it. Cost: one forward over these tokens (72 s on 2 CPU cores with 24 code sequences,
+"""Sequences per probe kind in the default census (other kinds: ``DEFAULT_BATCH``; 0: the kind is left out). Chosen
+on development seeds of the default Qwen (``analyses/census_trust.py``, ``dev_sizes.csv``): the text kinds carry most
+label changes between seeds, so they get the most sequences; ``code`` too, because scored bracket pairs are rare (2-3
+per window). ``predicted`` feeds only a score column (``attention_to_predicted``) and needs an extra full forward with
+the unembedding, so it is opt-in: ``default_probes(model, batch=8, kinds=["predicted"])`` builds it. Cost: the census
+over these tokens takes 1.09x a forward that stops where it stops (109 s on 2 CPU cores,
 ``benchmarks/results/census.json``)."""
 
 
