@@ -306,8 +306,7 @@ def ioi_study(model, census: pd.DataFrame, seed: int, out: Path) -> dict:
     summary_f = {
         "abs": _faith_summary(result),
         "signed": {
-            m: {k: (_r(x) if isinstance(x, float) else x) for k, x in v.items()}
-            for m, v in signed.summary.items()
+            m: {k: (_r(x) if isinstance(x, float) else x) for k, x in v.items()} for m, v in signed.summary.items()
         },
     }
 

@@ -106,7 +106,10 @@ def main() -> None:
         ),
         "runs": runs,
         "ratio_exact_over_eap_ig": {"min": min(ratios), "max": max(ratios)},
-        "eap_ig_seconds": {"min": min(r["eap_ig_seconds"] for r in runs), "max": max(r["eap_ig_seconds"] for r in runs)},
+        "eap_ig_seconds": {
+            "min": min(r["eap_ig_seconds"] for r in runs),
+            "max": max(r["eap_ig_seconds"] for r in runs),
+        },
         "exact_projected_hours": {
             "min": min(r["exact_all_edges_projected_hours"] for r in runs),
             "max": max(r["exact_all_edges_projected_hours"] for r in runs),
