@@ -41,6 +41,7 @@ Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_tr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -135,16 +136,15 @@ def confident_kept(tables: list[pd.DataFrame], level: float = 0.9) -> dict:
     """What a confident label promises on other data: over ordered pairs of seeds (a, b), the heads whose label at
     ``a`` has confidence >= ``level``, and the share of them with the same label at ``b`` (all such heads, and those
     whose label at ``a`` is specific). Unlike ``same_label_among_confident`` it does not pick heads by the outcome."""
-    kept, n, kept_specific, n_specific = 0, 0, 0, 0
-    for i, a in enumerate(tables):
-        for j, b in enumerate(tables):
-            if i == j:
-                continue
-            sure = a["confidence"].to_numpy() >= level
-            specific = sure & ~np.isin(a["label"].to_numpy(), BULK)
-            agree = a["label"].to_numpy() == b["label"].to_numpy()
-            kept, n = kept + int((agree & sure).sum()), n + int(sure.sum())
-            kept_specific, n_specific = kept_specific + int((agree & specific).sum()), n_specific + int(specific.sum())
+    labels = np.stack([t["label"].to_numpy() for t in tables])
+    sure = np.stack([t["confidence"].to_numpy() >= level for t in tables])
+    specific = sure & ~np.isin(labels, BULK)
+    pairs = list(itertools.permutations(range(len(tables)), 2))
+    agree = [labels[a] == labels[b] for a, b in pairs]
+    kept = sum(int((same & sure[a]).sum()) for same, (a, _) in zip(agree, pairs))
+    kept_specific = sum(int((same & specific[a]).sum()) for same, (a, _) in zip(agree, pairs))
+    n = sum(int(sure[a].sum()) for a, _ in pairs)
+    n_specific = sum(int(specific[a].sum()) for a, _ in pairs)
     return {
         "confident_level": level,
         "n_confident_pairs": n,
@@ -186,17 +186,26 @@ def rule_labels(per: PerSequence, types, limits, *, seed: int, L: int, H: int, n
     return {rule: names[v] for rule, v in out.items()}
 
 
+def flat(a: dict) -> dict:
+    """An :func:`agreement` without its per-label part (one table row)."""
+    return {k: v for k, v in a.items() if not isinstance(v, dict)}
+
+
+def rule_agreement(pers, seeds, rules, types, limits, *, L: int, H: int) -> dict[str, dict]:
+    """``{rule: agreement across seeds}`` of the labels :func:`rule_labels` gives each seed's per-sequence scores."""
+    by_seed = [rule_labels(p, types, limits, seed=s, L=L, H=H) for p, s in zip(pers, seeds)]
+    return {rule: agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed]) for rule in rules}
+
+
 def dev_rules(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:
     """Development seeds only: agreement across seeds of each rule at code probe sizes 48, 64 and 80 (other kinds at
     the frozen sizes). Groundwork for the next frozen settings, which must then be measured on seeds never seen."""
     rows = []
     for code in sorted({FROZEN["code"], 64, 80}):
         sizes = dict(FROZEN, code=code)
-        by_seed = [rule_labels(subset(p, sizes), types, limits, seed=s, L=L, H=H) for (p, _, _), s in zip(dev, seeds)]
-        for rule in RULES:
-            a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
-            rows.append({"code": code, "rule": rule, "frozen": code == FROZEN["code"] and rule == "point",
-                         **{k: v for k, v in a.items() if not isinstance(v, dict)}})  # fmt: skip
+        pers = [subset(p, sizes) for p, _, _ in dev]
+        for rule, a in rule_agreement(pers, seeds, RULES, types, limits, L=L, H=H).items():
+            rows.append({"code": code, "rule": rule, "frozen": code == FROZEN["code"] and rule == "point", **flat(a)})
     out = pd.DataFrame(rows)
     # the criterion fixed before the run: best specific-label agreement at the frozen sizes, ties to the census's rule
     at = out[out["code"] == FROZEN["code"]].sort_values("rule", key=lambda r: r != "point", kind="stable")
@@ -215,12 +224,10 @@ def dev_scaling(dev, seeds, types, limits, *, L: int, H: int) -> pd.DataFrame:
     rows = []
     for scale in SCALES:
         sizes = {k: min(DEV_SIZES[k], round(FROZEN[k] * scale)) for k in FROZEN}
-        by_seed = [rule_labels(subset(p, sizes), types, limits, seed=s, L=L, H=H) for (p, _, _), s in zip(dev, seeds)]
-        for rule in ("point", CANDIDATE_RULE):
-            a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
+        pers = [subset(p, sizes) for p, _, _ in dev]
+        for rule, a in rule_agreement(pers, seeds, ("point", CANDIDATE_RULE), types, limits, L=L, H=H).items():
             rows.append({"scale": scale, **sizes, "rule": rule, "n_changed": a["n_heads"] - a["n_same"],
-                         "n_specific_changed": a["n_specific_any_seed"] - a["n_specific_same"],
-                         **{k: v for k, v in a.items() if not isinstance(v, dict)}})  # fmt: skip
+                         "n_specific_changed": a["n_specific_any_seed"] - a["n_specific_same"], **flat(a)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -288,6 +295,11 @@ def census_step(model, seed: int, sizes: dict, name: str) -> None:
 # ---------------------------------------------------------------- steps
 
 
+def scored(prefix: str, seeds) -> bool:
+    """Every seed of ``seeds`` has its cached per-sequence scores."""
+    return all(cache_path(f"{prefix}_seed{s}.npz").exists() for s in seeds)
+
+
 def step_seeds(model, prefix: str, seeds, sizes: dict) -> bool:
     """Score the next seed of ``seeds`` whose cache is missing (False: none left)."""
     for seed in seeds:
@@ -314,18 +326,11 @@ def rule_check(types, limits, *, L: int, H: int) -> pd.DataFrame:
     """The census's rule and :data:`CANDIDATE_RULE` on seeds no choice saw: fresh 3-5 and unseen 6-8 (frozen sizes)."""
     rows = []
     for prefix, seeds in (("fresh", FRESH_SEEDS), ("unseen", UNSEEN_SEEDS)):
-        if not all(cache_path(f"{prefix}_seed{s}.npz").exists() for s in seeds):
+        if not scored(prefix, seeds):
             continue
-        by_seed = [
-            rule_labels(
-                subset(load_per(cache_path(f"{prefix}_seed{s}.npz"))[0], FROZEN), types, limits, seed=s, L=L, H=H
-            )
-            for s in seeds
-        ]
-        for rule in ("point", CANDIDATE_RULE):
-            a = agreement([pd.DataFrame({"label": labels[rule]}) for labels in by_seed])
-            rows.append({"seeds": f"{prefix} {seeds[0]}-{seeds[-1]}", "rule": rule,
-                         **{k: v for k, v in a.items() if not isinstance(v, dict)},
+        pers = [subset(load_per(cache_path(f"{prefix}_seed{s}.npz"))[0], FROZEN) for s in seeds]
+        for rule, a in rule_agreement(pers, seeds, ("point", CANDIDATE_RULE), types, limits, L=L, H=H).items():
+            rows.append({"seeds": f"{prefix} {seeds[0]}-{seeds[-1]}", "rule": rule, **flat(a),
                          "meets_97_95": bool(a["same_label"] >= 0.97 and (a["specific_same_label"] or 0) >= 0.95)})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -397,8 +402,9 @@ def write_results(model) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     types = head_types()
     limits = _thresholds(types, None)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     frozen = FROZEN
-    dev_seeds = tuple(s for s in DEV_SEEDS if cache_path(f"dev_seed{s}.npz").exists())
+    dev_seeds = tuple(s for s in DEV_SEEDS if scored("dev", [s]))
     complete = dev_seeds == DEV_SEEDS  # development comparisons need all three development seeds
 
     dev = [load_per(cache_path(f"dev_seed{s}.npz")) for s in dev_seeds]
@@ -409,13 +415,13 @@ def write_results(model) -> None:
             for (p, _, _), s in zip(dev, dev_seeds)
         ]
         a = agreement(tables)
-        rows.append({**sizes, "frozen": sizes == frozen, **{k: v for k, v in a.items() if not isinstance(v, dict)}})
+        rows.append({**sizes, "frozen": sizes == frozen, **flat(a)})
     if complete:
         write_csv(pd.DataFrame(rows), OUT / "dev_sizes.csv")
 
     dev_tables = seed_tables(model, dev_seeds, "dev", frozen, limits)
     fresh_tables = seed_tables(model, FRESH_SEEDS, "fresh", frozen, limits)
-    unseen = UNSEEN_SEEDS if all(cache_path(f"unseen_seed{s}.npz").exists() for s in UNSEEN_SEEDS) else ()
+    unseen = UNSEEN_SEEDS if scored("unseen", UNSEEN_SEEDS) else ()
     unseen_tables = seed_tables(model, unseen, "unseen", frozen, limits)
     for seed, table in zip(dev_seeds + FRESH_SEEDS + unseen, dev_tables + fresh_tables + unseen_tables):
         write_csv(table, OUT / f"census_seed{seed}.csv")
@@ -480,11 +486,10 @@ def write_results(model) -> None:
             )
     if complete:
         write_csv(pd.DataFrame(threshold_rows), OUT / "dev_thresholds.csv")
-        L, H = model.cfg.n_layers, model.cfg.n_heads
         write_csv(dev_rules(dev, dev_seeds, types, limits, L=L, H=H), OUT / "dev_rules.csv")
         scaling = dev_scaling(dev, dev_seeds, types, limits, L=L, H=H)
         write_csv(scaling, OUT / "dev_scaling.csv")
-    check = rule_check(types, limits, L=model.cfg.n_layers, H=model.cfg.n_heads)
+    check = rule_check(types, limits, L=L, H=H)
     if len(check):
         write_csv(check, OUT / "rule_check.csv")
 

@@ -208,8 +208,8 @@ def test_committed_dev_scaling_holds_the_development_agreement():
 
 
 def test_point_rule_is_the_census_label_rule():
-    """census_trust's rule comparison re-implements the census's tier/ratio rule to add candidate masks: with none,
-    its ``point`` labels are build_table's labels (planted tiny Qwen), so the comparison measures the census's rule."""
+    """census_trust's rule comparison labels through the census's own rule (``_label``, extra candidate masks for
+    the other rules): its ``point`` labels are build_table's labels (planted tiny Qwen), so it measures that rule."""
     from test_census import planted_model
 
     from headlens.census.registry import head_types
