@@ -116,3 +116,37 @@ def test_entropy_matches_scipy_and_its_extremes():
 def test_scores_average_over_batch():
     pattern = torch.cat([heads(PREV, SINK), heads(SINK, SINK)], dim=0)
     assert scores.previous_token(pattern).tolist() == pytest.approx([(1 + 1 / (POS - 1)) / 2, 1 / (POS - 1)])
+
+
+def test_without_sink_renormalises_a_bfloat16_row_by_what_it_holds():
+    """A bfloat16 pattern with a heavy sink (the audit: rows summed to up to 721 on tiny-qwen2 in bfloat16): each row
+    i >= 1 sums to 1 over keys 1..i and keeps the ratios between those keys."""
+    pos = 12
+    logits = torch.randn(2, 3, pos, pos, generator=torch.Generator().manual_seed(0))
+    logits[..., 0] += 7.0  # about 99.9 % of each row on key 0
+    logits = logits.masked_fill(torch.ones(pos, pos).triu(1).bool(), float("-inf"))
+    pattern = logits.to(torch.bfloat16).softmax(-1).float()
+    assert (pattern[..., 1:, 0] > 0.9).all()
+    out = scores.without_sink(pattern)
+    assert out[..., 1:, :].sum(-1) == pytest.approx(torch.ones(2, 3, pos - 1), abs=1e-5)
+    assert (out[..., 0] == 0).all()
+    rest = pattern[..., 1:].clone()
+    assert out[..., 1:] == pytest.approx((rest / rest.sum(-1, keepdim=True)).nan_to_num(), abs=1e-6)
+
+
+def test_sink_corrected_scores_hold_in_bfloat16(tiny_qwen):
+    """The census's sink-corrected scores of a model run in bfloat16 stay near float32's (before the fix L0H1's
+    previous_token_nosink on tiny-qwen2 was 0.248 in bfloat16 against 0.038)."""
+    import copy
+
+    from headlens.census.run import run_census
+    from headlens.data.probes import default_probes
+
+    bf16 = copy.deepcopy(tiny_qwen)
+    bf16.to(torch.bfloat16, print_details=False)
+    probes = default_probes(tiny_qwen, seed=0)  # at 4 x 32 tokens no row has a heavy enough sink
+    ref, low = (run_census(m, probes, progress=False, n_boot=0).table for m in (tiny_qwen, bf16))
+    cols = [c for c in ref.columns if c.endswith("_nosink")]
+    assert cols
+    for c in cols:
+        assert low[c].to_numpy() == pytest.approx(ref[c].to_numpy(), abs=0.01, nan_ok=True), c

@@ -121,11 +121,13 @@ def entropy_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batc
 def without_sink(pattern: Float[Tensor, "batch head q k"], eps: float = 1e-6) -> Float[Tensor, "batch head q k"]:
     """Key 0 removed and every query row i >= 1 renormalised over keys 1..i (TransformerLens' ``exclude_bos``).
 
-    Row 0 has no other key and is left all zero; rows whose non-sink mass is below ``eps`` stay near zero.
+    Row 0 has no other key and is left all zero; rows whose non-sink mass is below ``eps`` stay near zero. The
+    divisor is the mass the row has left, not ``1 - pattern[..., 0]``: in bfloat16 a row does not sum to 1, and where
+    the sink holds most of it the difference cancels (rows summed to up to 721 on a tiny model).
     """
     out = pattern.clone()
     out[..., 0] = 0.0
-    return out / (1.0 - pattern[..., :1]).clamp_min(eps)
+    return out / out.sum(-1, keepdim=True).clamp_min(eps)
 
 
 def previous_token(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, " head"]:
