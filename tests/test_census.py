@@ -371,6 +371,25 @@ def test_bad_input_is_a_clear_error(planted):
         run_census(planted, fits, batch_size=0, progress=False)
 
 
+def test_run_census_refuses_a_non_model_and_a_non_integer_seed(tiny_qwen, monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def collect(model, probes, *args, **kwargs):
+        raise Reached(probes.seed)
+
+    monkeypatch.setattr("headlens.census.run.collect", collect)
+    for model in (None, "tiny-qwen2"):
+        with pytest.raises(HeadlensError, match=r"run_census needs a HookedTransformer \(headlens.load_model"):
+            run_census(model, progress=False)
+    for seed in (1.5, "0", True, -1, None):
+        with pytest.raises(HeadlensError, match="seed must be an integer >= 0"):
+            run_census(tiny_qwen, seed=seed, progress=False)
+    with pytest.raises(Reached) as reached:  # numpy integers are integers
+        run_census(tiny_qwen, seed=np.int64(3), progress=False)
+    assert reached.value.args == (3,) and type(reached.value.args[0]) is int
+
+
 @pytest.fixture(scope="module")
 def qwen_table(qwen):
     return run_census(qwen, default_probes(qwen, seed=0, n_seqs=4), progress=False).table  # small probes: CI time

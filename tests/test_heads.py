@@ -1,12 +1,13 @@
 import pandas as pd
 import pytest
 
-from headlens import HeadlensError, tiny_model
+from headlens import HeadlensError, heads_with_label, tiny_model
+from headlens.census import CensusResult
+from headlens.census.registry import HeadType, register, unregister
 from headlens.heads import (
     Head,
     check_heads,
     format_heads,
-    heads_with_label,
     kv_group_heads,
     parse_head,
     parse_heads,
@@ -43,8 +44,20 @@ def test_duplicates_are_an_error_not_dropped():
 
 def test_check_heads_sorts_dedupes_and_validates(model):
     assert check_heads(model, [(2, 1), "L0H3", (2, 1)]) == [(0, 3), (2, 1)]
-    with pytest.raises(HeadlensError, match="out of range"):
+    with pytest.raises(HeadlensError, match="head L9H0 is out of range"):
         check_heads(model, ["L9H0"])
+    with pytest.raises(HeadlensError, match="head L0H-1 is out of range"):
+        check_heads(model, [(0, -1)])
+
+
+def test_a_head_counts_from_zero_and_heads_must_be_given():
+    for layer, head in ((-1, 0), (0, -2)):
+        with pytest.raises(HeadlensError, match="out of range: layers and heads count from 0"):
+            Head(layer, head)
+    assert Head(0, 0) == (0, 0) and Head(0, 0)._replace(head=3) == Head(0, 3)
+    for bad in (None, 5):
+        with pytest.raises(HeadlensError, match="heads must be a string like 'L5H3,5.3' or a list"):
+            parse_heads(bad)
 
 
 def test_selection_helpers(model):
@@ -53,6 +66,35 @@ def test_selection_helpers(model):
     assert heads_with_label(table, "induction") == [(0, 1), (1, 2)]
     assert top_heads(table, "score", 2) == [(1, 0), (1, 2)]
     assert kv_group_heads(model, 1, 1) == [(1, 2), (1, 3)]
+
+
+def test_heads_with_label_knows_the_labels_and_takes_a_census_result():
+    table = pd.DataFrame({"layer": [0, 1, 1], "head": [1, 0, 2], "label": ["induction", "other", "x"]})
+    with pytest.raises(HeadlensError, match=r"unknown label 'inducton': did you mean 'induction'\? known labels: .*"
+                       r"previous_token.*copy_suppression.*other, x"):  # fmt: skip
+        heads_with_label(table, "inducton")
+    assert heads_with_label(table, "successor") == []  # a label no head has is an empty list, not an error
+    assert heads_with_label(table, "x") == [(1, 2)]  # a label the table holds (e.g. from a type no longer registered)
+    result = CensusResult(table, pd.DataFrame(), None, 0, {"late_sink": 0.8})
+    assert heads_with_label(result, "induction") == [(0, 1)] and heads_with_label(result, "late_sink") == []
+    with pytest.raises(HeadlensError, match="unknown label 'late_sink'"):
+        heads_with_label(table, "late_sink")
+    register(HeadType("late_sink", "natural", lambda p, probe, rows: p[..., -8:, 0].mean(-1), threshold=0.8, tier=2,
+                      description="last queries sink"))  # fmt: skip
+    try:
+        assert heads_with_label(table, "late_sink") == []
+    finally:
+        unregister("late_sink")
+    with pytest.raises(HeadlensError, match="needs a CensusResult or a census table"):
+        heads_with_label([(0, 1)], "induction")
+
+
+def test_random_heads_needs_a_count_of_at_least_one(model):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(HeadlensError, match="n must be an integer >= 1"):
+            random_heads(model, bad)
+    with pytest.raises(HeadlensError, match=r"n must equal the number of heads in like= \(2\), got 3"):
+        random_heads(model, 3, like=[(1, 0), (1, 1)])
 
 
 def test_layer_matched_draw_fills_a_full_layer_from_its_nearest_layers(model):

@@ -45,8 +45,33 @@ def test_model_info_reports_gqa_groups():
 
 def test_check_head_rejects_out_of_range(tiny_qwen):
     check_head(tiny_qwen, 1, 3)
-    with pytest.raises(HeadlensError, match=r"head \(2, 0\) is out of range.*layers 0\.\.1 and heads 0\.\.3"):
+    with pytest.raises(HeadlensError, match=r"head L2H0 is out of range.*layers 0\.\.1 and heads 0\.\.3"):
         check_head(tiny_qwen, 2, 0)
+
+
+@pytest.mark.parametrize("n_ctx", [0, -1, 1.5, True, "512"])
+def test_bad_n_ctx_is_refused_before_building(n_ctx, monkeypatch):
+    monkeypatch.setattr("headlens.models._tiny_hf", lambda *a, **k: pytest.fail("built a model for a bad n_ctx"))
+    with pytest.raises(HeadlensError, match="n_ctx must be an integer >= 1"):
+        load_model("tiny-qwen2", n_ctx=n_ctx)
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ({"n_layers": 0}, "must be integers >= 1 \\(got n_layers=0\\)"),
+        ({"n_layers": -1}, "must be integers >= 1"),
+        ({"n_layers": 1.5}, "must be integers >= 1"),
+        ({"n_heads": 0}, "must be integers >= 1"),
+        ({"n_kv_heads": 0}, "must be integers >= 1"),
+        ({"d_model": 0}, "must be integers >= 1"),
+        ({"n_kv_heads": 3}, "n_kv_heads must divide n_heads"),
+        ({"d_model": 12}, "even head size"),
+    ],
+)
+def test_tiny_model_refuses_impossible_shapes(sizes, message):
+    with pytest.raises(HeadlensError, match=message):
+        tiny_model("qwen2", **sizes)
 
 
 def test_local_directory_round_trip(tmp_path):

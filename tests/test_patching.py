@@ -273,6 +273,12 @@ def test_induction_pair_is_deterministic_and_well_formed(tiny_qwen):
     assert not torch.equal(a.clean, induction_pair(tiny_qwen, n_tokens=6, n_seqs=3, seed=8).clean)
 
 
+def test_empty_prompts_raise(tiny_qwen):
+    for clean, corrupted, which in (("", "", "clean"), ("The cat", "", "corrupted"), (["a", ""], ["b", "c"], "clean")):
+        with pytest.raises(HeadlensError, match=f"the {which} prompt '' is empty"):
+            text_pair(tiny_qwen, clean, corrupted)
+
+
 def test_mismatched_lengths_raise(tiny_qwen):
     clean, corrupted = "The cat sat on the mat and", "A dog"
     n_clean, n_corrupted = (tiny_qwen.to_tokens(t).shape[-1] for t in (clean, corrupted))

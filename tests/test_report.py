@@ -19,6 +19,7 @@ from headlens import HeadlensError
 from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
 from headlens.cli import app
+from headlens.io import weights_sha256
 from headlens.render import viz
 from headlens.render.report import label_rows, read_census, write_report
 
@@ -560,6 +561,20 @@ def test_write_report_bad_input(tiny_qwen, tmp_path):
         read_census(tmp_path / "missing.csv")
 
 
+def test_write_report_checks_weights_and_heads_before_writing(tiny_qwen, tmp_path):
+    census = fake_census()
+    other = CensusResult.from_table(census, provenance={"model": "tiny-llama", "weights": "0" * 64})
+    with pytest.raises(HeadlensError, match=r"computed on other weights \(tiny-llama, sha256 000000000000\.\.\.\)"):
+        write_report(tmp_path / "other", model=tiny_qwen, census=other)
+    for heads, message in (([(9, 9)], "head L9H9 is out of range"), ([(0, 1), "0.1"], "head L0H1 is given twice")):
+        with pytest.raises(HeadlensError, match=message):
+            write_report(tmp_path / "heads", model=tiny_qwen, census=census, heads=heads)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "heads").exists()
+    mine = CensusResult.from_table(census, provenance={"model": "tiny-qwen2", "weights": weights_sha256(tiny_qwen)})
+    path = write_report(tmp_path / "mine", model=tiny_qwen, census=mine, heads="L1H2", figures=False, progress=False)
+    assert "Chosen heads" in path.read_text()
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -580,6 +595,7 @@ def test_cli_report_reuses_census_csv(tmp_path, monkeypatch):
     assert f"wrote {tmp_path / 'report.html'}" in result.output
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "L1H2, L0H3 on the prompt above." in text
+    assert "the default census probes (as its provenance records)" in text and "not recorded" not in text
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "census.csv"), census)
     # another seed, or a census.csv without provenance (e.g. made for another model): never reused
     for args in (["--seed", "1"], []):

@@ -89,7 +89,7 @@ def test_head_patterns_match_run_with_cache(tiny_qwen):
 def test_head_patterns_bad_input(tiny_qwen):
     with pytest.raises(HeadlensError, match="no heads given"):
         viz.head_patterns(tiny_qwen, PROMPT, [])
-    with pytest.raises(HeadlensError, match=r"head \(2, 0\) is out of range"):
+    with pytest.raises(HeadlensError, match="head L2H0 is out of range"):
         viz.head_patterns(tiny_qwen, PROMPT, [(2, 0)])
     with pytest.raises(HeadlensError, match="prompt is empty"):
         viz.head_patterns(tiny_qwen, "", [(0, 0)])

@@ -27,7 +27,6 @@ _EXPORTS = {
     # heads and data
     "Head": "heads",
     "parse_heads": "heads",
-    "heads_with_label": "heads",
     "random_heads": "heads",
     "Probe": "data.probes",
     "ProbeSet": "data.probes",
@@ -60,6 +59,7 @@ _EXPORTS = {
     # census
     "run_census": "census",
     "CensusResult": "census",
+    "heads_with_label": "census",
     "HeadType": "census.registry",
     "register": "census.registry",
     "distance_profile": "census.rope",

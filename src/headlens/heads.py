@@ -10,6 +10,7 @@ a whole kv group (ablating every q head of the group, or patching a shared k/v) 
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -24,11 +25,20 @@ if TYPE_CHECKING:
 _HEAD = re.compile(r"^\s*(?:L\s*(\d+)\s*H\s*(\d+)|(\d+)\s*\.\s*(\d+))\s*$", re.IGNORECASE)
 
 
-class Head(NamedTuple):
-    """One attention head; ``str(Head(5, 3)) == "L5H3"``."""
-
+class _Head(NamedTuple):
     layer: int
     head: int
+
+
+class Head(_Head):
+    """One attention head; ``str(Head(5, 3)) == "L5H3"``. Layers and heads count from 0."""
+
+    __slots__ = ()
+
+    def __new__(cls, layer: int, head: int) -> Head:
+        if any(isinstance(x, numbers.Real) and x < 0 for x in (layer, head)):
+            raise HeadlensError(f"head L{layer}H{head} is out of range: layers and heads count from 0")
+        return super().__new__(cls, layer, head)
 
     def __str__(self) -> str:
         return f"L{self.layer}H{self.head}"
@@ -76,6 +86,10 @@ def parse_head(item) -> Head:
 
 def parse_heads(heads: str | Iterable) -> list[Head]:
     """Heads from ``"L5H3,5.3"`` (commas) or an iterable of heads, in the given order; duplicates are an error."""
+    if not isinstance(heads, (str, Iterable)):
+        raise HeadlensError(
+            f"heads must be a string like 'L5H3,5.3' or a list of (layer, head) pairs (got {type(heads).__name__})"
+        )
     items = [p.strip() for p in heads.split(",") if p.strip()] if isinstance(heads, str) else list(heads)
     out = [parse_head(h) for h in items]
     repeated = sorted(h for h, n in Counter(out).items() if n > 1)
@@ -89,7 +103,7 @@ def check_head(model: HookedTransformer, layer: int, head: int) -> None:
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if not (0 <= int(layer) < L and 0 <= int(head) < H):
         raise HeadlensError(
-            f"head ({layer}, {head}) is out of range: this model has layers 0..{L - 1} and heads 0..{H - 1}"
+            f"head L{layer}H{head} is out of range: this model has layers 0..{L - 1} and heads 0..{H - 1}"
         )
 
 
@@ -97,10 +111,9 @@ def check_heads(model: HookedTransformer, heads: Iterable) -> list[Head]:
     """Validated, de-duplicated, sorted heads; a clear error for empty or out-of-range sets."""
     if isinstance(heads, str):
         heads = parse_heads(heads)
-    try:
-        pairs = [parse_head(h) for h in heads]
-    except HeadlensError:
-        raise HeadlensError("heads must be a list of (layer, head) integer pairs, e.g. [(3, 5), (10, 0)]") from None
+    if not isinstance(heads, Iterable):
+        raise HeadlensError("heads must be a list of (layer, head) integer pairs, e.g. [(3, 5), (10, 0)]")
+    pairs = [parse_head(h) for h in heads]
     if not pairs:
         raise HeadlensError("no heads given: pass at least one (layer, head) pair")
     for layer, head in pairs:
@@ -154,14 +167,6 @@ def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[H
     return [Head(int(layer), h) for h, g in enumerate(kv_heads(model)) if g == int(kv_head)]
 
 
-def heads_with_label(table: pd.DataFrame, label: str) -> list[Head]:
-    """The heads a census table labels ``label`` (e.g. ``"induction"``), sorted."""
-    if "label" not in table.columns or not {"layer", "head"} <= set(table.columns):
-        raise HeadlensError("heads_with_label needs a census table with layer, head and label columns")
-    part = table[table["label"] == label]
-    return sorted(Head(int(l), int(h)) for l, h in zip(part["layer"], part["head"]))
-
-
 def top_heads(table: pd.DataFrame, column: str, top_k: int = 10, *, largest: bool = True) -> list[Head]:
     """The ``top_k`` heads by ``column`` (largest first, or smallest with ``largest=False``)."""
     if column not in table.columns:
@@ -188,13 +193,19 @@ def random_heads(
     """
     import numpy as np  # imported here: this module stays light for the CLI
 
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise HeadlensError(f"n must be an integer >= 1 (got {n!r}): the number of random heads to draw")
+    if like is not None:
+        like = list(like)
+        if n != len(like):
+            raise HeadlensError(f"n must equal the number of heads in like= ({len(like)}), got {n}: pass n=len(like)")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     banned = {parse_head(h) for h in exclude}
     g = np.random.default_rng(seed)
     free_in = {layer: [Head(layer, h) for h in range(H) if Head(layer, h) not in banned] for layer in range(L)}
     if like is None:
         free = [h for layer in range(L) for h in free_in[layer]]
-        if not 0 < n <= len(free):
+        if n > len(free):
             raise HeadlensError(
                 f"cannot draw {n} random heads: {len(free)} heads are available outside the excluded set"
             )

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -120,6 +121,8 @@ def load_model(
     ``device``: cpu, cuda, cuda:N or mps; ``dtype``: float32, bfloat16 or float16 (weights are
     converted and layer norms folded in float32, then cast, so bf16 = rounded fp32 weights).
     """
+    if not _is_count(n_ctx):
+        raise HeadlensError(f"n_ctx must be an integer >= 1 (got {n_ctx!r}): the longest input, in tokens")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     name = ALIASES.get(str(source), str(source))
     label = Path(name).name
@@ -993,6 +996,11 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(directory.name)
 
 
+def _is_count(value) -> bool:
+    """Whether ``value`` is an integer >= 1 (numpy integers too; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def _tiny_hf(
     family: str, *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 64
 ):
@@ -1000,8 +1008,17 @@ def _tiny_hf(
 
     if family not in SUPPORTED:
         raise HeadlensError(f"unsupported architecture {family!r}: tiny models exist for {', '.join(SUPPORTED)}")
-    if n_heads % n_kv_heads or d_model % n_heads:
-        raise HeadlensError("tiny model shape: n_heads must divide d_model and n_kv_heads must divide n_heads")
+    sizes = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "d_model": d_model}
+    bad = [f"{k}={v!r}" for k, v in sizes.items() if not _is_count(v)]
+    if bad:
+        raise HeadlensError(
+            f"tiny model shape: n_layers, n_heads, n_kv_heads and d_model must be integers >= 1 (got {', '.join(bad)})"
+        )
+    if n_heads % n_kv_heads or d_model % n_heads or (d_model // n_heads) % 2:
+        raise HeadlensError(
+            "tiny model shape: n_kv_heads must divide n_heads, and n_heads must divide d_model into an even head size "
+            f"(rotary; got n_heads={n_heads}, n_kv_heads={n_kv_heads}, d_model={d_model})"
+        )
     tokenizer = tiny_tokenizer()
     Config, Model = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     config = Config(

@@ -14,8 +14,18 @@ from headlens.census.run import (  # noqa: E402 (the registry must hold the buil
     LABELS,
     THRESHOLDS,
     CensusResult,
+    heads_with_label,
     label_counts,
     run_census,
 )
 
-__all__ = ["COLUMNS", "LABELS", "LABEL_SCORE", "THRESHOLDS", "CensusResult", "label_counts", "run_census"]
+__all__ = [
+    "COLUMNS",
+    "LABELS",
+    "LABEL_SCORE",
+    "THRESHOLDS",
+    "CensusResult",
+    "heads_with_label",
+    "label_counts",
+    "run_census",
+]

@@ -29,9 +29,11 @@ forwards): ``confidence`` is the share of resamples that give the head the same 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import json
+import numbers
 import zipfile
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -49,7 +51,7 @@ from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, 
 from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError
-from headlens.heads import format_heads, kv_heads
+from headlens.heads import Head, format_heads, kv_heads
 from headlens.io import atomic_path, file_sha256, provenance, weights_sha256
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
@@ -155,6 +157,27 @@ class CensusResult:
         return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi", "heads"])
 
 
+def heads_with_label(census: CensusResult | pd.DataFrame, label: str) -> list[Head]:
+    """The heads a census (a :class:`CensusResult` or its table) labels ``label`` (e.g. ``"induction"``), sorted.
+
+    A label no registered head type gives (and the table does not hold) is an error, not an empty list."""
+    result = census if isinstance(census, CensusResult) else None
+    table = census if result is None else result.table
+    if not isinstance(table, pd.DataFrame) or not {"layer", "head", "label"} <= set(table.columns):
+        raise HeadlensError(
+            "heads_with_label needs a CensusResult or a census table with layer, head and label columns"
+        )
+    names = label_names()
+    given = set(table["label"].dropna().astype(str)) | set(() if result is None else result.thresholds)
+    known = [*names, *sorted(given - set(names))]
+    if label not in known:
+        close = difflib.get_close_matches(str(label), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise HeadlensError(f"unknown label {label!r}: {hint}known labels: {', '.join(known)}")
+    part = table[table["label"] == label]
+    return sorted(Head(int(l), int(h)) for l, h in zip(part["layer"], part["head"]))
+
+
 def census_settings(seed: int = 0, probes: ProbeSet | None = None, thresholds: dict | None = None) -> dict:
     """What a census depends on besides the model and the code (both in its provenance): the seed, whether the probes
     are the defaults, the thresholds in force and the registered head types, so a census is reused only by a run
@@ -186,6 +209,13 @@ def run_census(
     ``batch_size`` sequences go through one forward. ``executor`` (:mod:`headlens.engine.executor`, e.g. a
     ``RayExecutor``) runs the probe batches; the table is the same whichever runs them.
     """
+    if not isinstance(model, HookedTransformer):
+        raise HeadlensError(
+            f"run_census needs a HookedTransformer (headlens.load_model or headlens.tiny_model), got {type(model).__name__}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise HeadlensError(f"seed must be an integer >= 0 (got {seed!r})")
+    seed = int(seed)
     types = head_types()
     limits = _thresholds(types, thresholds)
     if int(batch_size) < 1:

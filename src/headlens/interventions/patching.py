@@ -235,6 +235,11 @@ def text_pair(
     for c, k in zip(clean_texts, corrupted_texts):
         n_c = model.to_tokens(c, prepend_bos=model.cfg.default_prepend_bos).shape[-1]
         n_k = model.to_tokens(k, prepend_bos=model.cfg.default_prepend_bos).shape[-1]
+        for what, text, n in (("clean", c, n_c), ("corrupted", k, n_k)):
+            if n == 0:
+                raise HeadlensError(
+                    f"the {what} prompt {text!r} is empty (no tokens): give a prompt of at least one token"
+                )
         if n_c != n_k:
             raise HeadlensError(
                 f"clean and corrupted prompts must have the same token length: clean {c!r} has {n_c} tokens, "

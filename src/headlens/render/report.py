@@ -29,7 +29,7 @@ from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
 from headlens.engine.capture import VIEW_TOKENS, head_patterns
 from headlens.errors import HeadlensError
-from headlens.heads import unit_name
+from headlens.heads import check_head, parse_heads, unit_name
 from headlens.io import headlens_version, weights_sha256, write_bytes, write_text
 from headlens.models import DEFAULT_MODEL, QWEN_SHA256, model_info
 from headlens.progress import tqdm
@@ -379,7 +379,10 @@ def _methods_section(page: _Page, model: HookedTransformer, info: dict, census: 
         ("source", source),
         ("weights sha256", weights_sha256(model) + " (processed state dict)"),
     ]
-    if census.probes is None:
+    settings = (census.provenance or {}).get("settings") or {}
+    if census.probes is None and settings.get("probes") == "default" and "seed" in settings:
+        items += [("seed", str(settings["seed"])), ("probes", "the default census probes (as its provenance records)")]
+    elif census.probes is None:
         items.append(
             ("seed / probes", "not recorded: the census was read from a table; its seed and probes are the caller's")
         )
@@ -689,7 +692,8 @@ def write_report(
     """Write ``out_dir/report.html`` (self-contained, offline) and, with ``figures``, ``figures/*.png``; return its path.
 
     ``census`` is the :class:`~headlens.census.CensusResult` of :func:`headlens.run_census` (a bare census table, e.g.
-    read back with :func:`read_census`, works too; its seed and probes are then not recorded). Sections: methods
+    read back with :func:`read_census`, works too; its seed and probes are then not recorded); a census whose provenance
+    records other weights than ``model``'s is refused before anything is written. Sections: methods
     (weights hash, dtype and device, seed and probe sizes, thresholds, score definitions, versions), model, label counts
     and a clickable label map, census score heatmaps (values on hover), the census table, a per-head view (pattern on
     ``prompt``, scores, evidence), a CircuitsVis gallery of the ``top_k`` heads of each label, the chosen ``heads``, and
@@ -700,6 +704,16 @@ def write_report(
     if not isinstance(census, CensusResult):
         census = CensusResult.from_table(viz.check_census(census))
     viz.check_census(census.table, model)
+    made_on, weights = (census.provenance or {}).get("weights"), weights_sha256(model)
+    if made_on and made_on != weights:
+        raise HeadlensError(
+            f"the census was computed on other weights ({census.provenance.get('model')}, sha256 {made_on[:12]}...) than "
+            f"this model's ({model.cfg.model_name}, sha256 {weights[:12]}...): pass this model's census, or rerun "
+            "headlens.run_census(model)"
+        )
+    chosen = [] if heads is None else parse_heads(heads)
+    for layer, head in chosen:
+        check_head(model, layer, head)
     sections = [
         (key, SECTION_TITLES[key], _frames(key, results))
         for key, results in (
@@ -768,8 +782,8 @@ def write_report(
         frames = {"single": [evidence.heads.drop(columns=["label_score"])], **frames}
     top = viz.top_heads_by_label(table, top_k=1)
     first = (
-        viz.head_name(*heads[0])
-        if heads
+        viz.head_name(*chosen[0])
+        if chosen
         else (viz.head_name(top.iloc[0]["layer"], top.iloc[0]["head"]) if len(top) else "L0H0")
     )
     _head_view(page, table, tokens, patterns, frames, first, evidence)
@@ -781,8 +795,7 @@ def write_report(
     views = viz.gallery_views(table, tokens, lambda lh: patterns[index[lh]], top_k=top_k)
     gallery_body = "\n".join(page.view(v) for v in views) or '<p class="muted">No labelled heads to show.</p>'
     page.section("gallery", "Gallery: top heads of each label", shown_prompt + "\n" + gallery_body)
-    if heads:
-        chosen = [(int(layer), int(head)) for layer, head in heads]
+    if chosen:
         view = viz.heads_view(tokens, torch.stack([patterns[index[lh]] for lh in chosen]), chosen)
         page.section("heads", "Chosen heads", f"<p>{_e(view.title)} on the prompt above.</p>\n" + page.view(view))
     bar.update(1)
