@@ -159,3 +159,71 @@ def test_report_with_sections_adds_them_and_their_evidence(tmp_path):
     assert {"ablation", "patching", "rope"} <= set(data["heads"]["L1H2"]["evidence"])
     bad = _run("report", "-m", "tiny-qwen2", "--out", str(tmp_path / "b"), "--with", "compare")
     assert bad.returncode != 0 and "--tuned" in bad.stderr and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------- a directory holds one census (the abuse audit)
+
+
+@pytest.fixture(scope="module")
+def census_dir(tmp_path_factory):
+    """`headlens census` of tiny-qwen2 at seed 0 with its causal evidence, and the cache it shared it into."""
+    root = tmp_path_factory.mktemp("census")
+    result = _run(
+        "census", "-m", "tiny-qwen2", "-o", str(root / "out"), "--no-progress", HEADLENS_CACHE=str(root / "c")
+    )
+    assert result.returncode == 0, result.stderr
+    assert (root / "out" / "causal.csv").is_file()
+    return root / "out"
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _made_for(path: Path) -> tuple:
+    prov = json.loads((path.parent / f"{path.name}.provenance.json").read_text())
+    return prov["model"], prov["settings"]["seed"]
+
+
+def test_head_reads_out_but_never_writes_there(census_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(census_dir, out)
+    before = _files(out)
+    result = _run("head", "L0H0", "-m", "tiny-qwen2", "--out", str(out), "--seed", "1", "--no-causal",
+                  "--no-progress", HEADLENS_CACHE=str(tmp_path / "c"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _files(out) == before  # the user's seed-0 census is left as it was
+    assert "not using" in result.stderr
+    (computed,) = (tmp_path / "c" / "census").rglob("seed1/census.csv")
+    assert _made_for(computed) == ("tiny-qwen2", 1)
+
+
+def test_report_over_another_models_census_leaves_no_file_of_it(census_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(census_dir, out)
+    result = _run("report", "-m", "tiny-llama", "--out", str(out), "--no-progress", HEADLENS_CACHE=str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    for name in ("census.csv", "census.parquet"):
+        assert _made_for(out / name) == ("tiny-llama", 0), name
+    assert not (out / "causal.csv").exists() and not (out / "causal_heads.csv").exists()  # tiny-qwen2's evidence
+    assert not list(out.glob("causal*.provenance.json"))
+
+
+def test_census_without_causal_removes_the_evidence_of_another_census(census_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(census_dir, out)
+    args = ("census", "-m", "tiny-qwen2", "-o", str(out), "--no-causal", "--no-progress")
+    same = _run(*args, HEADLENS_CACHE=str(tmp_path / "c"))  # the same census again: its evidence still holds
+    assert same.returncode == 0, same.stderr
+    assert (out / "causal.csv").read_bytes() == (census_dir / "causal.csv").read_bytes()
+    other = _run(*args, "--seed", "1", HEADLENS_CACHE=str(tmp_path / "c"))
+    assert other.returncode == 0, other.stderr
+    assert _made_for(out / "census.csv") == ("tiny-qwen2", 1)
+    assert not any(p.name.startswith("causal") for p in out.iterdir())
+    assert not any(p.name.startswith("causal") for p in (tmp_path / "c").rglob("seed1/*"))  # nor in the cache

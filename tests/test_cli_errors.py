@@ -171,6 +171,44 @@ CASES = [
     ("n-random negative", ["ablate", "-m", "tiny-qwen2", "-o", "out", "--heads", "0.1", "--n-random", "-1"], None),
     ("batch size zero", ["census", "-m", "tiny-qwen2", "-o", "out", "--batch-size", "0"], None),
     ("unknown option", ["census", "-m", "tiny-qwen2", "-o", "out", "--frobnicate"], None),
+    # an option the command would ignore (the audit of issue 24's session: each used to be dropped silently)
+    ("answer without a pair", ["patch", "-m", "tiny-qwen2", "-o", "out", "--answer", " a"], None),
+    (
+        "n-tokens with a pair",
+        ["patch", "-m", "tiny-qwen2", "-o", "out", "--clean", "a", "--corrupted", "b", "--n-tokens", "5"],
+        None,
+    ),
+    ("activations repeated", ["patch", "-m", "tiny-qwen2", "-o", "out", "--activations", "z,q,z"], None),
+    (
+        "prompt without logit-diff",
+        ["ablate", "-m", "tiny-qwen2", "-o", "out", "--metric", "loss", "--prompt", "x"],
+        None,
+    ),
+    (
+        "seq-len with logit-diff",
+        ["prune", "-m", "tiny-qwen2", "-o", "out", "--metric", "logit-diff", "--seq-len", "16"],
+        None,
+    ),
+    ("unit with heads", ["ablate", "-m", "tiny-qwen2", "-o", "out", "--heads", "0.1", "--unit", "kv-group"], None),
+    ("n-random without heads", ["ablate", "-m", "tiny-qwen2", "-o", "out", "--n-random", "5"], None),
+    (
+        "reestimate with ablation order",
+        ["prune", "-m", "tiny-qwen2", "-o", "out", "--order", "ablation", "--no-reestimate"],
+        None,
+    ),
+    ("tuned without compare", ["report", "-m", "tiny-qwen2", "-o", "out", "--tuned", "adapter"], None),
+    (
+        "n-seqs with a user pair",
+        ["circuit", "-m", "tiny-qwen2", "-o", "out", "--clean", "a", "--corrupted", "b", "--n-seqs", "3"],
+        None,
+    ),
+    (
+        "steps without eap-ig",
+        ["circuit", "-m", "tiny-qwen2", "-o", "out", "--task", "ioi", "--methods", "eap", "--steps", "3"],
+        None,
+    ),
+    ("out empty", ["census", "-m", "tiny-qwen2", "-o", ""], None),
+    ("seeds zero", ["atlas", "--models", "tiny-qwen2", "-o", "out", "--seeds", "0"], None),
     (
         "census.csv is a directory",
         ["report", "-m", "tiny-qwen2", "-o", "out"],
@@ -234,7 +272,7 @@ def _run_case(case, root: Path):
 
 USAGE_ERRORS = {"seed not an integer", "unknown option"}
 # the first rows fail before torch is imported (about a second each); the rest load a tiny model or build a cache
-N_ARGUMENT_CASES = 19
+N_ARGUMENT_CASES = 32
 
 
 @pytest.mark.parametrize(
@@ -256,7 +294,7 @@ def test_bad_inputs_give_one_error_line(tmp_path, cases):
             changed = sorted(set(after.items()) ^ set(before.items()))
             problems.append(f"{name}: rc {result.returncode}, errors {errors}, changed {changed}\n{stderr[-800:]}")
     assert not problems, "\n\n".join(problems)
-    assert len(CASES) == 37
+    assert len(CASES) == 50
 
 
 def test_debug_shows_the_traceback(tmp_path):

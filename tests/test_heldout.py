@@ -38,8 +38,11 @@ def test_window_blocks_are_drawn_without_replacement():
     assert len(flat) == len(set(flat))  # any sizes up to SEED_STRIDE: no window twice
     assert len({name for name, _ in taken[0]}) == 5  # early blocks take one window per document
     assert corpus.window_block(iter(docs), n_seqs=7, block=3) == taken[3]  # deterministic
-    with pytest.raises(HeadlensError, match="holds only"):
+    with pytest.raises(HeadlensError, match=r"holds only 200: seeds 0\.\.2 fit"):  # the error says which seeds do
         corpus.window_block(iter(docs[:2]), n_seqs=5, block=3)
+    assert len(corpus.window_block(iter(docs[:2]), n_seqs=5, block=2)) == 5
+    with pytest.raises(HeadlensError, match="no seed fits"):
+        corpus.window_block(iter(docs[:1]), n_seqs=101, block=0)
 
 
 def census_sources(model, seeds=SEEDS) -> dict[int, dict[str, tuple[str, ...]]]:

@@ -104,7 +104,18 @@ CENSUS_CSV = typer.Option(
 )
 
 
-POSITIVE = ("top_k", "batch_size", "runs_per_pass", "n_seqs", "seq_len", "n_tokens", "steps", "n_random", "workers")
+POSITIVE = (
+    "top_k",
+    "batch_size",
+    "runs_per_pass",
+    "n_seqs",
+    "seq_len",
+    "n_tokens",
+    "steps",
+    "n_random",
+    "workers",
+    "seeds",
+)
 TEXTS = ("prompt", "clean", "corrupted", "answer", "wrong", "correct")
 MAX_SEED = 2**32 - 1
 
@@ -154,6 +165,21 @@ def _validate(params: dict) -> None:
     if out is not None:
         check_output_dir(out)
         check_outputs(out, dirs=(".shards",))
+
+
+def _refuse(ctx: typer.Context, when: str, *names: str) -> None:
+    """Options of ``names`` (parameter names) given on the command line are an error: they apply only ``when``, and
+    a command never ignores an option it was given."""
+    given = [
+        "/".join(p.opts[:1] + p.secondary_opts[:1])
+        for p in ctx.command.params
+        if p.name in names and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"
+    ]
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise HeadlensError(
+            f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} {when}: leave {them} out"
+        )
 
 
 def _out(help: str):
@@ -338,6 +364,8 @@ def census_cmd(
     if evidence is not None:
         write_csv(evidence.labels, out / "causal.csv", provenance=result.provenance)
         write_csv(evidence.heads, out / "causal_heads.csv", provenance=result.provenance)
+    else:
+        _drop_stale(out, CAUSAL_FILES, result.provenance)
     _share_census(out, result.provenance)
     report = write_report(out, model=hooked, census=result, evidence=evidence, progress=progress)
     typer.echo(f"{len(table)} heads: {hooked.cfg.n_layers} layers x {hooked.cfg.n_heads} heads; seed {seed}")
@@ -357,6 +385,20 @@ def _census_cache(prov: dict) -> Path:
     return cache_dir() / "census" / f"{name}-{prov['weights'][:12]}" / f"seed{prov['settings']['seed']}"
 
 
+def _drop_stale(directory: Path, names, prov: dict) -> None:
+    """Remove the files of ``names`` in ``directory`` (and their sidecars) that were not made for ``prov``, so a
+    directory never holds one census's table beside another's evidence."""
+    from headlens.io import sidecar
+
+    for name in names:
+        path = directory / name
+        why = mismatch(path, prov) if path.is_file() else None
+        if why is not None:
+            path.unlink()
+            sidecar(path).unlink(missing_ok=True)
+            typer.echo(f"removed {path}: {why}", err=True)
+
+
 def _share_census(out: Path, prov: dict) -> None:
     """Copy DIR's census (and causal evidence) into the shared cache, so `headlens head` finds it without --out."""
     import shutil
@@ -369,6 +411,7 @@ def _share_census(out: Path, prov: dict) -> None:
         for name in ("census.csv", *CAUSAL_FILES):
             if not (out / name).is_file():
                 (cache / name).unlink(missing_ok=True)
+                sidecar(cache / name).unlink(missing_ok=True)
                 continue
             for src in (sidecar(out / name), out / name):  # the sidecar last: it vouches for the file
                 with atomic_path(cache / src.name) as tmp:
@@ -457,7 +500,7 @@ def _read_evidence(directory: Path, prov: dict):
 
 def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress: bool):
     """(census result, its directory): DIR/census.csv or the shared cache when their provenance matches, else a fresh
-    census written to both."""
+    census written to the shared cache (``out`` is only read: it may hold the census of another model or seed)."""
     from headlens.census import CensusResult, run_census
     from headlens.render.report import read_census
 
@@ -465,16 +508,18 @@ def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress:
     places = [p for p in (out, _census_cache(prov)) if p is not None]
     for place in places:
         csv = place / "census.csv"
-        if csv.is_file() and mismatch(csv, prov) is None:
+        why = mismatch(csv, prov) if csv.is_file() else None
+        if csv.is_file() and why is None:
             typer.echo(f"reusing {csv}", err=True)
             return CensusResult.from_table(read_census(csv), seed=seed, provenance=prov), place
+        if place == out:
+            typer.echo(f"not using {csv}: " + (why or "it does not exist"), err=True)
     typer.echo("no census of this model and seed yet: computing it (once; later calls reuse it)", err=True)
     result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
-    place = out or places[-1]
+    place = places[-1]
     place.mkdir(parents=True, exist_ok=True)
     write_csv(result.table, place / "census.csv", provenance=result.provenance)
-    if out is not None:
-        _share_census(out, result.provenance)
+    typer.echo(f"wrote {place / 'census.csv'}", err=True)
     return result, place
 
 
@@ -606,7 +651,7 @@ def report(
     --with compare the head-by-head comparison with --tuned.
     """
     _validate(locals())
-    check_outputs(out, ("census.csv", "causal.csv", "report.html"), ("figures",))
+    check_outputs(out, ("census.csv", "census.parquet", *CAUSAL_FILES, "report.html"), ("figures",))
     _check_pair_options(clean, corrupted, answer, wrong, task)
     _start(progress)
     chosen = _parse_heads(heads)
@@ -616,6 +661,8 @@ def report(
         raise HeadlensError(f"unknown --with section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if "compare" in sections and not tuned:
         raise HeadlensError("--with compare needs --tuned (a LoRA adapter directory or a fine-tuned model)")
+    if tuned is not None and "compare" not in sections:
+        raise HeadlensError("--tuned only applies with --with compare: add that section, or leave --tuned out")
     from headlens.engine.capture import VIEW_TOKENS
     from headlens.render.report import read_census, write_report
     from headlens.render.viz import DEFAULT_PROMPT
@@ -638,7 +685,9 @@ def report(
             typer.echo(f"recomputing the census: {why}", err=True)
         result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
+        write_parquet(result.table, out / "census.parquet", provenance=result.provenance)
         write_csv(result.table, csv, provenance=result.provenance)
+    _drop_stale(out, ("census.parquet", *CAUSAL_FILES), prov)
     evidence = _read_evidence(out, prov)
     extra = {}
     if pair is not None:
@@ -692,6 +741,7 @@ def report(
 
 @app.command()
 def patch(
+    ctx: typer.Context,
     model: str = MODEL,
     adapter: Path = ADAPTER,
     device: str = DEVICE,
@@ -725,6 +775,9 @@ def patch(
     effect = (patched - corrupted) / (clean - corrupted) of the metric: 1 = the head alone restores the clean behaviour.
     """
     _validate(locals())
+    _check_pair_options(clean, corrupted, answer, wrong, None)
+    if clean is not None:
+        _refuse(ctx, "to the built-in induction pair (no --clean)", "n_tokens", "n_seqs")
     _start(progress)
     names = [a.strip() for a in activations.split(",") if a.strip()]
     unknown = [a for a in names if a not in ACTIVATION_NAMES]
@@ -732,8 +785,9 @@ def patch(
         raise HeadlensError(
             f"unknown activation(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(ACTIVATION_NAMES)}"
         )
-    if (clean is None) != (corrupted is None):
-        raise HeadlensError("give both --clean and --corrupted, or neither for the built-in induction pair")
+    twice = sorted({a for a in names if names.count(a) > 1})
+    if twice:
+        raise HeadlensError(f"--activations names {', '.join(twice)} more than once: give each activation once")
     check_outputs(out, ["attribution.csv"] + [f"patch_{name}.csv" for name in names])
     import pandas as pd
 
@@ -741,11 +795,11 @@ def patch(
     from headlens.interventions.patching import activation_patching, induction_pair, text_pair
 
     hooked = _load(model, adapter, device, dtype, texts={"--clean": clean, "--corrupted": corrupted})
-    labels = _labels(hooked, census_csv, seed, progress)
-    if clean is None:
+    if clean is None:  # the pair before the census: a pair that cannot be built fails in seconds
         pair = induction_pair(hooked, n_tokens=n_tokens, n_seqs=n_seqs, seed=seed)
     else:
         pair = text_pair(hooked, clean, corrupted, answer=answer, wrong=wrong)
+    labels = _labels(hooked, census_csv, seed, progress)
     out.mkdir(parents=True, exist_ok=True)
     attr = None
     if attribution:
@@ -812,6 +866,14 @@ def patch(
     typer.echo(f"\nwrote CSVs to {out}")
 
 
+def _metric_options(ctx: typer.Context, metric: MetricName) -> None:
+    """The metric options of ablate and prune that the chosen --metric does not read are errors."""
+    if metric is MetricName.logit_diff:
+        _refuse(ctx, "to --metric loss and repeat (logit-diff reads --prompt)", "n_seqs", "seq_len")
+    else:
+        _refuse(ctx, "to --metric logit-diff", "prompt", "correct", "wrong")
+
+
 def _ablation_metric(hooked, metric: MetricName, n_seqs: int, seq_len: int, seed: int, prompt, correct, wrong):
     from headlens.interventions.ablation import build_metric
 
@@ -826,6 +888,7 @@ def _metric_unit(name: str) -> str:
 
 @app.command()
 def ablate(
+    ctx: typer.Context,
     model: str = MODEL,
     adapter: Path = ADAPTER,
     device: str = DEVICE,
@@ -841,7 +904,9 @@ def ablate(
     ),
     n_random: int = typer.Option(20, "--n-random", help="with --heads: random head sets to compare against"),
     n_seqs: int = typer.Option(4, "--n-seqs", help="sequences in the metric batch"),
-    seq_len: int = typer.Option(64, "--seq-len", help="tokens per sequence (repeat: full repeated length)"),
+    seq_len: int = typer.Option(
+        64, "--seq-len", help="tokens per sequence (repeat: a first token, then two copies of seq-len // 2 tokens)"
+    ),
     prompt: str = typer.Option(None, "--prompt", help="logit-diff: the prompt"),
     correct: str = typer.Option(None, "--correct", help="logit-diff: the correct next token"),
     wrong: str = typer.Option(None, "--wrong", help="logit-diff: the wrong next token"),
@@ -861,9 +926,16 @@ def ablate(
     effect = ablated - clean metric; worsening = effect / |clean| towards worse (+1 % = 1 % more loss).
     """
     _validate(locals())
+    _metric_options(ctx, metric)
     check_outputs(out, ("ablation.csv", "ablation.png", "ablation_vs_random.csv"))
     _start(progress)
     chosen = _parse_heads(heads)
+    if chosen:
+        _refuse(
+            ctx, "to a sweep (without --heads)", "unit", "strategy", "census_csv", "top_k", "workers", "ray_address"
+        )
+    else:
+        _refuse(ctx, "with --heads", "n_random")
     import pandas as pd
 
     from headlens.heads import format_heads, head_name, kv_group_heads, unit_name
@@ -874,7 +946,10 @@ def ablate(
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
     units = _metric_unit(m.name)
     if chosen:
-        a = compare_to_random(hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, progress=progress)
+        a = compare_to_random(
+            hooked, m, chosen, n_random=n_random, method=method.value, seed=seed, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         write_csv(a.table, out / "ablation_vs_random.csv")
         typer.echo(f"{m.name} ({units}): clean {a.clean:.4f}; {method.value} ablation of {len(chosen)} heads together")
@@ -932,6 +1007,7 @@ def ablate(
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     model: str = MODEL,
     adapter: Path = ADAPTER,
     device: str = DEVICE,
@@ -952,7 +1028,9 @@ def prune(
         MethodName.zero, "--method", help="how a removed head is ablated: zero, mean or resample"
     ),
     n_seqs: int = typer.Option(4, "--n-seqs", help="sequences in the metric batch"),
-    seq_len: int = typer.Option(64, "--seq-len", help="tokens per sequence (repeat: full repeated length)"),
+    seq_len: int = typer.Option(
+        64, "--seq-len", help="tokens per sequence (repeat: a first token, then two copies of seq-len // 2 tokens)"
+    ),
     prompt: str = typer.Option(None, "--prompt", help="logit-diff: the prompt"),
     correct: str = typer.Option(None, "--correct", help="logit-diff: the correct next token"),
     wrong: str = typer.Option(None, "--wrong", help="logit-diff: the wrong next token"),
@@ -961,6 +1039,9 @@ def prune(
 ):
     """Prune heads greedily, least important first; writes the curve (CSV + PNG) and the removal order."""
     _validate(locals())
+    _metric_options(ctx, metric)
+    if order is OrderName.ablation:
+        _refuse(ctx, "to --order gradient", "reestimate")
     check_outputs(out, ("prune_curve.csv", "prune_order.csv", "prune_curve.png"))
     _start(progress)
     import pandas as pd
@@ -970,6 +1051,9 @@ def prune(
 
     hooked = _load(model, adapter, device, dtype, texts={"--prompt": prompt})
     m = _ablation_metric(hooked, metric, n_seqs, seq_len, seed, prompt, correct, wrong)
+    n_heads = hooked.cfg.n_layers * hooked.cfg.n_heads
+    if steps > n_heads:
+        typer.echo(f"note: --steps {steps} is more than the model's {n_heads} heads: one grid point per head", err=True)
     result = prune_curve(
         hooked,
         m,
@@ -1035,6 +1119,9 @@ def compare_cmd(
     typer.echo(f"loading tuned {tuned} ...", err=True)
     tuned_model = load_tuned(base_model, tuned, base_source=base, device=device, dtype=dtype)
     df = compare_models(base_model, tuned_model, seed=seed, census=census, n_seqs=n_seqs, progress=progress)
+    changed = [c for c in ("dW_Q", "dW_K", "dW_V", "dW_O") if c in df.columns]
+    if changed and not df[changed].to_numpy().any():
+        typer.echo(f"note: {tuned} has the base's attention weights: every weight change below is zero", err=True)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(df, out / "compare.csv")
     save_figure(plot_comparison(df), out / "compare.png", dpi=110)
@@ -1197,6 +1284,7 @@ def _circuit_args(
 
 @app.command("circuit")
 def circuit_cmd(
+    ctx: typer.Context,
     task: CircuitTaskName = typer.Option(None, "--task", help="built-in task: induction, ioi or brackets"),
     clean: str = typer.Option(None, "--clean", help="a user pair: the clean prompt"),
     corrupted: str = typer.Option(None, "--corrupted", help="a user pair: the corrupted prompt, same token length"),
@@ -1239,6 +1327,10 @@ def circuit_cmd(
     if ablation is None:
         ablation = AblationName.resample if clean is not None else AblationName.mean
     names = _circuit_args(task, clean, corrupted, correct, wrong, model, ablation, methods, check, max_edges)
+    if clean is not None:
+        _refuse(ctx, "to a built-in --task (a user pair is one prompt)", "n_seqs")
+    if "eap-ig" not in names:
+        _refuse(ctx, "to --methods eap-ig", "steps")
     check_outputs(out, ("edges.csv", "nodes.csv", "faithfulness.csv", "circuit.json", "circuit.html"))
     from headlens.circuits.study import find_circuit
     from headlens.circuits.tasks import build_task, pair_task
@@ -1338,6 +1430,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for arg in args:
             arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
+        _no_empty_paths(args)
         result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
         if result == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below
             raise KeyboardInterrupt
@@ -1359,6 +1452,17 @@ OLD_FLAGS = {
     "--batch-size": (("patch",), "--runs-per-pass"),
 }
 """Flags renamed to the one vocabulary (n_seqs, batch_size, top_k), still accepted for one release (hidden)."""
+
+
+PATH_OPTIONS = ("--out", "-o", "--model", "-m", "--models", "--adapter", "--census", "--tuned", "--base", "--circuit")
+
+
+def _no_empty_paths(args: list[str]) -> None:
+    """An empty model or path (``--out ""`` would mean the current directory) is an error."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in PATH_OPTIONS and (value if eq else (args[i + 1] if i + 1 < len(args) else None)) == "":
+            raise HeadlensError(f"{flag} is empty: give a path or a name (e.g. --out out/census)")
 
 
 def _renamed(args: list[str]) -> list[str]:

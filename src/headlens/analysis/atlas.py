@@ -133,8 +133,11 @@ def atlas(
     resolve_device(device)
     dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
     files = {s: source_files_digest(s) for s in sources}
+    # each source's largest seed first: a seed its probes' data cannot serve fails before the other censuses run
     shards = [
-        AtlasShard(s, seed, int(batch_size), device, dtype, files[s]) for s in sources for seed in range(int(seeds))
+        AtlasShard(s, seed, int(batch_size), device, dtype, files[s])
+        for s in sources
+        for seed in reversed(range(int(seeds)))
     ]
     try:
         tables = resolve(executor).map(
@@ -142,7 +145,8 @@ def atlas(
         )
     finally:
         _model.cache_clear()
-    every = pd.concat(tables, ignore_index=True)
+    order = sorted(range(len(shards)), key=lambda i: (sources.index(shards[i].source), shards[i].seed))
+    every = pd.concat([tables[i] for i in order], ignore_index=True)
     every["relative_depth"] = (every["layer"] + 0.5) / every["n_layers"]
     first = every[every.seed == 0]
     census = {s: first[first.model == s].reset_index(drop=True) for s in sources}

@@ -243,10 +243,15 @@ def window_block(candidates: Iterable[tuple[str, list[int]]], *, n_seqs: int, bl
         pool += [(name, starts[rank]) for name, starts in lists if rank < len(starts)]
         if len(pool) >= need:
             break
-    if len(pool) < need:
+    if len(pool) < need:  # every document was read: the pool is all the split holds
+        stride = max(SEED_STRIDE, int(n_seqs))
+        fits = (
+            f"seeds 0..{(len(pool) - int(n_seqs)) // stride} fit"
+            if len(pool) >= int(n_seqs)
+            else "no seed fits: ask for fewer or shorter sequences"
+        )
         raise HeadlensError(
-            f"seed {block} needs windows {first}..{need - 1} of its split, which holds only {len(pool)}: "
-            "use a smaller seed, fewer sequences or shorter ones"
+            f"seed {block} needs windows {first}..{need - 1} of its split, which holds only {len(pool)}: {fits}"
         )
     return pool[first:need]
 
@@ -296,6 +301,6 @@ def text_windows(
     if len(rows) < n_seqs:
         raise HeadlensError(
             f"the corpus gave only {len(rows)} non-overlapping windows of {seq_len} tokens, {n_seqs} requested; "
-            "lower batch or seq_len"
+            "ask for fewer sequences (n_seqs, --n-seqs) or shorter ones (seq_len, --seq-len)"
         )
     return torch.stack(rows), tuple(names)

@@ -473,7 +473,7 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
 def _check_len(model: HookedTransformer, seq_len: int, what: str) -> None:
     if seq_len > model.cfg.n_ctx:
         raise HeadlensError(
-            f"{what} of {seq_len} tokens is longer than the model's context (n_ctx={model.cfg.n_ctx}); use shorter probes"
+            f"{what} of {seq_len} tokens is longer than the model's context (n_ctx={model.cfg.n_ctx}); use shorter sequences (seq_len, --seq-len)"
         )
 
 
