@@ -169,16 +169,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     timings = {}
-    ret = None
+    ret, before = None, {}
     if args.reuse_scores:  # the scores of an earlier run of this script (same seed), e.g. after a failed causal step
         scores = pd.read_csv(out / "scores.csv")
         rope = pd.read_csv(out / "rope_summary.csv")
         probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"], min_pairs=1)
-        timings = (
-            json.loads((out / "summary.json").read_text()).get("score_seconds", {})
-            if (out / "summary.json").exists()
-            else {}
-        )
+        before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        timings = before.get("score_seconds", {})
     else:
         t = time.perf_counter()
         cs = copy_suppression_scores(model, seed=SEED)
@@ -281,6 +278,8 @@ def main() -> None:
         summary["rope_change"] = rope_change(rope)
     if ret is not None:
         summary["needle_accuracy_clean"] = ret.attrs["accuracy"]
+    elif args.reuse_scores and "needle_accuracy_clean" in before:  # a property of the reused retrieval scores
+        summary["needle_accuracy_clean"] = before["needle_accuracy_clean"]
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

@@ -18,6 +18,7 @@ from headlens.interventions.ablation import (
     logit_diff_metric,
     loss_metric,
     random_heads,
+    random_sets,
     repeat_loss_metric,
     run_ablated,
 )
@@ -257,6 +258,20 @@ def test_compare_to_random_and_determinism(tiny):
     s1 = ablation_sweep(tiny, metric, method="resample", seed=5, progress=False).table
     s2 = ablation_sweep(tiny, metric, method="resample", seed=5, progress=False).table
     assert s1.equals(s2)
+
+
+def test_random_sets_are_distinct_and_an_error_says_when_too_few_exist(tiny):
+    """One head of a 4-head layer has 3 layer-mates: 3 layer-matched sets exist, and a set drawn twice would count as
+    new evidence in the mean, the z-score and the share at least as bad."""
+    metric = repeat_loss_metric(tiny, n_seqs=2, half_len=8)
+    got = compare_to_random(tiny, metric, [(1, 0)], n_random=3, match_layers=True, progress=False)
+    assert sorted(got.table.heads[1:]) == ["L1H1", "L1H2", "L1H3"]
+    with pytest.raises(HeadlensError, match="only 3 distinct sets of 1 random heads in the same layers"):
+        compare_to_random(tiny, metric, [(1, 0)], n_random=4, match_layers=True, progress=False)
+    with pytest.raises(HeadlensError, match="n_random must be >= 2"):
+        compare_to_random(tiny, metric, [(1, 0)], n_random=1, progress=False)
+    sets = random_sets(tiny, [(1, 0)], 20, lambda i: i, max_draws=1000)  # the causal checks: all there are
+    assert sorted(map(tuple, sets)) == [((1, 1),), ((1, 2),), ((1, 3),)]
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,9 @@ def test_nulls_cleared_and_every_label_has_a_verdict():
         sign = LABEL_TASKS[label].expected_sign
         beats = sign * row["target_effect"] > max(0.0, sign * row["random_min"], sign * row["random_max"])
         assert row["verdict"] == ("supported" if beats else "no evidence"), label
-        assert row["task"] == LABEL_TASKS[label].task and row["n_random"] >= 20
+        assert row["task"] == LABEL_TASKS[label].task
+        # 20 distinct layer-matched sets; a one-head label has only its 13 layer-mates (successor: L16H8)
+        assert row["n_random"] >= 20 or (row["n_heads"] == 1 and row["n_random"] == 13), label
     assert causal.loc["previous_token", "task"] == "repeat_loss"  # the induction task, not next-token text loss
 
 

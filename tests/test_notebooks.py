@@ -73,13 +73,16 @@ def test_quickstart_loads_census_renders_picks_a_head_and_shows_evidence():
         "quickstart",
         "dict(rows=len(table), heads=model.cfg.n_layers * model.cfg.n_heads, labels=sorted(set(table.label)), "
         "n_views=len(views), picked=list(picked), label=best.label, worsening=vs_random.target_worsening, "
-        "random_mean=vs_random.random_mean, p=vs_random.p_random_ge, top_sweep=sweep.sort_values('worsening').iloc[-1][['layer', 'head']].tolist())",
+        "random_mean=vs_random.random_mean, p=vs_random.p_random_ge, top_sweep=sweep.sort_values('worsening').iloc[-1][['layer', 'head']].tolist(), "
+        "p_any=compare_to_random(model, metric, [picked], n_random=6, method='mean', progress=False).p_random_ge)",
     )
     assert values["rows"] == values["heads"] == 8
     assert {"induction", "previous_token"} <= set(values["labels"])
     assert values["n_views"] >= 2  # the headline gallery is not empty: this model has real heads
     assert values["label"] == "induction" and values["picked"][0] == 1
-    assert values["worsening"] > values["random_mean"] and values["p"] == 0
+    assert values["worsening"] > values["random_mean"] and values["p"] == 0  # none of its 3 layer-mates as bad
+    # Exercise 3's answer: against any layer, 1 of 6 is worse, the previous-token head the sweep ranks first
+    assert values["p_any"] == pytest.approx(1 / 6) and values["top_sweep"] == [0, 2]
     check_clean(book, elapsed)
     pages = [p for p in outputs(book, "text/html") if "CircuitsVis.render" in p]
     assert len(pages) == 2 and sum("var CircuitsVis=" in p for p in pages) == 1  # gallery + picked head, one bundle

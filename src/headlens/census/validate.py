@@ -4,7 +4,8 @@
 (or that the label is descriptive and makes no causal claim). :func:`causal_validation` mean-ablates a label's
 heads together and compares the task metric's change with ``n_random`` sets of as many heads drawn from the same
 layers (``random_heads(model, n, like=heads, exclude=heads)``; a layer with too few other heads is filled from its
-nearest layers): same tokens, same ablation, same metric for target and control.
+nearest layers; no set twice, so a label of one head gets its 13 layer-mates on Qwen when ``n_random`` asks for
+more): same tokens, same ablation, same metric for target and control.
 
 Held out means disjoint (:mod:`headlens.data.corpus`): census scores are measured on the ``score`` split, every
 task's evaluation data comes from the ``eval`` split (other files), and the ablation means from the ``reference``
@@ -35,8 +36,14 @@ from headlens.data.corpus import document_unit, split_of
 from headlens.data.probes import natural_text, repeated_tokens
 from headlens.engine.intervene import Metric
 from headlens.errors import HeadlensError
-from headlens.heads import format_heads, kv_heads, random_heads
-from headlens.interventions.ablation import ablated_metrics, ablation_hooks, clean_metric, repeat_loss_metric
+from headlens.heads import format_heads, kv_heads
+from headlens.interventions.ablation import (
+    ablated_metrics,
+    ablation_hooks,
+    clean_metric,
+    random_sets,
+    repeat_loss_metric,
+)
 from headlens.progress import tqdm
 
 EVAL_SEEDS = 10_000
@@ -304,14 +311,10 @@ def causal_row(
 
 
 def label_plan(model: HookedTransformer, table: pd.DataFrame, label: str, n_random: int, seed: int = 0):
-    """A tested label's heads (:func:`strongest`, at most ``max_heads``) and its ``n_random`` layer-matched random
-    sets (draw ``i`` seeded ``seed * 1000 + i``)."""
+    """A tested label's heads (:func:`strongest`, at most ``max_heads``) and its ``n_random`` distinct layer-matched
+    random sets (draw ``i`` seeded ``seed * 1000 + i``; all there are when fewer exist, e.g. 13 for one head)."""
     heads = strongest(table, label, LABEL_TASKS[label].max_heads, model.cfg.n_heads)
-    drawn = [
-        random_heads(model, len(heads), like=heads, exclude=heads, seed=int(seed) * 1000 + i)
-        for i in range(int(n_random))
-    ]
-    return heads, drawn
+    return heads, random_sets(model, heads, n_random, lambda i: int(seed) * 1000 + i, max_draws=1000)
 
 
 def causal_validation(
@@ -392,10 +395,8 @@ def key_path_effects(
     if any(layer <= min(s[0] for s in senders) for layer in groups):
         raise HeadlensError("every receiver must sit in a later layer than the senders")
     clean = clean_metric(model, metric)
-    sets = [("target", senders)] + [
-        ("random", random_heads(model, len(senders), like=senders, exclude=senders, seed=int(seed) * 1000 + i))
-        for i in range(int(n_random))
-    ]
+    drawn = random_sets(model, senders, n_random, lambda i: int(seed) * 1000 + i, max_draws=1000)
+    sets = [("target", senders)] + [("random", heads) for heads in drawn]
     rows = []
     for kind, heads in sets:
         kept = {}

@@ -117,7 +117,7 @@ def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64,
     ids = type(model).to_tokens(model, corpus_text() if text is None else text, prepend_bos=False, truncate=False)[0]
     if ids.numel() < n_seqs * seq_len:
         raise HeadlensError(
-            f"the text has {ids.numel()} tokens, fewer than n_seqs*seq_len = {n_seqs * seq_len}: use fewer or shorter sequences"
+            f"the text has {ids.numel()} tokens, fewer than n_seqs*seq_len = {n_seqs * seq_len}: use fewer or shorter sequences (--n-seqs, --seq-len)"
         )
     tokens = einops.rearrange(ids[: n_seqs * seq_len], "(b p) -> b p", b=n_seqs)
     return Metric("loss", tokens, lambda logits, toks: lm_cross_entropy_loss(logits, toks))
@@ -410,6 +410,34 @@ class RandomComparison:
     p_random_ge: float
 
 
+def random_sets(
+    model: HookedTransformer,
+    heads: Sequence[HeadLike],
+    n_random: int,
+    seed_of: Callable[[int], object],
+    *,
+    match_layers: bool = True,
+    max_draws: int | None = None,
+) -> list[list]:
+    """Up to ``n_random`` distinct random sets of ``len(heads)`` heads outside ``heads`` (matched to their layers with
+    ``match_layers``; :func:`headlens.heads.random_heads`), draw ``i`` seeded ``seed_of(i)``.
+
+    A set drawn again is skipped: counted twice, it would narrow an interval or a z-score as if it were new evidence.
+    Fewer sets come back only when ``max_draws`` draws (default ``50 * n_random``) find no more, e.g. for one head of
+    a layer of 14, which has 13 layer-mates.
+    """
+    heads = list(heads)
+    out, seen = [], set()
+    for i in range(50 * int(n_random) if max_draws is None else int(max_draws)):
+        if len(out) == int(n_random):
+            break
+        drawn = random_heads(model, len(heads), seed=seed_of(i), exclude=heads, like=heads if match_layers else None)
+        if tuple(drawn) not in seen:  # random_heads returns its heads sorted
+            seen.add(tuple(drawn))
+            out.append(drawn)
+    return out
+
+
 def compare_to_random(
     model: HookedTransformer,
     metric: Metric | MetricFn,
@@ -427,15 +455,22 @@ def compare_to_random(
     """Effect of ablating ``heads`` together vs ``n_random`` draws of as many other random heads.
 
     Random draw i uses the i-th child of ``numpy.random.SeedSequence(seed)``; ``match_layers=True`` draws
-    them from the same layers (depth-matched control, see :func:`headlens.heads.random_heads`).
+    them from the same layers (depth-matched control, see :func:`headlens.heads.random_heads`). The ``n_random``
+    sets are distinct (:func:`random_sets`); an error says how many exist when fewer than ``n_random`` do.
     """
+    if int(n_random) < 2:
+        raise HeadlensError(f"n_random must be >= 2: a spread needs two random sets (got {n_random})")
     metric = _as_metric(metric, tokens)
     heads = check_heads(model, heads)
-    children = np.random.SeedSequence(seed).spawn(n_random)
-    sets = [("target", heads)] + [
-        ("random", random_heads(model, len(heads), seed=child, exclude=heads, like=heads if match_layers else None))
-        for child in children
-    ]
+    children = np.random.SeedSequence(seed).spawn(50 * int(n_random))
+    drawn = random_sets(model, heads, n_random, children.__getitem__, match_layers=match_layers)
+    if len(drawn) < int(n_random):
+        where = " in the same layers" if match_layers else ""
+        raise HeadlensError(
+            f"only {len(drawn)} distinct sets of {len(heads)} random heads{where} exist outside the target heads, "
+            f"fewer than n_random={n_random}: pass n_random <= {len(drawn)}"
+        )
+    sets = [("target", heads)] + [("random", hs) for hs in drawn]
     clean, values = ablated_metrics(
         model, metric, [hs for _, hs in sets], method=method, reference=reference, seed=seed,
         batch_size=batch_size, progress=progress,
@@ -656,10 +691,15 @@ def build_metric(
     correct: str | None = None,
     wrong: str | None = None,
 ) -> Metric:
-    """A built-in metric by name: "loss" (corpus text), "repeat" (seq_len = full repeated length), "logit-diff"."""
+    """A built-in metric by name: "loss" (corpus text), "repeat" (a first token, then two copies of seq_len // 2
+    tokens), "logit-diff"."""
     if name == "loss":
         return loss_metric(model, n_seqs=n_seqs, seq_len=seq_len)
     if name == "repeat":
+        if seq_len < 4:
+            raise HeadlensError(
+                f"the repeat metric needs seq_len (--seq-len) >= 4: two copies of >= 2 tokens (got {seq_len})"
+            )
         return repeat_loss_metric(model, n_seqs=n_seqs, half_len=seq_len // 2, seed=seed)
     if name == "logit-diff":
         if not (prompt and correct and wrong):
