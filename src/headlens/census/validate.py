@@ -310,11 +310,21 @@ def causal_row(
     }
 
 
+DRAWS = 1000
+"""Random draw ``i`` of a check at ``seed`` is seeded ``seed * DRAWS + i``, ``i < DRAWS``: seeds never share a draw."""
+
+
+def layer_matched_sets(model: HookedTransformer, heads, n_random: int, seed: int = 0) -> list:
+    """``n_random`` distinct layer-matched random sets for ``heads`` (all there are when fewer exist, e.g. 13 for one
+    head of a 14-head layer), draw ``i`` seeded ``seed * DRAWS + i``."""
+    return random_sets(model, heads, n_random, lambda i: int(seed) * DRAWS + i, max_draws=DRAWS)
+
+
 def label_plan(model: HookedTransformer, table: pd.DataFrame, label: str, n_random: int, seed: int = 0):
-    """A tested label's heads (:func:`strongest`, at most ``max_heads``) and its ``n_random`` distinct layer-matched
-    random sets (draw ``i`` seeded ``seed * 1000 + i``; all there are when fewer exist, e.g. 13 for one head)."""
+    """A tested label's heads (:func:`strongest`, at most ``max_heads``) and its random sets
+    (:func:`layer_matched_sets`)."""
     heads = strongest(table, label, LABEL_TASKS[label].max_heads, model.cfg.n_heads)
-    return heads, random_sets(model, heads, n_random, lambda i: int(seed) * 1000 + i, max_draws=1000)
+    return heads, layer_matched_sets(model, heads, n_random, seed)
 
 
 def causal_validation(
@@ -395,8 +405,7 @@ def key_path_effects(
     if any(layer <= min(s[0] for s in senders) for layer in groups):
         raise HeadlensError("every receiver must sit in a later layer than the senders")
     clean = clean_metric(model, metric)
-    drawn = random_sets(model, senders, n_random, lambda i: int(seed) * 1000 + i, max_draws=1000)
-    sets = [("target", senders)] + [("random", heads) for heads in drawn]
+    sets = [("target", senders)] + [("random", heads) for heads in layer_matched_sets(model, senders, n_random, seed)]
     rows = []
     for kind, heads in sets:
         kept = {}

@@ -463,7 +463,9 @@ def compare_to_random(
     metric = _as_metric(metric, tokens)
     heads = check_heads(model, heads)
     children = np.random.SeedSequence(seed).spawn(50 * int(n_random))
-    drawn = random_sets(model, heads, n_random, children.__getitem__, match_layers=match_layers)
+    drawn = random_sets(
+        model, heads, n_random, children.__getitem__, match_layers=match_layers, max_draws=len(children)
+    )
     if len(drawn) < int(n_random):
         where = " in the same layers" if match_layers else ""
         raise HeadlensError(
