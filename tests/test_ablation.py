@@ -268,7 +268,7 @@ def test_random_sets_are_distinct_and_an_error_says_when_too_few_exist(tiny):
     assert sorted(got.table.heads[1:]) == ["L1H1", "L1H2", "L1H3"]
     with pytest.raises(HeadlensError, match="only 3 distinct sets of 1 random heads in the same layers"):
         compare_to_random(tiny, metric, [(1, 0)], n_random=4, match_layers=True, progress=False)
-    with pytest.raises(HeadlensError, match="n_random must be >= 2"):
+    with pytest.raises(HeadlensError, match="n_random must be an integer >= 2"):
         compare_to_random(tiny, metric, [(1, 0)], n_random=1, progress=False)
     sets = random_sets(tiny, [(1, 0)], 20, lambda i: i, max_draws=1000)  # the causal checks: all there are
     assert sorted(map(tuple, sets)) == [((1, 1),), ((1, 2),), ((1, 3),)]

@@ -115,8 +115,8 @@ def test_ig_arguments(toy_pair):
     for kwargs, match in [
         ({"method": "atp", "steps": 2}, "steps and alphas are for method='ig' only"),
         ({"method": "atp*", "alphas": [0.5]}, "steps and alphas are for method='ig' only"),
-        ({"method": "ig", "steps": 0}, "whole number >= 1"),
-        ({"method": "ig", "steps": 2.5}, "whole number >= 1"),
+        ({"method": "ig", "steps": 0}, "steps must be an integer >= 1"),
+        ({"method": "ig", "steps": 2.5}, "steps must be an integer >= 1"),
         ({"method": "ig", "steps": 2, "alphas": [0.0, 0.5]}, "not both"),
         ({"method": "ig", "alphas": [0.5, 1.5]}, "distinct numbers in"),
         ({"method": "ig", "alphas": []}, "distinct numbers in"),

@@ -354,7 +354,7 @@ def test_bad_input_is_a_clear_error(planted):
         repeated_tokens(planted, n=planted.cfg.n_ctx // 2 + 1)
     with pytest.raises(HeadlensError, match="empty"):
         natural_text(planted, text="")
-    with pytest.raises(HeadlensError, match="n >= 2"):
+    with pytest.raises(HeadlensError, match="n must be an integer >= 2"):
         repeated_tokens(planted, n=1)
     with pytest.raises(HeadlensError, match="ProbeSet"):
         run_census(planted, probes=torch.zeros(2, 5, dtype=torch.long), progress=False)

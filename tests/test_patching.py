@@ -297,7 +297,7 @@ def test_bad_inputs_raise(tiny_qwen):
     pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=1)
     with pytest.raises(HeadlensError, match="unknown activation 'resid'"):
         activation_patching(tiny_qwen, pair, activation="resid", progress=False)
-    with pytest.raises(HeadlensError, match="runs_per_pass must be >= 1"):
+    with pytest.raises(HeadlensError, match="runs_per_pass must be an integer >= 1"):
         activation_patching(tiny_qwen, pair, runs_per_pass=0, progress=False)
     with pytest.raises(HeadlensError, match="layer 9 is out of range"):
         activation_patching(tiny_qwen, pair, layers=[9], progress=False)

@@ -150,7 +150,7 @@ def test_word_tokens_are_ordinary(tiny_qwen):
 
 def test_bad_input(tiny_qwen):
     n_ctx = tiny_qwen.cfg.n_ctx
-    with pytest.raises(HeadlensError, match="n >= 2"):
+    with pytest.raises(HeadlensError, match="n must be an integer >= 2"):
         repeated_tokens(tiny_qwen, n=1)
     with pytest.raises(HeadlensError, match=f"n_ctx={n_ctx}"):
         repeated_tokens(tiny_qwen, n=n_ctx // 2, prefix=1)

@@ -522,6 +522,15 @@ def test_prompt_is_escaped_in_the_html(report):
     )
 
 
+def test_direction_controls_in_the_prompt_are_written_out(tiny_qwen, tmp_path):
+    census = fake_census()
+    prompt = "total = price \u202e* tax\u202c then \u2067rtl\u2069 end"
+    path = write_report(tmp_path, model=tiny_qwen, census=census, prompt=prompt, heads=[(1, 2)], top_k=1)
+    text = path.read_text(encoding="utf-8")
+    assert not viz.DIRECTION_CONTROLS.search(text)
+    assert "total = price &lt;U+202E&gt;* tax&lt;U+202C&gt; then &lt;U+2067&gt;rtl&lt;U+2069&gt; end" in text
+
+
 def test_label_counts():
     n = len(viz.LABELS)
     census = fake_census(2, n, 1)  # labels cycle: two heads of each

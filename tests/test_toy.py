@@ -176,7 +176,7 @@ def test_census_labels_the_toy_circuit(model, circuit):
 def test_bad_input_raises_headlens_error(tmp_path, history):
     with pytest.raises(HeadlensError, match="multiple of n_heads"):
         toy.toy_config(d_model=65, n_heads=4)
-    with pytest.raises(HeadlensError, match="positive"):
+    with pytest.raises(HeadlensError, match="steps must be an integer >= 1"):
         toy.train_induction_model(steps=0, progress=False)
     with pytest.raises(HeadlensError, match="no toy checkpoint"):
         toy.load_induction_model(tmp_path / "missing.safetensors")

@@ -330,3 +330,17 @@ def test_figure_exports():
     assert viz.figure_img(fig, alt='a "b"', png=png).startswith(
         '<img alt="a &quot;b&quot;" src="data:image/png;base64,iVBORw0KGgo'
     )
+
+
+def test_direction_controls_are_written_out():
+    """A right-to-left override in a prompt or token would reverse the text after it on the page ("Trojan Source")."""
+    evil = "x = 1 \u202e# )gnirts(tnirp\u202c and \u2066<b>\u2069"
+    assert (
+        viz.escape(evil)
+        == "x = 1 &lt;U+202E&gt;# )gnirts(tnirp&lt;U+202C&gt; and &lt;U+2066&gt;&lt;b&gt;&lt;U+2069&gt;"
+    )
+    assert viz.visible("a\u200fb") == "a<U+200F>b"
+    patterns = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    for component in ("patterns", "heads"):
+        tokens = viz.view_props(["\u202eab", "c"], patterns, component=component)["tokens"]
+        assert not any(viz.DIRECTION_CONTROLS.search(t) for t in tokens) and "U+202E" in tokens[0]

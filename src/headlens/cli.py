@@ -508,12 +508,12 @@ def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress:
     places = [p for p in (out, _census_cache(prov)) if p is not None]
     for place in places:
         csv = place / "census.csv"
-        why = mismatch(csv, prov) if csv.is_file() else None
-        if csv.is_file() and why is None:
+        why = mismatch(csv, prov) if csv.is_file() else "it does not exist"
+        if why is None:
             typer.echo(f"reusing {csv}", err=True)
             return CensusResult.from_table(read_census(csv), seed=seed, provenance=prov), place
         if place == out:
-            typer.echo(f"not using {csv}: " + (why or "it does not exist"), err=True)
+            typer.echo(f"not using {csv}: {why}", err=True)
     typer.echo("no census of this model and seed yet: computing it (once; later calls reuse it)", err=True)
     result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
     place = places[-1]

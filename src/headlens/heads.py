@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -193,8 +193,7 @@ def random_heads(
     """
     import numpy as np  # imported here: this module stays light for the CLI
 
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise HeadlensError(f"n must be an integer >= 1 (got {n!r}): the number of random heads to draw")
+    n = check_count("n", n, why="the number of random heads to draw")
     if like is not None:
         like = list(like)
         if n != len(like):

@@ -26,7 +26,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from headlens.data.probes import corpus_text
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 from headlens.io import (
     file_sha256,
@@ -112,7 +112,7 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str = "cpu",
     adapter: str | os.PathLike | None = None,
-    n_ctx: int = MAX_CTX,
+    n_ctx: int | None = None,
 ) -> HookedTransformer:
     """Load ``source`` offline as a ``HookedTransformer``, merging a PEFT LoRA ``adapter`` directory first.
 
@@ -121,8 +121,8 @@ def load_model(
     ``device``: cpu, cuda, cuda:N or mps; ``dtype``: float32, bfloat16 or float16 (weights are
     converted and layer norms folded in float32, then cast, so bf16 = rounded fp32 weights).
     """
-    if not _is_count(n_ctx):
-        raise HeadlensError(f"n_ctx must be an integer >= 1 (got {n_ctx!r}): the longest input, in tokens")
+    if n_ctx is not None:
+        check_count("n_ctx", n_ctx, why="the longest input, in tokens")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     name = ALIASES.get(str(source), str(source))
     label = Path(name).name
@@ -261,6 +261,7 @@ def tiny_model(
     d_model: int = 64,
 ) -> HookedTransformer:
     """A small random Qwen2 or Llama model with a real tokenizer, converted like the real ones; for fast tests."""
+    seed = check_count("seed", seed, minimum=0)
     hf_model, tokenizer = _tiny_hf(
         family, seed=seed, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=d_model
     )
@@ -305,9 +306,13 @@ def model_info(model: HookedTransformer) -> dict:
 
 
 def hooked_config(
-    hf_config, *, dtype=torch.float32, device="cpu", n_ctx: int = MAX_CTX, name: str = ""
+    hf_config, *, dtype=torch.float32, device="cpu", n_ctx: int | None = None, name: str = ""
 ) -> HookedTransformerConfig:
-    """TransformerLens config for a Hugging Face Qwen2/Llama config, built without asking the hub."""
+    """TransformerLens config for a Hugging Face Qwen2/Llama config, built without asking the hub.
+
+    ``n_ctx`` (the longest input) defaults to the model's own limit, at most :data:`MAX_CTX`; a larger one than the
+    model's limit is an error, not a silent cap.
+    """
     kind = getattr(hf_config, "model_type", None)
     if kind not in SUPPORTED:
         raise HeadlensError(f"unsupported architecture {kind!r}: headlens loads {', '.join(SUPPORTED)} models")
@@ -327,7 +332,7 @@ def hooked_config(
         n_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
         d_mlp=hf_config.intermediate_size,
         n_layers=hf_config.num_hidden_layers,
-        n_ctx=min(n_ctx, hf_config.max_position_embeddings),
+        n_ctx=_context(hf_config, n_ctx, name),
         eps=hf_config.rms_norm_eps,
         d_vocab=hf_config.vocab_size,
         act_fn=hf_config.hidden_act,
@@ -348,7 +353,7 @@ def hooked_config(
 
 
 def hooked_from_hf(
-    hf_model, tokenizer, *, name: str = "", dtype=torch.float32, device: str = "cpu", n_ctx: int = MAX_CTX
+    hf_model, tokenizer, *, name: str = "", dtype=torch.float32, device: str = "cpu", n_ctx: int | None = None
 ) -> HookedTransformer:
     """Convert a loaded Hugging Face causal LM to a ``HookedTransformer`` (layer norms folded, logits unchanged)."""
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_qwen2_weights
@@ -365,6 +370,18 @@ def hooked_from_hf(
     return _placed(model, device, dtype)
 
 
+def _context(hf_config, n_ctx: int | None, name: str) -> int:
+    """The context a converted model gets: ``n_ctx``, or the model's limit capped at :data:`MAX_CTX` when None."""
+    limit = hf_config.max_position_embeddings
+    if n_ctx is None:
+        return min(MAX_CTX, limit)
+    if check_count("n_ctx", n_ctx) > limit:
+        raise HeadlensError(
+            f"n_ctx={n_ctx} is longer than {name or 'the model'}'s context of {limit} tokens: use n_ctx <= {limit}"
+        )
+    return int(n_ctx)
+
+
 DIGEST_PREFIX = "headlens.sha256:"
 """safetensors metadata key of a cached tensor's sha256 (one per tensor, written when the cache file is built)."""
 ORDER_PREFIX = "headlens.order:"
@@ -377,7 +394,7 @@ ENTRY_DIGESTS = "sha256.json"
 """The file of a cache entry that holds the sha256 of its ``model.safetensors``, written when the entry is built."""
 
 
-def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int) -> HookedTransformer:
+def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int | None) -> HookedTransformer:
     """Load the TransformerLens-processed float32 weights cached next to the HF ones, writing them on first use.
 
     Every tensor's sha256 is written into the file's metadata when it is built and checked when it is loaded (one
@@ -439,7 +456,9 @@ def _write_hooked(model: HookedTransformer, cached: Path) -> None:
         Path(partial).unlink(missing_ok=True)
 
 
-def _read_hooked(directory: Path, cached: Path, *, name: str, n_ctx: int) -> tuple[HookedTransformer | None, str]:
+def _read_hooked(
+    directory: Path, cached: Path, *, name: str, n_ctx: int | None
+) -> tuple[HookedTransformer | None, str]:
     """The model from a cache file whose every tensor matches its recorded sha256, or (None, what is wrong)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -996,11 +1015,6 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(directory.name)
 
 
-def _is_count(value) -> bool:
-    """Whether ``value`` is an integer >= 1 (numpy integers too; not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
 def _tiny_hf(
     family: str, *, seed: int = 0, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 64
 ):
@@ -1009,7 +1023,9 @@ def _tiny_hf(
     if family not in SUPPORTED:
         raise HeadlensError(f"unsupported architecture {family!r}: tiny models exist for {', '.join(SUPPORTED)}")
     sizes = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "d_model": d_model}
-    bad = [f"{k}={v!r}" for k, v in sizes.items() if not _is_count(v)]
+    bad = [
+        f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+    ]
     if bad:
         raise HeadlensError(
             f"tiny model shape: n_layers, n_heads, n_kv_heads and d_model must be integers >= 1 (got {', '.join(bad)})"

@@ -29,7 +29,7 @@ import pandas as pd
 from headlens.analysis.toy import load_induction_model, toy_probes
 from headlens.census.run import LABELS, run_census
 from headlens.engine.executor import resolve
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.io import path_sha256
 from headlens.models import _placed, load_model, resolve_device, resolve_dtype
 
@@ -128,8 +128,7 @@ def atlas(
     """Census of every source at probe seeds 0..seeds-1 (on ``executor``) and the comparison tables (module docstring)."""
 
     sources = parse_sources(sources)
-    if int(seeds) < 1 or int(bins) < 1:
-        raise HeadlensError(f"seeds and bins must be >= 1 (got {seeds}, {bins})")
+    seeds, bins = check_count("seeds", seeds), check_count("bins", bins)
     resolve_device(device)
     dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
     files = {s: source_files_digest(s) for s in sources}

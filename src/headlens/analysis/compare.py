@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer, utils
 
 from headlens.census.run import run_census
 from headlens.data.probes import ProbeSet, check_probes, default_probes
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 from headlens.models import check_compatible
 from headlens.progress import tqdm
@@ -153,9 +153,9 @@ def attention_divergence(
     the residual stream entering it; the tuned model starts there (layers below have the same weights, so the same
     patterns: their divergence is 0 exactly) and each of its patterns is reduced against the base's and dropped.
     """
+    n_seqs = None if n_seqs is None else check_count("n_seqs", n_seqs)
     check_compatible(base, tuned)
-    if int(batch_size) < 1:
-        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    batch_size = check_count("batch_size", batch_size)
     L, H = base.cfg.n_layers, base.cfg.n_heads
     sums = torch.zeros(L, H, dtype=torch.float64)
     peak = torch.zeros(L, H, dtype=torch.float64)
@@ -276,6 +276,7 @@ def compare_models(
     attention change (:data:`N_SEQS`; None: all of them); the census runs on the same ProbeSet when one is given,
     else on its full defaults.
     """
+    n_seqs = None if n_seqs is None else check_count("n_seqs", n_seqs)
     check_compatible(base, tuned)
     df = attention_divergence(base, tuned, probes, n_seqs=n_seqs, batch_size=batch_size, seed=seed, progress=progress)
     df = df.merge(weight_changes(base, tuned), on=["layer", "head", "kv_head"])

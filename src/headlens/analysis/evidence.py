@@ -24,7 +24,7 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from headlens.census import validate
-from headlens.errors import HeadlensError
+from headlens.errors import check_count
 from headlens.heads import head_name
 from headlens.interventions.ablation import Replacement, ablated_metrics
 
@@ -105,8 +105,7 @@ def label_evidence(
     ablated layer, only the metric's positions unembedded) instead of a full forward per set, which is what lets
     it run in every ``headlens census``. tests/test_cards.py checks both give the same numbers.
     """
-    if int(n_random) < 2:
-        raise HeadlensError(f"n_random must be >= 2 for an interval (got {n_random})")
+    n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
     present = [lb for lb in dict.fromkeys(table["label"]) if lb != "other" and (labels is None or lb in labels)]
     tested = [lb for lb in present if lb in validate.LABEL_TASKS and validate.LABEL_TASKS[lb].task]
     score = table.set_index(["layer", "head"])["label_score"]

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 from headlens.interventions.patching import PromptPair, activation_patching
 
@@ -84,6 +84,7 @@ def task_roles(
     """One row per head: ``layer, head, kv_head, task, patching, dla, attn_answer`` (module docstring).
 
     ``heads`` restricts the patching (the costly part) to those heads; the others' ``patching`` is NaN."""
+    runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     positions = pair.positions
     names = {f"blocks.{l}.attn.hook_{a}" for l in range(L) for a in ("z", "pattern")} | {"ln_final.hook_scale"}

@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
 from headlens.census import scores
 from headlens.data.probes import Probe, ProbeSet
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_name
 from headlens.io import atomic_path, write_csv, write_text
 from headlens.models import _recipe
@@ -64,6 +64,12 @@ def toy_config(
     normalization: str | None = "LN",
 ) -> HookedTransformerConfig:
     """The attention-only ``HookedTransformerConfig`` of the toy model (learned positions, LayerNorm, no tokenizer)."""
+    seed = check_count("seed", seed, minimum=0)
+    n_layers = check_count("n_layers", n_layers)
+    n_heads = check_count("n_heads", n_heads)
+    d_model = check_count("d_model", d_model)
+    d_vocab = check_count("d_vocab", d_vocab)
+    seq_len = check_count("seq_len", seq_len)
     if d_model % n_heads:
         raise HeadlensError(
             f"d_model ({d_model}) must be a multiple of n_heads ({n_heads}); pick e.g. d_model={n_heads * 16}."
@@ -107,6 +113,10 @@ def training_batch(
     head attending to a fixed relative position cannot predict the repeats; copying the token that
     followed the earlier occurrence of the current token (induction) can.
     """
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
+    copies = check_count("copies", copies)
+    min_len = check_count("min_len", min_len)
     tokens = torch.randint(0, d_vocab, (n_seqs, seq_len), generator=generator)
     max_len = max(min_len, seq_len // (2 * copies))
     for b in range(n_seqs):
@@ -178,8 +188,10 @@ def train_induction_model(
     ``seq_len``, ``positional``, ``normalization``); ``seed`` also seeds the training data.
     Same arguments -> identical model and history.
     """
-    if steps < 1 or record_every < 1 or batch_size < 1 or eval_batch < 1:
-        raise HeadlensError("steps, record_every, batch_size and eval_batch must be positive integers.")
+    steps = check_count("steps", steps)
+    batch_size = check_count("batch_size", batch_size)
+    record_every = check_count("record_every", record_every)
+    eval_batch = check_count("eval_batch", eval_batch)
     cfg = toy_config(**config)
     seed, seq_len, d_vocab = cfg.seed, cfg.n_ctx, cfg.d_vocab
     with torch.random.fork_rng(devices=[]):
@@ -371,9 +383,10 @@ def toy_probes(model: HookedTransformer, *, seed: int = 0, n_seqs: int = 8, n: i
     ``repeated``: [A1..An A1..An] of distinct random ids (n = n_ctx // 2 by default); ``natural``: the
     model's own training "text" (:func:`training_batch`). No delimiter probe: ids have no text.
     """
-
+    seed = check_count("seed", seed, minimum=0)
+    n_seqs = check_count("n_seqs", n_seqs)
     cfg = model.cfg
-    n = cfg.n_ctx // 2 if n is None else int(n)
+    n = cfg.n_ctx // 2 if n is None else check_count("n", n, minimum=2)
     gen = torch.Generator().manual_seed(int(seed) * 1000 + 7)
     repeated = repeated_tokens(n, n_seqs=n_seqs, d_vocab=cfg.d_vocab, generator=gen)
     text = training_batch(n_seqs=n_seqs, seq_len=cfg.n_ctx, d_vocab=cfg.d_vocab, generator=gen)

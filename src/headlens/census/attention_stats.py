@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer, utils
 
 from headlens.census.scores import entropy
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 from headlens.progress import tqdm
 
@@ -180,6 +180,7 @@ def scale_entropy_table(
     mean over queries that see >= 2 keys) and ``norm_entropy`` (each query's entropy / log(#keys), then
     averaged: 1 = uniform over the visible prefix).
     """
+    batch_size = check_count("batch_size", batch_size)
     if model.cfg.positional_embedding_type != "rotary":
         raise HeadlensError("scale_entropy_table reads hook_rot_q/hook_rot_k: it needs a rotary (RoPE) model")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -406,6 +407,8 @@ def head_similarity(
     memory is one layer's pattern, never a cache. Equals :func:`pattern_similarity` on the
     concatenated patterns of all batches.
     """
+    drop_keys = check_count("drop_keys", drop_keys, minimum=0)
+    batch_size = check_count("batch_size", batch_size)
 
     for metric in metrics:
         _flat_patterns(torch.zeros(1, 1, 2, 2), metric=metric, mask=None, drop_keys=0)

@@ -24,11 +24,12 @@ from transformer_lens import HookedTransformer
 from headlens.census.registry import WEIGHTS, head_types
 from headlens.census.run import _effective, _means, collect
 from headlens.data.probes import ProbeSet, check_probes, default_probes, probe_kinds, repeated_tokens
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 
 
 def random_weights_model(model: HookedTransformer, *, seed: int = 0) -> HookedTransformer:
     """The same architecture as ``model`` with freshly initialised weights (TransformerLens' own init, seeded)."""
+    seed = check_count("seed", seed, minimum=0)
     torch.manual_seed(int(seed))
     cfg = model.cfg
     null = HookedTransformer(
@@ -48,6 +49,7 @@ def null_scores(
     progress: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Sink-aware head scores (as labels read them) under each null: ``{"random_weights": {...}, "shuffled": {...}}``."""
+    batch_size = check_count("batch_size", batch_size)
     types = head_types()
     if probes is None:
         needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}

@@ -42,7 +42,7 @@ from headlens.census.scores import NEGATIVE_COPYING, masked_attention
 from headlens.data.predicted import model_predictions
 from headlens.data.probes import natural_text, word_token_ids
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_frame
 from headlens.io import once_per_weights
 
@@ -155,6 +155,8 @@ def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
 
 def copy_sample(model: HookedTransformer, n: int = 2000, seed: int = 0) -> Int[Tensor, " n"]:
     """A fixed sample of ordinary word tokens for OV copying scores (of all token ids without a tokenizer)."""
+    seed = check_count("seed", seed, minimum=0)
+    n = check_count("n", n, why="sampled tokens")
     has_tokenizer = getattr(model, "tokenizer", None) is not None
     pool = word_token_ids(model) if has_tokenizer else torch.arange(model.cfg.d_vocab)
     gen = torch.Generator().manual_seed(seed)
@@ -165,6 +167,7 @@ def copying_scores(
     model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
 ) -> dict[str, Float[Tensor, "layer head"]]:
     """``{"copying", "negative_copying"}`` of every head from one pass over its OV logits (module docstring)."""
+    n = check_count("n", n, why="sampled tokens")
     ids = copy_sample(model, n, seed)
     eff = effective_embedding(model, ids)
     shares = [own_rank_share(ov_logits(model, layer, eff, ids), lowest=lowest) for layer in range(model.cfg.n_layers)]

@@ -14,6 +14,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.census.rope import distance_profiles, rope_summary
+from headlens.errors import check_count
 from headlens.io import once_per_weights
 
 THRESHOLD = 0.5
@@ -24,6 +25,8 @@ def positional_scores(
     model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 128, seed: int = 0, progress: bool = False
 ) -> pd.DataFrame:
     """Per head: positional score on natural text and on constant tokens, their overlap ``positional`` and the offset."""
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
     prof = distance_profiles(
         model, ("natural", "constant"), n_seqs=n_seqs, seq_len=seq_len, seed=seed, progress=progress
     )

@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 from headlens.census.registry import HeadType, head_types, register
 from headlens.data.code import stdlib_sources
 from headlens.data.probes import Probe, corpus_sections, delimiter_mask, probe_kinds, register_probe, word_token_ids
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_frame
 from headlens.interventions.ablation import custom_metric
 from headlens.progress import tqdm
@@ -58,6 +58,10 @@ def needle_probe(
     model: HookedTransformer, *, seq_len: int = 1024, n_seqs: int = 3, n_words: int = 6, seed: int = 0
 ) -> NeedleProbe:
     """``n_seqs`` needle-in-a-haystack sequences of exactly ``seq_len`` tokens (module doc; seeded depth and words)."""
+    seq_len = check_count("seq_len", seq_len, minimum=2)
+    n_seqs = check_count("n_seqs", n_seqs)
+    n_words = check_count("n_words", n_words)
+    seed = check_count("seed", seed, minimum=0)
 
     if getattr(model, "tokenizer", None) is None:
         raise HeadlensError("the needle probe needs a model with a tokenizer")

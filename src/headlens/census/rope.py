@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.data.probes import natural_text
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 
 PROBES = ("natural", "random", "constant")
@@ -81,6 +81,9 @@ def random_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Uniform random ordinary tokens (seeded)."""
+    seed = check_count("seed", seed, minimum=0)
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
     ids = _usable_ids(model)
     gen = torch.Generator().manual_seed(seed)
     return ids[torch.randint(0, len(ids), (n_seqs, seq_len), generator=gen)]
@@ -90,6 +93,9 @@ def constant_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Each sequence one random ordinary token repeated ``seq_len`` times: content removed, RoPE alone varies."""
+    seed = check_count("seed", seed, minimum=0)
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
     ids = _usable_ids(model)
     gen = torch.Generator().manual_seed(seed)
     pick = ids[torch.randperm(len(ids), generator=gen)[:n_seqs]]
@@ -193,8 +199,7 @@ def distance_profile(
     hooked = sorted(range(L) if layers is None else {int(l) for l in layers})
     if not hooked or hooked[0] < 0 or hooked[-1] >= L:
         raise HeadlensError(f"layers must be a non-empty selection of 0..{L - 1} (got {layers})")
-    if int(batch_size) < 1:
-        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    batch_size = check_count("batch_size", batch_size)
     sums = torch.zeros(L, H, n, dtype=torch.float64)
     sq = torch.zeros_like(sums)
     counts = torch.zeros(n, dtype=torch.float64)

@@ -33,7 +33,6 @@ import difflib
 import functools
 import hashlib
 import json
-import numbers
 import zipfile
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -50,7 +49,7 @@ from headlens.data.corpus import provenance as corpus_provenance
 from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
 from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import Head, format_heads, kv_heads
 from headlens.io import atomic_path, file_sha256, provenance, weights_sha256
 
@@ -213,15 +212,11 @@ def run_census(
         raise HeadlensError(
             f"run_census needs a HookedTransformer (headlens.load_model or headlens.tiny_model), got {type(model).__name__}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise HeadlensError(f"seed must be an integer >= 0 (got {seed!r})")
-    seed = int(seed)
+    seed = check_count("seed", seed, minimum=0)
     types = head_types()
     limits = _thresholds(types, thresholds)
-    if int(batch_size) < 1:
-        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
-    if int(n_boot) < 0:
-        raise HeadlensError(f"n_boot must be >= 0 (got {n_boot})")
+    batch_size = check_count("batch_size", batch_size)
+    n_boot = check_count("n_boot", n_boot, minimum=0, why="bootstrap resamples (0: no intervals)")
     settings = census_settings(seed, probes, thresholds)
     if probes is None:
         needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}

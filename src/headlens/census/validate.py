@@ -35,7 +35,7 @@ from headlens.data.code import code_probe
 from headlens.data.corpus import document_unit, split_of
 from headlens.data.probes import natural_text, repeated_tokens
 from headlens.engine.intervene import Metric
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import format_heads, kv_heads
 from headlens.interventions.ablation import (
     ablated_metrics,
@@ -182,8 +182,7 @@ def task_data(model: HookedTransformer, task: str, *, n_seqs: int = 8, seed: int
     (``reference`` split / reference seeds), ``n_seqs`` sequences each."""
     if task not in TASKS:
         raise HeadlensError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    if int(n_seqs) < 1:
-        raise HeadlensError(f"n_seqs must be >= 1 (got {n_seqs})")
+    n_seqs = check_count("n_seqs", n_seqs)
     if task == "repeat_loss":
         probe, sources = _repeated(model, n_seqs, EVAL_SEEDS + int(seed))
         ref, ref_sources = _repeated(model, n_seqs, REFERENCE_SEEDS + int(seed))
@@ -351,8 +350,7 @@ def causal_validation(
     unknown = [lb for lb in labels if lb not in LABEL_TASKS]
     if unknown:
         raise HeadlensError(f"no behaviour is defined for labels {unknown}; known: {', '.join(LABEL_TASKS)}")
-    if int(n_random) < 2:
-        raise HeadlensError(f"n_random must be >= 2 for an interval (got {n_random})")
+    n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
     data, rows = {}, []
     for label in labels:
         spec = LABEL_TASKS[label]

@@ -37,7 +37,7 @@ from torch import Tensor
 from transformer_lens import FactoredMatrix, HookedTransformer
 
 from headlens.circuits.labels import head_labels
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_name, kv_heads
 
 COMPOSITIONS = ("q", "k", "v")
@@ -127,6 +127,8 @@ def composition_scores(
     receiver_kv_head, score, baseline, baseline_std, z, ratio``; with ``census`` also ``sender_label`` and
     ``receiver_label``. The baseline (mean and std over ``n_random`` random matrix pairs) is in every row.
     """
+    seed = check_count("seed", seed, minimum=0)
+    n_random = check_count("n_random", n_random, why="random matrix pairs of the baseline")
     unknown = [k for k in kinds if k not in COMPOSITIONS]
     if unknown or not kinds:
         raise HeadlensError(f"unknown composition {unknown or kinds}: choose from {', '.join(COMPOSITIONS)}")

@@ -26,8 +26,6 @@ them inside its backward hook and dropped, so no pass holds all receivers' gradi
 
 from __future__ import annotations
 
-import numbers
-
 import einops
 import torch
 from jaxtyping import Float
@@ -37,7 +35,7 @@ from transformer_lens import HookedTransformer
 from headlens.circuits.graph import LOGITS, Graph
 from headlens.circuits.paths import ABLATIONS, mean_outputs, record, slot_hook, split_inputs
 from headlens.engine.intervene import Metric, unembed_at
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.progress import tqdm
 
 METHODS = ("eap", "eap-ig")
@@ -72,8 +70,7 @@ def edge_attribution(
         raise HeadlensError("steps is for method='eap-ig' (EAP takes the gradient at the clean run alone)")
     if method == "eap-ig":
         steps = IG_STEPS if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
+        steps = check_count("steps", steps, why="gradients along the input path")
     if ablation not in ABLATIONS:
         raise HeadlensError(f"unknown ablation {ablation!r}: choose one of {', '.join(ABLATIONS)}")
     if mean_tokens is None:

@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import LOGITS, Graph
 from headlens.engine.intervene import LOGITS_BUDGET, Metric, unembed_at, value
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.progress import tqdm
 
 ABLATIONS = ("resample", "mean")
@@ -254,8 +254,7 @@ def run_edges(
     Runs restarting at the same layer share a forward, ``runs_per_pass`` at most, fewer where the logits
     (:data:`headlens.engine.intervene.LOGITS_BUDGET`) or the stacked activations (:data:`ACT_BUDGET`) say so.
     """
-    if int(runs_per_pass) < 1:
-        raise HeadlensError(f"runs per pass must be >= 1 (got {runs_per_pass})")
+    runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     if not runs:
         return []
     graph, clean = setting.graph, setting.clean

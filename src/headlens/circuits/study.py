@@ -25,7 +25,7 @@ from headlens.circuits.graph import Graph, node_head, node_kind
 from headlens.circuits.labels import head_cards, head_labels, node_label
 from headlens.circuits.paths import prepare_pair, run_edges, single_edges, split_inputs
 from headlens.engine.executor import resolve
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 
 SCORE_COLUMNS = {"eap": "eap", "eap-ig": "eap_ig", "exact": "exact"}
@@ -146,8 +146,7 @@ def find_circuit(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise HeadlensError(f"unknown method(s) {unknown or methods}: choose from {', '.join(METHODS)}")
-    if int(check) < 0:
-        raise HeadlensError(f"check must be >= 0 edges (got {check})")
+    check = check_count("check", check, minimum=0, why="edges to check exactly")
     graph = Graph.of(model)
     timings: dict[str, float] = {}
     given, scores = dict(scores or {}), {}

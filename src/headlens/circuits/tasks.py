@@ -28,7 +28,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data.code import _file_arrays, stdlib_sources
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.interventions.patching import PromptPair, induction_pair, logit_diff, text_pair
 
 TASKS = ("induction", "ioi", "brackets")
@@ -101,6 +101,11 @@ def induction_task(
     model: HookedTransformer, *, n_tokens: int = 10, n_seqs: int = 4, n_mean: int = 8, prefix: int = 1, seed: int = 0
 ) -> CircuitTask:
     """Repeated random tokens (see the module docstring); the mean set is ``n_mean`` sequences of another seed."""
+    seed = check_count("seed", seed, minimum=0)
+    n_tokens = check_count("n_tokens", n_tokens, minimum=3)
+    n_seqs = check_count("n_seqs", n_seqs)
+    n_mean = check_count("n_mean", n_mean)
+    prefix = check_count("prefix", prefix, minimum=0)
     pair = induction_pair(model, n_tokens=n_tokens, n_seqs=n_seqs, prefix=prefix, seed=seed)
     means = induction_pair(model, n_tokens=n_tokens, n_seqs=n_mean, prefix=prefix, seed=seed + 10_000).clean
     info = dict(pair.info, task="induction", n_seqs=n_seqs, n_mean=n_mean, mean_seed=seed + 10_000)
@@ -168,6 +173,9 @@ def ioi_task(
     model: HookedTransformer, *, n_seqs: int = 8, n_mean: int = 16, seed: int = 0, templates=IOI_TEMPLATES
 ) -> CircuitTask:
     """IOI prompts (see the module docstring); the mean set is ``n_mean`` IOI prompts of another seed."""
+    n_seqs = check_count("n_seqs", n_seqs)
+    n_mean = check_count("n_mean", n_mean)
+    seed = check_count("seed", seed, minimum=0)
     clean, corrupted, ios, ss = ioi_prompts(model, n_seqs, seed=seed, templates=templates)
     mean_texts = ioi_prompts(model, n_mean, seed=seed + 10_000, templates=templates)[0]
     clean_t = _texts_tokens(model, clean, "IOI")
@@ -264,6 +272,10 @@ def brackets_task(
     model: HookedTransformer, *, n_seqs: int = 8, n_mean: int = 8, seq_len: int = 24, seed: int = 0
 ) -> CircuitTask:
     """Stdlib code that must close a bracket (see the module docstring); the mean set is other such windows."""
+    seed = check_count("seed", seed, minimum=0)
+    n_seqs = check_count("n_seqs", n_seqs)
+    n_mean = check_count("n_mean", n_mean)
+    seq_len = check_count("seq_len", seq_len, minimum=8)
     examples = bracket_examples(model, n=n_seqs + n_mean, seq_len=seq_len, seed=seed)
     task, means = examples[:n_seqs], examples[n_seqs:]
     clean = torch.stack([t for t, *_ in task])

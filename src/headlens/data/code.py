@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.data.corpus import disjoint_starts, split_documents, window_block
 from headlens.data.probes import Probe, delimiter_mask
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 
 MIN_GAP = 5
 """A scored pair's opener is at least this many tokens before the token that predicts its closer, so that the whole
@@ -140,6 +140,10 @@ def code_probe(
     disjoint, and seed ``s`` takes block ``s`` of that order (:func:`headlens.data.corpus.window_block`): two seeds
     never share a token, two splits never share a file (``eval`` for causal checks, ``reference`` for ablation means).
     """
+    seed = check_count("seed", seed, minimum=0)
+    seq_len = check_count("seq_len", seq_len, minimum=8)
+    n_seqs = check_count("n_seqs", n_seqs)
+    min_pairs = check_count("min_pairs", min_pairs, minimum=0, why="bracket pairs a window must hold")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise HeadlensError("the code probe needs a model with a tokenizer")

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 
 SPLITS = {"score": 0.6, "eval": 0.2, "reference": 0.2}
 """The held-out splits and the share of units (files, reference-docs topics) in each."""
@@ -84,6 +84,7 @@ def stdlib_files() -> tuple[str, ...]:
 def code_documents(*, seed: int = 0, n_files: int | None = None, names=None) -> Iterator[Document]:
     """``n_files`` stdlib source files (all by default) in a seeded order, or ``names`` in their order, read lazily;
     non-UTF-8 files are skipped."""
+    seed = check_count("seed", seed, minimum=0)
     if names is None:
         names = list(stdlib_files())
         random.Random(f"headlens-code-{int(seed)}").shuffle(names)
@@ -125,6 +126,7 @@ def _prose(text: str) -> str:
 
 def prose_documents(*, seed: int = 0) -> list[Document]:
     """The Python reference documentation topics (``pydoc_data.topics``) in a seeded order."""
+    seed = check_count("seed", seed, minimum=0)
     docs = list(_topics())
     random.Random(f"headlens-prose-{int(seed)}").shuffle(docs)
     return docs

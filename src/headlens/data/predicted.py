@@ -13,6 +13,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data.probes import Probe, natural_text
+from headlens.errors import check_count
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ def model_predictions(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], batch_size: int = 4
 ) -> Int[Tensor, "batch pos"]:
     """The model's top-1 next-token prediction at every position."""
+    batch_size = check_count("batch_size", batch_size)
     out = []
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
@@ -35,6 +37,8 @@ def model_predictions(
 
 def predicted_probe(model: HookedTransformer, *, seed: int = 0, n_seqs: int = 8, seq_len: int = 128):
     """Natural-text windows plus the model's top-1 prediction at every position (probe kind ``predicted``)."""
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
     base = natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed)
     return PredictedProbe(
         "predicted", base.tokens, base.is_delim, predicted=model_predictions(model, base.tokens), **_extra(base)

@@ -30,7 +30,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data import corpus
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 
 Kind = str
 KINDS: tuple[str, ...] = ("repeated", "natural", "delimiter")
@@ -204,6 +204,9 @@ def default_probes(
     probes are non-overlapping ``seq_len``-token windows (natural: the Python reference docs; delimiter:
     stdlib code; see :mod:`headlens.data.corpus`).
     """
+    n_seqs = None if n_seqs is None else check_count("n_seqs", n_seqs)
+    n = check_count("n", n, minimum=2, why="tokens per half of a repeated probe")
+    seq_len = check_count("seq_len", seq_len, minimum=2)
     wanted = list(_BUILDERS) if kinds is None else list(kinds)
     unknown = [k for k in wanted if k not in _BUILDERS]
     if unknown:
@@ -242,14 +245,13 @@ def repeated_tokens(
     n - 1. ``shuffled=True`` permutes the second half (a structure-destroyed null probe: same tokens,
     no order to copy).
     """
-    if int(n) < 2 or (n_min is not None and not 2 <= int(n_min) <= int(n)):
-        raise HeadlensError(
-            f"repeated-token probes need n >= 2 tokens per half and 2 <= n_min <= n (got n={n}, n_min={n_min})"
-        )
-    if int(prefix) < 0 or int(n_seqs) < 1:
-        raise HeadlensError(
-            f"repeated-token probes need prefix >= 0 and n_seqs >= 1 (got prefix={prefix}, n_seqs={n_seqs})"
-        )
+    seed = check_count("seed", seed, minimum=0)
+    n = check_count("n", n, minimum=2, why="tokens per half")
+    n_seqs = check_count("n_seqs", n_seqs)
+    prefix = check_count("prefix", prefix, minimum=0)
+    n_min = None if n_min is None else check_count("n_min", n_min, minimum=2)
+    if n_min is not None and n_min > n:
+        raise HeadlensError(f"repeated-token probes need n_min <= n (got n={n}, n_min={n_min})")
     tokenizer = _tokenizer(model)
     seq_len = int(prefix) + 2 * int(n)
     _check_len(model, seq_len, "repeated-token probe")
@@ -318,6 +320,8 @@ def natural_text(
     different seeds never share a window, different splits never share a file. Without it windows of two seeds may
     overlap.
     """
+    seq_len = check_count("seq_len", seq_len, minimum=2)
+    n_seqs = check_count("n_seqs", n_seqs)
     return _text_probe(model, "natural", seq_len, n_seqs, seed, text, split)
 
 
@@ -331,6 +335,8 @@ def delimiter_text(
     split: str | None = None,
 ) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
+    seq_len = check_count("seq_len", seq_len, minimum=2)
+    n_seqs = check_count("n_seqs", n_seqs)
     return _text_probe(model, "delimiter", seq_len, n_seqs, seed, text, split)
 
 

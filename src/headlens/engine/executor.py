@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.io import code_version, weights_sha256, write_bytes
 from headlens.models import ModelSpec, spec_of
 from headlens.progress import note, tqdm
@@ -144,6 +144,8 @@ def executor_from_options(
     checkpoint: str | os.PathLike | None = None,
 ) -> Executor:
     """The executor the CLI options ask for: Ray when ``workers`` or ``ray_address`` is given, else local."""
+    workers = None if workers is None else check_count("workers", workers)
+    threads = check_count("threads", threads, why="threads per worker")
     if workers is None and not ray_address:
         return LocalExecutor(checkpoint=checkpoint)
     return RayExecutor(workers or 2, address=ray_address, threads=threads, checkpoint=checkpoint)
@@ -204,11 +206,9 @@ class RayExecutor(Executor):
         checkpoint: str | os.PathLike | None = None,
     ):
         super().__init__(checkpoint)
-        if int(workers) < 1:
-            raise HeadlensError(f"--workers must be >= 1 (got {workers})")
-        if int(threads) < 1:
-            raise HeadlensError(f"threads per worker must be >= 1 (got {threads})")
-        self.workers, self.threads, self.address = int(workers), int(threads), address
+        self.workers = check_count("workers", workers)
+        self.threads = check_count("threads", threads, why="threads per worker")
+        self.address = address
         cores = os.cpu_count() or 1
         if not address and self.workers * self.threads > cores:
             capped = max(1, cores // self.threads)

@@ -31,7 +31,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.progress import tqdm
 
 LOGITS_BUDGET = 2**26
@@ -242,8 +242,7 @@ def run_interventions(
     """The metric after each intervention: restart at its first layer from the base run's ``resid``
     (``resid_pre`` by layer, or a cache holding ``blocks.{l}.hook_resid_pre``), ``runs_per_pass`` stacked per
     forward (fewer where :data:`TOKENS_BUDGET` says so); ``start_layer`` forces one restart layer for all."""
-    if int(runs_per_pass) < 1:
-        raise HeadlensError(f"runs per pass must be >= 1 (got {runs_per_pass})")
+    runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     if isinstance(resid, dict):
         cache = resid
         resid = lambda layer: cache[get_act_name("resid_pre", layer)]  # noqa: E731

@@ -78,7 +78,7 @@ from headlens.engine.intervene import (
     run_interventions,
     value,
 )
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import (
     Head,  # noqa: F401 (re-exported: headlens.interventions.ablation.Head)
     HeadLike,
@@ -110,6 +110,8 @@ def custom_metric(tokens: Tensor, fn: MetricFn, *, name: str = "custom", higher_
 
 def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64, text: str | None = None) -> Metric:
     """Mean next-token loss on ``n_seqs`` consecutive ``seq_len``-token windows of ``text`` (default: the corpus)."""
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
 
     if n_seqs < 1 or seq_len < 2:
         raise HeadlensError(f"loss metric needs n_seqs >= 1 and seq_len >= 2 (got {n_seqs}, {seq_len})")
@@ -141,6 +143,8 @@ def repeat_loss_metric(
     Tokens come from :func:`headlens.data.probes.repeated_tokens` (the census's induction probe; distinct ordinary
     word tokens, one prefix token), or pass that ``probe`` itself to score exactly the census's sequences.
     """
+    n_seqs = check_count("n_seqs", n_seqs)
+    half_len = check_count("half_len", half_len, minimum=2)
 
     if probe is None:
         if n_seqs < 1 or half_len < 2:
@@ -239,7 +243,7 @@ class Replacement:
         if method not in METHODS:
             raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
         layers = sorted(set(layers))
-        self.method, self.seed, self.layers = method, seed, set(layers)
+        self.method, self.seed, self.layers = method, check_count("seed", seed, minimum=0), set(layers)
         self.n_heads, self.d_head = model.cfg.n_heads, model.cfg.d_head
         self.dtype, self.device = model.cfg.dtype, model.cfg.device
         if method == "zero":
@@ -309,6 +313,7 @@ def ablation_hooks(
 
     ``mean`` / ``resample`` need ``reference`` tokens (their clean z is computed here, once).
     """
+    seed = check_count("seed", seed, minimum=0)
     sites = _sites(check_heads(model, heads))
     replacement = _replacement or Replacement(model, method, reference, [s.layer for s in sites], seed=seed)
     return [(s.name, _replace_hook(list(s.units), replacement)) for s in sites]
@@ -458,8 +463,9 @@ def compare_to_random(
     them from the same layers (depth-matched control, see :func:`headlens.heads.random_heads`). The ``n_random``
     sets are distinct (:func:`random_sets`); an error says how many exist when fewer than ``n_random`` do.
     """
-    if int(n_random) < 2:
-        raise HeadlensError(f"n_random must be >= 2: a spread needs two random sets (got {n_random})")
+    batch_size = check_count("batch_size", batch_size)
+    seed = check_count("seed", seed, minimum=0)
+    n_random = check_count("n_random", n_random, minimum=2, why="a spread needs two random sets")
     metric = _as_metric(metric, tokens)
     heads = check_heads(model, heads)
     children = np.random.SeedSequence(seed).spawn(50 * int(n_random))
@@ -569,8 +575,7 @@ def ablation_sweep(
     metric = _as_metric(metric, tokens)
     if strategy not in ("fast", "naive"):
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
-    if batch_size < 1:
-        raise HeadlensError(f"batch_size must be >= 1 (got {batch_size})")
+    batch_size = check_count("batch_size", batch_size)
     layers = check_layers(model, layers)
     units = _units(model, unit, layers)
     toks = metric.tokens.to(model.cfg.device)
@@ -695,6 +700,8 @@ def build_metric(
 ) -> Metric:
     """A built-in metric by name: "loss" (corpus text), "repeat" (a first token, then two copies of seq_len // 2
     tokens), "logit-diff"."""
+    n_seqs = check_count("n_seqs", n_seqs)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
     if name == "loss":
         return loss_metric(model, n_seqs=n_seqs, seq_len=seq_len)
     if name == "repeat":

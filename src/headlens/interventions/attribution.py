@@ -38,7 +38,6 @@ more pairs in ``benchmarks/results/atp_heldout.json``.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.engine.intervene import final_logits
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
 from headlens.interventions.patching import (
     Activation,
@@ -168,9 +167,8 @@ def _path_points(method: str, steps, alphas, grad_drop: bool) -> list[float]:
         return points
     if steps is None:
         return list(IG_ALPHAS)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise HeadlensError(f"steps must be a whole number >= 1 (gradients along the input path), got {steps!r}")
-    return [k / int(steps) for k in range(int(steps))]
+    steps = check_count("steps", steps, why="gradients along the input path")
+    return [k / steps for k in range(steps)]
 
 
 def _grid_name(alphas: Sequence[float]) -> str:
@@ -553,6 +551,8 @@ def compare_patching(
     progress: bool = True,
 ) -> PatchingComparison:
     """Exact and attribution patching side by side (see :class:`PatchingComparison`)."""
+    top_k = check_count("top_k", top_k)
+    runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     start = time.perf_counter()
     exact = activation_patching(
         model,

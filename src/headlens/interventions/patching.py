@@ -60,7 +60,7 @@ from headlens.engine.intervene import (
     resid_names,
     run_interventions,
 )
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import check_heads, check_layers, kv_heads
 
 Activation = Literal["z", "pattern", "q", "k", "v", "resid_pre", "attn_out", "mlp_out"]
@@ -152,6 +152,10 @@ def induction_pair(
     half: on the clean run an induction circuit predicts ``A[i+1]`` after the second ``A[i]``; on the corrupted
     run nothing can.
     """
+    seed = check_count("seed", seed, minimum=0)
+    n_tokens = check_count("n_tokens", n_tokens, minimum=3)
+    n_seqs = check_count("n_seqs", n_seqs)
+    prefix = check_count("prefix", prefix, minimum=0)
     if n_tokens < 3 or n_seqs < 1 or prefix < 0:
         raise HeadlensError(
             f"induction_pair needs n_tokens >= 3, n_seqs >= 1 and prefix >= 0, got n_tokens={n_tokens}, n_seqs={n_seqs}, prefix={prefix}"
@@ -385,8 +389,7 @@ def activation_patching(
         clean, corrupted = (float(table[c].iloc[0]) for c in SHARD_METRICS)
         return PatchingResult(table.drop(columns=list(SHARD_METRICS)), clean, corrupted, "exact")
     check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
-    if int(runs_per_pass) < 1:
-        raise HeadlensError(f"runs_per_pass must be >= 1 (got {runs_per_pass})")
+    runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     metric = pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
     chosen = None
     if heads is not None:

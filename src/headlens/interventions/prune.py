@@ -24,7 +24,7 @@ import pandas as pd
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import HeadLike, format_heads, head_name, kv_heads
 from headlens.interventions.ablation import (
     Head,
@@ -106,13 +106,13 @@ def prune_curve(
     within_tolerance, refined, removed), ``order`` (rank, layer, head, kv_head, score, step) and
     ``max_removed`` / ``max_fraction`` (largest count within ``tolerance`` relative worsening).
     """
+    seed = check_count("seed", seed, minimum=0)
     metric = _as_metric(metric, tokens)
     if order not in ("gradient", "ablation"):
         raise HeadlensError(f"unknown pruning order {order!r}: use 'gradient' or 'ablation'")
     if not tolerance >= 0:
         raise HeadlensError(f"tolerance must be >= 0, e.g. 0.01 for a 1% worsening (got {tolerance})")
-    if steps < 1:
-        raise HeadlensError(f"steps must be >= 1 (got {steps})")
+    steps = check_count("steps", steps)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     N = L * H
     counts = sorted(set(np.round(np.linspace(0, N, steps + 1)).astype(int).tolist()))

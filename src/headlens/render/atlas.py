@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import html
 import os
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ from headlens.analysis.atlas import WHERE, Atlas
 from headlens.census import LABELS
 from headlens.errors import HeadlensError
 from headlens.io import write_csv, write_json, write_text
-from headlens.render.viz import figure_img, label_colors, label_glyphs, label_legend_html
+from headlens.render.viz import escape, figure_img, label_colors, label_glyphs, label_legend_html
 
 
 def write_atlas(result: Atlas, out_dir: str | os.PathLike) -> Path:
@@ -116,7 +115,7 @@ def atlas_html(result: Atlas) -> str:
     counts = result.counts
     models = list(result.census)
     labels = list(dict.fromkeys(counts.label))
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    head = "".join(f"<th>{escape(m)}</th>" for m in models)
     body = []
     for label in labels:
         cells = []
@@ -131,13 +130,13 @@ def atlas_html(result: Atlas) -> str:
     )
     pos = result.positions
     pos_rows = "".join(
-        f"<tr><td>{html.escape(r.model)}</td><td>{html.escape(r.label)}</td><td>{r.n_heads}</td>"
-        f"<td>{_fmt(r.mean_depth)}</td><td>{_fmt(r.min_depth) + '–' + _fmt(r.max_depth) if r.n_heads else '–'}</td><td><small>{html.escape(r.heads)}</small></td></tr>"
+        f"<tr><td>{escape(r.model)}</td><td>{escape(r.label)}</td><td>{r.n_heads}</td>"
+        f"<td>{_fmt(r.mean_depth)}</td><td>{_fmt(r.min_depth) + '–' + _fmt(r.max_depth) if r.n_heads else '–'}</td><td><small>{escape(r.heads)}</small></td></tr>"
         for r in pos.itertuples()
     )
     s = result.settings
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>headlens atlas: {html.escape(", ".join(models))}</title>
+<html><head><meta charset="utf-8"><title>headlens atlas: {escape(", ".join(models))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}} img{{max-width:100%}}
 .legend{{margin:0}} .key{{margin-right:12px;white-space:nowrap}}
@@ -145,7 +144,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}} im
 border:1px solid #555;vertical-align:middle}}</style></head>
 <body><h1>Head atlas</h1>
 <p>Census of {len(models)} models (probe seeds 0–{s.get("seeds", 1) - 1}, batch size {s.get("batch_size")},
-{html.escape(str(s.get("device")))}, {html.escape(str(s.get("dtype")))}). Counts are at seed 0; [min–max] over the probe seeds.</p>
+{escape(str(s.get("device")))}, {escape(str(s.get("dtype")))}). Counts are at seed 0; [min–max] over the probe seeds.</p>
 <h2>Heads per label</h2>
 <table><tr><th>label</th>{head}</tr><tr><th>layers × heads</th>{sizes}</tr>{"".join(body)}</table>
 <h2>Label shares by relative depth</h2>{shares_img}

@@ -10,7 +10,6 @@ patterns on the first clean prompt are CircuitsVis views rendered against the bu
 
 from __future__ import annotations
 
-import html
 import io
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ from headlens.circuits.graph import node_head
 from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError
 from headlens.io import write_text
-from headlens.render.viz import CircuitsVisView, ViewSet, label_colors, view_props
+from headlens.render.viz import CircuitsVisView, ViewSet, escape, label_colors, view_props
 
 INPUT_COLORS = {"q": "#e377c2", "k": "#ff7f0e", "v": "#2ca02c", "mlp": "#8c564b", "logits": "#444444"}
 NODE_COLORS = {"embed": "#bdbdbd", "mlp": "#d9c3a5", "logits": "#444444", "": "#ffffff"}
@@ -141,19 +140,19 @@ def _with_titles(svg: str, titles: dict[str, str]) -> str:
     def add(match: re.Match) -> str:
         gid = match.group(1)
         text = titles.get(gid)
-        return match.group(0) if text is None else f"{match.group(0)}<title>{html.escape(text)}</title>"
+        return match.group(0) if text is None else f"{match.group(0)}<title>{escape(text)}</title>"
 
     return re.sub(r'<g id="(hl-(?:node|edge)-\d+)">', add, svg)
 
 
 def _table(df: pd.DataFrame, floats: tuple[str, ...] = ()) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in df.columns)
     rows = []
     for r in df.itertuples(index=False):
         cells = []
         for c, v in zip(df.columns, r):
             text = _fmt(v) if c in floats else ("" if v is None or (isinstance(v, float) and v != v) else str(v))
-            cells.append(f"<td>{html.escape(text)}</td>")
+            cells.append(f"<td>{escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -205,15 +204,15 @@ def circuit_html(result, model: HookedTransformer, *, max_edges: int = 40, max_v
     )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
         "<p>"
-        + html.escape(
+        + escape(
             f"metric: {info['task_info'].get('metric', '')}; clean {info['clean_metric']:.4f}, every edge ablated "
             f"({info['ablation']}) {info['ablated_metric']:.4f}; {info['n_edges']} edges in the graph."
         )
         + "</p>",
-        f"<p>Circuit: {html.escape(made)}.</p>",
+        f"<p>Circuit: {escape(made)}.</p>",
         "<h2>Faithfulness</h2>",
         _table(summary, floats=("cpr", "cmd")),
         _table(curves, floats=tuple(c for c in curves.columns if c != "k")),

@@ -9,7 +9,6 @@ offline, from a file, anywhere, and cannot phone home.
 from __future__ import annotations
 
 import base64
-import html
 import os
 import platform
 import re
@@ -185,7 +184,7 @@ DEFINITIONS = {
 
 
 def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+    return viz.escape(value)
 
 
 def _cell(value) -> tuple[str, str, bool]:

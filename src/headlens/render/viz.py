@@ -4,8 +4,8 @@ CircuitsVis' own ``str()`` pulls its JavaScript from a CDN and its ``_repr_html_
 first. Here every view carries its component name and props and renders against the
 bundle ``circuitsvis/dist/cdn/iife.js`` inlined in the page, so a notebook cell or a report opens
 anywhere with no network. CircuitsVis' ``AttentionPatterns`` writes token strings into the page as HTML,
-so its tokens are ``html.escape``d before they go into props, and all props JSON is made safe to sit
-inside ``<script>`` (``<``, ``>``, ``&`` as ``\u003c`` ...).
+so its tokens are escaped (:func:`escape`, which also writes out bidirectional controls) before they go into
+props, and all props JSON is made safe to sit inside ``<script>`` (``<``, ``>``, ``&`` as ``\u003c`` ...).
 Heatmaps are plain matplotlib ``Figure`` objects (no pyplot state), exported as PNG, data URI or SVG.
 """
 
@@ -146,6 +146,20 @@ def render_call(div_id: str, name: str, props: dict) -> str:
     )
 
 
+DIRECTION_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Unicode bidirectional controls: one in a prompt or token would reorder the text after it on the page."""
+
+
+def visible(text) -> str:
+    """``text`` with each bidirectional control written out as ``<U+202E>`` (for canvas labels and plain text)."""
+    return DIRECTION_CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(text))
+
+
+def escape(text) -> str:
+    """``text`` safe in HTML, quotes included, with bidirectional controls written out (:func:`visible`)."""
+    return html.escape(visible(text), quote=True)
+
+
 @dataclass
 class CircuitsVisView:
     """A CircuitsVis component and its props; renders offline against the inlined bundle.
@@ -158,7 +172,7 @@ class CircuitsVisView:
     title: str = ""
 
     def div(self, div_id: str) -> str:
-        return f'<div id="{html.escape(div_id)}" class="circuitsvis"></div>'
+        return f'<div id="{escape(div_id)}" class="circuitsvis"></div>'
 
     def to_html(self, prefix: str | None = None) -> str:
         """A self-contained HTML fragment: the component's div, the bundle, and the render call."""
@@ -217,7 +231,7 @@ class ViewSet:
         for i, view in enumerate(self.views):
             div_id = f"{prefix}-{i}"
             if view.title:
-                parts.append(f"<h4>{html.escape(view.title)}</h4>")
+                parts.append(f"<h4>{escape(view.title)}</h4>")
             parts.append(view.div(div_id))
             calls.append(render_call(div_id, view.name, view.props))
             ids.append(div_id)
@@ -246,15 +260,15 @@ def view_props(
     """CircuitsVis props for ``patterns``, values rounded to ``decimals``.
 
     ``attention_patterns`` writes each token into the page as HTML (``dangerouslySetInnerHTML``), so its tokens
-    are ``html.escape``d; ``attention_heads`` only draws tokens as canvas text (chart.js labels and tooltips),
-    so it gets them verbatim, or ``a < b`` would read ``a &lt; b`` on its axes.
+    are escaped (:func:`escape`); ``attention_heads`` only draws tokens as canvas text (chart.js labels and
+    tooltips), so it gets them unescaped (:func:`visible`), or ``a < b`` would read ``a &lt; b`` on its axes.
     """
     if component not in _COMPONENTS:
         raise HeadlensError(
             f"unknown component {component!r}: choose 'heads' (attention_heads) or 'patterns' (attention_patterns)"
         )
     attention = np.round(patterns.float().numpy().astype(np.float64), decimals).tolist()
-    tokens = [html.escape(t) for t in tokens] if component in _HTML_TOKENS else [str(t) for t in tokens]
+    tokens = [escape(t) for t in tokens] if component in _HTML_TOKENS else [visible(t) for t in tokens]
     props = {"tokens": tokens, "attention": attention}
     if component == "heads":
         props["maskUpperTri"] = True
@@ -670,7 +684,7 @@ def figure_svg(fig: Figure) -> str:
 def figure_img(fig: Figure, *, alt: str = "", dpi: int = 120, png: bytes | None = None) -> str:
     """An ``<img>`` tag holding ``fig`` as an inline base64 PNG (no file, no URL)."""
     data = base64.b64encode(png if png is not None else figure_png(fig, dpi=dpi)).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 # ---------------------------------------------------------------- interactive HTML grids (values on hover, heads clickable)
@@ -715,13 +729,13 @@ def grid_html(
             value = grid[layer, head]
             name = unit_name(layer, head)
             if not np.isfinite(value):
-                cells.append(f'<td class="na" title="{html.escape(name)}: no value"></td>')
+                cells.append(f'<td class="na" title="{escape(name)}: no value"></td>')
                 continue
             rgba = cmap((value - lo) / scale)
             sep = " kv" if kv_group and head % kv_group == 0 and head else ""
-            data = f' data-head="{html.escape(name)}"' if link else ""
+            data = f' data-head="{escape(name)}"' if link else ""
             cells.append(
-                f'<td class="v{sep}"{data} title="{html.escape(name)} {html.escape(title)} = {value:.{decimals}f}" '
+                f'<td class="v{sep}"{data} title="{escape(name)} {escape(title)} = {value:.{decimals}f}" '
                 f'style="background:{_css_color(rgba)}"></td>'
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -731,7 +745,7 @@ def grid_html(
         f"<span>{hi:.{decimals}g}</span></div>"
     )
     return (
-        f'<figure class="grid"><figcaption>{html.escape(title)}</figcaption><table class="heatmap"><thead>{header}</thead>'
+        f'<figure class="grid"><figcaption>{escape(title)}</figcaption><table class="heatmap"><thead>{header}</thead>'
         f"<tbody>{''.join(rows)}</tbody></table>{legend}</figure>"
     )
 
@@ -746,7 +760,7 @@ def label_legend_html(counts: dict[str, int] | None = None, labels: Iterable[str
         n = f" ({counts[lb]})" if counts is not None else ""
         keys.append(
             f'<span class="key"><span class="swatch" style="background:{color};color:{_ink_hex(color)}">'
-            f"{html.escape(glyphs.get(lb) or '·')}</span>{html.escape(lb)}{n}</span>"
+            f"{escape(glyphs.get(lb) or '·')}</span>{escape(lb)}{n}</span>"
         )
     return '<p class="legend">' + "".join(keys) + "</p>"
 
@@ -772,8 +786,8 @@ def label_grid_html(census: pd.DataFrame) -> str:
             tip = f"{name} {label}" + (f" ({value:.2f})" if value is not None and value == value else "")
             bg = palette.get(label, "#888888")
             cells.append(
-                f'<td class="lab" data-head="{name}" data-label="{html.escape(label)}" title="{html.escape(tip)}" '
-                f'style="background:{bg};color:{_ink_hex(bg)}">{html.escape(glyphs.get(label, "?"))}</td>'
+                f'<td class="lab" data-head="{name}" data-label="{escape(label)}" title="{escape(tip)}" '
+                f'style="background:{bg};color:{_ink_hex(bg)}">{escape(glyphs.get(label, "?"))}</td>'
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
     header = "<tr><th>layer \\ head</th>" + "".join(f"<th>{h}</th>" for h in range(n_heads)) + "</tr>"
