@@ -77,15 +77,18 @@ def natural_tokens(
     return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score").tokens
 
 
+def _sized(n_seqs, seq_len, seed) -> tuple[int, int, torch.Generator]:
+    """A random probe's sizes, checked, and its seeded generator."""
+    n_seqs, seq_len = check_count("n_seqs", n_seqs), check_count("seq_len", seq_len, minimum=2)
+    return n_seqs, seq_len, torch.Generator().manual_seed(check_count("seed", seed, minimum=0))
+
+
 def random_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Uniform random ordinary tokens (seeded)."""
-    seed = check_count("seed", seed, minimum=0)
-    n_seqs = check_count("n_seqs", n_seqs)
-    seq_len = check_count("seq_len", seq_len, minimum=2)
+    n_seqs, seq_len, gen = _sized(n_seqs, seq_len, seed)
     ids = _usable_ids(model)
-    gen = torch.Generator().manual_seed(seed)
     return ids[torch.randint(0, len(ids), (n_seqs, seq_len), generator=gen)]
 
 
@@ -93,11 +96,8 @@ def constant_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Each sequence one random ordinary token repeated ``seq_len`` times: content removed, RoPE alone varies."""
-    seed = check_count("seed", seed, minimum=0)
-    n_seqs = check_count("n_seqs", n_seqs)
-    seq_len = check_count("seq_len", seq_len, minimum=2)
+    n_seqs, seq_len, gen = _sized(n_seqs, seq_len, seed)
     ids = _usable_ids(model)
-    gen = torch.Generator().manual_seed(seed)
     pick = ids[torch.randperm(len(ids), generator=gen)[:n_seqs]]
     return pick[:, None].expand(-1, seq_len).clone()
 
@@ -109,9 +109,7 @@ def probe_tokens(
     makers = {"natural": natural_tokens, "random": random_tokens, "constant": constant_tokens}
     if probe not in makers:
         raise HeadlensError(f"unknown probe {probe!r}: choose one of {', '.join(PROBES)}")
-    if seq_len < 2 or n_seqs < 1:
-        raise HeadlensError(f"need at least one sequence of at least 2 tokens (got n_seqs={n_seqs}, seq_len={seq_len})")
-    if seq_len > model.cfg.n_ctx:
+    if check_count("seq_len", seq_len, minimum=2) > model.cfg.n_ctx:
         raise HeadlensError(f"seq_len {seq_len} exceeds the model's context of {model.cfg.n_ctx} tokens")
     return makers[probe](model, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
 

@@ -320,8 +320,6 @@ def natural_text(
     different seeds never share a window, different splits never share a file. Without it windows of two seeds may
     overlap.
     """
-    seq_len = check_count("seq_len", seq_len, minimum=2)
-    n_seqs = check_count("n_seqs", n_seqs)
     return _text_probe(model, "natural", seq_len, n_seqs, seed, text, split)
 
 
@@ -335,8 +333,6 @@ def delimiter_text(
     split: str | None = None,
 ) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
-    seq_len = check_count("seq_len", seq_len, minimum=2)
-    n_seqs = check_count("n_seqs", n_seqs)
     return _text_probe(model, "delimiter", seq_len, n_seqs, seed, text, split)
 
 
@@ -355,28 +351,25 @@ _TEXT_SOURCES = {"natural": (corpus.prose_documents, 4), "delimiter": (corpus.co
 def _text_probe(
     model: HookedTransformer, kind: str, seq_len: int, n_seqs: int, seed: int, text: str | None, split: str | None
 ) -> Probe:
+    seq_len, n_seqs = check_count("seq_len", seq_len, minimum=2), check_count("n_seqs", n_seqs)
     documents, per_document = _TEXT_SOURCES[kind]
     if text is None:
         docs = documents(seed=seed)
     else:
         docs, per_document = [corpus.Document("text", _check_text(text, kind))], n_seqs
-    if int(seq_len) < 2 or int(n_seqs) < 1:
-        raise HeadlensError(
-            f"{kind} probe: seq_len must be >= 2 and n_seqs >= 1 (got seq_len={seq_len}, n_seqs={n_seqs})"
-        )
     _check_len(model, seq_len, f"{kind} probe")
     tokenizer = _tokenizer(model)
     if split is not None:
         if text is not None:
             raise HeadlensError(f"{kind} probe: give text= or split=, not both")
         where = ("prose", None) if kind == "natural" else ("code", "delimiter")
-        tokens, sources = split_windows(tokenizer, *where, split, seq_len=int(seq_len), n_seqs=int(n_seqs), seed=seed)
+        tokens, sources = split_windows(tokenizer, *where, split, seq_len=seq_len, n_seqs=n_seqs, seed=seed)
         return Probe(kind, tokens, delimiter_mask(tokenizer, tokens), sources=sources)
     tokens, sources = corpus.text_windows(
         tokenizer,
         docs,
-        seq_len=int(seq_len),
-        n_seqs=int(n_seqs),
+        seq_len=seq_len,
+        n_seqs=n_seqs,
         seed=int(seed) * 1000 + SEED_OFFSET[kind],
         per_document=per_document,
         is_delim=lambda ids: delimiter_mask(tokenizer, ids[None])[0],
