@@ -5,6 +5,8 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 from headlens import HeadlensError, tiny_model
+from headlens.data.probes import default_probes
+from headlens.engine.intervene import Metric
 from headlens.interventions.ablation import (
     METHODS,
     ablated_metric,
@@ -429,3 +431,38 @@ def test_stacked_runs_give_the_same_metrics_whatever_the_budgets(tiny_qwen, monk
     one = ablated_metrics(tiny_qwen, metric, sets, method="mean", reference=metric.tokens, batch_size=64)
     assert one[0] == pytest.approx(base[0], abs=1e-6)
     assert one[1] == pytest.approx(base[1], abs=1e-5)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+    """An id of -1 read W_E[-1] (the embedding table from its end) and gave a plausible metric; an id past the
+    vocabulary was an IndexError inside TransformerLens; metric positions past the tokens another."""
+    good = torch.randint(0, tiny.cfg.d_vocab, (2, 8))
+    fn = lambda logits, tokens: logits[..., 0].mean()  # noqa: E731
+    for bad, shown in ((-1, "-1"), (tiny.cfg.d_vocab, str(tiny.cfg.d_vocab))):
+        tokens = good.clone()
+        tokens[0, 3] = bad
+        calls = (
+            lambda t: clean_metric(tiny, custom_metric(t, fn)),
+            lambda t: ablation_sweep(tiny, custom_metric(t, fn), progress=False),
+            lambda t: ablated_metric(tiny, custom_metric(good, fn), [(1, 0)], method="mean", reference=t),
+        )
+        for call in calls:
+            with pytest.raises(HeadlensError, match=f"token id {shown} is not in this model's vocabulary"):
+                call(tokens)
+    with pytest.raises(HeadlensError, match=r"metric positions \[20\] are outside the 8 token positions"):
+        Metric("x", good, fn, positions=torch.tensor([20]))
+
+
+def test_repeat_metric_reads_the_census_probe_per_sequence(tiny):
+    """The census's repeated probe varies its half-length per sequence; repeat_loss_metric(probe=) was a TypeError.
+    Each sequence's loss is read from its own second copy on."""
+    probe = default_probes(tiny, seed=0, n_seqs=3, kinds=["repeated"])["repeated"]
+    assert len(set(probe.n_per_seq.tolist())) > 1
+    metric = repeat_loss_metric(tiny, probe=probe)
+    with torch.inference_mode():
+        logprobs = tiny(probe.tokens).log_softmax(-1)
+    losses = [
+        -logprobs[b, range(int(s), probe.seq_len - 1), probe.tokens[b, int(s) + 1 :]]
+        for b, s in enumerate(probe.seq_len - probe.n_per_seq)
+    ]
+    assert clean_metric(tiny, metric) == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)

@@ -324,3 +324,15 @@ def test_cli_stats_bad_temperatures(tmp_path):
             app, ["stats", "--out", str(tmp_path), "--temperatures", bad], standalone_mode=False
         )
         assert isinstance(result.exception, HeadlensError) and message in str(result.exception)
+
+
+def test_similarity_layers_and_tokens_are_checked(tiny_qwen, tiny_run):
+    """head_similarity(layers=[-1]) was a KeyError deep in the hooks; a 1-d token tensor was cut into "sequences" of
+    batch_size tokens; an id of -1 read the embedding table from its end."""
+    tokens, _ = tiny_run
+    with pytest.raises(HeadlensError, match="layer -1 is out of range: this model has layers 0..1"):
+        head_similarity(tiny_qwen, tokens, layers=[-1], progress=False)
+    with pytest.raises(HeadlensError, match=r"tokens must be \[batch, pos\]"):
+        head_similarity(tiny_qwen, tokens[0], progress=False)
+    with pytest.raises(HeadlensError, match="token id -1 is not in this model's vocabulary"):
+        scale_entropy_table(tiny_qwen, torch.where(tokens == tokens[0, 0], -1, tokens), progress=False)

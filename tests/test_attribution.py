@@ -9,8 +9,8 @@ import torch
 from headlens import HeadlensError, attribution_patching
 from headlens.analysis.toy import load_induction_model
 from headlens.interventions.attribution import attribution_patching as old_import
-from headlens.interventions.attribution import estimate_quality
-from headlens.interventions.patching import PromptPair, activation_patching, logprob
+from headlens.interventions.attribution import compare_patching, estimate_quality, quality_summary, rank_correlation
+from headlens.interventions.patching import PromptPair, activation_patching, induction_pair, logprob
 
 
 def test_old_import_paths_still_work():
@@ -27,6 +27,26 @@ def test_estimate_quality_counts_recall_and_correlations():
     assert q["pearson"] == pytest.approx(np.corrcoef(exact, estimate)[0, 1])
     with pytest.raises(HeadlensError):
         estimate_quality([1, 2], [1, 2])
+
+
+def test_top_k_and_activations_are_checked_before_any_work(tiny_qwen, monkeypatch):
+    """rank_correlation(top_k=-1) dropped the last effect (a slice from the end) and estimate_quality(top_k=0 or -3)
+    quietly used 1; compare_patching(top_k=1) failed only after both patching runs; repeated activations
+    doubled attribution_patching's rows."""
+    exact, estimate = [5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]
+    for call in (
+        lambda: rank_correlation(exact, estimate, top_k=-1),
+        lambda: estimate_quality(exact, estimate, top_k=0),
+        lambda: quality_summary(exact, estimate, top_k=-3),
+    ):
+        with pytest.raises(HeadlensError, match=r"top_k must be an integer >= \d"):
+            call()
+    pair = induction_pair(tiny_qwen, n_seqs=1, n_tokens=4)
+    monkeypatch.setattr(type(tiny_qwen), "forward", lambda *a, **k: pytest.fail("ran the model"))
+    with pytest.raises(HeadlensError, match="top_k must be an integer >= 2"):
+        compare_patching(tiny_qwen, pair, top_k=1, progress=False)
+    with pytest.raises(HeadlensError, match="activations repeat one"):
+        attribution_patching(tiny_qwen, pair, activations=["z", "z"])
 
 
 @pytest.fixture(scope="module")

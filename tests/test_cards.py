@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from headlens import HeadlensError, io
 from headlens.analysis import cards, evidence, roles
-from headlens.census import LABEL_SCORE, CensusResult
+from headlens.census import LABEL_SCORE, CensusResult, heads_with_label
 from headlens.census.registry import WEIGHTS, head_types
 from headlens.census.run import label_heads, score_columns, table_scores
 from headlens.cli import _census_settings, app, label_summary
@@ -412,3 +412,40 @@ def test_committed_head_cards_summary_is_what_the_census_gives_now(qwen_census):
     assert row["score"] == pytest.approx(example["score"], abs=1e-4)
     saved = pd.read_csv(results / "cards.csv")
     assert list(saved["label"]) == list(why["label"])
+
+
+def test_census_tables_that_misplace_heads_are_refused_everywhere(tiny_qwen, tmp_path):
+    """A layer of 0.5 (int() made it 0: the report put L1H0's induction label on L0H0), -1 (numpy indexing drew it in
+    the last layer of the label map), text layers, a head twice (the summary counted it twice) or a NaN label: one
+    HeadlensError from every reader of a census table, before anything is written."""
+    base = sink_census()
+    bad = {
+        "holds 0.5": base.assign(layer=base["layer"].astype(float)).replace({"layer": {1.0: 0.5}}),
+        "holds -1": base.assign(layer=base["layer"] - 1),
+        "must hold integers": base.assign(layer=base["layer"].astype(str)),
+        "more than once": pd.concat([base, base.iloc[[4]]], ignore_index=True),
+        "the label nan": base.assign(label=base["label"].where(base.index != 4)),
+    }
+    calls = (
+        CensusResult.from_table,
+        lambda t: heads_with_label(t, "induction"),
+        cards.explain,
+        viz.label_map,
+        lambda t: write_report(tmp_path / "r", model=tiny_qwen, census=t, figures=False, progress=False),
+    )
+    for message, table in bad.items():
+        for call in calls:
+            with pytest.raises(HeadlensError, match=message):
+                call(table)
+    assert not (tmp_path / "r").exists()
+
+
+def test_card_thresholds_and_top_k_are_checked():
+    """head_cards(thresholds=) took any dict (a misspelt label was ignored); a negative top_k sliced from the end."""
+    with pytest.raises(HeadlensError, match="unknown threshold 'inducton'"):
+        cards.explain(sink_census(), thresholds={"inducton": 0.5})
+    with pytest.raises(HeadlensError, match="thresholds must be a dict"):
+        cards.explain(sink_census(), thresholds=[("induction", 0.5)])
+    edges = pd.DataFrame({"sender": ["L0H1", "L0H2"], "receiver": ["L1H0", "L1H0"], "input": "k", "score": [1.0, 2.0]})
+    with pytest.raises(HeadlensError, match="top_k must be an integer >= 1"):
+        cards.circuit_sentence(edges, 1, 0, top_k=-1)

@@ -1,6 +1,7 @@
 """Head census: hand-planted heads are labelled exactly, TransformerLens parity, determinism, bad input, real Qwen."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -388,6 +389,25 @@ def test_run_census_refuses_a_non_model_and_a_non_integer_seed(tiny_qwen, monkey
     with pytest.raises(Reached) as reached:  # numpy integers are integers
         run_census(tiny_qwen, seed=np.int64(3), progress=False)
     assert reached.value.args == (3,) and type(reached.value.args[0]) is int
+
+
+def test_run_census_refuses_probe_sets_and_thresholds_it_would_misread(tiny_qwen, monkeypatch):
+    """A probe keyed under another kind was a KeyError inside the executor, float token ids an IndexError in the
+    embedding, a probe kind no head type reads was streamed and dropped, a list of thresholds an AttributeError."""
+    monkeypatch.setattr(type(tiny_qwen), "forward", lambda *a, **k: pytest.fail("ran the model"))
+    probe = repeated_tokens(tiny_qwen, n=4, n_seqs=2, seed=0)
+    bad = {
+        "holds a 'repeated' probe under 'natural'": ProbeSet(natural=probe),
+        "repeated probe must be a tensor of integer token ids": ProbeSet(
+            repeated=replace(probe, tokens=probe.tokens.float())
+        ),
+        "no registered head type reads a 'mine' probe": ProbeSet(mine=replace(probe, kind="mine")),
+    }
+    for message, probes in bad.items():
+        with pytest.raises(HeadlensError, match=message):
+            run_census(tiny_qwen, probes, progress=False)
+    with pytest.raises(HeadlensError, match="thresholds must be a dict"):
+        run_census(tiny_qwen, ProbeSet(repeated=probe), thresholds=[("induction", 0.4)], progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,14 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 from headlens import HeadlensError, compare_models
-from headlens.analysis.compare import N_SEQS, attention_divergence, js_divergence, relative_change, weight_changes
+from headlens.analysis.compare import (
+    N_SEQS,
+    attention_divergence,
+    js_divergence,
+    relative_change,
+    top_changed,
+    weight_changes,
+)
 from headlens.data.probes import default_probes
 from headlens.models import (
     check_adapter,
@@ -325,3 +332,10 @@ def test_qwen_lora_changes_only_tuned_layers(qwen):
     with torch.inference_mode():
         gap = (tuned(tokens) - via_peft(tokens)).abs().max().item()
     assert gap < 1e-3, gap
+
+
+def test_top_changed_refuses_a_count_that_is_not_one():
+    """top_changed(n=-1) returned every head but the last (pandas' head(-1))."""
+    df = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "jsd": [0.3, 0.2, 0.1]})
+    with pytest.raises(HeadlensError, match="n must be an integer >= 1"):
+        top_changed(df, n=-1)

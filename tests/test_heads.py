@@ -110,3 +110,14 @@ def test_layer_matched_draw_fills_a_full_layer_from_its_nearest_layers(model):
     with pytest.raises(HeadlensError, match="cannot draw 12"):
         random_heads(model, 12, like=many, exclude=many)
     assert sorted(random_heads(model, 4, like=many[:4], exclude=many)) == [(0, h) for h in range(4)]
+
+
+def test_top_k_and_layer_matched_heads_are_checked(model):
+    """top_heads(top_k=-1) kept all heads but the last (pandas' head(-1)); random_heads(like=[(9, 9)]) was a KeyError
+    and an excluded head the model does not have was ignored."""
+    table = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "x": [3, 2, 1]})
+    with pytest.raises(HeadlensError, match="top_k must be an integer >= 1"):
+        top_heads(table, "x", top_k=-1)
+    for kwargs in ({"like": [(9, 9)]}, {"exclude": [(9, 9)]}):
+        with pytest.raises(HeadlensError, match="head L9H9 is out of range"):
+            random_heads(model, 1, **kwargs)

@@ -171,7 +171,7 @@ def test_bad_input(tiny_qwen):
     with pytest.raises(HeadlensError, match="prefix"):
         check_probes(tiny_qwen, ProbeSet(repeated=bad))
     wrong_ids = type(good)("natural", good.tokens + tiny_qwen.cfg.d_vocab, good.is_delim)
-    with pytest.raises(HeadlensError, match="token ids"):
+    with pytest.raises(HeadlensError, match="not in this model's vocabulary"):
         check_probes(tiny_qwen, ProbeSet(natural=wrong_ids))
 
 

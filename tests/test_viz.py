@@ -190,7 +190,7 @@ def test_top_heads_ranks_by_the_label_score():
         [1, 3],
         [0, 1],
     ]
-    with pytest.raises(HeadlensError, match="k must be at least 1"):
+    with pytest.raises(HeadlensError, match="k must be an integer >= 1"):
         viz.top_heads_by_label(planted_census(), top_k=0)
     with pytest.raises(HeadlensError, match=r"unknown labels \['inductoin'\]"):
         viz.top_heads_by_label(planted_census(), labels=["inductoin"])

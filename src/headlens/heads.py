@@ -133,6 +133,33 @@ def check_layers(model: HookedTransformer, layers: Iterable[int] | None) -> list
     return layers
 
 
+def check_head_table(table, model: HookedTransformer | None = None, *, what: str = "the table") -> pd.DataFrame:
+    """``table`` when it is a DataFrame with one row per head: ``layer`` and ``head`` whole numbers >= 0 (numbers, not
+    text), no head twice and, with ``model``, every head one of its heads. Strings, fractions, negatives (which
+    numpy indexing reads from the end) and repeated rows would put a head's values on another head."""
+    import pandas as pd
+
+    if not isinstance(table, pd.DataFrame):
+        raise HeadlensError(f"{what} must be a pandas DataFrame, got {type(table).__name__}")
+    missing = [c for c in ("layer", "head") if c not in table.columns]
+    if missing:
+        raise HeadlensError(f"{what} lacks column(s) {', '.join(missing)}: it needs one row per (layer, head)")
+    for column in ("layer", "head"):
+        values = table[column]
+        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            raise HeadlensError(f"{what}: column {column!r} must hold integers, not {values.dtype} values")
+        bad = values[values.isna() | (values < 0) | (values % 1 != 0)]
+        if len(bad):
+            raise HeadlensError(f"{what}: column {column!r} holds {bad.iloc[0]}: layers and heads are integers >= 0")
+    if table.duplicated(["layer", "head"]).any():
+        raise HeadlensError(f"{what} lists some (layer, head) more than once: pass one row per head")
+    if model is not None and len(table):
+        worst = table.loc[(table["layer"] >= model.cfg.n_layers) | (table["head"] >= model.cfg.n_heads)]
+        if len(worst):
+            check_head(model, int(worst["layer"].iloc[0]), int(worst["head"].iloc[0]))
+    return table
+
+
 def kv_heads(model: HookedTransformer) -> list[int]:
     """The kv head each q head reads (GQA): q head h uses kv head h // (n_heads / n_kv_heads)."""
     n_heads = model.cfg.n_heads
@@ -169,9 +196,10 @@ def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[H
 
 def top_heads(table: pd.DataFrame, column: str, top_k: int = 10, *, largest: bool = True) -> list[Head]:
     """The ``top_k`` heads by ``column`` (largest first, or smallest with ``largest=False``)."""
+    top_k = check_count("top_k", top_k, why="how many heads to keep")
     if column not in table.columns:
         raise HeadlensError(f"no column {column!r} in the table (columns: {', '.join(map(str, table.columns))})")
-    ordered = table.sort_values(column, ascending=not largest, kind="stable").head(int(top_k))
+    ordered = table.sort_values(column, ascending=not largest, kind="stable").head(top_k)
     return [Head(int(l), int(h)) for l, h in zip(ordered["layer"], ordered["head"])]
 
 
@@ -200,6 +228,8 @@ def random_heads(
             raise HeadlensError(f"n must equal the number of heads in like= ({len(like)}), got {n}: pass n=len(like)")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     banned = {parse_head(h) for h in exclude}
+    for layer, head in [*banned, *map(parse_head, like or ())]:
+        check_head(model, layer, head)
     g = np.random.default_rng(seed)
     free_in = {layer: [Head(layer, h) for h in range(H) if Head(layer, h) not in banned] for layer in range(L)}
     if like is None:

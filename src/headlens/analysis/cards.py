@@ -25,9 +25,9 @@ from transformer_lens import HookedTransformer
 
 from headlens.census.ov import effective_embedding
 from headlens.census.registry import head_types
-from headlens.census.run import label_ratios, table_scores
+from headlens.census.run import _thresholds, check_census_table, label_ratios, table_scores
 from headlens.engine.capture import head_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_name
 
 READ_PROMPT = (
@@ -44,8 +44,8 @@ TOP_TOKENS = 3
 
 
 def _limits(table: pd.DataFrame, thresholds: dict[str, float] | None) -> dict[str, float]:
-    limits = {n: t.threshold for n, t in head_types().items() if t.label}
-    return {**limits, **(thresholds or {})}
+    check_census_table(table)
+    return _thresholds(head_types(), thresholds)
 
 
 def explain(table: pd.DataFrame, *, thresholds: dict[str, float] | None = None) -> pd.DataFrame:
@@ -448,6 +448,7 @@ def circuit_sentence(edges: pd.DataFrame, layer: int, head: int, *, top_k: int =
         raise HeadlensError(
             f"the circuit edge table lacks column(s) {', '.join(missing)} (use edges.csv of headlens circuit)"
         )
+    top_k = check_count("top_k", top_k, why="edges named per direction")
     name = head_name(layer, head)
     kept = edges[edges["in_circuit"].astype(bool)] if "in_circuit" in edges.columns else edges
     out, into = kept[kept["sender"] == name], kept[kept["receiver"] == name]

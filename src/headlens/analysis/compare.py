@@ -292,6 +292,7 @@ def compare_models(
 
 def top_changed(df: pd.DataFrame, n: int = 10, by: str = "jsd") -> pd.DataFrame:
     """The ``n`` heads with the largest ``by`` (default: attention change)."""
+    n = check_count("n", n, why="how many heads to keep")
     if by not in df.columns:
         raise HeadlensError(f"no column {by!r} in the comparison (columns: {', '.join(df.columns)})")
     return df.sort_values(by, ascending=False).head(n).reset_index(drop=True)

@@ -24,6 +24,7 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from headlens.census import validate
+from headlens.census.run import check_census_table
 from headlens.errors import check_count
 from headlens.heads import head_name
 from headlens.interventions.ablation import Replacement, ablated_metrics
@@ -106,6 +107,8 @@ def label_evidence(
     it run in every ``headlens census``. tests/test_cards.py checks both give the same numbers.
     """
     n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
+    top_k = check_count("top_k", top_k, why="single-head effects per label")
+    check_census_table(table, model)
     present = [lb for lb in dict.fromkeys(table["label"]) if lb != "other" and (labels is None or lb in labels)]
     tested = [lb for lb in present if lb in validate.LABEL_TASKS and validate.LABEL_TASKS[lb].task]
     score = table.set_index(["layer", "head"])["label_score"]

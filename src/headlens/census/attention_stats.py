@@ -22,9 +22,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.census.scores import entropy
+from headlens.data.probes import check_token_ids
 from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError, check_count
-from headlens.heads import kv_heads
+from headlens.heads import check_layers, kv_heads
 from headlens.progress import tqdm
 
 MaskKind = Literal["full", "causal", "local", "local_causal"]
@@ -185,10 +186,8 @@ def scale_entropy_table(
         raise HeadlensError("scale_entropy_table reads hook_rot_q/hook_rot_k: it needs a rotary (RoPE) model")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise HeadlensError(f"tokens must be [batch, pos] with pos >= 2, got shape {tuple(tokens.shape)}")
-    layers = sorted(set(range(model.cfg.n_layers) if layers is None else layers))
-    for layer in layers:
-        if not 0 <= layer < model.cfg.n_layers:
-            raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{model.cfg.n_layers - 1}")
+    check_token_ids(model, tokens)
+    layers = check_layers(model, layers)
     settings = scale_settings(model.cfg.attn_scale, temperatures=temperatures, unscaled=unscaled)
     sums = {
         (layer, name, norm): torch.zeros(model.cfg.n_heads, dtype=torch.float64)
@@ -412,7 +411,7 @@ def head_similarity(
 
     for metric in metrics:
         _flat_patterns(torch.zeros(1, 1, 2, 2), metric=metric, mask=None, drop_keys=0)
-    layers = sorted(set(range(model.cfg.n_layers) if layers is None else layers))
+    layers = check_layers(model, layers)
     H = model.cfg.n_heads
     raw_gram = {layer: torch.zeros(H, H, dtype=torch.float64) for layer in layers}
     centered_gram = {layer: torch.zeros(H, H, dtype=torch.float64) for layer in layers}

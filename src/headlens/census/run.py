@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -50,7 +51,7 @@ from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, 
 from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError, check_count
-from headlens.heads import Head, format_heads, kv_heads
+from headlens.heads import Head, check_head_table, format_heads, head_name, kv_heads
 from headlens.io import atomic_path, file_sha256, provenance, weights_sha256
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
@@ -134,6 +135,7 @@ class CensusResult:
     @classmethod
     def from_table(cls, table: pd.DataFrame, *, seed: int = 0, provenance: dict | None = None) -> CensusResult:
         """A result for a census table read back from disk (counts approximated from ``confidence``)."""
+        table = check_census_table(table)
         return cls(table, label_counts(table), None, int(seed), dict(THRESHOLDS), dict(provenance or {}))
 
     def summary(self) -> pd.DataFrame:
@@ -156,6 +158,22 @@ class CensusResult:
         return pd.DataFrame(rows, columns=["label", "n_heads", "lo", "hi", "heads"])
 
 
+def check_census_table(table: pd.DataFrame, model: HookedTransformer | None = None) -> pd.DataFrame:
+    """``table`` when it is a census table: one row per head (:func:`headlens.heads.check_head_table`, heads of
+    ``model`` when given) and a text label on every row; one clear error otherwise."""
+    check_head_table(table, model, what="the census table")
+    if "label" not in table.columns:
+        raise HeadlensError("the census table lacks a 'label' column: pass a table from run_census or headlens census")
+    bad = table.loc[~table["label"].map(lambda v: isinstance(v, str))]
+    if len(bad):
+        row = bad.iloc[0]
+        raise HeadlensError(
+            f"the census table gives {head_name(row['layer'], row['head'])} the label {row['label']!r}: every head needs a "
+            "text label (rerun the census)"
+        )
+    return table
+
+
 def heads_with_label(census: CensusResult | pd.DataFrame, label: str) -> list[Head]:
     """The heads a census (a :class:`CensusResult` or its table) labels ``label`` (e.g. ``"induction"``), sorted.
 
@@ -166,6 +184,7 @@ def heads_with_label(census: CensusResult | pd.DataFrame, label: str) -> list[He
         raise HeadlensError(
             "heads_with_label needs a CensusResult or a census table with layer, head and label columns"
         )
+    check_census_table(table)
     names = label_names()
     given = set(table["label"].dropna().astype(str)) | set(() if result is None else result.thresholds)
     known = [*names, *sorted(given - set(names))]
@@ -218,10 +237,16 @@ def run_census(
     batch_size = check_count("batch_size", batch_size)
     n_boot = check_count("n_boot", n_boot, minimum=0, why="bootstrap resamples (0: no intervals)")
     settings = census_settings(seed, probes, thresholds)
+    needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}
     if probes is None:
-        needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}
         probes = default_probes(model, seed=seed, kinds=[k for k in probe_kinds() if k in needed])
     check_probes(model, probes)
+    unread = [k for k in probes.keys() if k not in needed]
+    if unread:
+        raise HeadlensError(
+            f"no registered head type reads a {unread[0]!r} probe (kinds read: {', '.join(sorted(needed))}): "
+            "drop it or register a HeadType with that probe kind"
+        )
     per_seq = collect(model, probes, types, batch_size=batch_size, progress=progress, executor=executor)
     table, counts = build_table(model, per_seq, types, limits, seed=seed, n_boot=n_boot)
     return CensusResult(table, counts, probes, int(seed), limits, provenance(model, **settings))
@@ -603,7 +628,12 @@ def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None)
 
 
 def _thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:
+    """The label thresholds of ``types`` with ``overrides`` (a dict of label -> positive number) in force."""
     limits = {n: t.threshold for n, t in types.items() if t.label}
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise HeadlensError(
+            f"thresholds must be a dict of label -> threshold, e.g. {{'induction': 0.4}} (got {type(overrides).__name__})"
+        )
     for name, value in (overrides or {}).items():
         if name not in limits:
             raise HeadlensError(f"unknown threshold {name!r}; known: {', '.join(limits)}")

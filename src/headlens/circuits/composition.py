@@ -172,7 +172,8 @@ def composition_scores(
 
 def top_senders(table: pd.DataFrame, receiver: str, composition: str, top_k: int = 5) -> pd.DataFrame:
     """The ``top_k`` senders of ``receiver`` by ``composition`` score (largest first)."""
+    top_k = check_count("top_k", top_k, why="how many senders to keep")
     part = table[(table.receiver == receiver) & (table.composition == composition)]
     if part.empty:
         raise HeadlensError(f"no {composition}-composition rows for receiver {receiver} (is it in layer 0?)")
-    return part.nlargest(int(top_k), "score").reset_index(drop=True)
+    return part.nlargest(top_k, "score").reset_index(drop=True)

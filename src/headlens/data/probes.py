@@ -435,6 +435,23 @@ def delimiter_mask(tokenizer, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, 
 # ---------------------------------------------------------------- checks
 
 
+def check_token_ids(model: HookedTransformer, tokens: Tensor, what: str = "tokens") -> Tensor:
+    """``tokens`` when they are integer ids of ``model``'s vocabulary: an id < 0 would silently read the embedding
+    table from its end (``W_E[-1]``), one past it or a float id fails deep inside torch."""
+    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise HeadlensError(
+            f"{what} must be a tensor of integer token ids (got {getattr(tokens, 'dtype', type(tokens).__name__)}): "
+            "use model.to_tokens"
+        )
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab):
+        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+        raise HeadlensError(
+            f"{what}: token id {bad} is not in this model's vocabulary (ids 0..{model.cfg.d_vocab - 1}): "
+            "tokenize with this model (model.to_tokens)"
+        )
+    return tokens
+
+
 def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
     """Raise a HeadlensError when a probe cannot run on ``model`` or its metadata does not fit its tokens."""
     if not isinstance(probes, ProbeSet):
@@ -443,15 +460,17 @@ def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
         )
     if not len(probes):
         raise HeadlensError("the probe set is empty: give at least one probe (e.g. repeated, natural or delimiter)")
-    for probe in probes:
-        tokens = probe.tokens
+    for kind, probe in probes.items():
+        if probe.kind != kind:
+            raise HeadlensError(
+                f"the probe set holds a {probe.kind!r} probe under {kind!r}: key each probe by its kind"
+            )
+        tokens = check_token_ids(model, probe.tokens, f"{probe.kind} probe")
         if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
             raise HeadlensError(
                 f"{probe.kind} probe: tokens must be [batch, pos] with batch >= 1 and pos >= 2 (got {tuple(tokens.shape)})"
             )
         _check_len(model, probe.seq_len, f"{probe.kind} probe")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
-            raise HeadlensError(f"{probe.kind} probe: token ids must lie in [0, {model.cfg.d_vocab}) for this model")
         if tuple(probe.is_delim.shape) != tuple(tokens.shape):
             raise HeadlensError(
                 f"{probe.kind} probe: is_delim has shape {tuple(probe.is_delim.shape)}, tokens {tuple(tokens.shape)}"

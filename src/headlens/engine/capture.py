@@ -15,8 +15,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
+from headlens.data.probes import check_token_ids
 from headlens.errors import HeadlensError
-from headlens.heads import check_head, parse_head
+from headlens.heads import check_head, check_layers, parse_head
 from headlens.progress import tqdm
 
 VIEW_TOKENS = 128
@@ -43,8 +44,12 @@ def stream_patterns(
 
     ``rows`` is the slice of ``tokens`` the batch covers, so a reducer can look up per-sequence metadata.
     """
-    layers = sorted(range(model.cfg.n_layers) if layers is None else set(layers))
-    tokens = tokens.to(model.cfg.device)
+    layers = check_layers(model, layers)
+    if getattr(tokens, "ndim", None) != 2:
+        raise HeadlensError(
+            f"tokens must be [batch, pos], got shape {tuple(getattr(tokens, 'shape', ()))}: add a batch axis"
+        )
+    tokens = check_token_ids(model, tokens).to(model.cfg.device)
     starts = range(0, tokens.shape[0], batch_size)
     # the bar moves once per (batch, layer): a probe that is a single batch still shows progress
     with tqdm(total=len(starts) * len(layers), desc=desc, unit="layer", disable=not progress, leave=False) as bar:

@@ -31,6 +31,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from headlens.data.probes import check_token_ids
 from headlens.errors import HeadlensError, check_count
 from headlens.progress import tqdm
 
@@ -62,6 +63,15 @@ class Metric:
     fn: MetricFn
     higher_is_better: bool = False
     positions: Int[Tensor, " n_pos"] | None = None
+
+    def __post_init__(self):
+        p, n_pos = self.positions, self.tokens.shape[-1]
+        if p is None:
+            return
+        if not isinstance(p, Tensor) or p.ndim != 1 or not len(p) or p.is_floating_point() or p.dtype == torch.bool:
+            raise HeadlensError(f"metric positions must be a non-empty 1-d tensor of integer positions, got {p!r}")
+        if int(p.max()) >= n_pos or int(p.min()) < -n_pos:
+            raise HeadlensError(f"metric positions {p.tolist()} are outside the {n_pos} token positions")
 
     def __repr__(self) -> str:  # the shape of the tokens, not the tokens (a REPL would print thousands of ids)
         where = "all positions" if self.positions is None else f"{len(self.positions)} positions"
@@ -211,6 +221,7 @@ def cached_run(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], metric: Metric
 ) -> tuple[float, dict[str, Tensor]]:
     """One forward: the metric and a cache of just the hooks in ``names``."""
+    check_token_ids(model, tokens)
     resid, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers)
     return value(metric(unembed_at(model, resid, metric.positions))), dict(cache.items())
 
@@ -221,7 +232,7 @@ def resid_names(layers) -> set[str]:
 
 def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     """``resid_pre`` of layer 0 (embeddings), without running a block."""
-    return model.input_to_embed(tokens)[0]
+    return model.input_to_embed(check_token_ids(model, tokens))[0]
 
 
 # ---------------------------------------------------------------- the driver

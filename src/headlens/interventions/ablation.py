@@ -63,7 +63,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
-from headlens.data.probes import corpus_text, repeated_tokens
+from headlens.data.probes import check_token_ids, corpus_text, repeated_tokens
 from headlens.engine.executor import Executor, map_layers
 from headlens.engine.intervene import (
     Intervention,
@@ -125,12 +125,20 @@ def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64,
     return Metric("loss", tokens, lambda logits, toks: lm_cross_entropy_loss(logits, toks))
 
 
-def _repeat_half_loss(start: int) -> MetricFn:
-    """Loss of predicting ``tokens[:, start + 1:]`` from the logits at positions ``start .. pos - 2``."""
+def _repeat_half_loss(start: int | Tensor) -> MetricFn:
+    """Loss of predicting ``tokens[:, start + 1:]`` from the logits at positions ``start .. pos - 2``; ``start``: one
+    position, or one per sequence (the census's repeated probe varies its half-length), the logits then starting at
+    the smallest and each sequence's loss read from its own start on."""
 
     def fn(logits, tokens):
-        logprobs = logits.log_softmax(dim=-1)
-        return -logprobs.gather(-1, tokens[:, start + 1 :, None]).mean()
+        first = int(torch.as_tensor(start).min())
+        logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, first + 1 :, None])[..., 0]
+        if isinstance(start, int):
+            return -logprobs.mean()
+        keep = (
+            torch.arange(first, first + logprobs.shape[1], device=logprobs.device) >= start.to(logprobs.device)[:, None]
+        )
+        return -(logprobs * keep).sum() / keep.sum()
 
     return fn
 
@@ -152,8 +160,10 @@ def repeat_loss_metric(
         probe = repeated_tokens(model, n=half_len, n_seqs=n_seqs, seed=seed)
     if getattr(probe, "kind", None) != "repeated":
         raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.data.probes.repeated_tokens)")
-    start, n_pos = probe.prefix + probe.n, probe.tokens.shape[1]
-    positions = torch.arange(start, n_pos - 1)  # only these logits are unembedded
+    n_pos = probe.tokens.shape[1]
+    start = n_pos - probe.n_per_seq  # where each sequence's second copy begins
+    start = int(start[0]) if bool((start == start[0]).all()) else start
+    positions = torch.arange(int(torch.as_tensor(start).min()), n_pos - 1)  # only these logits are unembedded
     return Metric("repeat_loss", probe.tokens, _repeat_half_loss(start), positions=positions)
 
 
@@ -211,16 +221,20 @@ def _check_tokens(tokens, what: str) -> Tensor:
     return tokens.long()
 
 
-def _as_metric(metric: Metric | MetricFn, tokens: Tensor | None) -> Metric:
+def _as_metric(model: HookedTransformer, metric: Metric | MetricFn, tokens: Tensor | None) -> Metric:
+    """``metric`` as a Metric on ``tokens`` (its own when None), its tokens checked against ``model``'s vocabulary."""
     if isinstance(metric, Metric):
-        return metric if tokens is None else metric.at(_check_tokens(tokens, "tokens"))
-    if callable(metric):
+        metric = metric if tokens is None else metric.at(_check_tokens(tokens, "tokens"))
+    elif callable(metric):
         if tokens is None:
             raise HeadlensError("a plain metric function needs tokens=...; or build one with custom_metric(tokens, fn)")
-        return custom_metric(tokens, metric)
-    raise HeadlensError(
-        "metric must be a headlens Metric (loss_metric, repeat_loss_metric, ...) or a function fn(logits, tokens)"
-    )
+        metric = custom_metric(tokens, metric)
+    else:
+        raise HeadlensError(
+            "metric must be a headlens Metric (loss_metric, repeat_loss_metric, ...) or a function fn(logits, tokens)"
+        )
+    check_token_ids(model, metric.tokens, f"{metric.name} metric tokens")
+    return metric
 
 
 # ---------------------------------------------------------------- replacement values
@@ -250,7 +264,7 @@ class Replacement:
             return
         if reference is None:
             raise HeadlensError(f"{method} ablation needs reference tokens: pass reference=<tokens [batch, pos]>")
-        reference = _check_tokens(reference, "reference")
+        reference = check_token_ids(model, _check_tokens(reference, "reference"), "reference")
         if method == "resample" and reference.shape[0] < 2:
             raise HeadlensError("resample ablation needs a reference with at least 2 sequences")
         with torch.inference_mode():
@@ -377,7 +391,7 @@ def ablated_metric(
     seed: int = 0,
 ) -> float:
     """The metric with ``heads`` ablated together (reference defaults to the metric's tokens)."""
-    metric = _as_metric(metric, tokens)
+    metric = _as_metric(model, metric, tokens)
     sites = _sites(check_heads(model, heads))
     replacement = Replacement(
         model, method, metric.tokens if reference is None else reference, [s.layer for s in sites], seed=seed
@@ -393,7 +407,7 @@ def ablated_metric(
 
 def clean_metric(model: HookedTransformer, metric: Metric | MetricFn, *, tokens: Tensor | None = None) -> float:
     """The metric with nothing ablated."""
-    metric = _as_metric(metric, tokens)
+    metric = _as_metric(model, metric, tokens)
     with torch.inference_mode():
         return value(metric.full(model(metric.tokens.to(model.cfg.device))))
 
@@ -466,7 +480,7 @@ def compare_to_random(
     batch_size = check_count("batch_size", batch_size)
     seed = check_count("seed", seed, minimum=0)
     n_random = check_count("n_random", n_random, minimum=2, why="a spread needs two random sets")
-    metric = _as_metric(metric, tokens)
+    metric = _as_metric(model, metric, tokens)
     heads = check_heads(model, heads)
     children = np.random.SeedSequence(seed).spawn(50 * int(n_random))
     drawn = random_sets(
@@ -572,7 +586,7 @@ def ablation_sweep(
             progress=progress, kwargs=kwargs,
         )  # fmt: skip
         return _stack(parts, metric, method, unit)
-    metric = _as_metric(metric, tokens)
+    metric = _as_metric(model, metric, tokens)
     if strategy not in ("fast", "naive"):
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
     batch_size = check_count("batch_size", batch_size)
@@ -641,7 +655,7 @@ def head_importance(
     the ablation effect), ``importance`` = mean over sequences of |∂metric_x/∂ξ_h| (Michel's I_h;
     exact when the metric is a mean over sequences, as the built-in ones are).
     """
-    metric = _as_metric(metric, tokens)
+    metric = _as_metric(model, metric, tokens)
     toks = metric.tokens.to(model.cfg.device)
     B, L, H = toks.shape[0], model.cfg.n_layers, model.cfg.n_heads
     ablated = list(ablated)

@@ -97,8 +97,12 @@ def attribution_patching(
     ``IG_ALPHAS``. A screen for the heads that matter, not an estimate of each patch (see the module docstring).
     ``metric`` in the table is ``corrupted + estimate``.
     """
+    if isinstance(activations, str):
+        activations = [activations]
     for activation in activations:
         check_head_activation(activation)
+    if len(set(activations)) != len(activations):
+        raise HeadlensError(f"activations repeat one ({', '.join(activations)}): list each activation once")
     if method not in METHODS:
         raise HeadlensError(f"unknown attribution method {method!r}: choose from {', '.join(METHODS)}")
     if not activations:
@@ -470,7 +474,7 @@ def estimate_quality(exact: Sequence[float], estimate: Sequence[float], *, top_k
     estimate = np.asarray(list(estimate), dtype=float)
     if len(exact) != len(estimate) or len(exact) < 3:
         raise HeadlensError("estimate_quality needs two equally long lists of at least 3 effects")
-    k = max(1, min(int(top_k), len(exact)))
+    k = min(check_count("top_k", top_k, why="how many top effects to recall"), len(exact))
     top_exact = set(np.argsort(-np.abs(exact), kind="stable")[:k])
     top_est = set(np.argsort(-np.abs(estimate), kind="stable")[: 2 * k])
     top = np.argsort(-np.abs(exact), kind="stable")[: min(2 * k, len(exact))]
@@ -491,13 +495,14 @@ def estimate_quality(exact: Sequence[float], estimate: Sequence[float], *, top_k
 def quality_summary(exact: Sequence[float], estimate: Sequence[float], *, top_k: int = 20) -> dict:
     """What :func:`compare_patching` reports beside Spearman: ``pearson``, ``pearson_top`` (over the ``top_k`` largest
     |exact|) and ``recall`` (share of the exact top-``top_k/2`` within the estimate's top-``top_k``)."""
-    quality = estimate_quality(exact, estimate, top_k=max(1, top_k // 2))
+    top_k = check_count("top_k", top_k, minimum=2, why="recall is over the exact top top_k // 2")
+    quality = estimate_quality(exact, estimate, top_k=top_k // 2)
     recall = next(v for key, v in quality.items() if key.startswith("recall_"))
     return {
         "pearson": quality["pearson"],
         "pearson_top": quality["pearson_top"],
         "recall": recall,
-        "recall_k": max(1, top_k // 2),
+        "recall_k": top_k // 2,
     }
 
 
@@ -511,7 +516,7 @@ def rank_correlation(
     exact = pd.Series(list(exact), dtype=float)
     estimate = pd.Series(list(estimate), dtype=float)
     if top_k is not None:
-        keep = exact.abs().sort_values(ascending=False).index[:top_k]
+        keep = exact.abs().sort_values(ascending=False).index[: check_count("top_k", top_k, minimum=2)]
         exact, estimate = exact[keep], estimate[keep]
     if len(exact) < 2:
         raise HeadlensError("a rank correlation needs at least two heads")
@@ -551,7 +556,7 @@ def compare_patching(
     progress: bool = True,
 ) -> PatchingComparison:
     """Exact and attribution patching side by side (see :class:`PatchingComparison`)."""
-    top_k = check_count("top_k", top_k)
+    top_k = check_count("top_k", top_k, minimum=2, why="a rank correlation over the top_k largest effects")
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     start = time.perf_counter()
     exact = activation_patching(

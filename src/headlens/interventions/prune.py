@@ -107,7 +107,7 @@ def prune_curve(
     ``max_removed`` / ``max_fraction`` (largest count within ``tolerance`` relative worsening).
     """
     seed = check_count("seed", seed, minimum=0)
-    metric = _as_metric(metric, tokens)
+    metric = _as_metric(model, metric, tokens)
     if order not in ("gradient", "ablation"):
         raise HeadlensError(f"unknown pruning order {order!r}: use 'gradient' or 'ablation'")
     if not tolerance >= 0:

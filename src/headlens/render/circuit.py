@@ -24,7 +24,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import node_head
 from headlens.engine.capture import head_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.io import write_text
 from headlens.render.viz import CircuitsVisView, ViewSet, escape, label_colors, view_props
 
@@ -39,7 +39,7 @@ def _label_colors() -> dict[str, str]:
 def drawn_edges(result, max_edges: int) -> pd.DataFrame:
     """The circuit's ``max_edges`` edges of largest |score| (what the figure shows)."""
     edges = result.circuit_edges()
-    return edges.head(int(max_edges))
+    return edges.head(check_count("max_edges", max_edges))
 
 
 def _fmt(x) -> str:

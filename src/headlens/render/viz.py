@@ -35,9 +35,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.census.registry import head_types
-from headlens.census.run import LABEL_SCORE, LABELS, SCORES
+from headlens.census.run import LABEL_SCORE, LABELS, SCORES, check_census_table
 from headlens.engine.capture import VIEW_TOKENS, head_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_name, parse_head
 
 CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
@@ -324,8 +324,7 @@ def check_census(census: pd.DataFrame, model: HookedTransformer | None = None) -
         )
     if census.empty:
         raise HeadlensError("the census table is empty: run headlens.census.run on the model first")
-    if census.duplicated(["layer", "head"]).any():
-        raise HeadlensError("the census table lists some (layer, head) more than once: pass one row per head")
+    check_census_table(census)
     if model is not None:
         L, H = model.cfg.n_layers, model.cfg.n_heads
         if census["layer"].max() >= L or census["head"].max() >= H or len(census) != L * H:
@@ -344,8 +343,7 @@ def top_heads_by_label(census: pd.DataFrame, *, top_k: int = 3, labels: Iterable
     console, the report, the gallery and the head cards all rank by this one score.
     """
     check_census(census)
-    if top_k < 1:
-        raise HeadlensError(f"top_k must be at least 1, got {top_k}")
+    top_k = check_count("top_k", top_k, why="heads per label")
     wanted = [label for label in (LABELS if labels is None else labels)]
     unknown = [label for label in wanted if label not in LABEL_SCORE and label != "other"]
     if unknown:
