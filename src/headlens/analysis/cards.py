@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.census.ov import effective_embedding
 from headlens.census.registry import head_types
-from headlens.census.run import _thresholds, check_census_table, label_ratios, table_scores
+from headlens.census.run import check_census_table, label_ratios, label_thresholds, table_scores
 from headlens.engine.capture import head_patterns
 from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_name
@@ -45,7 +45,7 @@ TOP_TOKENS = 3
 
 def _limits(table: pd.DataFrame, thresholds: dict[str, float] | None) -> dict[str, float]:
     check_census_table(table)
-    return _thresholds(head_types(), thresholds)
+    return label_thresholds(head_types(), thresholds)
 
 
 def explain(table: pd.DataFrame, *, thresholds: dict[str, float] | None = None) -> pd.DataFrame:

@@ -204,7 +204,7 @@ def census_settings(seed: int = 0, probes: ProbeSet | None = None, thresholds: d
     return {
         "seed": int(seed),
         "probes": "default" if probes is None else "custom",
-        "thresholds": _thresholds(types, thresholds),
+        "thresholds": label_thresholds(types, thresholds),
         "types": list(types),
     }
 
@@ -233,7 +233,7 @@ def run_census(
         )
     seed = check_count("seed", seed, minimum=0)
     types = head_types()
-    limits = _thresholds(types, thresholds)
+    limits = label_thresholds(types, thresholds)
     batch_size = check_count("batch_size", batch_size)
     n_boot = check_count("n_boot", n_boot, minimum=0, why="bootstrap resamples (0: no intervals)")
     settings = census_settings(seed, probes, thresholds)
@@ -620,14 +620,14 @@ def label_heads(frame: pd.DataFrame, thresholds: dict[str, float] | None = None)
     """The label of each row of a census table (sink-aware scores, requirements, tiers; see the module docstring),
     through :func:`table_scores`."""
     types = head_types()
-    limits = _thresholds(types, thresholds)
+    limits = label_thresholds(types, thresholds)
     if len(frame) == 0:
         return []
     eff = table_scores(frame, types)
     return np.array(label_names(types))[_label(eff, types, limits)].tolist()
 
 
-def _thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:
+def label_thresholds(types, overrides: dict[str, float] | None) -> dict[str, float]:
     """The label thresholds of ``types`` with ``overrides`` (a dict of label -> positive number) in force."""
     limits = {n: t.threshold for n, t in types.items() if t.label}
     if overrides is not None and not isinstance(overrides, Mapping):
