@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from headlens.census.run import check_census_table
 from headlens.circuits.graph import node_head, node_kind
-from headlens.errors import HeadlensError
 from headlens.heads import head_name
-
-
-def check_census_table(census: pd.DataFrame) -> pd.DataFrame:
-    """A census table with at least ``layer, head, label``; a clear error otherwise."""
-    missing = [c for c in ("layer", "head", "label") if c not in census.columns]
-    if missing:
-        raise HeadlensError(
-            f"the census table lacks column(s) {', '.join(missing)}: pass a census.csv from `headlens census`"
-        )
-    return census
 
 
 def head_labels(census: pd.DataFrame) -> dict[tuple[int, int], str]:
