@@ -466,3 +466,5 @@ def test_repeat_metric_reads_the_census_probe_per_sequence(tiny):
         for b, s in enumerate(probe.seq_len - probe.n_per_seq)
     ]
     assert clean_metric(tiny, metric) == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
+    with pytest.raises(HeadlensError, match="probe= or n_seqs/half_len/seed, not both"):
+        repeat_loss_metric(tiny, probe=probe, half_len=8)  # the probe's own half-lengths would be used silently

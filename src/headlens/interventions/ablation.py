@@ -149,15 +149,15 @@ def repeat_loss_metric(
     """Mean loss on predicting A₂…Aₙ in the second half of repeated random tokens [P, A₁…Aₙ, A₁…Aₙ] (in-context copying).
 
     Tokens come from :func:`headlens.data.probes.repeated_tokens` (the census's induction probe; distinct ordinary
-    word tokens, one prefix token), or pass that ``probe`` itself to score exactly the census's sequences.
+    word tokens, one prefix token), or pass that ``probe`` itself to score exactly the census's sequences (then the
+    probe's sizes and seed are the metric's: others given beside it are an error).
     """
     n_seqs = check_count("n_seqs", n_seqs)
     half_len = check_count("half_len", half_len, minimum=2)
-
     if probe is None:
-        if n_seqs < 1 or half_len < 2:
-            raise HeadlensError(f"repeat metric needs n_seqs >= 1 and half_len >= 2 (got {n_seqs}, {half_len})")
         probe = repeated_tokens(model, n=half_len, n_seqs=n_seqs, seed=seed)
+    elif (n_seqs, half_len, seed) != (4, 32, 0):
+        raise HeadlensError("repeat_loss_metric takes probe= or n_seqs/half_len/seed, not both: the probe has its own")
     if getattr(probe, "kind", None) != "repeated":
         raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.data.probes.repeated_tokens)")
     n_pos = probe.tokens.shape[1]
