@@ -449,3 +449,12 @@ def test_card_thresholds_and_top_k_are_checked():
     edges = pd.DataFrame({"sender": ["L0H1", "L0H2"], "receiver": ["L1H0", "L1H0"], "input": "k", "score": [1.0, 2.0]})
     with pytest.raises(HeadlensError, match="top_k must be an integer >= 1"):
         cards.circuit_sentence(edges, 1, 0, top_k=-1)
+
+
+def test_a_label_no_registered_type_gives_is_not_called_other(tiny_qwen):
+    """A misspelt or unregistered label ('inducton') used to read "has no label ('other')" on its card."""
+    table = sink_census()
+    table.loc[4, "label"] = "inducton"
+    card = cards.head_cards(tiny_qwen, table).iloc[4]
+    assert card.startswith("L1H0 is labelled 'inducton'") and "no registered head type gives" in card
+    assert "'other'" not in card

@@ -289,8 +289,13 @@ def card_text(
     """The card of one head from its row of :func:`explain` and the optional evidence sentences."""
     name = head_name(why["layer"], why["head"])
     conf = f", confidence {why['confidence']:.2f}" if np.isfinite(why["confidence"]) else ""
-    if why["label"] == "other" or not isinstance(why["column"], str):
+    if why["label"] == "other":
         first = f"{name} has no label ('other'{conf}): no score reaches its threshold"
+    elif not isinstance(why["column"], str):
+        first = (
+            f"{name} is labelled {why['label']!r}{conf}, which no registered head type gives: its evidence cannot be "
+            "read here (register that type, or check the table)"
+        )
     else:
         first = (
             f"{name} is {_article(why['label'])} {why['label']} head{conf}: its "
