@@ -468,3 +468,21 @@ def test_repeat_metric_reads_the_census_probe_per_sequence(tiny):
     assert clean_metric(tiny, metric) == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
     with pytest.raises(HeadlensError, match="probe= or n_seqs/half_len/seed, not both"):
         repeat_loss_metric(tiny, probe=probe, half_len=8)  # the probe's own half-lengths would be used silently
+
+
+def test_metric_positions_given_twice_fractional_layers_and_an_infinite_tolerance_are_refused(tiny, monkeypatch):
+    """A position listed twice (also as -1 and n - 1) weighed it twice in the metric; layers=[0.5] swept layer 0;
+    prune_curve(tolerance=inf) called every head removable (the CLI refused it), a string was a TypeError."""
+    good = torch.randint(0, tiny.cfg.d_vocab, (2, 8))
+    fn = lambda logits, tokens: logits[..., 0].mean()  # noqa: E731
+    with pytest.raises(HeadlensError, match=r"metric positions \[7, -1\] name a position twice"):
+        Metric("x", good, fn, positions=torch.tensor([7, -1]))
+    assert Metric("x", good, fn, positions=torch.tensor([-1, 2])).positions.tolist() == [7, 2]
+    metric = custom_metric(good, fn)
+    monkeypatch.setattr(type(tiny), "forward", lambda *a, **k: pytest.fail("ran the model"))
+    for layers in ([0.5], [True], 1, "1"):
+        with pytest.raises(HeadlensError, match="layers must be"):
+            ablation_sweep(tiny, metric, layers=layers, progress=False)
+    for tolerance in (float("inf"), float("nan"), "0.01", True):
+        with pytest.raises(HeadlensError, match="tolerance must be a finite number >= 0"):
+            prune_curve(tiny, metric, tolerance=tolerance, progress=False)

@@ -458,3 +458,21 @@ def test_a_label_no_registered_type_gives_is_not_called_other(tiny_qwen):
     card = cards.head_cards(tiny_qwen, table).iloc[4]
     assert card.startswith("L1H0 is labelled 'inducton'") and "no registered head type gives" in card
     assert "'other'" not in card
+
+
+def test_evidence_labels_must_label_some_head_and_causal_validation_checks_the_table(tiny_qwen, monkeypatch):
+    """labels=["inducton"] (or a label no head has) gave an empty result, labels="induction" matched by substring;
+    causal_validation ran on a census with layer -1 (numpy reads it as the last layer) and named other heads."""
+    from headlens.census.validate import causal_validation
+
+    t = evidence_census()
+    monkeypatch.setattr(type(tiny_qwen), "forward", lambda *a, **k: pytest.fail("ran the model"))
+    for labels in (["inducton"], ["successor"], []):
+        with pytest.raises(HeadlensError, match="no head of the census is labelled"):
+            evidence.label_evidence(tiny_qwen, t, labels=labels, n_random=3, n_seqs=2, progress=False)
+    with pytest.raises(HeadlensError, match=r"no head of the census is labelled \['successor'\]"):
+        causal_validation(tiny_qwen, t, labels=["successor"], n_random=3, n_seqs=2, progress=False)
+    moved = t.assign(layer=t["layer"] - 1)
+    with pytest.raises(HeadlensError, match="column 'layer' holds -1"):
+        causal_validation(tiny_qwen, moved, labels=["induction"], n_random=3, n_seqs=2, progress=False)
+    assert causal_validation(tiny_qwen, t, labels="positional", progress=False)["verdict"].tolist() == ["descriptive"]

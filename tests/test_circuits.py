@@ -18,7 +18,14 @@ import headlens
 from headlens.circuits import paths
 from headlens.circuits.composition import composition_scores, random_baseline, top_senders
 from headlens.circuits.edges import edge_attribution
-from headlens.circuits.faithfulness import area, circuit_metric, faithfulness, node_circuit, top_edges
+from headlens.circuits.faithfulness import (
+    area,
+    circuit_metric,
+    faithfulness,
+    node_circuit,
+    smallest_circuit,
+    top_edges,
+)
 from headlens.circuits.graph import Graph
 from headlens.circuits.study import exact_edges, find_circuit, recall_at, receiver_senders
 from headlens.circuits.tasks import CircuitTask, induction_task
@@ -264,6 +271,63 @@ def test_mean_ablation_needs_separate_prompts_of_the_same_length(tiny, tiny_pair
             paths.prepare(tiny, tiny_pair.clean, tiny_pair.metric, ablation="mean", mean_tokens=tiny_pair.clean[:, :-1])
         with pytest.raises(HeadlensError, match="unknown ablation"):
             paths.prepare(tiny, tiny_pair.clean, tiny_pair.metric, ablation="zero")
+
+
+def test_edges_scores_masks_and_tokens_outside_the_graph_are_refused(tiny, tiny_pair, monkeypatch):
+    """Slot index -1 patched the logits edge, sender 1.7 ran as 1, a token id of -1 read W_E[-1]: each a plausible
+    delta. top_edges(n=-1) kept all but one edge, smallest_circuit(high=-1) answered n=-1, a [slot] mask broadcast
+    in circuit_metric, scores of another shape, a PromptPair or unused scores= failed late or were ignored."""
+    g = Graph.of(tiny)
+    s, r = g.edge("L0H0", "L1H0", "k")
+    task = CircuitTask("x", tiny_pair, None)
+    monkeypatch.setattr(type(tiny), "forward", lambda *a, **k: pytest.fail("ran the model"))
+    monkeypatch.setattr(type(tiny), "run_with_hooks", lambda *a, **k: pytest.fail("ran the model"))
+    bad_edges = {
+        "slot index -1 is not in": ([s], [-1]),
+        "sender indices must be a 1-d array of integers": ([1.7], [r]),
+        "sender index 99 is not in": ([99], [r]),
+        "give one slot per sender": ([s, s], [r]),
+        "MLP2 does not write before L0H0\\[q\\] reads": ([g.n_senders - 1], [0]),
+        "no edges given": ([], []),
+    }
+    for message, (senders, slots) in bad_edges.items():
+        with pytest.raises(HeadlensError, match=message):
+            paths.path_patching(tiny, task, (np.array(senders), np.array(slots)), progress=False)
+    with pytest.raises(HeadlensError, match="slot index -1"):
+        exact_edges(tiny, task, np.array([s]), np.array([-1]), progress=False)
+    with pytest.raises(HeadlensError, match="triples"):
+        paths.path_patching(tiny, task, [("L0H0", "L1H0")], progress=False)
+    with pytest.raises(HeadlensError, match="non-empty list"):
+        paths.sender_patching(tiny, task, [], progress=False)
+    for corrupt in ("corrupted", "clean"):
+        tokens = dict(clean=tiny_pair.clean, corrupted=tiny_pair.corrupted)
+        tokens[corrupt] = tokens[corrupt] * 0 - 1
+        pair = PromptPair(**tokens, positions=tiny_pair.positions, metric=tiny_pair.metric)
+        with pytest.raises(HeadlensError, match="token id -1 is not in this model's vocabulary"):
+            paths.path_patching(tiny, pair, [("L0H0", "L1H0", "k")], progress=False)
+    with pytest.raises(HeadlensError, match="token id -1"):
+        edge_attribution(tiny, CircuitTask("x", tiny_pair, tiny_pair.clean * 0 - 1), ablation="mean", progress=False)
+    scores = torch.randn(g.n_senders, g.n_slots)
+    with pytest.raises(HeadlensError, match=r"n must be an integer >= 0 \(got -1\)"):
+        top_edges(g, scores, -1)
+    with pytest.raises(HeadlensError, match="shape \\(16, 40\\) for this model, got \\(3, 3\\)"):
+        top_edges(g, torch.zeros(3, 3), 5)
+    with pytest.raises(HeadlensError, match="high must be an integer >= 1"):
+        smallest_circuit(tiny, task, scores, 0, -1, ablation="resample")
+    with pytest.raises(HeadlensError, match=f"need low < high <= {g.n_edges}"):
+        smallest_circuit(tiny, task, scores, 0, 10**6, ablation="resample")
+    with pytest.raises(HeadlensError, match="kept must be a \\[sender, slot\\] tensor"):
+        circuit_metric(tiny, task, torch.ones(g.n_slots, dtype=torch.bool), ablation="resample")
+    with pytest.raises(HeadlensError, match="kept must be a boolean"):
+        circuit_metric(tiny, task, scores, ablation="resample")
+    with pytest.raises(HeadlensError, match="percents must increase"):
+        faithfulness(tiny, task, {"a": scores}, percents=[10, 10, 50], ablation="resample", progress=False)
+    with pytest.raises(HeadlensError, match="find_circuit takes a CircuitTask \\(got PromptPair\\)"):
+        find_circuit(tiny, tiny_pair, methods=["eap"], progress=False)
+    with pytest.raises(HeadlensError, match="scores given for \\['eap-ig'\\], not among methods"):
+        find_circuit(tiny, task, methods=["eap"], scores={"eap-ig": scores}, progress=False)
+    with pytest.raises(HeadlensError, match="scores\\['eap'\\] must be a \\[sender, slot\\] tensor"):
+        find_circuit(tiny, task, methods=["eap"], scores={"eap": torch.zeros(3, 3)}, progress=False)
 
 
 # ---------------------------------------------------------------- EAP

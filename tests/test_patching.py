@@ -450,3 +450,26 @@ def test_patching_chosen_heads_gives_their_rows_of_the_full_table(tiny_qwen):
     ]:
         with pytest.raises(HeadlensError, match=match):
             activation_patching(tiny_qwen, pair, progress=False, **{"activation": "z", **kwargs})
+
+
+def test_prompt_pairs_are_batches_with_distinct_positions_of_the_models_vocabulary(tiny_qwen, monkeypatch):
+    """A 1-d pair ran (exact) or failed deep inside (attribution, roles); a position given twice weighed it twice;
+    -1 broke what reads positions (task_roles found no answer before it); ids past the vocabulary: IndexError."""
+    from headlens.analysis.roles import task_roles
+
+    pair = induction_pair(tiny_qwen, n_tokens=4, n_seqs=2)
+    n = pair.clean.shape[1]
+    with pytest.raises(HeadlensError, match=r"clean tokens must be a \[batch, pos\] tensor \(got \(9,\)\)"):
+        PromptPair(pair.clean[0], pair.corrupted[0], pair.positions, pair.metric)
+    with pytest.raises(HeadlensError, match="name a position twice"):
+        PromptPair(pair.clean, pair.corrupted, torch.tensor([n - 1, -1]), lambda x: x.mean())
+    with pytest.raises(HeadlensError, match="1-d tensor of integer positions, got \\[5, 6\\]"):
+        PromptPair(pair.clean, pair.corrupted, [5, 6], lambda x: x.mean())
+    back = PromptPair(pair.clean, pair.corrupted, pair.positions - n, pair.metric, name="induction", info=pair.info)
+    assert back.positions.tolist() == pair.positions.tolist() == back.metric.positions.tolist()
+    pd.testing.assert_frame_equal(task_roles(tiny_qwen, back), task_roles(tiny_qwen, pair))
+    far = PromptPair(pair.clean, pair.corrupted + tiny_qwen.cfg.d_vocab, pair.positions, pair.metric)
+    monkeypatch.setattr(type(tiny_qwen), "forward", lambda *a, **k: pytest.fail("ran the model"))
+    for run in (attribution_patching, task_roles):
+        with pytest.raises(HeadlensError, match="corrupted tokens: token id .* is not in this model's vocabulary"):
+            run(tiny_qwen, far)

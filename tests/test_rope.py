@@ -192,7 +192,7 @@ def test_bad_input_raises(planted):
         distance_profile(planted, "shuffled", progress=False)
     with pytest.raises(HeadlensError, match="exceeds the model's context"):
         distance_profile(planted, "random", seq_len=100_000, progress=False)
-    with pytest.raises(HeadlensError, match="layers must be"):
+    with pytest.raises(HeadlensError, match="layer 7 is out of range"):
         distance_profile(planted, "random", layers=[7], progress=False)
     with pytest.raises(HeadlensError, match="at least 2 positions"):
         distance_profile(planted, torch.zeros(3, dtype=torch.long), progress=False)
@@ -204,3 +204,17 @@ def test_qwen_profile_rows_sum_to_one(qwen):
     assert set(prof["layer"]) == {0, 23} and len(prof) == 2 * 14 * 32
     totals = prof.assign(mass=prof["n"] * prof["attention"]).groupby(["layer", "head"])["mass"].sum()
     np.testing.assert_allclose(totals.to_numpy(), 2 * 32, rtol=1e-4)
+
+
+def test_layers_tokens_and_sizes_are_not_misread(planted, monkeypatch):
+    """layers=[0.5] profiled layer 0; seq_len beside a token batch was silently ignored; a list of ids was an
+    AttributeError; distance_profiles("natural") profiled the probes 'n', 'a', ... (one error on 'n')."""
+    tokens = torch.randint(0, planted.cfg.d_vocab, (2, 6))
+    with pytest.raises(HeadlensError, match="layers must be whole numbers"):
+        distance_profile(planted, tokens, layers=[0.5], progress=False)
+    with pytest.raises(HeadlensError, match="a probe name with n_seqs/seq_len/seed, or tokens, not both"):
+        distance_profile(planted, tokens, seq_len=64, progress=False)
+    with pytest.raises(HeadlensError, match="must be a tensor of integer token ids"):
+        distance_profile(planted, tokens.tolist(), progress=False)
+    one = distance_profiles(planted, "random", n_seqs=1, seq_len=4, progress=False)
+    assert one["probe"].unique().tolist() == ["random"]

@@ -109,6 +109,7 @@ def label_evidence(
     n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
     top_k = check_count("top_k", top_k, why="single-head effects per label")
     check_census_table(table, model)
+    labels = validate.chosen_labels(table, labels)
     present = [lb for lb in dict.fromkeys(table["label"]) if lb != "other" and (labels is None or lb in labels)]
     tested = [lb for lb in present if lb in validate.LABEL_TASKS and validate.LABEL_TASKS[lb].task]
     score = table.set_index(["layer", "head"])["label_score"]

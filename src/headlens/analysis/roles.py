@@ -24,8 +24,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.errors import HeadlensError, check_count
-from headlens.heads import kv_heads
-from headlens.interventions.patching import PromptPair, activation_patching
+from headlens.heads import check_heads, kv_heads
+from headlens.interventions.patching import PromptPair, activation_patching, check_pair_tokens
 
 
 def _one_token(model: HookedTransformer, text: str) -> int:
@@ -85,8 +85,16 @@ def task_roles(
 
     ``heads`` restricts the patching (the costly part) to those heads; the others' ``patching`` is NaN."""
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
+    check_pair_tokens(model, pair)
+    if heads is not None:
+        check_heads(model, heads)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     positions = pair.positions
+    if pair.name == "induction" and int(positions.max()) == pair.clean.shape[1] - 1:
+        raise HeadlensError(
+            "an induction pair's answer at a metric position is the next token: the last position has none; "
+            "build the pair with headlens.interventions.patching.induction_pair"
+        )
     names = {f"blocks.{l}.attn.hook_{a}" for l in range(L) for a in ("z", "pattern")} | {"ln_final.hook_scale"}
     with torch.inference_mode():
         clean_logits, cache = model.run_with_cache(pair.clean, names_filter=lambda n: n in names)

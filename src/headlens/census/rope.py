@@ -35,10 +35,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.data.probes import natural_text
+from headlens.data.probes import check_token_ids, natural_text
 from headlens.engine.capture import stream_patterns
 from headlens.errors import HeadlensError, check_count
-from headlens.heads import kv_heads
+from headlens.heads import check_layers, kv_heads
 
 PROBES = ("natural", "random", "constant")
 
@@ -189,14 +189,15 @@ def distance_profile(
     probe = tokens if isinstance(tokens, str) else "tokens"
     if isinstance(tokens, str):
         tokens = probe_tokens(model, tokens, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
+    elif (n_seqs, seq_len, seed) != (8, 128, 0):
+        raise HeadlensError("distance_profile takes a probe name with n_seqs/seq_len/seed, or tokens, not both")
+    check_token_ids(model, tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise HeadlensError(
             f"tokens must be a [batch, pos] batch of at least 2 positions, got shape {tuple(tokens.shape)}"
         )
     L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
-    hooked = sorted(range(L) if layers is None else {int(l) for l in layers})
-    if not hooked or hooked[0] < 0 or hooked[-1] >= L:
-        raise HeadlensError(f"layers must be a non-empty selection of 0..{L - 1} (got {layers})")
+    hooked = check_layers(model, layers)
     batch_size = check_count("batch_size", batch_size)
     sums = torch.zeros(L, H, n, dtype=torch.float64)
     sq = torch.zeros_like(sums)
@@ -239,7 +240,9 @@ def distance_profile(
 
 
 def distance_profiles(model: HookedTransformer, probes=PROBES, **kwargs) -> pd.DataFrame:
-    """:func:`distance_profile` for several probes, stacked with a ``probe`` column (default: natural, random, constant)."""
+    """:func:`distance_profile` for several probes, stacked with a ``probe`` column (default: natural, random, constant;
+    one name is one probe)."""
+    probes = [probes] if isinstance(probes, str) else probes
     frames = [distance_profile(model, p, **kwargs).assign(probe=p) for p in probes]
     df = pd.concat(frames, ignore_index=True)
     return df[["probe"] + [c for c in df.columns if c != "probe"]]

@@ -31,6 +31,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
 from headlens.census.ov import ordinal_tokens
+from headlens.census.run import check_census_table
 from headlens.data.code import code_probe
 from headlens.data.corpus import document_unit, split_of
 from headlens.data.probes import natural_text, repeated_tokens
@@ -326,6 +327,21 @@ def label_plan(model: HookedTransformer, table: pd.DataFrame, label: str, n_rand
     return heads, layer_matched_sets(model, heads, n_random, seed)
 
 
+def chosen_labels(table: pd.DataFrame, labels) -> list[str] | None:
+    """``labels`` (one name, or a list) when every one labels some head of ``table``; None stays None. A name no head
+    carries (misspelt, or of another census) would silently drop out of the result."""
+    if labels is None:
+        return None
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    present = set(table["label"])
+    absent = [lb for lb in labels if lb not in present]
+    if absent or not labels:
+        raise HeadlensError(
+            f"no head of the census is labelled {absent or labels}: choose from {', '.join(sorted(map(str, present)))}"
+        )
+    return labels
+
+
 def causal_validation(
     model: HookedTransformer,
     table: pd.DataFrame,
@@ -345,25 +361,26 @@ def causal_validation(
     ``labels``: default every label of :data:`LABEL_TASKS` present in ``table``; ``n_seqs``: evaluation (and
     reference) sequences per task.
     """
+    check_census_table(table, model)
     present = set(table["label"])
-    labels = [lb for lb in LABEL_TASKS if lb in present] if labels is None else list(labels)
+    labels = [lb for lb in LABEL_TASKS if lb in present] if labels is None else labels
+    labels = [labels] if isinstance(labels, str) else list(labels)
     unknown = [lb for lb in labels if lb not in LABEL_TASKS]
     if unknown:
         raise HeadlensError(f"no behaviour is defined for labels {unknown}; known: {', '.join(LABEL_TASKS)}")
+    labels = chosen_labels(table, labels) if labels else labels
     n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
-    data, rows = {}, []
+    tasks = dict.fromkeys(LABEL_TASKS[lb].task for lb in labels if LABEL_TASKS[lb].task)
+    data = {task: task_data(model, task, n_seqs=n_seqs, seed=seed) for task in tasks}  # all data before any ablation
+    rows = []
     for label in labels:
         spec = LABEL_TASKS[label]
         n_label = int((table["label"] == label).sum())
-        if not n_label:
-            continue
         row = {"label": label, "behaviour": spec.behaviour, "task": spec.task or "", "n_label_heads": n_label}
         if spec.task is None:
             rows.append({**row, "metric": "", "verdict": "descriptive"})
             continue
         heads, drawn = label_plan(model, table, label, n_random, seed)
-        if spec.task not in data:
-            data[spec.task] = task_data(model, spec.task, n_seqs=n_seqs, seed=seed)
         task = data[spec.task]
         clean, values = ablated_metrics(  # one set per forward: each restarts at its first layer from the clean run
             model, task.metric, [heads, *drawn], method=method, reference=task.reference, seed=seed,

@@ -33,7 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import LOGITS, Graph
-from headlens.circuits.paths import ABLATIONS, mean_outputs, record, slot_hook, split_inputs
+from headlens.circuits.paths import ABLATIONS, check_tokens, mean_outputs, record, slot_hook, split_inputs
 from headlens.engine.intervene import Metric, unembed_at
 from headlens.errors import HeadlensError, check_count
 from headlens.progress import tqdm
@@ -76,6 +76,7 @@ def edge_attribution(
     if mean_tokens is None:
         mean_tokens = getattr(pair, "mean_tokens", None)
     pair = getattr(pair, "pair", pair)
+    check_tokens(model, clean_tokens=pair.clean, corrupted_tokens=pair.corrupted, mean_tokens=mean_tokens)
     graph = graph or Graph.of(model)
     metric: Metric = pair.metric
     with split_inputs(model):

@@ -30,7 +30,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import EMBED, LOGITS, Graph
 from headlens.circuits.paths import mask_run, prepare_pair, run_edges, split_inputs
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_count
 
 PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 """MIB's grid of circuit sizes, in percent of the graph's edges."""
@@ -48,7 +48,7 @@ def ranking(
     """(sender, slot) indices of every edge, largest |score| first, or with ``signed`` most negative score first (the
     edges whose ablation lowers the metric most: those that carry the behaviour); stable: ties keep the graph's order."""
     s, r = graph.edge_index()
-    values = scores[torch.as_tensor(s), torch.as_tensor(r)].double()
+    values = graph.check_scores(scores)[torch.as_tensor(s), torch.as_tensor(r)].double()
     key = (-values if signed else values.abs()).numpy()
     order = np.argsort(-key, kind="stable")
     return s[order], r[order]
@@ -58,6 +58,7 @@ def top_edges(
     graph: Graph, scores: Float[Tensor, "sender slot"], n: int, *, signed: bool = False
 ) -> Bool[Tensor, "sender slot"]:
     """The circuit of the top ``n`` edges of :func:`ranking`, as a ``[sender, slot]`` mask."""
+    n = check_count("n", n, minimum=0, why="edges to keep")
     s, r = ranking(graph, scores, signed=signed)
     mask = torch.zeros(graph.n_senders, graph.n_slots, dtype=torch.bool)
     mask[torch.as_tensor(s[:n]), torch.as_tensor(r[:n])] = True
@@ -139,7 +140,7 @@ def faithfulness(
     pair = task.pair
     total = graph.n_edges
     grid = [float(p) for p in percents]
-    if not grid or any(not 0 < p <= 100 for p in grid) or sorted(grid) != grid:
+    if not grid or any(not 0 < p <= 100 for p in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
         raise HeadlensError(f"percents must increase within (0, 100], got {list(percents)}")
     with split_inputs(model):
         setting = prepare_pair(model, pair, mean_tokens=task.mean_tokens, ablation=ablation, graph=graph)
@@ -181,6 +182,9 @@ def circuit_metric(
 ) -> dict[str, float]:
     """``metric``, ``full``, ``empty`` and ``faithfulness`` of one circuit (a mask of kept edges)."""
     graph = Graph.of(model)
+    if not isinstance(kept, Tensor) or kept.dtype != torch.bool:
+        raise HeadlensError(f"kept must be a boolean [sender, slot] mask (top_edges, node_circuit), got {kept!r:.80}")
+    graph.check_scores(kept, "kept")
     pair = task.pair
     with split_inputs(model):
         setting = prepare_pair(model, pair, mean_tokens=task.mean_tokens, ablation=ablation, graph=graph)
@@ -210,6 +214,10 @@ def smallest_circuit(
     circuit of ``scores`` reaching ``target``; assumes f rises with n between the two (it need not: each probe is
     measured, and the result is a circuit that does reach the target). Returns ``n``, ``faithfulness``, ``probes``."""
     graph = Graph.of(model)
+    low = check_count("low", low, minimum=0, why="edges of a circuit below the target")
+    high = check_count("high", high, why="edges of a circuit at or above the target")
+    if not low < high <= graph.n_edges:
+        raise HeadlensError(f"need low < high <= {graph.n_edges} (the graph's edges), got low={low}, high={high}")
     s, r = ranking(graph, scores, signed=signed)
     pair = task.pair
     probes = []

@@ -182,6 +182,38 @@ class Graph:
             raise HeadlensError(f"{sender} does not write before {receiver}[{input}] reads: no such edge")
         return s, r
 
+    def check_edges(self, senders, slots) -> tuple[np.ndarray, np.ndarray]:
+        """(sender, slot) index arrays as int arrays when they name edges of this graph; a clear error otherwise
+        (a negative index would read from the end: -1 is the logits slot or the last MLP)."""
+        s, r = np.asarray(senders), np.asarray(slots)
+        for what, idx, n in (("sender", s, self.n_senders), ("slot", r, self.n_slots)):
+            if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+                raise HeadlensError(f"{what} indices must be a 1-d array of integers, got {idx.tolist()!r}")
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise HeadlensError(
+                    f"{what} index {int(idx.min() if idx.min() < 0 else idx.max())} is not in 0..{n - 1}"
+                )
+        if len(s) != len(r):
+            raise HeadlensError(f"give one slot per sender: {len(s)} senders, {len(r)} slots")
+        bad = np.nonzero(
+            ~self.valid[torch.as_tensor(s, dtype=torch.long), torch.as_tensor(r, dtype=torch.long)].numpy()
+        )[0]
+        if len(bad):
+            i = int(bad[0])
+            slot = self.slots[int(r[i])]
+            raise HeadlensError(
+                f"{self.senders[int(s[i])]} does not write before {slot.node}[{slot.input}] reads: no such edge"
+            )
+        return s.astype(int), r.astype(int)
+
+    def check_scores(self, scores, what: str = "scores") -> Tensor:
+        """``scores`` when it is a ``[sender, slot]`` tensor of this graph (e.g. another model's would misplace edges)."""
+        shape = (self.n_senders, self.n_slots)
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != shape:
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise HeadlensError(f"{what} must be a [sender, slot] tensor of shape {shape} for this model, got {got}")
+        return scores
+
     def edge_frame(self, scores: dict[str, Tensor] | None = None) -> pd.DataFrame:
         """One row per edge: ``sender, receiver, input, sender_layer, receiver_layer`` and a column per score matrix
         (``[sender, slot]`` tensors, e.g. ``{"eap": ..., "eap_ig": ...}``)."""

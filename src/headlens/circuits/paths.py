@@ -36,6 +36,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import LOGITS, Graph
+from headlens.data.probes import check_token_ids
 from headlens.engine.intervene import LOGITS_BUDGET, Metric, unembed_at, value
 from headlens.errors import HeadlensError, check_count
 from headlens.progress import tqdm
@@ -92,8 +93,19 @@ def head_outputs(
     return einops.einsum(z, W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
 
 
+def check_tokens(model: HookedTransformer, **tokens: Tensor | None) -> None:
+    """Refuse, before any forward, token batches (by name; None: not given) that are not ``[batch, pos]`` ids of
+    ``model``'s vocabulary (an id of -1 would read the embedding table from its end)."""
+    for what, batch in tokens.items():
+        if batch is not None:
+            check_token_ids(model, batch, f"{what.replace('_', ' ')}")
+            if batch.ndim != 2:
+                raise HeadlensError(f"{what.replace('_', ' ')} must be a [batch, pos] tensor, got {tuple(batch.shape)}")
+
+
 def record(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch pos"], metric: Metric | None) -> Run:
     """One forward (split-input mode expected): metric, ``resid_pre`` of every layer and every sender's output."""
+    check_tokens(model, tokens=tokens)
     b, p = tokens.shape
     outputs = torch.zeros(b, p, graph.n_senders, model.cfg.d_model, dtype=torch.float32, device=tokens.device)
     resid: list[Tensor] = [None] * (graph.n_layers + 1)
@@ -201,6 +213,7 @@ def prepare(
     """Record the clean run and the source of corrupted edges (split-input mode expected)."""
     if ablation not in ABLATIONS:
         raise HeadlensError(f"unknown ablation {ablation!r}: choose one of {', '.join(ABLATIONS)}")
+    check_tokens(model, clean_tokens=clean, corrupted_tokens=corrupted, mean_tokens=mean_tokens)
     graph = graph or Graph.of(model)
     base = record(model, graph, clean, metric)
     if ablation == "resample":
@@ -445,8 +458,12 @@ def mask_run(mask: torch.Tensor) -> EdgeRun:
 def _edges_arg(graph: Graph, edges) -> tuple[np.ndarray, np.ndarray]:
     """Edges given as ``(sender, receiver, input)`` names or as (sender index, slot index) arrays."""
     if isinstance(edges, tuple) and len(edges) == 2 and not isinstance(edges[0], str):
-        s, r = (np.asarray(x, dtype=int) for x in edges)
+        s, r = graph.check_edges(*edges)
+        if not len(s):
+            raise HeadlensError("no edges given")
         return s, r
+    if isinstance(edges, str) or not all(isinstance(e, Sequence) and len(e) == 3 for e in edges):
+        raise HeadlensError('give edges as (sender, receiver, input) triples, e.g. [("L0H2", "L1H2", "k")]')
     pairs = [graph.edge(*e) for e in edges]
     if not pairs:
         raise HeadlensError("no edges given")
@@ -508,6 +525,8 @@ def sender_patching(
     """Corrupt every edge out of each sender (its output patched wherever it is read): ``node, metric, delta``."""
     pair, _ = _unwrap(pair, None)
     graph = Graph.of(model)
+    if isinstance(senders, str) or not len(senders):
+        raise HeadlensError('give senders as a non-empty list of node names, e.g. ["L0H2", "MLP0"]')
     idx = []
     for name in senders:
         s, _ = graph.edge(name, "logits", LOGITS)

@@ -24,6 +24,7 @@ from headlens.circuits.faithfulness import PERCENTS, FaithfulnessResult, exact_k
 from headlens.circuits.graph import Graph, node_head, node_kind
 from headlens.circuits.labels import head_cards, head_labels, node_label
 from headlens.circuits.paths import prepare_pair, run_edges, single_edges, split_inputs
+from headlens.circuits.tasks import CircuitTask
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError, check_count
 from headlens.heads import kv_heads
@@ -61,7 +62,7 @@ def exact_edges(
     ``executor`` (None: this process)."""
 
     graph = Graph.of(model)
-    senders, slots = np.asarray(senders, dtype=int), np.asarray(slots, dtype=int)
+    senders, slots = graph.check_edges(senders, slots)
     if len(senders) == 0:
         return np.zeros(0)
     layers = np.array([graph.slots[int(j)].layer for j in slots])
@@ -147,9 +148,19 @@ def find_circuit(
     if unknown or not methods:
         raise HeadlensError(f"unknown method(s) {unknown or methods}: choose from {', '.join(METHODS)}")
     check = check_count("check", check, minimum=0, why="edges to check exactly")
+    if not isinstance(task, CircuitTask):
+        raise HeadlensError(
+            f"find_circuit takes a CircuitTask (got {type(task).__name__}): build_task(model, 'induction'), or "
+            "pair_task(model, clean, corrupted) for a prompt pair"
+        )
     graph = Graph.of(model)
     timings: dict[str, float] = {}
     given, scores = dict(scores or {}), {}
+    unused = [m for m in given if m not in methods]
+    if unused:
+        raise HeadlensError(f"scores given for {unused}, not among methods {methods}: add them to methods or drop them")
+    for method, matrix in given.items():
+        graph.check_scores(matrix, f"scores[{method!r}]")
     for method in methods:
         if method in given:
             scores[method] = given[method].cpu()

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from headlens.errors import HeadlensError, check_count
+from headlens.heads import check_layers
 from headlens.io import code_version, weights_sha256, write_bytes
 from headlens.models import ModelSpec, spec_of
 from headlens.progress import note, tqdm
@@ -488,11 +489,6 @@ def map_layers(
 
     The per-layer form of :meth:`Executor.map` that sweeps and patching use to spread their layers over workers.
     """
-    layers = sorted({int(layer) for layer in (range(model.cfg.n_layers) if layers is None else layers)})
-    if not layers:
-        raise HeadlensError("no layers to run: pass layers=None for all, or a non-empty list")
-    for layer in layers:
-        if not 0 <= layer < model.cfg.n_layers:
-            raise HeadlensError(f"layer {layer} is out of range: this model has layers 0..{model.cfg.n_layers - 1}")
+    layers = check_layers(model, layers)
     shards = [(first, layer, kwargs) for layer in layers]
     return resolve(executor).map(fn, model, shards, key=key, desc=key.rsplit(".", 1)[-1], progress=progress)

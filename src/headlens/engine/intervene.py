@@ -51,7 +51,8 @@ MetricFn = Callable[[Float[Tensor, "batch n_pos d_vocab"], Int[Tensor, "batch po
 
 @dataclass(frozen=True)
 class Metric:
-    """A scalar of the logits at ``positions`` (all when None) of fixed ``tokens``.
+    """A scalar of the logits at ``positions`` (all when None) of fixed ``tokens``; positions are distinct, and a
+    negative one (-1: the last) is stored as the position it names.
 
     ``metric(logits)`` takes the logits AT ``positions`` (``batch n_pos d_vocab``, what the engine unembeds) and
     returns ``fn(logits, tokens)``; :meth:`full` takes full-length logits. ``higher_is_better`` says which way
@@ -72,6 +73,13 @@ class Metric:
             raise HeadlensError(f"metric positions must be a non-empty 1-d tensor of integer positions, got {p!r}")
         if int(p.max()) >= n_pos or int(p.min()) < -n_pos:
             raise HeadlensError(f"metric positions {p.tolist()} are outside the {n_pos} token positions")
+        p = p % n_pos  # -1 is the last position: kept as n_pos - 1, so readers may compare and add to positions
+        if len(p.unique()) != len(p):
+            raise HeadlensError(
+                f"metric positions {self.positions.tolist()} name a position twice (of {n_pos}): the metric would "
+                "weigh it twice; list each position once"
+            )
+        object.__setattr__(self, "positions", p)
 
     def __repr__(self) -> str:  # the shape of the tokens, not the tokens (a REPL would print thousands of ids)
         where = "all positions" if self.positions is None else f"{len(self.positions)} positions"

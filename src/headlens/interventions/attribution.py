@@ -61,6 +61,7 @@ from headlens.interventions.patching import (
     PromptPair,
     activation_patching,
     check_head_activation,
+    check_pair_tokens,
     check_recoverable,
     kv_mode,
     pair_run,
@@ -108,6 +109,7 @@ def attribution_patching(
     if not activations:
         raise HeadlensError("give at least one activation to attribute")
     alphas = _path_points(method, steps, alphas, grad_drop)
+    check_pair_tokens(model, pair)
     metric = metric or pair.metric
     star = method == "atp*"
     with kv_mode(model, ungroup_kv):

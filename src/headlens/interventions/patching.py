@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
-from headlens.data.probes import word_token_ids
+from headlens.data.probes import check_token_ids, word_token_ids
 from headlens.engine.executor import Executor, map_layers
 from headlens.engine.intervene import (
     LOGITS_BUDGET,  # noqa: F401 (public: the engine's logits budget)
@@ -94,35 +94,50 @@ def logit_diff(
 
 @dataclass(frozen=True)
 class PromptPair:
-    """Clean and corrupted tokens of equal shape, and a metric of the logits at ``positions``.
+    """Clean and corrupted ``[batch, pos]`` tokens of equal shape, and a metric of the logits at ``positions``
+    (distinct; a negative one is stored as the position it names, as in :class:`headlens.engine.intervene.Metric`).
 
     ``metric(logits)`` receives ``logits[:, positions]`` (shape ``batch n_pos d_vocab``) and returns a
     scalar that is high on the clean run; only those positions are unembedded. A plain function is wrapped in
     the shared :class:`headlens.engine.intervene.Metric` (``higher_is_better=True``, reading ``positions``).
     """
 
-    clean: Int[Tensor, "batch pos"]
-    corrupted: Int[Tensor, "_ _"]  # the same shape as clean: __post_init__ says what to do when it is not
+    clean: Int[Tensor, "..."]  # [batch, pos], corrupted the same shape: __post_init__ says what to do when not
+    corrupted: Int[Tensor, "..."]
     positions: Int[Tensor, " n_pos"]
     metric: Metric | MetricFn
     name: str = "pair"
     info: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for what, tokens in (("clean", self.clean), ("corrupted", self.corrupted)):
+            if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+                shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+                raise HeadlensError(
+                    f"{what} tokens must be a [batch, pos] tensor (got {shape}): one prompt is model.to_tokens(text), "
+                    "or tokens[None]"
+                )
         if self.clean.shape != self.corrupted.shape:
             raise HeadlensError(
                 f"clean and corrupted prompts must have the same token length: clean has {self.clean.shape[-1]} tokens "
                 f"(batch {self.clean.shape[0]}), corrupted has {self.corrupted.shape[-1]} (batch {self.corrupted.shape[0]}); "
                 "edit the corrupted prompt so both tokenize to the same number of tokens"
             )
-        n_pos = self.clean.shape[-1]
-        if len(self.positions) == 0 or int(self.positions.max()) >= n_pos or int(self.positions.min()) < -n_pos:
-            raise HeadlensError(f"metric positions {self.positions.tolist()} are outside the {n_pos} prompt positions")
-        object.__setattr__(self, "metric", pair_metric(self.metric, self.clean, self.positions, self.name))
+        if self.positions is None:
+            raise HeadlensError("a prompt pair needs its metric positions, e.g. torch.tensor([n_pos - 1]) for the last")
+        metric = pair_metric(self.metric, self.clean, self.positions, self.name)  # Metric checks the positions
+        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "positions", metric.positions)  # -1 stored as the last position
 
     def metric_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """The metric on full-length logits (what TransformerLens' patching functions pass)."""
         return self.metric.full(logits)
+
+
+def check_pair_tokens(model: HookedTransformer, pair: PromptPair) -> None:
+    """Refuse a pair whose clean or corrupted tokens are not ids of ``model``'s vocabulary, before any forward."""
+    check_token_ids(model, pair.clean, "clean tokens")
+    check_token_ids(model, pair.corrupted, "corrupted tokens")
 
 
 def pair_metric(metric: Metric | MetricFn, tokens: Tensor, positions: Tensor, name: str = "pair") -> Metric:

@@ -16,6 +16,8 @@ between that grid point and the next is bisected (in the greedy order) to the ex
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,7 +102,8 @@ def prune_curve(
     seed: int = 0,
     progress: bool = True,
 ) -> PruneResult:
-    """Remove heads greedily, least important first, in ``steps`` equal grid steps from 0 to all heads.
+    """Remove heads greedily, least important first, in ``steps`` equal grid steps from 0 to all heads (at most one
+    step per head: ``steps`` above the model's head count gives one head per step).
 
     Returns a :class:`PruneResult`: ``curve`` (n_removed, fraction_removed, metric, change, worsening,
     within_tolerance, refined, removed), ``order`` (rank, layer, head, kv_head, score, step) and
@@ -110,8 +113,8 @@ def prune_curve(
     metric = _as_metric(model, metric, tokens)
     if order not in ("gradient", "ablation"):
         raise HeadlensError(f"unknown pruning order {order!r}: use 'gradient' or 'ablation'")
-    if not tolerance >= 0:
-        raise HeadlensError(f"tolerance must be >= 0, e.g. 0.01 for a 1% worsening (got {tolerance})")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < math.inf:
+        raise HeadlensError(f"tolerance must be a finite number >= 0, e.g. 0.01 for a 1% worsening (got {tolerance!r})")
     steps = check_count("steps", steps)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     N = L * H
