@@ -122,21 +122,25 @@ def check_heads(model: HookedTransformer, heads: Iterable) -> list[Head]:
     return sorted(set(pairs))
 
 
+def _whole(value) -> bool:
+    """Whether ``value`` is an integer (int, numpy or 0-d torch integer), not a float, string or bool."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
+
+
 def check_layers(model: HookedTransformer, layers: Iterable[int] | None) -> list[int]:
     """Sorted distinct layers (all when None); a clear error when empty, out of range or not whole numbers (``int()``
     would silently read layer 0.5 as 0)."""
     n_layers = model.cfg.n_layers
-    if layers is not None and (isinstance(layers, str) or not isinstance(layers, Iterable)):
-        raise HeadlensError(f"layers must be a list of layer numbers, e.g. [0, 3] (got {layers!r})")
     if layers is not None:
+        if isinstance(layers, str) or not isinstance(layers, Iterable):
+            raise HeadlensError(f"layers must be a list of layer numbers, e.g. [0, 3] (got {layers!r})")
         layers = list(layers)
-        for l in layers:
-            try:
-                operator.index(l)  # ints, numpy and 0-d torch integers; not floats, strings or bools
-            except TypeError:
-                l = None
-            if l is None or isinstance(l, bool):
-                raise HeadlensError(f"layers must be whole numbers, e.g. [0, 3] (got {layers!r})") from None
+        if not all(map(_whole, layers)):
+            raise HeadlensError(f"layers must be whole numbers, e.g. [0, 3] (got {layers!r})")
     layers = list(range(n_layers)) if layers is None else sorted({operator.index(l) for l in layers})
     if not layers:
         raise HeadlensError("no layers given: pass layers=None for all, or a non-empty list")
