@@ -60,10 +60,10 @@ from headlens.census.run import (
     _effective,
     _label,
     _means,
-    _thresholds,
     build_table,
     collect,
     label_names,
+    label_thresholds,
 )
 from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects
 from headlens.data.corpus import provenance
@@ -401,7 +401,7 @@ def step_keypath(model, table: pd.DataFrame) -> bool:
 def write_results(model) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     types = head_types()
-    limits = _thresholds(types, None)
+    limits = label_thresholds(types, None)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     frozen = FROZEN
     dev_seeds = tuple(s for s in DEV_SEEDS if scored("dev", [s]))
@@ -467,7 +467,7 @@ def write_results(model) -> None:
     }
     for name, values in grid.items():
         for value in values:
-            alt = _thresholds(types, {name: value})
+            alt = label_thresholds(types, {name: value})
             tables = [
                 build_table(model, subset(p, frozen), types, alt, seed=s, n_boot=0)[0]
                 for (p, _, _), s in zip(dev, dev_seeds)
@@ -593,7 +593,7 @@ def main(argv=None, model=None) -> None:
     if model is None:
         torch.set_num_threads(2)
         model = load_model()
-    limits = _thresholds(head_types(), None)
+    limits = label_thresholds(head_types(), None)
     frozen = FROZEN
     todo = [args.step] if args.step else list(STEPS)
     for step in todo:

@@ -215,13 +215,13 @@ def test_point_rule_is_the_census_label_rule():
     from test_census import planted_model
 
     from headlens.census.registry import head_types
-    from headlens.census.run import _thresholds, build_table, collect
+    from headlens.census.run import build_table, collect, label_thresholds
     from headlens.data.probes import default_probes
 
     script = load_script()
     model = planted_model()
     types = head_types()
-    limits = _thresholds(types, None)
+    limits = label_thresholds(types, None)
     per = collect(model, default_probes(model, seed=0, n_seqs=3, n=16, seq_len=40), types, progress=False)
     table = build_table(model, per, types, limits, seed=0, n_boot=0)[0]
     rules = script.rule_labels(per, types, limits, seed=0, L=model.cfg.n_layers, H=model.cfg.n_heads, n_boot=20)
