@@ -1,10 +1,16 @@
 """The one exception type headlens raises for bad input; the CLI prints its message without a traceback."""
 
+import inspect
 import numbers
 
 
 class HeadlensError(Exception):
     """A user-facing error whose message says what went wrong and what to do."""
+
+
+def is_count(value, minimum: int = 1) -> bool:
+    """Whether ``value`` is a whole number >= ``minimum`` (numpy integers too, never a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
 def check_count(name: str, value, *, minimum: int = 1, why: str = "") -> int:
@@ -13,6 +19,13 @@ def check_count(name: str, value, *, minimum: int = 1, why: str = "") -> int:
     Sizes, seeds and step counts reach ``range``, ``int()`` or an index, where 1.5 would silently become 1 or fail
     deep inside a run; anything else gets one error naming ``name`` (and ``why``, what the number counts).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_count(value, minimum):
         raise HeadlensError(f"{name} must be an integer >= {minimum} (got {value!r})" + (f": {why}" if why else ""))
     return int(value)
+
+
+def non_defaults(fn, **values) -> list[str]:
+    """The names among ``values`` that differ from ``fn``'s defaults for them: arguments a caller set, to refuse beside
+    another argument that makes them moot (the defaults are read from the signature, so they cannot drift)."""
+    params = inspect.signature(fn).parameters
+    return [name for name, value in values.items() if value != params[name].default]

@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from headlens.data.probes import corpus_text
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, is_count
 from headlens.heads import kv_heads
 from headlens.io import (
     file_sha256,
@@ -1023,9 +1022,7 @@ def _tiny_hf(
     if family not in SUPPORTED:
         raise HeadlensError(f"unsupported architecture {family!r}: tiny models exist for {', '.join(SUPPORTED)}")
     sizes = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "d_model": d_model}
-    bad = [
-        f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
-    ]
+    bad = [f"{k}={v!r}" for k, v in sizes.items() if not is_count(v)]
     if bad:
         raise HeadlensError(
             f"tiny model shape: n_layers, n_heads, n_kv_heads and d_model must be integers >= 1 (got {', '.join(bad)})"

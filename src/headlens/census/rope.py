@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.data.probes import check_token_ids, natural_text
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, non_defaults
 from headlens.heads import check_layers, kv_heads
 
 PROBES = ("natural", "random", "constant")
@@ -189,7 +189,7 @@ def distance_profile(
     probe = tokens if isinstance(tokens, str) else "tokens"
     if isinstance(tokens, str):
         tokens = probe_tokens(model, tokens, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
-    elif (n_seqs, seq_len, seed) != (8, 128, 0):
+    elif non_defaults(distance_profile, n_seqs=n_seqs, seq_len=seq_len, seed=seed):
         raise HeadlensError("distance_profile takes a probe name with n_seqs/seq_len/seed, or tokens, not both")
     check_token_ids(model, tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:

@@ -186,7 +186,7 @@ def heads_with_label(census: CensusResult | pd.DataFrame, label: str) -> list[He
         )
     check_census_table(table)
     names = label_names()
-    given = set(table["label"].dropna().astype(str)) | set(() if result is None else result.thresholds)
+    given = set(table["label"]) | set(() if result is None else result.thresholds)  # labels: text (checked above)
     known = [*names, *sorted(given - set(names))]
     if label not in known:
         close = difflib.get_close_matches(str(label), known, n=1)

@@ -362,13 +362,14 @@ def causal_validation(
     reference) sequences per task.
     """
     check_census_table(table, model)
-    present = set(table["label"])
-    labels = [lb for lb in LABEL_TASKS if lb in present] if labels is None else labels
-    labels = [labels] if isinstance(labels, str) else list(labels)
-    unknown = [lb for lb in labels if lb not in LABEL_TASKS]
-    if unknown:
-        raise HeadlensError(f"no behaviour is defined for labels {unknown}; known: {', '.join(LABEL_TASKS)}")
-    labels = chosen_labels(table, labels) if labels else labels
+    if labels is None:
+        labels = [lb for lb in LABEL_TASKS if lb in set(table["label"])]
+    else:
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        unknown = [lb for lb in labels if lb not in LABEL_TASKS]
+        if unknown:
+            raise HeadlensError(f"no behaviour is defined for labels {unknown}; known: {', '.join(LABEL_TASKS)}")
+        labels = chosen_labels(table, labels) if labels else labels
     n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
     tasks = dict.fromkeys(LABEL_TASKS[lb].task for lb in labels if LABEL_TASKS[lb].task)
     data = {task: task_data(model, task, n_seqs=n_seqs, seed=seed) for task in tasks}  # all data before any ablation

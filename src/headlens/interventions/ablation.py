@@ -78,7 +78,7 @@ from headlens.engine.intervene import (
     run_interventions,
     value,
 )
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, non_defaults
 from headlens.heads import (
     Head,  # noqa: F401 (re-exported: headlens.interventions.ablation.Head)
     HeadLike,
@@ -156,7 +156,7 @@ def repeat_loss_metric(
     half_len = check_count("half_len", half_len, minimum=2)
     if probe is None:
         probe = repeated_tokens(model, n=half_len, n_seqs=n_seqs, seed=seed)
-    elif (n_seqs, half_len, seed) != (4, 32, 0):
+    elif non_defaults(repeat_loss_metric, n_seqs=n_seqs, half_len=half_len, seed=seed):
         raise HeadlensError("repeat_loss_metric takes probe= or n_seqs/half_len/seed, not both: the probe has its own")
     if getattr(probe, "kind", None) != "repeated":
         raise HeadlensError("repeat_loss_metric needs a repeated-token probe (headlens.data.probes.repeated_tokens)")
