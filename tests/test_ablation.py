@@ -486,3 +486,28 @@ def test_metric_positions_given_twice_fractional_layers_and_an_infinite_toleranc
     for tolerance in (float("inf"), float("nan"), "0.01", True):
         with pytest.raises(HeadlensError, match="tolerance must be a finite number >= 0"):
             prune_curve(tiny, metric, tolerance=tolerance, progress=False)
+
+
+def test_zero_ablation_refuses_a_reference_at_every_entry_and_the_causal_checks_still_run_it(tiny, loss):
+    t = loss.tokens
+    calls = {
+        "ablation_hooks": lambda: ablation_hooks(tiny, [(0, 1)], reference=t),
+        "run_ablated": lambda: run_ablated(tiny, t, [(0, 1)], reference=t),
+        "ablated_metric": lambda: ablated_metric(tiny, loss, [(0, 1)], reference=t),
+        "compare_to_random": lambda: compare_to_random(tiny, loss, [(0, 1)], n_random=2, reference=t, progress=False),
+        "ablation_sweep": lambda: ablation_sweep(tiny, loss, reference=t, progress=False),
+        "head_importance": lambda: head_importance(tiny, loss, reference=t),
+        "prune_curve": lambda: prune_curve(tiny, loss, steps=2, reference=t, progress=False),
+    }
+    for name, call in calls.items():  # each used to ignore the reference and answer for zero ablation
+        with pytest.raises(HeadlensError, match="zero ablation reads no reference"):
+            call()
+    from test_census import planted_model
+
+    from headlens.census.run import run_census
+    from headlens.census.validate import causal_validation
+
+    model = planted_model()  # the checks hold a reference per task and must not pass it to zero ablation
+    table = run_census(model, default_probes(model, seed=0, n_seqs=4, n=16, seq_len=40), progress=False, n_boot=0).table
+    zero = causal_validation(model, table, labels=["induction"], method="zero", n_random=3, n_seqs=2, progress=False)
+    assert zero["verdict"].tolist()[0] in ("supported", "no evidence") and zero["clean"].notna().all()

@@ -170,7 +170,8 @@ def _shared_replacements(model, data: dict, plans: dict, method: str, seed: int)
     out = {}
     for tasks in groups.values():
         layers = {layer for t in tasks for _, _, heads in plans[t] for layer, _ in heads}
-        shared = Replacement(model, method, data[tasks[0]].reference, layers, seed=seed)
+        reference = None if method == "zero" else data[tasks[0]].reference  # zero ablation reads none
+        shared = Replacement(model, method, reference, layers, seed=seed)
         out |= dict.fromkeys(tasks, shared)
     return out
 

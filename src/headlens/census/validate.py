@@ -384,7 +384,7 @@ def causal_validation(
         heads, drawn = label_plan(model, table, label, n_random, seed)
         task = data[spec.task]
         clean, values = ablated_metrics(  # one set per forward: each restarts at its first layer from the clean run
-            model, task.metric, [heads, *drawn], method=method, reference=task.reference, seed=seed,
+            model, task.metric, [heads, *drawn], method=method, reference=None if method == "zero" else task.reference, seed=seed,
             batch_size=task.metric.tokens.shape[0], progress=progress,
         )  # fmt: skip
         target, rand = values[0] - clean, np.asarray(values[1:]) - clean
@@ -435,7 +435,8 @@ def key_path_effects(
             k[:, :, idx] = kept[hook.layer()][:, :, idx]
             return k
 
-        hooks = ablation_hooks(model, heads, method=method, reference=data.reference, seed=seed)
+        reference = None if method == "zero" else data.reference  # zero ablation reads none
+        hooks = ablation_hooks(model, heads, method=method, reference=reference, seed=seed)
         names = [get_act_name("k", layer) for layer in sorted(groups)]
         with torch.inference_mode():
             model.run_with_hooks(tokens, fwd_hooks=hooks + [(n, keep) for n in names], stop_at_layer=max(groups) + 1)

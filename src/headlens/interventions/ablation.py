@@ -252,8 +252,16 @@ class Replacement:
     """What an ablated head's z becomes, for a given method and reference (computed once, reused by every hook)."""
 
     def __init__(
-        self, model: HookedTransformer, method: str, reference: Tensor | None, layers: Iterable[int], *, seed: int = 0
+        self,
+        model: HookedTransformer,
+        method: str,
+        reference: Tensor | None,
+        layers: Iterable[int],
+        *,
+        seed: int = 0,
+        tokens: Tensor | None = None,
     ):
+        """``reference`` defaults to ``tokens`` (the metric's); zero ablation reads none and refuses one."""
         if method not in METHODS:
             raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
         layers = sorted(set(layers))
@@ -261,7 +269,12 @@ class Replacement:
         self.n_heads, self.d_head = model.cfg.n_heads, model.cfg.d_head
         self.dtype, self.device = model.cfg.dtype, model.cfg.device
         if method == "zero":
+            if reference is not None:
+                raise HeadlensError(
+                    "zero ablation reads no reference: drop reference=, or use method='mean' or 'resample'"
+                )
             return
+        reference = tokens if reference is None else reference
         if reference is None:
             raise HeadlensError(f"{method} ablation needs reference tokens: pass reference=<tokens [batch, pos]>")
         reference = check_token_ids(model, _check_tokens(reference, "reference"), "reference")
@@ -344,7 +357,9 @@ def run_ablated(
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``): the plain TL reference."""
     tokens = _check_tokens(tokens, "tokens")
-    hooks = ablation_hooks(model, heads, method=method, reference=tokens if reference is None else reference, seed=seed)
+    sites = _sites(check_heads(model, heads))
+    replacement = Replacement(model, method, reference, [s.layer for s in sites], seed=seed, tokens=tokens)
+    hooks = ablation_hooks(model, heads, method=method, seed=seed, _replacement=replacement)
     with torch.inference_mode():
         return model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks)
 
@@ -367,7 +382,7 @@ def ablated_metrics(
     sets = [_sites(check_heads(model, hs)) for hs in head_sets]
     layers = sorted({s.layer for sites in sets for s in sites})
     if replacement is None:
-        replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
+        replacement = Replacement(model, method, reference, layers, seed=seed, tokens=metric.tokens)
     elif replacement.method != method or not set(layers) <= replacement.layers:
         raise HeadlensError(f"the replacement given is for {replacement.method} ablation of other layers")
     toks = metric.tokens.to(model.cfg.device)
@@ -393,9 +408,7 @@ def ablated_metric(
     """The metric with ``heads`` ablated together (reference defaults to the metric's tokens)."""
     metric = _as_metric(model, metric, tokens)
     sites = _sites(check_heads(model, heads))
-    replacement = Replacement(
-        model, method, metric.tokens if reference is None else reference, [s.layer for s in sites], seed=seed
-    )
+    replacement = Replacement(model, method, reference, [s.layer for s in sites], seed=seed, tokens=metric.tokens)
     toks = metric.tokens.to(model.cfg.device)
     with torch.inference_mode():
         resid = {get_act_name("resid_pre", 0): embed(model, toks)}
@@ -593,7 +606,7 @@ def ablation_sweep(
     layers = check_layers(model, layers)
     units = _units(model, unit, layers)
     toks = metric.tokens.to(model.cfg.device)
-    replacement = Replacement(model, method, metric.tokens if reference is None else reference, layers, seed=seed)
+    replacement = Replacement(model, method, reference, layers, seed=seed, tokens=metric.tokens)
     with torch.inference_mode():
         if strategy == "naive":
             clean = value(metric.full(model(toks)))
@@ -660,7 +673,7 @@ def head_importance(
     B, L, H = toks.shape[0], model.cfg.n_layers, model.cfg.n_heads
     ablated = list(ablated)
     ablated = check_heads(model, ablated) if ablated else []
-    replacement = Replacement(model, method, metric.tokens if reference is None else reference, range(L), seed=seed)
+    replacement = Replacement(model, method, reference, range(L), seed=seed, tokens=metric.tokens)
     keep = torch.ones(L, H, dtype=model.cfg.dtype, device=model.cfg.device)
     for layer, head in ablated:
         keep[layer, head] = 0.0
