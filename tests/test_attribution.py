@@ -5,6 +5,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from docs_numbers import table_row
 
 from headlens import HeadlensError, attribution_patching
 from headlens.analysis.toy import load_induction_model
@@ -177,15 +178,13 @@ def test_committed_attribution_benchmarks_meet_the_bar_and_match_the_docs():
             layer, head = (int(x) for x in row["head"][1:].split("H"))
             assert row["exact"] == pytest.approx(exact[(layer, head)], abs=1e-4)
     heldout = json.loads((results / "atp_heldout.json").read_text())["pairs"]
-    docs = (root / "docs" / "attribution.md").read_text()
     rows = {
         "induction_seed1_4x61": "induction, seed 1, 4×61",
         "induction_seed2_4x41": "induction, seed 2, 4×41",
         "ioi_4": "IOI, 4 prompts, 4×14",
     }
     for slug, label in rows.items():
-        line = next(line for line in docs.splitlines() if line.startswith(f"| {label} |"))
-        shown = [float(x) for x in re.findall(r"\d\.\d\d", line)]
+        shown = [float(x) for x in re.findall(r"\d\.\d\d", " | ".join(table_row("attribution", f"{label} |")))]
         assert shown == [round(heldout[slug]["methods"][m]["recall_top10_in_20"], 2) for m in heldout[slug]["methods"]]
 
 
@@ -202,12 +201,11 @@ def test_ig_default_comes_from_development_pairs_and_its_test_set_matches_the_do
     test = json.loads((root / "benchmarks" / "results" / "atp_test.json").read_text())
     assert len(dev["pairs"]) == 4 and tuple(dev["chosen"]["alphas"]) == IG_ALPHAS == tuple(test["ig_alphas"])
     assert len(test["pairs"]) >= 10 and not set(test["pairs"]) & set(dev["pairs"])
-    docs = (root / "docs" / "attribution.md").read_text().split("## The test set")[1]
     means = {}
     for name, label in (("atp", "AtP"), ("atp*", "AtP*"), ("ig", "IG, α = 0, ¼, ½, ¾")):
         recalls = [p["methods"][name]["recall_top10_in_20"] for p in test["pairs"].values()]
         means[name] = np.mean(recalls)
         assert test["summary"][name]["mean_recall"] == pytest.approx(means[name])
-        row = next(line for line in docs.splitlines() if line.replace("**", "").startswith(f"| {label} |"))
-        assert f"{means[name]:.3f} ({min(recalls):.2f})" in row.replace("**", "")
+        row = " | ".join(table_row("attribution", f"{label} |", after="## The test set"))
+        assert f"{means[name]:.3f} ({min(recalls):.2f})" in row
     assert test["recommended"] == max(means, key=means.get) == "ig"

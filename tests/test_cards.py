@@ -476,3 +476,38 @@ def test_evidence_labels_must_label_some_head_and_causal_validation_checks_the_t
     with pytest.raises(HeadlensError, match="column 'layer' holds -1"):
         causal_validation(tiny_qwen, moved, labels=["induction"], n_random=3, n_seqs=2, progress=False)
     assert causal_validation(tiny_qwen, t, labels="positional", progress=False)["verdict"].tolist() == ["descriptive"]
+
+
+def test_head_cards_page_quotes_the_committed_summary():
+    """docs/head_cards.md's worked example, sink-corrected counts, task roles and timings are summary.json's; the
+    slow test above ties that file to today's census of Qwen."""
+    from pathlib import Path
+
+    from docs_numbers import doc_text
+
+    summary = json.loads((Path(__file__).parents[1] / "analyses/results/head_cards/summary.json").read_text())
+    text = doc_text("head_cards")
+    ex = summary["example"]
+    runner_up = next(s for s in ex["scores"] if s["score"] == "first_token")
+    assert (
+        f"{ex['head']} is the highest-confidence head" in text
+        and f"its raw {ex['label']} score is {ex['raw']:.3f}, its sink-corrected score {ex['score']:.3f} "
+        f"[{ex['lo']:.3f}, {ex['hi']:.3f}] against the threshold {ex['threshold']}"
+        in text
+        and f"runner-up `first_token` ({runner_up['raw']:.3f})" in text
+    )
+    assert (
+        f"{summary['labelled_by_nosink']} of the {summary['n_heads']} heads are labelled by a sink-corrected score, "
+        f"{summary['labelled_by_nosink_more_than_0.1_from_raw']} of them" in text
+    )
+    first, second = summary["top_roles"][:2]
+    assert (
+        f"{first['head']} ({100 * first['patching']:.0f} % of the clean−corrupted gap, census label `{first['label']}`)"
+        in text
+    )
+    assert f"{second['head']} ({100 * second['patching']:.0f} %, `{second['label']}`)" in text
+    t = summary["timings_s_quiet_2_cores"]
+    assert (
+        f"census {t['census_s']:.0f} s, causal evidence {t['evidence_s']:.0f} s, cards for all {summary['n_heads']} "
+        f"heads {t['cards_s']:.0f} s, task roles on the pair {t['roles_s']:.0f} s, load {t['load_s']:.0f} s" in text
+    )

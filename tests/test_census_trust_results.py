@@ -2,6 +2,7 @@
 docs state from them: stability measured on fresh seeds 3-5 with the frozen settings, held-out causal verdicts."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,39 @@ def test_confident_kept_reads_each_ordered_pair_of_seeds_from_the_first_seeds_co
     # a -> b: heads 0 and 1 are confident at a, head 0 keeps its label; b -> a: heads 1 and 2, head 2 keeps it
     assert got["n_confident_pairs"] == 4 and got["confident_kept_pairwise"] == 0.5
     assert got["n_confident_specific_pairs"] == 1 and got["confident_specific_kept_pairwise"] == 1.0
+
+
+def test_findings_page_quotes_the_committed_census_stability_and_causal_files():
+    """docs/findings.md's census table (count [95 % interval], the top heads' deciding scores), its stability headline
+    (fresh seeds 3-5 and 6-8), the share of `other` and the causal ratios are what the committed files hold; the
+    files themselves are tied to the code by the tiny regeneration above and the slow seed-0 census test."""
+    from docs_numbers import doc_text, numbers, table_row
+
+    counts = pd.read_csv(RESULTS / "counts.csv").set_index("label")
+    seed0 = pd.read_csv(RESULTS / "census_seed0.csv")
+    seed0.index = [f"L{r.layer}H{r.head}" for r in seed0.itertuples()]
+    for label, row in counts.iterrows():
+        cells = table_row("findings", f"{label} |", after="| label | heads [95 % interval]")
+        assert numbers(cells[1]) == [row.n_heads, row.lo, row.hi], label
+        for head, shown in re.findall(r"(L\d+H\d+) \((\d\.\d\d)", cells[2]):
+            assert seed0.loc[head, "label"] == label and abs(float(shown) - seed0.loc[head, "label_score"]) <= 0.005
+    text = doc_text("findings")
+    stability = json.loads((RESULTS / "stability.json").read_text())
+    fresh, unseen = stability["fresh"], stability["unseen"]
+    assert f"{fresh['n_same']} of {fresh['n_heads']} heads keep their label ({100 * fresh['same_label']:.1f} %" in text
+    assert (
+        f"{fresh['n_specific_same']} of the {fresh['n_specific_any_seed']} heads with a specific label" in text
+        and f"({100 * fresh['specific_same_label']:.1f} %" in text
+    )
+    assert (
+        f"{unseen['n_same']} of {unseen['n_heads']} ({100 * unseen['same_label']:.1f} %) and "
+        f"{unseen['n_specific_same']} of {unseen['n_specific_any_seed']} specific "
+        f"({100 * unseen['specific_same_label']:.1f} %)" in text
+    )
+    assert f"{100 * fresh['confident_kept_pairwise']:.1f} % of {fresh['n_confident_pairs']:,} cases" in text
+    other = int(counts.loc["other", "n_heads"])
+    assert f"`other` is {other} of {len(seed0)} heads ({100 * other / len(seed0):.1f} %)" in text
+    causal = json.loads((RESULTS / "summary.json").read_text())["causal"]
+    for label, digits in (("previous_token", 1), ("induction", 0), ("successor", 0)):
+        c = causal[label]
+        assert f"ratio {c['ratio']:.{digits}f} [{c['lo']:.{digits}f}–{c['hi']:.{digits}f}]" in text, label

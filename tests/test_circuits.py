@@ -704,3 +704,24 @@ def test_circuits_script_regenerates_the_committed_toy_results(tmp_path):
     script.toy_study(0, tmp_path)
     committed = json.loads((path.parent / "results" / "circuits" / "toy.json").read_text())
     _close(json.loads((tmp_path / "toy.json").read_text()), committed)
+
+
+def test_circuit_headlines_in_the_docs_are_the_committed_qwen_results():
+    """The Qwen circuit numbers docs/findings.md and docs/circuits.md both quote (edge count, the smallest IOI edge
+    circuit, the induction circuit's EAP-IG CPR/CMD with mean ablation) are analyses/results/circuits'; the slow
+    tests/test_circuits_qwen.py regenerates part of those files."""
+    import json
+    from pathlib import Path
+
+    from docs_numbers import doc_text
+
+    results = Path(__file__).parents[1] / "analyses" / "results" / "circuits"
+    induction = json.loads((results / "induction.json").read_text())
+    small = json.loads((results / "ioi.json").read_text())["smallest_edge_circuit"]
+    eap_ig = induction["circuits"]["mean"]["faithfulness"]["eap-ig"]
+    for page in ("findings", "circuits"):
+        text = doc_text(page)
+        assert f"{induction['n_edges']:,} edges" in text, page
+        assert f"{small['n_edges']} edges ({small['percent_of_edges']:.2f} %)" in text, page
+        assert f"{small['faithfulness']:.3f}" in text.split(f"{small['n_edges']} edges")[1][:40], page
+        assert f"CPR {eap_ig['cpr']:.3f}, CMD {eap_ig['cmd']:.3f}" in text, page

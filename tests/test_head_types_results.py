@@ -41,3 +41,34 @@ def test_summary_counts_match_the_scores():
     for name in ("successor", "bracket_matching", "identifier", "retrieval"):
         threshold = summary["thresholds"][name]
         assert summary["counts"][name] == int((scores[name] >= threshold).sum()), name
+
+
+def test_findings_head_type_table_is_the_committed_study():
+    """docs/findings.md's "More head types" table: each count of heads at or above the threshold and each top head's
+    score are analyses/results/head_types' (summary.json counts, scores.csv)."""
+    import re
+
+    from docs_numbers import numbers, table_row
+
+    scores = pd.read_csv(RESULTS / "scores.csv")
+    scores.index = [f"L{r.layer}H{r.head}" for r in scores.itertuples()]
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    rows = {
+        "copy_suppression": "copy suppression (",
+        "successor": "successor (",
+        "positional": "positional (",
+        "bracket_matching": "bracket matching (",
+        "identifier": "identifier (",
+        "retrieval": "retrieval (",
+    }
+    for name, start in rows.items():
+        cells = table_row("findings", start, after="| type | heads ≥ threshold |")
+        assert numbers(cells[1])[0] == summary["counts"][name], name
+        column = "negative_copying" if name == "copy_suppression" else name
+        for head, shown in re.findall(r"(L\d+H\d+) \(?(\d\.\d\d)", cells[2]):
+            assert abs(float(shown) - scores.loc[head, column]) <= 0.005, (name, head)
+    copy = table_row("findings", rows["copy_suppression"], after="| type | heads ≥ threshold |")[2]
+    negative = int((scores["negative_copying"] >= summary["thresholds"]["negative_copying"]).sum())
+    most = scores["attention_to_predicted"].idxmax()
+    assert copy.startswith(f"{negative} heads copy negatively")
+    assert f"(the most: {most}, {scores.loc[most, 'attention_to_predicted']:.2f})" in copy
