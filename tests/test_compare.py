@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
+import headlens
 from headlens import HeadlensError, compare_models
 from headlens.analysis.compare import (
     N_SEQS,
@@ -339,3 +340,12 @@ def test_top_changed_refuses_a_count_that_is_not_one():
     df = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "jsd": [0.3, 0.2, 0.1]})
     with pytest.raises(HeadlensError, match="n must be an integer >= 1"):
         top_changed(df, n=-1)
+
+
+def test_models_of_different_dtypes_are_refused():
+    """The same weights in bfloat16 read as a 0.2 % change of every head and a non-zero divergence from layer 0."""
+    base = headlens.load_model("tiny-qwen2")
+    tuned = headlens.load_model("tiny-qwen2", dtype="bfloat16")
+    for compare in (attention_divergence, weight_changes, compare_models):
+        with pytest.raises(HeadlensError, match="base model is float32 and the tuned model bfloat16"):
+            compare(base, tuned)

@@ -152,3 +152,70 @@ def test_clear_errors_when_ray_is_missing_or_unreachable(monkeypatch):
         X._check_reachable("127.0.0.1:1", timeout=1)
     with pytest.raises(headlens.HeadlensError, match="bad Ray address"):
         X._check_reachable("nowhere")
+
+
+class _NoShards(X.LocalExecutor):
+    """Fails the test if any shard is handed out: bad input must be refused before the executor runs."""
+
+    def map(self, *args, **kwargs):
+        raise AssertionError("a shard ran before the arguments were checked")
+
+
+def test_executor_paths_check_arguments_before_any_shard(tiny):
+    """The executor paths refuse what the in-process paths refuse, before a shard (on Ray: before workers load)."""
+    from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
+    from headlens.interventions.patching import activation_patching, induction_pair
+
+    metric = repeat_loss_metric(tiny, n_seqs=2, half_len=4)
+    pair = induction_pair(tiny, n_tokens=4, n_seqs=2)
+    bad = pair.clean.clone()
+    bad[0, 1] = -1
+    cases = [
+        (lambda ex: activation_patching(tiny, pair, layers=[0], heads=["L1H0"], executor=ex), "layers or heads"),
+        (lambda ex: activation_patching(tiny, metric, executor=ex), "needs a PromptPair"),
+        (lambda ex: activation_patching(tiny, pair, activation="zz", executor=ex), "unknown activation"),
+        (lambda ex: activation_patching(tiny, pair, runs_per_pass=0, executor=ex), "runs_per_pass"),
+        (lambda ex: activation_patching(tiny, type(pair)(bad, pair.corrupted, pair.positions, pair.metric), executor=ex),
+         "token id -1"),
+        (lambda ex: ablation_sweep(tiny, metric, batch_size=0, executor=ex), "batch_size"),
+        (lambda ex: ablation_sweep(tiny, metric, method="nope", executor=ex), "unknown ablation method"),
+        (lambda ex: ablation_sweep(tiny, metric, method="resample", reference=metric.tokens[:1], executor=ex),
+         "at least 2 sequences"),
+        (lambda ex: ablation_sweep(tiny, metric, seed=-1, executor=ex), "seed"),
+        (lambda ex: ablation_sweep(tiny, metric, strategy="x", executor=ex), "strategy"),
+        (lambda ex: ablation_sweep(tiny, metric, unit="x", executor=ex), "unit"),
+        (lambda ex: ablation_sweep(tiny, metric.fn, executor=ex), "needs tokens"),
+    ]  # fmt: skip
+    for call, words in cases:
+        for ex in (None, _NoShards()):  # the same error in process and on an executor
+            with pytest.raises(headlens.HeadlensError, match=words):
+                call(ex)
+
+
+def _fake_ray(cpus: float, address: str = "127.0.0.1:6379"):
+    context = type("C", (), {"gcs_address": address})()
+    return type(
+        "R",
+        (),
+        {
+            "is_initialized": staticmethod(lambda: True),
+            "cluster_resources": staticmethod(lambda: {"CPU": cpus}),
+            "get_runtime_context": staticmethod(lambda: context),
+        },
+    )
+
+
+def test_ray_workers_fit_a_cluster_this_process_did_not_size(monkeypatch, capsys):
+    """A Ray the user initialised with fewer CPUs than workers would never place the extra actors (the run hung):
+    workers are capped at its CPUs, with a note; an address other than the connected cluster is refused."""
+    monkeypatch.setattr(X.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(X, "_import_ray", lambda: _fake_ray(1.0))
+    assert X.RayExecutor(2).workers == 1
+    assert "capped at 1: the Ray cluster has 1 CPUs" in capsys.readouterr().err
+    with pytest.raises(headlens.HeadlensError, match="fewer than the 2 each worker takes"):
+        X.RayExecutor(2, threads=2)
+    with pytest.raises(headlens.HeadlensError, match="already initialised .* 10.0.0.9:6379 would be ignored"):
+        X.RayExecutor(1, address="10.0.0.9:6379")
+    assert X.RayExecutor(1, address="127.0.0.1:6379").workers == 1
+    monkeypatch.setattr(X, "_import_ray", lambda: _fake_ray(4.0))
+    assert X.RayExecutor(2, address="auto").workers == 2

@@ -472,7 +472,8 @@ def test_workers_capped_at_cores(monkeypatch):
     from headlens.engine import executor
 
     monkeypatch.setattr(executor.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(executor, "_import_ray", lambda: type("R", (), {"is_initialized": staticmethod(lambda: True)}))
+    fake = {"is_initialized": staticmethod(lambda: True), "cluster_resources": staticmethod(lambda: {"CPU": 8.0})}
+    monkeypatch.setattr(executor, "_import_ray", lambda: type("R", (), fake))
     assert executor.RayExecutor(6).workers == 2
 
 

@@ -325,3 +325,29 @@ def test_weights_sit_in_the_layout_transformer_lens_multiplies_and_give_the_same
                     setattr(module, name, torch.nn.Parameter(getattr(module, name).contiguous(), requires_grad=False))
         assert not block.mlp.W_in.T.is_contiguous()
         assert torch.equal(model(tokens), ours)
+
+
+def test_seeded_builders_leave_the_callers_random_generators_alone():
+    """tiny_model, the random-weights null model and the toy model seed their own weights; they used to reseed the
+    caller's global generators too (torch; the null model numpy and random as well), so two user seeds drew the same."""
+    import random
+
+    import numpy as np
+
+    from headlens.analysis.toy import load_induction_model
+    from headlens.census.calibrate import random_weights_model
+    from headlens.io import weights_sha256
+
+    model = tiny_model("qwen2")
+    for build in (lambda: tiny_model("qwen2"), lambda: random_weights_model(model, seed=1), load_induction_model):
+        digests, draws = set(), []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            expected = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+            digests.add(weights_sha256(build()))
+            assert torch.equal(torch.get_rng_state(), expected[0])
+            assert (np.random.get_state()[1] == expected[1]).all() and random.getstate() == expected[2]
+            draws.append(torch.rand(1).item())
+        assert len(digests) == 1 and draws[0] != draws[1]  # same weights whatever the caller's seed

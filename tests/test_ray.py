@@ -130,3 +130,33 @@ def test_atlas_on_ray_equals_single_process(ray_executor):
         pd.testing.assert_frame_equal(getattr(local, name), getattr(remote, name), check_exact=True)
     for model, table in local.census.items():
         pd.testing.assert_frame_equal(table, remote.census[model], check_exact=True)
+
+
+def _refuse(logits, tokens):
+    raise headlens.HeadlensError("refused by the metric\nsecond line of the message")
+
+
+def test_shard_errors_on_two_workers_are_one_error_without_ray_tracebacks(ray_executor, tiny, monkeypatch):
+    """Both workers' shards fail: the caller gets the first as one HeadlensError with its whole message, and Ray reports
+    no 'Unhandled error' traceback for the other (it printed one for every failed shard whose error nobody read)."""
+    import gc
+    import time
+
+    from ray._private import worker
+
+    from headlens.interventions.ablation import custom_metric
+
+    unread = []
+    monkeypatch.setattr(worker, "_unhandled_error_handler", unread.append)
+    metric = custom_metric(_picklable(tiny)[0].tokens, _refuse)
+    with pytest.raises(headlens.HeadlensError) as err:
+        ablation_sweep(tiny, metric, progress=False, executor=ray_executor)
+    message = str(err.value)
+    del err
+    gc.collect()
+    time.sleep(2)  # Ray reports unread errors when their references are dropped
+    assert not unread
+    assert message == "refused by the metric\nsecond line of the message"
+    metric = _picklable(tiny)[0]  # the workers still answer right
+    local = ablation_sweep(tiny, metric, progress=False).table
+    pd.testing.assert_frame_equal(local, ablation_sweep(tiny, metric, progress=False, executor=ray_executor).table)

@@ -13,14 +13,17 @@ import importlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import einops
+import numpy as np
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -1050,9 +1053,24 @@ def _tiny_hf(
         eos_token_id=tokenizer.eos_token_id,
     )
     config.architectures = [Model.__name__]
-    torch.manual_seed(seed)
-    model = Model(config).eval()
+    with private_rng(seed):
+        model = Model(config).eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def private_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block on the global RNGs (torch's CPU generator, numpy's, Python's), seeded with ``seed`` when given, and
+    give the caller's generators back after it: building a seeded model must not reseed the user's random draws."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 # ---------------------------------------------------------------- model recipes
@@ -1093,7 +1111,7 @@ def spec_of(model) -> ModelSpec:
 
 
 def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
-    """Raise HeadlensError unless both models have the same architecture, layers, heads, widths and vocabulary."""
+    """Raise HeadlensError unless both models have the same architecture, layers, heads, widths, vocabulary and dtype."""
     if base.cfg.original_architecture != tuned.cfg.original_architecture:
         raise HeadlensError(
             f"the tuned model is a {tuned.cfg.original_architecture}, the base a {base.cfg.original_architecture}: "
@@ -1108,6 +1126,11 @@ def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
     if diffs:
         raise HeadlensError(
             f"the tuned model does not have the base model's shape ({'; '.join(diffs)}): compare a fine-tune of the same model"
+        )
+    if base.cfg.dtype != tuned.cfg.dtype:  # rounding would read as a change of every weight and every pattern
+        raise HeadlensError(
+            f"the base model is {str(base.cfg.dtype).removeprefix('torch.')} and the tuned model "
+            f"{str(tuned.cfg.dtype).removeprefix('torch.')}: load both with the same dtype"
         )
 
 

@@ -29,7 +29,7 @@ from headlens.data.probes import Probe, ProbeSet
 from headlens.errors import HeadlensError, check_count
 from headlens.heads import head_name
 from headlens.io import atomic_path, write_csv, write_text
-from headlens.models import _recipe
+from headlens.models import _recipe, private_rng
 from headlens.progress import tqdm
 
 CHECKPOINT = "toy_induction.safetensors"
@@ -192,10 +192,10 @@ def train_induction_model(
     batch_size = check_count("batch_size", batch_size)
     record_every = check_count("record_every", record_every)
     eval_batch = check_count("eval_batch", eval_batch)
-    cfg = toy_config(**config)
-    seed, seq_len, d_vocab = cfg.seed, cfg.n_ctx, cfg.d_vocab
-    with torch.random.fork_rng(devices=[]):
+    with private_rng():  # the config's seed reseeds torch, numpy and random; the weights are drawn from it
+        cfg = toy_config(**config)
         model = HookedTransformer(cfg)
+    seed, seq_len, d_vocab = cfg.seed, cfg.n_ctx, cfg.d_vocab
     train_gen = torch.Generator().manual_seed(seed)
     eval_tokens = repeated_tokens(
         seq_len // 2, n_seqs=eval_batch, d_vocab=d_vocab, generator=torch.Generator().manual_seed(seed + 1)
@@ -273,8 +273,8 @@ def load_induction_model(path: str | Path | None = None) -> HookedTransformer:
             f"no toy checkpoint at {weights} (+ {meta_path.name}); train one with "
             "`python analyses/induction_phase_change.py --save-checkpoint` or headlens.analysis.toy.save_induction_model."
         )
-    cfg = toy_config(**json.loads(meta_path.read_text())["config"])
-    with torch.random.fork_rng(devices=[]):
+    with private_rng():
+        cfg = toy_config(**json.loads(meta_path.read_text())["config"])
         model = HookedTransformer(cfg)
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()

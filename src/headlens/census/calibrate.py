@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 from transformer_lens import HookedTransformer
 
 from headlens.census.registry import WEIGHTS, head_types
 from headlens.census.run import _effective, _means, collect
 from headlens.data.probes import ProbeSet, check_probes, default_probes, probe_kinds, repeated_tokens
 from headlens.errors import HeadlensError, check_count
+from headlens.models import private_rng
 
 
 def random_weights_model(model: HookedTransformer, *, seed: int = 0) -> HookedTransformer:
     """The same architecture as ``model`` with freshly initialised weights (TransformerLens' own init, seeded)."""
     seed = check_count("seed", seed, minimum=0)
-    torch.manual_seed(int(seed))
     cfg = model.cfg
-    null = HookedTransformer(
-        cfg.__class__(**{**cfg.to_dict(), "seed": int(seed), "init_weights": True}), move_to_device=False
-    )
+    with private_rng(seed):  # the config's seed reseeds torch, numpy and random: the caller's generators come back
+        null = HookedTransformer(
+            cfg.__class__(**{**cfg.to_dict(), "seed": int(seed), "init_weights": True}), move_to_device=False
+        )
     if model.tokenizer is not None:  # weights scores (successor, positional, ...) pick their tokens with it
         null.set_tokenizer(model.tokenizer, default_padding_side=model.tokenizer.padding_side)
     return null.to(cfg.device).eval()

@@ -18,8 +18,9 @@ function through :class:`LocalExecutor`).
   code, model recipe, the model's exact weights digest, shards and headlens code) loads the shards whose content
   still matches their digest and computes only the rest. A different job (an adapter replaced at the same path
   included) gets a different folder: nothing stale is reused.
-- ``workers`` is capped at what a job can use: the cores of a local Ray (one torch thread each) and the shards of
-  the job; a note says so when it caps.
+- ``workers`` is capped at what a job can use: the cores of a local Ray (one torch thread each), the CPUs of a Ray
+  cluster this process did not size (one initialised beforehand, or ``address=``) and the shards of the job; a note
+  says so when it caps.
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ def executor_from_options(
     return RayExecutor(workers or 2, address=ray_address, threads=threads, checkpoint=checkpoint)
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A shard's HeadlensError, returned by a Ray worker as a value and raised again here with the same message."""
+
+    message: str
+
+
 class _Worker:
     """A Ray actor: one model copy, loaded here from the local cache by its recipe, reused for every shard."""
 
@@ -176,10 +184,16 @@ class _Worker:
             )
 
     def run(self, fn: ShardFn, shard):
-        if self.error is not None:
-            raise HeadlensError(self.error)
+        """``(result, seconds, pid)``; a HeadlensError comes back as a :class:`_Refused` value, not as a Ray error:
+        Ray prints the traceback of every failed task whose error is never read (the other workers' shards, when
+        the caller stops at the first), and splits a message of several lines."""
         start = time.perf_counter()
-        result = fn(self.model, shard)
+        try:
+            if self.error is not None:
+                raise HeadlensError(self.error)
+            result = fn(self.model, shard)
+        except HeadlensError as err:
+            return _Refused(str(err)), time.perf_counter() - start, os.getpid()
         return result, time.perf_counter() - start, os.getpid()
 
     def pid(self) -> int:
@@ -190,7 +204,8 @@ class RayExecutor(Executor):
     """Fan shards out to ``workers`` Ray actors (each holding one model copy); see the module docstring.
 
     ``address``: an existing cluster ('HOST:PORT', 'ray://HOST:PORT' or 'auto'); without it a local Ray
-    with ``workers * threads`` CPUs starts (or the one this process already started is reused).
+    with ``workers * threads`` CPUs starts (or the one this process already started is reused; ``workers`` is capped
+    at the CPUs of a cluster this call did not start).
     ``threads``: torch threads (= Ray CPUs) per worker. ``gpus_per_worker``: defaults to 1 for a model on
     cuda when the cluster has a GPU per worker, else an equal share of its GPUs.
     """
@@ -221,6 +236,8 @@ class RayExecutor(Executor):
         self.gpus_per_worker, self.max_restarts, self.max_task_retries = gpus_per_worker, max_restarts, max_task_retries
         self.ray = _import_ray()
         self._started = False
+        if self.ray.is_initialized() and address and address != "auto":
+            _check_same_cluster(self.ray, address)
         if not self.ray.is_initialized():
             if address and address != "auto":
                 _check_reachable(address)
@@ -236,8 +253,29 @@ class RayExecutor(Executor):
                     f"could not start or reach Ray at {address or 'a new local cluster'}: {_first_line(err)}"
                 ) from None
             self._started = True
+        if (
+            address or not self._started
+        ):  # a cluster sized by someone else: more actors than its CPUs would wait forever
+            self._fit_cluster()
         self._pools: dict[ModelSpec | None, list] = {}
         self._capped_note = False
+
+    def _fit_cluster(self) -> None:
+        """Cap ``workers`` at the actors the cluster's CPUs can hold (``threads`` each): an actor Ray cannot place
+        never starts, and its shard would be waited for forever."""
+        cpus = float(self.ray.cluster_resources().get("CPU", 0))
+        fit = int(cpus // self.threads)
+        if fit < 1:
+            raise HeadlensError(
+                f"the Ray cluster has {cpus:g} CPUs, fewer than the {self.threads} each worker takes: "
+                "pass fewer threads, or start Ray with more CPUs (ray.init(num_cpus=N))"
+            )
+        if self.workers > fit:
+            note(
+                f"--workers {self.workers} capped at {fit}: the Ray cluster has {cpus:g} CPUs "
+                f"({self.threads} torch thread(s) per worker)"
+            )
+            self.workers = fit
 
     def _gpus(self, spec: ModelSpec | None) -> float:
         if spec is None or not spec.device.startswith("cuda"):
@@ -309,14 +347,9 @@ class RayExecutor(Executor):
                     queue.appendleft(i)
                     idle.append(fresh)
                     continue
-                except ray.exceptions.RayTaskError as err:
-                    cause = err.as_instanceof_cause()
-                    if isinstance(cause, HeadlensError):
-                        raise HeadlensError(
-                            str(cause).splitlines()[-1].removeprefix("headlens.errors.HeadlensError: ")
-                        ) from None
-                    raise
                 idle.append(actor)
+                if isinstance(result, _Refused):
+                    raise HeadlensError(result.message)
                 yield i, result, ShardTiming(i, seconds, pid)
 
     def _kill_pools(self) -> None:
@@ -341,6 +374,19 @@ def _import_ray():
             "Ray is not installed: pip install 'headlens[ray]' (or pip install ray), or run without --workers"
         ) from None
     return ray
+
+
+def _check_same_cluster(ray, address: str) -> None:
+    """Refuse ``address`` when this process is already connected to another Ray cluster (Ray would keep that one)."""
+    try:
+        current = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - a client connection has no GCS address to compare: keep it
+        return
+    if current and not address.startswith("ray://") and address != current:
+        raise HeadlensError(
+            f"Ray is already initialised in this process (cluster {current}), so {address} would be ignored: "
+            "drop address= to use that cluster, or call ray.shutdown() first"
+        )
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:

@@ -248,6 +248,27 @@ def _cycle(n: int, seed: int) -> Tensor:
     return sigma
 
 
+def check_reference(
+    model: HookedTransformer, method: str, reference: Tensor | None, *, tokens: Tensor | None = None
+) -> Tensor | None:
+    """The reference tokens ``method`` ablates with (``reference``, else ``tokens``; None for zero ablation), or one
+    clear error: an unknown method, a reference given to zero ablation (which reads none), a missing reference, ids
+    outside the vocabulary, fewer than 2 sequences to resample from."""
+    if method not in METHODS:
+        raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "zero":
+        if reference is not None:
+            raise HeadlensError("zero ablation reads no reference: drop reference=, or use method='mean' or 'resample'")
+        return None
+    reference = tokens if reference is None else reference
+    if reference is None:
+        raise HeadlensError(f"{method} ablation needs reference tokens: pass reference=<tokens [batch, pos]>")
+    reference = check_token_ids(model, _check_tokens(reference, "reference"), "reference")
+    if method == "resample" and reference.shape[0] < 2:
+        raise HeadlensError("resample ablation needs a reference with at least 2 sequences")
+    return reference
+
+
 class Replacement:
     """What an ablated head's z becomes, for a given method and reference (computed once, reused by every hook)."""
 
@@ -262,24 +283,13 @@ class Replacement:
         tokens: Tensor | None = None,
     ):
         """``reference`` defaults to ``tokens`` (the metric's); zero ablation reads none and refuses one."""
-        if method not in METHODS:
-            raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
+        reference = check_reference(model, method, reference, tokens=tokens)
         layers = sorted(set(layers))
         self.method, self.seed, self.layers = method, check_count("seed", seed, minimum=0), set(layers)
         self.n_heads, self.d_head = model.cfg.n_heads, model.cfg.d_head
         self.dtype, self.device = model.cfg.dtype, model.cfg.device
         if method == "zero":
-            if reference is not None:
-                raise HeadlensError(
-                    "zero ablation reads no reference: drop reference=, or use method='mean' or 'resample'"
-                )
             return
-        reference = tokens if reference is None else reference
-        if reference is None:
-            raise HeadlensError(f"{method} ablation needs reference tokens: pass reference=<tokens [batch, pos]>")
-        reference = check_token_ids(model, _check_tokens(reference, "reference"), "reference")
-        if method == "resample" and reference.shape[0] < 2:
-            raise HeadlensError("resample ablation needs a reference with at least 2 sequences")
         with torch.inference_mode():
             _, cache = model.run_with_cache(
                 reference.to(model.cfg.device),
@@ -589,22 +599,24 @@ def ablation_sweep(
     ``executor`` (:mod:`headlens.engine.executor`, e.g. a ``RayExecutor``) runs one shard per layer, each re-running
     the clean forward its layer needs; the table is the same.
     """
-    if executor is not None:
-        kwargs = dict(
-            tokens=tokens, method=method, unit=unit, reference=reference, seed=seed, strategy=strategy,
-            batch_size=batch_size,
-        )  # fmt: skip
-        parts = map_layers(
-            _sweep_shard, model, metric, layers, executor=executor, key="headlens.ablation_sweep",
-            progress=progress, kwargs=kwargs,
-        )  # fmt: skip
-        return _stack(parts, metric, method, unit)
     metric = _as_metric(model, metric, tokens)
     if strategy not in ("fast", "naive"):
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
     batch_size = check_count("batch_size", batch_size)
+    seed = check_count("seed", seed, minimum=0)
     layers = check_layers(model, layers)
     units = _units(model, unit, layers)
+    check_reference(model, method, reference, tokens=metric.tokens)
+    if executor is not None:  # checked here first: a Ray worker would load its model before a shard could refuse
+        kwargs = dict(
+            method=method, unit=unit, reference=reference, seed=seed, strategy=strategy, batch_size=batch_size
+        )
+        parts = map_layers(
+            _sweep_shard, model, metric, layers, executor=executor, key="headlens.ablation_sweep",
+            progress=progress, kwargs=kwargs,
+        )  # fmt: skip
+        table = pd.concat(parts, ignore_index=True)
+        return SweepResult(table, metric.name, method, unit, float(table["clean"].iloc[0]))
     toks = metric.tokens.to(model.cfg.device)
     replacement = Replacement(model, method, reference, layers, seed=seed, tokens=metric.tokens)
     with torch.inference_mode():
@@ -639,12 +651,6 @@ def ablation_sweep(
 def _sweep_shard(model: HookedTransformer, shard) -> pd.DataFrame:
     metric, layer, kwargs = shard
     return ablation_sweep(model, metric, layers=[layer], progress=False, **kwargs).table
-
-
-def _stack(parts: list[pd.DataFrame], metric: Metric | MetricFn, method: str, unit: str) -> SweepResult:
-    table = pd.concat(parts, ignore_index=True)
-    name = metric.name if isinstance(metric, Metric) else "custom"
-    return SweepResult(table, name, method, unit, float(table["clean"].iloc[0]))
 
 
 # ---------------------------------------------------------------- gradient importance

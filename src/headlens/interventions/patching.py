@@ -391,21 +391,14 @@ def activation_patching(
     heads, ``[(3, 0), "L21H11"]``) restrict the patched units. ``executor`` (:mod:`headlens.engine.executor`) runs
     one shard per layer (each re-runs the clean and corrupted forwards); the table is the same.
     """
-    if executor is not None:
-        kwargs = dict(activation=activation, by_position=by_position, ungroup_kv=ungroup_kv, metric=metric,
-                      runs_per_pass=runs_per_pass, heads=heads)  # fmt: skip
-        if heads is not None:
-            layers = sorted({head.layer for head in check_heads(model, heads)})
-        parts = map_layers(
-            _patch_shard, model, pair, layers, executor=executor, key="headlens.activation_patching",
-            progress=progress, kwargs=kwargs,
-        )  # fmt: skip
-        table = pd.concat(parts, ignore_index=True)
-        clean, corrupted = (float(table[c].iloc[0]) for c in SHARD_METRICS)
-        return PatchingResult(table.drop(columns=list(SHARD_METRICS)), clean, corrupted, "exact")
+    if not isinstance(pair, PromptPair):
+        raise HeadlensError(
+            f"activation_patching needs a PromptPair (induction_pair, text_pair), got {type(pair).__name__}"
+        )
     check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
-    metric = pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
+    check_pair_tokens(model, pair)
+    shard_metric, metric = metric, pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
     chosen = None
     if heads is not None:
         if layers is not None:
@@ -418,6 +411,16 @@ def activation_patching(
         chosen = set(check_heads(model, heads))
         layers = sorted({head.layer for head in chosen})
     layers = check_layers(model, layers)
+    if executor is not None:  # checked here first: a Ray worker would load its model before a shard could refuse
+        kwargs = dict(activation=activation, by_position=by_position, ungroup_kv=ungroup_kv, metric=shard_metric,
+                      runs_per_pass=runs_per_pass, heads=heads)  # fmt: skip
+        parts = map_layers(
+            _patch_shard, model, pair, layers, executor=executor, key="headlens.activation_patching",
+            progress=progress, kwargs=kwargs,
+        )  # fmt: skip
+        table = pd.concat(parts, ignore_index=True)
+        clean, corrupted = (float(table[c].iloc[0]) for c in SHARD_METRICS)
+        return PatchingResult(table.drop(columns=list(SHARD_METRICS)), clean, corrupted, "exact")
     with kv_mode(model, ungroup_kv), torch.inference_mode():
         names = {utils.get_act_name(activation, layer) for layer in layers}
         clean, clean_cache = cached_run(model, pair.clean, names, metric)
