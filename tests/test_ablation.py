@@ -499,7 +499,7 @@ def test_zero_ablation_refuses_a_reference_at_every_entry_and_the_causal_checks_
         "head_importance": lambda: head_importance(tiny, loss, reference=t),
         "prune_curve": lambda: prune_curve(tiny, loss, steps=2, reference=t, progress=False),
     }
-    for name, call in calls.items():  # each used to ignore the reference and answer for zero ablation
+    for call in calls.values():  # each used to ignore the reference and answer for zero ablation
         with pytest.raises(HeadlensError, match="zero ablation reads no reference"):
             call()
     from test_census import planted_model
