@@ -219,3 +219,35 @@ def test_ray_workers_fit_a_cluster_this_process_did_not_size(monkeypatch, capsys
     assert X.RayExecutor(1, address="127.0.0.1:6379").workers == 1
     monkeypatch.setattr(X, "_import_ray", lambda: _fake_ray(4.0))
     assert X.RayExecutor(2, address="auto").workers == 2
+
+
+def test_precision_page_quotes_the_committed_bf16_study():
+    """docs/performance.md's bf16-vs-fp32 figures are analyses/results/precision/precision.json's (every score column of
+    today's census, positional_offset excluded: an offset, not a score); the tiny bf16 census above is its regeneration
+    at small scale, analyses/precision.py the full one."""
+    import json
+    from pathlib import Path
+
+    from docs_numbers import doc_text
+
+    from headlens.census.run import score_columns
+
+    root = Path(__file__).parents[1]
+    result = json.loads((root / "analyses/results/precision/precision.json").read_text())["per_dtype"]["bfloat16"]
+    scores = result["scores"]
+    assert set(scores) == {c for c in score_columns() if not c.endswith("_offset")} - {"attention_to_predicted"}
+    means = [s["mean_abs"] for s in scores.values()]
+    p99, worst = max((s["p99_abs"], name) for name, s in scores.items())
+    changes = result["label_changes"]
+    text = doc_text("performance")
+    assert (
+        f"mean |Δ| per score {min(means):.4f}–{max(means):.4f}, 99th percentile ≤ {p99:.3f} ({worst}), "
+        f"max {result['max_abs_any_score']:.2f}" in text
+    )
+    assert (
+        f"previous-token {scores['previous_token']['max_abs']:.3f}, induction {scores['induction']['max_abs']:.3f}"
+        in text
+    )
+    assert f"labels agree for {100 * result['label_agreement']:.1f} % of the 336 heads ({len(changes)} change: " in text
+    for c in changes:
+        assert f"{c['head']} {c['fp32']} → {c['bfloat16']}" in text, c
