@@ -209,3 +209,22 @@ def test_ig_default_comes_from_development_pairs_and_its_test_set_matches_the_do
         row = " | ".join(table_row("attribution", f"{label} |", after="## The test set"))
         assert f"{means[name]:.3f} ({min(recalls):.2f})" in row
     assert test["recommended"] == max(means, key=means.get) == "ig"
+
+
+def test_a_custom_metric_reads_the_clean_tokens_in_both_runs_as_in_exact_patching(tiny_qwen):
+    """A Metric whose fn reads its tokens: exact patching binds it to the pair's clean tokens for the clean and the
+    corrupted run; attribution used the metric's own tokens in the corrupted run, so its 'corrupted' differed."""
+    from headlens.engine.intervene import Metric
+
+    pair = induction_pair(tiny_qwen, n_tokens=5, n_seqs=2)
+    col = int((pair.clean[0] != pair.corrupted[0]).nonzero()[0])  # a position where the two prompts differ
+
+    def fn(logits, tokens):  # the log-prob of the token the prompt holds at ``col``
+        return torch.log_softmax(logits, -1)[..., tokens[0, col]].mean()
+
+    metric = Metric("reads tokens", pair.corrupted, fn, True, pair.metric.positions)
+    exact = activation_patching(tiny_qwen, pair, metric=metric, progress=False)
+    for method in ("atp", "ig"):
+        approx = attribution_patching(tiny_qwen, pair, metric=metric, method=method)
+        assert approx.clean == pytest.approx(exact.clean, abs=1e-5), method
+        assert approx.corrupted == pytest.approx(exact.corrupted, abs=1e-5), method

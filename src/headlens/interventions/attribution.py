@@ -64,6 +64,7 @@ from headlens.interventions.patching import (
     check_pair_tokens,
     check_recoverable,
     kv_mode,
+    pair_metric,
     pair_run,
     patch_table,
 )
@@ -110,7 +111,8 @@ def attribution_patching(
         raise HeadlensError("give at least one activation to attribute")
     alphas = _path_points(method, steps, alphas, grad_drop)
     check_pair_tokens(model, pair)
-    metric = metric or pair.metric
+    # bound to the clean tokens for both runs, as activation_patching does (a custom Metric may read its tokens)
+    metric = pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
     star = method == "atp*"
     with kv_mode(model, ungroup_kv):
         groups = []
