@@ -180,3 +180,23 @@ def test_repeated_tokens_on_qwen_are_ordinary(qwen):
     probe = repeated_tokens(qwen, n=64, n_seqs=4, seed=0)
     check_repeated(qwen, probe, 64, 1, 4)
     assert int(probe.tokens.max()) < 151643  # below Qwen's special/added tokens and its padding ids
+
+
+def test_token_caches_belong_to_their_tokenizer_and_go_with_it():
+    """The probes' tokenization caches are keyed by the tokenizer object (they were keyed by id(): a later tokenizer
+    at a reused address with the same vocabulary size would have read a dead one's token ids)."""
+    import gc
+
+    from headlens.data import probes
+
+    class Tokenizer:
+        pass
+
+    a, b = Tokenizer(), Tokenizer()
+    probes.tokenizer_cache(a, "code")["file.py"] = "ids of a"
+    assert probes.tokenizer_cache(b, "code") == {} and probes.tokenizer_cache(a, "windows") == {}
+    assert probes.tokenizer_cache(a, "code") == {"file.py": "ids of a"}
+    held = len(probes._TOKENIZED)
+    del a
+    gc.collect()
+    assert len(probes._TOKENIZED) == held - 1

@@ -34,7 +34,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data.corpus import disjoint_starts, split_documents, window_block
-from headlens.data.probes import Probe, delimiter_mask
+from headlens.data.probes import Probe, delimiter_mask, tokenizer_cache
 from headlens.errors import HeadlensError, check_count
 
 MIN_GAP = 5
@@ -43,7 +43,6 @@ region (opener + ``REGION``) is beyond the local window of 3 keys."""
 REGION = 1
 """The bracket score counts the keys from opener - REGION to opener + REGION."""
 OPEN, CLOSE = "([{", ")]}"
-_FILE_CACHE: dict = {}  # (id(tokenizer), file, length) -> its token ids, offsets, bracket pairs, names and openers
 
 
 @dataclass(frozen=True)
@@ -151,14 +150,14 @@ def code_probe(
         raise HeadlensError(
             f"code probe: need 8 <= seq_len <= n_ctx={model.cfg.n_ctx} and n_seqs >= 1 (got {seq_len}, {n_seqs})"
         )
-    arrays = {}
+    arrays, cache = {}, tokenizer_cache(tokenizer, "code")  # file -> token ids, offsets, bracket pairs, names, openers
 
     def candidates():
         for doc in split_documents("code", split, "code"):
-            key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), doc.name, len(doc.text))
-            if key not in _FILE_CACHE:
-                _FILE_CACHE[key] = _file_arrays(tokenizer, doc.text)
-            ids, offsets, closers, occ, openers = arrays[doc.name] = _FILE_CACHE[key]
+            key = (len(tokenizer), doc.name, len(doc.text))
+            if key not in cache:
+                cache[key] = _file_arrays(tokenizer, doc.text)
+            ids, offsets, closers, occ, openers = arrays[doc.name] = cache[key]
             text = doc.text
             scored = np.array([(c, o) for c, (o, _, is_scored) in closers.items() if is_scored]).reshape(-1, 2)
             starts = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -377,7 +378,16 @@ def _text_probe(
     return Probe(kind, tokens, delimiter_mask(tokenizer, tokens), sources=sources)
 
 
-_SPLIT_CACHE: dict = {}  # (tokenizer, document, seq_len) -> (token ids, disjoint window starts)
+_TOKENIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_cache(tokenizer, name: str) -> dict:
+    """A cache ``name`` private to ``tokenizer`` and dropped with it: keyed by the object, not by ``id()``, which a
+    later tokenizer can reuse (with the same vocabulary size it would have read the dead one's token ids)."""
+    try:
+        return _TOKENIZED.setdefault(tokenizer, {}).setdefault(name, {})
+    except TypeError:  # not weakly referenceable: no cache, only a re-tokenization
+        return {}
 
 
 def split_windows(
@@ -386,12 +396,12 @@ def split_windows(
     """Windows of ``seq_len`` tokens from a held-out split (:func:`headlens.data.corpus.split_documents` of ``kind``
     and ``part``): seed ``s`` takes its own stretch of the split's fixed window order
     (:func:`headlens.data.corpus.window_block`)."""
-    ids_of = {}
+    ids_of, cache = {}, tokenizer_cache(tokenizer, "windows")  # document -> (token ids, disjoint window starts)
 
     def candidates():
         for doc in corpus.split_documents(kind, split, part):
-            key = (id(tokenizer), len(tokenizer), doc.name, len(doc.text), seq_len)
-            if key not in _SPLIT_CACHE:
+            key = (len(tokenizer), doc.name, len(doc.text), seq_len)
+            if key not in cache:
                 enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
                 ids = torch.tensor(enc["input_ids"], dtype=torch.long)
                 starts = []
@@ -400,8 +410,8 @@ def split_windows(
                     starts = corpus.disjoint_starts(
                         corpus.line_starts(doc.text, enc["offset_mapping"], delim, seq_len), seq_len
                     )
-                _SPLIT_CACHE[key] = (ids, starts)
-            ids_of[doc.name], starts = _SPLIT_CACHE[key]
+                cache[key] = (ids, starts)
+            ids_of[doc.name], starts = cache[key]
             yield doc.name, starts
 
     chosen = corpus.window_block(candidates(), n_seqs=n_seqs, block=seed)
