@@ -1,6 +1,7 @@
 """Head census: hand-planted heads are labelled exactly, TransformerLens parity, determinism, bad input, real Qwen."""
 
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -476,3 +477,39 @@ def test_weights_scores_are_stored_under_a_key_of_weights_tokenizer_and_code(tmp
     assert all(np.allclose(weights_scores(model, types)[n], first[n], equal_nan=True) for n in first)
     with np.load(stored) as z:  # rewritten
         assert np.allclose(z["copying"], first["copying"])
+
+
+def test_a_full_cache_disk_costs_the_weights_scores_cache_only(tmp_path, monkeypatch):
+    """The weights-scores file only saves time: a write that fails for lack of space (atomic_path says it as a
+    HeadlensError) leaves no file and the census goes on, as with a read-only cache."""
+    import errno
+
+    from headlens.census.registry import head_types
+    from headlens.census.run import weights_scores
+
+    monkeypatch.setenv("HEADLENS_CACHE", str(tmp_path))
+    model = tiny_model("qwen2", seed=3)
+    expected = weights_scores(model, head_types())
+    for stored in (tmp_path / "scores").glob("*"):
+        stored.unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full)
+    got = weights_scores(model, head_types())
+    assert all(np.array_equal(got[n], expected[n], equal_nan=True) for n in expected)
+    assert not list((tmp_path / "scores").iterdir())
+
+
+def test_a_census_with_other_bootstrap_resamples_is_not_the_clis(tmp_path):
+    """n_boot changes every interval: a census run with n_boot=3 and saved with its provenance is not reused where
+    the CLI's default census (n_boot=200) is asked for (`headlens report`/`head` compare exactly this)."""
+    from headlens import io
+    from headlens.cli import _census_settings
+
+    model = tiny_model("qwen2")
+    few = run_census(model, n_boot=3, progress=False)
+    io.write_csv(few.table, tmp_path / "census.csv", provenance=few.provenance)
+    why = io.mismatch(tmp_path / "census.csv", io.provenance(model, **_census_settings(0)))
+    assert why is not None and "settings" in why and '"n_boot": 3' in why

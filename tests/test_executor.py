@@ -111,6 +111,40 @@ def test_shards_are_reused_by_content_not_by_name(tiny, tmp_path):
     assert changed.computed == sum(p.n_seqs for p in default_probes(tiny))
 
 
+def test_a_changed_metric_or_head_type_is_another_job(tiny, tmp_path):
+    """Shards of an interrupted run are not reused once the user's metric reads another logit (same bytecode, other
+    constant) or a registered head type's score changed under the same name (bound in the shard function, not the shards).
+    A census with one type more than the built-ins gets a checkpoint folder (its name listed every type: > 255 bytes)."""
+    from headlens.census.registry import HeadType, register, unregister
+    from headlens.interventions.ablation import ablation_sweep, custom_metric
+
+    assert X.fingerprint(lambda x: x[..., 5]) != X.fingerprint(lambda x: x[..., 7])
+    assert X.fingerprint(lambda x: x.mean()) != X.fingerprint(lambda x: x.max())
+    tokens = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    first = custom_metric(tokens, lambda logits, t: logits[:, -1, 5].mean())
+    with pytest.raises(KeyboardInterrupt):
+        ablation_sweep(tiny, first, progress=False, executor=_Interrupted(tmp_path / "sweep", after=1))
+    second = custom_metric(tokens, lambda logits, t: logits[:, -1, 7].mean())
+    resumed = X.LocalExecutor(tmp_path / "sweep")
+    table = ablation_sweep(tiny, second, progress=False, executor=resumed).table
+    assert resumed.computed == tiny.cfg.n_layers
+    pd.testing.assert_frame_equal(table, ablation_sweep(tiny, second, progress=False).table, check_exact=True)
+
+    try:
+        register(HeadType("late", "natural", lambda p, probe, rows: p[..., -1, 0], 0.9, 9, "x", label=False))
+        with pytest.raises(KeyboardInterrupt):
+            headlens.run_census(tiny, batch_size=4, progress=False, executor=_Interrupted(tmp_path / "c", after=2))
+        register(
+            HeadType("late", "natural", lambda p, probe, rows: p[..., -1, 1], 0.9, 9, "x", label=False), replace=True
+        )
+        resumed = X.LocalExecutor(tmp_path / "c")
+        table = headlens.run_census(tiny, batch_size=4, progress=False, executor=resumed).table
+        assert resumed.computed == sum(-(-p.n_seqs // 4) for p in default_probes(tiny))
+        pd.testing.assert_frame_equal(table, headlens.run_census(tiny, batch_size=4, progress=False).table)
+    finally:
+        unregister("late")
+
+
 def test_sharded_sweep_and_patching_equal_the_plain_functions(tiny):
     from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
     from headlens.interventions.patching import activation_patching, induction_pair

@@ -351,3 +351,23 @@ def test_seeded_builders_leave_the_callers_random_generators_alone():
             assert (np.random.get_state()[1] == expected[1]).all() and random.getstate() == expected[2]
             draws.append(torch.rand(1).item())
         assert len(digests) == 1 and draws[0] != draws[1]  # same weights whatever the caller's seed
+
+
+def test_a_failed_record_of_a_gguf_source_is_not_an_error(tmp_path, monkeypatch):
+    """source.json only saves hashing the GGUF next time: a write that fails for lack of space (a HeadlensError from
+    the atomic writer) is no error and leaves no file."""
+    import errno
+    import os
+
+    from headlens import models
+
+    gguf, entry = tmp_path / "m.gguf", tmp_path / "entry"
+    gguf.write_bytes(b"GGUF")
+    entry.mkdir()
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    models._record_source(entry, gguf, "0" * 64)
+    assert not list(entry.iterdir())

@@ -68,6 +68,7 @@ def test_n_ctx_defaults_to_the_model_and_is_never_silently_capped():
 # Functions whose integer keyword a fraction may reach without harm, each with the reason.
 EXEMPT = {
     ("headlens.census.run", "census_settings", "seed"): "a record of run_census's settings; run_census checks seed",
+    ("headlens.census.run", "census_settings", "n_boot"): "a record of run_census's settings; run_census checks n_boot",
     ("headlens.data.corpus", "code_documents", "seed"): "a generator: the check runs at the first document",
     ("headlens.interventions.ablation", "build_metric", "seed"): "only the repeat metric draws, and checks it",
 }

@@ -885,7 +885,7 @@ def _record_source(entry: Path, gguf: Path, digest: str) -> None:
     key = _stat_key(gguf)
     if key in sources:
         return
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, HeadlensError):  # a failed write (a full disk) only costs a hash next time
         write_json(record, {"sha256": digest, "sources": [s for s in sources if s.get("path") != key["path"]] + [key]})
 
 

@@ -196,16 +196,19 @@ def heads_with_label(census: CensusResult | pd.DataFrame, label: str) -> list[He
     return sorted(Head(int(l), int(h)) for l, h in zip(part["layer"], part["head"]))
 
 
-def census_settings(seed: int = 0, probes: ProbeSet | None = None, thresholds: dict | None = None) -> dict:
+def census_settings(
+    seed: int = 0, probes: ProbeSet | None = None, thresholds: dict | None = None, n_boot: int = N_BOOT
+) -> dict:
     """What a census depends on besides the model and the code (both in its provenance): the seed, whether the probes
-    are the defaults, the thresholds in force and the registered head types, so a census is reused only by a run
-    that would compute the same table."""
+    are the defaults, the thresholds in force, the registered head types and the bootstrap resamples behind its
+    confidence and intervals, so a census is reused only by a run that would compute the same table."""
     types = head_types()
     return {
         "seed": int(seed),
         "probes": "default" if probes is None else "custom",
         "thresholds": label_thresholds(types, thresholds),
         "types": list(types),
+        "n_boot": int(n_boot),
     }
 
 
@@ -236,7 +239,7 @@ def run_census(
     limits = label_thresholds(types, thresholds)
     batch_size = check_count("batch_size", batch_size)
     n_boot = check_count("n_boot", n_boot, minimum=0, why="bootstrap resamples (0: no intervals)")
-    settings = census_settings(seed, probes, thresholds)
+    settings = census_settings(seed, probes, thresholds, n_boot)
     needed = {t.probe for t in types.values() if t.score is not None and t.probe != WEIGHTS}
     if probes is None:
         probes = default_probes(model, seed=seed, kinds=[k for k in probe_kinds() if k in needed])
@@ -301,7 +304,8 @@ def weights_scores(model: HookedTransformer, types: dict[str, HeadType]) -> dict
     out = _read_scores(path, stored, model.cfg.n_layers * model.cfg.n_heads) if path else {}
     missing = {n: wanted[n].score(model).double().flatten().cpu().numpy() for n in wanted if n not in out}
     if path and set(missing) & stored:
-        with contextlib.suppress(OSError), atomic_path(path) as tmp:  # a read-only cache only costs a recomputation
+        # a read-only or full cache only costs a recomputation (atomic_path says a failed write as a HeadlensError)
+        with contextlib.suppress(OSError, HeadlensError), atomic_path(path) as tmp:
             np.savez(tmp, **{n: v for n, v in {**out, **missing}.items() if n in stored})
     return {n: out[n] if n in out else missing[n] for n in wanted}
 

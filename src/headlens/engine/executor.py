@@ -31,9 +31,11 @@ import json
 import os
 import socket
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,7 @@ class Executor:
         ``key`` names the job in checkpoint fingerprints (default: the function's qualified name).
         """
         shards = list(shards)
-        store = _ShardStore(self.checkpoint, key or _qualname(fn), model, shards) if self.checkpoint else None
+        store = _ShardStore(self.checkpoint, key or _qualname(fn), model, shards, fn) if self.checkpoint else None
         results: list = [None] * len(shards)
         todo = []
         for i in range(len(shards)):
@@ -417,13 +419,16 @@ def _qualname(fn) -> str:
 
 
 def fingerprint(obj) -> str:
-    """A stable sha256 of nested shards: tensors by dtype/shape/bytes, dataclasses by fields, functions by code and closure."""
+    """A stable sha256 of nested shards: tensors by dtype/shape/bytes, dataclasses by fields, functions by their code
+    (bytecode, constants and the names it reads: ``x[..., 5]`` and ``x[..., 7]``, ``x.mean()`` and ``x.max()`` differ),
+    closure and defaults."""
     digest = hashlib.sha256()
-    _feed(digest, obj)
+    _feed(digest, obj, set())
     return digest.hexdigest()
 
 
-def _feed(h, obj) -> None:
+def _feed(h, obj, seen: set) -> None:
+    feed = partial(_feed, h, seen=seen)
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
@@ -432,26 +437,32 @@ def _feed(h, obj) -> None:
         h.update(type(obj).__qualname__.encode())
         for f in dataclasses.fields(obj):
             h.update(f.name.encode())
-            _feed(h, getattr(obj, f.name))
+            feed(getattr(obj, f.name))
     elif isinstance(obj, dict):
         h.update(b"{")
         for k in sorted(obj, key=repr):
-            _feed(h, k)
-            _feed(h, obj[k])
+            feed(k)
+            feed(obj[k])
         h.update(b"}")
     elif isinstance(obj, (list, tuple, set, frozenset)):
         items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
         h.update(f"{type(obj).__name__}[".encode())
         for item in items:
-            _feed(h, item)
+            feed(item)
         h.update(b"]")
+    elif isinstance(obj, types.CodeType):  # nested functions are code objects among the constants
+        h.update(obj.co_code)
+        feed((obj.co_consts, obj.co_names))
     elif callable(obj) and hasattr(obj, "__code__"):
         h.update(_qualname(obj).encode())
-        h.update(obj.__code__.co_code)
-        _feed(h, [c.cell_contents for c in (obj.__closure__ or ())])
-        _feed(h, obj.__defaults__ or ())
+        if id(obj) in seen:  # a function whose closure holds itself (a recursive local function)
+            return
+        seen.add(id(obj))
+        feed(obj.__code__)
+        feed([c.cell_contents for c in (obj.__closure__ or ())])
+        feed((obj.__defaults__ or (), obj.__kwdefaults__ or {}))
     elif hasattr(obj, "func") and hasattr(obj, "args"):  # functools.partial
-        _feed(h, (obj.func, obj.args, obj.keywords))
+        feed((obj.func, obj.args, obj.keywords))
     else:
         h.update(f"{type(obj).__name__}:{obj!r}".encode())
 
@@ -459,19 +470,22 @@ def _feed(h, obj) -> None:
 class _ShardStore:
     """One folder per job, one atomically written file per shard named by its own sha256.
 
-    The job's fingerprint covers the key (and the shard function's code, through ``shards`` and ``key``), the model
-    recipe, the model's exact weights digest (so a file replaced at the same path is a different job), the shards and
-    the headlens code version."""
+    The job's fingerprint covers the key, the shard function (its code and what it binds: a census's head types), the
+    model recipe, the model's exact weights digest (so a file replaced at the same path is a different job), the shards
+    and the headlens code version."""
 
-    def __init__(self, root: Path, key: str, model, shards: list):
+    def __init__(self, root: Path, key: str, model, shards: list, fn=None):
         spec = getattr(model, "headlens_spec", None) if model is not None else None
         if model is not None and spec is None:
             raise HeadlensError(
                 "checkpointed runs need a model with a loading recipe (headlens.load_model / tiny_model)"
             )
         weights = None if model is None else weights_sha256(model)
-        job = fingerprint((key, spec, weights, shards, code_version()))
-        self.dir = Path(root) / f"{key.rsplit('.', 1)[-1]}-{job[:16]}"
+        job = fingerprint((key, fn, spec, weights, shards, code_version()))
+        # named by the job's function (its head types and arguments are in the fingerprint): a census key lists
+        # every registered type, longer than a file name may be
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.split(":")[0].rsplit(".", 1)[-1])
+        self.dir = Path(root) / f"{name[:48]}-{job[:16]}"
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "job.json"
         if not manifest.is_file():
