@@ -68,7 +68,7 @@ from headlens.census.run import (
 from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects
 from headlens.data.corpus import provenance
 from headlens.data.probes import DEFAULT_SIZES, ProbeSet, default_probes
-from headlens.io import write_csv, write_json
+from headlens.io import code_version, weights_sha256, write_csv, write_json
 
 OUT = Path(__file__).parent / "results" / "census_trust"
 CACHE = Path("/tmp/headlens_census_trust")  # per-sequence scores and partial results (not committed)
@@ -256,6 +256,27 @@ def subset(per: PerSequence, sizes: dict) -> PerSequence:
 def cache_path(name: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE / name
+
+
+def check_cache(model) -> None:
+    """The cached steps belong to this model, this headlens code and these sizes (``stamp.json``), or the run stops:
+    a step cached by other code or for another model would be mixed into the results without a word."""
+    stamp = {
+        "model": model.cfg.model_name,
+        "weights": weights_sha256(model),
+        "code": code_version(),
+        "sizes": {"dev": DEV_SIZES, "frozen": FROZEN, "grid": SIZE_GRID, "causal": CAUSAL_SEQS, "random": N_RANDOM},
+    }
+    stamp = json.loads(json.dumps(stamp))
+    path = cache_path("stamp.json")
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differ = [k for k in stamp if saved.get(k) != stamp[k]]
+        if differ:
+            raise SystemExit(f"error: {CACHE} holds steps made with another {', '.join(differ)}: delete it to rerun")
+    elif any(CACHE.iterdir()):
+        raise SystemExit(f"error: {CACHE} holds steps of unknown origin (no stamp.json): delete it to rerun")
+    write_json(path, stamp)
 
 
 def save_per(path: Path, per: PerSequence, sources: dict, seconds: float) -> None:
@@ -593,6 +614,7 @@ def main(argv=None, model=None) -> None:
     if model is None:
         torch.set_num_threads(2)
         model = load_model()
+    check_cache(model)
     limits = label_thresholds(head_types(), None)
     frozen = FROZEN
     todo = [args.step] if args.step else list(STEPS)

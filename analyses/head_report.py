@@ -30,6 +30,7 @@ from headlens import (
     run_census,
     write_report,
 )
+from headlens.io import write_csv
 from headlens.models import DEFAULT_MODEL
 from headlens.render.viz import top_heads_by_label
 
@@ -71,9 +72,9 @@ def main() -> None:
         rope=profile,
     )
     # census.csv is the richer table: census + per-head ablation, patching and RoPE evidence (write_report writes no CSV)
-    evidence.to_csv(OUT / "census.csv", index=False)
-    per_layer.to_csv(OUT / "labels_per_layer.csv")
-    named.to_csv(OUT / "named_heads.csv", index=False)
+    write_csv(evidence, OUT / "census.csv")
+    write_csv(per_layer, OUT / "labels_per_layer.csv", index=True)
+    write_csv(named, OUT / "named_heads.csv")
     induction = evidence[evidence.label == "induction"]
     others = evidence[evidence.label != "induction"]
     result = {

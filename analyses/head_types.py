@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from headlens.data.code import code_probe, python_version
 from headlens.data.probes import DEFAULT_SIZES
 from headlens.heads import format_heads
 from headlens.interventions.ablation import compare_to_random, custom_metric
+from headlens.io import write_text
 
 OUT = Path(__file__).resolve().parent / "results" / "head_types"
 SEED = 0
@@ -142,13 +141,6 @@ def rope_change(new_summary: pd.DataFrame) -> dict:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-random", type=int, default=10)
@@ -186,7 +178,7 @@ def main() -> None:
         t = time.perf_counter()
         pos = positional_scores(model, seed=SEED)
         timings["positional"] = time.perf_counter() - t
-        write_atomic(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
+        write_text(out / "rope_summary.csv", pos.attrs["rope_summary"].round(6).to_csv(index=False))
         t = time.perf_counter()
         probe = code_probe(model, seed=SEED, n_seqs=DEFAULT_SIZES["code"], min_pairs=1)  # the census's code probe
         code = code_scores(model, probe)
@@ -200,7 +192,7 @@ def main() -> None:
             timings["retrieval"] = time.perf_counter() - t
             scores = scores.merge(ret[["layer", "head", "retrieval"]], on=["layer", "head"])
         rope = pos.attrs["rope_summary"]
-        write_atomic(out / "scores.csv", scores.to_csv(index=False))
+        write_text(out / "scores.csv", scores.to_csv(index=False))
 
     rows, tables = [], []
     code = {t: task_data(model, t, n_seqs=args.code_windows, seed=SEED) for t in CODE_TASKS}
@@ -227,7 +219,7 @@ def main() -> None:
         row, table = causal(model, name, scores, col, thr, data, n_random, found=found)
         rows.append(row)
         tables.append(table)
-        write_atomic(out / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
+        write_text(out / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
 
     bracket_heads = heads_above(scores, "bracket_matching", CODE_THRESHOLDS["bracket_matching"])[:20]
     depth_rows = []
@@ -236,8 +228,8 @@ def main() -> None:
         for i, (l, h) in enumerate(bracket_heads):
             depth_rows.append({"layer": l, "head": h, **{f"depth_{d}": round(by_depth[d][i], 4) for d in (1, 2, 3)}})
         depth_rows.append({"layer": -1, "head": -1, **{f"depth_{d}": counts[d] for d in (1, 2, 3)}})  # pair counts
-    write_atomic(out / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
-    write_atomic(out / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
+    write_text(out / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
+    write_text(out / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
 
     summary = {
         "model": "Qwen2.5-Coder-0.5B-Instruct",
@@ -280,7 +272,7 @@ def main() -> None:
         summary["needle_accuracy_clean"] = ret.attrs["accuracy"]
     elif args.reuse_scores and "needle_accuracy_clean" in before:  # a property of the reused retrieval scores
         summary["needle_accuracy_clean"] = before["needle_accuracy_clean"]
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

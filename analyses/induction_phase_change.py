@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from headlens.analysis import toy
+from headlens.io import save_figure, write_csv, write_text
 
 OUT = Path(__file__).resolve().parent / "results" / "induction_phase_change"
 
@@ -56,7 +57,7 @@ def plot(history: pd.DataFrame, found: dict, path: Path) -> None:
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center left", fontsize=8)
     ax.set_title("Toy 2-layer attention-only model: the induction phase change")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -84,7 +85,7 @@ def main() -> None:
     found = toy.phase_change(history)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    history.to_csv(args.out / "history.csv", index=False)
+    write_csv(history, args.out / "history.csv")
     plot(history, found, args.out / "phase_change.png")
 
     from headlens.census import THRESHOLDS, run_census
@@ -92,7 +93,7 @@ def main() -> None:
     CENSUS_INDUCTION = THRESHOLDS["induction"]
 
     table = run_census(model, toy.toy_probes(model, seed=args.seed), progress=False).table
-    table.to_csv(args.out / "census.csv", index=False)
+    write_csv(table, args.out / "census.csv")
     final = history.iloc[-1]
     ind_cols = toy.head_columns(history, kind="induction")
     prev0 = toy.head_columns(history, kind="previous_token", layer=0)
@@ -117,7 +118,7 @@ def main() -> None:
         if packaged is not None:
             same = packaged.shape == history.shape and bool((packaged - history).abs().max().max() < 1e-4)
             report["matches_packaged_history"] = same
-    (args.out / "phase_change.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(args.out / "phase_change.json", json.dumps(report, indent=2) + "\n")
     if args.save_checkpoint:
         toy.save_induction_model(model, toy.checkpoint_path(), train_args=train_args, history=history)
     print(json.dumps(report["phase_change"], indent=2))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import headlens
 from headlens.analysis.compare import compare_models, top_changed
 from headlens.census.rope import distance_profile
+from headlens.io import save_figure, write_csv, write_text
 from headlens.models import DEFAULT_MODEL, cache_dir, check_adapter, load_tuned
 from headlens.render.plots import plot_comparison, plot_distance_curves
 
@@ -300,7 +301,7 @@ def write_findings() -> str:
     prof = pd.read_csv(OUT / "distance_profile.csv")
     training = json.loads((OUT / "training.json").read_text())
     text = findings(df, prof, training)
-    (OUT / "findings.md").write_text(text)
+    write_text(OUT / "findings.md", text)
     return text
 
 
@@ -311,12 +312,12 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     adapter_dir = OUT / "adapter"
     training = train(adapter_dir)
-    (OUT / "training.json").write_text(json.dumps(training, indent=2))
+    write_text(OUT / "training.json", json.dumps(training, indent=2))
     base = headlens.load_model()
     print("adapter:", check_adapter(base, adapter_dir), flush=True)
     tuned = load_tuned(base, adapter_dir, base_source=DEFAULT_MODEL)
     df = compare_models(base, tuned, seed=SEED, n_seqs=None, batch_size=2)  # the full census probe set
-    df.round(6).to_csv(OUT / "compare.csv", index=False)
+    write_csv(df.round(6), OUT / "compare.csv")
     prof = pd.concat(
         [
             distance_profile(m, "random", n_seqs=8, seq_len=64, seed=SEED).assign(model=name)
@@ -324,14 +325,14 @@ def main() -> None:
         ]
     )
     prof = prof[prof["distance"] <= 16]
-    prof.round(6).to_csv(OUT / "distance_profile.csv", index=False)
+    write_csv(prof.round(6), OUT / "distance_profile.csv")
     fig = plot_comparison(df)
-    fig.savefig(OUT / "compare.png", dpi=110)
+    save_figure(fig, OUT / "compare.png", dpi=110)
     heads = [(int(r["layer"]), int(r["head"])) for _, r in top_changed(df, 8).iterrows()]
     fig = plot_distance_curves(prof.rename(columns={"model": "probe"}), heads, max_distance=16)
     fig.suptitle("attention vs distance on random tokens, base vs tuned (8 most-changed heads)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(OUT / "distance.png", dpi=110)
+    save_figure(fig, OUT / "distance.png", dpi=110)
     print(write_findings())
 
 

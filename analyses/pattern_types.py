@@ -39,6 +39,7 @@ from matplotlib.colors import PowerNorm
 
 from headlens.census import scores
 from headlens.census.attention_stats import token_match
+from headlens.io import save_figure, write_csv, write_text
 from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "pattern_types"
@@ -121,7 +122,7 @@ def main() -> None:
             for h in range(H)
         ]
     )
-    df.to_csv(OUT / "scores.csv", index=False, float_format="%.5f")
+    write_csv(df, OUT / "scores.csv", float_format="%.5f")
 
     tops = []
     for kind, (score, meaning) in TYPES.items():
@@ -141,7 +142,7 @@ def main() -> None:
                 }
             )
     top = pd.DataFrame(tops)
-    top.to_csv(OUT / "top_heads.csv", index=False, float_format="%.4f")
+    write_csv(top, OUT / "top_heads.csv", float_format="%.4f")
     best = top[top["rank"] == 1].reset_index(drop=True)
 
     heads = list(zip(best.layer.astype(int), best["head"].astype(int)))
@@ -161,7 +162,7 @@ def main() -> None:
         ax.set_yticks(range(len(labels)), labels, fontsize=4)
     fig.suptitle("Top Qwen2.5-Coder-0.5B head per pattern type (colour: sqrt of attention weight)")
     fig.tight_layout()
-    fig.savefig(OUT / "gallery.png", dpi=110)
+    save_figure(fig, OUT / "gallery.png", dpi=110)
     plt.close(fig)
 
     names = [f"{r.type} L{r.layer}H{r.head}" for r in best.itertuples()]
@@ -176,7 +177,7 @@ def main() -> None:
         "Causal attention has no 'next word' head: its analogues are previous-token and induction heads.</p>"
         f"{ViewSet([view]).to_html(prefix='types')}</body></html>"
     )
-    (OUT / "gallery_circuitsvis.html").write_text(page, encoding="utf-8")
+    write_text(OUT / "gallery_circuitsvis.html", page, encoding="utf-8")
 
     corr = df[["duplicate_token", "token_match"]].corr(method="spearman").iloc[0, 1]
     summary = {

@@ -23,6 +23,7 @@ from _harness import study_args, write_summary
 from headlens import load_model
 from headlens.interventions.ablation import ablated_metric, clean_metric, custom_metric, loss_metric, repeat_loss_metric
 from headlens.interventions.prune import prune_curve
+from headlens.io import save_figure, write_csv
 from headlens.models import DEFAULT_MODEL
 from headlens.render.plots import plot_prune_curve
 
@@ -55,7 +56,7 @@ def removal_rank_figure(order, n_layers: int, n_heads: int, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=7)
     fig.colorbar(im, ax=ax, label="removal time (0 = first, 1 = last)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -74,8 +75,8 @@ def main() -> None:
     repeat = repeat_loss_metric(model, n_seqs=N_SEQS, half_len=SEQ_LEN // 2, seed=SEED)
 
     result = prune_curve(model, fit, tolerance=TOLERANCE, steps=STEPS, order="gradient", reestimate=True, seed=SEED)
-    result.curve.to_csv(OUT / "prune_curve.csv", index=False)
-    result.order.to_csv(OUT / "prune_order.csv", index=False)
+    write_csv(result.curve, OUT / "prune_curve.csv")
+    write_csv(result.order, OUT / "prune_order.csv")
     plot_prune_curve(
         result, OUT / "prune_curve.png", title="Qwen2.5-Coder-0.5B: greedy pruning (gradient order, zero abl.)"
     )

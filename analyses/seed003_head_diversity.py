@@ -37,6 +37,7 @@ from headlens.census.attention_stats import (
     pattern_similarity,
     softmax_pattern,
 )
+from headlens.io import save_figure, write_csv
 from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "seed003_head_diversity"
@@ -79,7 +80,7 @@ def part_a() -> pd.DataFrame:
             sims = toy_similarity(n_heads, causal=causal)
             rows.append({"n_heads": n_heads, "mask": "causal" if causal else "full", **sims, "seed003": seed_value})
     table = pd.DataFrame(rows)
-    table.to_csv(OUT / "toy_similarity.csv", index=False, float_format="%.4f")
+    write_csv(table, OUT / "toy_similarity.csv", float_format="%.4f")
     return table
 
 
@@ -117,8 +118,8 @@ def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
             "layers_p_below_0.05": int((g.p_value < 0.05).sum()),
             "layers_within_gt_across": int((g.difference > 0).sum()),
         }
-    by_layer.to_csv(OUT / "qwen_similarity_by_layer.csv", float_format="%.4f")
-    gqa.to_csv(OUT / "qwen_gqa_within_across.csv", index=False, float_format="%.5f")
+    write_csv(by_layer, OUT / "qwen_similarity_by_layer.csv", index=True, float_format="%.4f")
+    write_csv(gqa, OUT / "qwen_gqa_within_across.csv", float_format="%.5f")
     pairs = [
         {
             "metric": metric + ("_nosink" if drop else ""),
@@ -132,7 +133,7 @@ def part_b() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, list[int]]:
         for a in range(len(groups))
         for b in range(len(groups))
     ]
-    pd.DataFrame(pairs).to_csv(OUT / "qwen_similarity_matrices.csv", index=False, float_format="%.4f")
+    write_csv(pd.DataFrame(pairs), OUT / "qwen_similarity_matrices.csv", float_format="%.4f")
     return by_layer, gqa, combined, sims, groups
 
 
@@ -169,7 +170,7 @@ def plot(by_layer: pd.DataFrame, gqa: pd.DataFrame, sims: dict, groups: list[int
     )
     fig.colorbar(im, ax=axes[2])
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(OUT / "qwen_head_diversity.png", dpi=120)
+    save_figure(fig, OUT / "qwen_head_diversity.png", dpi=120)
     plt.close(fig)
 
 

@@ -23,6 +23,7 @@ import torch
 from _harness import study_args, write_summary
 
 from headlens.census.attention_stats import attention_mask, mask_pattern, query_entropy
+from headlens.io import save_figure, write_csv, write_text
 from headlens.models import DEFAULT_MODEL
 from headlens.render.viz import CircuitsVisView, ViewSet, view_props
 
@@ -66,7 +67,7 @@ def render(n: int) -> None:
         ax.title.set_fontsize(9)
     fig.suptitle("Attention masks as patterns (uniform over visible keys)")
     fig.tight_layout()
-    fig.savefig(OUT / "masks.png", dpi=110)
+    save_figure(fig, OUT / "masks.png", dpi=110)
     plt.close(fig)
 
     patterns = torch.stack([mask_pattern(n, kind, window=WINDOW) for kind in KINDS])
@@ -87,7 +88,7 @@ def render(n: int) -> None:
         "<p>Each mask drawn as the pattern it allows when all scores are equal. Hover a token to see what it attends to.</p>"
         f"{views.to_html(prefix='masks')}</body></html>"
     )
-    (OUT / "masks_circuitsvis.html").write_text(page, encoding="utf-8")
+    write_text(OUT / "masks_circuitsvis.html", page, encoding="utf-8")
 
 
 def qwen_locality() -> tuple[pd.DataFrame, dict]:
@@ -121,7 +122,7 @@ def qwen_locality() -> tuple[pd.DataFrame, dict]:
         for h in range(model.cfg.n_heads)
     ]
     df = pd.DataFrame(rows)
-    df.to_csv(OUT / "qwen_local3_per_head.csv", index=False, float_format="%.5f")
+    write_csv(df, OUT / "qwen_local3_per_head.csv", float_format="%.5f")
     uniform = sum(min(WINDOW + 1, i + 1) / (i + 1) for i in range(WINDOW + 1, 128)) / (128 - WINDOW - 1)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -135,7 +136,7 @@ def qwen_locality() -> tuple[pd.DataFrame, dict]:
     ax2.set(xlabel="mean attention mass", ylabel="heads", title="336 heads, 8 x 128 natural-text tokens")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "qwen_local3.png", dpi=120)
+    save_figure(fig, OUT / "qwen_local3.png", dpi=120)
     plt.close(fig)
     top = df.sort_values("local3", ascending=False).head(5)
     facts = {
@@ -159,9 +160,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     n = len(WORDS)
     table = mask_table(n)
-    table.to_csv(OUT / "masks.csv", index=False, float_format="%.4f")
+    write_csv(table, OUT / "masks.csv", float_format="%.4f")
     table_128 = mask_table(128)
-    table_128.to_csv(OUT / "masks_n128.csv", index=False, float_format="%.4f")
+    write_csv(table_128, OUT / "masks_n128.csv", float_format="%.4f")
     render(n)
     _, facts = qwen_locality()
     facts["masks_n11"] = table.set_index("mask").round(4).to_dict(orient="index")

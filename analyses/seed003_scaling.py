@@ -25,6 +25,7 @@ import torch
 from _harness import study_args, write_summary
 
 from headlens.census.attention_stats import query_entropy, scale_entropy_table
+from headlens.io import save_figure, write_csv
 from headlens.models import DEFAULT_MODEL
 
 OUT = Path(__file__).parent / "results" / "seed003_scaling"
@@ -81,7 +82,7 @@ def part_a() -> pd.DataFrame:
             )
         examples[d] = (r["example_unscaled"], r["example_scaled"])
     table = pd.DataFrame(rows)
-    table.to_csv(OUT / "toy_entropy.csv", index=False, float_format="%.4f")
+    write_csv(table, OUT / "toy_entropy.csv", float_format="%.4f")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for kind, color in (("unscaled", "tab:red"), ("scaled", "tab:blue")):
@@ -102,7 +103,7 @@ def part_a() -> pd.DataFrame:
     ax2.set(xlabel="key position", ylabel="attention weight", title="one query's attention at d_k = 256")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "toy_entropy.png", dpi=120)
+    save_figure(fig, OUT / "toy_entropy.png", dpi=120)
     plt.close(fig)
     return table
 
@@ -118,13 +119,13 @@ def part_b() -> tuple[pd.DataFrame, dict]:
     t1 = time.time()
     table = scale_entropy_table(model, tokens, temperatures=(0.5, 1.0, 2.0), unscaled=True, batch_size=8)
     t2 = time.time()
-    table.to_csv(OUT / "qwen_entropy_per_head.csv", index=False, float_format="%.5f")
+    write_csv(table, OUT / "qwen_entropy_per_head.csv", float_format="%.5f")
     by_layer = table.pivot_table(index="layer", columns="setting", values="entropy", aggfunc="mean")
     by_layer = by_layer[["unscaled", "T=0.5", "T=1", "T=2"]]
-    by_layer.to_csv(OUT / "qwen_entropy_by_layer.csv", float_format="%.4f")
+    write_csv(by_layer, OUT / "qwen_entropy_by_layer.csv", index=True, float_format="%.4f")
     norm_by_layer = table.pivot_table(index="layer", columns="setting", values="norm_entropy", aggfunc="mean")
     norm_by_layer = norm_by_layer[["unscaled", "T=0.5", "T=1", "T=2"]]
-    norm_by_layer.to_csv(OUT / "qwen_norm_entropy_by_layer.csv", float_format="%.4f")
+    write_csv(norm_by_layer, OUT / "qwen_norm_entropy_by_layer.csv", index=True, float_format="%.4f")
     uniform = torch.arange(2, QWEN_SEQ + 1).float().log().mean().item()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.1, 1, 1]})
@@ -145,7 +146,7 @@ def part_b() -> tuple[pd.DataFrame, dict]:
         ax.set(xlabel="head", ylabel="layer", title=f"per-head entropy, {name}")
         fig.colorbar(im, ax=ax, label="nats")
     fig.tight_layout()
-    fig.savefig(OUT / "qwen_entropy.png", dpi=120)
+    save_figure(fig, OUT / "qwen_entropy.png", dpi=120)
     plt.close(fig)
 
     t1_heads = table[table.setting == "T=1"].set_index(["layer", "head"]).entropy

@@ -21,6 +21,7 @@ import torch
 
 from headlens import load_model
 from headlens.interventions.ablation import ablation_sweep, loss_metric
+from headlens.io import write_text
 
 OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 
@@ -75,7 +76,7 @@ def main() -> None:
         f"({len(fast)} heads, tokens {args.n_seqs}x{args.seq_len}, {args.method} ablation)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

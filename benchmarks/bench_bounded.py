@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from headlens.io import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
 ADAPTER = ROOT / "analyses" / "results" / "lora_finetune" / "adapter"
@@ -129,7 +131,7 @@ def main() -> None:
     result["bench_wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))
     name = {"patch": "patch_memory.json", "compare": "compare_no_census.json"}[args.part]
-    (Path(__file__).parent / "results" / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_text(Path(__file__).parent / "results" / name, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

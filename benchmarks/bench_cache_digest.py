@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from headlens.io import write_text
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 NEW = """
 import time, json
@@ -77,7 +79,7 @@ def main() -> None:
     result["bench_wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))
     out = Path(__file__).parent / "results" / "cache_digest.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

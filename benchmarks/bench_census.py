@@ -35,6 +35,7 @@ from headlens import load_model
 from headlens.census import run_census
 from headlens.census.ov import CENSUS_COPY_SAMPLE, copying_scores
 from headlens.data.probes import ProbeSet, corpus_sections, default_probes, natural_text
+from headlens.io import write_text
 
 RESULTS = Path(__file__).parent / "results" / "census.json"
 
@@ -148,7 +149,7 @@ def main() -> None:
         "labels": table["label"].value_counts().to_dict(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_text(RESULTS, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(
         f"census {best_census:.1f} s vs plain forward {best_forward:.1f} s: ratio {results['ratio_census_over_forward']:.2f}x "

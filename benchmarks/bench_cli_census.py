@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from headlens.io import write_text
+
 RUNS = int(os.environ.get("RUNS", "3"))
 RESULT = os.environ.get("RESULT", "cli_census.json")  # file name under benchmarks/results/
 EXTRA = os.environ.get("EXTRA", "").split()  # extra census options, e.g. --no-causal
@@ -83,7 +85,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     out = Path(__file__).parent / "results" / RESULT
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

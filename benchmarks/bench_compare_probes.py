@@ -26,6 +26,7 @@ from scipy.stats import spearmanr
 import headlens
 from headlens.analysis.compare import attention_divergence
 from headlens.data.probes import default_probes
+from headlens.io import write_text
 from headlens.models import load_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def main() -> None:
     result["seed1_top10_chosen"] = [f"L{l}H{h}" for l, h in part1.set_index(key)["jsd"].nlargest(10).index]
     result["seed1_divergence_seconds"] = timings
     result["load_average_1min"].append(os.getloadavg()[0])
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    write_text(OUT, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

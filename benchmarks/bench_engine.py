@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from headlens.io import write_text
+
 
 def run(label: str, out: Path, layers: list[int]) -> None:
     from headlens import load_model
@@ -45,7 +47,7 @@ def run(label: str, out: Path, layers: list[int]) -> None:
         result[f"{name}_metric"] = [float(v) for v in table["metric"]]
         print(f"{label} {name}: {result[f'{name}_s']} s", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result) + "\n")
+    write_text(out, json.dumps(result) + "\n")
 
 
 def compare(paths: list[Path], out: Path) -> None:
@@ -62,7 +64,7 @@ def compare(paths: list[Path], out: Path) -> None:
             "n_units": len(ref),
             "max_abs_metric_delta_vs_old": delta,
         }
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out, json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

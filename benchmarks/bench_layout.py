@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import headlens
+from headlens.io import write_text
 from headlens.models import linear_layout
 
 OUT = Path(__file__).resolve().parent / "results" / "layout.json"
@@ -80,7 +81,7 @@ def main() -> None:
         "load_average_1min": os.getloadavg()[0],
         "shapes": rows,
     }
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    write_text(OUT, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "shapes"}))
 
 

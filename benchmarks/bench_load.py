@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from headlens.io import write_text
+
 LOAD = "import time; t = time.perf_counter(); import headlens; headlens.load_model(); print(time.perf_counter() - t)"
 
 
@@ -31,7 +33,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     out = Path(__file__).parent / "results" / "load.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import transformer_lens.patching as tl_patching
 from headlens import load_model
 from headlens.interventions.attribution import attribution_patching, rank_correlation
 from headlens.interventions.patching import activation_patching, induction_pair
+from headlens.io import write_text
 
 
 def main() -> None:
@@ -113,7 +114,7 @@ def main() -> None:
         ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(
         f"{model.cfg.model_name}, induction pair tokens {tuple(pair.clean.shape)}, {torch.get_num_threads()} thread(s)"
     )

@@ -18,6 +18,7 @@ import torch
 from headlens import load_model
 from headlens.interventions.ablation import ablation_sweep, repeat_loss_metric
 from headlens.interventions.patching import activation_patching, induction_pair
+from headlens.io import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "engine" / "head_report_check.json"
@@ -47,7 +48,7 @@ def main() -> None:
         "seconds": round(seconds, 1),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(OUT, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -286,3 +286,24 @@ def test_findings_page_quotes_the_committed_census_stability_and_causal_files():
     for label, digits in (("previous_token", 1), ("induction", 0), ("successor", 0)):
         c = causal[label]
         assert f"ratio {c['ratio']:.{digits}f} [{c['lo']:.{digits}f}–{c['hi']:.{digits}f}]" in text, label
+
+
+def test_census_trust_refuses_a_cache_of_other_code_or_another_model(tmp_path, monkeypatch):
+    """The study's step cache (per-seed scores, nulls, causal rows) is reused across runs: a cache made by other
+    headlens code, for another model or at other sizes stops the run instead of being mixed into the results."""
+    from headlens import tiny_model
+
+    script = load_script()
+    monkeypatch.setattr(script, "CACHE", tmp_path / "cache")
+    model = tiny_model("qwen2")
+    script.check_cache(model)
+    script.check_cache(model)  # the same run again: fine
+    (tmp_path / "cache" / "dev_seed0.npz").write_bytes(b"scores")
+    with pytest.raises(SystemExit, match="another weights"):
+        script.check_cache(tiny_model("qwen2", seed=1))
+    monkeypatch.setattr(script, "code_version", lambda: "0.0.0+other")
+    with pytest.raises(SystemExit, match="another code"):
+        script.check_cache(model)
+    (tmp_path / "cache" / "stamp.json").unlink()
+    with pytest.raises(SystemExit, match="unknown origin"):
+        script.check_cache(model)

@@ -511,3 +511,16 @@ def test_ctrl_c_prints_one_line(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in err, err
     assert not [p for p in tmp_path.rglob(".*tmp-*")]
+
+
+# ---------------------------------------------------------------- files, caches and reuse (audit r4)
+
+
+def test_head_with_a_cache_it_cannot_write_still_explains_the_head(hl, tmp_path):
+    """The shared census cache only saves the next call a census: where it cannot be written (read-only, or a file in
+    its place) `head` says so in a note and prints the card, instead of failing after computing the census."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "census").write_text("not a directory")
+    run = hl("head", "L1H0", "-m", "tiny-qwen2", "--no-progress", "--no-causal")
+    assert run.code == 0 and "Traceback" not in run.err, run.err[-2000:]
+    assert "note: could not keep the census" in run.err and "L1H0" in run.out

@@ -413,7 +413,7 @@ def _share_census(out: Path, prov: dict) -> None:
                 (cache / name).unlink(missing_ok=True)
                 sidecar(cache / name).unlink(missing_ok=True)
                 continue
-            for src in (sidecar(out / name), out / name):  # the sidecar last: it vouches for the file
+            for src in (out / name, sidecar(out / name)):  # the sidecar last: it vouches for the file
                 with atomic_path(cache / src.name) as tmp:
                     shutil.copyfile(src, tmp)
     except (OSError, HeadlensError) as err:  # a read-only cache costs a later `headlens head` a recomputation only
@@ -517,9 +517,11 @@ def _find_census(hooked, out: Path | None, seed: int, batch_size: int, progress:
     typer.echo("no census of this model and seed yet: computing it (once; later calls reuse it)", err=True)
     result = run_census(hooked, seed=seed, batch_size=batch_size, progress=progress)
     place = places[-1]
-    place.mkdir(parents=True, exist_ok=True)
-    write_csv(result.table, place / "census.csv", provenance=result.provenance)
-    typer.echo(f"wrote {place / 'census.csv'}", err=True)
+    try:
+        write_csv(result.table, place / "census.csv", provenance=result.provenance)
+        typer.echo(f"wrote {place / 'census.csv'}", err=True)
+    except (OSError, HeadlensError) as err:  # a read-only cache costs the next call a recomputation, not this one
+        typer.echo(f"note: could not keep the census in {place} ({getattr(err, 'strerror', None) or err})", err=True)
     return result, place
 
 
