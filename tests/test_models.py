@@ -119,7 +119,7 @@ def test_cache_written_before_the_layout_is_rewritten_once(isolated_cache, capsy
     from safetensors.torch import load_file, save_file
 
     from headlens.io import tensor_digests, weights_sha256
-    from headlens.models import DIGEST_PREFIX, ORDER_PREFIX
+    from headlens.models import DIGEST_PREFIX, ORDER_PREFIX, RECIPE_KEY, conversion_recipe
 
     spec = find_spec("tinycoder")
     path = Path(spec.submodule_search_locations[0]) / "models" / "tiny.gguf"
@@ -135,7 +135,8 @@ def test_cache_written_before_the_layout_is_rewritten_once(isolated_cache, capsy
     for k, order in orders.items():
         inverse = torch.tensor([int(i) for i in order.split(",")]).argsort().tolist()
         state[k] = state[k].permute(*inverse).contiguous()
-    save_file(state, cached, metadata={DIGEST_PREFIX + k: v for k, v in tensor_digests(state).items()})
+    recipe = {RECIPE_KEY: conversion_recipe()}  # the same conversion, stored before the layout
+    save_file(state, cached, metadata={DIGEST_PREFIX + k: v for k, v in tensor_digests(state).items()} | recipe)
     capsys.readouterr()
     old = load_model(path)
     assert "rewriting" in capsys.readouterr().err and weights_sha256(old) == digest
@@ -278,6 +279,37 @@ def test_smollm2_loads_as_llama():
 
 
 @pytest.mark.slow
+def test_weights_converted_by_another_recipe_are_rebuilt_not_reused(isolated_cache, capsys, monkeypatch):
+    """The processed weights record what converted them (TransformerLens and transformers versions, headlens's
+    conversion code); a file of another recipe, or of none (an older headlens), is rebuilt: an upgrade that changes
+    the conversion cannot load weights processed the old way."""
+    import json
+
+    from safetensors import safe_open
+
+    from headlens import models
+    from headlens.io import weights_sha256
+
+    spec = find_spec("tinycoder")
+    path = Path(spec.submodule_search_locations[0]) / "models" / "tiny.gguf"
+    digest = weights_sha256(load_model(path))
+    [entry] = [p for p in isolated_cache.iterdir() if p.name.startswith("gguf-")]
+    cached = entry / "hooked-float32.safetensors"
+
+    def recipe():
+        with safe_open(str(cached), framework="pt") as f:
+            return (f.metadata() or {}).get(models.RECIPE_KEY)
+
+    assert recipe() == models.conversion_recipe()
+    upgraded = json.dumps({**json.loads(models.conversion_recipe()), "transformer_lens": "3.99.0"}, sort_keys=True)
+    monkeypatch.setattr(models, "conversion_recipe", lambda: upgraded)
+    capsys.readouterr()
+    again = load_model(path)
+    assert "rebuilding" in capsys.readouterr().err and recipe() == upgraded and weights_sha256(again) == digest
+    load_model(path)
+    assert "rebuilding" not in capsys.readouterr().err
+
+
 def test_real_qwen_cache_carries_and_checks_digests(qwen):
     """The cached processed weights hold one sha256 per tensor, written when the file was built; the loaded model
     matches them (checked at load, so the model's weights digest is already known and free to ask for)."""

@@ -394,6 +394,26 @@ LAYOUT_ORDERS = {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0), "W_Q": (0, 2
 """:func:`linear_layout`: the permutation of each weight that TransformerLens multiplies as a contiguous tensor."""
 ENTRY_DIGESTS = "sha256.json"
 """The file of a cache entry that holds the sha256 of its ``model.safetensors``, written when the entry is built."""
+RECIPE_KEY = "headlens.recipe"
+"""safetensors metadata key of what converted the cached weights (:func:`conversion_recipe`)."""
+
+
+@lru_cache(maxsize=1)
+def conversion_recipe() -> str:
+    """What the processed weights depend on besides the HF weights: the TransformerLens and transformers versions and
+    headlens's conversion code. A cache file converted by another recipe is rebuilt, never reused."""
+    import inspect
+    from importlib.metadata import version
+
+    code = "".join(inspect.getsource(f) for f in (hooked_config, hooked_from_hf, linear_layout))
+    return json.dumps(
+        {
+            "transformer_lens": version("transformer-lens"),
+            "transformers": version("transformers"),
+            "code": hashlib.sha256(code.encode()).hexdigest()[:16],
+        },
+        sort_keys=True,
+    )
 
 
 def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int | None) -> HookedTransformer:
@@ -444,6 +464,7 @@ def _write_hooked(model: HookedTransformer, cached: Path) -> None:
         else:
             params[k] = v.detach().contiguous()
     metadata |= {DIGEST_PREFIX + k: v for k, v in tensor_digests(params).items()}
+    metadata[RECIPE_KEY] = conversion_recipe()
     handle, partial = tempfile.mkstemp(dir=cached.parent, prefix=f".hooked-{os.getpid()}-", suffix=".partial")
     os.close(handle)
     try:
@@ -487,6 +508,9 @@ def _read_hooked(
     expected = {k.removeprefix(DIGEST_PREFIX): v for k, v in metadata.items() if k.startswith(DIGEST_PREFIX)}
     if not expected:
         return None, "carries no content digests (written by an older headlens)"
+    if metadata.get(RECIPE_KEY) != conversion_recipe():
+        made = metadata.get(RECIPE_KEY) or "an older headlens that did not record it"
+        return None, f"was converted by another recipe ({made}; today {conversion_recipe()})"
     if set(expected) != set(state):
         return None, "does not fit this model"
     digests = tensor_digests(state)  # the bytes as stored: no copy
