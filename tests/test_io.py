@@ -104,3 +104,19 @@ def test_once_per_weights_recomputes_after_an_in_place_edit_and_for_another_mode
     assert total(a) == pytest.approx(first + 6.0) and len(calls) == 2
     total(b)
     assert len(calls) == 3
+
+
+def test_an_edited_config_is_another_model_for_reuse(tmp_path):
+    """The same weights under another config (a rope base edited in config.json) compute other numbers: the
+    provenance's config digest tells them apart, so a census of one is not reused for the other; hook switches and
+    the device are not part of it."""
+    from headlens import tiny_model
+    from headlens.io import mismatch, provenance, write_csv
+
+    a, b = tiny_model("qwen2"), tiny_model("qwen2")
+    path = write_csv(pd.DataFrame({"x": [1]}), tmp_path / "census.csv", provenance=provenance(a))
+    b.cfg.use_attn_result = True
+    assert mismatch(path, provenance(b)) is None
+    b.cfg.rotary_base = 5000.0
+    why = mismatch(path, provenance(b))
+    assert why is not None and "config" in why and provenance(b)["weights"] == provenance(a)["weights"]

@@ -361,7 +361,8 @@ def code_version() -> str:
 
 def model_provenance(model) -> dict:
     """What identifies a loaded model: its name, where it came from (set by ``load_model``: source, adapter and the
-    adapter files' digest), its dtype and the exact digest of its weights (:func:`weights_sha256`)."""
+    adapter files' digest), its dtype, the exact digest of its weights (:func:`weights_sha256`) and of its config
+    (:func:`config_sha256`)."""
     source = getattr(model, "headlens_source", None) or {}
     return {
         "model": model.cfg.model_name,
@@ -370,9 +371,25 @@ def model_provenance(model) -> dict:
         "adapter_sha256": source.get("adapter_sha256"),
         "dtype": str(model.cfg.dtype).removeprefix("torch."),
         "weights": weights_sha256(model),
+        "config": config_sha256(model),
         "n_layers": model.cfg.n_layers,
         "n_heads": model.cfg.n_heads,
     }
+
+
+RUNTIME_CONFIG = (
+    "device", "n_devices", "n_params", "use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_in",
+    "use_hook_tokens", "ungroup_grouped_query_attention",
+)  # fmt: skip
+"""Config fields that say where a model runs or which hooks it exposes, not what it computes (left out of
+:func:`config_sha256`)."""
+
+
+def config_sha256(model) -> str:
+    """The sha256 of the model's config minus :data:`RUNTIME_CONFIG`: the same weights under another rope base,
+    activation or context (a ``config.json`` edited by hand) compute other numbers, so their outputs are not reused."""
+    cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in RUNTIME_CONFIG}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def provenance(model, **settings) -> dict:
@@ -385,7 +402,7 @@ def provenance(model, **settings) -> dict:
     }
 
 
-IDENTITY = ("model", "source", "adapter", "adapter_sha256", "dtype", "weights")
+IDENTITY = ("model", "source", "adapter", "adapter_sha256", "dtype", "weights", "config")
 """The provenance keys that say which model an output belongs to."""
 REUSE = (*IDENTITY, "settings", "code")
 """The keys that must match for an output to be reused instead of recomputed: the model, the settings, the code."""
