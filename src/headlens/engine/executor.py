@@ -255,9 +255,7 @@ class RayExecutor(Executor):
                     f"could not start or reach Ray at {address or 'a new local cluster'}: {_first_line(err)}"
                 ) from None
             self._started = True
-        if (
-            address or not self._started
-        ):  # a cluster sized by someone else: more actors than its CPUs would wait forever
+        if address or not self._started:  # a cluster sized by someone else: more actors than its CPUs would wait
             self._fit_cluster()
         self._pools: dict[ModelSpec | None, list] = {}
         self._capped_note = False
