@@ -383,8 +383,9 @@ def causal_validation(
             continue
         heads, drawn = label_plan(model, table, label, n_random, seed)
         task = data[spec.task]
+        reference = None if method == "zero" else task.reference  # zero ablation reads none
         clean, values = ablated_metrics(  # one set per forward: each restarts at its first layer from the clean run
-            model, task.metric, [heads, *drawn], method=method, reference=None if method == "zero" else task.reference, seed=seed,
+            model, task.metric, [heads, *drawn], method=method, reference=reference, seed=seed,
             batch_size=task.metric.tokens.shape[0], progress=progress,
         )  # fmt: skip
         target, rand = values[0] - clean, np.asarray(values[1:]) - clean
