@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
 RESULTS = Path(__file__).parents[1] / "analyses" / "results" / "head_types"
 
@@ -72,3 +74,20 @@ def test_findings_head_type_table_is_the_committed_study():
     most = scores["attention_to_predicted"].idxmax()
     assert copy.startswith(f"{negative} heads copy negatively")
     assert f"(the most: {most}, {scores.loc[most, 'attention_to_predicted']:.2f})" in copy
+
+
+@pytest.mark.slow
+def test_the_committed_scores_regenerate_on_qwen(qwen):
+    """scores.csv is what the study's score functions give today on the default Qwen: successor from the weights, and
+    bracket_matching / closer_to_opener / identifier on the census's code probe of seed 0 (analyses/head_types.py)."""
+    from headlens.census.code_heads import code_scores
+    from headlens.census.ov import successor_scores
+    from headlens.data.code import code_probe
+    from headlens.data.probes import DEFAULT_SIZES
+
+    scores = pd.read_csv(RESULTS / "scores.csv")
+    successor = successor_scores(qwen).double().flatten().numpy()
+    assert np.abs(successor - scores["successor"].to_numpy()).max() <= 1e-5
+    code = code_scores(qwen, code_probe(qwen, seed=0, n_seqs=DEFAULT_SIZES["code"], min_pairs=1))
+    for column in ("bracket_matching", "closer_to_opener", "identifier"):
+        assert np.abs(code[column].to_numpy() - scores[column].to_numpy()).max() <= 1e-4, column
