@@ -382,7 +382,7 @@ def test_run_census_refuses_a_non_model_and_a_non_integer_seed(tiny_qwen, monkey
 
     monkeypatch.setattr("headlens.census.run.collect", collect)
     for model in (None, "tiny-qwen2"):
-        with pytest.raises(HeadlensError, match=r"run_census needs a HookedTransformer \(headlens.load_model"):
+        with pytest.raises(HeadlensError, match=r"model must be a loaded model \(headlens.load_model"):
             run_census(model, progress=False)
     for seed in (1.5, "0", True, -1, None):
         with pytest.raises(HeadlensError, match="seed must be an integer >= 0"):

@@ -123,3 +123,34 @@ def test_every_public_count_refuses_a_fraction(tiny_qwen, metric, monkeypatch):
     assert not wrong, "\n".join(wrong)
     assert len(checked) >= 100, f"only {len(checked)} integer arguments reached: the walk lost its functions"
     assert {"run_census.n_boot", "prune_curve.steps", "natural_text.n_seqs", "compare_to_random.n_random"} <= checked
+
+
+def test_every_exported_function_refuses_what_is_not_a_model(tiny_qwen):
+    """Each function headlens exports that takes a model (``model``, ``base``, ``tuned``) checks it first: a name or a
+    path where a loaded model belongs is one HeadlensError naming the argument (it was an AttributeError inside)."""
+    import inspect
+
+    import headlens
+
+    roles = ("model", "base", "tuned")
+    checked, wrong = [], []
+    for name in headlens.__all__:
+        fn = getattr(headlens, name)
+        if not inspect.isfunction(fn):
+            continue
+        params = inspect.signature(fn).parameters.values()
+        needed = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        for target in [p for p in needed if p in roles]:
+            for bad in ("qwen", None):
+                args = {p: (tiny_qwen if p in roles else None) for p in needed} | {target: bad}
+                try:
+                    fn(**args)
+                    wrong.append(f"{name}({target}={bad!r}) ran")
+                except HeadlensError as err:
+                    if not str(err).startswith(f"{target} must be a loaded model"):
+                        wrong.append(f"{name}({target}={bad!r}): {err}")
+                except Exception as err:  # noqa: BLE001 - the finding: a traceback instead of one clear error
+                    wrong.append(f"{name}({target}={bad!r}): {type(err).__name__}: {err}"[:200])
+            checked.append(f"{name}.{target}")
+    assert not wrong, "\n".join(wrong)
+    assert len(checked) >= 30 and {"run_census.model", "compare_models.tuned", "write_report.model"} <= set(checked)

@@ -24,6 +24,19 @@ def check_count(name: str, value, *, minimum: int = 1, why: str = "") -> int:
     return int(value)
 
 
+def check_model(model, name: str = "model"):
+    """``model`` when it is a TransformerLens ``HookedTransformer``, else one error naming ``name`` (a path or a model
+    name passed where a loaded model belongs used to fail deep inside as an AttributeError)."""
+    from transformer_lens import HookedTransformer  # here, so the registry's import of this module stays light
+
+    if not isinstance(model, HookedTransformer):
+        shown = repr(model) if isinstance(model, (str, type(None))) else type(model).__name__
+        raise HeadlensError(
+            f"{name} must be a loaded model (headlens.load_model(...) or headlens.tiny_model(...)), got {shown[:80]}"
+        )
+    return model
+
+
 def non_defaults(fn, **values) -> list[str]:
     """The names among ``values`` that differ from ``fn``'s defaults for them: arguments a caller set, to refuse beside
     another argument that makes them moot (the defaults are read from the signature, so they cannot drift)."""

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -236,6 +236,7 @@ def random_heads(
     there. Deficits are filled after every layer's own draw, in layer order, so a fill never takes a head a
     layer needed for itself. Deterministic for a seed; an error only when the model has too few free heads.
     """
+    check_model(model)
     import numpy as np  # imported here: this module stays light for the CLI
 
     n = check_count("n", n, why="the number of random heads to draw")

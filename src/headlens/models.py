@@ -28,7 +28,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from headlens.data.probes import corpus_text
-from headlens.errors import HeadlensError, check_count, is_count
+from headlens.errors import HeadlensError, check_count, check_model, is_count
 from headlens.heads import kv_heads
 from headlens.io import (
     file_sha256,
@@ -286,6 +286,7 @@ def tiny_hf_model(family: str = "qwen2", **kwargs):
 
 def model_info(model: HookedTransformer) -> dict:
     """Shape facts a head study needs: layers, q/kv heads, d_head, the kv group of each q head, rope base, vocab."""
+    check_model(model)
     cfg = model.cfg
     return {
         "model": cfg.model_name,

@@ -27,7 +27,7 @@ from headlens.census.ov import effective_embedding
 from headlens.census.registry import head_types
 from headlens.census.run import check_census_table, label_ratios, label_thresholds, table_scores
 from headlens.engine.capture import head_patterns
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import head_name
 
 READ_PROMPT = (
@@ -344,6 +344,7 @@ def head_cards(
     patching effect, direct logit attribution and attention to the answer on a task); ``circuit`` an edge table of
     :func:`headlens.circuits.find_circuit` (``edges.csv`` of ``headlens circuit``: each head's place in the circuit).
     """
+    check_model(model)
     return _cards(
         model, table, None, prompt=prompt, evidence=evidence, roles=roles, circuit=circuit, thresholds=thresholds
     )
@@ -362,6 +363,7 @@ def head_card(
     thresholds: dict[str, float] | None = None,
 ) -> str:
     """The card of one head (what ``headlens head`` prints): :func:`head_cards` for that head alone, in seconds."""
+    check_model(model)
     score_table(table, layer, head)  # a clear error for a head the table lacks
     cards = _cards(
         model,

@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer, utils
 
 from headlens.census.run import run_census
 from headlens.data.probes import ProbeSet, check_probes, default_probes
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import kv_heads
 from headlens.models import check_compatible
 from headlens.progress import tqdm
@@ -276,6 +276,8 @@ def compare_models(
     attention change (:data:`N_SEQS`; None: all of them); the census runs on the same ProbeSet when one is given,
     else on its full defaults.
     """
+    check_model(base, "base")
+    check_model(tuned, "tuned")
     n_seqs = None if n_seqs is None else check_count("n_seqs", n_seqs)
     check_compatible(base, tuned)
     df = attention_divergence(base, tuned, probes, n_seqs=n_seqs, batch_size=batch_size, seed=seed, progress=progress)

@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.census import validate
 from headlens.census.run import check_census_table
-from headlens.errors import check_count
+from headlens.errors import check_count, check_model
 from headlens.heads import head_name
 from headlens.interventions.ablation import Replacement, ablated_metrics
 
@@ -106,6 +106,7 @@ def label_evidence(
     ablated layer, only the metric's positions unembedded) instead of a full forward per set, which is what lets
     it run in every ``headlens census``. tests/test_cards.py checks both give the same numbers.
     """
+    check_model(model)
     n_random = check_count("n_random", n_random, minimum=2, why="an interval needs two random sets")
     top_k = check_count("top_k", top_k, why="single-head effects per label")
     check_census_table(table, model)

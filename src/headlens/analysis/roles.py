@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import check_heads, kv_heads
 from headlens.interventions.patching import PromptPair, activation_patching, check_pair_tokens
 
@@ -84,6 +84,7 @@ def task_roles(
     """One row per head: ``layer, head, kv_head, task, patching, dla, attn_answer`` (module docstring).
 
     ``heads`` restricts the patching (the costly part) to those heads; the others' ``patching`` is NaN."""
+    check_model(model)
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     check_pair_tokens(model, pair)
     if heads is not None:

@@ -24,7 +24,7 @@ from transformer_lens import HookedTransformer, utils
 from headlens.census.scores import entropy
 from headlens.data.probes import check_token_ids
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import check_layers, kv_heads
 from headlens.progress import tqdm
 
@@ -181,6 +181,7 @@ def scale_entropy_table(
     mean over queries that see >= 2 keys) and ``norm_entropy`` (each query's entropy / log(#keys), then
     averaged: 1 = uniform over the visible prefix).
     """
+    check_model(model)
     batch_size = check_count("batch_size", batch_size)
     if model.cfg.positional_embedding_type != "rotary":
         raise HeadlensError("scale_entropy_table reads hook_rot_q/hook_rot_k: it needs a rotary (RoPE) model")
@@ -406,6 +407,7 @@ def head_similarity(
     memory is one layer's pattern, never a cache. Equals :func:`pattern_similarity` on the
     concatenated patterns of all batches.
     """
+    check_model(model)
     drop_keys = check_count("drop_keys", drop_keys, minimum=0)
     batch_size = check_count("batch_size", batch_size)
 

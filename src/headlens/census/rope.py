@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.data.probes import check_token_ids, natural_text
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError, check_count, non_defaults
+from headlens.errors import HeadlensError, check_count, check_model, non_defaults
 from headlens.heads import check_layers, kv_heads
 
 PROBES = ("natural", "random", "constant")
@@ -186,6 +186,7 @@ def distance_profile(
     excess (mean excess over a uniform causal head on the non-sink keys, see the module doc; 0 = no preference)
     and n_excess (the (query, key >= 1) pairs it averages).
     """
+    check_model(model)
     probe = tokens if isinstance(tokens, str) else "tokens"
     if isinstance(tokens, str):
         tokens = probe_tokens(model, tokens, n_seqs=n_seqs, seq_len=seq_len, seed=seed)
@@ -242,6 +243,7 @@ def distance_profile(
 def distance_profiles(model: HookedTransformer, probes=PROBES, **kwargs) -> pd.DataFrame:
     """:func:`distance_profile` for several probes, stacked with a ``probe`` column (default: natural, random, constant;
     one name is one probe)."""
+    check_model(model)
     probes = [probes] if isinstance(probes, str) else probes
     frames = [distance_profile(model, p, **kwargs).assign(probe=p) for p in probes]
     df = pd.concat(frames, ignore_index=True)

@@ -50,7 +50,7 @@ from headlens.data.corpus import provenance as corpus_provenance
 from headlens.data.probes import Probe, ProbeSet, check_probes, default_probes, probe_kinds
 from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import Head, check_head_table, format_heads, head_name, kv_heads
 from headlens.io import atomic_path, file_sha256, provenance, weights_sha256
 
@@ -230,10 +230,7 @@ def run_census(
     ``batch_size`` sequences go through one forward. ``executor`` (:mod:`headlens.engine.executor`, e.g. a
     ``RayExecutor``) runs the probe batches; the table is the same whichever runs them.
     """
-    if not isinstance(model, HookedTransformer):
-        raise HeadlensError(
-            f"run_census needs a HookedTransformer (headlens.load_model or headlens.tiny_model), got {type(model).__name__}"
-        )
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     types = head_types()
     limits = label_thresholds(types, thresholds)

@@ -31,7 +31,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data import corpus
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 
 Kind = str
 KINDS: tuple[str, ...] = ("repeated", "natural", "delimiter")
@@ -205,6 +205,7 @@ def default_probes(
     probes are non-overlapping ``seq_len``-token windows (natural: the Python reference docs; delimiter:
     stdlib code; see :mod:`headlens.data.corpus`).
     """
+    check_model(model)
     n_seqs = None if n_seqs is None else check_count("n_seqs", n_seqs)
     n = check_count("n", n, minimum=2, why="tokens per half of a repeated probe")
     seq_len = check_count("seq_len", seq_len, minimum=2)

@@ -78,7 +78,7 @@ from headlens.engine.intervene import (
     run_interventions,
     value,
 )
-from headlens.errors import HeadlensError, check_count, non_defaults
+from headlens.errors import HeadlensError, check_count, check_model, non_defaults
 from headlens.heads import (
     Head,  # noqa: F401 (re-exported: headlens.interventions.ablation.Head)
     HeadLike,
@@ -110,6 +110,7 @@ def custom_metric(tokens: Tensor, fn: MetricFn, *, name: str = "custom", higher_
 
 def loss_metric(model: HookedTransformer, *, n_seqs: int = 4, seq_len: int = 64, text: str | None = None) -> Metric:
     """Mean next-token loss on ``n_seqs`` consecutive ``seq_len``-token windows of ``text`` (default: the corpus)."""
+    check_model(model)
     n_seqs = check_count("n_seqs", n_seqs)
     seq_len = check_count("seq_len", seq_len, minimum=2)
 
@@ -152,6 +153,7 @@ def repeat_loss_metric(
     word tokens, one prefix token), or pass that ``probe`` itself to score exactly the census's sequences (then the
     probe's sizes and seed are the metric's: others given beside it are an error).
     """
+    check_model(model)
     n_seqs = check_count("n_seqs", n_seqs)
     half_len = check_count("half_len", half_len, minimum=2)
     if probe is None:
@@ -171,6 +173,7 @@ def logit_diff_metric(
     model: HookedTransformer, prompts: str | Sequence[str], answers: tuple[str, str] | Sequence[tuple[str, str]]
 ) -> Metric:
     """Mean over prompts of logit(correct) − logit(wrong) at each prompt's last token; answers are single tokens."""
+    check_model(model)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if answers and isinstance(answers[0], str):
         answers = [tuple(answers)] * len(prompts)
@@ -350,6 +353,7 @@ def ablation_hooks(
 
     ``mean`` / ``resample`` need ``reference`` tokens (their clean z is computed here, once).
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     sites = _sites(check_heads(model, heads))
     replacement = _replacement or Replacement(model, method, reference, [s.layer for s in sites], seed=seed)
@@ -416,6 +420,7 @@ def ablated_metric(
     seed: int = 0,
 ) -> float:
     """The metric with ``heads`` ablated together (reference defaults to the metric's tokens)."""
+    check_model(model)
     metric = _as_metric(model, metric, tokens)
     sites = _sites(check_heads(model, heads))
     replacement = Replacement(model, method, reference, [s.layer for s in sites], seed=seed, tokens=metric.tokens)
@@ -500,6 +505,7 @@ def compare_to_random(
     them from the same layers (depth-matched control, see :func:`headlens.heads.random_heads`). The ``n_random``
     sets are distinct (:func:`random_sets`); an error says how many exist when fewer than ``n_random`` do.
     """
+    check_model(model)
     batch_size = check_count("batch_size", batch_size)
     seed = check_count("seed", seed, minimum=0)
     n_random = check_count("n_random", n_random, minimum=2, why="a spread needs two random sets")
@@ -599,6 +605,7 @@ def ablation_sweep(
     ``executor`` (:mod:`headlens.engine.executor`, e.g. a ``RayExecutor``) runs one shard per layer, each re-running
     the clean forward its layer needs; the table is the same.
     """
+    check_model(model)
     metric = _as_metric(model, metric, tokens)
     if strategy not in ("fast", "naive"):
         raise HeadlensError(f"unknown sweep strategy {strategy!r}: use 'fast' or 'naive'")
@@ -674,6 +681,7 @@ def head_importance(
     the ablation effect), ``importance`` = mean over sequences of |∂metric_x/∂ξ_h| (Michel's I_h;
     exact when the metric is a mean over sequences, as the built-in ones are).
     """
+    check_model(model)
     metric = _as_metric(model, metric, tokens)
     toks = metric.tokens.to(model.cfg.device)
     B, L, H = toks.shape[0], model.cfg.n_layers, model.cfg.n_heads

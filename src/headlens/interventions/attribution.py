@@ -52,7 +52,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.engine.intervene import final_logits
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import kv_heads
 from headlens.interventions.patching import (
     Activation,
@@ -99,6 +99,7 @@ def attribution_patching(
     ``IG_ALPHAS``. A screen for the heads that matter, not an estimate of each patch (see the module docstring).
     ``metric`` in the table is ``corrupted + estimate``.
     """
+    check_model(model)
     if isinstance(activations, str):
         activations = [activations]
     for activation in activations:
@@ -560,6 +561,7 @@ def compare_patching(
     progress: bool = True,
 ) -> PatchingComparison:
     """Exact and attribution patching side by side (see :class:`PatchingComparison`)."""
+    check_model(model)
     top_k = check_count("top_k", top_k, minimum=2, why="a rank correlation over the top_k largest effects")
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     start = time.perf_counter()

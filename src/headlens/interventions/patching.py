@@ -60,7 +60,7 @@ from headlens.engine.intervene import (
     resid_names,
     run_interventions,
 )
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import check_heads, check_layers, kv_heads
 
 Activation = Literal["z", "pattern", "q", "k", "v", "resid_pre", "attn_out", "mlp_out"]
@@ -167,6 +167,7 @@ def induction_pair(
     half: on the clean run an induction circuit predicts ``A[i+1]`` after the second ``A[i]``; on the corrupted
     run nothing can.
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     n_tokens = check_count("n_tokens", n_tokens, minimum=3)
     n_seqs = check_count("n_seqs", n_seqs)
@@ -245,6 +246,7 @@ def text_pair(
     (or the log-prob of ``answer``); one string is every prompt's answer, a list gives one per prompt. Without them the answer is the clean run's top next token and the wrong one
     the corrupted run's; the metric is their logit difference (the log-prob of the answer where both agree).
     """
+    check_model(model)
     clean_texts = [clean] if isinstance(clean, str) else list(clean)
     corrupted_texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
     if len(clean_texts) != len(corrupted_texts) or not clean_texts:
@@ -391,6 +393,7 @@ def activation_patching(
     heads, ``[(3, 0), "L21H11"]``) restrict the patched units. ``executor`` (:mod:`headlens.engine.executor`) runs
     one shard per layer (each re-runs the clean and corrupted forwards); the table is the same.
     """
+    check_model(model)
     if not isinstance(pair, PromptPair):
         raise HeadlensError(
             f"activation_patching needs a PromptPair (induction_pair, text_pair), got {type(pair).__name__}"

@@ -26,7 +26,7 @@ import pandas as pd
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import HeadLike, format_heads, head_name, kv_heads
 from headlens.interventions.ablation import (
     Head,
@@ -109,6 +109,7 @@ def prune_curve(
     within_tolerance, refined, removed), ``order`` (rank, layer, head, kv_head, score, step) and
     ``max_removed`` / ``max_fraction`` (largest count within ``tolerance`` relative worsening).
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     metric = _as_metric(model, metric, tokens)
     if order not in ("gradient", "ablation"):

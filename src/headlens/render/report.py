@@ -27,7 +27,7 @@ from headlens.analysis.evidence import verdict_table
 from headlens.census import CensusResult
 from headlens.census.registry import head_types as registered
 from headlens.engine.capture import VIEW_TOKENS, head_patterns
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_model
 from headlens.heads import check_head, parse_heads, unit_name
 from headlens.io import headlens_version, weights_sha256, write_bytes, write_text
 from headlens.models import DEFAULT_MODEL, QWEN_SHA256, model_info
@@ -700,6 +700,7 @@ def write_report(
     headlens returns them. Per-head tables become layer x head heatmaps, tables with a ``distance`` column distance
     curves. One forward over ``prompt`` gives every pattern the page shows.
     """
+    check_model(model)
     if not isinstance(census, CensusResult):
         census = CensusResult.from_table(viz.check_census(census))
     viz.check_census(census.table, model)

@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 from headlens.census.registry import head_types
 from headlens.census.run import LABEL_SCORE, LABELS, SCORES, check_census_table
 from headlens.engine.capture import VIEW_TOKENS, head_patterns
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import head_name, parse_head
 
 CENSUS_COLUMNS = ("layer", "head", "kv_head", *SCORES, "label")  # the columns every census table has
@@ -291,6 +291,7 @@ def attention_view(
     ``component="heads"`` is ``circuitsvis.attention.attention_heads`` (named thumbnails + one big pattern),
     ``"patterns"`` is ``attention_patterns`` (tokens coloured by attention).
     """
+    check_model(model)
     heads = [parse_head(h) for h in heads]  # "L9H8", (9, 8) or Head(9, 8), in the order given
     tokens, patterns = head_patterns(model, prompt, heads, max_tokens=max_tokens)
     return heads_view(tokens, patterns, heads, component=component, title=title)
@@ -374,6 +375,7 @@ def gallery(
     max_tokens: int = VIEW_TOKENS,
 ) -> ViewSet:
     """One CircuitsVis ``AttentionHeads`` view per label, showing its ``top_k`` top heads on ``prompt`` (one forward)."""
+    check_model(model)
     check_census(census, model)
     top = top_heads_by_label(census, top_k=top_k, labels=labels)
     if top.empty:
