@@ -91,3 +91,14 @@ def test_the_committed_scores_regenerate_on_qwen(qwen):
     code = code_scores(qwen, code_probe(qwen, seed=0, n_seqs=DEFAULT_SIZES["code"], min_pairs=1))
     for column in ("bracket_matching", "closer_to_opener", "identifier"):
         assert np.abs(code[column].to_numpy() - scores[column].to_numpy()).max() <= 1e-4, column
+
+
+@pytest.mark.xfail(
+    strict=True, reason="known defect (docs/head_types.md): the census counts code windows without a use as 0"
+)
+def test_the_census_and_the_study_score_identifier_alike():
+    """Both score identifier on the same 48 code windows of seed 0; the census averages over every window (no use
+    counts 0), the study over windows with a use. Fixing the census (and regenerating its results) makes this pass."""
+    census = pd.read_csv(RESULTS.parent / "census_trust" / "census_seed0.csv")
+    scores = pd.read_csv(RESULTS / "scores.csv")
+    assert np.abs(census["identifier"].to_numpy() - scores["identifier"].to_numpy()).max() <= 1e-4
