@@ -406,7 +406,10 @@ def conversion_recipe() -> str:
     import inspect
     from importlib.metadata import version
 
-    code = "".join(inspect.getsource(f) for f in (hooked_config, hooked_from_hf, linear_layout))
+    try:
+        code = "".join(inspect.getsource(f) for f in (hooked_config, hooked_from_hf, linear_layout))
+    except OSError:  # an install without sources (bytecode only): the package version stands for its code
+        code = version("headlens")
     return json.dumps(
         {
             "transformer_lens": version("transformer-lens"),
