@@ -48,6 +48,10 @@ def test_top_k_and_activations_are_checked_before_any_work(tiny_qwen, monkeypatc
         compare_patching(tiny_qwen, pair, top_k=1, progress=False)
     with pytest.raises(HeadlensError, match="activations repeat one"):
         attribution_patching(tiny_qwen, pair, activations=["z", "z"])
+    with pytest.raises(
+        HeadlensError, match="needs a PromptPair"
+    ):  # was an AttributeError (activation_patching's check)
+        attribution_patching(tiny_qwen, pair.clean)
 
 
 @pytest.fixture(scope="module")

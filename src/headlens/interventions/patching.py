@@ -135,7 +135,10 @@ class PromptPair:
 
 
 def check_pair_tokens(model: HookedTransformer, pair: PromptPair) -> None:
-    """Refuse a pair whose clean or corrupted tokens are not ids of ``model``'s vocabulary, before any forward."""
+    """Refuse, before any forward, what is not a :class:`PromptPair` or one whose clean or corrupted tokens are not ids
+    of ``model``'s vocabulary."""
+    if not isinstance(pair, PromptPair):
+        raise HeadlensError(f"patching needs a PromptPair (induction_pair, text_pair), got {type(pair).__name__}")
     check_token_ids(model, pair.clean, "clean tokens")
     check_token_ids(model, pair.corrupted, "corrupted tokens")
 
@@ -394,13 +397,9 @@ def activation_patching(
     one shard per layer (each re-runs the clean and corrupted forwards); the table is the same.
     """
     check_model(model)
-    if not isinstance(pair, PromptPair):
-        raise HeadlensError(
-            f"activation_patching needs a PromptPair (induction_pair, text_pair), got {type(pair).__name__}"
-        )
+    check_pair_tokens(model, pair)
     check_activation(activation, ACTIVATIONS + STREAM_ACTIVATIONS)
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
-    check_pair_tokens(model, pair)
     shard_metric, metric = metric, pair_metric(metric or pair.metric, pair.clean, pair.positions, pair.name)
     chosen = None
     if heads is not None:
