@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,6 +242,41 @@ def test_planted_closer_head_scores_its_ground_truth(one_thread):
     opener_ids = set(bracket_ids(model, BRACKETS))
     for b in range(probe.n_seqs):  # is_opener marks opening brackets that are their own token
         assert all(int(probe.tokens[b, k]) in opener_ids for k in probe.is_opener[b].nonzero()[:, 0].tolist())
+
+
+def test_a_window_without_a_use_is_left_out_of_the_census_identifier(one_thread):
+    """identifier is "mean over uses": a code window with no re-used name has no score, so the census averages over
+    the windows that have one, as the head-type study does (it used to count such windows as 0)."""
+    from headlens.census.run import run_census
+    from headlens.data.probes import ProbeSet
+
+    model = tiny_model("qwen2", n_layers=2)
+    probe = code_probe(model, seq_len=64, n_seqs=12, min_pairs=3)
+    has_use = probe.ident.any(-1).any(-1)
+    assert 0 < int(has_use.sum()) < probe.n_seqs  # some windows without a use, so the old mean would differ
+    census = run_census(model, ProbeSet(code=probe), progress=False, n_boot=20).table.set_index(["layer", "head"])
+    study = code_scores(model, probe).set_index(["layer", "head"])
+    assert census["identifier"].to_numpy() == pytest.approx(study["identifier"].to_numpy(), abs=1e-5)
+    assert census["identifier"].abs().max() > 1e-3  # not 0 everywhere: a mean over all windows would be smaller
+    assert census[["identifier_lo", "identifier_hi"]].notna().all().all()
+    assert (census["identifier_lo"] <= census["identifier"] + 1e-6).all()
+
+
+def test_census_means_leave_out_sequences_without_a_score():
+    from headlens.census.registry import head_types
+    from headlens.census.run import PerSequence, build_table, label_thresholds
+
+    model = tiny_model("qwen2", n_layers=1)
+    n = model.cfg.n_layers * model.cfg.n_heads
+    ident = np.tile(np.array([[0.8], [np.nan], [0.6]]), (1, n))
+    ident[:, 1] = np.nan  # a head no window scores stays undefined
+    bracket = np.tile(np.array([[0.1], [0.2], [0.3]]), (1, n))
+    per_seq = PerSequence({"code": {"identifier": ident, "bracket_matching": bracket, "_sink": np.zeros((3, n))}}, {})
+    types = head_types()
+    table, _ = build_table(model, per_seq, types, label_thresholds(types, None), n_boot=0)
+    assert table["identifier"].iloc[0] == pytest.approx(0.7)  # (0.8 + 0.6) / 2, not (0.8 + 0 + 0.6) / 3
+    assert np.isnan(table["identifier"].iloc[1])
+    assert table["bracket_matching"].iloc[0] == pytest.approx(0.2)
 
 
 def test_closer_to_opener_on_a_hand_made_pattern():

@@ -60,7 +60,7 @@ def _column(model: HookedTransformer, table: pd.DataFrame, name: str) -> Float[T
 
 
 def _predicted_score(pattern, probe, rows):
-    return ov.attention_to_predicted(pattern, ov.predicted_mask(probe.tokens[rows], probe.predicted[rows])).nan_to_num()
+    return ov.attention_to_predicted(pattern, ov.predicted_mask(probe.tokens[rows], probe.predicted[rows]))
 
 
 def _not_positional(eff: dict) -> np.ndarray:
@@ -180,7 +180,7 @@ def builtin_types() -> list[HeadType]:
         HeadType(
             "bracket_matching",
             "code",
-            lambda p, probe, rows: code_heads.bracket_matching(p, probe.opener[rows]).nan_to_num(),
+            lambda p, probe, rows: code_heads.bracket_matching(p, probe.opener[rows]),
             code_heads.THRESHOLDS["bracket_matching"],
             1,
             "token before a closer -> its opener and the tokens beside it, on stdlib code",
@@ -190,9 +190,7 @@ def builtin_types() -> list[HeadType]:
         HeadType(
             "closer_to_opener",
             "code",
-            lambda p, probe, rows: code_heads.closer_to_opener(
-                p, probe.opener[rows], probe.is_opener[rows]
-            ).nan_to_num(),
+            lambda p, probe, rows: code_heads.closer_to_opener(p, probe.opener[rows], probe.is_opener[rows]),
             code_heads.THRESHOLDS["closer_to_opener"],
             1,
             "a closing bracket -> its own opener, beyond its attention on other openers, on stdlib code",
@@ -202,7 +200,7 @@ def builtin_types() -> list[HeadType]:
         HeadType(
             "identifier",
             "code",
-            lambda p, probe, rows: code_heads.identifier(p, probe.ident[rows]).nan_to_num(),
+            lambda p, probe, rows: code_heads.identifier(p, probe.ident[rows]),
             code_heads.THRESHOLDS["identifier"],
             1,
             "a re-used name -> its earlier occurrences on stdlib code",

@@ -6,7 +6,8 @@ built-in columns: ``previous_token``, ``first_token``, ``local`` and ``entropy``
 Python reference docs); ``delimiter`` on the Python standard library's code; ``duplicate_token`` and
 ``induction`` on repeated random tokens whose half-length varies per sequence; ``copying`` from the
 weights. Patterns are reduced inside the attention hooks (``headlens.engine.capture``), one batch and one
-layer at a time, to one number per *sequence*, so memory is one layer's pattern, never a cache.
+layer at a time, to one number per *sequence*, so memory is one layer's pattern, never a cache. A sequence with
+nothing to score (code without a re-used name) is NaN and left out of that column's mean.
 
 Sink. Qwen prepends no BOS, yet most heads park attention on position 0. Each type registered with
 ``nosink=True`` also gets a ``<name>_nosink`` column: the score on the pattern with key 0 removed and
@@ -33,6 +34,7 @@ import difflib
 import functools
 import hashlib
 import json
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -479,8 +481,12 @@ def build_table(
             }
         for c in cols:
             arr = np.stack(boots[c])
-            frame[f"{c}_lo"] = np.percentile(arr, 2.5, axis=0).round(6)
-            frame[f"{c}_hi"] = np.percentile(arr, 97.5, axis=0).round(6)
+            # a resample without a sequence that defines the score (no re-used name drawn) has no estimate to rank
+            pct = np.nanpercentile if np.isnan(arr).any() else np.percentile
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: the score is undefined for the head
+                frame[f"{c}_lo"] = pct(arr, 2.5, axis=0).round(6)
+                frame[f"{c}_hi"] = pct(arr, 97.5, axis=0).round(6)
         for k, v in lo_hi.items():
             frame[k] = np.round(v, 6)
         boot_counts = np.stack([(stack == i).sum(1) for i in range(len(names))], axis=1)  # [boot, label]
@@ -503,10 +509,19 @@ def _means(per_seq: PerSequence, types, picks: dict, n: int) -> dict[str, np.nda
     for kind, cols in per_seq.by_kind.items():
         idx = picks.get(kind)
         for c, v in cols.items():
-            value = (v if idx is None else v[idx]).mean(0)
-            out[f"_sink:{kind}" if c == "_sink" else c] = value
+            out[f"_sink:{kind}" if c == "_sink" else c] = _mean_defined(v if idx is None else v[idx])
     out.update(per_seq.weights)
     return out
+
+
+def _mean_defined(per_seq: np.ndarray) -> np.ndarray:
+    """Mean over the sequences where a score is defined: a sequence with nothing to score (no re-used name, no
+    closer) is NaN and left out, as the score's definition says ("mean over uses"), rather than counted as 0.
+    NaN only for a head no sequence scores."""
+    if not np.isnan(per_seq).any():
+        return per_seq.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nansum(per_seq, 0) / (~np.isnan(per_seq)).sum(0)
 
 
 def _effective(means: dict[str, np.ndarray], types) -> dict[str, np.ndarray]:
