@@ -307,3 +307,22 @@ def test_census_trust_refuses_a_cache_of_other_code_or_another_model(tmp_path, m
     (tmp_path / "cache" / "stamp.json").unlink()
     with pytest.raises(SystemExit, match="unknown origin"):
         script.check_cache(model)
+
+
+def test_head_report_is_the_seed0_census_and_the_findings_quote_it():
+    """analyses/head_report.py runs the default census at seed 0: its labels are census_seed0.csv's, and the findings'
+    single-head ablation figures are its summary's."""
+    from docs_numbers import doc_text
+
+    report = RESULTS.parent / "head_report"
+    summary = json.loads((report / "summary.json").read_text())
+    seed0 = pd.read_csv(RESULTS / "census_seed0.csv")
+    assert summary["labels"] == seed0["label"].value_counts().to_dict()
+    assert pd.read_csv(report / "census.csv")["label"].tolist() == seed0["label"].tolist()
+    text = doc_text("findings")
+    n_induction = summary["labels"]["induction"]
+    assert (
+        f"{n_induction} induction heads raise the repeated-half loss by only "
+        f"{summary['mean_ablation_effect_induction_heads']:.3f} nats on average (other heads: "
+        f"{summary['mean_ablation_effect_other_heads']:.3f})" in text
+    )
