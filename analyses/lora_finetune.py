@@ -13,6 +13,7 @@ Prediction, stated before training:
 3. so their census previous-token / local scores move, and some labels may change.
 
 Run: ``python analyses/lora_finetune.py`` (under ``flock /tmp/headlens-qwen.lock`` on a shared machine);
+``--compare-only`` keeps the committed adapter and training.json and redoes the comparison (after a census change);
 ``--findings-only`` rebuilds findings.md from the saved tables without a model.
 Writes to analyses/results/lora_finetune/: adapter/ (safetensors), training.json, compare.csv,
 distance_profile.csv, compare.png, distance.png, findings.md.
@@ -146,8 +147,21 @@ def train(adapter_dir: Path, directory: Path | None = None) -> dict:
     }
 
 
+def spearman_interval(x: pd.Series, y: pd.Series, n_boot: int = 2000, seed: int = SEED) -> tuple[float, float, float]:
+    """Spearman correlation of ``x`` and ``y`` with a 95 % percentile interval from resampling their rows."""
+    rng = np.random.default_rng(seed)
+    x, y = x.to_numpy(), y.to_numpy()
+    boots = [
+        pd.Series(x[i]).corr(pd.Series(y[i]), method="spearman")
+        for i in (rng.integers(0, len(x), len(x)) for _ in range(n_boot))
+    ]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return pd.Series(x).corr(pd.Series(y), method="spearman"), lo, hi
+
+
 def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
     frozen = df[df["layer"] < LAYERS[0]]
+    tuned = df[df["layer"] >= LAYERS[0]]
     top = top_changed(df, 8)
     d = dist.pivot_table(index=["layer", "head"], columns=["model", "distance"], values="attention")
     gain = {k: d[("tuned", k)] - d[("base", k)] for k in (0, 1, 2, 3)}
@@ -172,8 +186,10 @@ def findings(df: pd.DataFrame, dist: pd.DataFrame, training: dict) -> str:
         f"{(df['layer'] >= LAYERS[0]).sum()} heads; relative weight change W_Q {df[df['layer'] >= LAYERS[0]]['dW_Q'].mean():.4f}, "
         f"W_K {df[df['layer'] >= LAYERS[0]]['dW_K'].mean():.4f}, W_V {df[df['layer'] >= LAYERS[0]]['dW_V'].mean():.4f}, "
         f"W_O {df[df['layer'] >= LAYERS[0]]['dW_O'].mean():.4f} (means).",
-        f"- Spearman correlation over tuned-layer heads between attention change (JSD) and query/key weight change "
-        f"(dW_Q + dW_K): {df[df['layer'] >= LAYERS[0]]['jsd'].corr(df[df['layer'] >= LAYERS[0]][['dW_Q', 'dW_K']].sum(axis=1), method='spearman'):.2f}.",
+        "- Spearman correlation over tuned-layer heads between attention change (JSD) and query/key weight change "
+        "(dW_Q + dW_K): {:.2f} [{:.2f}-{:.2f}] (95 % bootstrap interval over the heads; one training seed).".format(
+            *spearman_interval(tuned["jsd"], tuned[["dW_Q", "dW_K"]].sum(axis=1))
+        ),
         "",
         "## The 8 heads whose attention changed most (JSD on the census probes)",
         "",
@@ -311,8 +327,9 @@ def main() -> None:
         return
     OUT.mkdir(parents=True, exist_ok=True)
     adapter_dir = OUT / "adapter"
-    training = train(adapter_dir)
-    write_text(OUT / "training.json", json.dumps(training, indent=2))
+    if "--compare-only" not in sys.argv[1:]:
+        training = train(adapter_dir)
+        write_text(OUT / "training.json", json.dumps(training, indent=2))
     base = headlens.load_model()
     print("adapter:", check_adapter(base, adapter_dir), flush=True)
     tuned = load_tuned(base, adapter_dir, base_source=DEFAULT_MODEL)
