@@ -117,12 +117,12 @@ def causal(model, name, scores, score_col, threshold, data, n_random, top_if_non
 
 
 def rope_change(new_summary: pd.DataFrame) -> dict:
-    """Old (eta^2 on raw attention) vs new (excess over uniform) RoPE summary for the heads head_report named."""
-    path = Path(__file__).resolve().parent / "results" / "head_report" / "named_heads.csv"
-    old = pd.read_csv(path)
-    if not {"positional_score", "peak_distance"} <= set(old.columns):
-        return {"note": f"{path.name} has no RoPE columns to compare with"}
-    label = "label_y" if "label_y" in old.columns else "label"
+    """Old (eta^2 on raw attention) vs new (excess over uniform) RoPE summary for the heads head_report named.
+
+    The old values are kept in ``rope_eta2_named_heads.csv`` (head_report's named_heads.csv as of commit 4731f52, with
+    the labels of the census of that time), so the comparison survives head_report's regeneration."""
+    old = pd.read_csv(Path(__file__).resolve().parent / "results" / "head_types" / "rope_eta2_named_heads.csv")
+    label = "label"
     new = new_summary[new_summary.probe == "constant"][["layer", "head", "positional_score", "peak_distance"]]
     both = (
         old[["layer", "head", label, "positional_score", "peak_distance"]]

@@ -99,3 +99,19 @@ def test_the_census_and_the_study_score_identifier_alike():
     census = pd.read_csv(RESULTS.parent / "census_trust" / "census_seed0.csv")
     scores = pd.read_csv(RESULTS / "scores.csv")
     assert np.abs(census["identifier"].to_numpy() - scores["identifier"].to_numpy()).max() <= 1e-4
+
+
+def test_rope_change_is_rebuilt_from_its_pinned_old_values(monkeypatch):
+    """summary.json's rope_change (old eta^2 vs new excess-over-uniform RoPE summary) is what the study's rope_change
+    gives from rope_summary.csv and the pinned old values, not from head_report's files, which were regenerated."""
+    import importlib.util
+    import json
+
+    analyses = RESULTS.parents[1]
+    monkeypatch.syspath_prepend(str(analyses))
+    spec = importlib.util.spec_from_file_location("head_types_script", analyses / "head_types.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    got = script.rope_change(pd.read_csv(RESULTS / "rope_summary.csv"))
+    assert got == json.loads((RESULTS / "summary.json").read_text())["rope_change"]
+    assert "L1H9 previous_token: positional 0.97 -> 0.81, peak 1 -> 1" in got["heads"]
