@@ -477,6 +477,11 @@ def test_weights_scores_are_stored_under_a_key_of_weights_tokenizer_and_code(tmp
     assert all(np.allclose(weights_scores(model, types)[n], first[n], equal_nan=True) for n in first)
     with np.load(stored) as z:  # rewritten
         assert np.allclose(z["copying"], first["copying"])
+    import headlens.census.run as run
+
+    monkeypatch.setattr(run, "code_version", lambda: "0.0.0+other")  # other headlens code: a new key, not this file
+    weights_scores(model, types)
+    assert len(list((tmp_path / "scores").glob("*.npz"))) == 3
 
 
 def test_a_full_cache_disk_costs_the_weights_scores_cache_only(tmp_path, monkeypatch):

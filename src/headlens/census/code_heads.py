@@ -91,26 +91,27 @@ def identifier(
 
 def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, seed: int = 0, progress: bool = False):
     """Per head: bracket_matching, closer_to_opener and identifier scores on ``probe`` (default :func:`code_probe`
-    with ``seed``)."""
+    with ``seed``), each the mean over the windows that define it (as the census averages them; NaN: none does)."""
     probe = code_probe(model, seed=seed) if probe is None else probe
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("bracket_matching", "closer_to_opener", "identifier")}
+    names = ("bracket_matching", "closer_to_opener", "identifier")
+    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in names}
+    counts = {k: torch.zeros(L, 1, dtype=torch.float64) for k in names}
 
     def reduce(layer, pattern, rows):
-        sums["bracket_matching"][layer] += bracket_matching(pattern, probe.opener[rows]).double().cpu().sum(0)
-        closer = closer_to_opener(pattern, probe.opener[rows], probe.is_opener[rows])
-        sums["closer_to_opener"][layer] += closer.double().cpu().nan_to_num().sum(0)
-        sums["identifier"][layer] += identifier(pattern, probe.ident[rows]).double().cpu().nan_to_num().sum(0)
+        per_seq = {
+            "bracket_matching": bracket_matching(pattern, probe.opener[rows]),
+            "closer_to_opener": closer_to_opener(pattern, probe.opener[rows], probe.is_opener[rows]),
+            "identifier": identifier(pattern, probe.ident[rows]),
+        }
+        for name, value in per_seq.items():
+            value = value.double().cpu()
+            defined = ~value[:, 0].isnan()  # a window with nothing to score is NaN for every head
+            sums[name][layer] += value[defined].sum(0)
+            counts[name][layer] += defined.sum()
 
     stream_patterns(model, probe.tokens, reduce, progress=progress, desc="code heads")
-    n_ident = int((probe.ident.any(-1).any(-1)).sum())
-    n_closer = int((probe.opener >= 0).any(-1).sum())
-    return head_frame(
-        model,
-        bracket_matching=sums["bracket_matching"] / probe.n_seqs,
-        closer_to_opener=sums["closer_to_opener"] / max(n_closer, 1),
-        identifier=sums["identifier"] / max(n_ident, 1),
-    )
+    return head_frame(model, **{k: sums[k] / counts[k] for k in names})
 
 
 def bracket_by_depth(model: HookedTransformer, heads, probe: CodeProbe) -> dict[int, list[float]]:

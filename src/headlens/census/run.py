@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import hashlib
 import json
 import warnings
@@ -39,7 +38,6 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,7 +52,7 @@ from headlens.engine.capture import stream_patterns
 from headlens.engine.executor import resolve
 from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import Head, check_head_table, format_heads, head_name, kv_heads
-from headlens.io import atomic_path, file_sha256, provenance, weights_sha256
+from headlens.io import atomic_path, code_version, provenance, weights_sha256
 
 SCORES = ("previous_token", "duplicate_token", "induction", "copying", "first_token", "delimiter", "local", "entropy")
 """The eight built-in score columns (values unchanged since the first version, except ``delimiter``: key 0 no longer
@@ -294,8 +292,8 @@ def weights_scores(model: HookedTransformer, types: dict[str, HeadType]) -> dict
     They depend on nothing but the weights, the tokenizer, the text corpus (the Python standard library the
     positional score reads) and headlens' code, so the built-in ones are kept in the headlens cache
     (``HEADLENS_CACHE/scores/<key>.npz``) under a key of exactly those: the weights digest, the tokenizer's digest, the
-    corpus's Python version and place, and the digest of every headlens source file. A census of the same model
-    computes them once (about 14 s for Qwen); a type of the user's own is computed every time.
+    corpus's Python version and place, and headlens' code version (:func:`headlens.io.code_version`). A census of
+    the same model computes them once (about 14 s for Qwen); a type of the user's own is computed every time.
     """
     wanted = {n: t for n, t in types.items() if t.probe == WEIGHTS and t.score is not None}
     stored = {n for n, t in wanted.items() if getattr(t.score, "__module__", "").startswith("headlens.")}
@@ -321,22 +319,12 @@ def _scores_path(model: HookedTransformer, names: list[str]):
     else:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     corpus = json.dumps(corpus_provenance(), sort_keys=True)
-    for part in (weights_sha256(model), hashlib.sha256(vocab.encode()).hexdigest(), corpus, _code_digest(), *names):
+    for part in (weights_sha256(model), hashlib.sha256(vocab.encode()).hexdigest(), corpus, code_version(), *names):
         key.update(f"{part}\n".encode())
     try:
         return cache_dir() / "scores" / f"{key.hexdigest()}.npz"
     except HeadlensError:  # an unusable HEADLENS_CACHE: compute, as without a cache
         return None
-
-
-@functools.cache
-def _code_digest() -> str:
-    """sha256 of every headlens source file (any change to any score's code makes a new key)."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for file in sorted(root.rglob("*.py")):
-        digest.update(f"{file.relative_to(root).as_posix()}|{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
 
 
 def _read_scores(path, names: set[str], size: int) -> dict[str, np.ndarray]:
