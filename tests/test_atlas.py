@@ -48,12 +48,26 @@ def test_page_is_offline_and_escaped(result, tmp_path):
         rename(result.positions),
         result.settings,
     )
+    tables = (result.counts, result.depth_shares, result.positions)
     page = atlas_html(renamed)
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "http://" not in page and "https://" not in page
     path = write_atlas(result, tmp_path / "atlas")
     assert path.name == "atlas.html" and (tmp_path / "atlas" / "census_toy.csv").is_file()
     assert not [p for p in (tmp_path / "atlas").iterdir() if p.name.startswith(".")]
+    (tmp_path / "atlas" / "notes.md").write_text("the user's")
+    only = type(result)({"toy": result.census["toy"]}, *(f[f.model == "toy"] for f in tables), result.settings)
+    write_atlas(only, tmp_path / "atlas")  # the same folder, one model fewer: its census file would pass for current
+    assert sorted(p.name for p in (tmp_path / "atlas").iterdir()) == [
+        "atlas.html",
+        "atlas_files.json",
+        "census_toy.csv",
+        "counts.csv",
+        "depth_shares.csv",
+        "notes.md",
+        "positions.csv",
+        "settings.json",
+    ]
 
 
 def test_bad_sources_fail_before_any_work(tmp_path):

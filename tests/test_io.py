@@ -1,5 +1,6 @@
 """Atomic writers and provenance sidecars (headlens.io)."""
 
+import json
 import os
 
 import matplotlib
@@ -120,3 +121,38 @@ def test_an_edited_config_is_another_model_for_reuse(tmp_path):
     b.cfg.rotary_base = 5000.0
     why = mismatch(path, provenance(b))
     assert why is not None and "config" in why and provenance(b)["weights"] == provenance(a)["weights"]
+
+
+def test_output_set_removes_only_what_its_writer_wrote_before(tmp_path):
+    """A writer's second run removes the files its first run listed and it did not write again (with a table's
+    provenance sidecar); the user's files, another writer's and anything outside the folder stay; a failed run
+    changes nothing."""
+    df = pd.DataFrame({"a": [1]})
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with io.output_set(out, "atlas") as written:
+        written += [io.write_csv(df, out / "census_a.csv", provenance={"x": 1}), io.write_csv(df, out / "census_b.csv")]
+    with io.output_set(out, "report") as written:
+        written.append(io.write_text(out / "report.html", "<p>"))
+    manifest = json.loads((out / "atlas_files.json").read_text())
+    assert manifest == {"writer": "atlas", "files": ["census_a.csv", "census_b.csv"]}
+    manifest["files"] += ["../outside.txt", str(outside), "report.html"]  # a tampered list reaches nothing else
+    (out / "atlas_files.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError), io.output_set(out, "atlas") as written:
+        written.append(io.write_csv(df, out / "census_b.csv"))
+        raise RuntimeError("the run failed")
+    assert (out / "census_a.csv").is_file()
+    with io.output_set(out, "atlas") as written:
+        written.append(io.write_csv(df, out / "census_b.csv"))
+    assert not (out / "census_a.csv").exists() and not io.sidecar(out / "census_a.csv").exists()
+    assert {p.name for p in out.iterdir()} == {
+        "census_b.csv",
+        "notes.txt",
+        "report.html",
+        "atlas_files.json",
+        "report_files.json",
+    }
+    assert outside.read_text() == "mine"

@@ -656,3 +656,13 @@ def test_head_view_opens_on_the_top_labelled_head_by_default(tiny_qwen, tmp_path
     best = viz.top_heads_by_label(census, top_k=1).iloc[0]
     assert data["first"] == viz.head_name(best["layer"], best["head"])
     assert set(data["heads"]) == {viz.head_name(l, h) for l, h in zip(census["layer"], census["head"])}
+
+
+def test_a_rewritten_report_leaves_no_figure_of_the_earlier_one(tiny_qwen, tmp_path):
+    census = fake_census()
+    write_report(tmp_path, model=tiny_qwen, census=census, top_k=1, progress=False)
+    drawn = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert drawn and (tmp_path / "report_files.json").is_file()
+    (tmp_path / "figures" / "mine.png").write_bytes(b"the user's")
+    write_report(tmp_path, model=tiny_qwen, census=census, top_k=1, progress=False, figures=False)
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["mine.png"]  # figures of another run: gone

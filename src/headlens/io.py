@@ -221,6 +221,38 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def output_set(directory: str | os.PathLike, writer: str) -> Iterator[list[Path]]:
+    """The files one writer (``"atlas"``, ``"report"``) puts in ``directory``: append each path written to the list
+    it yields. When the writer finishes, ``<writer>_files.json`` lists them, and the files its previous run there
+    listed but this run did not write are removed: they described another run (another model's census, a figure no
+    longer drawn) and would pass for this one's. Files the writer never listed (the user's, another writer's) stay;
+    a failed run changes nothing."""
+    directory = Path(directory)
+    manifest = directory / f"{writer}_files.json"
+    written: list[Path] = []
+    yield written
+    names = sorted({Path(p).resolve().relative_to(directory.resolve()).as_posix() for p in written})
+    others = {name for m in directory.glob("*_files.json") if m != manifest for name in _listed(m)}
+    for name in _listed(manifest) - set(names) - others - {manifest.name}:
+        stale = directory / name
+        if not Path(name).is_absolute() and ".." not in Path(name).parts and stale.is_file():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                for table in (sidecar(stale),) if stale.suffix in (".csv", ".parquet") else ():
+                    table.unlink(missing_ok=True)
+    write_json(manifest, {"writer": writer, "files": names})
+
+
+def _listed(manifest: Path) -> set[str]:
+    """The files an :func:`output_set` manifest lists (none when it is missing or not one), itself included."""
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {str(f) for f in files} | {manifest.name} if isinstance(files, list) else set()
+
+
 # ---------------------------------------------------------------- content digests
 
 

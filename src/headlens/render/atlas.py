@@ -13,24 +13,26 @@ from matplotlib.figure import Figure  # plain Figures: the user's matplotlib bac
 from headlens.analysis.atlas import WHERE, Atlas
 from headlens.census import LABELS
 from headlens.errors import HeadlensError
-from headlens.io import write_csv, write_json, write_text
+from headlens.io import output_set, write_csv, write_json, write_text
 from headlens.render.viz import escape, figure_img, label_colors, label_glyphs, label_legend_html
 
 
 def write_atlas(result: Atlas, out_dir: str | os.PathLike) -> Path:
-    """Write census_<model>.csv, counts.csv, depth_shares.csv, positions.csv, settings.json and atlas.html (offline)."""
+    """Write census_<model>.csv, counts.csv, depth_shares.csv, positions.csv, settings.json and atlas.html (offline),
+    and atlas_files.json, their list."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise HeadlensError(f"{out} is a file: pass a directory for the atlas")
     out.mkdir(parents=True, exist_ok=True)
     names = census_files(result.census)
-    for model, table in result.census.items():
-        write_csv(table, out / names[model])
-    write_csv(result.counts, out / "counts.csv")
-    write_csv(result.depth_shares, out / "depth_shares.csv")
-    write_csv(result.positions, out / "positions.csv")
-    write_json(out / "settings.json", result.settings)
-    return write_text(out / "atlas.html", atlas_html(result))
+    with output_set(out, "atlas") as written:  # a census file of an earlier atlas's model is removed (io.output_set)
+        written += [write_csv(table, out / names[model]) for model, table in result.census.items()]
+        written.append(write_csv(result.counts, out / "counts.csv"))
+        written.append(write_csv(result.depth_shares, out / "depth_shares.csv"))
+        written.append(write_csv(result.positions, out / "positions.csv"))
+        written.append(write_json(out / "settings.json", result.settings))
+        written.append(write_text(out / "atlas.html", atlas_html(result)))
+    return written[-1]
 
 
 def census_files(sources) -> dict[str, str]:

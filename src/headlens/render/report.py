@@ -29,7 +29,7 @@ from headlens.census.registry import head_types as registered
 from headlens.engine.capture import VIEW_TOKENS, head_patterns
 from headlens.errors import HeadlensError, check_model
 from headlens.heads import check_head, parse_heads, unit_name
-from headlens.io import headlens_version, weights_sha256, write_bytes, write_text
+from headlens.io import headlens_version, output_set, weights_sha256, write_bytes, write_text
 from headlens.models import DEFAULT_MODEL, QWEN_SHA256, model_info
 from headlens.progress import tqdm
 from headlens.render import viz
@@ -277,6 +277,7 @@ class _Page:
         self.calls: list[str] = []
         self.head_data: dict | None = None
         self.figures_dir, self.dpi = figures_dir, dpi
+        self.written: list[Path] = []
 
     def section(self, key: str, title: str, body: str) -> None:
         self.sections.append((key, title, body))
@@ -291,7 +292,7 @@ class _Page:
         """Write ``fig`` as figures/NAME.png (for papers) and return the PNG."""
         png = viz.figure_png(fig, dpi=self.dpi)
         if self.figures_dir is not None:
-            write_bytes(self.figures_dir / f"{name}.png", png)
+            self.written.append(write_bytes(self.figures_dir / f"{name}.png", png))
         return png
 
     def figure(self, fig: Figure, name: str, alt: str) -> str:
@@ -689,6 +690,7 @@ def write_report(
     progress: bool = True,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained, offline) and, with ``figures``, ``figures/*.png``; return its path.
+    ``report_files.json`` lists them; figures an earlier report there drew and this one does not are removed.
 
     ``census`` is the :class:`~headlens.census.CensusResult` of :func:`headlens.run_census` (a bare census table, e.g.
     read back with :func:`read_census`, works too; its seed and probes are then not recorded); a census whose provenance
@@ -806,7 +808,8 @@ def write_report(
 
     path = out / "report.html"
     subtitle = f"{info['model']}: {n_layers} layers x {n_heads} heads ({info['n_kv_heads']} kv heads); headlens {headlens_version()}"
-    write_text(path, page.html(title or f"headlens report: {info['model']}", subtitle))
+    with output_set(out, "report") as written:  # a figure an earlier report drew and this one did not is removed
+        written += [*page.written, write_text(path, page.html(title or f"headlens report: {info['model']}", subtitle))]
     bar.update(bar.total - bar.n)
     bar.close()
     return path
