@@ -378,8 +378,10 @@ def test_seeded_builders_leave_the_callers_random_generators_alone():
             np.random.seed(seed)
             random.seed(seed)
             expected = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []  # on a GPU machine only
             digests.add(weights_sha256(build()))
             assert torch.equal(torch.get_rng_state(), expected[0])
+            assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all() if cuda else [], cuda))
             assert (np.random.get_state()[1] == expected[1]).all() and random.getstate() == expected[2]
             draws.append(torch.rand(1).item())
         assert len(digests) == 1 and draws[0] != draws[1]  # same weights whatever the caller's seed

@@ -1088,10 +1088,12 @@ def _tiny_hf(
 
 @contextlib.contextmanager
 def private_rng(seed: int | None = None) -> Iterator[None]:
-    """Run a block on the global RNGs (torch's CPU generator, numpy's, Python's), seeded with ``seed`` when given, and
-    give the caller's generators back after it: building a seeded model must not reseed the user's random draws."""
+    """Run a block on the global RNGs (torch's CPU and CUDA generators, numpy's, Python's), seeded with ``seed`` when
+    given, and give the caller's generators back after it: building a seeded model must not reseed the user's random
+    draws (``torch.manual_seed`` seeds every CUDA device too)."""
     py, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         if seed is not None:
             torch.manual_seed(seed)
         try:
