@@ -559,7 +559,7 @@ def write_results(model) -> None:
         "targets_met_on_fresh_seeds": stability["targets_met_on_fresh_seeds"],
         "dev_scaling_fit": scaling_fit(scaling) if complete else None,
         "other_share_seed0": float((seed0["label"] == "other").mean()),
-        "labels_clear_null": {r.label: bool(r.clears) for r in levels.itertuples()},
+        "labels_clear_null": {r.label: None if pd.isna(r.clears) else bool(r.clears) for r in levels.itertuples()},
         "verdicts": dict(zip(causal["label"], causal["verdict"])),
         "causal": {
             r.label: {"ratio": r.ratio, "lo": r.ratio_lo, "hi": r.ratio_hi, "n_heads": r.n_heads, "verdict": r.verdict}

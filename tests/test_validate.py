@@ -28,8 +28,10 @@ def test_planted_thresholds_clear_the_nulls():
     assert "shuffled_max" in levels.columns and np.isfinite(levels.loc["induction", "shuffled_max"])
     # the planted induction head is exact; with the repeat order destroyed it scores low
     assert levels.loc["induction", "shuffled_max"] < 0.3
-    # every label's threshold is above the largest score of any randomly initialised head (near-uniform attention)
-    assert levels["clears"].all(), levels
+    # every label's threshold is above the largest score of any randomly initialised head (near-uniform attention);
+    # these short code windows hold no re-used name, so identifier has no null score to clear (NaN, not 0)
+    assert levels["clears"].dropna().all(), levels
+    assert levels["null_max"].isna().sum() <= 1 and np.isnan(levels.loc["identifier", "null_max"])
     assert "broad" not in levels.index  # breadth is what chance looks like: a score (entropy), never a label
 
 

@@ -102,7 +102,11 @@ def null_levels(nulls: dict[str, dict[str, np.ndarray]], thresholds: dict[str, f
             row[f"{null}_q99"] = float(np.quantile(values, 0.99))
             worst = max(worst, float(values.max()))
         if worst == -np.inf:
-            raise HeadlensError(f"no null scores for {name!r}: run null_scores with the probe kind {t.probe!r}")
+            if all(scores.get(t.column) is None for scores in nulls.values()):
+                raise HeadlensError(f"no null scores for {name!r}: run null_scores with the probe kind {t.probe!r}")
+            # the probes define no score for it (e.g. code windows without a re-used name): nothing to clear
+            rows.append({**row, "null_max": np.nan, "clears": np.nan})
+            continue
         row["null_max"] = worst
         row["clears"] = bool(limit > worst)
         rows.append(row)
