@@ -233,8 +233,9 @@ def output_set(directory: str | os.PathLike, writer: str) -> Iterator[list[Path]
     written: list[Path] = []
     yield written
     names = sorted({Path(p).resolve().relative_to(directory.resolve()).as_posix() for p in written})
-    others = {name for m in directory.glob("*_files.json") if m != manifest for name in _listed(m)}
-    for name in _listed(manifest) - set(names) - others - {manifest.name}:
+    manifests = set(directory.glob("*_files.json"))  # never removed, nor what another writer lists
+    keep = set(names) | {m.name for m in manifests} | {n for m in manifests - {manifest} for n in _listed(m)}
+    for name in _listed(manifest) - keep:
         stale = directory / name
         if not Path(name).is_absolute() and ".." not in Path(name).parts and stale.is_file():
             with contextlib.suppress(OSError):
@@ -245,12 +246,12 @@ def output_set(directory: str | os.PathLike, writer: str) -> Iterator[list[Path]
 
 
 def _listed(manifest: Path) -> set[str]:
-    """The files an :func:`output_set` manifest lists (none when it is missing or not one), itself included."""
+    """The files an :func:`output_set` manifest lists (none when it is missing or not one)."""
     try:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    return {str(f) for f in files} | {manifest.name} if isinstance(files, list) else set()
+    return {str(f) for f in files} if isinstance(files, list) else set()
 
 
 # ---------------------------------------------------------------- content digests

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.census.scores import masked_attention
+from headlens.census.scores import add_defined, masked_attention
 from headlens.data.code import REGION, CodeProbe, code_probe
 from headlens.engine.capture import stream_patterns
 from headlens.heads import head_frame
@@ -105,10 +105,7 @@ def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, see
             "identifier": identifier(pattern, probe.ident[rows]),
         }
         for name, value in per_seq.items():
-            value = value.double().cpu()
-            defined = ~value[:, 0].isnan()  # a window with nothing to score is NaN for every head
-            sums[name][layer] += value[defined].sum(0)
-            counts[name][layer] += defined.sum()
+            add_defined(sums[name], counts[name], layer, value)
 
     stream_patterns(model, probe.tokens, reduce, progress=progress, desc="code heads")
     return head_frame(model, **{k: sums[k] / counts[k] for k in names})

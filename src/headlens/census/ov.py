@@ -38,7 +38,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.census.scores import NEGATIVE_COPYING, masked_attention
+from headlens.census.scores import NEGATIVE_COPYING, add_defined, masked_attention
 from headlens.data.predicted import model_predictions
 from headlens.data.probes import natural_text, word_token_ids
 from headlens.engine.capture import stream_patterns
@@ -220,10 +220,7 @@ def copy_suppression_scores(
     sums, weight = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, 1, dtype=torch.float64)
 
     def reduce(layer, pattern, rows):
-        per_seq = attention_to_predicted(pattern, mask[rows]).double().cpu()
-        ok = ~per_seq[:, 0].isnan()
-        sums[layer] += per_seq[ok].sum(0)
-        weight[layer] += ok.sum()
+        add_defined(sums, weight, layer, attention_to_predicted(pattern, mask[rows]))
 
     stream_patterns(model, tokens, reduce, progress=progress, desc="copy suppression")
     attn = (sums / weight.clamp_min(1)).float()

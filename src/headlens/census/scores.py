@@ -52,6 +52,15 @@ def masked_attention(
     return (mass * has).sum(-1) / has.sum(-1)
 
 
+def add_defined(sums: Tensor, counts: Tensor, layer: int, per_seq: Float[Tensor, "batch head"]) -> None:
+    """Add the sequences of ``per_seq`` that define their score (NaN: nothing to score, for every head) to
+    ``sums[layer]`` and count them in ``counts[layer]``: a streamed mean over the sequences that define it."""
+    per_seq = per_seq.double().cpu()
+    defined = ~per_seq[:, 0].isnan()
+    sums[layer] += per_seq[defined].sum(0)
+    counts[layer] += defined.sum()
+
+
 def previous_token_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head"]:
     """Per sequence: mean attention from each position i >= 1 to position i - 1."""
     _check(pattern, min_pos=2)

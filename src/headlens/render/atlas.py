@@ -31,8 +31,9 @@ def write_atlas(result: Atlas, out_dir: str | os.PathLike) -> Path:
         written.append(write_csv(result.depth_shares, out / "depth_shares.csv"))
         written.append(write_csv(result.positions, out / "positions.csv"))
         written.append(write_json(out / "settings.json", result.settings))
-        written.append(write_text(out / "atlas.html", atlas_html(result)))
-    return written[-1]
+        page = write_text(out / "atlas.html", atlas_html(result))
+        written.append(page)
+    return page
 
 
 def census_files(sources) -> dict[str, str]:
