@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scripts import load_script
 
 from headlens.census.validate import LABEL_TASKS
 
@@ -48,7 +49,7 @@ def test_fresh_seed_stability_is_what_the_seed_tables_say():
         for label, row in record["by_label"].items():
             assert row["n_any_seed"] == int((labels == label).any(0).sum()), (key, label)
             assert row["n_every_seed"] == int((labels == label).all(0).sum()), (key, label)
-        kept = load_script().confident_kept(tables(seeds))
+        kept = census_trust_script().confident_kept(tables(seeds))
         assert {k: record[k] for k in kept} == pytest.approx(kept)
     fresh = stability["fresh"]
     met = fresh["same_label"] >= 0.97 and fresh["specific_same_label"] >= 0.95
@@ -137,15 +138,9 @@ PINNED = Path(__file__).parent / "data" / "census_trust_tiny.json"
 TINY = {"repeated": 3, "natural": 3, "delimiter": 3, "code": 3}
 
 
-def load_script():
-    """analyses/census_trust.py as a module (the analyses are scripts, not part of the package)."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "analyses" / "census_trust.py"
-    spec = importlib.util.spec_from_file_location("census_trust_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def census_trust_script():
+    """analyses/census_trust.py as a module."""
+    return load_script("analyses/census_trust.py")
 
 
 def digest(out: Path) -> dict:
@@ -171,7 +166,7 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
     change to the script or to what it calls shows here, not only in the Qwen files."""
     from test_census import planted_model
 
-    script = load_script()
+    script = census_trust_script()
     monkeypatch.setattr(script, "OUT", tmp_path / "out")
     monkeypatch.setattr(script, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(script, "DEV_SIZES", {k: v + 1 for k, v in TINY.items()})
@@ -219,7 +214,7 @@ def test_point_rule_is_the_census_label_rule():
     from headlens.census.run import build_table, collect, label_thresholds
     from headlens.data.probes import default_probes
 
-    script = load_script()
+    script = census_trust_script()
     model = planted_model()
     types = head_types()
     limits = label_thresholds(types, None)
@@ -234,7 +229,7 @@ def test_rule_check_file_holds_what_the_tables_say():
     """rule_check.csv (the rule development picked, on seeds no choice saw) is written with its own verdict."""
     check = pd.read_csv(RESULTS / "rule_check.csv")
     rules = pd.read_csv(RESULTS / "dev_rules.csv")
-    assert rules.loc[rules["picked"], "rule"].tolist() == [load_script().CANDIDATE_RULE]
+    assert rules.loc[rules["picked"], "rule"].tolist() == [census_trust_script().CANDIDATE_RULE]
     for r in check.itertuples():
         assert r.meets_97_95 == (r.same_label >= 0.97 and r.specific_same_label >= 0.95)
     point = check[(check["rule"] == "point") & (check["seeds"] == "fresh 3-5")].iloc[0]
@@ -246,7 +241,7 @@ def test_confident_kept_reads_each_ordered_pair_of_seeds_from_the_first_seeds_co
     """A head counts for the pair (a, b) when its label at a is confident, whatever happens at b."""
     a = pd.DataFrame({"label": ["induction", "local", "other"], "confidence": [0.95, 0.95, 0.5]})
     b = pd.DataFrame({"label": ["induction", "first_token", "other"], "confidence": [0.5, 0.99, 0.99]})
-    got = load_script().confident_kept([a, b])
+    got = census_trust_script().confident_kept([a, b])
     # a -> b: heads 0 and 1 are confident at a, head 0 keeps its label; b -> a: heads 1 and 2, head 2 keeps it
     assert got["n_confident_pairs"] == 4 and got["confident_kept_pairwise"] == 0.5
     assert got["n_confident_specific_pairs"] == 1 and got["confident_specific_kept_pairwise"] == 1.0
@@ -293,7 +288,7 @@ def test_census_trust_refuses_a_cache_of_other_code_or_another_model(tmp_path, m
     headlens code, for another model or at other sizes stops the run instead of being mixed into the results."""
     from headlens import tiny_model
 
-    script = load_script()
+    script = census_trust_script()
     monkeypatch.setattr(script, "CACHE", tmp_path / "cache")
     model = tiny_model("qwen2")
     script.check_cache(model)

@@ -693,16 +693,13 @@ def _close(got, want, path=""):
 def test_circuits_script_regenerates_the_committed_toy_results(tmp_path):
     """analyses/circuits.py --part toy (the trained toy model's circuit, seconds) writes what is committed: the
     script's Qwen parts share its code paths, so an API change that breaks them shows here too."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "analyses" / "circuits.py"
-    spec = importlib.util.spec_from_file_location("circuits_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from scripts import ROOT, load_script
+
+    script = load_script("analyses/circuits.py")
     script.toy_study(0, tmp_path)
-    committed = json.loads((path.parent / "results" / "circuits" / "toy.json").read_text())
+    committed = json.loads((ROOT / "analyses" / "results" / "circuits" / "toy.json").read_text())
     _close(json.loads((tmp_path / "toy.json").read_text()), committed)
 
 

@@ -351,26 +351,22 @@ def test_models_of_different_dtypes_are_refused():
             compare(base, tuned)
 
 
-def test_lora_findings_are_what_the_study_writes_from_its_tables(monkeypatch):
+def test_lora_findings_are_what_the_study_writes_from_its_tables():
     """analyses/results/lora_finetune/findings.md is the study's findings() of its committed tables; its base labels are
     today's seed-0 census (census_trust), and docs/findings.md quotes it."""
-    import importlib.util
     import json
 
     from docs_numbers import doc_text
+    from scripts import ROOT, load_script
 
-    root = ADAPTER.parents[3]
-    monkeypatch.syspath_prepend(str(root / "analyses"))
-    spec = importlib.util.spec_from_file_location("lora_finetune_script", root / "analyses" / "lora_finetune.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("analyses/lora_finetune.py")
     out = ADAPTER.parent
     df = pd.read_csv(out / "compare.csv")
     text = script.findings(
         df, pd.read_csv(out / "distance_profile.csv"), json.loads((out / "training.json").read_text())
     )
     assert (out / "findings.md").read_text() == text
-    seed0 = pd.read_csv(root / "analyses" / "results" / "census_trust" / "census_seed0.csv")
+    seed0 = pd.read_csv(ROOT / "analyses" / "results" / "census_trust" / "census_seed0.csv")
     assert df["label_base"].tolist() == seed0["label"].tolist()
     tuned = df[df["layer"] >= 12]
     rho, lo, hi = script.spearman_interval(tuned["jsd"], tuned[["dW_Q", "dW_K"]].sum(axis=1))

@@ -101,17 +101,14 @@ def test_the_census_and_the_study_score_identifier_alike():
     assert np.abs(census["identifier"].to_numpy() - scores["identifier"].to_numpy()).max() <= 1e-4
 
 
-def test_rope_change_is_rebuilt_from_its_pinned_old_values(monkeypatch):
+def test_rope_change_is_rebuilt_from_its_pinned_old_values():
     """summary.json's rope_change (old eta^2 vs new excess-over-uniform RoPE summary) is what the study's rope_change
     gives from rope_summary.csv and the pinned old values, not from head_report's files, which were regenerated."""
-    import importlib.util
     import json
 
-    analyses = RESULTS.parents[1]
-    monkeypatch.syspath_prepend(str(analyses))
-    spec = importlib.util.spec_from_file_location("head_types_script", analyses / "head_types.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from scripts import load_script
+
+    script = load_script("analyses/head_types.py")
     got = script.rope_change(pd.read_csv(RESULTS / "rope_summary.csv"))
     assert got == json.loads((RESULTS / "summary.json").read_text())["rope_change"]
     assert "L1H9 previous_token: positional 0.97 -> 0.81, peak 1 -> 1" in got["heads"]
