@@ -259,7 +259,7 @@ def test_weights_digest_reads_every_dtype_and_every_byte():
 def test_corrupted_cache_file_is_rebuilt(hl, tmp_path, capsys):
     from test_cli_errors import tinycoder_gguf
 
-    from headlens import load_model
+    from headlens import load_model, models
 
     gguf = tinycoder_gguf()
     assert hl("info", "-m", gguf).code == 0
@@ -277,6 +277,17 @@ def test_corrupted_cache_file_is_rebuilt(hl, tmp_path, capsys):
     assert "rebuilding" in capsys.readouterr().err
     assert io.weights_sha256(model) == digest
     load_model(str(gguf))  # the rebuilt file verifies: no second rebuild
+    assert "rebuilding" not in capsys.readouterr().err
+    # the same damage in a read-only cache: it asked the user to delete a file they cannot; now the weights are
+    # processed in memory from the checked model.safetensors and the damaged file stays as it was
+    cached.write_bytes(bytes(flipped))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "_writable", lambda path: False)
+        assert io.weights_sha256(load_model(str(gguf))) == digest
+    assert "the cache is read-only" in capsys.readouterr().err and cached.read_bytes() == bytes(flipped)
+    load_model(str(gguf))  # writable again: rebuilt on disk, and the rebuilt file verifies
+    assert "rebuilding" in capsys.readouterr().err and cached.read_bytes() != bytes(flipped)
+    load_model(str(gguf))
     assert "rebuilding" not in capsys.readouterr().err
     # the entry's dequantized weights, damaged at the same size: one error saying what to do
     weights = entry / "model.safetensors"

@@ -200,3 +200,36 @@ def test_token_caches_belong_to_their_tokenizer_and_go_with_it():
     del a
     gc.collect()
     assert len(probes._TOKENIZED) == held - 1
+
+
+def test_token_dtypes_an_embedding_cannot_take_are_refused_everywhere(tiny_qwen):
+    """int16 ids passed the token check and then failed inside torch with an IndexError traceback, uint8 ids were read
+    as a mask; ablation refused both while circuits and patching took them. One rule now: int64 or int32 ids."""
+    from headlens.census.attention_stats import scale_entropy_table
+    from headlens.census.rope import distance_profile
+    from headlens.circuits.paths import check_tokens
+    from headlens.engine.intervene import embed
+    from headlens.interventions.ablation import clean_metric, custom_metric
+    from headlens.interventions.patching import check_pair_tokens, induction_pair
+
+    fn = lambda logits, tokens: logits[..., 0].mean()  # noqa: E731
+    pair = induction_pair(tiny_qwen, n_tokens=4, n_seqs=2)
+    calls = {
+        "ablation": lambda t: clean_metric(tiny_qwen, custom_metric(t, fn)),
+        "circuits": lambda t: check_tokens(tiny_qwen, tokens=t),
+        "patching": lambda t: check_pair_tokens(tiny_qwen, type(pair)(t, t, pair.positions, pair.metric)),
+        "embed": lambda t: embed(tiny_qwen, t),
+        "rope": lambda t: distance_profile(tiny_qwen, t),
+        "attention_stats": lambda t: scale_entropy_table(tiny_qwen, t),
+    }
+    good = pair.clean
+    for name, call in calls.items():
+        # uint8: the test session's jaxtyping hook (conftest.CHECKED) refuses it first where a signature says Int;
+        # users run without that hook
+        for dtype in (torch.int16,) if name in ("patching", "embed") else (torch.int16, torch.uint8):
+            with pytest.raises(HeadlensError, match="integer token"):
+                call(good.to(dtype))
+        call(good.to(torch.int32))  # what TransformerLens's embedding takes: accepted
+    assert clean_metric(tiny_qwen, custom_metric(good.int(), fn)) == clean_metric(tiny_qwen, custom_metric(good, fn))
+    with pytest.raises(HeadlensError, match="non-empty"):
+        check_tokens(tiny_qwen, tokens=good[:0])

@@ -160,3 +160,24 @@ def test_shard_errors_on_two_workers_are_one_error_without_ray_tracebacks(ray_ex
     metric = _picklable(tiny)[0]  # the workers still answer right
     local = ablation_sweep(tiny, metric, progress=False).table
     pd.testing.assert_frame_equal(local, ablation_sweep(tiny, metric, progress=False, executor=ray_executor).table)
+
+
+def _refuse_odd(model, shard):
+    """Shard 1 refuses late and shard 3 early: which refusal Ray met first depended on timing."""
+    import time
+
+    if shard == 1:
+        time.sleep(3)
+    if shard % 2:
+        raise headlens.HeadlensError(f"shard {shard} refused")
+    return shard
+
+
+def test_several_refused_shards_give_the_lowest_shards_error_as_in_order(ray_executor):
+    """With two refusing shards the error was whichever worker answered first (here shard 3, while shard 1 sleeps);
+    now it is the lowest shard's, the one a single process meets first, whatever the workers' timing."""
+    with pytest.raises(headlens.HeadlensError, match="^shard 1 refused$"):
+        X.LocalExecutor().map(_refuse_odd, None, range(5), progress=False)
+    with pytest.raises(headlens.HeadlensError, match="^shard 1 refused$"):
+        ray_executor.map(_refuse_odd, None, range(5), progress=False)
+    assert ray_executor.map(_refuse_odd, None, [0, 2, 4], progress=False) == [0, 2, 4]  # the workers still answer

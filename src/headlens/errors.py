@@ -1,27 +1,39 @@
 """The one exception type headlens raises for bad input; the CLI prints its message without a traceback."""
 
 import inspect
-import numbers
+import operator
 
 
 class HeadlensError(Exception):
     """A user-facing error whose message says what went wrong and what to do."""
 
 
+def is_whole(value) -> bool:
+    """Whether ``value`` is one integer: an int, a numpy integer or a 0-d integer tensor; never a bool (of any kind),
+    a float, a string or a one-element array (``operator.index`` takes ``torch.tensor([3])`` and ``torch.tensor(True)``)."""
+    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0 or "bool" in str(getattr(value, "dtype", "")):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def is_count(value, minimum: int = 1) -> bool:
-    """Whether ``value`` is a whole number >= ``minimum`` (numpy integers too, never a bool)."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+    """Whether ``value`` is a whole number (:func:`is_whole`) >= ``minimum``."""
+    return is_whole(value) and operator.index(value) >= minimum
 
 
 def check_count(name: str, value, *, minimum: int = 1, why: str = "") -> int:
-    """``value`` as an ``int`` when it is a whole number >= ``minimum`` (numpy integers too, never a bool).
+    """``value`` as an ``int`` when it is a whole number >= ``minimum`` (:func:`is_whole`).
 
     Sizes, seeds and step counts reach ``range``, ``int()`` or an index, where 1.5 would silently become 1 or fail
     deep inside a run; anything else gets one error naming ``name`` (and ``why``, what the number counts).
     """
     if not is_count(value, minimum):
         raise HeadlensError(f"{name} must be an integer >= {minimum} (got {value!r})" + (f": {why}" if why else ""))
-    return int(value)
+    return operator.index(value)
 
 
 def check_model(model, name: str = "model"):

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
-from headlens.errors import HeadlensError, check_count, check_model
+from headlens.errors import HeadlensError, check_count, check_model, is_whole
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,6 +101,7 @@ def parse_heads(heads: str | Iterable) -> list[Head]:
 
 def check_head(model: HookedTransformer, layer: int, head: int) -> None:
     """Raise a clear error when (layer, head) is not a head of ``model``."""
+    check_model(model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if not (0 <= int(layer) < L and 0 <= int(head) < H):
         raise HeadlensError(
@@ -110,6 +111,7 @@ def check_head(model: HookedTransformer, layer: int, head: int) -> None:
 
 def check_heads(model: HookedTransformer, heads: Iterable) -> list[Head]:
     """Validated, de-duplicated, sorted heads; a clear error for empty or out-of-range sets."""
+    check_model(model)
     if isinstance(heads, str):
         heads = parse_heads(heads)
     if not isinstance(heads, Iterable):
@@ -122,24 +124,16 @@ def check_heads(model: HookedTransformer, heads: Iterable) -> list[Head]:
     return sorted(set(pairs))
 
 
-def _whole(value) -> bool:
-    """Whether ``value`` is an integer (int, numpy or 0-d torch integer), not a float, string or bool."""
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return not isinstance(value, bool)
-
-
 def check_layers(model: HookedTransformer, layers: Iterable[int] | None) -> list[int]:
     """Sorted distinct layers (all when None); a clear error when empty, out of range or not whole numbers (``int()``
     would silently read layer 0.5 as 0)."""
+    check_model(model)
     n_layers = model.cfg.n_layers
     if layers is not None:
         if isinstance(layers, str) or not isinstance(layers, Iterable):
             raise HeadlensError(f"layers must be a list of layer numbers, e.g. [0, 3] (got {layers!r})")
         layers = list(layers)
-        if not all(map(_whole, layers)):
+        if not all(map(is_whole, layers)):
             raise HeadlensError(f"layers must be whole numbers, e.g. [0, 3] (got {layers!r})")
     layers = list(range(n_layers)) if layers is None else sorted({operator.index(l) for l in layers})
     if not layers:
@@ -179,6 +173,7 @@ def check_head_table(table, model: HookedTransformer | None = None, *, what: str
 
 def kv_heads(model: HookedTransformer) -> list[int]:
     """The kv head each q head reads (GQA): q head h uses kv head h // (n_heads / n_kv_heads)."""
+    check_model(model)
     n_heads = model.cfg.n_heads
     group = n_heads // (model.cfg.n_key_value_heads or n_heads)
     return [h // group for h in range(n_heads)]
@@ -186,6 +181,7 @@ def kv_heads(model: HookedTransformer) -> list[int]:
 
 def head_frame(model: HookedTransformer, **columns) -> pd.DataFrame:
     """One row per (layer, head) with its ``kv_head``, plus ``columns`` (``[layer, head]`` tensors, rounded to 1e-6)."""
+    check_model(model)
     import numpy as np
     import pandas as pd
 
@@ -204,6 +200,7 @@ def head_frame(model: HookedTransformer, **columns) -> pd.DataFrame:
 
 def kv_group_heads(model: HookedTransformer, layer: int, kv_head: int) -> list[Head]:
     """The q heads of ``layer`` that read kv head ``kv_head`` (ablating the group = ablating these)."""
+    check_model(model)
     n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
     check_head(model, layer, 0)
     if not 0 <= int(kv_head) < n_kv:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_model
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^.]*")
 
@@ -339,6 +339,8 @@ def once_per_weights(fn):
 
     @functools.wraps(fn)
     def wrapper(model):
+        if not hasattr(model, "state_dict"):  # a name or a path where a model belongs: the model error, not a digest's
+            check_model(model)
         key = (id(model), weights_sha256(model))
         if key not in memo:
             memo.clear()
@@ -396,6 +398,7 @@ def model_provenance(model) -> dict:
     """What identifies a loaded model: its name, where it came from (set by ``load_model``: source, adapter and the
     adapter files' digest), its dtype, the exact digest of its weights (:func:`weights_sha256`) and of its config
     (:func:`config_sha256`)."""
+    check_model(model)
     source = getattr(model, "headlens_source", None) or {}
     return {
         "model": model.cfg.model_name,
@@ -421,6 +424,7 @@ RUNTIME_CONFIG = (
 def config_sha256(model) -> str:
     """The sha256 of the model's config minus :data:`RUNTIME_CONFIG`: the same weights under another rope base,
     activation or context (a ``config.json`` edited by hand) compute other numbers, so their outputs are not reused."""
+    check_model(model)
     cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in RUNTIME_CONFIG}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -158,6 +158,7 @@ def check_weights(model: HookedTransformer, what: str = "the model") -> None:
     """Refuse weights that cannot give numbers: any NaN or inf (named by tensor), or a short test forward whose
     activations are not finite (named by the first hook that produces them, e.g. an adapter with a huge lora_alpha,
     or float16 overflowing). Costs one pass over the weights and an 8-token forward."""
+    check_model(model)
     for tensor_name, tensor in model.named_parameters():
         if not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):  # NaN propagates; no tensor-sized copy
             bad = int((~torch.isfinite(tensor)).sum())
@@ -435,11 +436,10 @@ def _load_hooked_cache(directory: Path, *, name: str, n_ctx: int | None) -> Hook
             _write_hooked(linear_layout(model), cached)
         if model is not None:
             return model
-        if not _writable(directory):
-            raise HeadlensError(
-                f"the cached weights {cached} {why}; the cache is read-only: delete that file to rebuild it"
-            )
-        note(f"rebuilding {cached}: it {why}")
+        if _writable(directory):
+            note(f"rebuilding {cached}: it {why}")
+        else:  # nobody here can delete it: build the weights in memory from the entry's checked model.safetensors
+            note(f"{cached} {why}; the cache is read-only, so its weights are processed again in memory (slower)")
     hf_model, tokenizer = _load_hf(str(directory), torch.float32, directory)
     model = hooked_from_hf(hf_model, tokenizer, name=name, n_ctx=n_ctx)
     del hf_model
@@ -584,6 +584,7 @@ def linear_layout(model: HookedTransformer) -> HookedTransformer:
     are no-ops and the operands bit-identical, so every number stays the same (benchmarks/bench_layout.py). Values,
     shapes and names are unchanged; only strides differ (call ``.contiguous()`` before a ``.view``).
     """
+    check_model(model)
     with torch.no_grad():
         for block in model.blocks:
             gated = type(getattr(block, "mlp", None)).__name__ == "GatedMLP"
@@ -602,6 +603,7 @@ def strict_context(model: HookedTransformer, *, truncate: bool = False) -> Hooke
 
     With ``truncate=True`` long text is cut to the first ``n_ctx`` tokens, as the caller asked.
     """
+    check_model(model)
     original = type(model).to_tokens
 
     def to_tokens(input, prepend_bos=None, padding_side=None, move_to_device=True, truncate_=None, **kwargs):
@@ -698,6 +700,7 @@ def merge_into_hooked(model: HookedTransformer, adapter: Path, directory: Path) 
     form a second time: less than half the peak memory of :func:`merge_adapter` + conversion (tests/test_compare.py
     checks both give the same weights).
     """
+    check_model(model)
     from safetensors import safe_open
 
     check_adapter(model, adapter)
@@ -1128,6 +1131,7 @@ class ModelSpec:
 
 def spec_of(model) -> ModelSpec:
     """The recipe a model was loaded with; a clear error for models built by hand."""
+    check_model(model)
     spec = getattr(model, "headlens_spec", None)
     if not isinstance(spec, ModelSpec):
         raise HeadlensError(
@@ -1142,6 +1146,8 @@ def spec_of(model) -> ModelSpec:
 
 def check_compatible(base: HookedTransformer, tuned: HookedTransformer) -> None:
     """Raise HeadlensError unless both models have the same architecture, layers, heads, widths, vocabulary and dtype."""
+    check_model(base, "base")
+    check_model(tuned, "tuned")
     if base.cfg.original_architecture != tuned.cfg.original_architecture:
         raise HeadlensError(
             f"the tuned model is a {tuned.cfg.original_architecture}, the base a {base.cfg.original_architecture}: "

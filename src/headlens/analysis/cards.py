@@ -203,6 +203,7 @@ def reads(
 ) -> dict[tuple[int, int], Reads]:
     """Each head's strongest attention pair on ``prompt`` beyond the first token, and its mean attention to it (one
     forward for all heads)."""
+    check_model(model)
     heads = [(int(l), int(h)) for l, h in heads]
     tokens, patterns = head_patterns(model, prompt, heads)
     ids = model.to_tokens(prompt, prepend_bos=False)[0].tolist() if isinstance(prompt, str) else prompt.tolist()
@@ -231,6 +232,7 @@ def writes(
     most (the key's effective embedding through W_V W_O W_U, :func:`headlens.census.ov.effective_embedding`).
 
     Empty for a model without a tokenizer (nothing to name)."""
+    check_model(model)
     if getattr(model, "tokenizer", None) is None or not read:
         return {}
     heads = list(read)

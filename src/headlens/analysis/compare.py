@@ -110,6 +110,8 @@ def first_changed_layer(base: HookedTransformer, tuned: HookedTransformer) -> in
     """The first block whose weights differ (bitwise; 0 when the embeddings or the attention settings do), None when
     no block differs. Below it both models compute the very same activations, so the tuned model can start there from
     the base model's residual stream: a LoRA of the upper half costs half a forward."""
+    check_model(base, "base")
+    check_model(tuned, "tuned")
     same_cfg = all(
         getattr(base.cfg, f) == getattr(tuned.cfg, f)
         for f in (
@@ -153,6 +155,8 @@ def attention_divergence(
     the residual stream entering it; the tuned model starts there (layers below have the same weights, so the same
     patterns: their divergence is 0 exactly) and each of its patterns is reduced against the base's and dropped.
     """
+    check_model(base, "base")
+    check_model(tuned, "tuned")
     n_seqs = None if n_seqs is None else check_count("n_seqs", n_seqs)
     check_compatible(base, tuned)
     batch_size = check_count("batch_size", batch_size)
@@ -211,6 +215,8 @@ def weight_changes(base: HookedTransformer, tuned: HookedTransformer) -> pd.Data
 
     W_K/W_V are measured per kv head (``_W_K``/``_W_V`` under GQA) and repeated on the q heads that read them.
     """
+    check_model(base, "base")
+    check_model(tuned, "tuned")
     check_compatible(base, tuned)
     kv = kv_heads(base)
     rows = []

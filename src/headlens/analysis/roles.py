@@ -53,6 +53,7 @@ def answer_direction(
     model: HookedTransformer, right: Int[Tensor, "batch n_pos"], wrong: Int[Tensor, "batch n_pos"] | None
 ) -> Float[Tensor, "batch n_pos d_model"]:
     """The unembedding direction right − wrong at each metric position (right − the vocabulary mean without ``wrong``)."""
+    check_model(model)
     W_U = model.W_U.float()
     direction = W_U[:, right].permute(1, 2, 0)
     return direction - (W_U[:, wrong].permute(1, 2, 0) if wrong is not None else W_U.mean(-1))
@@ -67,6 +68,7 @@ def direct_logit_attribution(
 ) -> Float[Tensor, " head"]:
     """Each head of ``layer``: its output (``z`` through W_O, divided by the final norm's scale) on ``direction``
     (:func:`answer_direction`), mean over sequences and positions."""
+    check_model(model)
     out = torch.einsum("bphe,hed->bphd", z, model.blocks[layer].attn.W_O.float()) / scale[..., None]
     return torch.einsum("bphd,bpd->h", out, direction) / (z.shape[0] * z.shape[1])
 

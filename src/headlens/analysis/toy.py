@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
 from headlens.census import scores
 from headlens.data.probes import Probe, ProbeSet
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import head_name
 from headlens.io import atomic_path, write_csv, write_text
 from headlens.models import _recipe, private_rng
@@ -140,6 +140,7 @@ def evaluate(model: HookedTransformer, tokens: Int[Tensor, "batch two_n"]) -> di
 
     Patterns are reduced to per-head scores inside the hook and dropped.
     """
+    check_model(model)
     n = tokens.shape[1] // 2
     row: dict[str, float] = {}
 
@@ -234,6 +235,7 @@ def save_induction_model(
     model: HookedTransformer, path: str | Path, *, train_args: dict | None = None, history: pd.DataFrame | None = None
 ) -> Path:
     """Write the weights as safetensors, the config + training arguments as JSON and the history as CSV beside it."""
+    check_model(model)
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -383,6 +385,7 @@ def toy_probes(model: HookedTransformer, *, seed: int = 0, n_seqs: int = 8, n: i
     ``repeated``: [A1..An A1..An] of distinct random ids (n = n_ctx // 2 by default); ``natural``: the
     model's own training "text" (:func:`training_batch`). No delimiter probe: ids have no text.
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     n_seqs = check_count("n_seqs", n_seqs)
     cfg = model.cfg

@@ -23,12 +23,13 @@ from transformer_lens import HookedTransformer
 from headlens.census.registry import WEIGHTS, head_types
 from headlens.census.run import _effective, _means, collect
 from headlens.data.probes import ProbeSet, check_probes, default_probes, probe_kinds, repeated_tokens
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.models import private_rng
 
 
 def random_weights_model(model: HookedTransformer, *, seed: int = 0) -> HookedTransformer:
     """The same architecture as ``model`` with freshly initialised weights (TransformerLens' own init, seeded)."""
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     cfg = model.cfg
     with private_rng(seed):  # the config's seed reseeds torch, numpy and random: the caller's generators come back

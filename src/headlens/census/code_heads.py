@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer
 from headlens.census.scores import add_defined, masked_attention
 from headlens.data.code import REGION, CodeProbe, code_probe
 from headlens.engine.capture import stream_patterns
+from headlens.errors import check_model
 from headlens.heads import head_frame
 
 THRESHOLDS = {"bracket_matching": 0.25, "identifier": 0.3, "closer_to_opener": 0.1}
@@ -92,6 +93,7 @@ def identifier(
 def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, seed: int = 0, progress: bool = False):
     """Per head: bracket_matching, closer_to_opener and identifier scores on ``probe`` (default :func:`code_probe`
     with ``seed``), each the mean over the windows that define it (as the census averages them; NaN: none does)."""
+    check_model(model)
     probe = code_probe(model, seed=seed) if probe is None else probe
     L, H = model.cfg.n_layers, model.cfg.n_heads
     names = ("bracket_matching", "closer_to_opener", "identifier")
@@ -114,6 +116,7 @@ def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, see
 def bracket_by_depth(model: HookedTransformer, heads, probe: CodeProbe) -> dict[int, list[float]]:
     """Mean bracket score (token before a closer -> its opener's region) of each of ``heads`` by nesting depth (1, 2,
     3 = 3 or deeper)."""
+    check_model(model)
     heads = list(heads)
     depth = probe.depth.clamp_max(3)
     out = {d: torch.zeros(len(heads), dtype=torch.float64) for d in (1, 2, 3)}

@@ -42,7 +42,7 @@ from headlens.census.scores import NEGATIVE_COPYING, add_defined, masked_attenti
 from headlens.data.predicted import model_predictions
 from headlens.data.probes import natural_text, word_token_ids
 from headlens.engine.capture import stream_patterns
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import head_frame
 from headlens.io import once_per_weights
 
@@ -75,6 +75,7 @@ def effective_embedding(
     model: HookedTransformer, token_ids: Int[Tensor, " n"], *, batch_size: int = 512
 ) -> Float[Tensor, "n d_model"]:
     """Residual stream after block 0 of each token alone in its sequence (Gould et al.'s effective embedding)."""
+    check_model(model)
     out = []
     with torch.inference_mode():
         for start in range(0, len(token_ids), batch_size):
@@ -90,6 +91,7 @@ def ov_logits(
     model: HookedTransformer, layer: int, eff: Float[Tensor, "n d_model"], targets: Int[Tensor, " m"]
 ) -> Float[Tensor, "head n m"]:
     """Logits that each head of ``layer`` writes on ``targets`` when it attends to tokens with effective embedding ``eff``."""
+    check_model(model)
     x = eff / eff.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt()
     attn = model.blocks[layer].attn
     with torch.inference_mode():
@@ -127,6 +129,7 @@ def _check_tokenizer(model: HookedTransformer, what: str):
 
 def ordinal_tokens(model: HookedTransformer) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], list[str]]:
     """Single-token members of the ordinal sequences: ids, the index of each one's successor in ids (-1 if none), names."""
+    check_model(model)
     tok = _check_tokenizer(model, "successor")
     ids, succ, names = [], [], []
     for task, words in ORDINALS.items():
@@ -146,6 +149,7 @@ def ordinal_tokens(model: HookedTransformer) -> tuple[Int[Tensor, " n"], Int[Ten
 
 def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
     """Successor score of every head (module doc): top-1 OV logit among ordinal tokens is the successor."""
+    check_model(model)
     ids, succ, _ = ordinal_tokens(model)
     eff = effective_embedding(model, ids)
     return torch.stack(
@@ -155,6 +159,7 @@ def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
 
 def copy_sample(model: HookedTransformer, n: int = 2000, seed: int = 0) -> Int[Tensor, " n"]:
     """A fixed sample of ordinary word tokens for OV copying scores (of all token ids without a tokenizer)."""
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     n = check_count("n", n, why="sampled tokens")
     has_tokenizer = getattr(model, "tokenizer", None) is not None
@@ -167,6 +172,7 @@ def copying_scores(
     model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
 ) -> dict[str, Float[Tensor, "layer head"]]:
     """``{"copying", "negative_copying"}`` of every head from one pass over its OV logits (module docstring)."""
+    check_model(model)
     n = check_count("n", n, why="sampled tokens")
     ids = copy_sample(model, n, seed)
     eff = effective_embedding(model, ids)
@@ -180,6 +186,7 @@ def negative_copying(
     model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
 ) -> Float[Tensor, "layer head"]:
     """Share of sampled word tokens that each head's OV circuit ranks in the lowest ``lowest`` of its own output."""
+    check_model(model)
     return copying_scores(model, n=n, lowest=lowest, seed=seed)["negative_copying"]
 
 
@@ -213,6 +220,7 @@ def copy_suppression_scores(
 ) -> pd.DataFrame:
     """Per head: attention_to_predicted (on ``tokens``, default 4 x 128 prose tokens of the ``score`` split),
     negative_copying, and their product copy_suppression (module doc)."""
+    check_model(model)
     if tokens is None:
         tokens = natural_text(model, seq_len=128, n_seqs=4, seed=seed, split="score").tokens
     mask = predicted_mask(tokens, model_predictions(model, tokens))

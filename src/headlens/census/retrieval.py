@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 from headlens.census.registry import HeadType, head_types, register
 from headlens.data.code import stdlib_sources
 from headlens.data.probes import Probe, corpus_sections, delimiter_mask, probe_kinds, register_probe, word_token_ids
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import head_frame
 from headlens.interventions.ablation import custom_metric
 from headlens.progress import tqdm
@@ -58,6 +58,7 @@ def needle_probe(
     model: HookedTransformer, *, seq_len: int = 1024, n_seqs: int = 3, n_words: int = 6, seed: int = 0
 ) -> NeedleProbe:
     """``n_seqs`` needle-in-a-haystack sequences of exactly ``seq_len`` tokens (module doc; seeded depth and words)."""
+    check_model(model)
     seq_len = check_count("seq_len", seq_len, minimum=2)
     n_seqs = check_count("n_seqs", n_seqs)
     n_words = check_count("n_words", n_words)
@@ -99,6 +100,7 @@ def needle_probe(
 
 def with_predictions(model: HookedTransformer, probe: NeedleProbe) -> NeedleProbe:
     """``probe`` with ``correct`` filled from the model's own top-1 predictions (one forward per sequence)."""
+    check_model(model)
     import dataclasses
 
     correct = []
@@ -150,6 +152,7 @@ def retrieval_scores(
     model: HookedTransformer, probe: NeedleProbe | None = None, *, seed: int = 0, progress: bool = False
 ):
     """Per head: retrieval score (module doc), plus attrs ``accuracy`` (model's top-1 on the answer words)."""
+    check_model(model)
     probe = needle_probe(model, seed=seed) if probe is None else probe
     L, H = model.cfg.n_layers, model.cfg.n_heads
     hits = torch.zeros(L, H, dtype=torch.float64)
@@ -177,6 +180,7 @@ def retrieval_scores(
 
 def needle_metric(model: HookedTransformer, probe: NeedleProbe):
     """Mean log-probability of the answer words (teacher-forced): what masking retrieval heads should break."""
+    check_model(model)
     q = probe.answer_pos - 1
 
     def fn(logits, tokens):

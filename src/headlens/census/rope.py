@@ -73,6 +73,7 @@ def natural_tokens(
 ) -> Int[Tensor, "batch pos"]:
     """``n_seqs`` windows of prose from the ``score`` split (:func:`headlens.data.probes.natural_text`, seeded): the
     positional census column is measured where every census score is, never on causal checks' files."""
+    check_model(model)
 
     return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score").tokens
 
@@ -87,6 +88,7 @@ def random_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Uniform random ordinary tokens (seeded)."""
+    check_model(model)
     n_seqs, seq_len, gen = _sized(n_seqs, seq_len, seed)
     ids = _usable_ids(model)
     return ids[torch.randint(0, len(ids), (n_seqs, seq_len), generator=gen)]
@@ -96,6 +98,7 @@ def constant_tokens(
     model: HookedTransformer, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Each sequence one random ordinary token repeated ``seq_len`` times: content removed, RoPE alone varies."""
+    check_model(model)
     n_seqs, seq_len, gen = _sized(n_seqs, seq_len, seed)
     ids = _usable_ids(model)
     pick = ids[torch.randperm(len(ids), generator=gen)[:n_seqs]]
@@ -106,6 +109,7 @@ def probe_tokens(
     model: HookedTransformer, probe: str, *, n_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
     """Token batch of one of the probes ``natural``, ``random``, ``constant``."""
+    check_model(model)
     makers = {"natural": natural_tokens, "random": random_tokens, "constant": constant_tokens}
     if probe not in makers:
         raise HeadlensError(f"unknown probe {probe!r}: choose one of {', '.join(PROBES)}")

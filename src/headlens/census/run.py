@@ -266,6 +266,7 @@ def collect(
     The probes are cut into shards of ``batch_size`` sequences that ``executor`` (:mod:`headlens.engine.executor`;
     default: in this process) scores in any order; shards are joined in order, so the table is the same.
     """
+    check_model(model)
 
     items = list(probes.items())
     shards = [(kind, sub) for kind, p in items for sub in probe_batches(p, int(batch_size))]
@@ -295,6 +296,7 @@ def weights_scores(model: HookedTransformer, types: dict[str, HeadType]) -> dict
     corpus's Python version and place, and headlens' code version (:func:`headlens.io.code_version`). A census of
     the same model computes them once (about 14 s for Qwen); a type of the user's own is computed every time.
     """
+    check_model(model)
     wanted = {n: t for n, t in types.items() if t.probe == WEIGHTS and t.score is not None}
     stored = {n for n, t in wanted.items() if getattr(t.score, "__module__", "").startswith("headlens.")}
     path = _scores_path(model, sorted(stored)) if stored else None
@@ -373,6 +375,7 @@ def probe_scores(
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-sequence scores ``{column: [seq, layer*head]}`` of the ``types`` measured on ``probe`` (+ ``_sink``)."""
+    check_model(model)
     if types is None:
         types = {n: t for n, t in head_types().items() if t.probe == probe.kind and t.score is not None}
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -387,6 +390,7 @@ def batch_scores(
 
     Patterns are scored in float32 whatever the model's dtype.
     """
+    check_model(model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     cols = ["_sink", *(c for n, t in types.items() for c in ([n, f"{n}_nosink"] if t.nosink else [n]))]
     out = {c: torch.zeros(probe.n_seqs, L, H, dtype=torch.float64) for c in cols}
@@ -427,6 +431,7 @@ def build_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The census table from per-sequence scores (means, labels, bootstrap confidence and intervals) and its
     label counts with bootstrap intervals."""
+    check_model(model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     cols = score_columns(types)
     means = _means(per_seq, types, {k: None for k in per_seq.by_kind}, L * H)

@@ -36,7 +36,7 @@ from headlens.data.code import code_probe
 from headlens.data.corpus import document_unit, split_of
 from headlens.data.probes import natural_text, repeated_tokens
 from headlens.engine.intervene import Metric
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import format_heads, kv_heads
 from headlens.interventions.ablation import (
     ablated_metrics,
@@ -154,6 +154,7 @@ def after_closer(closer: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]
 
 def successor_metric(model: HookedTransformer) -> Metric:
     """Log-prob of the 4th item after three consecutive single-token ordinals of one sequence (days, months, ...)."""
+    check_model(model)
     ids, succ, names = ordinal_tokens(model)
     prompts, answers = [], []
     tasks = [n.split(":")[0] for n in names]
@@ -181,6 +182,7 @@ def _repeated(model: HookedTransformer, n_seqs: int, seed: int):
 def task_data(model: HookedTransformer, task: str, *, n_seqs: int = 8, seed: int = 0) -> TaskData:
     """The evaluation metric of ``task`` (``eval`` split / evaluation seeds) and its ablation reference
     (``reference`` split / reference seeds), ``n_seqs`` sequences each."""
+    check_model(model)
     if task not in TASKS:
         raise HeadlensError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     n_seqs = check_count("n_seqs", n_seqs)
@@ -317,12 +319,14 @@ DRAWS = 1000
 def layer_matched_sets(model: HookedTransformer, heads, n_random: int, seed: int = 0) -> list:
     """``n_random`` distinct layer-matched random sets for ``heads`` (all there are when fewer exist, e.g. 13 for one
     head of a 14-head layer), draw ``i`` seeded ``seed * DRAWS + i``."""
+    check_model(model)
     return random_sets(model, heads, n_random, lambda i: int(seed) * DRAWS + i, max_draws=DRAWS)
 
 
 def label_plan(model: HookedTransformer, table: pd.DataFrame, label: str, n_random: int, seed: int = 0):
     """A tested label's heads (:func:`strongest`, at most ``max_heads``) and its random sets
     (:func:`layer_matched_sets`)."""
+    check_model(model)
     heads = strongest(table, label, LABEL_TASKS[label].max_heads, model.cfg.n_heads)
     return heads, layer_matched_sets(model, heads, n_random, seed)
 
@@ -361,6 +365,7 @@ def causal_validation(
     ``labels``: default every label of :data:`LABEL_TASKS` present in ``table``; ``n_seqs``: evaluation (and
     reference) sequences per task.
     """
+    check_model(model)
     check_census_table(table, model)
     if labels is None:
         labels = [lb for lb in LABEL_TASKS if lb in set(table["label"])]
@@ -414,6 +419,7 @@ def key_path_effects(
     The senders are ablated in a first run whose keys at the receivers' layers are kept; a second, clean run takes
     those keys for the kv heads the receivers read (GQA: every q head of such a group reads them) and nothing else.
     """
+    check_model(model)
     data = task_data(model, "repeat_loss", n_seqs=n_seqs, seed=seed)
     metric, tokens = data.metric, data.metric.tokens.to(model.cfg.device)
     groups = {}

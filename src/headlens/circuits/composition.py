@@ -37,7 +37,7 @@ from torch import Tensor
 from transformer_lens import FactoredMatrix, HookedTransformer
 
 from headlens.circuits.labels import head_labels
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import head_name, kv_heads
 
 COMPOSITIONS = ("q", "k", "v")
@@ -45,6 +45,7 @@ COMPOSITIONS = ("q", "k", "v")
 
 def reading_norm(model: HookedTransformer, layer: int) -> Float[Tensor, "d_model d_model"] | None:
     """The linear part of layer ``layer``'s attention input norm (None: identity, e.g. a folded RMS norm)."""
+    check_model(model)
     ln = model.blocks[layer].ln1
     d = model.cfg.d_model
     out = None
@@ -60,6 +61,7 @@ def reading_norm(model: HookedTransformer, layer: int) -> Float[Tensor, "d_model
 def input_weights(model: HookedTransformer, layer: int, kind: str) -> Float[Tensor, "head d_model d_head"]:
     """``W_Q``, ``W_K`` or ``W_V`` of every q head of ``layer`` as it reads the residual stream (norm applied; k/v of
     the head's kv head)."""
+    check_model(model)
     attn = model.blocks[layer].attn
     if kind == "q":
         w = attn.W_Q
@@ -77,11 +79,13 @@ def input_weights(model: HookedTransformer, layer: int, kind: str) -> Float[Tens
 
 def ov_circuits(model: HookedTransformer, layer: int) -> FactoredMatrix:
     """Every head's OV circuit at ``layer`` as it reads and writes the residual stream: ``[head] d_model × d_model``."""
+    check_model(model)
     return FactoredMatrix(input_weights(model, layer, "v"), model.blocks[layer].attn.W_O.detach().float().cpu())
 
 
 def qk_circuits(model: HookedTransformer, layer: int) -> FactoredMatrix:
     """Every head's QK circuit at ``layer``: ``[head] d_model(query) × d_model(key)``."""
+    check_model(model)
     return FactoredMatrix(input_weights(model, layer, "q"), input_weights(model, layer, "k").transpose(-1, -2))
 
 
@@ -127,6 +131,7 @@ def composition_scores(
     receiver_kv_head, score, baseline, baseline_std, z, ratio``; with ``census`` also ``sender_label`` and
     ``receiver_label``. The baseline (mean and std over ``n_random`` random matrix pairs) is in every row.
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     n_random = check_count("n_random", n_random, why="random matrix pairs of the baseline")
     unknown = [k for k in kinds if k not in COMPOSITIONS]

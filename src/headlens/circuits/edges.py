@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 from headlens.circuits.graph import LOGITS, Graph
 from headlens.circuits.paths import ABLATIONS, check_tokens, mean_outputs, record, slot_hook, split_inputs
 from headlens.engine.intervene import Metric, unembed_at
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.progress import tqdm
 
 METHODS = ("eap", "eap-ig")
@@ -64,6 +64,7 @@ def edge_attribution(
     ``method``: ``"eap"`` (gradient at the clean run) or ``"eap-ig"`` (``steps`` points, default :data:`IG_STEPS`);
     ``ablation``: ``"resample"`` (the corrupted prompt) or ``"mean"`` (``mean_tokens``, by default the task's).
     """
+    check_model(model)
     if method not in METHODS:
         raise HeadlensError(f"unknown edge attribution method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "eap" and steps is not None:

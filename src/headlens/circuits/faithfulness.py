@@ -30,7 +30,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import EMBED, LOGITS, Graph
 from headlens.circuits.paths import mask_run, prepare_pair, run_edges, split_inputs
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 
 PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 """MIB's grid of circuit sizes, in percent of the graph's edges."""
@@ -134,6 +134,7 @@ def faithfulness(
     ``task``: a :class:`headlens.circuits.tasks.CircuitTask` (its ``mean_tokens`` for mean ablation); see
     :class:`FaithfulnessResult` for what comes back.
     """
+    check_model(model)
     if not rankings:
         raise HeadlensError("give at least one ranking (method -> [sender, slot] scores)")
     graph = Graph.of(model)
@@ -181,6 +182,7 @@ def circuit_metric(
     model: HookedTransformer, task, kept: Bool[Tensor, "sender slot"], *, ablation: str = "mean"
 ) -> dict[str, float]:
     """``metric``, ``full``, ``empty`` and ``faithfulness`` of one circuit (a mask of kept edges)."""
+    check_model(model)
     graph = Graph.of(model)
     if not isinstance(kept, Tensor) or kept.dtype != torch.bool:
         raise HeadlensError(f"kept must be a boolean [sender, slot] mask (top_edges, node_circuit), got {kept!r:.80}")
@@ -213,6 +215,7 @@ def smallest_circuit(
     """Bisection between ``low`` edges (faithfulness below ``target``) and ``high`` (at or above) for the smallest top-n
     circuit of ``scores`` reaching ``target``; assumes f rises with n between the two (it need not: each probe is
     measured, and the result is a circuit that does reach the target). Returns ``n``, ``faithfulness``, ``probes``."""
+    check_model(model)
     graph = Graph.of(model)
     low = check_count("low", low, minimum=0, why="edges of a circuit below the target")
     high = check_count("high", high, why="edges of a circuit at or above the target")

@@ -38,7 +38,7 @@ from transformer_lens import HookedTransformer
 from headlens.circuits.graph import LOGITS, Graph
 from headlens.data.probes import check_token_ids
 from headlens.engine.intervene import LOGITS_BUDGET, Metric, unembed_at, value
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.progress import tqdm
 
 ABLATIONS = ("resample", "mean")
@@ -55,6 +55,7 @@ EdgeRun = tuple[Int[Tensor, " n"], Int[Tensor, " n"]]
 def split_inputs(model: HookedTransformer) -> Iterator[None]:
     """Run with per-head q/k/v inputs (``use_split_qkv_input``), k/v per q head (``ungroup_grouped_query_attention``)
     and an MLP input hook (``use_hook_mlp_in``): the receiver slots of the graph. Same logits; restored after."""
+    check_model(model)
     cfg = model.cfg
     before = (cfg.use_split_qkv_input, cfg.ungroup_grouped_query_attention, cfg.use_hook_mlp_in)
     cfg.use_split_qkv_input = True
@@ -95,16 +96,20 @@ def head_outputs(
 
 def check_tokens(model: HookedTransformer, **tokens: Tensor | None) -> None:
     """Refuse, before any forward, token batches (by name; None: not given) that are not ``[batch, pos]`` ids of
-    ``model``'s vocabulary (an id of -1 would read the embedding table from its end)."""
+    ``model``'s vocabulary (an id of -1 would read the embedding table from its end), or hold no token."""
+    check_model(model)
     for what, batch in tokens.items():
         if batch is not None:
             check_token_ids(model, batch, f"{what.replace('_', ' ')}")
-            if batch.ndim != 2:
-                raise HeadlensError(f"{what.replace('_', ' ')} must be a [batch, pos] tensor, got {tuple(batch.shape)}")
+            if batch.ndim != 2 or not batch.numel():
+                raise HeadlensError(
+                    f"{what.replace('_', ' ')} must be a non-empty [batch, pos] tensor, got {tuple(batch.shape)}"
+                )
 
 
 def record(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch pos"], metric: Metric | None) -> Run:
     """One forward (split-input mode expected): metric, ``resid_pre`` of every layer and every sender's output."""
+    check_model(model)
     check_tokens(model, tokens=tokens)
     b, p = tokens.shape
     outputs = torch.zeros(b, p, graph.n_senders, model.cfg.d_model, dtype=torch.float32, device=tokens.device)
@@ -143,6 +148,7 @@ def record(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch po
 def mean_run(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "n_seqs pos"], *, batch_size: int = 8) -> Run:
     """Sender outputs and residual streams averaged over ``tokens`` (a separate set of prompts of the task), per
     position (batch axis of size 1)."""
+    check_model(model)
     if tokens.ndim != 2 or len(tokens) == 0:
         raise HeadlensError("mean ablation needs a non-empty [n_seqs, pos] batch of prompts to average over")
     total = None
@@ -160,6 +166,7 @@ def mean_outputs(
     model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "n_seqs pos"], *, batch_size: int = 8
 ) -> Float[Tensor, "1 pos sender d_model"]:
     """Every sender's output averaged over ``tokens`` (a separate set of prompts of the task), per position."""
+    check_model(model)
     return mean_run(model, graph, tokens, batch_size=batch_size).outputs
 
 
@@ -189,6 +196,7 @@ def prepare_pair(
     model: HookedTransformer, pair, *, mean_tokens=None, ablation: str = "resample", graph=None
 ) -> Setting:
     """:func:`prepare` for a prompt pair (``clean``, ``corrupted``, ``metric``): what every edge-ablation study starts from."""
+    check_model(model)
     return prepare(
         model,
         pair.clean,
@@ -211,6 +219,7 @@ def prepare(
     graph: Graph | None = None,
 ) -> Setting:
     """Record the clean run and the source of corrupted edges (split-input mode expected)."""
+    check_model(model)
     if ablation not in ABLATIONS:
         raise HeadlensError(f"unknown ablation {ablation!r}: choose one of {', '.join(ABLATIONS)}")
     check_tokens(model, clean_tokens=clean, corrupted_tokens=corrupted, mean_tokens=mean_tokens)
@@ -267,6 +276,7 @@ def run_edges(
     Runs restarting at the same layer share a forward, ``runs_per_pass`` at most, fewer where the logits
     (:data:`headlens.engine.intervene.LOGITS_BUDGET`) or the stacked activations (:data:`ACT_BUDGET`) say so.
     """
+    check_model(model)
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     if not runs:
         return []
@@ -503,6 +513,7 @@ def path_patching(
     index) arrays of :class:`Graph`. The result's table: ``sender, receiver, input, metric, delta`` with ``delta`` =
     patched − clean metric.
     """
+    check_model(model)
     pair, mean_tokens = _unwrap(pair, mean_tokens)
     graph = Graph.of(model)
     s, r = _edges_arg(graph, edges)
@@ -523,6 +534,7 @@ def sender_patching(
     model: HookedTransformer, pair, senders: Sequence[str], *, runs_per_pass: int = 16, progress: bool = True
 ) -> PathPatchingResult:
     """Corrupt every edge out of each sender (its output patched wherever it is read): ``node, metric, delta``."""
+    check_model(model)
     pair, _ = _unwrap(pair, None)
     graph = Graph.of(model)
     if isinstance(senders, str) or not len(senders):

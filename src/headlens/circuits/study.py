@@ -26,7 +26,7 @@ from headlens.circuits.labels import head_cards, head_labels, node_label
 from headlens.circuits.paths import prepare_pair, run_edges, single_edges, split_inputs
 from headlens.circuits.tasks import CircuitTask
 from headlens.engine.executor import resolve
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import kv_heads
 
 SCORE_COLUMNS = {"eap": "eap", "eap-ig": "eap_ig", "exact": "exact"}
@@ -60,6 +60,7 @@ def exact_edges(
     """Exact path-patching delta (patched − clean metric) of each edge alone, its sender's output taken from the
     corrupted prompt (``ablation="resample"``) or the task's mean set (``"mean"``); one shard per receiver layer on
     ``executor`` (None: this process)."""
+    check_model(model)
 
     graph = Graph.of(model)
     senders, slots = graph.check_edges(senders, slots)
@@ -143,6 +144,7 @@ def find_circuit(
     (most negative first: those whose ablation lowers the metric) instead of |score|. ``scores`` reuses edge attributions
     already computed (method -> ``[sender, slot]``, for the same ``ablation``) instead of recomputing them.
     """
+    check_model(model)
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data.code import _file_arrays, stdlib_sources
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.interventions.patching import PromptPair, induction_pair, logit_diff, text_pair
 
 TASKS = ("induction", "ioi", "brackets")
@@ -117,6 +117,7 @@ def induction_task(
 
 def one_token_words(model: HookedTransformer, words, *, what: str, need: int) -> list[str]:
     """The ``words`` that are ONE token with a leading space for ``model``'s tokenizer (at least ``need`` of them)."""
+    check_model(model)
     if model.tokenizer is None:
         raise HeadlensError(f"the {what} of a text task need a model with a tokenizer (the toy model has none)")
     ok = [w for w in words if len(model.to_tokens(" " + w, prepend_bos=False)[0]) == 1]
@@ -133,6 +134,7 @@ def ioi_prompts(
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     """(clean texts, corrupted texts, IO names, S names): ``n_seqs`` IOI prompts, alternately ABBA and BABA, templates
     in turn, names/places/objects drawn with ``seed``; corrupted = the same sentence with three other names."""
+    check_model(model)
     if n_seqs < 2:
         raise HeadlensError(f"an IOI task needs at least 2 prompts (one ABBA, one BABA), got {n_seqs}")
     names = one_token_words(model, IOI_NAMES, what="names", need=5)
@@ -173,6 +175,7 @@ def ioi_task(
     model: HookedTransformer, *, n_seqs: int = 8, n_mean: int = 16, seed: int = 0, templates=IOI_TEMPLATES
 ) -> CircuitTask:
     """IOI prompts (see the module docstring); the mean set is ``n_mean`` IOI prompts of another seed."""
+    check_model(model)
     n_seqs = check_count("n_seqs", n_seqs)
     n_mean = check_count("n_mean", n_mean)
     seed = check_count("seed", seed, minimum=0)
@@ -205,6 +208,7 @@ def ioi_task(
 
 def ioi_positions(model: HookedTransformer, task: CircuitTask) -> dict[str, Int[Tensor, " n_seqs"]]:
     """Per prompt, the positions of the IO name, the first and second S, and END (the last position)."""
+    check_model(model)
     tokens = task.pair.clean
     io, s = _ids(model, [" " + w for w in task.info["io"]])[:, 0], _ids(model, [" " + w for w in task.info["s"]])[:, 0]
     io_pos = (tokens == io.to(tokens.device)[:, None]).float().argmax(1)
@@ -236,6 +240,7 @@ def bracket_examples(model: HookedTransformer, *, n: int, seq_len: int, seed: in
     and comments do not count) at least ``MIN_GAP`` tokens back and inside the window. The other closer / opener is
     the same token with the other bracket, kept only where that is one token too.
     """
+    check_model(model)
 
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -272,6 +277,7 @@ def brackets_task(
     model: HookedTransformer, *, n_seqs: int = 8, n_mean: int = 8, seq_len: int = 24, seed: int = 0
 ) -> CircuitTask:
     """Stdlib code that must close a bracket (see the module docstring); the mean set is other such windows."""
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     n_seqs = check_count("n_seqs", n_seqs)
     n_mean = check_count("n_mean", n_mean)
@@ -316,6 +322,7 @@ def build_task(
     model: HookedTransformer, name: str, *, n_seqs: int | None = None, seed: int = 0, **kwargs
 ) -> CircuitTask:
     """A built-in task by name (``induction``, ``ioi``, ``brackets``) with its default sizes unless given."""
+    check_model(model)
     if name not in TASKS:
         raise HeadlensError(f"unknown task {name!r}: choose one of {', '.join(TASKS)} (or give a clean/corrupted pair)")
     builder = {"induction": induction_task, "ioi": ioi_task, "brackets": brackets_task}[name]

@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.data.corpus import disjoint_starts, split_documents, window_block
 from headlens.data.probes import Probe, delimiter_mask, tokenizer_cache
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 
 MIN_GAP = 5
 """A scored pair's opener is at least this many tokens before the token that predicts its closer, so that the whole
@@ -139,6 +139,7 @@ def code_probe(
     disjoint, and seed ``s`` takes block ``s`` of that order (:func:`headlens.data.corpus.window_block`): two seeds
     never share a token, two splits never share a file (``eval`` for causal checks, ``reference`` for ablation means).
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     seq_len = check_count("seq_len", seq_len, minimum=8)
     n_seqs = check_count("n_seqs", n_seqs)
@@ -219,6 +220,7 @@ def code_probe_builder(model: HookedTransformer, *, seed: int, n_seqs: int, seq_
     such as ``()`` or ``):``). The score split holds 1,381 disjoint 128-token windows with one or more, but only 332
     with two or more: too few for seeds that never share a window.
     """
+    check_model(model)
     return code_probe(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score", min_pairs=1)
 
 

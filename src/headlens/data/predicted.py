@@ -13,7 +13,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from headlens.data.probes import Probe, natural_text
-from headlens.errors import check_count
+from headlens.errors import check_count, check_model
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ def model_predictions(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], batch_size: int = 4
 ) -> Int[Tensor, "batch pos"]:
     """The model's top-1 next-token prediction at every position."""
+    check_model(model)
     batch_size = check_count("batch_size", batch_size)
     out = []
     with torch.inference_mode():
@@ -37,6 +38,7 @@ def model_predictions(
 
 def predicted_probe(model: HookedTransformer, *, seed: int = 0, n_seqs: int = 8, seq_len: int = 128):
     """Natural-text windows plus the model's top-1 prediction at every position (probe kind ``predicted``)."""
+    check_model(model)
     n_seqs = check_count("n_seqs", n_seqs)
     seq_len = check_count("seq_len", seq_len, minimum=2)
     base = natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed)

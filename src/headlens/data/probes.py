@@ -247,6 +247,7 @@ def repeated_tokens(
     n - 1. ``shuffled=True`` permutes the second half (a structure-destroyed null probe: same tokens,
     no order to copy).
     """
+    check_model(model)
     seed = check_count("seed", seed, minimum=0)
     n = check_count("n", n, minimum=2, why="tokens per half")
     n_seqs = check_count("n_seqs", n_seqs)
@@ -281,6 +282,7 @@ def repeated_tokens(
 
 def word_token_ids(model: HookedTransformer) -> Int[Tensor, " n"]:
     """The model's ordinary word tokens (:func:`word_tokens`) that lie inside its embedding."""
+    check_model(model)
     return torch.tensor([i for i in word_tokens(_tokenizer(model)) if i < model.cfg.d_vocab])
 
 
@@ -322,6 +324,7 @@ def natural_text(
     different seeds never share a window, different splits never share a file. Without it windows of two seeds may
     overlap.
     """
+    check_model(model)
     return _text_probe(model, "natural", seq_len, n_seqs, seed, text, split)
 
 
@@ -335,6 +338,7 @@ def delimiter_text(
     split: str | None = None,
 ) -> Probe:
     """Like :func:`natural_text` over delimiter-rich text: ``text``, or the Python standard library's code."""
+    check_model(model)
     return _text_probe(model, "delimiter", seq_len, n_seqs, seed, text, split)
 
 
@@ -446,10 +450,15 @@ def delimiter_mask(tokenizer, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, 
 # ---------------------------------------------------------------- checks
 
 
+TOKEN_DTYPES = (torch.int64, torch.int32)
+"""What an embedding lookup takes as ids: int16 fails deep inside torch, and uint8 indexes as a mask."""
+
+
 def check_token_ids(model: HookedTransformer, tokens: Tensor, what: str = "tokens") -> Tensor:
     """``tokens`` when they are integer ids of ``model``'s vocabulary: an id < 0 would silently read the embedding
     table from its end (``W_E[-1]``), one past it or a float id fails deep inside torch."""
-    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    check_model(model)
+    if not isinstance(tokens, Tensor) or tokens.dtype not in TOKEN_DTYPES:
         raise HeadlensError(
             f"{what} must be a tensor of integer token ids (got {getattr(tokens, 'dtype', type(tokens).__name__)}): "
             "use model.to_tokens"
@@ -465,6 +474,7 @@ def check_token_ids(model: HookedTransformer, tokens: Tensor, what: str = "token
 
 def check_probes(model: HookedTransformer, probes: ProbeSet) -> None:
     """Raise a HeadlensError when a probe cannot run on ``model`` or its metadata does not fit its tokens."""
+    check_model(model)
     if not isinstance(probes, ProbeSet):
         raise HeadlensError(
             f"probes must be a headlens.data.probes.ProbeSet (got {type(probes).__name__}); build one with default_probes()"

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, utils
 
 from headlens.data.probes import check_token_ids
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_model
 from headlens.heads import check_head, check_layers, parse_head
 from headlens.progress import tqdm
 
@@ -44,6 +44,7 @@ def stream_patterns(
 
     ``rows`` is the slice of ``tokens`` the batch covers, so a reducer can look up per-sequence metadata.
     """
+    check_model(model)
     layers = check_layers(model, layers)
     if getattr(tokens, "ndim", None) != 2:
         raise HeadlensError(
@@ -69,6 +70,7 @@ def stream_patterns(
 
 def str_tokens(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
     """Each token id as text (``t17`` for a model without a tokenizer, e.g. the toy model)."""
+    check_model(model)
     if model.tokenizer is None:
         return [f"t{int(t)}" for t in ids]
     return [model.tokenizer.decode([int(t)]) for t in ids]
@@ -86,6 +88,7 @@ def head_patterns(
 
     One forward, stopped after the last layer needed; each hook keeps only the chosen heads' rows.
     """
+    check_model(model)
     heads = [parse_head(h) for h in heads]  # "L9H8", (9, 8) or Head(9, 8), in the order given
     if not heads:
         raise HeadlensError("no heads given: pass heads as a list of (layer, head) pairs, e.g. [(5, 3)]")

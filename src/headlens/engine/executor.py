@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.heads import check_layers
 from headlens.io import code_version, weights_sha256, write_bytes
 from headlens.models import ModelSpec, spec_of
@@ -325,6 +325,7 @@ class RayExecutor(Executor):
         queue, idle = deque(todo), deque(actors)
         pending: dict = {}
         failures: dict[int, int] = {}
+        refused: dict[int, str] = {}  # the lowest shard's refusal is raised: the one an in-order run meets first
         while queue or pending:
             while queue and idle:
                 actor, i = idle.popleft(), queue.popleft()
@@ -349,8 +350,12 @@ class RayExecutor(Executor):
                     continue
                 idle.append(actor)
                 if isinstance(result, _Refused):
-                    raise HeadlensError(result.message)
-                yield i, result, ShardTiming(i, seconds, pid)
+                    refused[i] = result.message
+                    queue = deque(j for j in queue if j < min(refused))  # later shards need not run
+                elif not refused or i < min(refused):
+                    yield i, result, ShardTiming(i, seconds, pid)
+        if refused:
+            raise HeadlensError(refused[min(refused)])
 
     def _kill_pools(self) -> None:
         for actors in self._pools.values():
@@ -547,6 +552,7 @@ def map_layers(
 
     The per-layer form of :meth:`Executor.map` that sweeps and patching use to spread their layers over workers.
     """
+    check_model(model)
     layers = check_layers(model, layers)
     shards = [(first, layer, kwargs) for layer in layers]
     return resolve(executor).map(fn, model, shards, key=key, desc=key.rsplit(".", 1)[-1], progress=progress)

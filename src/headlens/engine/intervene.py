@@ -32,7 +32,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
 from headlens.data.probes import check_token_ids
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.progress import tqdm
 
 LOGITS_BUDGET = 2**26
@@ -198,6 +198,7 @@ def unembed_at(
     Multiplies by ``W_U`` directly: TransformerLens' ``Unembed.forward`` copies ``W_U.T`` to contiguous memory on
     every call (545 MB for Qwen's vocabulary, most of a short forward's time on CPU).
     """
+    check_model(model)
     if positions is not None:
         resid = resid[:, positions.to(resid.device)]
     if model.cfg.normalization_type is not None:
@@ -219,6 +220,7 @@ def final_logits(
     fwd_hooks=(),
 ) -> Float[Tensor, "batch n_pos d_vocab"]:
     """Logits at ``positions`` only: the blocks (from ``start_at_layer``), then :func:`unembed_at`."""
+    check_model(model)
     resid = model.run_with_hooks(
         tokens_or_resid, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, fwd_hooks=list(fwd_hooks)
     )
@@ -229,6 +231,7 @@ def cached_run(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], metric: Metric
 ) -> tuple[float, dict[str, Tensor]]:
     """One forward: the metric and a cache of just the hooks in ``names``."""
+    check_model(model)
     check_token_ids(model, tokens)
     resid, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers)
     return value(metric(unembed_at(model, resid, metric.positions))), dict(cache.items())
@@ -240,6 +243,7 @@ def resid_names(layers) -> set[str]:
 
 def embed(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     """``resid_pre`` of layer 0 (embeddings), without running a block."""
+    check_model(model)
     return model.input_to_embed(check_token_ids(model, tokens))[0]
 
 
@@ -261,6 +265,7 @@ def run_interventions(
     """The metric after each intervention: restart at its first layer from the base run's ``resid``
     (``resid_pre`` by layer, or a cache holding ``blocks.{l}.hook_resid_pre``), ``runs_per_pass`` stacked per
     forward (fewer where :data:`TOKENS_BUDGET` says so); ``start_layer`` forces one restart layer for all."""
+    check_model(model)
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     if isinstance(resid, dict):
         cache = resid

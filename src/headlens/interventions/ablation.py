@@ -63,7 +63,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
-from headlens.data.probes import check_token_ids, corpus_text, repeated_tokens
+from headlens.data.probes import TOKEN_DTYPES, check_token_ids, corpus_text, repeated_tokens
 from headlens.engine.executor import Executor, map_layers
 from headlens.engine.intervene import (
     Intervention,
@@ -212,12 +212,7 @@ def logit_diff_metric(
 
 
 def _check_tokens(tokens, what: str) -> Tensor:
-    if (
-        not isinstance(tokens, Tensor)
-        or tokens.dtype not in (torch.int32, torch.int64)
-        or tokens.ndim != 2
-        or tokens.numel() == 0
-    ):
+    if not isinstance(tokens, Tensor) or tokens.dtype not in TOKEN_DTYPES or tokens.ndim != 2 or tokens.numel() == 0:
         raise HeadlensError(
             f"{what} must be a non-empty integer token tensor of shape [batch, pos] (use model.to_tokens)"
         )
@@ -257,6 +252,7 @@ def check_reference(
     """The reference tokens ``method`` ablates with (``reference``, else ``tokens``; None for zero ablation), or one
     clear error: an unknown method, a reference given to zero ablation (which reads none), a missing reference, ids
     outside the vocabulary, fewer than 2 sequences to resample from."""
+    check_model(model)
     if method not in METHODS:
         raise HeadlensError(f"unknown ablation method {method!r}: use one of {', '.join(METHODS)}")
     if method == "zero":
@@ -370,6 +366,7 @@ def run_ablated(
     seed: int = 0,
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``): the plain TL reference."""
+    check_model(model)
     tokens = _check_tokens(tokens, "tokens")
     sites = _sites(check_heads(model, heads))
     replacement = Replacement(model, method, reference, [s.layer for s in sites], seed=seed, tokens=tokens)
@@ -393,6 +390,7 @@ def ablated_metrics(
     """(clean metric, metric with each set ablated together): one clean forward caches ``resid_pre``, each set
     restarts at its first layer, ``batch_size // batch`` sets per stacked forward. ``replacement``: values
     computed once for several calls that ablate with the same method and reference (it must cover their layers)."""
+    check_model(model)
     sets = [_sites(check_heads(model, hs)) for hs in head_sets]
     layers = sorted({s.layer for sites in sets for s in sites})
     if replacement is None:
@@ -435,6 +433,7 @@ def ablated_metric(
 
 def clean_metric(model: HookedTransformer, metric: Metric | MetricFn, *, tokens: Tensor | None = None) -> float:
     """The metric with nothing ablated."""
+    check_model(model)
     metric = _as_metric(model, metric, tokens)
     with torch.inference_mode():
         return value(metric.full(model(metric.tokens.to(model.cfg.device))))
@@ -473,6 +472,7 @@ def random_sets(
     Fewer sets come back only when ``max_draws`` draws (default ``50 * n_random``) find no more, e.g. for one head of
     a layer of 14, which has 13 layer-mates.
     """
+    check_model(model)
     heads = list(heads)
     out, seen = [], set()
     for i in range(50 * int(n_random) if max_draws is None else int(max_draws)):

@@ -137,6 +137,7 @@ class PromptPair:
 def check_pair_tokens(model: HookedTransformer, pair: PromptPair) -> None:
     """Refuse, before any forward, what is not a :class:`PromptPair` or one whose clean or corrupted tokens are not ids
     of ``model``'s vocabulary."""
+    check_model(model)
     if not isinstance(pair, PromptPair):
         raise HeadlensError(f"patching needs a PromptPair (induction_pair, text_pair), got {type(pair).__name__}")
     check_token_ids(model, pair.clean, "clean tokens")
@@ -304,6 +305,7 @@ def text_pair(
 @contextlib.contextmanager
 def kv_mode(model: HookedTransformer, ungroup_kv: bool) -> Iterator[None]:
     """Run with k/v repeated per q head (``ungroup_grouped_query_attention``) when asked; restore after."""
+    check_model(model)
     before = model.cfg.ungroup_grouped_query_attention
     model.cfg.ungroup_grouped_query_attention = bool(ungroup_kv) and model.cfg.n_key_value_heads is not None
     try:
@@ -341,6 +343,7 @@ class PatchingResult:
 def patch_table(model, activation, rows, clean: float, corrupted: float, by_position: bool) -> pd.DataFrame:
     """Long table of patched units; k/v units of a grouped model are kv heads (``head`` = <NA>, see heads.py);
     per-layer activations (resid_pre, attn_out, mlp_out) have no head columns."""
+    check_model(model)
     df = pd.DataFrame(rows, columns=["layer", "unit", "pos", "metric"])
     df.insert(0, "activation", activation)
     if activation not in STREAM_ACTIVATIONS:
@@ -357,6 +360,7 @@ def patch_table(model, activation, rows, clean: float, corrupted: float, by_posi
 
 def pair_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], names: set[str], positions, metric):
     """One forward: the metric (at ``positions``) and a cache of just the hooks in ``names``."""
+    check_model(model)
     return cached_run(model, tokens, names, pair_metric(metric, tokens, positions))
 
 

@@ -24,7 +24,7 @@ from transformer_lens import HookedTransformer
 
 from headlens.circuits.graph import node_head
 from headlens.engine.capture import head_patterns
-from headlens.errors import HeadlensError, check_count
+from headlens.errors import HeadlensError, check_count, check_model
 from headlens.io import write_text
 from headlens.render.viz import CircuitsVisView, ViewSet, escape, label_colors, view_props
 
@@ -160,6 +160,7 @@ def _table(df: pd.DataFrame, floats: tuple[str, ...] = ()) -> str:
 def head_views(result, model: HookedTransformer, *, max_views: int = 6):
     """CircuitsVis views (one ``AttentionHeads`` component) of the circuit's heads of largest |node score| on the first
     clean prompt; None when the circuit holds no head."""
+    check_model(model)
     nodes = result.nodes[result.nodes.in_circuit & (result.nodes.kind == "head")]
     if nodes.empty:
         return None
@@ -183,6 +184,7 @@ svg { max-width: 100%; height: auto; }
 
 def circuit_html(result, model: HookedTransformer, *, max_edges: int = 40, max_views: int = 6) -> str:
     """The whole page (see the module docstring) as a string."""
+    check_model(model)
     info = result.info
     summary = result.summary()
     curves = result.faithfulness.table.pivot_table(index=["k"], columns="method", values="faithfulness").reset_index()
@@ -230,4 +232,5 @@ def circuit_html(result, model: HookedTransformer, *, max_edges: int = 40, max_v
 
 
 def write_circuit_html(result, model: HookedTransformer, path: str | Path, **kwargs) -> Path:
+    check_model(model)
     return write_text(Path(path), circuit_html(result, model, **kwargs))
