@@ -99,8 +99,8 @@ def one_draw(model, n_seqs: int, seed: int):
         "seed": seed,
         "max_removed": result.max_removed,
         "max_fraction": round(result.max_fraction, 4),
+        "fit_clean": result.clean,
     }
-    row["fit_clean"] = result.clean
     for key, metric in (("held_out", held_out), ("repeat", repeat)):
         clean = clean_metric(model, metric)
         value = ablated_metric(model, metric, pruned) if pruned else clean

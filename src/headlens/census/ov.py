@@ -149,7 +149,6 @@ def ordinal_tokens(model: HookedTransformer) -> tuple[Int[Tensor, " n"], Int[Ten
 
 def successor_scores(model: HookedTransformer) -> Float[Tensor, "layer head"]:
     """Successor score of every head (module doc): top-1 OV logit among ordinal tokens is the successor."""
-    check_model(model)
     ids, succ, _ = ordinal_tokens(model)
     eff = effective_embedding(model, ids)
     return torch.stack(
@@ -186,7 +185,6 @@ def negative_copying(
     model: HookedTransformer, *, n: int = 2000, lowest: float = 0.01, seed: int = 0
 ) -> Float[Tensor, "layer head"]:
     """Share of sampled word tokens that each head's OV circuit ranks in the lowest ``lowest`` of its own output."""
-    check_model(model)
     return copying_scores(model, n=n, lowest=lowest, seed=seed)["negative_copying"]
 
 

@@ -73,8 +73,6 @@ def natural_tokens(
 ) -> Int[Tensor, "batch pos"]:
     """``n_seqs`` windows of prose from the ``score`` split (:func:`headlens.data.probes.natural_text`, seeded): the
     positional census column is measured where every census score is, never on causal checks' files."""
-    check_model(model)
-
     return natural_text(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score").tokens
 
 

@@ -154,7 +154,6 @@ def after_closer(closer: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]
 
 def successor_metric(model: HookedTransformer) -> Metric:
     """Log-prob of the 4th item after three consecutive single-token ordinals of one sequence (days, months, ...)."""
-    check_model(model)
     ids, succ, names = ordinal_tokens(model)
     prompts, answers = [], []
     tasks = [n.split(":")[0] for n in names]
@@ -319,7 +318,6 @@ DRAWS = 1000
 def layer_matched_sets(model: HookedTransformer, heads, n_random: int, seed: int = 0) -> list:
     """``n_random`` distinct layer-matched random sets for ``heads`` (all there are when fewer exist, e.g. 13 for one
     head of a 14-head layer), draw ``i`` seeded ``seed * DRAWS + i``."""
-    check_model(model)
     return random_sets(model, heads, n_random, lambda i: int(seed) * DRAWS + i, max_draws=DRAWS)
 
 
@@ -419,7 +417,6 @@ def key_path_effects(
     The senders are ablated in a first run whose keys at the receivers' layers are kept; a second, clean run takes
     those keys for the kv heads the receivers read (GQA: every q head of such a group reads them) and nothing else.
     """
-    check_model(model)
     data = task_data(model, "repeat_loss", n_seqs=n_seqs, seed=seed)
     metric, tokens = data.metric, data.metric.tokens.to(model.cfg.device)
     groups = {}

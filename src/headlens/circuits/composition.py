@@ -79,13 +79,11 @@ def input_weights(model: HookedTransformer, layer: int, kind: str) -> Float[Tens
 
 def ov_circuits(model: HookedTransformer, layer: int) -> FactoredMatrix:
     """Every head's OV circuit at ``layer`` as it reads and writes the residual stream: ``[head] d_model × d_model``."""
-    check_model(model)
     return FactoredMatrix(input_weights(model, layer, "v"), model.blocks[layer].attn.W_O.detach().float().cpu())
 
 
 def qk_circuits(model: HookedTransformer, layer: int) -> FactoredMatrix:
     """Every head's QK circuit at ``layer``: ``[head] d_model(query) × d_model(key)``."""
-    check_model(model)
     return FactoredMatrix(input_weights(model, layer, "q"), input_weights(model, layer, "k").transpose(-1, -2))
 
 

@@ -182,7 +182,6 @@ def circuit_metric(
     model: HookedTransformer, task, kept: Bool[Tensor, "sender slot"], *, ablation: str = "mean"
 ) -> dict[str, float]:
     """``metric``, ``full``, ``empty`` and ``faithfulness`` of one circuit (a mask of kept edges)."""
-    check_model(model)
     graph = Graph.of(model)
     if not isinstance(kept, Tensor) or kept.dtype != torch.bool:
         raise HeadlensError(f"kept must be a boolean [sender, slot] mask (top_edges, node_circuit), got {kept!r:.80}")
@@ -215,7 +214,6 @@ def smallest_circuit(
     """Bisection between ``low`` edges (faithfulness below ``target``) and ``high`` (at or above) for the smallest top-n
     circuit of ``scores`` reaching ``target``; assumes f rises with n between the two (it need not: each probe is
     measured, and the result is a circuit that does reach the target). Returns ``n``, ``faithfulness``, ``probes``."""
-    check_model(model)
     graph = Graph.of(model)
     low = check_count("low", low, minimum=0, why="edges of a circuit below the target")
     high = check_count("high", high, why="edges of a circuit at or above the target")

@@ -37,7 +37,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, check_model
 from headlens.heads import Head, head_name, parse_head
 
 INPUTS = ("q", "k", "v", "mlp", "logits")
@@ -69,7 +69,8 @@ class Graph:
 
     @classmethod
     def of(cls, model: HookedTransformer) -> Graph:
-        cfg = model.cfg
+        """The graph of ``model`` (checked first: the circuits functions that start here need no check of their own)."""
+        cfg = check_model(model).cfg
         if cfg.parallel_attn_mlp or cfg.use_normalization_before_and_after:
             raise HeadlensError(
                 "circuits need a sequential pre-norm model (attention, then MLP, each read from the residual)"

@@ -109,7 +109,6 @@ def check_tokens(model: HookedTransformer, **tokens: Tensor | None) -> None:
 
 def record(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch pos"], metric: Metric | None) -> Run:
     """One forward (split-input mode expected): metric, ``resid_pre`` of every layer and every sender's output."""
-    check_model(model)
     check_tokens(model, tokens=tokens)
     b, p = tokens.shape
     outputs = torch.zeros(b, p, graph.n_senders, model.cfg.d_model, dtype=torch.float32, device=tokens.device)
@@ -166,7 +165,6 @@ def mean_outputs(
     model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "n_seqs pos"], *, batch_size: int = 8
 ) -> Float[Tensor, "1 pos sender d_model"]:
     """Every sender's output averaged over ``tokens`` (a separate set of prompts of the task), per position."""
-    check_model(model)
     return mean_run(model, graph, tokens, batch_size=batch_size).outputs
 
 

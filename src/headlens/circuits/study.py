@@ -60,8 +60,6 @@ def exact_edges(
     """Exact path-patching delta (patched − clean metric) of each edge alone, its sender's output taken from the
     corrupted prompt (``ablation="resample"``) or the task's mean set (``"mean"``); one shard per receiver layer on
     ``executor`` (None: this process)."""
-    check_model(model)
-
     graph = Graph.of(model)
     senders, slots = graph.check_edges(senders, slots)
     if len(senders) == 0:

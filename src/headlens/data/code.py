@@ -220,7 +220,6 @@ def code_probe_builder(model: HookedTransformer, *, seed: int, n_seqs: int, seq_
     such as ``()`` or ``):``). The score split holds 1,381 disjoint 128-token windows with one or more, but only 332
     with two or more: too few for seeds that never share a window.
     """
-    check_model(model)
     return code_probe(model, seq_len=seq_len, n_seqs=n_seqs, seed=seed, split="score", min_pairs=1)
 
 
