@@ -1,5 +1,7 @@
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from headlens import HeadlensError, heads_with_label, tiny_model
 from headlens.census import CensusResult
@@ -35,6 +37,16 @@ def test_one_spelling_both_ways():
 def test_bad_spellings_say_how_to_write_a_head(bad):
     with pytest.raises(HeadlensError, match="L5H3 or 5.3"):
         parse_head(bad)
+
+
+def test_a_pair_holds_two_whole_numbers():
+    """pandas gives a row's integers as floats, so 2.0 is layer 2; a bool is not a number here (True was layer 1),
+    nor a string, a fraction or a one-element tensor."""
+    for ok in ((2.0, 3), (np.int64(2), np.float32(3)), (torch.tensor(2), 3), tuple(pd.Series([2, 3.0]))):
+        assert parse_head(ok) == Head(2, 3)
+    for bad in ((True, 3), (2, np.False_), ("2", "3"), (2.5, 3), (float("nan"), 1), (torch.tensor([2]), 3), (1, 2, 3)):
+        with pytest.raises(HeadlensError, match="integer pairs"):
+            parse_head(bad)
 
 
 def test_duplicates_are_an_error_not_dropped():

@@ -76,13 +76,19 @@ def parse_head(item) -> Head:
         return Head(int(layer), int(head))
     try:
         layer, head = item
-        if any(isinstance(x, float) and not float(x).is_integer() for x in (layer, head)):
-            raise ValueError
-        return Head(int(layer), int(head))
     except (TypeError, ValueError):
+        layer = head = None
+    if not all(_head_number(x) for x in (layer, head)):
         raise HeadlensError(
             f"bad head {item!r}: heads are (layer, head) integer pairs, e.g. [(3, 5), (10, 0)], or 'L3H5'"
-        ) from None
+        )
+    return Head(int(layer), int(head))
+
+
+def _head_number(x) -> bool:
+    """A layer or head number in a pair: a whole number (:func:`~headlens.errors.is_whole`), or a float with no
+    fraction (pandas gives a row's integers as floats); never a bool (``True`` would be layer 1) or a string."""
+    return is_whole(x) or (isinstance(x, numbers.Real) and not isinstance(x, bool) and float(x).is_integer())
 
 
 def parse_heads(heads: str | Iterable) -> list[Head]:
