@@ -515,9 +515,8 @@ def test_ctrl_c_prints_one_line(tmp_path):
     )
     first = proc.stderr.readline()  # "loading tiny-qwen2 ...": the command is running
     assert b"loading" in first
-    # wait for the census's first progress line, then interrupt mid-census. A fixed 0.5 s after "loading" once landed
-    # (in one CI run of many, not reproduced here in 40 tries under load) where the interrupt was not honoured and the
-    # census ran to the end, exit 0: a window inside model loading, noted on issue 24
+    # wait for the census's first progress line, then interrupt mid-census. (A fixed 0.5 s after "loading" once landed
+    # inside a __del__, where Python drops a Ctrl-C, and the census ran to the end: test_a_ctrl_c_python_drops_...)
     seen = [first]
     while b"census" not in seen[-1] and seen[-1]:
         seen.append(proc.stderr.readline())
@@ -527,6 +526,83 @@ def test_ctrl_c_prints_one_line(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in err, err
     assert not [p for p in tmp_path.rglob(".*tmp-*")]
+
+
+DROPPED_CTRL_C = """
+import os, signal, sys
+
+
+class Dropper:
+    def __del__(self):  # SIGINT's handler runs here, and CPython drops what a __del__ raises
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+{body}
+"""
+
+
+def run_dropping(body: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``body`` after a ``Dropper`` class whose ``__del__`` sends the process a Ctrl-C that Python drops."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HEADLENS_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(
+        [sys.executable, "-c", DROPPED_CTRL_C.format(body=body), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def test_a_ctrl_c_python_drops_still_stops_the_census(tmp_path):
+    """A Ctrl-C that lands while a __del__ runs (zipfile's, numpy's npz reader's: found by injecting one at each
+    __del__ of a census) was printed as "Exception ignored" and the census ran to the end with exit status 0 (the
+    CI failure of test_ctrl_c_prints_one_line). Here one lands while the model loads."""
+    body = """
+import headlens.models as models
+
+load = models.load_model
+
+
+def load_and_drop(*args, **kwargs):
+    Dropper()
+    return load(*args, **kwargs)
+
+
+models.load_model = load_and_drop
+from headlens.cli import main
+
+main(sys.argv[1:])
+"""
+    out = tmp_path / "out"
+    proc = run_dropping(body, tmp_path, "census", "-m", "tiny-qwen2", "-o", str(out))
+    assert proc.returncode == 130, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted" in errors[0], proc.stderr
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (out / "census.csv").exists() and not list(tmp_path.rglob(".*tmp-*"))
+
+
+def test_a_dropped_ctrl_c_stops_at_the_next_progress_step(tmp_path):
+    """Library level: inside progress.catch_interrupts a bar's next step raises the dropped interrupt, once (a caller
+    that catches it may go on); the hook is put back after the block."""
+    body = """
+from headlens import progress
+
+with progress.catch_interrupts():
+    try:
+        Dropper()
+        for _ in progress.bar(range(3), desc="work", disable=True):
+            print("step")
+    except KeyboardInterrupt:
+        print("stopped")
+    for _ in progress.bar(range(2), desc="more", disable=True):
+        print("again")
+print(sys.unraisablehook is sys.__unraisablehook__)
+"""
+    proc = run_dropping(body, tmp_path)
+    assert proc.stdout.split() == ["stopped", "again", "again", "True"], proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr
 
 
 # ---------------------------------------------------------------- files, caches and reuse (audit r4)

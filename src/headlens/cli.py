@@ -1433,7 +1433,8 @@ def main(argv: list[str] | None = None) -> None:
         for arg in args:
             arg.encode("utf-8")  # a non-UTF-8 byte in argv arrives as a lone surrogate
         _no_empty_paths(args)
-        result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
+        with _progress.catch_interrupts():  # one Ctrl-C stops it, also where Python drops it (inside a __del__)
+            result = app(args or ["--help"], prog_name="headlens", standalone_mode=False)
         if result == 130:  # typer turns Ctrl-C into Exit(130) before it reaches the handler below
             raise KeyboardInterrupt
     except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback) below

@@ -9,11 +9,13 @@
 - :func:`set_enabled` (the CLI's ``--no-progress``) silences it and the bars of transformers,
   huggingface_hub and datasets, also those of libraries imported later (through their environment switches).
 
-The module imports only tqdm, so the CLI can import it at start-up.
+It also makes one Ctrl-C stop a command (:func:`catch_interrupts`). The module imports only tqdm, so the CLI can
+import it at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -65,8 +67,48 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+_DROPPED = False
+
+
+@contextlib.contextmanager
+def catch_interrupts():
+    """Within it, one Ctrl-C stops the work even where Python drops it.
+
+    CPython cannot raise an exception out of a ``__del__`` (zipfile's, numpy's ``.npz`` reader's, ...): a Ctrl-C
+    that lands while one runs was printed as "Exception ignored in ..." and the command ran on to the end (a CLI test
+    once saw exit status 0). Here a dropped ``KeyboardInterrupt`` is recorded instead of printed, and the next
+    progress bar step (:func:`check_interrupt`), or the end of the block, raises it again."""
+    global _DROPPED
+    hook = sys.unraisablehook
+
+    def unraisable(info):
+        global _DROPPED
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            _DROPPED = True
+        else:
+            hook(info)
+
+    _DROPPED = False
+    sys.unraisablehook = unraisable
+    try:
+        yield
+        check_interrupt()  # dropped after the last progress step: the work is done, but the user asked to stop
+    finally:
+        sys.unraisablehook = hook
+        _DROPPED = False
+
+
+def check_interrupt() -> None:
+    """Raise the ``KeyboardInterrupt`` that :func:`catch_interrupts` saw Python drop, once."""
+    global _DROPPED
+    if _DROPPED:
+        _DROPPED = False
+        raise KeyboardInterrupt
+
+
 class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
-    """``tqdm`` that honours :func:`set_enabled` and prints plain lines when its stream is not a terminal."""
+    """``tqdm`` that honours :func:`set_enabled` and :func:`catch_interrupts` and prints plain lines when its stream
+    is not a terminal."""
 
     def __init__(self, *args, **kwargs):
         stream = kwargs.get("file") or sys.stderr
@@ -82,6 +124,15 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
             )
         self._last_line = None
         super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            check_interrupt()
+            yield item
+
+    def update(self, n=1):
+        check_interrupt()
+        return super().update(n)
 
     def _plain_line(self) -> bool:
         line = self.__str__().strip()
