@@ -44,7 +44,7 @@ from headlens.census.positional import THRESHOLD as POSITIONAL_THRESHOLD
 from headlens.census.positional import positional_scores
 from headlens.census.retrieval import THRESHOLD as RETRIEVAL_THRESHOLD
 from headlens.census.retrieval import needle_metric, needle_probe, retrieval_scores
-from headlens.census.validate import strongest, task_data
+from headlens.census.validate import ratio_interval, strongest, task_data
 from headlens.data.code import code_probe, python_version
 from headlens.data.probes import DEFAULT_SIZES
 from headlens.heads import format_heads
@@ -81,7 +81,8 @@ def copy_suppression_heads(scores):
 
 def causal(model, name, scores, score_col, threshold, data, n_random, top_if_none=5, max_heads=20, found=None):
     """Ablate the type's heads (at most ``max_heads``, at most half of a layer) vs layer-matched random sets on the
-    held-out ``data`` (a :class:`headlens.census.validate.TaskData`: metric and ablation reference)."""
+    held-out ``data`` (a :class:`headlens.census.validate.TaskData`: metric and ablation reference); ``ratio`` of the
+    effects with its interval over the random sets, as the census's causal checks report it."""
     found = heads_above(scores, score_col, threshold) if found is None else found
     ranked = found if found else heads_above(scores, score_col, -float("inf"))
     frame = pd.DataFrame([{"layer": l, "head": h, "label": "x", "label_score": -i} for i, (l, h) in enumerate(ranked)])
@@ -108,6 +109,8 @@ def causal(model, name, scores, score_col, threshold, data, n_random, top_if_non
         "random_effect_min": round(float(rand.effect.min()), 5),
         "random_effect_max": round(float(rand.effect.max()), 5),
         "random_effect_mean": round(float(rand.effect.mean()), 5),
+        **{k: round(v, 3) for k, v in ratio_interval(float(target.effect), rand.effect, seed=SEED).items()},
+        "p_random_ge": round(result.p_random_ge, 3),
         "n_random": int(len(rand)),
         "target_worse_than_every_random": bool(beats),
         "z": round(result.z, 3),

@@ -37,6 +37,50 @@ def test_every_type_has_a_causal_row_and_the_readme_verdicts_hold():
     assert retrieval["target_effect"] < -2 and retrieval["random_effect_min"] > -0.2
 
 
+def test_each_causal_row_is_its_ablated_sets():
+    """causal.csv's effects, ratio interval and share of random sets as bad are those of the sets in
+    ablation_sets.csv (the ratio interval is the census's: ``headlens.census.validate.ratio_interval``, seed 0)."""
+    from headlens.census.validate import ratio_interval
+
+    causal = pd.read_csv(RESULTS / "causal.csv").set_index("type")
+    sets = pd.read_csv(RESULTS / "ablation_sets.csv")
+    for name, row in causal.iterrows():
+        mine = sets[sets.type == name]
+        target, rand = mine[mine.kind == "target"].iloc[0], mine[mine.kind == "random"]
+        assert len(rand) == row["n_random"] and target["heads"] == row["heads_ablated"], name
+        assert abs(target["effect"] - row["target_effect"]) < 1e-5, name
+        for key, value in ratio_interval(target["effect"], rand["effect"], seed=0).items():
+            assert abs(value - row[key]) <= 5e-4 * max(1.0, abs(value)), (name, key)
+        assert row["p_random_ge"] == round(float((rand["worsening"] >= target["worsening"]).mean()), 3), name
+        assert row["target_worse_than_every_random"] == (row["p_random_ge"] == 0), name
+
+
+def test_findings_head_type_ratios_are_the_committed_rows():
+    """docs/findings.md's causal bullets for the head types quote each ratio and its interval from causal.csv."""
+    import re
+
+    from docs_numbers import doc_text
+
+    causal = pd.read_csv(RESULTS / "causal.csv").set_index("type")
+    text = doc_text("findings")
+    bullets = {
+        "successor": "Successor (L16H8)",
+        "positional": "Positional (9 heads)",
+        "bracket_matching": "Bracket matching (11 heads",
+        "closer_to_opener": "Closer to opener (11 heads",
+        "identifier": "Identifier (10 heads",
+        "retrieval": "Retrieval (the 20 strongest",
+    }
+    for name, start in bullets.items():
+        bullet = text[text.index(start) :].split(" - ")[0]
+        match = re.search(r"ratio (−?[\d.]+)(?:,? (?:\[|interval )(−?[\d.]+)(?:–| to )(−?[\d.]+))?", bullet)
+        row = causal.loc[name]
+        for shown, value in zip(match.groups(), (row["ratio"], row["ratio_lo"], row["ratio_hi"])):
+            if shown is not None:
+                decimals = len(shown.split(".")[1]) if "." in shown else 0
+                assert abs(float(shown.replace("−", "-")) - value) <= 0.5 * 10**-decimals, (name, shown, value)
+
+
 def test_summary_counts_match_the_scores():
     scores = pd.read_csv(RESULTS / "scores.csv")
     summary = json.loads((RESULTS / "summary.json").read_text())

@@ -7,7 +7,7 @@ from test_census import planted_model
 from headlens import HeadlensError
 from headlens.census.calibrate import null_levels, null_scores, random_weights_model
 from headlens.census.run import run_census
-from headlens.census.validate import LABEL_TASKS, TASKS, causal_validation, verdict
+from headlens.census.validate import LABEL_TASKS, TASKS, causal_validation, ratio_interval, verdict
 from headlens.data.probes import default_probes
 
 
@@ -62,6 +62,15 @@ def test_verdict_needs_the_expected_direction_and_every_random_set_beaten():
     assert LABEL_TASKS["previous_token"].task == "repeat_loss"  # the induction task, not next-token text loss
     assert LABEL_TASKS["first_token"].task is None  # descriptive: no causal claim
     assert all(spec.task is None or spec.task in TASKS for spec in LABEL_TASKS.values())
+
+
+def test_ratio_interval_resamples_the_random_sets():
+    """Equal random effects leave no spread; two sets, 0.5 and 1.5, give means 0.5, 1 and 1.5 over resamples, so the
+    ratio of a target of 2 spans 4/3 to 4 around its 2; a zero random mean has no ratio."""
+    assert ratio_interval(2.0, [1.0, 1.0, 1.0]) == {"ratio": 2.0, "ratio_lo": 2.0, "ratio_hi": 2.0}
+    got = ratio_interval(2.0, [0.5, 1.5], n_boot=4000)
+    assert got["ratio"] == 2.0 and got["ratio_lo"] == pytest.approx(4 / 3) and got["ratio_hi"] == pytest.approx(4.0)
+    assert np.isnan(ratio_interval(1.0, [-1.0, 1.0])["ratio"])
 
 
 def test_position_metrics_end_at_their_last_position_and_keep_their_value():

@@ -268,6 +268,22 @@ def verdict(sign: int, target: float, random: np.ndarray) -> str:
     return "supported" if sign * target > 0 and bool((sign * target > sign * random).all()) else "no evidence"
 
 
+def ratio_interval(target: float, rand, *, seed: int = 0, n_boot: int = 2000) -> dict[str, float]:
+    """``ratio`` = ``target`` effect / mean of the random sets' effects ``rand``, with a 95 % interval from resampling
+    the random sets (``ratio_lo``, ``ratio_hi``): how much the verdict leans on which random sets were drawn. It does
+    not cover the evaluation data: that is one draw."""
+    rand = np.asarray(rand, dtype=float)
+    g = np.random.default_rng(int(seed))
+    boot = rand[g.integers(0, len(rand), (int(n_boot), len(rand)))].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = target / boot
+    return {
+        "ratio": float(target / rand.mean()) if rand.mean() != 0 else float("nan"),
+        "ratio_lo": float(np.nanpercentile(ratios, 2.5)),
+        "ratio_hi": float(np.nanpercentile(ratios, 97.5)),
+    }
+
+
 def causal_row(
     label: str,
     heads,
@@ -285,10 +301,6 @@ def causal_row(
     batches the same ablations) both build their rows here."""
     spec = LABEL_TASKS[label]
     rand = np.asarray(rand, dtype=float)
-    g = np.random.default_rng(int(seed))
-    boot = rand[g.integers(0, len(rand), (int(n_boot), len(rand)))].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = target / boot
     sign = spec.expected_sign
     return {
         "metric": TASKS[spec.task],
@@ -298,9 +310,7 @@ def causal_row(
         "random_mean": float(rand.mean()),
         "random_min": float(rand.min()),
         "random_max": float(rand.max()),
-        "ratio": float(target / rand.mean()) if rand.mean() != 0 else float("nan"),
-        "ratio_lo": float(np.nanpercentile(ratios, 2.5)),
-        "ratio_hi": float(np.nanpercentile(ratios, 97.5)),
+        **ratio_interval(target, rand, seed=seed, n_boot=n_boot),
         "expected_sign": sign,
         "p_random_ge": float((sign * rand >= sign * target).mean()),
         "n_random": len(rand),
