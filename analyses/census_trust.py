@@ -24,6 +24,8 @@ Writes analyses/results/census_trust/:
 - null.csv                  each label's threshold vs its null (random-weights Qwen, shuffled repeats)
 - causal.csv                label -> behaviour -> task/metric -> verdict (headlens.census.validate.causal_validation)
 - key_path.csv              previous-token heads ablated only on the path into the induction heads' keys
+- noise_model.csv           agreement of three seeds predicted from sampling noise alone at 1-32x the probe data
+                            (from the nine census_seed tables: step noise needs no model)
 - summary.json              the headline numbers, timings, provenance
 
 Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_trust; run each under the lock):
@@ -35,6 +37,7 @@ Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_tr
     python analyses/census_trust.py --step causal    # one label per call (--budget-s 300: more while it lasts)
     python analyses/census_trust.py --step keypath
     python analyses/census_trust.py --step write     # every result file from the cached steps (seconds)
+    python analyses/census_trust.py --step noise     # noise_model.csv from the committed census_seed tables
     python analyses/census_trust.py                  # all missing steps, then write
 """
 
@@ -243,6 +246,63 @@ def scaling_fit(scaling: pd.DataFrame) -> dict:
             for col in ("n_changed", "n_specific_changed")
         }
     return out
+
+
+NOISE_SCALES = (1, 2, 4, 8, 16, 32)
+"""Multiples of the frozen probe sizes at which :func:`noise_model` predicts agreement."""
+SINKS = ("repeated", "natural", "delimiter", "code")
+
+
+def table_means(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A census table's mean scores as the labelling rule reads them (``_label`` gives back the table's labels)."""
+    means = {c: table[c].to_numpy(float) for c in table.columns if table[c].dtype.kind == "f"}
+    means.update({f"_sink:{k}": table[f"sink_{k}"].to_numpy(float) for k in SINKS})
+    return means
+
+
+def noise_model(tables, types, limits, *, scales=NOISE_SCALES, n_sim: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Agreement of three seeds that sampling noise alone predicts, at ``scales`` times the probe data.
+
+    A head's true score is its mean over ``tables`` (every scored seed); a simulated seed draws each score column
+    from a normal around it with the census's bootstrap standard error ((hi - lo) / 3.92, averaged over ``tables``)
+    divided by the square root of the scale, columns independently, sink shares fixed; labels by the census's rule.
+    Rows: the 5th, 50th and 95th percentile over ``n_sim`` simulated triples of :func:`agreement`'s ``same_label``
+    and ``specific_same_label``, and the mean number of heads with a specific label in any seed. Its 1x row checks
+    the model against the measured triples; the others say how much more data the targets would need."""
+    names = np.asarray(label_names(types))
+    means = [table_means(t) for t in tables]
+    truth = {k: np.mean([m[k] for m in means], 0) for k in means[0]}
+    noisy = [c[: -len("_lo")] for c in tables[0].columns if c.endswith("_lo") and f"{c[:-3]}_hi" in tables[0]]
+    se = {c: np.nan_to_num(np.mean([(t[f"{c}_hi"] - t[f"{c}_lo"]).to_numpy(float) for t in tables], 0) / 3.92)
+          for c in noisy}  # fmt: skip
+    rng = np.random.default_rng(seed)
+    rows = []
+    for scale in scales:
+        got = []
+        for _ in range(n_sim):
+            labels = []
+            for _ in range(3):
+                drawn = {
+                    **truth,
+                    **{c: truth[c] + rng.standard_normal(len(se[c])) * se[c] / np.sqrt(scale) for c in noisy},
+                }
+                labels.append(pd.DataFrame({"label": names[_label(drawn, types, limits)]}))
+            a = agreement(labels)
+            got.append((a["same_label"], a["specific_same_label"], a["n_specific_any_seed"]))
+        got = np.array(got, dtype=float)
+        row = {"scale": scale, "n_sim": n_sim}
+        for i, key in enumerate(("same_label", "specific_same_label")):
+            row.update({f"{key}_p{q}": float(np.percentile(got[:, i], q)) for q in (5, 50, 95)})
+        rows.append({**row, "n_specific_any_seed": float(got[:, 2].mean())})
+    return pd.DataFrame(rows)
+
+
+def write_noise_model(types, limits) -> pd.DataFrame:
+    """noise_model.csv from the committed census tables of every scored seed."""
+    seeds = DEV_SEEDS + FRESH_SEEDS + UNSEEN_SEEDS
+    model = noise_model([pd.read_csv(OUT / f"census_seed{s}.csv") for s in seeds], types, limits)
+    write_csv(model.assign(seeds=" ".join(map(str, seeds))), OUT / "noise_model.csv")
+    return model
 
 
 def subset(per: PerSequence, sizes: dict) -> PerSequence:
@@ -471,6 +531,8 @@ def write_results(model) -> None:
         + [{"seeds": "development 0-2", "label": k, **v} for k, v in development["by_label"].items()]
     )
     write_csv(by_label, OUT / "stability_by_label.csv")
+    if unseen:
+        write_noise_model(types, limits)
 
     sources = {}
     for prefix, seeds in (("dev", dev_seeds), ("fresh", FRESH_SEEDS), ("unseen", unseen)):
@@ -597,7 +659,7 @@ def shared_units(sources: dict) -> int:
     return shared
 
 
-STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write")
+STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write", "noise")
 
 
 def main(argv=None, model=None) -> None:
@@ -607,6 +669,9 @@ def main(argv=None, model=None) -> None:
     parser.add_argument("--budget-s", type=float, default=0, help="--step: repeat it (next seed, label) this long")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
+    if args.step == "noise":  # from the committed tables: no model, no cache
+        print(write_noise_model(head_types(), label_thresholds(head_types(), None)).round(3).to_string(index=False))
+        return
 
     def again() -> bool:
         return not args.step or time.perf_counter() - begin < args.budget_s
@@ -617,7 +682,7 @@ def main(argv=None, model=None) -> None:
     check_cache(model)
     limits = label_thresholds(head_types(), None)
     frozen = FROZEN
-    todo = [args.step] if args.step else list(STEPS)
+    todo = [args.step] if args.step else [s for s in STEPS if s != "noise"]  # write writes the noise model
     for step in todo:
         if step == "dev":
             while step_dev(model) and again():

@@ -185,6 +185,7 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
         script.CANDIDATE_RULE,
     }
     check_dev_scaling(tmp_path / "out")
+    assert pd.read_csv(tmp_path / "out" / "noise_model.csv")["scale"].tolist() == list(script.NOISE_SCALES)
     if not PINNED.exists():  # first run: write the pin (then commit it)
         PINNED.parent.mkdir(exist_ok=True)
         PINNED.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
@@ -203,6 +204,68 @@ def check_dev_scaling(out: Path) -> None:
 
 def test_committed_dev_scaling_holds_the_development_agreement():
     check_dev_scaling(RESULTS)
+
+
+def test_noise_model_regenerates_from_the_committed_seed_tables():
+    """noise_model.csv is what the script's noise model gives from the nine committed census tables (it needs no
+    model); its 1x row sits near the measured triples, its larger scales above it."""
+    from headlens.census.registry import head_types
+    from headlens.census.run import label_thresholds
+
+    script = census_trust_script()
+    committed = pd.read_csv(RESULTS / "noise_model.csv")
+    seeds = [int(s) for s in committed["seeds"].iloc[0].split()]
+    assert seeds == list(range(9))
+    types = head_types()
+    got = script.noise_model(tables(seeds), types, label_thresholds(types, None))
+    pd.testing.assert_frame_equal(got, committed.drop(columns="seeds"), check_exact=False, rtol=1e-9)
+    assert committed["specific_same_label_p50"].is_monotonic_increasing
+
+
+def test_findings_quote_the_noise_model():
+    """docs/findings.md's noise-model bullet: the 1x prediction, the scales where the targets are reached, and the
+    measured triples beside it, from noise_model.csv and stability.json."""
+    from docs_numbers import doc_text, numbers
+
+    model = pd.read_csv(RESULTS / "noise_model.csv").set_index("scale")
+    stability = json.loads((RESULTS / "stability.json").read_text())
+    text = doc_text("findings")
+    bullet = text[text.index("How much data the targets need") :].split(" - ")[0]
+    pct = lambda x: round(100 * x, 1)  # noqa: E731
+    one = model.loc[1]
+    assert (
+        f"predicts {pct(one.same_label_p50)} % ({pct(one.same_label_p5)}–{pct(one.same_label_p95)} %) of all heads and "
+        f"{pct(one.specific_same_label_p50)} % ({pct(one.specific_same_label_p5)}–{pct(one.specific_same_label_p95)} %)"
+    ) in bullet
+    for key, name in (("development", "development"), ("fresh", "fresh 3–5"), ("unseen", "6–8")):
+        a = stability[key]
+        assert f"{pct(a['same_label'])} / {pct(a['specific_same_label'])} % ({name}" in bullet, key
+    all_at = model.index[model.same_label_p50 >= 0.97][0]
+    specific_at = model.index[model.specific_same_label_p50 >= 0.95][0]
+    assert f"97 % of all heads at k = {all_at} ({pct(model.loc[all_at].same_label_p50)} %)" in bullet
+    row = model.loc[specific_at]
+    assert (
+        f"only at k = {specific_at} ({pct(row.specific_same_label_p50)} %, {pct(row.specific_same_label_p5)}–"
+        f"{pct(row.specific_same_label_p95)} %)"
+    ) in bullet
+    timings = json.loads((RESULTS / "summary.json").read_text())["timings_s"]
+    fresh = [timings[f"census_fresh_seed{s}_s"] for s in (3, 4, 5)]
+    assert numbers(bullet[bullet.index("a census of") :])[:2] == [round(min(fresh)), round(max(fresh))]
+
+
+def test_without_sampling_noise_every_label_is_kept():
+    """A seed table whose intervals have no width: the model's simulated seeds all give its labels."""
+    from headlens.census.registry import head_types
+    from headlens.census.run import label_thresholds
+
+    script = census_trust_script()
+    table = tables([0])[0]
+    for column in [c[:-3] for c in table.columns if c.endswith("_lo")]:
+        table[f"{column}_lo"] = table[f"{column}_hi"] = table[column]
+    types = head_types()
+    got = script.noise_model([table] * 3, types, label_thresholds(types, None), scales=(1,), n_sim=3)
+    assert got.filter(like="same_label").eq(1.0).all(axis=None)
+    assert got["n_specific_any_seed"].iloc[0] == (~table["label"].isin(BULK)).sum()
 
 
 def test_point_rule_is_the_census_label_rule():
