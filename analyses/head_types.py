@@ -19,9 +19,15 @@ than the scores', and than each other):
 - retrieval: log-probability of the needle words in 1,024-token needle-in-a-haystack prompts (other needles and
   depths than the scoring prompts, the same haystack text: retrieval is no census label).
 
-    python analyses/head_types.py            # ~20 min on 2 CPU cores
+The code checks are repeated on three disjoint evaluation draws (``causal_draws.csv``: seed ``s`` takes block ``s`` of
+the ``eval`` and ``reference`` splits' windows; the same heads and random sets): how much a verdict depends on the
+text it was measured on.
 
-Writes analyses/results/head_types/: scores.csv, causal.csv, bracket_depth.csv, summary.json.
+    python analyses/head_types.py                  # ~1 h on 2 CPU cores
+    python analyses/head_types.py --code-draws     # only causal_draws.csv, from the committed scores.csv (~25 min)
+
+Writes analyses/results/head_types/: scores.csv, causal.csv, causal_draws.csv, ablation_sets.csv, bracket_depth.csv,
+summary.json.
 """
 
 from __future__ import annotations
@@ -53,7 +59,13 @@ from headlens.io import write_text
 
 OUT = Path(__file__).resolve().parent / "results" / "head_types"
 SEED = 0
-CODE_TASKS = ("code_closer", "code_after_closer", "code_after_name")
+CODE_CHECKS = (
+    ("bracket_matching", "code_closer"),
+    ("closer_to_opener", "code_after_closer"),
+    ("identifier", "code_after_name"),
+)
+DRAW_SEEDS = (0, 1, 2)
+"""Evaluation draws of the code checks (draw 0 is causal.csv's)."""
 
 
 def held_out_closers(model, n_seqs: int) -> int:
@@ -119,6 +131,18 @@ def causal(model, name, scores, score_col, threshold, data, n_random, top_if_non
     return row, table.assign(type=name)
 
 
+def code_draws(model, scores, *, n_windows: int, n_random: dict[str, int], seeds=DRAW_SEEDS) -> pd.DataFrame:
+    """The code checks of :func:`causal` on evaluation draw ``seed`` for each of ``seeds`` (disjoint windows of the
+    ``eval`` split, ablation means from the ``reference`` split's block ``seed``): one row per draw and type."""
+    rows = []
+    for seed in seeds:
+        for name, task in CODE_CHECKS:
+            data = task_data(model, task, n_seqs=n_windows, seed=seed)
+            row, _ = causal(model, name, scores, name, CODE_THRESHOLDS[name], data, n_random[name])
+            rows.append({"draw": seed, **row, "eval_sources": " ".join(data.eval_sources)})
+    return pd.DataFrame(rows)
+
+
 def rope_change(new_summary: pd.DataFrame) -> dict:
     """Old (eta^2 on raw attention) vs new (excess over uniform) RoPE summary for the heads head_report named.
 
@@ -156,12 +180,19 @@ def main() -> None:
     ap.add_argument(
         "--reuse-scores", action="store_true", help="read scores.csv/rope_summary.csv of --out, redo the rest"
     )
+    ap.add_argument("--code-draws", action="store_true", help="only causal_draws.csv, from scores.csv of --out")
     args = ap.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
     model = load_model(args.model)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    n_random = {"bracket_matching": args.n_random_bracket, "closer_to_opener": args.n_random_bracket}
+    n_random["identifier"] = args.n_random
+    if args.code_draws:
+        draws = code_draws(model, pd.read_csv(out / "scores.csv"), n_windows=args.code_windows, n_random=n_random)
+        write_text(out / "causal_draws.csv", draws.to_csv(index=False))
+        return
 
     timings = {}
     ret, before = None, {}
@@ -198,21 +229,14 @@ def main() -> None:
         write_text(out / "scores.csv", scores.to_csv(index=False))
 
     rows, tables = [], []
-    code = {t: task_data(model, t, n_seqs=args.code_windows, seed=SEED) for t in CODE_TASKS}
+    code = {t: task_data(model, t, n_seqs=args.code_windows, seed=SEED) for _, t in CODE_CHECKS}
     prose = task_data(model, "prose_loss", n_seqs=4, seed=SEED)
     earlier = dataclasses.replace(prose, metric=repeat_earlier_metric(prose.metric.tokens))
     checks = [
         ("copy_suppression", "copy_suppression_score", THRESHOLDS["attention_to_predicted"], earlier, args.n_random),
         ("successor", "successor", THRESHOLDS["successor"], task_data(model, "successor", seed=SEED), args.n_random),
         ("positional", "positional", POSITIONAL_THRESHOLD, prose, args.n_random),
-        *(
-            (name, name, CODE_THRESHOLDS[name], code[task], n_random)
-            for name, task, n_random in (
-                ("bracket_matching", "code_closer", args.n_random_bracket),
-                ("closer_to_opener", "code_after_closer", args.n_random_bracket),
-                ("identifier", "code_after_name", args.n_random),
-            )
-        ),
+        *((name, name, CODE_THRESHOLDS[name], code[task], n_random[name]) for name, task in CODE_CHECKS),
     ]
     if not args.skip_retrieval:
         needles = needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1))
@@ -232,6 +256,8 @@ def main() -> None:
             depth_rows.append({"layer": l, "head": h, **{f"depth_{d}": round(by_depth[d][i], 4) for d in (1, 2, 3)}})
         depth_rows.append({"layer": -1, "head": -1, **{f"depth_{d}": counts[d] for d in (1, 2, 3)}})  # pair counts
     write_text(out / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
+    draws = code_draws(model, scores, n_windows=args.code_windows, n_random=n_random)
+    write_text(out / "causal_draws.csv", draws.to_csv(index=False))
     write_text(out / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
 
     summary = {

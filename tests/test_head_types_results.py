@@ -81,6 +81,66 @@ def test_findings_head_type_ratios_are_the_committed_rows():
                 assert abs(float(shown.replace("−", "-")) - value) <= 0.5 * 10**-decimals, (name, shown, value)
 
 
+def test_code_draws_are_disjoint_evaluation_data_and_draw_0_is_the_causal_table():
+    """causal_draws.csv: three evaluation draws of the code checks share no window, all from the eval split; draw 0
+    is causal.csv's row (the same heads, random sets and data)."""
+    from headlens.data import corpus
+
+    draws = pd.read_csv(RESULTS / "causal_draws.csv")
+    causal = pd.read_csv(RESULTS / "causal.csv").set_index("type")
+    assert sorted(set(draws["draw"])) == [0, 1, 2] and len(draws) == 9
+    windows = {d: set(" ".join(g["eval_sources"]).split()) for d, g in draws.groupby("draw")}
+    assert all(not (windows[a] & windows[b]) for a in windows for b in windows if a < b)
+    assert all(corpus.split_of(w.rsplit("@", 1)[0]) == "eval" for ws in windows.values() for w in ws)
+    for row in draws[draws["draw"] == 0].itertuples():
+        committed = causal.loc[row.type]
+        assert row.heads_ablated == committed["heads_ablated"], row.type
+        assert abs(row.target_effect - committed["target_effect"]) < 1e-4, row.type
+        assert row.target_worse_than_every_random == committed["target_worse_than_every_random"], row.type
+
+
+def test_findings_quote_the_code_draws():
+    """Each code type's bullet in docs/findings.md says in how many of the draws its heads beat every random set, and
+    lists the draws' effects in order, as causal_draws.csv has them."""
+    import re
+
+    from docs_numbers import doc_text, numbers
+
+    draws = pd.read_csv(RESULTS / "causal_draws.csv").sort_values("draw")
+    text = doc_text("findings")
+    starts = {"bracket_matching": "Bracket matching (11 heads", "closer_to_opener": "Closer to opener (11 heads",
+              "identifier": "Identifier (10 heads"}  # fmt: skip
+    for name, start in starts.items():
+        bullet = text[text.index(start) :].split(" - ")[0]
+        mine = draws[draws["type"] == name]
+        said = re.search(r"in (\d) of (\d) disjoint evaluation draws .*?effects ([^a-z]*) nats", bullet)
+        assert said, name
+        assert (int(said.group(1)), int(said.group(2))) == (
+            int(mine["target_worse_than_every_random"].sum()),
+            len(mine),
+        )
+        shown = numbers(said.group(3))
+        assert len(shown) == len(mine), name
+        for value, effect in zip(shown, mine["target_effect"]):
+            assert abs(value - effect) <= 0.0051, (name, value, effect)
+
+
+def test_code_draws_regenerate_on_a_tiny_model(tiny_qwen):
+    """The script's code_draws on a tiny Qwen: one row per draw and type, each draw on its own windows."""
+    from scripts import load_script
+
+    script = load_script("analyses/head_types.py")
+    L, H = tiny_qwen.cfg.n_layers, tiny_qwen.cfg.n_heads
+    scores = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L)})
+    for name, _ in script.CODE_CHECKS:
+        scores[name] = np.where(np.arange(L * H) == 1, 0.9, 0.0)  # one head of layer 0 labelled
+    got = script.code_draws(tiny_qwen, scores, n_windows=4, n_random=dict.fromkeys(scores.columns[2:], 2), seeds=(0, 1))
+    assert list(zip(got["draw"], got["type"])) == [(d, n) for d in (0, 1) for n, _ in script.CODE_CHECKS]
+    assert (got["heads_ablated"] == "L0H1").all() and (got["n_random"] == 2).all()
+    by_draw = got.groupby("draw")["eval_sources"].first().str.split()
+    assert len(by_draw[0]) == 4 and not set(by_draw[0]) & set(by_draw[1])
+
+
 def test_summary_counts_match_the_scores():
     scores = pd.read_csv(RESULTS / "scores.csv")
     summary = json.loads((RESULTS / "summary.json").read_text())
