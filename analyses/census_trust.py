@@ -272,7 +272,7 @@ def noise_model(tables, types, limits, *, scales=NOISE_SCALES, n_sim: int = 200,
     names = np.asarray(label_names(types))
     means = [table_means(t) for t in tables]
     truth = {k: np.mean([m[k] for m in means], 0) for k in means[0]}
-    noisy = [c[: -len("_lo")] for c in tables[0].columns if c.endswith("_lo") and f"{c[:-3]}_hi" in tables[0]]
+    noisy = [c.removesuffix("_lo") for c in tables[0].columns if c.endswith("_lo")]  # every _lo has its _hi
     se = {c: np.nan_to_num(np.mean([(t[f"{c}_hi"] - t[f"{c}_lo"]).to_numpy(float) for t in tables], 0) / 3.92)
           for c in noisy}  # fmt: skip
     rng = np.random.default_rng(seed)
