@@ -74,6 +74,7 @@ def test_findings_head_type_ratios_are_the_committed_rows():
     for name, start in bullets.items():
         bullet = text[text.index(start) :].split(" - ")[0]
         match = re.search(r"ratio (−?[\d.]+)(?:,? (?:\[|interval )(−?[\d.]+)(?:–| to )(−?[\d.]+))?", bullet)
+        assert match, name
         row = causal.loc[name]
         for shown, value in zip(match.groups(), (row["ratio"], row["ratio_lo"], row["ratio_hi"])):
             if shown is not None:
