@@ -605,6 +605,27 @@ print(sys.unraisablehook is sys.__unraisablehook__)
     assert "Exception ignored" not in proc.stderr
 
 
+def test_a_bar_interrupted_while_it_is_made_is_freed_without_a_traceback(monkeypatch):
+    """A Ctrl-C inside tqdm's __init__ (one CI run's interrupt landed there) left half a bar, whose __del__ -> close
+    failed on the unset position ("Exception ignored ... AttributeError", a traceback under the one error line)."""
+    import gc
+
+    import tqdm.std
+
+    from headlens import progress
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    dropped = []
+    monkeypatch.setattr(tqdm.std.tqdm, "_get_free_pos", classmethod(interrupted))
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    with pytest.raises(KeyboardInterrupt):
+        progress.bar(range(3), desc="census")
+    gc.collect()
+    assert not dropped, [d.exc_value for d in dropped]
+
+
 # ---------------------------------------------------------------- files, caches and reuse (audit r4)
 
 

@@ -124,6 +124,7 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
             )
         self._last_line = None
         super().__init__(*args, **kwargs)
+        self._ready = True
 
     def __iter__(self):
         for item in super().__iter__():
@@ -154,6 +155,8 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
         return self._plain_line()
 
     def close(self):
+        if not getattr(self, "_ready", False):  # a Ctrl-C inside __init__: tqdm's close would fail on what is unset
+            return
         if self._plain and not self.disable:
             self._plain_line()  # the final count, once
             self.leave = False
