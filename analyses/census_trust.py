@@ -250,13 +250,12 @@ def scaling_fit(scaling: pd.DataFrame) -> dict:
 
 NOISE_SCALES = (1, 2, 4, 8, 16, 32)
 """Multiples of the frozen probe sizes at which :func:`noise_model` predicts agreement."""
-SINKS = ("repeated", "natural", "delimiter", "code")
 
 
 def table_means(table: pd.DataFrame) -> dict[str, np.ndarray]:
     """A census table's mean scores as the labelling rule reads them (``_label`` gives back the table's labels)."""
     means = {c: table[c].to_numpy(float) for c in table.columns if table[c].dtype.kind == "f"}
-    means.update({f"_sink:{k}": table[f"sink_{k}"].to_numpy(float) for k in SINKS})
+    means.update({f"_sink:{c.removeprefix('sink_')}": means[c] for c in table.columns if c.startswith("sink_")})
     return means
 
 
@@ -670,7 +669,8 @@ def main(argv=None, model=None) -> None:
     args = parser.parse_args(argv)
     begin = time.perf_counter()
     if args.step == "noise":  # from the committed tables: no model, no cache
-        print(write_noise_model(head_types(), label_thresholds(head_types(), None)).round(3).to_string(index=False))
+        types = head_types()
+        print(write_noise_model(types, label_thresholds(types, None)).round(3).to_string(index=False))
         return
 
     def again() -> bool:

@@ -64,8 +64,8 @@ CODE_CHECKS = (
     ("closer_to_opener", "code_after_closer"),
     ("identifier", "code_after_name"),
 )
-DRAW_SEEDS = (0, 1, 2)
-"""Evaluation draws of the code checks (draw 0 is causal.csv's)."""
+DRAW_SEEDS = (SEED, 1, 2)
+"""Evaluation draws of the code checks (draw 0 is causal.csv's: a full run reuses its rows)."""
 
 
 def held_out_closers(model, n_seqs: int) -> int:
@@ -131,6 +131,11 @@ def causal(model, name, scores, score_col, threshold, data, n_random, top_if_non
     return row, table.assign(type=name)
 
 
+def draw_row(seed: int, row: dict, data) -> dict:
+    """A :func:`causal` row as a row of ``causal_draws.csv``: its draw and the evaluation windows it read."""
+    return {"draw": seed, **row, "eval_sources": " ".join(data.eval_sources)}
+
+
 def code_draws(model, scores, *, n_windows: int, n_random: dict[str, int], seeds=DRAW_SEEDS) -> pd.DataFrame:
     """The code checks of :func:`causal` on evaluation draw ``seed`` for each of ``seeds`` (disjoint windows of the
     ``eval`` split, ablation means from the ``reference`` split's block ``seed``): one row per draw and type."""
@@ -139,7 +144,7 @@ def code_draws(model, scores, *, n_windows: int, n_random: dict[str, int], seeds
         for name, task in CODE_CHECKS:
             data = task_data(model, task, n_seqs=n_windows, seed=seed)
             row, _ = causal(model, name, scores, name, CODE_THRESHOLDS[name], data, n_random[name])
-            rows.append({"draw": seed, **row, "eval_sources": " ".join(data.eval_sources)})
+            rows.append(draw_row(seed, row, data))
     return pd.DataFrame(rows)
 
 
@@ -187,8 +192,8 @@ def main() -> None:
     model = load_model(args.model)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    n_random = {"bracket_matching": args.n_random_bracket, "closer_to_opener": args.n_random_bracket}
-    n_random["identifier"] = args.n_random
+    n_random = {"bracket_matching": args.n_random_bracket, "closer_to_opener": args.n_random_bracket,
+                "identifier": args.n_random}  # fmt: skip
     if args.code_draws:
         draws = code_draws(model, pd.read_csv(out / "scores.csv"), n_windows=args.code_windows, n_random=n_random)
         write_text(out / "causal_draws.csv", draws.to_csv(index=False))
@@ -256,8 +261,10 @@ def main() -> None:
             depth_rows.append({"layer": l, "head": h, **{f"depth_{d}": round(by_depth[d][i], 4) for d in (1, 2, 3)}})
         depth_rows.append({"layer": -1, "head": -1, **{f"depth_{d}": counts[d] for d in (1, 2, 3)}})  # pair counts
     write_text(out / "bracket_depth.csv", pd.DataFrame(depth_rows).to_csv(index=False))
-    draws = code_draws(model, scores, n_windows=args.code_windows, n_random=n_random)
-    write_text(out / "causal_draws.csv", draws.to_csv(index=False))
+    by_type = {r["type"]: r for r in rows}
+    first = [draw_row(SEED, by_type[name], code[task]) for name, task in CODE_CHECKS]  # draw 0: the checks above
+    rest = code_draws(model, scores, n_windows=args.code_windows, n_random=n_random, seeds=DRAW_SEEDS[1:])
+    write_text(out / "causal_draws.csv", pd.concat([pd.DataFrame(first), rest]).to_csv(index=False))
     write_text(out / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
 
     summary = {
