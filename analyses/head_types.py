@@ -25,6 +25,8 @@ text it was measured on.
 
     python analyses/head_types.py                  # ~1 h on 2 CPU cores
     python analyses/head_types.py --code-draws     # only causal_draws.csv, from the committed scores.csv (~25 min)
+    python analyses/head_types.py --model tiny-qwen2 --out /tmp/ht --n-random 3 --n-random-bracket 3 --code-windows 4
+                                                   # the same code on a tiny random Qwen (SMOKE_SHAPE) in a minute
 
 Writes analyses/results/head_types/: scores.csv, causal.csv, causal_draws.csv, ablation_sets.csv, bracket_depth.csv,
 summary.json.
@@ -42,7 +44,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from headlens import load_model
+from headlens import load_model, tiny_model
 from headlens.census.code_heads import THRESHOLDS as CODE_THRESHOLDS
 from headlens.census.code_heads import bracket_by_depth, code_scores
 from headlens.census.ov import THRESHOLDS, copy_suppression_scores, heads_above, successor_scores
@@ -64,6 +66,10 @@ CODE_CHECKS = (
     ("closer_to_opener", "code_after_closer"),
     ("identifier", "code_after_name"),
 )
+SMOKE_SHAPE = {"n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "d_model": 128}
+"""``--model tiny-qwen2``: a tiny random Qwen with heads enough for several layer-matched random sets (the default
+tiny shape, 4 heads a layer, leaves one set once a type takes half a layer)."""
+NEEDLE_LEN = 1024
 DRAW_SEEDS = (SEED, 1, 2)
 """Evaluation draws of the code checks (draw 0 is causal.csv's: a full run reuses its rows)."""
 
@@ -180,7 +186,7 @@ def main() -> None:
     ap.add_argument("--skip-retrieval", action="store_true")
     ap.add_argument("--model", default="qwen", help="smoke test: tiny-qwen2 (with --out elsewhere)")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--needle-len", type=int, default=1024)
+    ap.add_argument("--needle-len", type=int, help=f"default {NEEDLE_LEN}, or half the context of a shorter model")
     ap.add_argument("--code-windows", type=int, default=24, help="held-out code windows for bracket and identifier")
     ap.add_argument(
         "--reuse-scores", action="store_true", help="read scores.csv/rope_summary.csv of --out, redo the rest"
@@ -189,7 +195,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model = load_model(args.model)
+    model = tiny_model("qwen2", **SMOKE_SHAPE) if args.model == "tiny-qwen2" else load_model(args.model)
+    if args.needle_len is None:
+        args.needle_len = min(NEEDLE_LEN, model.cfg.n_ctx // 2)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     n_random = {"bracket_matching": args.n_random_bracket, "closer_to_opener": args.n_random_bracket,
@@ -246,9 +254,9 @@ def main() -> None:
     if not args.skip_retrieval:
         needles = needle_metric(model, needle_probe(model, seq_len=args.needle_len, seed=SEED + 1))
         checks.append(("retrieval", "retrieval", RETRIEVAL_THRESHOLD, dataclasses.replace(prose, metric=needles), 5))
-    for name, col, thr, data, n_random in checks:
+    for name, col, thr, data, n_sets in checks:
         found = copy_suppression_heads(scores) if name == "copy_suppression" else None
-        row, table = causal(model, name, scores, col, thr, data, n_random, found=found)
+        row, table = causal(model, name, scores, col, thr, data, n_sets, found=found)
         rows.append(row)
         tables.append(table)
         write_text(out / "causal.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -268,7 +276,7 @@ def main() -> None:
     write_text(out / "ablation_sets.csv", pd.concat(tables).to_csv(index=False))
 
     summary = {
-        "model": "Qwen2.5-Coder-0.5B-Instruct",
+        "model": "Qwen2.5-Coder-0.5B-Instruct" if args.model == "qwen" else model.cfg.model_name,
         "seed": SEED,
         "python": python_version(),
         "code_windows": list(probe.sources),

@@ -1,6 +1,8 @@
 """The committed head-type study (analyses/head_types.py on the default Qwen) holds what the README states from it."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,25 @@ import pandas as pd
 import pytest
 
 RESULTS = Path(__file__).parents[1] / "analyses" / "results" / "head_types"
+
+
+@pytest.fixture(scope="module", params=["committed", "tiny"])
+def results(request, tmp_path_factory) -> Path:
+    """The committed study, and a fresh run of the same script on a tiny random Qwen (its smoke mode): the structural
+    checks below hold for both, so they check the code that writes the files, not only the files."""
+    if request.param == "committed":
+        return RESULTS
+    out = tmp_path_factory.mktemp("head_types")
+    script = Path(__file__).parents[1] / "analyses" / "head_types.py"
+    args = ["--model", "tiny-qwen2", "--out", str(out), "--n-random", "3", "--n-random-bracket", "3"]
+    subprocess.run([sys.executable, str(script), *args, "--code-windows", "4"], check=True, capture_output=True,
+                   text=True, timeout=900)  # fmt: skip
+    for name in ("scores.csv", "causal.csv", "causal_draws.csv", "ablation_sets.csv"):  # the committed files' schema
+        assert list(pd.read_csv(out / name).columns) == list(pd.read_csv(RESULTS / name).columns), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "tiny-qwen2" and "rope_change" not in summary  # rope_change: pinned Qwen values
+    assert set(summary) | {"rope_change"} == set(json.loads((RESULTS / "summary.json").read_text()))
+    return out
 
 
 def test_every_type_has_a_causal_row_and_the_readme_verdicts_hold():
@@ -37,13 +58,13 @@ def test_every_type_has_a_causal_row_and_the_readme_verdicts_hold():
     assert retrieval["target_effect"] < -2 and retrieval["random_effect_min"] > -0.2
 
 
-def test_each_causal_row_is_its_ablated_sets():
+def test_each_causal_row_is_its_ablated_sets(results):
     """causal.csv's effects, ratio interval and share of random sets as bad are those of the sets in
     ablation_sets.csv (the ratio interval is the census's: ``headlens.census.validate.ratio_interval``, seed 0)."""
     from headlens.census.validate import ratio_interval
 
-    causal = pd.read_csv(RESULTS / "causal.csv").set_index("type")
-    sets = pd.read_csv(RESULTS / "ablation_sets.csv")
+    causal = pd.read_csv(results / "causal.csv").set_index("type")
+    sets = pd.read_csv(results / "ablation_sets.csv")
     for name, row in causal.iterrows():
         mine = sets[sets.type == name]
         target, rand = mine[mine.kind == "target"].iloc[0], mine[mine.kind == "random"]
@@ -82,13 +103,13 @@ def test_findings_head_type_ratios_are_the_committed_rows():
                 assert abs(float(shown.replace("−", "-")) - value) <= 0.5 * 10**-decimals, (name, shown, value)
 
 
-def test_code_draws_are_disjoint_evaluation_data_and_draw_0_is_the_causal_table():
+def test_code_draws_are_disjoint_evaluation_data_and_draw_0_is_the_causal_table(results):
     """causal_draws.csv: three evaluation draws of the code checks share no window, all from the eval split; draw 0
     is causal.csv's row (the same heads, random sets and data)."""
     from headlens.data import corpus
 
-    draws = pd.read_csv(RESULTS / "causal_draws.csv")
-    causal = pd.read_csv(RESULTS / "causal.csv").set_index("type")
+    draws = pd.read_csv(results / "causal_draws.csv")
+    causal = pd.read_csv(results / "causal.csv").set_index("type")
     assert sorted(set(draws["draw"])) == [0, 1, 2] and len(draws) == 9
     windows = {d: set(" ".join(g["eval_sources"]).split()) for d, g in draws.groupby("draw")}
     assert all(not (windows[a] & windows[b]) for a in windows for b in windows if a < b)
@@ -142,9 +163,9 @@ def test_code_draws_regenerate_on_a_tiny_model(tiny_qwen):
     assert len(by_draw[0]) == 4 and not set(by_draw[0]) & set(by_draw[1])
 
 
-def test_summary_counts_match_the_scores():
-    scores = pd.read_csv(RESULTS / "scores.csv")
-    summary = json.loads((RESULTS / "summary.json").read_text())
+def test_summary_counts_match_the_scores(results):
+    scores = pd.read_csv(results / "scores.csv")
+    summary = json.loads((results / "summary.json").read_text())
     for name in ("successor", "bracket_matching", "identifier", "retrieval"):
         threshold = summary["thresholds"][name]
         assert summary["counts"][name] == int((scores[name] >= threshold).sum()), name

@@ -150,3 +150,27 @@ def test_sink_corrected_scores_hold_in_bfloat16(tiny_qwen):
     assert cols
     for c in cols:
         assert low[c].to_numpy() == pytest.approx(ref[c].to_numpy(), abs=0.01, nan_ok=True), c
+
+
+def test_streamed_mean_over_defined_sequences_is_the_census_mean_head_by_head():
+    """add_defined (the streamed mean of code_scores and copy_suppression_scores) leaves out each head's undefined
+    sequences as the census's per-sequence mean does (``run._mean_defined``), head by head; a head no sequence scores is
+    NaN. It used to read head 0's NaN for every head: a head defined where head 0 was not lost that sequence, and one
+    undefined where head 0 was defined made its mean NaN."""
+    import numpy as np
+
+    from headlens.census.run import _mean_defined
+
+    gen = torch.Generator().manual_seed(0)
+    per_seq = torch.rand(6, 2, 4, generator=gen, dtype=torch.float64)  # sequence, layer, head
+    per_seq[torch.rand(6, 2, 4, generator=gen) < 0.3] = float("nan")
+    per_seq[:, 1, 3] = float("nan")  # L1H3: no sequence defines it
+    sums, counts = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    for rows in (slice(0, 4), slice(4, 6)):  # streamed in two batches
+        for layer in range(2):
+            scores.add_defined(sums, counts, layer, per_seq[rows, layer])
+    expected = _mean_defined(per_seq.numpy())
+    head0 = per_seq[:, :, :1].isnan()
+    assert (head0 & ~per_seq.isnan()).any() and (~head0 & per_seq.isnan()).any()  # both ways head 0 misled it
+    np.testing.assert_allclose((sums / counts).numpy(), expected, rtol=1e-12, equal_nan=True)
+    assert np.isnan(expected[1, 3]) and np.isfinite(np.delete(expected.ravel(), 7)).all()

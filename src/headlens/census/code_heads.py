@@ -98,7 +98,7 @@ def code_scores(model: HookedTransformer, probe: CodeProbe | None = None, *, see
     L, H = model.cfg.n_layers, model.cfg.n_heads
     names = ("bracket_matching", "closer_to_opener", "identifier")
     sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in names}
-    counts = {k: torch.zeros(L, 1, dtype=torch.float64) for k in names}
+    counts = {k: torch.zeros(L, H, dtype=torch.float64) for k in names}
 
     def reduce(layer, pattern, rows):
         per_seq = {

@@ -223,13 +223,13 @@ def copy_suppression_scores(
         tokens = natural_text(model, seq_len=128, n_seqs=4, seed=seed, split="score").tokens
     mask = predicted_mask(tokens, model_predictions(model, tokens))
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    sums, weight = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, 1, dtype=torch.float64)
+    sums, counts = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, H, dtype=torch.float64)
 
     def reduce(layer, pattern, rows):
-        add_defined(sums, weight, layer, attention_to_predicted(pattern, mask[rows]))
+        add_defined(sums, counts, layer, attention_to_predicted(pattern, mask[rows]))
 
     stream_patterns(model, tokens, reduce, progress=progress, desc="copy suppression")
-    attn = (sums / weight.clamp_min(1)).float()
+    attn = (sums / counts).float()  # NaN for a head no query scores, as in the census
     neg = negative_copying(model, seed=seed)
     return head_frame(model, attention_to_predicted=attn, negative_copying=neg, copy_suppression_score=attn * neg)
 

@@ -53,12 +53,14 @@ def masked_attention(
 
 
 def add_defined(sums: Tensor, counts: Tensor, layer: int, per_seq: Float[Tensor, "batch head"]) -> None:
-    """Add the sequences of ``per_seq`` that define their score (NaN: nothing to score, for every head) to
-    ``sums[layer]`` and count them in ``counts[layer]``: a streamed mean over the sequences that define it."""
+    """Add each head's scores in ``per_seq`` that are defined (NaN: the sequence has nothing to score) to
+    ``sums[layer]`` and count them in ``counts[layer]`` (both ``layer x head``): the streamed form of the census's mean
+    over the sequences that define a score (``headlens.census.run._mean_defined``); ``sums / counts`` is NaN for a
+    head no sequence scores."""
     per_seq = per_seq.double().cpu()
-    defined = ~per_seq[:, 0].isnan()
-    sums[layer] += per_seq[defined].sum(0)
-    counts[layer] += defined.sum()
+    defined = ~per_seq.isnan()
+    sums[layer] += per_seq.where(defined, 0.0).sum(0)
+    counts[layer] += defined.sum(0)
 
 
 def previous_token_seq(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head"]:
