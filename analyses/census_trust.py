@@ -24,6 +24,8 @@ Writes analyses/results/census_trust/:
 - null.csv                  each label's threshold vs its null (random-weights Qwen, shuffled repeats)
 - causal.csv                label -> behaviour -> task/metric -> verdict (headlens.census.validate.causal_validation)
 - key_path.csv              previous-token heads ablated only on the path into the induction heads' keys
+- causal_draws.csv          every causal check of causal.csv (draw 0) again on draws 1 and 2: other evaluation and
+                            reference data, other random head sets, the same labelled heads (step draws)
 - noise_model.csv           agreement of three seeds predicted from sampling noise alone at 1-32x the probe data
                             (from the nine census_seed tables: step noise needs no model)
 - summary.json              the headline numbers, timings, provenance
@@ -37,6 +39,7 @@ Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_tr
     python analyses/census_trust.py --step causal    # one label per call (--budget-s 300: more while it lasts)
     python analyses/census_trust.py --step keypath
     python analyses/census_trust.py --step write     # every result file from the cached steps (seconds)
+    python analyses/census_trust.py --step draws     # one (draw, label) of causal_draws.csv per call (--budget-s)
     python analyses/census_trust.py --step noise     # noise_model.csv from the committed census_seed tables
     python analyses/census_trust.py                  # all missing steps, then write
 """
@@ -68,7 +71,7 @@ from headlens.census.run import (
     label_names,
     label_thresholds,
 )
-from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects
+from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects, task_data
 from headlens.data.corpus import provenance
 from headlens.data.probes import DEFAULT_SIZES, ProbeSet, default_probes
 from headlens.io import code_version, weights_sha256, write_csv, write_json
@@ -98,6 +101,10 @@ CAUSAL_FIRST = ("previous_token", "closer_to_opener", "bracket_matching", "induc
 """The causal step's order (each label is a resumable unit of a few minutes): the issue's must-show labels first."""
 CAUSAL_SEQS = 16
 N_RANDOM = 20
+DRAWS = (1, 2)
+"""The causal checks' other evaluation draws (causal.csv is draw 0): seed ``s`` of ``causal_validation`` takes block
+``s`` of the ``eval`` and ``reference`` splits (other random-token generators for the repeat task; the successor
+prompts are fixed, so only its reference and random sets change) and its own layer-matched random sets."""
 
 
 # ---------------------------------------------------------------- agreement
@@ -441,9 +448,7 @@ def seed_tables(model, seeds, prefix: str, sizes: dict, limits, n_boot: int = 20
 def step_causal(model, table: pd.DataFrame) -> bool:
     path = cache_path("causal_rows.csv")
     done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["label"])
-    for label in sorted(
-        LABEL_TASKS, key=lambda lb: CAUSAL_FIRST.index(lb) if lb in CAUSAL_FIRST else len(CAUSAL_FIRST)
-    ):
+    for label in causal_order(LABEL_TASKS):
         if label in set(done["label"]) or label not in set(table["label"]):
             continue
         start = time.perf_counter()
@@ -457,6 +462,45 @@ def step_causal(model, table: pd.DataFrame) -> bool:
     if not path.exists():
         write_csv(pd.DataFrame(columns=["label", "verdict", "seconds"]), path)
     return False
+
+
+def causal_order(labels) -> list[str]:
+    """``labels`` in the causal steps' order (:data:`CAUSAL_FIRST` first, then :data:`LABEL_TASKS`' order)."""
+    return sorted(labels, key=lambda lb: CAUSAL_FIRST.index(lb) if lb in CAUSAL_FIRST else len(CAUSAL_FIRST))
+
+
+def step_draws(model, table: pd.DataFrame) -> bool:
+    """The next missing (draw, label) of :data:`DRAWS` (False: none left), then causal_draws.csv: draw 0 is
+    causal.csv (written by step write), each row with the evaluation windows it read."""
+    path = cache_path("causal_draws_rows.csv")
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["draw", "label"])
+    tested = causal_order(lb for lb in LABEL_TASKS if lb in set(table["label"]) and LABEL_TASKS[lb].task)
+    for draw, label in itertools.product(DRAWS, tested):
+        if ((done["draw"] == draw) & (done["label"] == label)).any():
+            continue
+        start = time.perf_counter()
+        row = causal_validation(
+            model, table, labels=[label], n_random=N_RANDOM, n_seqs=CAUSAL_SEQS, seed=draw, progress=False
+        )
+        row.insert(0, "draw", draw)
+        row["eval_sources"] = eval_sources(model, label, draw)
+        row["seconds"] = time.perf_counter() - start
+        write_csv(pd.concat([done, row], ignore_index=True), path)
+        print(row.drop(columns=["behaviour", "metric", "eval_sources"]).to_string(), flush=True)
+        return True
+    first = pd.read_csv(OUT / "causal.csv")
+    first = first[first["label"].isin(tested)].assign(draw=0)
+    first["eval_sources"] = [eval_sources(model, lb, 0) for lb in first["label"]]
+    draws = pd.concat([first, done.drop(columns="seconds")], ignore_index=True)
+    draws["order"] = draws["label"].map({lb: i for i, lb in enumerate(tested)})
+    draws = draws.sort_values(["order", "draw"]).drop(columns="order")
+    write_csv(draws[["draw", *(c for c in draws.columns if c != "draw")]], OUT / "causal_draws.csv")
+    return False
+
+
+def eval_sources(model, label: str, draw: int) -> str:
+    """The evaluation windows (or random-token sequences) of ``label``'s task at ``draw``, space-separated."""
+    return " ".join(task_data(model, LABEL_TASKS[label].task, n_seqs=CAUSAL_SEQS, seed=draw).eval_sources)
 
 
 def step_keypath(model, table: pd.DataFrame) -> bool:
@@ -658,7 +702,7 @@ def shared_units(sources: dict) -> int:
     return shared
 
 
-STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write", "noise")
+STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write", "draws", "noise")
 
 
 def main(argv=None, model=None) -> None:
@@ -695,10 +739,10 @@ def main(argv=None, model=None) -> None:
                 pass
         elif step == "null":
             step_null(model)
-        elif step in ("causal", "keypath"):
+        elif step in ("causal", "keypath", "draws"):
             per, _, _ = load_per(cache_path("dev_seed0.npz"))
             table = build_table(model, subset(per, frozen), head_types(), limits, seed=0, n_boot=0)[0]
-            run = step_causal if step == "causal" else step_keypath
+            run = {"causal": step_causal, "keypath": step_keypath, "draws": step_draws}[step]
             while run(model, table) and again():
                 pass
         else:

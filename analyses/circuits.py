@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import study_args, write_summary  # noqa: E402
 
 from headlens import load_model  # noqa: E402
+from headlens.census.run import run_census  # noqa: E402
 from headlens.circuits.composition import composition_scores  # noqa: E402
 from headlens.circuits.edges import edge_attribution  # noqa: E402
 from headlens.circuits.faithfulness import (  # noqa: E402
@@ -51,6 +52,7 @@ from headlens.circuits.graph import Graph, node_head  # noqa: E402
 from headlens.circuits.study import exact_edges, find_circuit, recall_at, receiver_senders  # noqa: E402
 from headlens.circuits.tasks import induction_task, ioi_positions, ioi_task  # noqa: E402
 from headlens.io import write_csv  # noqa: E402
+from headlens.models import ALIASES, DEFAULT_MODEL  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "circuits"
 CENSUS = Path(__file__).resolve().parent / "results" / "census_trust" / "census_seed0.csv"
@@ -497,7 +499,9 @@ def main() -> None:
         if args.part == "toy":
             return
     model = load_model(args.model)
-    census = pd.read_csv(CENSUS)
+    # the committed census of the default Qwen; another model (e.g. the smoke run's tiny-qwen2) gets its own census
+    default = ALIASES.get(args.model, args.model) == DEFAULT_MODEL
+    census = pd.read_csv(CENSUS) if default else run_census(model, progress=False, n_boot=0).table
     if args.part in ("induction", "all"):
         s = induction_study(model, census, args.seed, args.out)
         print(f"induction: {s['total_seconds']} s; heads {s['heads']}", flush=True)

@@ -157,6 +157,10 @@ def digest(out: Path) -> dict:
         "key_path_effects": [round(float(x), 5) for x in pd.read_csv(out / "key_path.csv")["effect"]],
         "null_clears": pd.read_csv(out / "null.csv").set_index("label")["clears"].to_dict(),
         "dev_sizes_same_label": [round(float(x), 6) for x in pd.read_csv(out / "dev_sizes.csv")["same_label"]],
+        "draws": [
+            [r.draw, r.label, r.verdict, round(float(r.target_effect), 5)]
+            for r in pd.read_csv(out / "causal_draws.csv").itertuples()
+        ],
     }
 
 
@@ -185,6 +189,7 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
         script.CANDIDATE_RULE,
     }
     check_dev_scaling(tmp_path / "out")
+    check_draws(tmp_path / "out")
     assert pd.read_csv(tmp_path / "out" / "noise_model.csv")["scale"].tolist() == list(script.NOISE_SCALES)
     if not PINNED.exists():  # first run: write the pin (then commit it)
         PINNED.parent.mkdir(exist_ok=True)
@@ -200,6 +205,29 @@ def check_dev_scaling(out: Path) -> None:
     assert at_frozen["n_same"] == development["n_same"]
     assert at_frozen["n_specific_same"] == development["n_specific_same"]
     assert (scaling["n_changed"] == scaling["n_heads"] - scaling["n_same"]).all()
+
+
+def check_draws(out: Path) -> None:
+    """causal_draws.csv: every tested label of causal.csv once per draw (0, 1, 2), draw 0 its causal.csv row, the same
+    heads in every draw, and evaluation data no two draws share (text windows of the eval split; random-token
+    sequences of other generators)."""
+    from headlens.data import corpus
+
+    draws = pd.read_csv(out / "causal_draws.csv")
+    causal = pd.read_csv(out / "causal.csv")
+    tested = causal[causal["verdict"] != "descriptive"].set_index("label")
+    assert sorted(set(draws["draw"])) == [0, 1, 2] and len(draws) == 3 * len(tested)
+    for label, mine in draws.groupby("label"):
+        assert mine["draw"].tolist() == [0, 1, 2] and mine["heads"].nunique() == 1, label
+        first = mine[mine["draw"] == 0].iloc[0]
+        for column in ("heads", "verdict", "target_effect", "ratio", "p_random_ge"):
+            assert first[column] == tested.loc[label, column], (label, column)
+        if tested.loc[label, "task"] == "successor":  # fixed prompts: the draws differ in reference and random sets
+            continue
+        sources = [set(s.split()) for s in mine["eval_sources"]]
+        assert all(not (a & b) for i, a in enumerate(sources) for b in sources[i + 1 :]), label
+        text = [w for ws in sources for w in ws if not w.startswith("repeated@")]
+        assert all(corpus.split_of(w.rsplit("@", 1)[0]) == "eval" for w in text), label
 
 
 def test_committed_dev_scaling_holds_the_development_agreement():
