@@ -14,8 +14,18 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from headlens import load_model, tiny_model
 from headlens.io import write_text
 from headlens.models import DEFAULT_MODEL
+
+SMOKE_SHAPE = {"n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "d_model": 128}
+"""The shape of ``--model tiny-qwen2`` in studies that need more heads than the default tiny model's 2 x 4: several
+layer-matched random sets once a head type takes half a layer, ten senders into a late head."""
+
+
+def study_model(name: str):
+    """``name`` loaded as :func:`headlens.load_model` does, but ``tiny-qwen2`` in :data:`SMOKE_SHAPE`."""
+    return tiny_model("qwen2", **SMOKE_SHAPE) if name == "tiny-qwen2" else load_model(name)
 
 
 def study_args(

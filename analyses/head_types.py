@@ -44,7 +44,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from headlens import load_model, tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import study_model  # noqa: E402
+
 from headlens.census.code_heads import THRESHOLDS as CODE_THRESHOLDS
 from headlens.census.code_heads import bracket_by_depth, code_scores
 from headlens.census.ov import THRESHOLDS, copy_suppression_scores, heads_above, successor_scores
@@ -66,9 +68,6 @@ CODE_CHECKS = (
     ("closer_to_opener", "code_after_closer"),
     ("identifier", "code_after_name"),
 )
-SMOKE_SHAPE = {"n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "d_model": 128}
-"""``--model tiny-qwen2``: a tiny random Qwen with heads enough for several layer-matched random sets (the default
-tiny shape, 4 heads a layer, leaves one set once a type takes half a layer)."""
 NEEDLE_LEN = 1024
 DRAW_SEEDS = (SEED, 1, 2)
 """Evaluation draws of the code checks (draw 0 is causal.csv's: a full run reuses its rows)."""
@@ -195,7 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model = tiny_model("qwen2", **SMOKE_SHAPE) if args.model == "tiny-qwen2" else load_model(args.model)
+    model = study_model(args.model)
     if args.needle_len is None:
         args.needle_len = min(NEEDLE_LEN, model.cfg.n_ctx // 2)
     out = args.out

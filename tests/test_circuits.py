@@ -722,3 +722,23 @@ def test_circuit_headlines_in_the_docs_are_the_committed_qwen_results():
         assert f"{small['n_edges']} edges ({small['percent_of_edges']:.2f} %)" in text, page
         assert f"{small['faithfulness']:.3f}" in text.split(f"{small['n_edges']} edges")[1][:40], page
         assert f"CPR {eap_ig['cpr']:.3f}, CMD {eap_ig['cmd']:.3f}" in text, page
+
+
+def test_circuits_study_regenerates_its_induction_part_on_a_tiny_qwen(tmp_path):
+    """analyses/circuits.py --part induction on a tiny random Qwen (its smoke mode): the committed files' schema, and
+    the faithfulness curves agree with the summary's areas, as the committed Qwen run's do (test_circuits_qwen)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_circuits_qwen import RESULTS, check_faithfulness
+
+    script = Path(__file__).resolve().parents[1] / "analyses" / "circuits.py"
+    args = ["--model", "tiny-qwen2", "--part", "induction", "--out", str(tmp_path)]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, text=True, timeout=900)
+    for name in ("induction_k_senders.csv", "induction_composition.csv", "induction_faithfulness.csv"):
+        assert list(pd.read_csv(tmp_path / name).columns) == list(pd.read_csv(RESULTS / name).columns), name
+    got, committed = (json.loads((d / "induction.json").read_text()) for d in (tmp_path, RESULTS))
+    assert set(got) == set(committed) and got["model"] == "tiny-qwen2"
+    check_faithfulness(tmp_path, ("induction",))

@@ -41,13 +41,20 @@ def test_induction_results_rank_previous_token_heads_first_into_the_induction_ke
 
 
 def test_faithfulness_files_agree_with_their_summaries():
-    induction, ioi = _json("induction.json"), _json("ioi.json")
-    frames = {
-        "induction": pd.read_csv(RESULTS / "induction_faithfulness.csv"),
-        "ioi": pd.read_csv(RESULTS / "ioi_faithfulness.csv"),
-    }
-    parts = [("induction", "ablation", a, induction["circuits"][a]["faithfulness"]) for a in ("mean", "resample")]
-    parts += [("ioi", "ranking", order, ioi["faithfulness"][order]) for order in ("abs", "signed")]
+    check_faithfulness(RESULTS, ("induction", "ioi"))
+
+
+def check_faithfulness(results: Path, studies) -> None:
+    """Each faithfulness curve of ``studies`` in ``results`` has the areas (CPR, CMD) its summary states and reaches 1
+    with every edge kept."""
+    summaries = {study: json.loads((results / f"{study}.json").read_text()) for study in studies}
+    frames = {study: pd.read_csv(results / f"{study}_faithfulness.csv") for study in studies}
+    parts = []
+    if "induction" in studies:
+        parts += [("induction", "ablation", a, summaries["induction"]["circuits"][a]["faithfulness"])
+                  for a in ("mean", "resample")]  # fmt: skip
+    if "ioi" in studies:
+        parts += [("ioi", "ranking", order, summaries["ioi"]["faithfulness"][order]) for order in ("abs", "signed")]
     for study, column, key, stats in parts:
         sub = frames[study][frames[study][column] == key]
         for method, values in stats.items():

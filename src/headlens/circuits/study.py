@@ -312,6 +312,9 @@ def recall_at(exact: Sequence[float], estimate: Sequence[float], top_k: int) -> 
 
 def receiver_senders(graph: Graph, receivers: Sequence[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """(sender, slot) indices of every edge into the given ``(receiver, input)`` slots, e.g. ``[("L9H8", "k")]``."""
+    receivers = list(receivers)
+    if not receivers:
+        raise HeadlensError("receiver_senders needs at least one (receiver, input) slot, e.g. [('L9H8', 'k')]")
     s_all, r_all = [], []
     for node, kind in receivers:
         key = (str(node), kind)
