@@ -26,8 +26,9 @@ Writes analyses/results/census_trust/:
 - key_path.csv              previous-token heads ablated only on the path into the induction heads' keys
 - causal_draws.csv          every causal check of causal.csv (draw 0) again on draws 1 and 2: other evaluation and
                             reference data, other random head sets, the same labelled heads (step draws)
-- noise_model.csv           agreement of three seeds predicted from sampling noise alone at 1-32x the probe data
-                            (from the nine census_seed tables: step noise needs no model)
+- noise_model.csv           agreement of three seeds predicted from sampling noise alone at 1-32x the probe data,
+                            and at 16x of one probe kind or of all but one (from the nine census_seed tables: step
+                            noise needs no model)
 - summary.json              the headline numbers, timings, provenance
 
 Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_trust; run each under the lock):
@@ -257,6 +258,8 @@ def scaling_fit(scaling: pd.DataFrame) -> dict:
 
 NOISE_SCALES = (1, 2, 4, 8, 16, 32)
 """Multiples of the frozen probe sizes at which :func:`noise_model` predicts agreement."""
+KIND_SCALE = 16
+"""noise_model.csv's per-kind rows: one probe kind at this multiple (the others at 1x), and every kind but one."""
 
 
 def table_means(table: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -266,37 +269,49 @@ def table_means(table: pd.DataFrame) -> dict[str, np.ndarray]:
     return means
 
 
+def noise_plans(types, scales=NOISE_SCALES) -> list[tuple[str, float, tuple[str, ...] | None]]:
+    """(``kinds`` name, scale, probe kinds scaled; None: every score) of each noise_model.csv row: every kind at each
+    of ``scales``, then each kind alone and every kind but one at :data:`KIND_SCALE` (which probes the data is for)."""
+    kinds = sorted({t.probe for t in types.values() if t.probe != WEIGHTS and t.score is not None} - {"predicted"})
+    plans = [("all", scale, None) for scale in scales]
+    plans += [(kind, KIND_SCALE, (kind,)) for kind in kinds]
+    return plans + [(f"all but {kind}", KIND_SCALE, tuple(k for k in kinds if k != kind)) for kind in kinds]
+
+
 def noise_model(tables, types, limits, *, scales=NOISE_SCALES, n_sim: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Agreement of three seeds that sampling noise alone predicts, at ``scales`` times the probe data.
+    """Agreement of three seeds that sampling noise alone predicts, with more probe data (:func:`noise_plans`).
 
     A head's true score is its mean over ``tables`` (every scored seed); a simulated seed draws each score column
     from a normal around it with the census's bootstrap standard error ((hi - lo) / 3.92, averaged over ``tables``)
-    divided by the square root of the scale, columns independently, sink shares fixed; labels by the census's rule.
-    Rows: the 5th, 50th and 95th percentile over ``n_sim`` simulated triples of :func:`agreement`'s ``same_label``
-    and ``specific_same_label``, and the mean number of heads with a specific label in any seed. Its 1x row checks
-    the model against the measured triples; the others say how much more data the targets would need."""
+    divided by the square root of the scale of its probe kind, columns independently, sink shares fixed; labels by
+    the census's rule. Rows: the 5th, 50th and 95th percentile over ``n_sim`` simulated triples of
+    :func:`agreement`'s ``same_label`` and ``specific_same_label``, and the mean number of heads with a specific label
+    in any seed. The 1x row checks the model against the measured triples; the others say how much more data, and
+    of which probe kinds, the targets would need."""
     names = np.asarray(label_names(types))
     means = [table_means(t) for t in tables]
     truth = {k: np.mean([m[k] for m in means], 0) for k in means[0]}
     noisy = [c.removesuffix("_lo") for c in tables[0].columns if c.endswith("_lo")]  # every _lo has its _hi
     se = {c: np.nan_to_num(np.mean([(t[f"{c}_hi"] - t[f"{c}_lo"]).to_numpy(float) for t in tables], 0) / 3.92)
           for c in noisy}  # fmt: skip
+    kind_of = {c: types[c.removesuffix("_nosink")].probe for c in noisy if c.removesuffix("_nosink") in types}
     rng = np.random.default_rng(seed)
     rows = []
-    for scale in scales:
+    for name, scale, kinds in noise_plans(types, scales):
+        factor = {c: scale if kinds is None or kind_of.get(c) in kinds else 1.0 for c in noisy}
         got = []
         for _ in range(n_sim):
             labels = []
             for _ in range(3):
                 drawn = {
                     **truth,
-                    **{c: truth[c] + rng.standard_normal(len(se[c])) * se[c] / np.sqrt(scale) for c in noisy},
+                    **{c: truth[c] + rng.standard_normal(len(se[c])) * se[c] / np.sqrt(factor[c]) for c in noisy},
                 }
                 labels.append(pd.DataFrame({"label": names[_label(drawn, types, limits)]}))
             a = agreement(labels)
             got.append((a["same_label"], a["specific_same_label"], a["n_specific_any_seed"]))
         got = np.array(got, dtype=float)
-        row = {"scale": scale, "n_sim": n_sim}
+        row = {"kinds": name, "scale": scale, "n_sim": n_sim}
         for i, key in enumerate(("same_label", "specific_same_label")):
             row.update({f"{key}_p{q}": float(np.percentile(got[:, i], q)) for q in (5, 50, 95)})
         rows.append({**row, "n_specific_any_seed": float(got[:, 2].mean())})

@@ -190,7 +190,8 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
     }
     check_dev_scaling(tmp_path / "out")
     check_draws(tmp_path / "out")
-    assert pd.read_csv(tmp_path / "out" / "noise_model.csv")["scale"].tolist() == list(script.NOISE_SCALES)
+    noise = pd.read_csv(tmp_path / "out" / "noise_model.csv")
+    assert noise.loc[noise["kinds"] == "all", "scale"].tolist() == list(script.NOISE_SCALES)
     if not PINNED.exists():  # first run: write the pin (then commit it)
         PINNED.parent.mkdir(exist_ok=True)
         PINNED.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
@@ -247,7 +248,7 @@ def test_noise_model_regenerates_from_the_committed_seed_tables():
     types = head_types()
     got = script.noise_model(tables(seeds), types, label_thresholds(types, None))
     pd.testing.assert_frame_equal(got, committed.drop(columns="seeds"), check_exact=False, rtol=1e-9)
-    assert committed["specific_same_label_p50"].is_monotonic_increasing
+    assert committed.loc[committed["kinds"] == "all", "specific_same_label_p50"].is_monotonic_increasing
 
 
 def test_findings_quote_the_noise_model():
@@ -255,7 +256,8 @@ def test_findings_quote_the_noise_model():
     measured triples beside it, from noise_model.csv and stability.json."""
     from docs_numbers import doc_text, numbers
 
-    model = pd.read_csv(RESULTS / "noise_model.csv").set_index("scale")
+    committed = pd.read_csv(RESULTS / "noise_model.csv")
+    model = committed[committed["kinds"] == "all"].set_index("scale")
     stability = json.loads((RESULTS / "stability.json").read_text())
     text = doc_text("findings")
     bullet = text[text.index("How much data the targets need") :].split(" - ")[0]
@@ -276,6 +278,11 @@ def test_findings_quote_the_noise_model():
         f"only at k = {specific_at} ({pct(row.specific_same_label_p50)} %, {pct(row.specific_same_label_p5)}–"
         f"{pct(row.specific_same_label_p95)} %)"
     ) in bullet
+    flat = " ".join(bullet.split())
+    for r in committed[committed["kinds"] != "all"].itertuples():  # which probes the data is for, at 16x
+        alone = "" if r.kinds.startswith("all") else " alone"
+        said = f"{r.kinds}{alone} {pct(r.same_label_p50)} / {pct(r.specific_same_label_p50)} %"
+        assert r.scale == 16 and said in flat, said
     timings = json.loads((RESULTS / "summary.json").read_text())["timings_s"]
     fresh = [timings[f"census_fresh_seed{s}_s"] for s in (3, 4, 5)]
     assert numbers(bullet[bullet.index("a census of") :])[:2] == [round(min(fresh)), round(max(fresh))]
