@@ -26,7 +26,9 @@ def _env(**extra) -> dict:
     return env
 
 
-def _run(*args, timeout=300, **env) -> subprocess.CompletedProcess:
+def _run(*args, timeout=900, **env) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter; ``timeout`` guards against a hang, it times nothing (a tiny census takes
+    seconds on a quiet machine, minutes while a Qwen study shares the cores)."""
     return subprocess.run(
         [sys.executable, "-m", "headlens.cli", *args], capture_output=True, text=True, timeout=timeout, env=_env(**env)
     )
