@@ -163,6 +163,8 @@ def test_zero_kv_group_equals_zeroing_shared_v(tiny, loss):
 
     by_v = tiny.run_with_hooks(loss.tokens, fwd_hooks=[(get_act_name("v", 1), zero_v)])
     assert torch.allclose(by_z, by_v, atol=1e-5)
+    once = run_ablated(tiny, loss.tokens, iter(kv_group_heads(tiny, 1, 1)))  # heads as a one-pass iterator
+    assert torch.equal(once, by_z)
 
 
 def _gated_metric(model, metric, layer, head, xi, method, rows=slice(None)):

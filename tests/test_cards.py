@@ -214,6 +214,8 @@ def test_task_roles_find_the_induction_head_on_the_toy_model():
     assert f"rank {rank} of 8 heads" in sentence and "of its attention on the answer token" in sentence
     only = roles.task_roles(model, pair, heads=[induction]).set_index(["layer", "head"])
     assert only.patching.notna().sum() == 1 and only.loc[induction, "patching"] == pytest.approx(table.patching.max())
+    once = roles.task_roles(model, pair, heads=iter([induction])).set_index(["layer", "head"])  # a one-pass iterator
+    pd.testing.assert_frame_equal(once, only)
 
 
 # ---------------------------------------------------------------- label glyphs and colours

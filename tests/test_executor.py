@@ -165,6 +165,10 @@ def test_sharded_sweep_and_patching_equal_the_plain_functions(tiny):
     sharded = activation_patching(tiny, pair, activation="v", progress=False, executor=X.LocalExecutor())
     pd.testing.assert_frame_equal(plain.table, sharded.table, check_exact=True)
     assert (plain.clean, plain.corrupted) == (sharded.clean, sharded.corrupted)
+    heads = ["L0H1", "L1H2"]  # chosen heads reach the shards, also as a one-pass iterator
+    plain = activation_patching(tiny, pair, heads=heads, progress=False)
+    sharded = activation_patching(tiny, pair, heads=iter(heads), progress=False, executor=X.LocalExecutor())
+    pd.testing.assert_frame_equal(plain.table, sharded.table, check_exact=True)
 
 
 def test_hand_built_models_have_no_recipe_for_workers(tiny):

@@ -205,6 +205,8 @@ def test_gallery_shows_each_labels_top_heads(tiny_qwen):
     _, expected = viz.head_patterns(tiny_qwen, PROMPT, [(1, 2), (1, 3)])
     np.testing.assert_allclose(np.array(induction.props["attention"]), expected.numpy(), atol=5e-5)
     assert len(viz.gallery(tiny_qwen, fake_census(), PROMPT)) == 0  # all 'other'
+    chosen = viz.gallery(tiny_qwen, planted_census(), PROMPT, top_k=2, labels=iter(["induction"]))  # one pass
+    assert [v.title for v in chosen] == ["induction: L1H2, L1H3"]
 
 
 # ---------------------------------------------------------------- heatmaps

@@ -90,7 +90,7 @@ def task_roles(
     runs_per_pass = check_count("runs_per_pass", runs_per_pass)
     check_pair_tokens(model, pair)
     if heads is not None:
-        check_heads(model, heads)
+        heads = check_heads(model, heads)  # a list: ``heads`` may be a one-pass iterator
     L, H = model.cfg.n_layers, model.cfg.n_heads
     positions = pair.positions
     if pair.name == "induction" and int(positions.max()) == pair.clean.shape[1] - 1:

@@ -368,7 +368,8 @@ def run_ablated(
     """Logits of ``tokens`` with ``heads`` ablated (reference defaults to ``tokens``): the plain TL reference."""
     check_model(model)
     tokens = _check_tokens(tokens, "tokens")
-    sites = _sites(check_heads(model, heads))
+    heads = check_heads(model, heads)  # once: ``heads`` may be a one-pass iterator
+    sites = _sites(heads)
     replacement = Replacement(model, method, reference, [s.layer for s in sites], seed=seed, tokens=tokens)
     hooks = ablation_hooks(model, heads, method=method, seed=seed, _replacement=replacement)
     with torch.inference_mode():

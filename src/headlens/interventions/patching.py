@@ -414,7 +414,8 @@ def activation_patching(
                 f"heads= picks q heads; {activation!r} is patched per layer or per kv head: use layers=, "
                 "or ungroup_kv=True for k/v"
             )
-        chosen = set(check_heads(model, heads))
+        heads = check_heads(model, heads)  # a list: the executor's shards read ``heads`` again
+        chosen = set(heads)
         layers = sorted({head.layer for head in chosen})
     layers = check_layers(model, layers)
     if executor is not None:  # checked here first: a Ray worker would load its model before a shard could refuse

@@ -377,6 +377,7 @@ def gallery(
     """One CircuitsVis ``AttentionHeads`` view per label, showing its ``top_k`` top heads on ``prompt`` (one forward)."""
     check_model(model)
     check_census(census, model)
+    labels = None if labels is None else list(labels)  # read twice below: ``labels`` may be a one-pass iterator
     top = top_heads_by_label(census, top_k=top_k, labels=labels)
     if top.empty:
         return ViewSet([])
