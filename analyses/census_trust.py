@@ -509,6 +509,8 @@ def step_draws(model, table: pd.DataFrame) -> bool:
     draws = pd.concat([first, done.drop(columns="seconds")], ignore_index=True)
     draws["order"] = draws["label"].map({lb: i for i, lb in enumerate(tested)})
     draws = draws.sort_values(["order", "draw"]).drop(columns="order")
+    counts = ["n_label_heads", "n_heads", "expected_sign", "n_random", "eval_sequences", "eval_files"]
+    draws[counts] = draws[counts].astype(int)  # causal.csv's are floats (its descriptive rows leave them empty)
     write_csv(draws[["draw", *(c for c in draws.columns if c != "draw")]], OUT / "causal_draws.csv")
     return False
 

@@ -231,6 +231,32 @@ def check_draws(out: Path) -> None:
         assert all(corpus.split_of(w.rsplit("@", 1)[0]) == "eval" for w in text), label
 
 
+def test_committed_causal_draws_hold_their_checks():
+    check_draws(RESULTS)
+
+
+def test_findings_quote_the_causal_draws():
+    """docs/findings.md's table of every causal check on three evaluation draws is causal_draws.csv's: verdicts,
+    effects of the label's heads, random means and how many random sets did as much, draw by draw."""
+    from docs_numbers import doc_text, numbers, table_row
+
+    draws = pd.read_csv(RESULTS / "causal_draws.csv")
+    for label, mine in draws.groupby("label", sort=False):
+        mine = mine.sort_values("draw")
+        cells = table_row("findings", f"{label} (", after="| label (heads) | verdict, draws 0 / 1 / 2")
+        assert cells[0] == f"{label} ({mine['n_heads'].iloc[0]})"
+        assert cells[1] == " / ".join(mine["verdict"]), label
+        for cell, column in ((cells[2], "target_effect"), (cells[3], "random_mean")):
+            assert numbers(cell) == pytest.approx(mine[column].tolist(), abs=0.0005 + 1e-9), (label, column)
+        as_large = [round(p * n) for p, n in zip(mine["p_random_ge"], mine["n_random"])]
+        assert numbers(cells[4]) == [*as_large, mine["n_random"].iloc[0]], label
+    text = doc_text("findings")
+    bullet = text[text.index("The same checks on two more evaluation draws") :].split(" - ")[0]
+    hold = bullet[bullet.index("hold on all three") : bullet.index("move with the data")]
+    for label, verdicts in draws.groupby("label")["verdict"]:
+        assert (label in hold) == (verdicts.nunique() == 1), label
+
+
 def test_committed_dev_scaling_holds_the_development_agreement():
     check_dev_scaling(RESULTS)
 
