@@ -26,7 +26,7 @@ text it was measured on.
     python analyses/head_types.py                  # ~1 h on 2 CPU cores
     python analyses/head_types.py --code-draws     # only causal_draws.csv, from the committed scores.csv (~25 min)
     python analyses/head_types.py --model tiny-qwen2 --out /tmp/ht --n-random 3 --n-random-bracket 3 --code-windows 4
-                                                   # the same code on a tiny random Qwen (SMOKE_SHAPE) in a minute
+                                                   # the same code on a tiny random Qwen (_harness.SMOKE_SHAPE)
 
 Writes analyses/results/head_types/: scores.csv, causal.csv, causal_draws.csv, ablation_sets.csv, bracket_depth.csv,
 summary.json.
