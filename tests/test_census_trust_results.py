@@ -255,6 +255,8 @@ def test_findings_quote_the_causal_draws():
     hold = bullet[bullet.index("hold on all three") : bullet.index("move with the data")]
     for label, verdicts in draws.groupby("label")["verdict"]:
         assert (label in hold) == (verdicts.nunique() == 1), label
+    row = draws[(draws["label"] == "previous_token") & (draws["draw"] == 1)].iloc[0]  # the random set as large
+    assert f"{row.random_max:+.3f} vs {row.target_effect:+.3f}" in bullet
 
 
 def test_committed_dev_scaling_holds_the_development_agreement():
