@@ -53,7 +53,7 @@ from headlens.circuits.graph import Graph, node_head  # noqa: E402
 from headlens.circuits.study import exact_edges, find_circuit, recall_at, receiver_senders  # noqa: E402
 from headlens.circuits.tasks import induction_task, ioi_positions, ioi_task  # noqa: E402
 from headlens.io import write_csv  # noqa: E402
-from headlens.models import ALIASES, DEFAULT_MODEL  # noqa: E402
+from headlens.models import DEFAULT_MODEL  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "circuits"
 CENSUS = Path(__file__).resolve().parent / "results" / "census_trust" / "census_seed0.csv"
@@ -504,7 +504,7 @@ def main() -> None:
             return
     model = study_model(args.model)
     # the committed census of the default Qwen; another model (e.g. the smoke run's tiny-qwen2) gets its own census
-    default = ALIASES.get(args.model, args.model) == DEFAULT_MODEL
+    default = model.cfg.model_name == DEFAULT_MODEL
     census = pd.read_csv(CENSUS) if default else run_census(model, progress=False, n_boot=0).table
     if args.part in ("induction", "all"):
         s = induction_study(model, census, args.seed, args.out)
