@@ -29,6 +29,9 @@ Writes analyses/results/census_trust/:
 - noise_model.csv           agreement of three seeds predicted from sampling noise alone at 1-32x the probe data,
                             and at 16x of one probe kind or of all but one (from the nine census_seed tables: step
                             noise needs no model)
+- census_scaled_seed{9..11}.csv, scaled.json, scaled_sources.json
+                            a third fresh triple at several times the frozen probe sizes, as many as the score split
+                            holds for three seeds (scaled_plan), beside what the noise model predicted (step scaled)
 - summary.json              the headline numbers, timings, provenance
 
 Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_trust; run each under the lock):
@@ -41,6 +44,7 @@ Steps, each resumable (per-sequence scores are cached in /tmp/headlens_census_tr
     python analyses/census_trust.py --step keypath
     python analyses/census_trust.py --step write     # every result file from the cached steps (seconds)
     python analyses/census_trust.py --step draws     # one (draw, label) of causal_draws.csv per call (--budget-s)
+    python analyses/census_trust.py --step scaled    # one scaled seed per call (9, 10, 11), then its files
     python analyses/census_trust.py --step noise     # noise_model.csv from the committed census_seed tables
     python analyses/census_trust.py                  # all missing steps, then write
 """
@@ -73,8 +77,9 @@ from headlens.census.run import (
     label_thresholds,
 )
 from headlens.census.validate import LABEL_TASKS, causal_validation, key_path_effects, task_data
-from headlens.data.corpus import provenance
-from headlens.data.probes import DEFAULT_SIZES, ProbeSet, default_probes
+from headlens.data.code import code_capacity
+from headlens.data.corpus import SEED_STRIDE, provenance
+from headlens.data.probes import DEFAULT_SIZES, ProbeSet, default_probes, window_capacity
 from headlens.io import code_version, weights_sha256, write_csv, write_json
 
 OUT = Path(__file__).parent / "results" / "census_trust"
@@ -106,6 +111,14 @@ DRAWS = (1, 2)
 """The causal checks' other evaluation draws (causal.csv is draw 0): seed ``s`` of ``causal_validation`` takes block
 ``s`` of the ``eval`` and ``reference`` splits (other random-token generators for the repeat task; the successor
 prompts are fixed, so only its reference and random sets change) and its own layer-matched random sets."""
+
+
+SCALED_SEEDS = (9, 10, 11)
+"""A third fresh triple, with more probe data (step scaled): seeds no step used before, every probe kind at
+:func:`scaled_plan`'s multiple of its frozen size. The text kinds' windows come after every window the development
+seeds read; windows of seeds 3-8 (only ever measured) may be read again: the score split is too small for more."""
+MAX_SCALE = 16
+"""The most probe data :func:`scaled_plan` asks for: what the noise model says the targets need."""
 
 
 # ---------------------------------------------------------------- agreement
@@ -536,6 +549,112 @@ def step_keypath(model, table: pd.DataFrame) -> bool:
     return True
 
 
+def capacity(model) -> dict[str, int]:
+    """Windows each text probe kind's score split holds (all that seeds which never share one can ask for)."""
+    return {
+        "natural": window_capacity(model, "natural"),
+        "delimiter": window_capacity(model, "delimiter"),
+        "code": code_capacity(model),
+    }
+
+
+def scaled_plan(held: dict[str, int]) -> dict:
+    """The scaled triple's probes, from what the score split holds (``held``, :func:`capacity`) and nothing else: the
+    largest whole multiple (at most :data:`MAX_SCALE`) of the frozen sizes at which each text kind gives the three
+    seeds their own window blocks (:func:`headlens.data.corpus.window_block`), all after the development seeds'."""
+    for scale in range(MAX_SCALE, 0, -1):
+        sizes = {k: scale * n for k, n in FROZEN.items()}
+        blocks = {}
+        for kind, n in held.items():
+            stride = max(SEED_STRIDE, sizes[kind])
+            dev_end = max(s * max(SEED_STRIDE, DEV_SIZES[kind]) + DEV_SIZES[kind] for s in DEV_SEEDS)
+            first = -(-dev_end // stride)
+            if (first + len(SCALED_SEEDS) - 1) * stride + sizes[kind] > n:
+                break
+            blocks[kind] = [first + i for i in range(len(SCALED_SEEDS))]
+        else:
+            return {"scale": scale, "sizes": sizes, "blocks": blocks, "capacity": held}
+    raise SystemExit(f"error: the score split holds too few windows for three scaled seeds ({held})")
+
+
+def scaled_probes(model, seed: int, plan: dict) -> ProbeSet:
+    """Seed ``seed`` of :data:`SCALED_SEEDS`: repeated tokens of its own generator, text windows of its blocks."""
+    i = SCALED_SEEDS.index(seed)
+    block = {kind: b[i] for kind, b in plan["blocks"].items()}
+    return ProbeSet(
+        {
+            kind: default_probes(model, seed=block.get(kind, seed), n_seqs=n, kinds=[kind])[kind]
+            for kind, n in plan["sizes"].items()
+        },
+        seed=seed,
+    )
+
+
+def step_scaled(model) -> bool:
+    """Score the next scaled seed whose cache is missing; when all are scored, write the scaled triple's results
+    (False: nothing left to score)."""
+    plan = None
+    for seed in SCALED_SEEDS:
+        path = cache_path(f"scaled_seed{seed}.npz")
+        if path.exists():
+            continue
+        plan = plan or scaled_plan(capacity(model))
+        start = time.perf_counter()
+        probes = scaled_probes(model, seed, plan)
+        per = collect(model, probes, head_types(), batch_size=8, progress=False)
+        sources = {k: list(p.sources) for k, p in probes.items() if p.sources}
+        save_per(path, per, sources, time.perf_counter() - start)
+        write_json(cache_path(f"scaled_seed{seed}.plan.json"), plan)
+        print(f"scaled seed {seed} ({plan['scale']}x): {time.perf_counter() - start:.1f} s", flush=True)
+        return True
+    write_scaled(model)
+    return False
+
+
+def write_scaled(model) -> None:
+    """scaled.json, census_scaled_seed{9,10,11}.csv and scaled_sources.json from the cached scaled seeds, beside the
+    noise model's prediction for that much data (from the nine census_seed tables, made before)."""
+    types = head_types()
+    limits = label_thresholds(types, None)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    plans = [json.loads(cache_path(f"scaled_seed{s}.plan.json").read_text()) for s in SCALED_SEEDS]
+    if any(p != plans[0] for p in plans):
+        raise SystemExit(f"error: the scaled seeds in {CACHE} were scored with different plans: delete them to rerun")
+    plan = plans[0]
+    cached = [load_per(cache_path(f"scaled_seed{s}.npz")) for s in SCALED_SEEDS]
+    tables = [
+        build_table(model, per, types, limits, seed=s, n_boot=200)[0] for (per, _, _), s in zip(cached, SCALED_SEEDS)
+    ]
+    sources = {str(s): src for s, (_, src, _) in zip(SCALED_SEEDS, cached)}
+    # windows read before: the development seeds' (all DEV_SIZES of them, rebuilt), then each later seed's
+    text = {kind: DEV_SIZES[kind] for kind in plan["blocks"]}
+    seen = {"development": {w for s in DEV_SEEDS for p in probes_for(model, s, text).values() for w in p.sources}}
+    earlier = json.loads((OUT / "sources.json").read_text())
+    seen.update({s: {w for ws in earlier[s].values() for w in ws} for s in earlier if int(s) not in DEV_SEEDS})
+    mine = {w for by_kind in sources.values() for ws in by_kind.values() for w in ws}
+    seeds = DEV_SEEDS + FRESH_SEEDS + UNSEEN_SEEDS
+    model_rows = noise_model(
+        [pd.read_csv(OUT / f"census_seed{s}.csv") for s in seeds], types, limits, scales=(plan["scale"],)
+    )
+    predicted = model_rows[model_rows["kinds"] == "all"].iloc[0]
+    measured = agreement(tables)
+    interval = rule_agreement([p for p, _, _ in cached], SCALED_SEEDS, (CANDIDATE_RULE,), types, limits, L=L, H=H)
+    scaled = {
+        "seeds": list(SCALED_SEEDS),
+        **plan,
+        "windows_shared": {s: len(mine & w) for s, w in seen.items()},  # development: 0 by the plan
+        "predicted": {k: float(v) for k, v in predicted.items() if k.startswith(("same_label", "specific_same"))},
+        "measured": measured,
+        "rule_" + CANDIDATE_RULE: flat(interval[CANDIDATE_RULE]),
+        "targets_met": bool(measured["same_label"] >= 0.97 and (measured["specific_same_label"] or 0) >= 0.95),
+        "seconds": {str(s): round(sec, 1) for s, (_, _, sec) in zip(SCALED_SEEDS, cached)},
+    }
+    for seed, table in zip(SCALED_SEEDS, tables):  # every file once everything is computed
+        write_csv(table, OUT / f"census_scaled_seed{seed}.csv")
+    write_json(OUT / "scaled_sources.json", sources)
+    write_json(OUT / "scaled.json", scaled)
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -719,7 +838,7 @@ def shared_units(sources: dict) -> int:
     return shared
 
 
-STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write", "draws", "noise")
+STEPS = ("dev", "fresh", "unseen", "null", "causal", "keypath", "write", "draws", "scaled", "noise")
 
 
 def main(argv=None, model=None) -> None:
@@ -756,6 +875,9 @@ def main(argv=None, model=None) -> None:
                 pass
         elif step == "null":
             step_null(model)
+        elif step == "scaled":
+            while step_scaled(model) and again():
+                pass
         elif step in ("causal", "keypath", "draws"):
             per, _, _ = load_per(cache_path("dev_seed0.npz"))
             table = build_table(model, subset(per, frozen), head_types(), limits, seed=0, n_boot=0)[0]

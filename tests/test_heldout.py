@@ -10,7 +10,8 @@ import pytest
 from headlens import HeadlensError
 from headlens.census.validate import TASKS, check_held_out, spans, task_data
 from headlens.data import corpus
-from headlens.data.probes import DEFAULT_SIZES, default_probes
+from headlens.data.code import code_capacity
+from headlens.data.probes import DEFAULT_SIZES, default_probes, window_capacity
 
 SEEDS = range(9)
 """The seeds of the census study (development 0-2, fresh 3-5, the rule check's 6-8); the fast tests take the first
@@ -43,6 +44,18 @@ def test_window_blocks_are_drawn_without_replacement():
     assert len(corpus.window_block(iter(docs[:2]), n_seqs=5, block=2)) == 5
     with pytest.raises(HeadlensError, match="no seed fits"):
         corpus.window_block(iter(docs[:1]), n_seqs=101, block=0)
+
+
+@pytest.mark.parametrize("kind", ["natural", "delimiter", "code"])
+def test_window_capacity_is_every_window_seeds_can_draw(tiny_qwen, kind):
+    """A probe asking for as many windows as the score split holds gets them all, each once; one more is refused."""
+    held = code_capacity(tiny_qwen) if kind == "code" else window_capacity(tiny_qwen, kind)
+    probe = default_probes(tiny_qwen, seed=0, n_seqs=held, kinds=[kind])[kind]
+    assert len(set(probe.sources)) == held > 500
+    with pytest.raises(HeadlensError, match=f"holds only {held}: seeds 0..0 fit"):
+        default_probes(tiny_qwen, seed=1, n_seqs=held // 2 + 1, kinds=[kind])
+    with pytest.raises(HeadlensError, match="counts the text kinds"):
+        window_capacity(tiny_qwen, "repeated")
 
 
 def census_sources(model, seeds=SEEDS) -> dict[int, dict[str, tuple[str, ...]]]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from headlens.data.corpus import disjoint_starts, split_documents, window_block
+from headlens.data.corpus import check_split, disjoint_starts, split_documents, window_block
 from headlens.data.probes import Probe, delimiter_mask, tokenizer_cache
 from headlens.errors import HeadlensError, check_count, check_model
 
@@ -151,27 +151,9 @@ def code_probe(
         raise HeadlensError(
             f"code probe: need 8 <= seq_len <= n_ctx={model.cfg.n_ctx} and n_seqs >= 1 (got {seq_len}, {n_seqs})"
         )
-    arrays, cache = {}, tokenizer_cache(tokenizer, "code")  # file -> token ids, offsets, bracket pairs, names, openers
-
-    def candidates():
-        for doc in split_documents("code", split, "code"):
-            key = (len(tokenizer), doc.name, len(doc.text))
-            if key not in cache:
-                cache[key] = _file_arrays(tokenizer, doc.text)
-            ids, offsets, closers, occ, openers = arrays[doc.name] = cache[key]
-            text = doc.text
-            scored = np.array([(c, o) for c, (o, _, is_scored) in closers.items() if is_scored]).reshape(-1, 2)
-            starts = [
-                t
-                for t, (a, _) in enumerate(offsets)
-                if (a == 0 or text[a - 1] == "\n")
-                and t + seq_len <= len(ids)
-                and int(((scored[:, 1] >= t) & (scored[:, 0] + 1 < t + seq_len)).sum()) >= min_pairs
-            ]
-            yield doc.name, disjoint_starts(starts, seq_len)
-
+    arrays: dict = {}  # file -> token ids, offsets, bracket pairs, names, openers
     try:
-        chosen = window_block(candidates(), n_seqs=n_seqs, block=seed)
+        chosen = window_block(_candidates(tokenizer, split, seq_len, min_pairs, arrays), n_seqs=n_seqs, block=seed)
     except HeadlensError as err:
         raise HeadlensError(f"code probe ({split} split, >= {min_pairs} bracket pairs per window): {err}") from None
     tokens = torch.zeros(n_seqs, seq_len, dtype=torch.long)
@@ -211,6 +193,40 @@ def code_probe(
         is_opener=is_opener,
         ident=ident,
     )
+
+
+def _candidates(tokenizer, split: str, seq_len: int, min_pairs: int, arrays: dict):
+    """``(file, its disjoint window starts holding >= min_pairs scored pairs)`` of the split's code files in their
+    fixed order; fills ``arrays[file]``."""
+    cache = tokenizer_cache(tokenizer, "code")
+    for doc in split_documents("code", split, "code"):
+        key = (len(tokenizer), doc.name, len(doc.text))
+        if key not in cache:
+            cache[key] = _file_arrays(tokenizer, doc.text)
+        ids, offsets, closers, occ, openers = arrays[doc.name] = cache[key]
+        text = doc.text
+        scored = np.array([(c, o) for c, (o, _, is_scored) in closers.items() if is_scored]).reshape(-1, 2)
+        starts = [
+            t
+            for t, (a, _) in enumerate(offsets)
+            if (a == 0 or text[a - 1] == "\n")
+            and t + seq_len <= len(ids)
+            and int(((scored[:, 1] >= t) & (scored[:, 0] + 1 < t + seq_len)).sum()) >= min_pairs
+        ]
+        yield doc.name, disjoint_starts(starts, seq_len)
+
+
+def code_capacity(model: HookedTransformer, *, split: str = "score", seq_len: int = 128, min_pairs: int = 1) -> int:
+    """How many windows :func:`code_probe` can draw from ``split`` (the census's code probe: ``min_pairs=1``): seeds
+    that never share one ask for that many in all (:func:`headlens.data.corpus.window_block`)."""
+    check_model(model)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise HeadlensError("the code probe needs a model with a tokenizer")
+    seq_len = check_count("seq_len", seq_len, minimum=8)
+    min_pairs = check_count("min_pairs", min_pairs, minimum=0, why="bracket pairs a window must hold")
+    check_split(split)
+    return sum(len(s) for _, s in _candidates(tokenizer, split, seq_len, min_pairs, {}))
 
 
 def code_probe_builder(model: HookedTransformer, *, seed: int, n_seqs: int, seq_len: int) -> CodeProbe:

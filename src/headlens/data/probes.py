@@ -352,6 +352,8 @@ def _check_text(text, kind: str) -> str:
 
 _TEXT_SOURCES = {"natural": (corpus.prose_documents, 4), "delimiter": (corpus.code_documents, 1)}
 """Each text kind's documents (seeded) and how many windows one document may give."""
+_SPLIT_SOURCES = {"natural": ("prose", None), "delimiter": ("code", "delimiter")}
+"""Each text kind's documents in a held-out split: :func:`headlens.data.corpus.split_documents`' kind and part."""
 
 
 def _text_probe(
@@ -368,8 +370,9 @@ def _text_probe(
     if split is not None:
         if text is not None:
             raise HeadlensError(f"{kind} probe: give text= or split=, not both")
-        where = ("prose", None) if kind == "natural" else ("code", "delimiter")
-        tokens, sources = split_windows(tokenizer, *where, split, seq_len=seq_len, n_seqs=n_seqs, seed=seed)
+        tokens, sources = split_windows(
+            tokenizer, *_SPLIT_SOURCES[kind], split, seq_len=seq_len, n_seqs=n_seqs, seed=seed
+        )
         return Probe(kind, tokens, delimiter_mask(tokenizer, tokens), sources=sources)
     tokens, sources = corpus.text_windows(
         tokenizer,
@@ -401,27 +404,43 @@ def split_windows(
     """Windows of ``seq_len`` tokens from a held-out split (:func:`headlens.data.corpus.split_documents` of ``kind``
     and ``part``): seed ``s`` takes its own stretch of the split's fixed window order
     (:func:`headlens.data.corpus.window_block`)."""
-    ids_of, cache = {}, tokenizer_cache(tokenizer, "windows")  # document -> (token ids, disjoint window starts)
-
-    def candidates():
-        for doc in corpus.split_documents(kind, split, part):
-            key = (len(tokenizer), doc.name, len(doc.text), seq_len)
-            if key not in cache:
-                enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-                ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-                starts = []
-                if len(ids) >= seq_len:
-                    delim = delimiter_mask(tokenizer, ids[None])[0]
-                    starts = corpus.disjoint_starts(
-                        corpus.line_starts(doc.text, enc["offset_mapping"], delim, seq_len), seq_len
-                    )
-                cache[key] = (ids, starts)
-            ids_of[doc.name], starts = cache[key]
-            yield doc.name, starts
-
-    chosen = corpus.window_block(candidates(), n_seqs=n_seqs, block=seed)
+    ids_of: dict[str, Tensor] = {}
+    candidates = _split_candidates(tokenizer, kind, part, split, seq_len, ids_of)
+    chosen = corpus.window_block(candidates, n_seqs=n_seqs, block=seed)
     tokens = torch.stack([ids_of[name][t : t + seq_len] for name, t in chosen])
     return tokens, tuple(f"{name}@{t}" for name, t in chosen)
+
+
+def _split_candidates(tokenizer, kind: str, part: str | None, split: str, seq_len: int, ids_of: dict):
+    """``(document, its disjoint window starts)`` of the split in its fixed order; fills ``ids_of[document]``."""
+    cache = tokenizer_cache(tokenizer, "windows")  # document -> (token ids, disjoint window starts)
+    for doc in corpus.split_documents(kind, split, part):
+        key = (len(tokenizer), doc.name, len(doc.text), seq_len)
+        if key not in cache:
+            enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+            starts = []
+            if len(ids) >= seq_len:
+                delim = delimiter_mask(tokenizer, ids[None])[0]
+                starts = corpus.disjoint_starts(
+                    corpus.line_starts(doc.text, enc["offset_mapping"], delim, seq_len), seq_len
+                )
+            cache[key] = (ids, starts)
+        ids_of[doc.name], starts = cache[key]
+        yield doc.name, starts
+
+
+def window_capacity(
+    model: HookedTransformer, kind: str, *, split: str = "score", seq_len: int = DEFAULT_SEQ_LEN
+) -> int:
+    """How many windows the ``natural`` or ``delimiter`` probe can draw from ``split``: seeds that never share one
+    ask for that many in all (:func:`headlens.data.corpus.window_block`); ``code``: :func:`headlens.data.code.code_capacity`."""
+    check_model(model)
+    if kind not in _SPLIT_SOURCES:
+        raise HeadlensError(f"window_capacity counts the text kinds {list(_SPLIT_SOURCES)} (got {kind!r})")
+    corpus.check_split(split)
+    seq_len = check_count("seq_len", seq_len, minimum=2)
+    return sum(len(s) for _, s in _split_candidates(_tokenizer(model), *_SPLIT_SOURCES[kind], split, seq_len, {}))
 
 
 # ---------------------------------------------------------------- delimiters
