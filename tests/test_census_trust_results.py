@@ -179,6 +179,7 @@ def test_census_trust_script_regenerates_its_pinned_tiny_results(tmp_path, monke
     monkeypatch.setattr(script, "DEV_SIZES", {k: v + 1 for k, v in TINY.items()})
     monkeypatch.setattr(script, "SIZE_GRID", [TINY, {k: v + 1 for k, v in TINY.items()}])
     monkeypatch.setattr(script, "FROZEN", TINY)
+    monkeypatch.setattr(script, "MAX_SCALE", 2)  # the scaled triple at 2x: the plan is tested, not the data size
     monkeypatch.setattr(script, "CAUSAL_SEQS", 2)
     monkeypatch.setattr(script, "N_RANDOM", 3)
     script.main([], model=planted_model())
@@ -270,6 +271,22 @@ def check_scaled(out: Path, script) -> None:
 
 def test_committed_scaled_triple_holds_its_checks():
     check_scaled(RESULTS, census_trust_script())
+
+
+def test_scaled_plan_is_the_largest_multiple_every_kind_fits():
+    """Blocks start after the development seeds' 240 windows, at a multiple of the block size: 5x (240 windows a
+    seed, blocks 1-3) and 4x (192, blocks 2-4) both need 960 windows of each text kind, 3x (144, blocks 2-4) 720.
+    One window fewer in any one kind drops every kind to 3x; too few for 1x stops."""
+    script = census_trust_script()
+    kinds = ("natural", "delimiter", "code")
+    plan = script.scaled_plan(dict.fromkeys(kinds, 960))
+    assert plan["scale"] == 5 and plan["blocks"] == dict.fromkeys(kinds, [1, 2, 3])
+    assert plan["sizes"] == {k: 5 * n for k, n in script.FROZEN.items()}
+    short = script.scaled_plan({**dict.fromkeys(kinds, 960), "code": 959})
+    assert short["scale"] == 3 and short["blocks"] == dict.fromkeys(kinds, [2, 3, 4])
+    assert script.scaled_plan(dict.fromkeys(kinds, 720))["scale"] == 3
+    with pytest.raises(SystemExit, match="too few windows"):
+        script.scaled_plan(dict.fromkeys(kinds, 300))
 
 
 @pytest.mark.slow

@@ -434,7 +434,8 @@ def window_capacity(
     model: HookedTransformer, kind: str, *, split: str = "score", seq_len: int = DEFAULT_SEQ_LEN
 ) -> int:
     """How many windows the ``natural`` or ``delimiter`` probe can draw from ``split``: seeds that never share one
-    ask for that many in all (:func:`headlens.data.corpus.window_block`); ``code``: :func:`headlens.data.code.code_capacity`."""
+    ask for that many in all (:func:`headlens.data.corpus.window_block`). For ``code``:
+    :func:`headlens.data.code.code_capacity`."""
     check_model(model)
     if kind not in _SPLIT_SOURCES:
         raise HeadlensError(f"window_capacity counts the text kinds {list(_SPLIT_SOURCES)} (got {kind!r})")
