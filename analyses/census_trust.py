@@ -291,8 +291,9 @@ def noise_plans(types, scales=NOISE_SCALES) -> list[tuple[str, float, tuple[str,
     return plans + [(f"all but {kind}", KIND_SCALE, tuple(k for k in kinds if k != kind)) for kind in kinds]
 
 
-def noise_model(tables, types, limits, *, scales=NOISE_SCALES, n_sim: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Agreement of three seeds that sampling noise alone predicts, with more probe data (:func:`noise_plans`).
+def noise_model(tables, types, limits, *, plans=None, n_sim: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Agreement of three seeds that sampling noise alone predicts, with more probe data: one row per plan of
+    ``plans`` (default :func:`noise_plans`; the first plan's numbers do not depend on the ones after it).
 
     A head's true score is its mean over ``tables`` (every scored seed); a simulated seed draws each score column
     from a normal around it with the census's bootstrap standard error ((hi - lo) / 3.92, averaged over ``tables``)
@@ -310,7 +311,7 @@ def noise_model(tables, types, limits, *, scales=NOISE_SCALES, n_sim: int = 200,
     kind_of = {c: types[c.removesuffix("_nosink")].probe for c in noisy if c.removesuffix("_nosink") in types}
     rng = np.random.default_rng(seed)
     rows = []
-    for name, scale, kinds in noise_plans(types, scales):
+    for name, scale, kinds in noise_plans(types) if plans is None else plans:
         factor = {c: scale if kinds is None or kind_of.get(c) in kinds else 1.0 for c in noisy}
         got = []
         for _ in range(n_sim):
@@ -331,11 +332,19 @@ def noise_model(tables, types, limits, *, scales=NOISE_SCALES, n_sim: int = 200,
     return pd.DataFrame(rows)
 
 
+SCORED_SEEDS = DEV_SEEDS + FRESH_SEEDS + UNSEEN_SEEDS
+"""Every seed with a committed census table at the frozen sizes: what the noise model reads."""
+
+
+def scored_tables(out: Path | None = None) -> list[pd.DataFrame]:
+    """The committed census tables of :data:`SCORED_SEEDS` in ``out`` (default :data:`OUT`)."""
+    return [pd.read_csv((OUT if out is None else out) / f"census_seed{s}.csv") for s in SCORED_SEEDS]
+
+
 def write_noise_model(types, limits) -> pd.DataFrame:
     """noise_model.csv from the committed census tables of every scored seed."""
-    seeds = DEV_SEEDS + FRESH_SEEDS + UNSEEN_SEEDS
-    model = noise_model([pd.read_csv(OUT / f"census_seed{s}.csv") for s in seeds], types, limits)
-    write_csv(model.assign(seeds=" ".join(map(str, seeds))), OUT / "noise_model.csv")
+    model = noise_model(scored_tables(), types, limits)
+    write_csv(model.assign(seeds=" ".join(map(str, SCORED_SEEDS))), OUT / "noise_model.csv")
     return model
 
 
@@ -632,11 +641,7 @@ def write_scaled(model) -> None:
     earlier = json.loads((OUT / "sources.json").read_text())
     seen.update({s: {w for ws in earlier[s].values() for w in ws} for s in earlier if int(s) not in DEV_SEEDS})
     mine = {w for by_kind in sources.values() for ws in by_kind.values() for w in ws}
-    seeds = DEV_SEEDS + FRESH_SEEDS + UNSEEN_SEEDS
-    model_rows = noise_model(
-        [pd.read_csv(OUT / f"census_seed{s}.csv") for s in seeds], types, limits, scales=(plan["scale"],)
-    )
-    predicted = model_rows[model_rows["kinds"] == "all"].iloc[0]
+    predicted = noise_model(scored_tables(), types, limits, plans=[("all", plan["scale"], None)]).iloc[0]
     measured = agreement(tables)
     interval = rule_agreement([p for p, _, _ in cached], SCALED_SEEDS, (CANDIDATE_RULE,), types, limits, L=L, H=H)
     scaled = {

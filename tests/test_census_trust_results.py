@@ -261,11 +261,8 @@ def check_scaled(out: Path, script) -> None:
     assert scaled["windows_shared"] == {"development": 0, **{s: n for s, n in later.items() if int(s) > 2}}
     types = head_types()
     limits = label_thresholds(types, None)
-    seeds = script.DEV_SEEDS + script.FRESH_SEEDS + script.UNSEEN_SEEDS
-    noise = script.noise_model(
-        [pd.read_csv(out / f"census_seed{s}.csv") for s in seeds], types, limits, scales=(plan["scale"],)
-    )
-    row = noise[noise["kinds"] == "all"].iloc[0]
+    plans = [("all", plan["scale"], None)]
+    row = script.noise_model(script.scored_tables(out), types, limits, plans=plans).iloc[0]
     assert scaled["predicted"] == pytest.approx({k: row[k] for k in scaled["predicted"]})
 
 
@@ -452,7 +449,9 @@ def test_without_sampling_noise_every_label_is_kept():
     for column in [c[:-3] for c in table.columns if c.endswith("_lo")]:
         table[f"{column}_lo"] = table[f"{column}_hi"] = table[column]
     types = head_types()
-    got = script.noise_model([table] * 3, types, label_thresholds(types, None), scales=(1,), n_sim=3)
+    got = script.noise_model(
+        [table] * 3, types, label_thresholds(types, None), plans=script.noise_plans(types, (1,)), n_sim=3
+    )
     assert got.filter(like="same_label").eq(1.0).all(axis=None)
     assert got["n_specific_any_seed"].iloc[0] == (~table["label"].isin(BULK)).sum()
 
